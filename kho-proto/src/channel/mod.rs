@@ -1,0 +1,1 @@
+//! The channel protocol: framed agent-to-agent messages between kernel instances.

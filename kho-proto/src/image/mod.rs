@@ -1,0 +1,1 @@
+//! The handover image: header, region table, payloads, manifest and signature.

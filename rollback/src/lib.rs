@@ -1,0 +1,1 @@
+//! Crash-safe journal, kernel slots and trial boots.

@@ -1,0 +1,3 @@
+//! Capture and restore of the state a workload needs to come up unchanged in the next kernel.
+
+pub mod fdenv;

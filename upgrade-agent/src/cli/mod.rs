@@ -1,0 +1,1 @@
+//! Command-line front end of `mk-upgrade`: one module per subcommand.

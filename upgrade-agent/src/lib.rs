@@ -1,0 +1,7 @@
+//! The mk-upgrade agent library: orchestrator, platforms and CLI plumbing.
+//!
+//! The binaries `mk-upgrade` (operator CLI) and `mk-agentd` (daemon and, on the emulated
+//! platform, instance supervisor) are thin shells over this library.
+
+pub mod cli;
+pub mod exit;
