@@ -4,4 +4,7 @@
 //! platform, instance supervisor) are thin shells over this library.
 
 pub mod cli;
+pub mod demo;
 pub mod exit;
+pub mod sys;
+pub mod verify;

@@ -1,0 +1,2 @@
+//! `mk-demo-kv`: the demonstration key-value workload.
+fn main() {}

@@ -1,0 +1,1 @@
+//! The demonstration workload `mk-demo-kv` and its load generator.

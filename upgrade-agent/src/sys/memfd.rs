@@ -1,0 +1,1 @@
+//! memfd creation and sealing.

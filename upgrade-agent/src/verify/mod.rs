@@ -1,0 +1,1 @@
+//! Kernel image verification: bzImage header, sealed memfd, signed manifests.
