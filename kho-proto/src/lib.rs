@@ -8,8 +8,11 @@
 //! * [`channel`]: the framed agent-to-agent protocol spoken between the old and the new
 //!   kernel instance, with Unix-stream (fd passing) and AF_VSOCK transports.
 //!
+//! * [`keys`]: ed25519 node keys and the trusted-keys directory.
+//!
 //! Every decoder here treats its input as hostile: no panics, no allocation beyond what
 //! the input justifies, typed errors that name the field and offset.
 
 pub mod channel;
 pub mod image;
+pub mod keys;
