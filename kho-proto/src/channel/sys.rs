@@ -1,0 +1,114 @@
+//! The channel's socket syscalls, in one place: `sendmsg`/`recvmsg` with SCM_RIGHTS and
+//! the multikernel AF_VSOCK transport option. Every `unsafe` block carries its reason.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{
+    ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr, recvmsg, sendmsg,
+};
+
+/// `AF_VSOCK`, used as the socket option *level* for vsock options.
+pub const SOL_VSOCK: libc::c_int = 40;
+/// `SO_VM_SOCKETS_TRANSPORT` (multikernel patch set): choose the vsock transport.
+pub const SO_VM_SOCKETS_TRANSPORT: libc::c_int = 9;
+/// `VSOCK_TRANSPORT_MULTIKERNEL`: the IPI-ring transport between kernel instances.
+pub const VSOCK_TRANSPORT_MULTIKERNEL: libc::c_int = 1;
+
+/// The kernel's per-message limit of SCM_RIGHTS fds (`SCM_MAX_FD`). Receive buffers are
+/// sized for this many so a hostile sender can never make control data truncate (which
+/// would leave installed fds we could not see, hence not close).
+pub const SCM_MAX_FD: usize = 253;
+
+/// A zeroed control buffer able to receive [`SCM_MAX_FD`] fds.
+pub fn recv_cmsg_buffer() -> Vec<u8> {
+    nix::cmsg_space!([RawFd; SCM_MAX_FD])
+}
+
+/// Result of one `recvmsg`.
+#[derive(Debug)]
+pub struct Received {
+    /// Data bytes read (0 = orderly end of stream).
+    pub bytes: usize,
+    /// Fds received with the data, already owned (closed on drop), close-on-exec.
+    pub fds: Vec<OwnedFd>,
+    /// The kernel truncated the control data (`MSG_CTRUNC`).
+    pub ctrunc: bool,
+}
+
+/// `sendmsg(fd, data, SCM_RIGHTS(fds), MSG_NOSIGNAL | MSG_DONTWAIT)`. With an empty `fds`
+/// no control message is sent. Returns the bytes written (maybe fewer than `data.len()`;
+/// the fds, if any, went with the first of them).
+pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    let iov = [IoSlice::new(data)];
+    sendmsg::<UnixAddr>(
+        sock.as_raw_fd(),
+        &iov,
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        None,
+    )
+    .map_err(io::Error::from)
+}
+
+/// `recvmsg(fd, buf, cmsg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT)`; takes ownership of every
+/// received fd immediately.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], cmsg: &mut [u8]) -> io::Result<Received> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    let bytes = msg.bytes;
+    let mut fds = Vec::new();
+    let mut ctrunc = false;
+    match msg.cmsgs() {
+        Ok(iter) => {
+            for c in iter {
+                if let ControlMessageOwned::ScmRights(raw) = c {
+                    for fd in raw {
+                        // SAFETY: the kernel just installed `fd` in our table for this
+                        // SCM_RIGHTS message; nothing else knows it, so we are its sole
+                        // owner and wrap it exactly once.
+                        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                    }
+                }
+            }
+        }
+        // nix refuses to iterate truncated control data (MSG_CTRUNC). The buffer holds
+        // SCM_MAX_FD fds, so this only happens when the kernel itself dropped fds (e.g.
+        // RLIMIT_NOFILE reached on our side).
+        Err(_) => ctrunc = true,
+    }
+    Ok(Received { bytes, fds, ctrunc })
+}
+
+/// `setsockopt(fd, AF_VSOCK, SO_VM_SOCKETS_TRANSPORT, VSOCK_TRANSPORT_MULTIKERNEL)`: bind a
+/// fresh (unconnected, unbound) vsock socket to the multikernel IPI transport. Stock
+/// kernels answer `ENOPROTOOPT`.
+pub fn set_vsock_multikernel_transport(sock: BorrowedFd<'_>) -> io::Result<()> {
+    let value: libc::c_int = VSOCK_TRANSPORT_MULTIKERNEL;
+    // SAFETY: `sock` is a valid open fd for the duration of the call (borrowed); the
+    // option value pointer refers to a live c_int on our stack and the length passed is
+    // exactly its size; the kernel only reads from it.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            SOL_VSOCK,
+            SO_VM_SOCKETS_TRANSPORT,
+            std::ptr::from_ref(&value).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
