@@ -1,1 +1,67 @@
-//! Crash-safe journal, kernel slots and trial boots.
+//! Crash-safe upgrade bookkeeping for mk-upgrade: the journal, the apply lock, kernel image
+//! slots (with the anti-downgrade version floor) and trial-boot records.
+//!
+//! Everything lives under one state directory (by default `/var/lib/mk-upgrade`); the layout,
+//! file formats and the crash-safety argument are in `docs/rollback.md`. Every file is JSON
+//! (auditable with `jq`) and every write goes through [`atomic_write`]: write a temporary file
+//! in the same directory, fsync it, rename it over the target, fsync the directory. A reader
+//! therefore sees either the old or the new content of a file, never a mix.
+//!
+//! The journal, slots and trial-boot records are single-writer: hold a [`LockGuard`] (from
+//! [`Lock::acquire`]) while changing them.
+
+mod atomic;
+pub mod journal;
+pub mod lock;
+pub mod release;
+pub mod slots;
+pub mod time;
+pub mod trial;
+
+pub use atomic::{TMP_SUFFIX, atomic_write, fsync_dir, remove_stale_temps};
+pub use journal::{HISTORY_LIMIT, Journal, JournalError};
+pub use lock::{Lock, LockError, LockGuard};
+pub use release::{Release, ReleaseError};
+pub use slots::{Slot, SlotError, SlotInfo, Slots};
+pub use trial::{BadMark, BootVerdict, TrialAttempt, TrialBoots, TrialError};
+
+use std::path::PathBuf;
+
+/// An I/O failure on a named path; shared by the error types of this crate.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {op} {path}: {source}")]
+pub struct IoError {
+    /// What was being done ("write", "rename", "fsync", ...).
+    pub op: &'static str,
+    /// The path it was done to.
+    pub path: PathBuf,
+    /// The OS error.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl IoError {
+    pub(crate) fn new(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        IoError {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Serde for 32-byte digests as 64 lowercase hex digits.
+pub(crate) mod hex32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s.as_bytes(), &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
+}
