@@ -1,2 +1,112 @@
 //! `mk-demo-kv`: the demonstration key-value workload.
-fn main() {}
+//!
+//! Serves a line protocol over TCP (see `upgrade_agent::demo::protocol`) and keeps every
+//! byte of data in a memfd, so that mk-upgrade can hand the memfd and the listening
+//! socket to a new instance (`MK_STATE_FDS=kv-data:<fd>,listen:<fd>`) without losing a
+//! write or a queued connection. Prints `LISTENING <addr> MEMFD <fd>` on stdout once it
+//! accepts connections. SIGTERM or SIGINT exit 0 (nothing to flush: the data lives in the
+//! memfd). Exit codes follow the mk-upgrade table: 2 bad flags or bad `MK_STATE_FDS`
+//! descriptors, 4 the handed-over memfd is corrupt, 12 the system refused an operation
+//! (bind, memfd, mmap).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use upgrade_agent::demo::server::{Server, ServerConfig, parse_size};
+use upgrade_agent::demo::store::Origin;
+use upgrade_agent::exit::Exit;
+
+/// The mk-upgrade demonstration key-value server (data in a memfd).
+#[derive(Debug, Parser)]
+#[command(name = "mk-demo-kv", version)]
+struct Cli {
+    /// Address to listen on when no `listen` socket is handed over in MK_STATE_FDS.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Size of a fresh memfd (bytes, or with K/M/G/KiB/MiB/GiB).
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    capacity: u64,
+    /// Largest size the memfd may grow to; beyond it SET answers ERR log full.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    max_capacity: u64,
+    /// At a fresh start, write this many MiB of `preload-<n>` keys (1000-byte values).
+    #[arg(long, default_value_t = 0)]
+    preload_mib: u64,
+    /// Concurrent connections served; more are refused with `ERR busy`.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    // Block the exit signals before any thread starts, so that every thread inherits the
+    // mask and only the waiter below receives them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    if let Err(e) = signals.thread_block() {
+        eprintln!("mk-demo-kv: cannot block SIGTERM/SIGINT: {e}");
+        return Exit::Internal.into();
+    }
+    let cfg = ServerConfig {
+        listen: cli.listen,
+        capacity: cli.capacity,
+        max_capacity: cli.max_capacity,
+        preload_mib: cli.preload_mib,
+        max_connections: cli.max_connections,
+    };
+    // SAFETY: this runs at the start of main; the descriptors MK_STATE_FDS names were
+    // inherited for this process and nothing else in it has taken ownership of them.
+    let server = match unsafe { Server::from_env(&cfg) } {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mk-demo-kv: {e}");
+            return e.exit().into();
+        }
+    };
+    match server.origin() {
+        Origin::Fresh => tracing::info!("fresh start: new empty store"),
+        Origin::Adopted { records } => {
+            tracing::info!(records, "adopted the kv-data memfd: all records verified");
+        }
+    }
+    if server.listener_adopted() {
+        tracing::info!("adopted the listening socket (queued connections are served here)");
+    }
+    std::thread::spawn(move || {
+        if let Ok(sig) = signals.wait() {
+            tracing::info!(signal = %sig, "exiting");
+        }
+        std::process::exit(0);
+    });
+    let line = match server.ready_line() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("mk-demo-kv: listening socket has no address: {e}");
+            return Exit::Platform.into();
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+        // Nobody reads stdout: keep serving, the supervisor may find us otherwise.
+        tracing::warn!("cannot write the LISTENING line to stdout");
+    }
+    drop(out);
+    match server.serve() {
+        Ok(()) => Exit::Ok.into(),
+        Err(e) => {
+            eprintln!("mk-demo-kv: accept failed: {e}");
+            Exit::Platform.into()
+        }
+    }
+}

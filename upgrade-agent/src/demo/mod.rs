@@ -1,1 +1,26 @@
 //! The demonstration workload `mk-demo-kv` and its load generator.
+//!
+//! `mk-demo-kv` is a small TCP key-value server that keeps ALL its data in a memfd mapped
+//! `MAP_SHARED`, so a successor handed the same memfd (over SCM_RIGHTS on the emulated
+//! platform, or preserved across kexec by LUO) sees every acknowledged write at once, with
+//! no copy. The successor also adopts the listening socket when it is handed over, so
+//! connections queued in its backlog while the old instance was frozen are served by the
+//! new one. [`loadgen`] drives traffic during an upgrade and reads back every
+//! acknowledged write afterwards to prove nothing was lost.
+//!
+//! * [`log`]: the on-memfd format (header, append-only records with CRC32);
+//! * [`store`]: the store over the memfd and its in-memory index;
+//! * [`protocol`]: the line protocol (and the HTTP `/health` check);
+//! * [`server`]: start-up contract (`MK_STATE_FDS`) and connection handling;
+//! * [`kv_client`]: a blocking client and health checks;
+//! * [`loadgen`]: the load generator and its loss report.
+
+pub mod kv_client;
+pub mod loadgen;
+pub mod log;
+pub mod protocol;
+pub mod server;
+mod shm;
+pub mod store;
+
+pub use shm::ShmError;

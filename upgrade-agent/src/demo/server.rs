@@ -1,0 +1,497 @@
+//! The `mk-demo-kv` server: start-up contract, accept loop and connection handling.
+//!
+//! Start-up (see [`Server::from_env`]): descriptors named in `MK_STATE_FDS` are adopted,
+//! `kv-data` (the memfd holding every byte of data) and `listen` (a listening TCP
+//! socket, whose queued connections are then served by this process). Without `kv-data`
+//! a fresh memfd is created; without `listen` the `--listen` address is bound. On real
+//! LUO only the memfd survives the kexec, so the new instance binds the address again.
+//!
+//! Threads: one per connection (at most [`ServerConfig::max_connections`]; beyond that a
+//! client gets `ERR busy` and is closed), all sharing the store behind one mutex (the
+//! single-writer discipline of the log).
+
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use nix::sys::socket::{SockType, getsockopt, sockopt};
+use state_serializers::fdenv::{self, FdEnvError, NamedFd};
+
+use super::protocol::{MAX_LINE, Request, parse_line};
+use super::store::{Origin, Store, StoreError};
+use crate::exit::Exit;
+
+/// `MK_STATE_FDS` name of the memfd holding the data.
+pub const FD_NAME_DATA: &str = "kv-data";
+/// `MK_STATE_FDS` name of the listening socket.
+pub const FD_NAME_LISTEN: &str = "listen";
+/// Bytes of each value written by `--preload-mib`.
+pub const PRELOAD_VALUE_LEN: usize = 1000;
+
+/// Server settings (the `mk-demo-kv` flags).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to bind when no listening socket is handed over.
+    pub listen: SocketAddr,
+    /// Size of a fresh memfd, in bytes.
+    pub capacity: u64,
+    /// Largest size the memfd may grow to, in bytes.
+    pub max_capacity: u64,
+    /// MiB of data to write at a fresh start (`preload-<n>` keys).
+    pub preload_mib: u64,
+    /// Concurrent connections served; more are refused with `ERR busy`.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            capacity: 64 << 20,
+            max_capacity: 1 << 30,
+            preload_mib: 0,
+            max_connections: 256,
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    FdEnv(#[from] FdEnvError),
+    #[error("refusing to start: {0}")]
+    Store(#[from] StoreError),
+    #[error("{FD_NAME_LISTEN} fd {fd} from MK_STATE_FDS is not a listening TCP socket: {reason}")]
+    Listener { fd: RawFd, reason: String },
+    #[error("cannot listen on {addr}: {source} (choose another --listen address)")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("--preload-mib {mib}: {source}")]
+    Preload { mib: u64, source: StoreError },
+}
+
+impl ServerError {
+    /// The documented exit code for this error.
+    pub fn exit(&self) -> Exit {
+        match self {
+            Self::Store(StoreError::Corrupt(_)) => Exit::Corrupt,
+            Self::FdEnv(_)
+            | Self::Listener { .. }
+            | Self::Store(StoreError::BadCapacity { .. })
+            | Self::Preload { .. } => Exit::Usage,
+            Self::Store(_) | Self::Bind { .. } => Exit::Platform,
+        }
+    }
+}
+
+/// A started server (store open, socket listening), not yet accepting.
+#[derive(Debug)]
+pub struct Server {
+    store: Arc<Mutex<Store>>,
+    listener: TcpListener,
+    listener_adopted: bool,
+    origin: Origin,
+    memfd: RawFd,
+    max_connections: usize,
+}
+
+impl Server {
+    /// Starts from this process's `MK_STATE_FDS` (absent: a first start).
+    ///
+    /// # Safety
+    /// The descriptors named `kv-data` and `listen` in `MK_STATE_FDS` must be open and owned
+    /// by nothing else in this process: the server takes ownership of them.
+    pub unsafe fn from_env(cfg: &ServerConfig) -> Result<Self, ServerError> {
+        let fds = fdenv::from_env()?;
+        // SAFETY: forwarded from the caller.
+        unsafe { Self::with_fds(cfg, fds.as_deref().unwrap_or(&[])) }
+    }
+
+    /// Starts with the given handed-over descriptors (names other than `kv-data` and
+    /// `listen` are ignored).
+    ///
+    /// # Safety
+    /// The `kv-data` and `listen` descriptors in `fds` must be open and owned by nothing
+    /// else in this process: the server takes ownership of them.
+    pub unsafe fn with_fds(cfg: &ServerConfig, fds: &[NamedFd]) -> Result<Self, ServerError> {
+        let store = match fdenv::find(fds, FD_NAME_DATA) {
+            // SAFETY: forwarded from the caller.
+            Some(d) => unsafe { Store::adopt(d.fd, cfg.capacity, cfg.max_capacity) }?,
+            None => Store::create(cfg.capacity, cfg.max_capacity)?,
+        };
+        let (listener, listener_adopted) = match fdenv::find(fds, FD_NAME_LISTEN) {
+            // SAFETY: forwarded from the caller.
+            Some(l) => (unsafe { adopt_listener(l.fd) }?, true),
+            None => (
+                TcpListener::bind(cfg.listen).map_err(|source| ServerError::Bind {
+                    addr: cfg.listen,
+                    source,
+                })?,
+                false,
+            ),
+        };
+        let origin = store.origin();
+        let memfd = store.memfd_raw();
+        let mut store = store;
+        if origin == Origin::Fresh && cfg.preload_mib > 0 {
+            preload(&mut store, cfg.preload_mib).map_err(|source| ServerError::Preload {
+                mib: cfg.preload_mib,
+                source,
+            })?;
+        }
+        Ok(Self {
+            store: Arc::new(Mutex::new(store)),
+            listener,
+            listener_adopted,
+            origin,
+            memfd,
+            max_connections: cfg.max_connections.max(1),
+        })
+    }
+
+    /// The listening address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The memfd's descriptor number in this process.
+    pub fn memfd_raw(&self) -> RawFd {
+        self.memfd
+    }
+
+    /// Whether the data came from a handed-over memfd.
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// Whether the listening socket was handed over.
+    pub fn listener_adopted(&self) -> bool {
+        self.listener_adopted
+    }
+
+    /// The line a supervisor reads from stdout: `LISTENING <addr> MEMFD <fd>`.
+    pub fn ready_line(&self) -> io::Result<String> {
+        Ok(format!(
+            "LISTENING {} MEMFD {}",
+            self.local_addr()?,
+            self.memfd
+        ))
+    }
+
+    /// Accepts connections until the listener fails for good.
+    pub fn serve(self) -> io::Result<()> {
+        let open = Arc::new(AtomicUsize::new(0));
+        loop {
+            let (stream, peer) = match self.listener.accept() {
+                Ok(s) => s,
+                Err(e) if transient_accept_error(&e) => {
+                    tracing::warn!(error = %e, "accept failed, retrying");
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if open.load(Ordering::Acquire) >= self.max_connections {
+                let mut s = stream;
+                let _ = writeln!(s, "ERR busy: {} connections open", self.max_connections);
+                continue;
+            }
+            open.fetch_add(1, Ordering::AcqRel);
+            let store = Arc::clone(&self.store);
+            let open2 = Arc::clone(&open);
+            let spawned = std::thread::Builder::new()
+                .name("kv-conn".into())
+                .spawn(move || {
+                    if let Err(e) = handle(stream, &store) {
+                        tracing::debug!(%peer, error = %e, "connection ended");
+                    }
+                    open2.fetch_sub(1, Ordering::AcqRel);
+                });
+            if let Err(e) = spawned {
+                open.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(error = %e, "cannot spawn a connection thread");
+            }
+        }
+    }
+}
+
+fn transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::ECONNABORTED
+                | libc::EINTR
+                | libc::EPROTO
+                | libc::EPERM
+        )
+    )
+}
+
+/// Takes ownership of an inherited listening socket and checks it.
+///
+/// # Safety
+/// `fd` must be open and owned by nothing else in this process.
+unsafe fn adopt_listener(fd: RawFd) -> Result<TcpListener, ServerError> {
+    // SAFETY: guaranteed by the caller; the OwnedFd closes it exactly once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let bad = |reason: String| ServerError::Listener { fd, reason };
+    match getsockopt(&owned, sockopt::SockType) {
+        Ok(SockType::Stream) => {}
+        Ok(t) => return Err(bad(format!("socket type {t:?}, expected a stream socket"))),
+        Err(e) => return Err(bad(format!("not a socket ({e})"))),
+    }
+    match getsockopt(&owned, sockopt::AcceptConn) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(bad(
+                "the socket is not listening (call listen(2) first)".into()
+            ));
+        }
+        Err(e) => return Err(bad(format!("SO_ACCEPTCONN: {e}"))),
+    }
+    let listener = TcpListener::from(owned);
+    match listener.local_addr() {
+        Ok(_) => Ok(listener),
+        Err(e) => Err(bad(format!("not an IPv4/IPv6 socket ({e})"))),
+    }
+}
+
+/// Writes `preload-<n>` keys until `mib` MiB of log are used.
+fn preload(store: &mut Store, mib: u64) -> Result<(), StoreError> {
+    let target = mib << 20;
+    let mut n = 0u64;
+    let mut value = vec![0u8; PRELOAD_VALUE_LEN];
+    while store.stats().used_bytes < target {
+        let key = format!("preload-{n}");
+        preload_value(n, &mut value);
+        store.set(key.as_bytes(), &value)?;
+        n += 1;
+    }
+    tracing::info!(keys = n, mib, "preloaded");
+    Ok(())
+}
+
+/// The value `--preload-mib` writes for key `preload-<n>` (deterministic, so a benchmark
+/// can verify it).
+pub fn preload_value(n: u64, out: &mut [u8]) {
+    let pattern = format!("{n:016x}.");
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = pattern.as_bytes()[i % pattern.len()];
+    }
+}
+
+fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
+    // A panic while holding the lock cannot leave the memfd half-committed (the commit
+    // point is one store), so the data is still usable.
+    store.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+enum Line {
+    Complete,
+    Eof,
+    TooLong,
+}
+
+fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>, max: usize) -> io::Result<Line> {
+    line.clear();
+    let n = reader.take(max as u64 + 1).read_until(b'\n', line)?;
+    if n == 0 {
+        return Ok(Line::Eof);
+    }
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        return Ok(Line::Complete);
+    }
+    if line.len() > max {
+        return Ok(Line::TooLong);
+    }
+    // End of stream in the middle of a line: the client went away.
+    Ok(Line::Eof)
+}
+
+fn handle(stream: TcpStream, store: &Mutex<Store>) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut reader = BufReader::with_capacity(64 << 10, stream.try_clone()?);
+    let mut writer = BufWriter::with_capacity(64 << 10, stream);
+    let mut line = Vec::with_capacity(256);
+    loop {
+        match read_line(&mut reader, &mut line, MAX_LINE)? {
+            Line::Eof => return writer.flush(),
+            Line::TooLong => {
+                writeln!(writer, "ERR line too long (limit {MAX_LINE} bytes)")?;
+                return writer.flush();
+            }
+            Line::Complete => {}
+        }
+        match parse_line(&line) {
+            Ok(Request::HttpGet { path }) => {
+                let healthy = path == b"/health";
+                return http_reply(&mut reader, writer, healthy, store);
+            }
+            Ok(req) => respond(&mut writer, req, store)?,
+            Err(e) => writeln!(writer, "ERR {e}")?,
+        }
+        // Flush once the pipelined requests already received are answered.
+        if reader.buffer().is_empty() {
+            writer.flush()?;
+        }
+    }
+}
+
+fn respond(w: &mut impl Write, req: Request<'_>, store: &Mutex<Store>) -> io::Result<()> {
+    match req {
+        Request::Set { key, value } => match lock(store).set(key, value) {
+            Ok(seq) => writeln!(w, "OK {seq}"),
+            Err(e) => {
+                tracing::warn!(error = %e, "SET refused");
+                writeln!(w, "ERR {e}")
+            }
+        },
+        Request::Get { key } => match lock(store).get(key) {
+            Ok(Some(v)) => {
+                w.write_all(b"VALUE ")?;
+                w.write_all(&v)?;
+                w.write_all(b"\n")
+            }
+            Ok(None) => w.write_all(b"NOTFOUND\n"),
+            Err(e) => writeln!(w, "ERR {e}"),
+        },
+        Request::Ping => w.write_all(b"PONG\n"),
+        Request::Stats => {
+            let s = lock(store).stats();
+            writeln!(
+                w,
+                "STATS keys={} records={} used_bytes={} capacity={} max_capacity={}",
+                s.keys, s.records, s.used_bytes, s.capacity, s.max_capacity
+            )
+        }
+        Request::HttpGet { .. } => unreachable!("handled by the caller"),
+    }
+}
+
+fn http_reply(
+    reader: &mut impl BufRead,
+    mut w: BufWriter<TcpStream>,
+    health_path: bool,
+    store: &Mutex<Store>,
+) -> io::Result<()> {
+    // Read the request headers (bounded) so that closing does not reset the connection.
+    let mut line = Vec::new();
+    for _ in 0..100 {
+        match read_line(reader, &mut line, 8192)? {
+            Line::Complete if line.is_empty() || line == b"\r" => break,
+            Line::Complete => {}
+            Line::Eof | Line::TooLong => break,
+        }
+    }
+    let (status, body) = if health_path {
+        match lock(store).check() {
+            Ok(()) => ("200 OK", "ok\n".to_owned()),
+            Err(e) => ("503 Service Unavailable", format!("{e}\n")),
+        }
+    } else {
+        ("404 Not Found", "not found\n".to_owned())
+    };
+    write!(
+        w,
+        "HTTP/1.0 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    w.flush()?;
+    let stream = w.into_inner().map_err(io::IntoInnerError::into_error)?;
+    stream.shutdown(Shutdown::Write)?;
+    // Drain what the client may still send, briefly, then close.
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let _ = (&stream).read(&mut [0u8; 512]);
+    Ok(())
+}
+
+/// Parses a size: a number of bytes with an optional `K`, `M`, `G` (or `KiB`, `MiB`,
+/// `GiB`) binary suffix, e.g. `64MiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64MiB, 1GiB)"))?;
+    let shift = match suffix {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown size suffix {suffix:?} (use K, M, G, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("12XB").unwrap_err().contains("suffix"));
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn preload_values_are_deterministic_and_valid() {
+        let mut a = vec![0u8; PRELOAD_VALUE_LEN];
+        let mut b = vec![0u8; PRELOAD_VALUE_LEN];
+        preload_value(7, &mut a);
+        preload_value(8, &mut b);
+        assert_ne!(a, b);
+        assert!(super::super::log::check_item("value", &a, PRELOAD_VALUE_LEN).is_ok());
+    }
+
+    #[test]
+    fn preload_fills_the_requested_size() {
+        let mut s = Store::create(1 << 20, 4 << 20).unwrap();
+        preload(&mut s, 2).unwrap();
+        let st = s.stats();
+        assert!(st.used_bytes >= 2 << 20 && st.capacity >= 2 << 20);
+        let mut v = vec![0u8; PRELOAD_VALUE_LEN];
+        preload_value(0, &mut v);
+        assert_eq!(s.get(b"preload-0").unwrap().unwrap(), v);
+        let mut tiny = Store::create(4096, 8192).unwrap();
+        assert!(matches!(
+            preload(&mut tiny, 1),
+            Err(StoreError::Full { .. })
+        ));
+    }
+
+    #[test]
+    fn listener_checks() {
+        // A UDP socket is refused.
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(udp);
+        // SAFETY: the descriptor came from into_raw_fd: owned by nothing else.
+        let err = unsafe { adopt_listener(fd) }.unwrap_err();
+        assert!(err.to_string().contains("stream socket"), "{err}");
+        // A connected (non-listening) TCP socket is refused.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(c);
+        // SAFETY: as above.
+        let err = unsafe { adopt_listener(fd) }.unwrap_err();
+        assert!(err.to_string().contains("not listening"), "{err}");
+        assert_eq!(err.exit(), Exit::Usage);
+    }
+}

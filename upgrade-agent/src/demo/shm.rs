@@ -1,0 +1,253 @@
+//! The memfd behind `mk-demo-kv`: creation, sealing, validation of an adopted descriptor,
+//! and the shared (`MAP_SHARED`) mapping. Every `unsafe` of the demo store lives here.
+//!
+//! Seals: a memfd created here gets `F_SEAL_SHRINK` (nobody can truncate it under a
+//! mapping, which would turn accesses into SIGBUS); it must be able to grow, so no
+//! `F_SEAL_GROW`, and no `F_SEAL_SEAL` so that a supervisor may still add seals (for
+//! example `F_SEAL_GROW` before a handover). An adopted memfd gets `F_SEAL_SHRINK` added
+//! when it lacks it and sealing is still allowed.
+//!
+//! Concurrency contract: at most one process writes the memfd at a time. mk-upgrade
+//! guarantees it (the old instance is frozen before the new one starts, and killed or
+//! thawed before the other one runs again). Within a process, writes need `&mut Shm`.
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicU64;
+
+use memmap2::{MmapOptions, MmapRaw};
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::stat::{SFlag, fstat};
+
+use super::log::{HEADER_LEN, OFF_COMMITTED};
+
+/// A failed operation on the memfd.
+#[derive(Debug, thiserror::Error)]
+pub enum ShmError {
+    #[error("memfd_create(\"mk-demo-kv\") failed: {0}")]
+    Create(Errno),
+    #[error("kv-data fd {fd}: {op} failed: {source}")]
+    Sys {
+        fd: RawFd,
+        op: &'static str,
+        source: Errno,
+    },
+    #[error("kv-data fd {fd}: mmap(MAP_SHARED, {len} bytes) failed: {source}")]
+    Map {
+        fd: RawFd,
+        len: u64,
+        source: std::io::Error,
+    },
+    #[error("kv-data fd {fd} is not a memfd ({what}); pass the memfd created by mk-demo-kv")]
+    NotMemfd { fd: RawFd, what: String },
+    #[error("kv-data fd {fd} is sealed against writes (seals {seals:#x}); it cannot be adopted")]
+    WriteSealed { fd: RawFd, seals: i32 },
+    #[error("kv-data memfd is {len} bytes, above what this process can map")]
+    TooLarge { len: u64 },
+}
+
+/// A memfd and its shared mapping (the whole file).
+#[derive(Debug)]
+pub struct Shm {
+    file: File,
+    map: MmapRaw,
+    fd: RawFd,
+}
+
+fn raw(f: &File) -> RawFd {
+    use std::os::fd::AsRawFd;
+    f.as_raw_fd()
+}
+
+/// Creates a fresh memfd of `len` bytes, sealed against shrinking.
+pub fn create_memfd(len: u64) -> Result<File, ShmError> {
+    let fd = memfd_create(
+        "mk-demo-kv",
+        MFdFlags::MFD_ALLOW_SEALING | MFdFlags::MFD_CLOEXEC,
+    )
+    .map_err(ShmError::Create)?;
+    let file = File::from(fd);
+    set_len(&file, len)?;
+    add_shrink_seal(&file)?;
+    Ok(file)
+}
+
+/// Takes ownership of an inherited descriptor and checks that it is a writable memfd.
+///
+/// # Safety
+/// `fd` must be an open descriptor that nothing else in this process owns or will close.
+pub unsafe fn adopt_memfd(fd: RawFd) -> Result<File, ShmError> {
+    // SAFETY: the caller guarantees `fd` is open and owned by no one else; ownership
+    // moves into the returned File, which closes it exactly once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let file = File::from(owned);
+    let st = fstat(&file).map_err(|source| ShmError::Sys {
+        fd,
+        op: "fstat",
+        source,
+    })?;
+    if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
+        return Err(ShmError::NotMemfd {
+            fd,
+            what: format!("st_mode {:#o} is not a regular file", st.st_mode),
+        });
+    }
+    let seals = match fcntl(&file, FcntlArg::F_GET_SEALS) {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(ShmError::NotMemfd {
+                fd,
+                what: format!("F_GET_SEALS failed: {e}"),
+            });
+        }
+    };
+    let sealed = SealFlag::from_bits_truncate(seals);
+    if sealed.contains(SealFlag::F_SEAL_WRITE) || seals & libc::F_SEAL_FUTURE_WRITE != 0 {
+        return Err(ShmError::WriteSealed { fd, seals });
+    }
+    if !sealed.contains(SealFlag::F_SEAL_SHRINK) && !sealed.contains(SealFlag::F_SEAL_SEAL) {
+        add_shrink_seal(&file)?;
+    }
+    Ok(file)
+}
+
+fn add_shrink_seal(file: &File) -> Result<(), ShmError> {
+    fcntl(file, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK))
+        .map(drop)
+        .map_err(|source| ShmError::Sys {
+            fd: raw(file),
+            op: "fcntl(F_ADD_SEALS, F_SEAL_SHRINK)",
+            source,
+        })
+}
+
+fn set_len(file: &File, len: u64) -> Result<(), ShmError> {
+    let off = libc::off_t::try_from(len).map_err(|_| ShmError::TooLarge { len })?;
+    nix::unistd::ftruncate(file, off).map_err(|source| ShmError::Sys {
+        fd: raw(file),
+        op: "ftruncate",
+        source,
+    })
+}
+
+/// Current size of the memfd, from `fstat`.
+pub fn file_len(file: &File) -> Result<u64, ShmError> {
+    let st = fstat(file).map_err(|source| ShmError::Sys {
+        fd: raw(file),
+        op: "fstat",
+        source,
+    })?;
+    Ok(u64::try_from(st.st_size).unwrap_or(0))
+}
+
+fn map(file: &File) -> Result<MmapRaw, ShmError> {
+    let len = file_len(file)?;
+    let ulen = usize::try_from(len).map_err(|_| ShmError::TooLarge { len })?;
+    MmapOptions::new()
+        .len(ulen)
+        .map_raw(file)
+        .map_err(|source| ShmError::Map {
+            fd: raw(file),
+            len,
+            source,
+        })
+}
+
+impl Shm {
+    /// Maps the whole memfd shared and read-write. The memfd is at least `HEADER_LEN`
+    /// bytes (the caller grows an empty one first).
+    pub fn map(file: File) -> Result<Self, ShmError> {
+        let fd = raw(&file);
+        let map = map(&file)?;
+        Ok(Self { file, map, fd })
+    }
+
+    /// The memfd.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// The memfd's number in this process.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Mapped length (the memfd size at the last map).
+    pub fn len(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    /// Grows the memfd to `new_len` bytes and remaps it. Offsets stay valid.
+    pub fn grow(&mut self, new_len: u64) -> Result<(), ShmError> {
+        set_len(&self.file, new_len)?;
+        self.map = map(&self.file)?;
+        Ok(())
+    }
+
+    /// Remaps when another process grew the memfd. Returns the mapped length.
+    pub fn refresh(&mut self) -> Result<u64, ShmError> {
+        if file_len(&self.file)? != self.len() {
+            self.map = map(&self.file)?;
+        }
+        Ok(self.len())
+    }
+
+    /// The shared `committed` header field.
+    pub fn committed(&self) -> &AtomicU64 {
+        assert!(self.map.len() >= HEADER_LEN);
+        let ptr = self.map.as_ptr().wrapping_add(OFF_COMMITTED);
+        assert!(
+            ptr.align_offset(std::mem::align_of::<AtomicU64>()) == 0,
+            "mapping is not page-aligned"
+        );
+        // SAFETY: the mapping is at least HEADER_LEN bytes (checked above, and every Shm
+        // maps a memfd of at least HEADER_LEN bytes that cannot shrink: F_SEAL_SHRINK),
+        // mmap returns page-aligned memory so offset 32 is 8-byte aligned, the bytes live
+        // as long as `&self` (the mapping is only replaced through `&mut self`), and every
+        // access to this field, in this or another process, is atomic.
+        #[expect(clippy::cast_ptr_alignment, reason = "alignment is asserted above")]
+        unsafe {
+            &*ptr.cast::<AtomicU64>()
+        }
+    }
+
+    /// Borrows `len` bytes from `off`. Panics when out of the mapping.
+    pub fn slice(&self, off: u64, len: usize) -> &[u8] {
+        let end = off.checked_add(len as u64).expect("offset overflow");
+        assert!(
+            end <= self.len(),
+            "read {off}+{len} beyond mapping of {}",
+            self.len()
+        );
+        // SAFETY: the range lies inside the live mapping (checked above), which outlives
+        // the returned borrow of `&self`; this process writes only through `&mut self`, so
+        // no write aliases the slice here; another process that holds the memfd does not
+        // run while we do (the single-writer contract in the module docs).
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(off as usize), len) }
+    }
+
+    /// Copies `bytes` to offset `off`. Panics when out of the mapping.
+    pub fn write(&mut self, off: u64, bytes: &[u8]) {
+        let end = off
+            .checked_add(bytes.len() as u64)
+            .expect("offset overflow");
+        assert!(
+            end <= self.len(),
+            "write {off}+{} beyond mapping of {}",
+            bytes.len(),
+            self.len()
+        );
+        // SAFETY: the destination range lies inside the live, writable mapping (checked
+        // above); `&mut self` excludes any outstanding slice of this mapping; `bytes` is a
+        // separate allocation, so the ranges do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.map.as_mut_ptr().add(off as usize),
+                bytes.len(),
+            );
+        }
+    }
+}
