@@ -149,6 +149,7 @@ pub mod entry_offset {
 mod tests {
     use super::*;
     use std::mem::offset_of;
+    use zerocopy::FromZeros;
 
     #[test]
     fn offsets_match_the_structs() {

@@ -1,0 +1,533 @@
+//! Behaviour of the handover image reader and writer: round trip and every refusal.
+
+#[path = "image_helpers.rs"]
+mod helpers;
+
+use helpers::*;
+use kho_proto::image::layout::{ENTRY_LEN, HEADER_LEN, MAX_REGIONS};
+use kho_proto::image::{
+    BuildError, ExternalRef, FORMAT_MAJOR, FailureClass, ImageBuilder, ImageError, ImageView,
+    RegionData, RegionKind, SignatureStatus, VerifyOptions, verify_external,
+};
+use kho_proto::keys::{KeyError, NodeKey};
+
+fn verify(b: &[u8]) -> Result<kho_proto::image::VerifyReport, ImageError> {
+    ImageView::parse(b)?.verify(&VerifyOptions::default())
+}
+
+#[test]
+fn round_trip_small_image() {
+    let bytes = small_builder().build().unwrap();
+    let view = ImageView::parse(&bytes).unwrap();
+    let h = view.header();
+    assert_eq!(h.major, FORMAT_MAJOR);
+    assert_eq!(h.minor, 0);
+    assert_eq!(h.producer_release, "6.12.0-mk-old");
+    assert_eq!(h.upgrade_id, [0x11; 16]);
+    assert_eq!(h.generation, 3);
+    assert_eq!(h.region_count, 3);
+    assert_eq!(h.total_len, bytes.len() as u64);
+    assert!(!h.signed);
+    assert_eq!(&bytes[..8], b"MKKHOIMG");
+
+    let report = view.verify(&VerifyOptions::default()).unwrap();
+    assert_eq!(report.signature, SignatureStatus::Unsigned);
+    assert_eq!(report.inline_verified, 2);
+    assert_eq!(report.external, vec![2]);
+    assert!(report.skipped_unknown.is_empty());
+
+    let r = view.regions();
+    assert_eq!(r[0].kind, RegionKind::AgentManifest);
+    assert!(r[0].flags.required());
+    assert_eq!(view.decode::<Manifest>(&r[0]).unwrap(), manifest());
+    assert_eq!(r[1].payload(), Some(&b"abc"[..]));
+    assert_eq!(r[1].schema_version, 2);
+    assert_eq!(r[1].region_id, 7);
+    assert_eq!(r[1].offset % 8, 0);
+    let ext = r[2].external().unwrap();
+    assert_eq!(ext, ExternalRef::of(0xfeed, EXTERNAL_CONTENTS));
+    verify_external(&ext, EXTERNAL_CONTENTS).unwrap();
+    assert!(view.find(RegionKind::WorkloadBlob, 7).is_some());
+    assert!(view.find(RegionKind::WorkloadBlob, 8).is_none());
+}
+
+#[test]
+fn write_to_matches_build_and_encoded_len() {
+    let b = small_builder();
+    let key = test_key();
+    let built = b.build_signed(&key).unwrap();
+    let mut streamed = Vec::new();
+    let n = b.write_to(&mut streamed, Some(&key)).unwrap();
+    assert_eq!(built, streamed);
+    assert_eq!(n, built.len() as u64);
+    assert_eq!(b.encoded_len(true).unwrap(), n);
+    assert_eq!(
+        b.encoded_len(false).unwrap(),
+        b.build().unwrap().len() as u64
+    );
+}
+
+#[test]
+fn empty_image_is_valid() {
+    let bytes = ImageBuilder::new("x", [0; 16], 0).unwrap().build().unwrap();
+    assert_eq!(bytes.len(), HEADER_LEN + 32);
+    let report = verify(&bytes).unwrap();
+    assert_eq!(report.inline_verified, 0);
+}
+
+#[test]
+fn not_an_image() {
+    assert!(matches!(
+        ImageView::parse(b""),
+        Err(ImageError::Truncated { have: 0, .. })
+    ));
+    assert!(matches!(
+        ImageView::parse(b"MKKHOIMG"),
+        Err(ImageError::Truncated {
+            needed: 128,
+            have: 8,
+            ..
+        })
+    ));
+    assert!(matches!(
+        ImageView::parse(b"\x7fELF\x02\x01\x01\x00"),
+        Err(ImageError::BadMagic { .. })
+    ));
+    let mut bytes = small_builder().build().unwrap();
+    bytes[0] = b'X';
+    let e = ImageView::parse(&bytes).unwrap_err();
+    assert!(matches!(e, ImageError::BadMagic { found } if found[0] == b'X'));
+    assert_eq!(e.class(), FailureClass::Corrupt);
+}
+
+#[test]
+fn higher_major_is_incompatible() {
+    for major in [0u16, 2, 0xffff] {
+        let mut bytes = small_builder().build().unwrap();
+        put16(&mut bytes, 8, major);
+        reseal(&mut bytes, None);
+        let e = ImageView::parse(&bytes).unwrap_err();
+        assert!(
+            matches!(e, ImageError::UnsupportedMajor { found, supported: 1 } if found == major),
+            "{e}"
+        );
+        assert_eq!(e.class(), FailureClass::Incompatible);
+        assert!(e.to_string().contains("offset 8"));
+    }
+}
+
+#[test]
+fn header_crc_is_checked() {
+    let mut bytes = small_builder().build().unwrap();
+    bytes[60] ^= 0x20; // inside the producer release
+    let e = ImageView::parse(&bytes).unwrap_err();
+    assert!(matches!(e, ImageError::HeaderCrc { expected, computed } if expected != computed));
+    assert!(e.to_string().contains("offset 124"));
+}
+
+#[test]
+fn total_len_must_equal_the_input() {
+    let good = small_builder().build().unwrap();
+    let mut longer = good.clone();
+    longer.push(0);
+    assert!(matches!(
+        ImageView::parse(&longer),
+        Err(ImageError::LengthMismatch { declared, actual }) if declared + 1 == actual
+    ));
+    assert!(matches!(
+        ImageView::parse(&good[..good.len() - 1]),
+        Err(ImageError::LengthMismatch { .. })
+    ));
+    // A header claiming u64::MAX bytes is refused by comparison, before anything is sized
+    // from it: the reader only ever borrows slices of the input.
+    let mut huge = good.clone();
+    put64(&mut huge, 24, u64::MAX);
+    reseal(&mut huge, None);
+    assert!(matches!(
+        ImageView::parse(&huge),
+        Err(ImageError::LengthMismatch {
+            declared: u64::MAX,
+            ..
+        })
+    ));
+}
+
+fn header_field_err(bytes: &[u8]) -> (&'static str, usize) {
+    match ImageView::parse(bytes) {
+        Err(ImageError::HeaderField { field, offset, .. }) => (field, offset),
+        other => panic!("expected HeaderField, got {other:?}"),
+    }
+}
+
+#[test]
+fn header_fields_are_validated() {
+    let good = small_builder().build().unwrap();
+    let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str, usize)> = vec![
+        (Box::new(|b| put32(b, 16, 136)), "header_len", 16),
+        (Box::new(|b| put32(b, 16, 64)), "header_len", 16),
+        (Box::new(|b| put16(b, 120, 88)), "entry_len", 120),
+        (Box::new(|b| b[122] = 1), "reserved", 122),
+        (Box::new(|b| put32(b, 12, 1 << 5)), "flags", 12),
+        (Box::new(|b| put32(b, 20, u32::MAX)), "region_count", 20),
+        (Box::new(|b| b[56..120].fill(0)), "producer_release", 56),
+        (Box::new(|b| b[70] = 0xff), "producer_release", 70),
+        (Box::new(|b| b[100] = b'x'), "producer_release", 100),
+    ];
+    for (edit, field, offset) in cases {
+        let mut b = good.clone();
+        edit(&mut b);
+        reseal(&mut b, None);
+        assert_eq!(header_field_err(&b), (field, offset), "{field}");
+    }
+}
+
+#[test]
+fn region_table_must_fit() {
+    let mut b = small_builder().build().unwrap();
+    put32(&mut b, 20, MAX_REGIONS);
+    reseal(&mut b, None);
+    assert!(matches!(
+        ImageView::parse(&b),
+        Err(ImageError::Truncated { needed, .. }) if needed == (HEADER_LEN + MAX_REGIONS as usize * ENTRY_LEN + 32) as u64
+    ));
+}
+
+#[test]
+fn newer_minor_may_use_reserved_space_and_is_accepted() {
+    let mut b = small_builder().build().unwrap();
+    put16(&mut b, 10, 7); // minor 7
+    b[122] = 0xaa; // reserved
+    put32(&mut b, 12, 1 << 9); // an unknown header flag
+    put16(&mut b, entry(1) + 2, 1 << 8); // an unknown region flag
+    b[entry(1) + 6] = 1; // reserved0
+    b[entry(1) + 40] = 1; // reserved1
+    reseal(&mut b, None);
+    let view = ImageView::parse(&b).unwrap();
+    assert_eq!(view.header().minor, 7);
+    view.verify(&VerifyOptions::default()).unwrap();
+
+    // The same bytes claiming minor 0 are refused.
+    put16(&mut b, 10, 0);
+    reseal(&mut b, None);
+    assert!(ImageView::parse(&b).is_err());
+}
+
+fn region_field_err(bytes: &[u8]) -> (usize, &'static str, usize) {
+    match ImageView::parse(bytes) {
+        Err(ImageError::RegionField {
+            index,
+            field,
+            offset,
+            ..
+        }) => (index, field, offset),
+        other => panic!("expected RegionField, got {other:?}"),
+    }
+}
+
+#[test]
+fn region_entries_are_validated() {
+    let good = small_builder().build().unwrap();
+    let e1 = entry(1);
+    let e2 = entry(2);
+    let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, usize, &str, usize)> = vec![
+        (Box::new(move |b| put16(b, e1, 0)), 1, "kind", e1),
+        (Box::new(move |b| put16(b, e1 + 2, 4)), 1, "flags", e1 + 2),
+        (Box::new(move |b| b[e1 + 7] = 1), 1, "reserved0", e1 + 6),
+        (Box::new(move |b| b[e1 + 47] = 1), 1, "reserved1", e1 + 40),
+        (Box::new(move |b| put64(b, e1 + 32, 5)), 1, "token", e1 + 32),
+        (
+            Box::new(move |b| put64(b, e2 + 16, 8)),
+            2,
+            "offset",
+            e2 + 16,
+        ),
+        (
+            Box::new(move |b| {
+                let off = u64::from_le_bytes(b[e1 + 16..e1 + 24].try_into().unwrap());
+                put64(b, e1 + 16, off + 1);
+            }),
+            1,
+            "offset",
+            e1 + 16,
+        ),
+    ];
+    for (edit, index, field, offset) in cases {
+        let mut b = good.clone();
+        edit(&mut b);
+        reseal(&mut b, None);
+        assert_eq!(region_field_err(&b), (index, field, offset), "{field}");
+    }
+}
+
+#[test]
+fn region_bounds_overlap_and_duplicates() {
+    let good = small_builder().build().unwrap();
+    let e1 = entry(1);
+    // Length running past the manifest, and offset + length overflowing u64.
+    for (off, len) in [(None, 1000u64), (Some(u64::MAX - 7), 16), (Some(0), 1)] {
+        let mut b = good.clone();
+        if let Some(off) = off {
+            put64(&mut b, e1 + 16, off);
+        }
+        put64(&mut b, e1 + 24, len);
+        reseal(&mut b, None);
+        let e = ImageView::parse(&b).unwrap_err();
+        assert!(
+            matches!(e, ImageError::RegionOutOfBounds { index: 1, .. }),
+            "{e}"
+        );
+    }
+    // Second inline payload starting inside the first.
+    let mut b = good.clone();
+    let first = u64::from_le_bytes(b[entry(0) + 16..entry(0) + 24].try_into().unwrap());
+    put64(&mut b, e1 + 16, first);
+    reseal(&mut b, None);
+    assert!(matches!(
+        ImageView::parse(&b),
+        Err(ImageError::RegionOverlap { index: 1, .. })
+    ));
+    // Same (kind, id) twice.
+    let mut b = good.clone();
+    put16(&mut b, e1, RegionKind::AgentManifest.raw());
+    put32(&mut b, e1 + 8, 0);
+    reseal(&mut b, None);
+    assert!(matches!(
+        ImageView::parse(&b),
+        Err(ImageError::DuplicateRegion {
+            index: 1,
+            region_id: 0,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn payload_corruption_is_detected() {
+    let good = small_builder().build().unwrap();
+    let view = ImageView::parse(&good).unwrap();
+    let blob = view.regions()[1];
+    let (off, len) = (blob.offset as usize, blob.length as usize);
+    drop(view);
+
+    let mut b = good.clone();
+    b[off + 1] ^= 0x04;
+    let e = verify(&b).unwrap_err();
+    assert!(
+        matches!(e, ImageError::RegionCrc { index: 1, offset, .. } if offset == off as u64),
+        "{e}"
+    );
+    assert_eq!(e.class(), FailureClass::Corrupt);
+
+    // Matching CRC32 (forged in the table) but different bytes: the SHA-256 catches it.
+    let mut b = good.clone();
+    b[off..off + len].copy_from_slice(b"abd");
+    put32(&mut b, entry(1) + 12, crc32fast::hash(b"abd"));
+    reseal(&mut b, None);
+    assert!(matches!(
+        verify(&b),
+        Err(ImageError::RegionDigest { index: 1, .. })
+    ));
+
+    // Padding after the 3-byte payload must be zero.
+    let mut b = good.clone();
+    b[off + len] = 9;
+    assert!(matches!(
+        verify(&b),
+        Err(ImageError::NonZeroPadding { offset, value: 9 }) if offset == (off + len) as u64
+    ));
+}
+
+#[test]
+fn manifest_digest_covers_the_table() {
+    let mut b = small_builder().build().unwrap();
+    // Change a region's schema version without resealing: the header CRC still holds,
+    // the manifest digest does not.
+    b[entry(1) + 4] ^= 1;
+    let e = verify(&b).unwrap_err();
+    assert!(
+        matches!(e, ImageError::ManifestDigest { offset } if offset == b.len() as u64 - 32),
+        "{e}"
+    );
+}
+
+#[test]
+fn signatures() {
+    let key = test_key();
+    let keys = trusted(&key);
+    let signed = small_builder().build_signed(&key).unwrap();
+    let view = ImageView::parse(&signed).unwrap();
+    assert!(view.header().signed);
+    let opts = VerifyOptions {
+        trusted_keys: Some(&keys),
+        require_signature: true,
+    };
+    assert_eq!(
+        view.verify(&opts).unwrap().signature,
+        SignatureStatus::Verified {
+            key_id: key.key_id()
+        }
+    );
+    assert_eq!(
+        view.verify(&VerifyOptions::default()).unwrap().signature,
+        SignatureStatus::NotChecked {
+            key_id: key.key_id()
+        }
+    );
+    let e = view
+        .verify(&VerifyOptions {
+            trusted_keys: None,
+            require_signature: true,
+        })
+        .unwrap_err();
+    assert!(matches!(e, ImageError::SignatureNotChecked { .. }));
+    assert_eq!(e.class(), FailureClass::Untrusted);
+
+    // Signed by a key that is not trusted.
+    let other = NodeKey::from_seed([9; 32]);
+    let by_other = small_builder().build_signed(&other).unwrap();
+    let e = ImageView::parse(&by_other)
+        .unwrap()
+        .verify(&opts)
+        .unwrap_err();
+    assert!(matches!(
+        e,
+        ImageError::Signature {
+            source: KeyError::Untrusted { .. },
+            ..
+        }
+    ));
+    assert_eq!(e.class(), FailureClass::Untrusted);
+
+    // A signature over other bytes.
+    let mut bad = signed.clone();
+    let n = bad.len();
+    bad[n - 1] ^= 1;
+    let e = ImageView::parse(&bad).unwrap().verify(&opts).unwrap_err();
+    assert!(matches!(
+        e,
+        ImageError::Signature {
+            source: KeyError::BadSignature { .. },
+            ..
+        }
+    ));
+
+    // Stripping the signature (clearing the flag, cutting the block, resealing) yields an
+    // unsigned image, refused when a signature is required.
+    let mut stripped = signed[..signed.len() - 96].to_vec();
+    put32(&mut stripped, 12, 0);
+    let len = stripped.len() as u64;
+    put64(&mut stripped, 24, len);
+    reseal(&mut stripped, None);
+    let view = ImageView::parse(&stripped).unwrap();
+    let e = view.verify(&opts).unwrap_err();
+    assert!(matches!(e, ImageError::Unsigned));
+    assert_eq!(e.class(), FailureClass::Untrusted);
+}
+
+#[test]
+fn compatibility_rule_for_unknown_regions() {
+    let mut b = ImageBuilder::new("6.12.0", [2; 16], 1).unwrap();
+    b.region(RegionKind::Journal, 0, 1, true, &b"j"[..])
+        .unwrap()
+        .region(RegionKind::Unknown(0x7001), 0, 1, false, &b"future"[..])
+        .unwrap();
+    let bytes = b.build().unwrap();
+    let report = verify(&bytes).unwrap();
+    assert_eq!(report.skipped_unknown, vec![1]);
+
+    let mut b = ImageBuilder::new("6.12.0", [2; 16], 1).unwrap();
+    b.region(RegionKind::Unknown(0x7001), 0, 1, true, &b"future"[..])
+        .unwrap();
+    let bytes = b.build().unwrap();
+    let e = verify(&bytes).unwrap_err();
+    assert!(
+        matches!(e, ImageError::UnknownRequiredRegion { index: 0, kind } if kind == RegionKind::Unknown(0x7001))
+    );
+    assert_eq!(e.class(), FailureClass::Incompatible);
+}
+
+#[test]
+fn decode_errors() {
+    let mut b = ImageBuilder::new("r", [0; 16], 0).unwrap();
+    b.structured(RegionKind::TaskState, 0, 1, true, &(5u8, 6u8))
+        .unwrap()
+        .region(RegionKind::DeviceState, 0, 1, true, &[0xffu8; 3][..])
+        .unwrap()
+        .external(
+            RegionKind::MemoryState,
+            0,
+            1,
+            true,
+            ExternalRef::of(1, b"m"),
+        )
+        .unwrap();
+    let bytes = b.build().unwrap();
+    let view = ImageView::parse(&bytes).unwrap();
+    let r = view.regions();
+    assert_eq!(view.decode::<(u8, u8)>(&r[0]).unwrap(), (5, 6));
+    let e = view.decode::<u8>(&r[0]).unwrap_err();
+    assert!(
+        matches!(e, ImageError::Decode { index: 0, ref reason, .. } if reason.contains("trailing"))
+    );
+    assert!(matches!(
+        view.decode::<u64>(&r[1]),
+        Err(ImageError::Decode { index: 1, .. })
+    ));
+    assert!(matches!(
+        view.decode::<u8>(&r[2]),
+        Err(ImageError::NotInline {
+            index: 2,
+            token: 1,
+            ..
+        })
+    ));
+    assert!(matches!(r[2].data, RegionData::External(_)));
+}
+
+#[test]
+fn builder_refusals() {
+    for (release, reason) in [("", "empty"), ("a\0b", "NUL"), (&*"x".repeat(65), "64")] {
+        let e = ImageBuilder::new(release, [0; 16], 0).unwrap_err();
+        assert!(matches!(e, BuildError::ProducerRelease { .. }));
+        assert!(e.to_string().contains(reason), "{e}");
+    }
+    assert!(ImageBuilder::new(&"x".repeat(64), [0; 16], 0).is_ok());
+    let mut b = ImageBuilder::new("r", [0; 16], 0).unwrap();
+    assert!(matches!(
+        b.region(RegionKind::Unknown(0), 0, 0, false, &[][..]),
+        Err(BuildError::ReservedKind)
+    ));
+    b.region(RegionKind::Journal, 1, 0, false, &[][..]).unwrap();
+    // Unknown(6) is the journal kind: normalized, so it is a duplicate.
+    assert!(matches!(
+        b.region(RegionKind::Unknown(6), 1, 0, false, &[][..]),
+        Err(BuildError::DuplicateRegion { region_id: 1, .. })
+    ));
+}
+
+#[test]
+fn zero_length_regions_and_many_regions() {
+    let mut b = ImageBuilder::new("r", [0; 16], 0).unwrap();
+    for i in 0..300u32 {
+        let payload = vec![i as u8; (i % 13) as usize];
+        b.region(RegionKind::WorkloadBlob, i, 1, i % 2 == 0, payload)
+            .unwrap();
+    }
+    let bytes = b.build().unwrap();
+    let view = ImageView::parse(&bytes).unwrap();
+    assert_eq!(view.regions().len(), 300);
+    assert_eq!(view.regions()[26].payload(), Some(&[26u8; 0][..]));
+    assert_eq!(view.regions()[25].payload().unwrap(), &[25u8; 12][..]);
+    view.verify(&VerifyOptions::default()).unwrap();
+}
+
+#[test]
+fn messages_name_field_and_offset() {
+    let mut b = small_builder().build().unwrap();
+    put16(&mut b, entry(1) + 2, 4);
+    reseal(&mut b, None);
+    let msg = ImageView::parse(&b).unwrap_err().to_string();
+    assert!(msg.contains("region 1"), "{msg}");
+    assert!(msg.contains("flags"), "{msg}");
+    assert!(msg.contains(&format!("offset {}", entry(1) + 2)), "{msg}");
+}
