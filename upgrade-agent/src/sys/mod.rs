@@ -5,3 +5,4 @@
 pub mod kexec;
 pub mod luo;
 pub mod memfd;
+pub mod kconfig;
