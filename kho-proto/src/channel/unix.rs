@@ -175,10 +175,15 @@ impl UnixTransport {
     }
 
     /// Pair a decoded frame at stream offset `at` with its fds.
-    fn claim_fds(&mut self, frame: &Frame, at: u64) -> Result<Vec<OwnedFd>, TransportError> {
-        // Batches entirely before this frame were claimed by no frame: protocol violation.
+    fn claim_fds(&mut self, frame: &Frame, at: u64, len: u64) -> Result<Vec<OwnedFd>, TransportError> {
+        let expected = frame.fd_count();
+        // A batch is orphaned when no frame that could still claim it remains: it ended
+        // before this frame, or this frame declares no fds and the batch's bytes end within
+        // this frame (no later frame starts inside its range).
         if let Some(b) = self.pending.pop_front() {
-            if b.end <= at {
+            let before = b.end <= at;
+            let within_fdless = expected == 0 && b.start <= at && b.end <= at + len;
+            if before || within_fdless {
                 return Err(TransportError::UnexpectedFds {
                     count: b.fds.len(),
                     offset: b.start,
@@ -186,7 +191,6 @@ impl UnixTransport {
             }
             self.pending.push_front(b);
         }
-        let expected = frame.fd_count();
         if expected == 0 {
             return Ok(Vec::new());
         }
@@ -223,7 +227,7 @@ impl UnixTransport {
                     if self.rbuf.is_empty() && self.rbuf.capacity() > 4 * READ_CHUNK {
                         self.rbuf = Vec::new();
                     }
-                    let fds = self.claim_fds(&frame, at)?;
+                    let fds = self.claim_fds(&frame, at, used as u64)?;
                     return Ok((frame, fds));
                 }
                 Err(FrameError::Incomplete { .. }) => {
