@@ -1,0 +1,145 @@
+//! The raw system calls of this crate, each wrapped once with its safety argument.
+//!
+//! Everything here that is called from a `pre_exec` hook (between `fork` and `exec`) is a
+//! single system call with no allocation, no lock and no `errno` beyond reading it once:
+//! async-signal-safe by construction.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+
+/// `fcntl(F_GET_SEALS)`: the seals of a memfd (or shmem file). `EINVAL` for other files.
+pub fn get_seals(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: F_GET_SEALS takes no argument and only reads the file's seal set; the fd is
+    // borrowed, so it stays open for the duration of the call.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as u32)
+    }
+}
+
+/// `fcntl(F_ADD_SEALS)`: adds seals to a memfd.
+pub fn add_seals(fd: BorrowedFd<'_>, seals: u32) -> io::Result<()> {
+    // SAFETY: F_ADD_SEALS takes an int flag set and changes only the file's seal set; the
+    // fd is borrowed and open.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals as libc::c_int) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `F_DUPFD_CLOEXEC`: duplicates `fd` at the lowest free number `>= min`, close-on-exec.
+pub fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_DUPFD_CLOEXEC creates a new descriptor and touches no memory.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `r` is a descriptor the kernel just created for us and nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r) })
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `dup2(src, dst)`; the new descriptor does not have `FD_CLOEXEC`. Async-signal-safe.
+pub fn dup2_raw(src: RawFd, dst: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 only manipulates this process's descriptor table.
+    check(unsafe { libc::dup2(src, dst) })
+}
+
+/// Clears `FD_CLOEXEC` on `fd` (needed when `dup2` had `src == dst`). Async-signal-safe.
+pub fn clear_cloexec_raw(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_SETFD with 0 only changes the descriptor's flags.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) })
+}
+
+/// `setrlimit`. Async-signal-safe.
+pub fn setrlimit_raw(resource: u32, soft: u64, hard: u64) -> io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: `lim` is a valid rlimit on the stack for the duration of the call; the
+    // resource number comes from the libc constants (see `task::rlimit_resource`).
+    check(unsafe { libc::setrlimit(resource as _, &raw const lim) })
+}
+
+/// Builds a CPU set for [`set_affinity_raw`] (allocation-free to apply).
+pub fn cpu_set(cpus: &[u32]) -> io::Result<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    for &c in cpus {
+        if c as usize >= max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cpu {c} is beyond the {max} CPUs a cpu_set_t holds"),
+            ));
+        }
+        // SAFETY: `c` was checked against the set's capacity just above.
+        unsafe { libc::CPU_SET(c as usize, &mut set) };
+    }
+    Ok(set)
+}
+
+/// `sched_setaffinity(0, set)`. Async-signal-safe.
+pub fn set_affinity_raw(set: &libc::cpu_set_t) -> io::Result<()> {
+    // SAFETY: `set` points to a live cpu_set_t of the size passed.
+    check(unsafe {
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), std::ptr::from_ref(set))
+    })
+}
+
+/// `setpriority(PRIO_PROCESS, 0, nice)`. Async-signal-safe.
+pub fn set_nice_raw(nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority on the calling process touches no memory.
+    check(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) })
+}
+
+/// `sched_setscheduler(0, policy, prio)`. Async-signal-safe.
+pub fn set_scheduler_raw(policy: i32, priority: i32) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` lives on the stack for the duration of the call.
+    check(unsafe { libc::sched_setscheduler(0, policy, &raw const param) })
+}
+
+/// `setgroups`, `setgid`, `setuid` in that order. Async-signal-safe in a child after fork
+/// (a single thread, so glibc's cross-thread broadcast has nobody to signal).
+pub fn set_credentials_raw(groups: &[libc::gid_t], gid: u32, uid: u32) -> io::Result<()> {
+    // SAFETY: `groups` is a live slice whose length is passed alongside its pointer.
+    check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
+    // SAFETY: plain credential system calls; no memory is touched.
+    check(unsafe { libc::setgid(gid) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::setuid(uid) })
+}
+
+/// `write(2)` of a whole small buffer. Async-signal-safe.
+pub fn write_raw(fd: RawFd, buf: &[u8]) -> io::Result<()> {
+    // SAFETY: `buf` is a live slice whose length is passed alongside its pointer.
+    let r = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else if r as usize != buf.len() {
+        Err(io::Error::new(io::ErrorKind::WriteZero, "short write"))
+    } else {
+        Ok(())
+    }
+}
+
+/// The effective uid of this process.
+pub fn euid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
