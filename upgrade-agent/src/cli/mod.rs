@@ -1,1 +1,2 @@
 //! Command-line front end of `mk-upgrade`: one module per subcommand.
+pub mod state;

@@ -1,0 +1,319 @@
+//! `mk-upgrade state`: see what would be handed over, and what changed between captures.
+//!
+//! * `state capture [--pid PID ...] [--device] [--memory] [--json]` captures the given
+//!   processes (with their descendants), memory state (vm sysctls, hugepage pools and a
+//!   digest of every memfd the processes hold) and device state (interfaces, routes, PCI,
+//!   block devices, mounts) of this host. Without `--pid`, `--device` or `--memory`, it
+//!   captures device and memory state.
+//! * `state diff A.json B.json [--json]` compares two `--json` captures (schema version 1
+//!   captures are migrated first); exit code 13 when they differ.
+//!
+//! Exit codes (`crate::exit::Exit`): 0 ok/identical, 3 unreadable file, 4 malformed
+//! capture file, 11 capture failed, 13 captures differ.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use state_serializers::codec::{self, Capture};
+use state_serializers::device::DeviceState;
+use state_serializers::diff;
+use state_serializers::memory::{self, MemoryState};
+use state_serializers::task::{self, CaptureOptions, FdKind, TaskState};
+use state_serializers::{SCHEMA_VERSION, StateError};
+
+use crate::exit::Exit;
+
+/// Arguments of `mk-upgrade state`.
+#[derive(Debug, clap::Args)]
+pub struct StateArgs {
+    #[command(subcommand)]
+    pub command: StateCommand,
+}
+
+/// Subcommands of `mk-upgrade state`.
+#[derive(Debug, clap::Subcommand)]
+pub enum StateCommand {
+    /// Capture the state that would be handed over for these processes on this host.
+    Capture {
+        /// A workload process to capture (with its descendants); repeatable.
+        #[arg(long = "pid", value_name = "PID")]
+        pid: Vec<i32>,
+        /// Capture device state: interfaces, addresses, routes, PCI, block, mounts.
+        #[arg(long)]
+        device: bool,
+        /// Capture memory state: vm sysctls, hugepage pools, memfd digests of the processes.
+        #[arg(long)]
+        memory: bool,
+        /// Print JSON (the input format of `state diff`) instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what changed between two JSON captures.
+    Diff {
+        /// The earlier capture (`state capture --json` output).
+        a: PathBuf,
+        /// The later capture.
+        b: PathBuf,
+        /// Print the differences as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs `mk-upgrade state`.
+pub fn run(args: StateArgs) -> ExitCode {
+    match args.command {
+        StateCommand::Capture {
+            pid,
+            device,
+            memory,
+            json,
+        } => capture(&pid, device, memory, json),
+        StateCommand::Diff { a, b, json } => diff_files(&a, &b, json),
+    }
+    .into()
+}
+
+fn fail(what: &str, e: &StateError, code: Exit) -> Exit {
+    eprintln!("mk-upgrade state: {what}: {e}");
+    code
+}
+
+/// Captures what was asked for under `root`.
+pub fn capture_at(root: &Path, pids: &[i32], device: bool, memory: bool) -> Result<Capture, StateError> {
+    let (device, memory) = if pids.is_empty() && !device && !memory {
+        (true, true)
+    } else {
+        (device, memory)
+    };
+    let tasks = if pids.is_empty() {
+        None
+    } else {
+        Some(task::capture_tasks(root, pids, &CaptureOptions::default())?)
+    };
+    let memory = if memory {
+        let mut m = memory::capture_memory(root, &[])?;
+        if let Some(t) = &tasks {
+            m.regions = memory::regions_of_tasks(root, t)?;
+        }
+        Some(m)
+    } else {
+        None
+    };
+    let device = if device {
+        Some(state_serializers::device::capture_device(root, true)?)
+    } else {
+        None
+    };
+    Ok(Capture {
+        schema_version: SCHEMA_VERSION,
+        tasks,
+        memory,
+        device,
+    })
+}
+
+fn capture(pids: &[i32], device: bool, memory: bool, json: bool) -> Exit {
+    let c = match capture_at(Path::new("/"), pids, device, memory) {
+        Ok(c) => c,
+        Err(e) => return fail("capture failed", &e, Exit::CaptureFailed),
+    };
+    if json {
+        match codec::to_json(&c) {
+            Ok(s) => println!("{s}"),
+            Err(e) => return fail("cannot serialize", &e, Exit::Internal),
+        }
+    } else {
+        print!("{}", render(&c));
+    }
+    Exit::Ok
+}
+
+/// Human-readable summary of a capture.
+pub fn render(c: &Capture) -> String {
+    let mut s = format!("schema version {}\n", c.schema_version);
+    if let Some(t) = &c.tasks {
+        render_tasks(&mut s, t);
+    }
+    if let Some(m) = &c.memory {
+        render_memory(&mut s, m);
+    }
+    if let Some(d) = &c.device {
+        render_device(&mut s, d);
+    }
+    s
+}
+
+fn render_tasks(s: &mut String, t: &TaskState) {
+    use std::fmt::Write as _;
+    let _ = writeln!(s, "tasks: {}", t.tasks.len());
+    for r in &t.tasks {
+        let _ = writeln!(s, "  pid {} (ppid {}) {} {:?}", r.pid, r.ppid, r.exe, r.cmdline);
+        let _ = writeln!(
+            s,
+            "    cwd {}  uid {} gid {} groups {:?}  env {} vars",
+            r.cwd,
+            r.creds.uid,
+            r.creds.gid,
+            r.creds.groups,
+            r.environ.len()
+        );
+        let _ = writeln!(
+            s,
+            "    cpus {}  sched {:?} nice {}  cgroup {:?} cpu.max {:?} memory.max {:?} cpuset.cpus {:?}",
+            state_serializers::procfs::format_cpu_list(&r.affinity),
+            r.sched.policy,
+            r.sched.nice,
+            r.cgroup.path,
+            r.cgroup.cpu_max,
+            r.cgroup.memory_max,
+            r.cgroup.cpuset_cpus
+        );
+        let limits: Vec<String> = r
+            .rlimits
+            .iter()
+            .map(|l| {
+                let f = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |v| v.to_string());
+                format!("{}={}/{}", l.resource, f(l.soft), f(l.hard))
+            })
+            .collect();
+        let _ = writeln!(s, "    rlimits {}", limits.join(" "));
+        for f in &r.fds {
+            let what = match &f.kind {
+                FdKind::Memfd { name, size, seals } => {
+                    format!("memfd {name:?} size {size} seals {seals:#x}")
+                }
+                FdKind::File {
+                    path,
+                    offset,
+                    deleted,
+                } => format!(
+                    "file {path} offset {offset}{}",
+                    if *deleted { " (deleted)" } else { "" }
+                ),
+                FdKind::ListeningSocket { proto, address } => {
+                    format!("listening {proto:?} {address}")
+                }
+                FdKind::Socket { inode } => format!("socket inode {inode}"),
+                FdKind::Pipe { inode } => format!("pipe inode {inode}"),
+                FdKind::Other => format!("other {}", f.target),
+            };
+            let _ = writeln!(s, "    fd {:>3} flags {:o} {what}", f.fd, f.flags);
+        }
+    }
+}
+
+fn render_memory(s: &mut String, m: &MemoryState) {
+    use std::fmt::Write as _;
+    let _ = writeln!(s, "memory:");
+    let _ = writeln!(
+        s,
+        "  vm: overcommit_memory {:?} overcommit_ratio {:?} swappiness {:?} max_map_count {:?}",
+        m.vm.overcommit_memory, m.vm.overcommit_ratio, m.vm.swappiness, m.vm.max_map_count
+    );
+    for p in &m.hugepages {
+        let _ = writeln!(s, "  hugepages {} kB: {}", p.page_size_kb, p.nr_hugepages);
+    }
+    for r in &m.regions {
+        let _ = writeln!(
+            s,
+            "  region {} ({:?}): {} bytes seals {:#x} crc32 {:08x} sha256 {}",
+            r.token,
+            r.name,
+            r.digest.len,
+            r.seals,
+            r.digest.crc32,
+            hex::encode(r.digest.sha256)
+        );
+    }
+}
+
+fn render_device(s: &mut String, d: &DeviceState) {
+    use std::fmt::Write as _;
+    let _ = writeln!(s, "interfaces: {}", d.interfaces.len());
+    for i in &d.interfaces {
+        let addrs: Vec<String> = i.addresses.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            s,
+            "  {} (#{}) {} mtu {} mac {} kind {} {}",
+            i.name,
+            i.index,
+            if i.up { "up" } else { "down" },
+            i.mtu.map_or_else(|| "-".into(), |m| m.to_string()),
+            i.mac.as_deref().unwrap_or("-"),
+            i.kind.as_deref().unwrap_or("-"),
+            addrs.join(" ")
+        );
+    }
+    let _ = writeln!(s, "routes: {}", d.routes.len());
+    for r in &d.routes {
+        let _ = writeln!(
+            s,
+            "  {} via {} dev {} table {} proto {}",
+            r.destination.map_or_else(|| "default".into(), |p| p.to_string()),
+            r.gateway.map_or_else(|| "-".into(), |g| g.to_string()),
+            r.interface.as_deref().unwrap_or("-"),
+            r.table,
+            r.protocol
+        );
+    }
+    let _ = writeln!(s, "pci devices: {}", d.pci.len());
+    for p in &d.pci {
+        let _ = writeln!(
+            s,
+            "  {} {}:{} class {} driver {}",
+            p.address,
+            p.vendor,
+            p.device,
+            p.class,
+            p.driver.as_deref().unwrap_or("-")
+        );
+    }
+    let _ = writeln!(s, "block devices: {}", d.block.len());
+    for b in &d.block {
+        let _ = writeln!(s, "  {} ({}) {} bytes{}", b.name, b.dev, b.size_bytes, if b.read_only { " ro" } else { "" });
+    }
+    let _ = writeln!(s, "mounts: {}", d.mounts.len());
+    for m in &d.mounts {
+        let _ = writeln!(s, "  {} on {} type {} ({})", m.source, m.mount_point, m.fstype, m.mount_options);
+    }
+}
+
+fn load(path: &Path) -> Result<Capture, Exit> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        eprintln!("mk-upgrade state diff: {}: {e}", path.display());
+        Exit::Io
+    })?;
+    codec::from_json(&text).map_err(|e| {
+        eprintln!("mk-upgrade state diff: {}: {e}", path.display());
+        Exit::Corrupt
+    })
+}
+
+fn diff_files(a: &Path, b: &Path, json: bool) -> Exit {
+    let (ca, cb) = match (load(a), load(b)) {
+        (Ok(ca), Ok(cb)) => (ca, cb),
+        (Err(e), _) | (_, Err(e)) => return e,
+    };
+    let changes = match diff::diff_captures(&ca, &cb) {
+        Ok(c) => c,
+        Err(e) => return fail("diff failed", &e, Exit::Internal),
+    };
+    if json {
+        match serde_json::to_string_pretty(&changes) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("mk-upgrade state diff: cannot serialize: {e}");
+                return Exit::Internal;
+            }
+        }
+    } else if changes.is_empty() {
+        println!("no differences");
+    } else {
+        for c in &changes {
+            println!("{c}");
+        }
+        println!("{} difference(s)", changes.len());
+    }
+    if changes.is_empty() { Exit::Ok } else { Exit::Differs }
+}
