@@ -1,0 +1,70 @@
+//! `mk-upgrade keys generate`: create an ed25519 signing key pair.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use kho_proto::keys::{KeyError, NodeKey};
+
+use crate::exit::Exit;
+
+/// `mk-upgrade keys ...`
+#[derive(clap::Args, Debug)]
+pub struct KeysArgs {
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+/// Key subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Generate a signing key pair: NAME.key (secret, mode 0600; keep it off the upgraded
+    /// hosts) and NAME.pub (copy it into the hosts' trusted-keys directory).
+    Generate {
+        /// Directory to write the two files to.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Base name of the files.
+        #[arg(long, default_value = "mk-upgrade-signing")]
+        name: String,
+    },
+}
+
+/// Runs `mk-upgrade keys`.
+pub fn run(args: KeysArgs) -> ExitCode {
+    match args.command {
+        KeysCommand::Generate { dir, name } => match generate(&dir, &name) {
+            Ok(()) => Exit::Ok.into(),
+            Err((exit, msg)) => {
+                eprintln!("mk-upgrade keys generate: {msg}");
+                exit.into()
+            }
+        },
+    }
+}
+
+fn generate(dir: &std::path::Path, name: &str) -> Result<(), (Exit, String)> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err((
+            Exit::Usage,
+            format!("--name {name:?} must be a plain file name (no '/', not starting with '.')"),
+        ));
+    }
+    let key = NodeKey::generate().map_err(|e| (Exit::Internal, e.to_string()))?;
+    let (secret, public) = key.save(dir, name).map_err(|e| {
+        let exit = match e {
+            KeyError::Random(_) => Exit::Internal,
+            _ => Exit::Io,
+        };
+        (exit, e.to_string())
+    })?;
+    println!("key id:     {}", key.key_id());
+    println!(
+        "secret key: {} (signs images; keep it off the upgraded hosts)",
+        secret.display()
+    );
+    println!(
+        "public key: {} (copy it into each host's trusted-keys directory)",
+        public.display()
+    );
+    Ok(())
+}
