@@ -1,5 +1,7 @@
 //! Frame codec: round trips, every rejection path, streaming behaviour, bit flips.
 
+#![allow(clippy::many_single_char_names)] // short names for peers/frames in tests
+
 use kho_proto::channel::{
     Abort, AgentState, Commit, EncodeError, FdDescriptor, FdKind, Frame, FrameError, HEADER_LEN,
     HealthReport, Heartbeat, Hello, HelloAck, HelloReject, MAX_FDS_PER_FRAME, MAX_PAYLOAD_LEN,
@@ -61,7 +63,10 @@ fn samples() -> Vec<Message> {
             workload_id: "kv-1".into(),
             image_len: 1 << 20,
             image_sha256: [0xaa; 32],
-            fds: vec![fd_desc("image", FdKind::Memfd), fd_desc("listen", FdKind::ListenSocket)],
+            fds: vec![
+                fd_desc("image", FdKind::Memfd),
+                fd_desc("listen", FdKind::ListenSocket),
+            ],
         }),
         Message::RegionVerified(RegionVerified {
             workload_id: "kv-1".into(),
@@ -112,7 +117,14 @@ fn frame(message: Message, sequence: u64) -> Frame {
 
 /// Build raw frame bytes with arbitrary header fields and correct CRCs.
 #[allow(clippy::too_many_arguments)]
-fn raw(version: u16, ty: u16, flags: u16, fd_count: u16, payload_len: u32, payload: &[u8]) -> Vec<u8> {
+fn raw(
+    version: u16,
+    ty: u16,
+    flags: u16,
+    fd_count: u16,
+    payload_len: u32,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(b"MKCH");
     out.extend_from_slice(&version.to_le_bytes());
@@ -138,7 +150,11 @@ fn every_message_type_round_trips() {
     let samples = samples();
     let mut seen: Vec<MessageType> = samples.iter().map(Message::message_type).collect();
     seen.dedup();
-    assert_eq!(seen, MessageType::ALL.to_vec(), "samples cover every type in order");
+    assert_eq!(
+        seen,
+        MessageType::ALL.to_vec(),
+        "samples cover every type in order"
+    );
     for (i, m) in samples.into_iter().enumerate() {
         let f = frame(m, i as u64);
         let bytes = encode_frame(&f).unwrap();
@@ -291,7 +307,14 @@ fn unsupported_version_is_refused() {
     })
     .unwrap();
     for v in [0u16, 2, 0xffff] {
-        let b = raw(v, MessageType::Commit.as_u16(), 0, 0, payload.len() as u32, &payload);
+        let b = raw(
+            v,
+            MessageType::Commit.as_u16(),
+            0,
+            0,
+            payload.len() as u32,
+            &payload,
+        );
         let e = decode_frame(&b).unwrap_err();
         assert_eq!(
             e,
@@ -316,13 +339,23 @@ fn unknown_message_type_is_refused() {
 #[test]
 fn reserved_flags_are_refused() {
     let b = raw(1, MessageType::Shutdown.as_u16(), 0x0001, 0, 1, &[0]);
-    assert_eq!(decode_frame(&b), Err(FrameError::ReservedFlags { flags: 1 }));
+    assert_eq!(
+        decode_frame(&b),
+        Err(FrameError::ReservedFlags { flags: 1 })
+    );
 }
 
 #[test]
 fn fd_count_rules() {
     // Above the per-frame cap.
-    let b = raw(1, MessageType::RegionOffer.as_u16(), 0, MAX_FDS_PER_FRAME + 1, 0, &[]);
+    let b = raw(
+        1,
+        MessageType::RegionOffer.as_u16(),
+        0,
+        MAX_FDS_PER_FRAME + 1,
+        0,
+        &[],
+    );
     assert_eq!(
         decode_frame(&b),
         Err(FrameError::TooManyFds {
@@ -381,7 +414,14 @@ fn oversize_length_is_refused_from_the_header_alone() {
         assert!(e.to_string().contains("offset 12"));
     }
     // Exactly the limit is accepted as a length (and asks for the payload).
-    let b = raw(1, MessageType::PrepareMigration.as_u16(), 0, 0, MAX_PAYLOAD_LEN, &[]);
+    let b = raw(
+        1,
+        MessageType::PrepareMigration.as_u16(),
+        0,
+        0,
+        MAX_PAYLOAD_LEN,
+        &[],
+    );
     assert_eq!(
         decode_frame(&b),
         Err(FrameError::Incomplete {
@@ -469,8 +509,18 @@ fn encode_refuses_what_decode_would_refuse() {
 #[test]
 fn upgrade_id_text_form() {
     assert_eq!(UID.to_string(), "0123456789abcdeffedcba9876543210");
-    assert_eq!("0123456789ABCDEFFEDCBA9876543210".parse::<UpgradeId>().unwrap(), UID);
-    for bad in ["", "0123", "0123456789abcdeffedcba98765432100", "zz23456789abcdeffedcba9876543210"] {
+    assert_eq!(
+        "0123456789ABCDEFFEDCBA9876543210"
+            .parse::<UpgradeId>()
+            .unwrap(),
+        UID
+    );
+    for bad in [
+        "",
+        "0123",
+        "0123456789abcdeffedcba98765432100",
+        "zz23456789abcdeffedcba9876543210",
+    ] {
         let e = bad.parse::<UpgradeId>().unwrap_err();
         assert!(e.to_string().contains("32 hex digits"));
     }
@@ -501,65 +551,106 @@ fn arb_state() -> impl Strategy<Value = AgentState> {
 }
 
 fn arb_desc() -> impl Strategy<Value = FdDescriptor> {
-    (arb_string(), 0u8..4, any::<u64>(), any::<u32>(), any::<[u8; 32]>()).prop_map(|(name, k, length, crc32, sha256)| {
-        FdDescriptor {
+    (
+        arb_string(),
+        0u8..4,
+        any::<u64>(),
+        any::<u32>(),
+        any::<[u8; 32]>(),
+    )
+        .prop_map(|(name, k, length, crc32, sha256)| FdDescriptor {
             name,
-            kind: [FdKind::Memfd, FdKind::ListenSocket, FdKind::ConnectedSocket, FdKind::Other][usize::from(k)],
+            kind: [
+                FdKind::Memfd,
+                FdKind::ListenSocket,
+                FdKind::ConnectedSocket,
+                FdKind::Other,
+            ][usize::from(k)],
             length,
             crc32,
             sha256,
-        }
-    })
+        })
 }
 
 fn arb_message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (any::<u16>(), any::<u16>(), arb_peer()).prop_map(|(min_version, max_version, peer)| Message::Hello(Hello {
-            min_version,
-            max_version,
-            peer
-        })),
-        (any::<u16>(), arb_peer()).prop_map(|(version, peer)| Message::HelloAck(HelloAck { version, peer })),
-        (any::<u16>(), any::<u16>(), arb_string()).prop_map(|(min_version, max_version, reason)| {
-            Message::HelloReject(HelloReject {
+        (any::<u16>(), any::<u16>(), arb_peer()).prop_map(|(min_version, max_version, peer)| {
+            Message::Hello(Hello {
                 min_version,
                 max_version,
+                peer,
+            })
+        }),
+        (any::<u16>(), arb_peer())
+            .prop_map(|(version, peer)| Message::HelloAck(HelloAck { version, peer })),
+        (any::<u16>(), any::<u16>(), arb_string()).prop_map(
+            |(min_version, max_version, reason)| {
+                Message::HelloReject(HelloReject {
+                    min_version,
+                    max_version,
+                    reason,
+                })
+            }
+        ),
+        (any::<u64>(), arb_state()).prop_map(|(monotonic_ms, state)| Message::Heartbeat(
+            Heartbeat {
+                monotonic_ms,
+                state
+            }
+        )),
+        (arb_string(), proptest::collection::vec(any::<u8>(), 0..300)).prop_map(
+            |(workload_id, spec)| Message::PrepareMigration(PrepareMigration { workload_id, spec })
+        ),
+        (
+            arb_string(),
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            proptest::collection::vec(arb_desc(), 0..5)
+        )
+            .prop_map(
+                |(workload_id, image_len, image_sha256, fds)| Message::RegionOffer(RegionOffer {
+                    workload_id,
+                    image_len,
+                    image_sha256,
+                    fds
+                })
+            ),
+        (
+            arb_string(),
+            proptest::option::of((arb_string(), arb_string()))
+        )
+            .prop_map(|(workload_id, failed)| {
+                Message::RegionVerified(RegionVerified {
+                    workload_id,
+                    result: match failed {
+                        None => Verification::Ok,
+                        Some((check, detail)) => Verification::Failed { check, detail },
+                    },
+                })
+            }),
+        (arb_string(), any::<bool>(), arb_string(), any::<u64>()).prop_map(
+            |(workload_id, healthy, detail, elapsed_ms)| {
+                Message::HealthReport(HealthReport {
+                    workload_id,
+                    healthy,
+                    detail,
+                    elapsed_ms,
+                })
+            }
+        ),
+        arb_string().prop_map(|workload_id| Message::Commit(Commit { workload_id })),
+        (proptest::option::of(arb_string()), arb_string()).prop_map(|(workload_id, reason)| {
+            Message::Abort(Abort {
+                workload_id,
                 reason,
             })
         }),
-        (any::<u64>(), arb_state()).prop_map(|(monotonic_ms, state)| Message::Heartbeat(Heartbeat { monotonic_ms, state })),
-        (arb_string(), proptest::collection::vec(any::<u8>(), 0..300))
-            .prop_map(|(workload_id, spec)| Message::PrepareMigration(PrepareMigration { workload_id, spec })),
-        (arb_string(), any::<u64>(), any::<[u8; 32]>(), proptest::collection::vec(arb_desc(), 0..5)).prop_map(
-            |(workload_id, image_len, image_sha256, fds)| Message::RegionOffer(RegionOffer {
-                workload_id,
-                image_len,
-                image_sha256,
-                fds
+        (proptest::collection::vec(any::<u32>(), 0..40), any::<u64>()).prop_map(
+            |(cpus, memory_bytes)| Message::ReleaseResources(ReleaseResources {
+                cpus,
+                memory_bytes
             })
         ),
-        (arb_string(), proptest::option::of((arb_string(), arb_string()))).prop_map(|(workload_id, failed)| {
-            Message::RegionVerified(RegionVerified {
-                workload_id,
-                result: match failed {
-                    None => Verification::Ok,
-                    Some((check, detail)) => Verification::Failed { check, detail },
-                },
-            })
-        }),
-        (arb_string(), any::<bool>(), arb_string(), any::<u64>()).prop_map(|(workload_id, healthy, detail, elapsed_ms)| {
-            Message::HealthReport(HealthReport {
-                workload_id,
-                healthy,
-                detail,
-                elapsed_ms,
-            })
-        }),
-        arb_string().prop_map(|workload_id| Message::Commit(Commit { workload_id })),
-        (proptest::option::of(arb_string()), arb_string())
-            .prop_map(|(workload_id, reason)| Message::Abort(Abort { workload_id, reason })),
-        (proptest::collection::vec(any::<u32>(), 0..40), any::<u64>())
-            .prop_map(|(cpus, memory_bytes)| Message::ReleaseResources(ReleaseResources { cpus, memory_bytes })),
         arb_string().prop_map(|reason| Message::Shutdown(Shutdown { reason })),
     ]
 }

@@ -1,6 +1,8 @@
 //! Unix-socket transport: frames, SCM_RIGHTS fd passing (memfds, listening sockets),
 //! large payloads, fd caps and every fd-passing rule violation.
 
+#![allow(clippy::many_single_char_names)] // short names for peers/frames in tests
+
 use std::io::{IoSlice, Read, Seek, SeekFrom, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -42,7 +44,10 @@ fn sealed_memfd(name: &str, content: &[u8]) -> OwnedFd {
     let mut f = std::fs::File::from(fd);
     f.write_all(content).unwrap();
     let fd = OwnedFd::from(f);
-    let seals = SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_SEAL;
+    let seals = SealFlag::F_SEAL_WRITE
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_SEAL;
     fcntl(&fd, FcntlArg::F_ADD_SEALS(seals)).unwrap();
     fd
 }
@@ -87,7 +92,14 @@ fn raw_send(sock: &StdUnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
     let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
-    let n = sendmsg::<UnixAddr>(sock.as_raw_fd(), &[IoSlice::new(bytes)], cmsgs, MsgFlags::empty(), None).unwrap();
+    let n = sendmsg::<UnixAddr>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        cmsgs,
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
     assert_eq!(n, bytes.len());
 }
 
@@ -120,13 +132,19 @@ async fn passes_sealed_memfds_in_order() {
     let state = b"state".to_vec();
     let m1 = sealed_memfd("image", &image);
     let m2 = sealed_memfd("state", &state);
-    let f = offer(vec![memfd_desc("image", &image), memfd_desc("state", &state)], 0);
+    let f = offer(
+        vec![memfd_desc("image", &image), memfd_desc("state", &state)],
+        0,
+    );
     a.send(&f, &[m1.as_fd(), m2.as_fd()]).await.unwrap();
     drop((m1, m2));
     let (got, fds) = b.recv().await.unwrap();
     assert_eq!(got, f);
     assert_eq!(fds.len(), 2);
-    assert!(fds.iter().all(is_cloexec), "received fds must be close-on-exec");
+    assert!(
+        fds.iter().all(is_cloexec),
+        "received fds must be close-on-exec"
+    );
     let seals = fcntl(&fds[0], FcntlArg::F_GET_SEALS).unwrap();
     assert!(SealFlag::from_bits_truncate(seals).contains(SealFlag::F_SEAL_WRITE));
     let mut it = fds.into_iter();
@@ -134,7 +152,9 @@ async fn passes_sealed_memfds_in_order() {
     let r2 = read_all(it.next().unwrap());
     assert_eq!(r1, image);
     assert_eq!(r2, state);
-    let Message::RegionOffer(o) = got.message else { unreachable!() };
+    let Message::RegionOffer(o) = got.message else {
+        unreachable!()
+    };
     assert_eq!(o.fds[0].crc32, crc32fast::hash(&r1));
 }
 
@@ -150,7 +170,9 @@ async fn passes_a_listening_tcp_socket() {
         crc32: 0,
         sha256: [0; 32],
     };
-    a.send(&offer(vec![desc], 0), &[listener.as_fd()]).await.unwrap();
+    a.send(&offer(vec![desc], 0), &[listener.as_fd()])
+        .await
+        .unwrap();
     drop(listener); // the only remaining copy is the one in flight
     let (_f, mut fds) = b.recv().await.unwrap();
     let received = TcpListener::from(fds.remove(0));
@@ -166,7 +188,9 @@ async fn passes_a_listening_tcp_socket() {
 #[tokio::test]
 async fn large_payloads_survive_partial_writes_and_reads() {
     let (mut a, mut b) = UnixTransport::pair().unwrap();
-    let spec: Vec<u8> = (0..(1usize << 20) + 12345).map(|i| (i * 7 % 251) as u8).collect();
+    let spec: Vec<u8> = (0..(1usize << 20) + 12345)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
     let big = frame(
         Message::PrepareMigration(PrepareMigration {
             workload_id: "big".into(),
@@ -237,12 +261,26 @@ async fn send_refuses_wrong_fd_count_and_writes_nothing() {
     let f = offer(vec![memfd_desc("x", b"x")], 0);
     let e = a.send(&f, &[]).await.unwrap_err();
     assert!(
-        matches!(e, TransportError::FdCountMismatch { expected: 1, given: 0, .. }),
+        matches!(
+            e,
+            TransportError::FdCountMismatch {
+                expected: 1,
+                given: 0,
+                ..
+            }
+        ),
         "{e:?}"
     );
     let e = a.send(&heartbeat(0), &[m.as_fd()]).await.unwrap_err();
     assert!(
-        matches!(e, TransportError::FdCountMismatch { expected: 0, given: 1, .. }),
+        matches!(
+            e,
+            TransportError::FdCountMismatch {
+                expected: 0,
+                given: 1,
+                ..
+            }
+        ),
         "{e:?}"
     );
     // Nothing reached the wire: the next frame is the first one the peer sees.
@@ -255,7 +293,11 @@ async fn send_refuses_wrong_fd_count_and_writes_nothing() {
 fn pipe_probe() -> (OwnedFd, impl Fn() -> bool) {
     let (r, w) = nix::unistd::pipe().unwrap();
     let fl = fcntl(&r, FcntlArg::F_GETFL).unwrap();
-    fcntl(&r, FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK)).unwrap();
+    fcntl(
+        &r,
+        FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK),
+    )
+    .unwrap();
     let probe = move || {
         let mut buf = [0u8; 1];
         matches!(nix::unistd::read(&r, &mut buf), Ok(0))
@@ -277,13 +319,22 @@ async fn fd_cap_is_enforced_and_extra_fds_are_closed() {
         crc32: 0,
         sha256: [0; 32],
     };
-    a.send(&offer(vec![other("p1"), other("p2")], 0), &[w1.as_fd(), w2.as_fd()])
-        .await
-        .unwrap();
+    a.send(
+        &offer(vec![other("p1"), other("p2")], 0),
+        &[w1.as_fd(), w2.as_fd()],
+    )
+    .await
+    .unwrap();
     drop((w1, w2));
-    assert!(!closed1() && !closed2(), "in-flight copies keep the pipes open");
+    assert!(
+        !closed1() && !closed2(),
+        "in-flight copies keep the pipes open"
+    );
     let e = b.recv().await.unwrap_err();
-    assert!(matches!(e, TransportError::TooManyFds { count: 2, max: 1 }), "{e:?}");
+    assert!(
+        matches!(e, TransportError::TooManyFds { count: 2, max: 1 }),
+        "{e:?}"
+    );
     assert!(closed1() && closed2(), "refused fds must be closed");
 }
 
@@ -294,7 +345,16 @@ async fn fds_on_a_frame_that_declares_none_are_refused_and_closed() {
     raw_send(&peer, &encode_frame(&heartbeat(0)).unwrap(), &[w.as_fd()]);
     drop(w);
     let e = t.recv().await.unwrap_err();
-    assert!(matches!(e, TransportError::UnexpectedFds { count: 1, offset: 0 }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            TransportError::UnexpectedFds {
+                count: 1,
+                offset: 0
+            }
+        ),
+        "{e:?}"
+    );
     assert!(closed());
 }
 
@@ -331,7 +391,15 @@ async fn a_frame_whose_fds_never_came_is_refused() {
     raw_send(&peer, &bytes, &[]);
     let e = t.recv().await.unwrap_err();
     assert!(
-        matches!(e, TransportError::MissingFds { expected: 1, received: 0, offset: 0, .. }),
+        matches!(
+            e,
+            TransportError::MissingFds {
+                expected: 1,
+                received: 0,
+                offset: 0,
+                ..
+            }
+        ),
         "{e:?}"
     );
 }
@@ -345,7 +413,14 @@ async fn wrong_number_of_fds_with_a_frame_is_refused() {
     raw_send(&peer, &bytes, &[m1.as_fd(), m2.as_fd()]);
     let e = t.recv().await.unwrap_err();
     assert!(
-        matches!(e, TransportError::MissingFds { expected: 1, received: 2, .. }),
+        matches!(
+            e,
+            TransportError::MissingFds {
+                expected: 1,
+                received: 2,
+                ..
+            }
+        ),
         "{e:?}"
     );
 }
@@ -406,6 +481,8 @@ async fn connect_by_path_and_commit_round_trip() {
     );
     client.send(&c, &[]).await.unwrap();
     assert_eq!(server.recv().await.unwrap().0, c);
-    let e = UnixTransport::connect(dir.path().join("missing.sock")).await.unwrap_err();
+    let e = UnixTransport::connect(dir.path().join("missing.sock"))
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("missing.sock"), "{e}");
 }

@@ -241,7 +241,9 @@ pub enum FrameError {
         expected: u16,
     },
     /// The message type (offset 6) is not defined.
-    #[error("unknown message type {value:#06x} at offset 6: the peer speaks a newer protocol or the frame is corrupt")]
+    #[error(
+        "unknown message type {value:#06x} at offset 6: the peer speaks a newer protocol or the frame is corrupt"
+    )]
     UnknownMessageType {
         /// The number found.
         value: u16,
@@ -445,8 +447,8 @@ pub fn decode_header(bytes: &[u8]) -> Result<FrameHeader, FrameError> {
         });
     }
     let raw_type = le_u16(h, offset::MESSAGE_TYPE);
-    let message_type =
-        MessageType::from_u16(raw_type).ok_or(FrameError::UnknownMessageType { value: raw_type })?;
+    let message_type = MessageType::from_u16(raw_type)
+        .ok_or(FrameError::UnknownMessageType { value: raw_type })?;
     if message_type.is_handshake() && version != super::HELLO_VERSION {
         return Err(FrameError::HandshakeVersion {
             message_type,
@@ -523,8 +525,8 @@ pub fn decode_frame(bytes: &[u8]) -> Result<(Frame, usize), FrameError> {
         });
     }
     let message_type = header.message_type;
-    let (message, unused) = Message::decode_payload(message_type, payload)
-        .map_err(|source| FrameError::Payload {
+    let (message, unused) =
+        Message::decode_payload(message_type, payload).map_err(|source| FrameError::Payload {
             message_type,
             source,
         })?;

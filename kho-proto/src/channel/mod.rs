@@ -25,8 +25,8 @@ mod unix;
 mod vsock;
 
 pub use frame::{
-    EncodeError, Frame, FrameError, FrameHeader, HEADER_LEN, MAGIC, ParseUpgradeIdError,
-    UpgradeId, decode_frame, decode_header, encode_frame,
+    EncodeError, Frame, FrameError, FrameHeader, HEADER_LEN, MAGIC, ParseUpgradeIdError, UpgradeId,
+    decode_frame, decode_header, encode_frame,
 };
 pub use message::{
     Abort, AgentState, Commit, FdDescriptor, FdKind, HealthReport, Heartbeat, Hello, HelloAck,
@@ -37,7 +37,9 @@ pub use peer::{Channel, ChannelError, Negotiated, negotiate_version};
 pub use sys::{SO_VM_SOCKETS_TRANSPORT, SOL_VSOCK, VSOCK_TRANSPORT_MULTIKERNEL};
 pub use transport::{BoxFuture, StreamTransport, Transport, TransportError};
 pub use unix::UnixTransport;
-pub use vsock::{MULTIKERNEL_HOST_CID, VMADDR_CID_ANY, VsockAcceptor, VsockOptions, VsockTransport};
+pub use vsock::{
+    MULTIKERNEL_HOST_CID, VMADDR_CID_ANY, VsockAcceptor, VsockOptions, VsockTransport,
+};
 
 /// Lowest protocol version this build speaks.
 pub const MIN_VERSION: u16 = 1;

@@ -57,7 +57,9 @@ pub enum ChannelError {
         message_type: MessageType,
     },
     /// The frame's header version is not the negotiated one.
-    #[error("{message_type} frame carries version {found}, but version {negotiated} was negotiated")]
+    #[error(
+        "{message_type} frame carries version {found}, but version {negotiated} was negotiated"
+    )]
     VersionMismatch {
         /// Negotiated version.
         negotiated: u16,
@@ -100,7 +102,9 @@ pub enum ChannelError {
         max_version: u16,
     },
     /// The HelloAck chose a version we did not offer.
-    #[error("peer's HelloAck chose version {chosen}, outside the offered {min_version}..={max_version}")]
+    #[error(
+        "peer's HelloAck chose version {chosen}, outside the offered {min_version}..={max_version}"
+    )]
     BadAck {
         /// Chosen version.
         chosen: u16,
@@ -137,7 +141,9 @@ pub enum ChannelError {
         message_type: Option<MessageType>,
     },
     /// Handshake messages are sent only by the negotiation methods.
-    #[error("{message_type} is a handshake message: use negotiate_as_initiator/negotiate_as_responder")]
+    #[error(
+        "{message_type} is a handshake message: use negotiate_as_initiator/negotiate_as_responder"
+    )]
     HandshakeMessage {
         /// Message type.
         message_type: MessageType,
@@ -199,7 +205,11 @@ impl<T: Transport> Channel<T> {
 
     /// Restrict the versions offered/accepted (e.g. pin an older version during a staged
     /// roll-out). Must be a non-empty subrange of [`MIN_VERSION`]..=[`MAX_VERSION`].
-    pub fn with_version_range(mut self, min_version: u16, max_version: u16) -> Result<Self, ChannelError> {
+    pub fn with_version_range(
+        mut self,
+        min_version: u16,
+        max_version: u16,
+    ) -> Result<Self, ChannelError> {
         if min_version > max_version || min_version < MIN_VERSION || max_version > MAX_VERSION {
             return Err(ChannelError::InvalidVersionRange {
                 min_version,
@@ -256,7 +266,12 @@ impl<T: Transport> Channel<T> {
         }
     }
 
-    async fn send_raw(&mut self, version: u16, message: Message, fds: &[BorrowedFd<'_>]) -> Result<u64, ChannelError> {
+    async fn send_raw(
+        &mut self,
+        version: u16,
+        message: Message,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<u64, ChannelError> {
         let frame = Frame {
             version,
             sequence: self.next_send,
@@ -409,7 +424,11 @@ impl<T: Transport> Channel<T> {
 
     /// Send one message (not a handshake message) with its fds (`fds.len()` must equal
     /// `message.fd_count()`). Returns the sequence number used.
-    pub async fn send(&mut self, message: Message, fds: &[BorrowedFd<'_>]) -> Result<u64, ChannelError> {
+    pub async fn send(
+        &mut self,
+        message: Message,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<u64, ChannelError> {
         let message_type = message.message_type();
         if message_type.is_handshake() {
             return Err(ChannelError::HandshakeMessage { message_type });

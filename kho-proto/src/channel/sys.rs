@@ -4,9 +4,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr, recvmsg, sendmsg,
-};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr, recvmsg, sendmsg};
 
 /// `AF_VSOCK`, used as the socket option *level* for vsock options.
 pub const SOL_VSOCK: libc::c_int = 40;
@@ -39,7 +37,11 @@ pub struct Received {
 /// `sendmsg(fd, data, SCM_RIGHTS(fds), MSG_NOSIGNAL | MSG_DONTWAIT)`. With an empty `fds`
 /// no control message is sent. Returns the bytes written (maybe fewer than `data.len()`;
 /// the fds, if any, went with the first of them).
-pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
@@ -56,7 +58,11 @@ pub fn send_with_fds(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) 
 
 /// `recvmsg(fd, buf, cmsg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT)`; takes ownership of every
 /// received fd immediately.
-pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], cmsg: &mut [u8]) -> io::Result<Received> {
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    cmsg: &mut [u8],
+) -> io::Result<Received> {
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),

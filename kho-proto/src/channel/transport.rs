@@ -80,7 +80,9 @@ pub enum TransportError {
         count: usize,
     },
     /// More fds arrived with one message than the receiver accepts; all were closed.
-    #[error("received {count} fds in one message, above this receiver's cap of {max}; all were closed")]
+    #[error(
+        "received {count} fds in one message, above this receiver's cap of {max}; all were closed"
+    )]
     TooManyFds {
         /// Fds received.
         count: usize,
@@ -217,12 +219,22 @@ where
         &self.stream
     }
 
+    /// The underlying stream, mutably (writing to it directly desynchronises the framing;
+    /// meant for tests and shutdown).
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
     /// Give back the stream (buffered, unread bytes are lost).
     pub fn into_inner(self) -> S {
         self.stream
     }
 
-    async fn send_frame(&mut self, frame: &Frame, fds: &[BorrowedFd<'_>]) -> Result<(), TransportError> {
+    async fn send_frame(
+        &mut self,
+        frame: &Frame,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), TransportError> {
         let expected = frame.fd_count();
         if fds.len() != expected {
             return Err(TransportError::FdCountMismatch {

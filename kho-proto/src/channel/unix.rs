@@ -69,8 +69,8 @@ impl UnixTransport {
         stream
             .set_nonblocking(true)
             .map_err(|e| TransportError::io(NAME, "set_nonblocking", e))?;
-        let stream =
-            UnixStream::from_std(stream).map_err(|e| TransportError::io(NAME, "register with tokio", e))?;
+        let stream = UnixStream::from_std(stream)
+            .map_err(|e| TransportError::io(NAME, "register with tokio", e))?;
         Ok(Self::from_tokio(stream))
     }
 
@@ -108,7 +108,11 @@ impl UnixTransport {
         &self.stream
     }
 
-    async fn send_frame(&mut self, frame: &Frame, fds: &[BorrowedFd<'_>]) -> Result<(), TransportError> {
+    async fn send_frame(
+        &mut self,
+        frame: &Frame,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), TransportError> {
         let expected = frame.fd_count();
         if fds.len() != expected {
             return Err(TransportError::FdCountMismatch {
@@ -149,7 +153,9 @@ impl UnixTransport {
         let cmsg = &mut self.cmsg;
         let received = self
             .stream
-            .async_io(Interest::READABLE, || sys::recv_with_fds(sock, scratch, cmsg))
+            .async_io(Interest::READABLE, || {
+                sys::recv_with_fds(sock, scratch, cmsg)
+            })
             .await
             .map_err(|e| TransportError::io(NAME, "recvmsg", e))?;
         if received.ctrunc {
@@ -175,7 +181,12 @@ impl UnixTransport {
     }
 
     /// Pair a decoded frame at stream offset `at` with its fds.
-    fn claim_fds(&mut self, frame: &Frame, at: u64, len: u64) -> Result<Vec<OwnedFd>, TransportError> {
+    fn claim_fds(
+        &mut self,
+        frame: &Frame,
+        at: u64,
+        len: u64,
+    ) -> Result<Vec<OwnedFd>, TransportError> {
         let expected = frame.fd_count();
         // A batch is orphaned when no frame that could still claim it remains: it ended
         // before this frame, or this frame declares no fds and the batch's bytes end within

@@ -63,7 +63,11 @@ fn wrap_stream(fd: OwnedFd) -> Result<VsockTransport, TransportError> {
 impl StreamTransport<tokio_vsock::VsockStream> {
     /// Connect to `cid:port` (multikernel: `cid` = the peer's instance id). Must be
     /// called inside a tokio runtime.
-    pub async fn connect(cid: u32, port: u32, options: VsockOptions) -> Result<Self, TransportError> {
+    pub async fn connect(
+        cid: u32,
+        port: u32,
+        options: VsockOptions,
+    ) -> Result<Self, TransportError> {
         let op = || format!("connect vsock cid {cid} port {port}");
         let fd = new_socket(options)?;
         match connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)) {
@@ -85,7 +89,11 @@ impl StreamTransport<tokio_vsock::VsockStream> {
                     guard.clear_ready();
                 }
                 Ok(code) => {
-                    return Err(TransportError::io(NAME, op(), std::io::Error::from_raw_os_error(code)));
+                    return Err(TransportError::io(
+                        NAME,
+                        op(),
+                        std::io::Error::from_raw_os_error(code),
+                    ));
                 }
                 Err(e) => return Err(TransportError::io(NAME, op(), e.into())),
             }
@@ -119,8 +127,9 @@ impl VsockAcceptor {
     /// tokio runtime.
     pub fn bind(cid: u32, port: u32, options: VsockOptions) -> Result<Self, TransportError> {
         let fd = new_socket(options)?;
-        bind(fd.as_raw_fd(), &VsockAddr::new(cid, port))
-            .map_err(|e| TransportError::io(NAME, format!("bind vsock cid {cid} port {port}"), e.into()))?;
+        bind(fd.as_raw_fd(), &VsockAddr::new(cid, port)).map_err(|e| {
+            TransportError::io(NAME, format!("bind vsock cid {cid} port {port}"), e.into())
+        })?;
         listen(&fd, Backlog::new(16).unwrap_or(Backlog::MAXCONN))
             .map_err(|e| TransportError::io(NAME, format!("listen vsock port {port}"), e.into()))?;
         // SAFETY: the listener owns `fd` for the whole life of the AsyncFd and never
