@@ -6,5 +6,10 @@
 pub mod cli;
 pub mod demo;
 pub mod exit;
+pub mod handover;
+pub mod health;
+pub mod platform;
+pub mod receiver;
 pub mod sys;
 pub mod verify;
+pub mod workload;

@@ -2,7 +2,9 @@
 //! `unsafe` block justified with a `// SAFETY:` comment. Nothing above this module calls
 //! `libc` directly.
 
+pub mod cgroup;
+pub mod fdpass;
+pub mod kconfig;
 pub mod kexec;
 pub mod luo;
 pub mod memfd;
-pub mod kconfig;

@@ -1,0 +1,333 @@
+//! What one workload's move puts on the wire: the kho-proto handover image and the fds that
+//! travel with it, built on the sending side and verified on the receiving side.
+//!
+//! Image contents (region kind, id, schema; all `required`):
+//!
+//! | region                 | kind            | id   | schema | payload                                  |
+//! |------------------------|-----------------|------|--------|------------------------------------------|
+//! | workload spec          | `AgentManifest` | 0    | 1      | JSON of [`WorkloadSpec`]                  |
+//! | task state             | `TaskState`     | 0    | (state-serializers) | postcard `TaskState`        |
+//! | memory state           | `MemoryState`   | 0    | (state-serializers) | postcard `MemoryState`      |
+//! | preserved memfd *i*    | `WorkloadBlob`  | *i*  | 1      | external: token *i* = fd index in offer  |
+//!
+//! The `RegionOffer` frame carries the sealed image memfd as fd 0, then the workload's
+//! preserved fds in `MK_STATE_FDS` order (fd *i* ↔ token *i*). See `docs/architecture.md`.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use kho_proto::channel::{FdDescriptor, FdKind, RegionOffer};
+use kho_proto::image::{ExternalRef, ImageBuilder, ImageView, RegionKind, VerifyOptions};
+use kho_proto::keys::{NodeKey, TrustedKeys};
+use sha2::{Digest, Sha256};
+use state_serializers::RegionDigest;
+
+use crate::platform::PreservedFd;
+use crate::workload::WorkloadSpec;
+
+/// Schema of the spec region.
+pub const SPEC_SCHEMA: u16 = 1;
+/// Schema of an external memfd region.
+pub const BLOB_SCHEMA: u16 = 1;
+
+/// A failed check on the receiving side: which check, and what was seen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{check}: {detail}")]
+pub struct CheckFailed {
+    pub check: String,
+    pub detail: String,
+}
+
+fn fail(check: impl Into<String>, detail: impl Into<String>) -> CheckFailed {
+    CheckFailed {
+        check: check.into(),
+        detail: detail.into(),
+    }
+}
+
+/// A built, sealed handover ready to be offered.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub image: OwnedFd,
+    pub offer: RegionOffer,
+    /// The fds to attach after the image, in offer order.
+    pub fds: Vec<PreservedFd>,
+}
+
+impl Outgoing {
+    /// All fds of the frame, image first.
+    pub fn frame_fds(&self) -> Vec<BorrowedFd<'_>> {
+        std::iter::once(self.image.as_fd())
+            .chain(self.fds.iter().map(|p| p.fd.as_fd()))
+            .collect()
+    }
+}
+
+fn is_memfd(fd: BorrowedFd<'_>) -> bool {
+    state_serializers::sys::get_seals(fd).is_ok()
+}
+
+/// Test-only fault injection for the sending side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SendFaults {
+    /// Flip one byte of the task-state payload after the region table was written, as if
+    /// preserved memory had been corrupted: the receiver's CRC check must catch it.
+    pub corrupt_region: bool,
+}
+
+/// Writes `bytes` into a new memfd and seals it against every change.
+pub fn sealed_memfd(name: &str, bytes: &[u8]) -> std::io::Result<OwnedFd> {
+    use crate::sys::memfd;
+    let fd = memfd::create_sealable(name)?;
+    memfd::write_all(fd.as_fd(), bytes)?;
+    memfd::seal(fd.as_fd(), memfd::IMAGE_SEALS)?;
+    Ok(fd)
+}
+
+/// Builds the handover image for one workload and wraps it in a sealed memfd.
+#[allow(clippy::too_many_arguments)]
+pub fn build(
+    spec: &WorkloadSpec,
+    task: &state_serializers::task::TaskState,
+    fds: Vec<PreservedFd>,
+    producer_release: &str,
+    upgrade_id: [u8; 16],
+    generation: u64,
+    key: &NodeKey,
+    faults: SendFaults,
+) -> Result<Outgoing, String> {
+    // Digest every memfd (in parallel) while the workload is frozen.
+    let memfd_fds: Vec<BorrowedFd<'_>> = fds
+        .iter()
+        .map(|p| p.fd.as_fd())
+        .filter(|fd| is_memfd(*fd))
+        .collect();
+    let mut digests = state_serializers::digest_many(&memfd_fds).into_iter();
+    let mut descriptors = Vec::with_capacity(fds.len());
+    let mut externals = Vec::new();
+    for (i, p) in fds.iter().enumerate() {
+        let token = u64::try_from(i + 1).map_err(|e| e.to_string())?;
+        if is_memfd(p.fd.as_fd()) {
+            let d = digests
+                .next()
+                .ok_or("digest count mismatch")?
+                .map_err(|e| format!("digesting memfd {}: {e}", p.name))?;
+            descriptors.push(FdDescriptor {
+                name: p.name.clone(),
+                kind: FdKind::Memfd,
+                length: d.len,
+                crc32: d.crc32,
+                sha256: d.sha256,
+            });
+            externals.push(ExternalRef {
+                token,
+                length: d.len,
+                crc32: d.crc32,
+                sha256: d.sha256,
+            });
+        } else {
+            descriptors.push(FdDescriptor {
+                name: p.name.clone(),
+                kind: FdKind::ListenSocket,
+                length: 0,
+                crc32: 0,
+                sha256: [0; 32],
+            });
+        }
+    }
+    let spec_json = serde_json::to_vec(spec).map_err(|e| e.to_string())?;
+    let (task_schema, task_bytes) =
+        state_serializers::encode(task).map_err(|e| format!("encoding task state: {e}"))?;
+    let mut b =
+        ImageBuilder::new(producer_release, upgrade_id, generation).map_err(|e| e.to_string())?;
+    b.region(RegionKind::AgentManifest, 0, SPEC_SCHEMA, true, spec_json)
+        .and_then(|b| b.region(RegionKind::TaskState, 0, task_schema, true, task_bytes))
+        .map_err(|e| e.to_string())?;
+    for (i, e) in externals.into_iter().enumerate() {
+        let id = u32::try_from(i + 1).map_err(|e| e.to_string())?;
+        b.external(RegionKind::WorkloadBlob, id, BLOB_SCHEMA, true, e)
+            .map_err(|e| e.to_string())?;
+    }
+    let mut bytes = b.build_signed(key).map_err(|e| e.to_string())?;
+    if faults.corrupt_region {
+        let view = ImageView::parse(&bytes).map_err(|e| e.to_string())?;
+        let r = view
+            .find(RegionKind::TaskState, 0)
+            .ok_or("no task region to corrupt")?;
+        let at = usize::try_from(r.offset).map_err(|e| e.to_string())?;
+        bytes[at] ^= 0x40;
+    }
+    let image_sha256: [u8; 32] = Sha256::digest(&bytes).into();
+    let image_len = bytes.len() as u64;
+    let image = sealed_memfd("mk-handover-image", &bytes)
+        .map_err(|e| format!("sealing the handover image: {e}"))?;
+    let mut all = vec![FdDescriptor {
+        name: "mk-handover-image".into(),
+        kind: FdKind::Memfd,
+        length: image_len,
+        crc32: crc32fast::hash(&bytes),
+        sha256: image_sha256,
+    }];
+    all.extend(descriptors);
+    Ok(Outgoing {
+        image,
+        offer: RegionOffer {
+            workload_id: spec.name.clone(),
+            image_len,
+            image_sha256,
+            fds: all,
+        },
+        fds,
+    })
+}
+
+/// What the receiving side established.
+#[derive(Debug)]
+pub struct Incoming {
+    pub spec: WorkloadSpec,
+    pub task: state_serializers::task::TaskState,
+    pub fds: Vec<PreservedFd>,
+}
+
+fn read_all(fd: BorrowedFd<'_>, len: u64) -> Result<Vec<u8>, CheckFailed> {
+    let f = std::fs::File::from(
+        fd.try_clone_to_owned()
+            .map_err(|e| fail("image", format!("dup: {e}")))?,
+    );
+    let size = f
+        .metadata()
+        .map_err(|e| fail("image", format!("fstat: {e}")))?
+        .len();
+    if size != len {
+        return Err(fail(
+            "image_len",
+            format!("offer says {len} bytes, the memfd holds {size}"),
+        ));
+    }
+    let mut out = vec![0u8; usize::try_from(len).map_err(|e| fail("image_len", e.to_string()))?];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut out, 0)
+        .map_err(|e| fail("image", format!("read: {e}")))?;
+    Ok(out)
+}
+
+/// Verifies an offer on the receiving side: the image (length, SHA-256, kho-proto header,
+/// every CRC and digest, signature by a trusted key), then every memfd against its external
+/// region, then decodes the spec and task state. Nothing is started here.
+pub fn verify(
+    offer: &RegionOffer,
+    mut fds: Vec<OwnedFd>,
+    trusted: &TrustedKeys,
+    expect_upgrade: [u8; 16],
+) -> Result<Incoming, CheckFailed> {
+    if fds.len() != offer.fds.len() || fds.is_empty() {
+        return Err(fail(
+            "fd_count",
+            format!(
+                "{} descriptors described, {} fds received",
+                offer.fds.len(),
+                fds.len()
+            ),
+        ));
+    }
+    let rest = fds.split_off(1);
+    let image_fd = fds.pop().ok_or_else(|| fail("fd_count", "no image fd"))?;
+    let bytes = read_all(image_fd.as_fd(), offer.image_len)?;
+    let sha: [u8; 32] = Sha256::digest(&bytes).into();
+    if sha != offer.image_sha256 {
+        return Err(fail(
+            "image_sha256",
+            format!(
+                "offer says {}, image hashes to {}",
+                hex::encode(offer.image_sha256),
+                hex::encode(sha)
+            ),
+        ));
+    }
+    let view = ImageView::parse(&bytes).map_err(|e| fail("image", e.to_string()))?;
+    if view.header().upgrade_id != expect_upgrade {
+        return Err(fail("upgrade_id", "the image belongs to another upgrade"));
+    }
+    view.verify(&VerifyOptions {
+        trusted_keys: Some(trusted),
+        require_signature: true,
+    })
+    .map_err(|e| fail("image", e.to_string()))?;
+    let spec_region = view
+        .find(RegionKind::AgentManifest, 0)
+        .ok_or_else(|| fail("spec", "no workload spec region"))?;
+    let spec: WorkloadSpec = serde_json::from_slice(spec_region.payload().unwrap_or_default())
+        .map_err(|e| fail("spec", e.to_string()))?;
+    if spec.name != offer.workload_id {
+        return Err(fail(
+            "spec",
+            format!(
+                "image is for {}, offer for {}",
+                spec.name, offer.workload_id
+            ),
+        ));
+    }
+    let task_region = view
+        .find(RegionKind::TaskState, 0)
+        .ok_or_else(|| fail("task_state", "no task state region"))?;
+    let task = state_serializers::decode(
+        task_region.schema_version,
+        task_region.payload().unwrap_or_default(),
+    )
+    .map_err(|e| fail("task_state", e.to_string()))?;
+    let mut out = Vec::with_capacity(rest.len());
+    for (i, (fd, desc)) in rest.into_iter().zip(&offer.fds[1..]).enumerate() {
+        let token = u64::try_from(i + 1).map_err(|e| fail("token", e.to_string()))?;
+        match desc.kind {
+            FdKind::Memfd => {
+                let region = view
+                    .regions()
+                    .iter()
+                    .find(|r| r.external().is_some_and(|e| e.token == token))
+                    .ok_or_else(|| {
+                        fail(
+                            format!("fd[{}]", i + 1),
+                            "no external region for this memfd",
+                        )
+                    })?;
+                let e = region.external().unwrap_or(ExternalRef {
+                    token,
+                    length: 0,
+                    crc32: 0,
+                    sha256: [0; 32],
+                });
+                let expected = RegionDigest {
+                    len: e.length,
+                    crc32: e.crc32,
+                    sha256: e.sha256,
+                };
+                state_serializers::verify_fd(&desc.name, fd.as_fd(), &expected)
+                    .map_err(|err| fail(format!("fd[{}].digest", i + 1), err.to_string()))?;
+            }
+            FdKind::ListenSocket => {
+                let listening =
+                    nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn)
+                        .unwrap_or(false);
+                if !listening {
+                    return Err(fail(
+                        format!("fd[{}]", i + 1),
+                        format!("{} is not a listening socket", desc.name),
+                    ));
+                }
+            }
+            other => {
+                return Err(fail(
+                    format!("fd[{}]", i + 1),
+                    format!("unexpected descriptor kind {other:?}"),
+                ));
+            }
+        }
+        out.push(PreservedFd {
+            name: desc.name.clone(),
+            fd,
+        });
+    }
+    Ok(Incoming {
+        spec,
+        task,
+        fds: out,
+    })
+}

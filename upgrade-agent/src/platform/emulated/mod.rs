@@ -1,0 +1,562 @@
+//! `--platform emulated`: an **emulation** of the multikernel interface for any Linux
+//! machine. No kernel is booted: each "instance" is a supervisor process
+//! (`mk-agentd --instance ID`, see [`supervisor`]) pinned to the cpus the instance owns,
+//! reporting the release of the bzImage it was loaded with.
+//!
+//! What it enforces, because the real interface does (`/work`'s multikernel reference):
+//! instance ids 1..=511; states `empty → ready → loaded → active`; no boot without a loaded
+//! image and cpus; no load unless `ready`; resources only from spare cpus/memory; a halted
+//! instance goes back to `loaded`; cpus of an active instance cannot be given away.
+//!
+//! Layout under `<state-dir>/emulated/`: `pool.json` (the instance table, see [`pool`]),
+//! and per instance `instance-<id>/` with `kernel` (the loaded image), `ctl.sock`,
+//! `chan.sock` and `supervisor.log`.
+
+pub mod ctl;
+pub mod pool;
+pub mod supervisor;
+
+use std::fs;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kho_proto::channel::{Transport, UnixTransport, UpgradeId};
+use sha2::{Digest, Sha256};
+
+use self::ctl::{Request, Response};
+use self::pool::{InstanceEntry, PoolStore};
+use crate::platform::{
+    Capabilities, InstanceId, InstanceInfo, InstanceState, LoadableKernel, Platform, PlatformError,
+    PlatformKind, PreservedFd, Resources, WorkloadInfo,
+};
+use crate::workload::WorkloadSpec;
+
+/// How long a booting supervisor may take to answer its first ping.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a halting supervisor may take to exit.
+const HALT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The emulated platform, as seen by the orchestrator.
+#[derive(Debug, Clone)]
+pub struct EmulatedPlatform {
+    store: PoolStore,
+    state_dir: PathBuf,
+}
+
+/// The directory of instance `id`.
+pub fn instance_dir(emu_dir: &Path, id: InstanceId) -> PathBuf {
+    emu_dir.join(format!("instance-{id}"))
+}
+
+/// A short stable tag for a state directory (names its cgroups, so two emulated machines
+/// on one host do not collide).
+pub fn state_tag(state_dir: &Path) -> String {
+    let canon = fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_owned());
+    let digest = Sha256::digest(canon.as_os_str().as_encoded_bytes());
+    hex::encode(&digest[..6])
+}
+
+/// Where `mk-agentd` is: `$MK_AGENTD`, else beside the running executable (or one level up,
+/// for test binaries in `target/*/deps`).
+pub fn agentd_path() -> Result<PathBuf, PlatformError> {
+    if let Some(p) = std::env::var_os("MK_AGENTD") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| PlatformError::io("locating the running executable", e))?;
+    let mut dir = exe.parent();
+    while let Some(d) = dir {
+        let candidate = d.join("mk-agentd");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        dir = d.parent().filter(|p| {
+            p.ends_with("debug")
+                || p.ends_with("release")
+                || p.file_name().is_some_and(|n| n == "target")
+        });
+    }
+    Err(PlatformError::Instance {
+        id: 0,
+        what: format!(
+            "cannot find mk-agentd beside {}; install it there or set MK_AGENTD",
+            exe.display()
+        ),
+    })
+}
+
+fn pid_alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && crate::sys::cgroup::proc_state(pid).is_some_and(|s| s != 'Z')
+}
+
+impl EmulatedPlatform {
+    /// The emulated machine whose state lives in `<state_dir>/emulated`.
+    pub fn new(state_dir: &Path) -> Result<Self, PlatformError> {
+        Ok(EmulatedPlatform {
+            store: PoolStore::open(&state_dir.join("emulated"))?,
+            state_dir: state_dir.to_owned(),
+        })
+    }
+
+    /// The instance table.
+    pub fn store(&self) -> &PoolStore {
+        &self.store
+    }
+
+    fn dir(&self, id: InstanceId) -> PathBuf {
+        instance_dir(self.store.dir(), id)
+    }
+
+    fn ctl(
+        &self,
+        id: InstanceId,
+        req: &Request,
+    ) -> Result<(Response, Vec<OwnedFd>), PlatformError> {
+        let pool = self.store.read()?;
+        let entry = pool.expect(id, "control", &[InstanceState::Active], "active")?;
+        if let Some(pid) = entry.supervisor_pid
+            && !pid_alive(pid)
+        {
+            return Err(PlatformError::Instance {
+                id,
+                what: format!(
+                    "its supervisor (pid {pid}) is gone: the emulated instance crashed; see {}",
+                    self.dir(id).join("supervisor.log").display()
+                ),
+            });
+        }
+        ctl::call(id, &self.dir(id).join("ctl.sock"), req)
+    }
+
+    fn expect_done(&self, id: InstanceId, req: &Request) -> Result<(), PlatformError> {
+        match self.ctl(id, req)?.0 {
+            Response::Done => Ok(()),
+            other => Err(PlatformError::Instance {
+                id,
+                what: format!("unexpected control response {other:?}"),
+            }),
+        }
+    }
+
+    /// Tells instance `id` to accept channel frames of `upgrade_id`.
+    pub fn expect_upgrade(
+        &self,
+        id: InstanceId,
+        upgrade_id: UpgradeId,
+    ) -> Result<(), PlatformError> {
+        self.expect_done(
+            id,
+            &Request::Expect {
+                upgrade_id: upgrade_id.to_string(),
+            },
+        )
+    }
+
+    fn info(&self, e: &InstanceEntry) -> InstanceInfo {
+        let workloads = if e.state == InstanceState::Active {
+            match self.ctl(e.id, &Request::Ping) {
+                Ok((Response::Pong { workloads, .. }, _)) => workloads,
+                _ => Vec::new(),
+            }
+        } else {
+            Vec::new()
+        };
+        InstanceInfo {
+            id: e.id,
+            state: if e.state == InstanceState::Active
+                && e.supervisor_pid.is_some_and(|p| !pid_alive(p))
+            {
+                InstanceState::Failed
+            } else {
+                e.state
+            },
+            resources: e.resources.clone(),
+            kernel_release: e.kernel_release.clone(),
+            workloads,
+        }
+    }
+}
+
+/// Reads a whole (sealed) memfd from offset 0, whatever its shared file position is.
+fn read_fd_to_vec(fd: BorrowedFd<'_>) -> std::io::Result<Vec<u8>> {
+    let f = fs::File::from(fd.try_clone_to_owned()?);
+    let len = usize::try_from(f.metadata()?.len()).map_err(std::io::Error::other)?;
+    let mut out = vec![0u8; len];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut out, 0)?;
+    Ok(out)
+}
+
+impl Platform for EmulatedPlatform {
+    fn probe(&mut self) -> Result<Capabilities, PlatformError> {
+        let pool = self.store.read()?;
+        let freezer =
+            if crate::sys::cgroup::cgroup2_mount().is_some() && nix::unistd::geteuid().is_root() {
+                "cgroup.freeze"
+            } else {
+                "SIGSTOP"
+            };
+        Ok(Capabilities {
+            kind: PlatformKind::Emulated,
+            emulated: true,
+            side_by_side: true,
+            fds_over_channel: true,
+            cpus: pool.cpus.clone(),
+            spare_cpus: pool.spare_cpus(),
+            spare_memory_bytes: pool.spare_memory(),
+            freezer: freezer.to_owned(),
+            notes: vec![
+                "EMULATED multikernel: instances are supervisor processes pinned to their cpus; no kernel is booted".into(),
+                "memfds and listening sockets move between instances with SCM_RIGHTS (standing in for KHO/LUO preservation)".into(),
+            ],
+        })
+    }
+
+    fn instances(&mut self) -> Result<Vec<InstanceInfo>, PlatformError> {
+        let pool = self.store.read()?;
+        Ok(pool.instances.iter().map(|e| self.info(e)).collect())
+    }
+
+    fn create_instance(&mut self, resources: &Resources) -> Result<InstanceId, PlatformError> {
+        if resources.cpus.is_empty() {
+            return Err(PlatformError::NoResources(
+                "an instance needs at least one cpu".into(),
+            ));
+        }
+        let id = self.store.update(|pool| {
+            let spare = pool.spare_cpus();
+            if let Some(c) = resources.cpus.iter().find(|c| !spare.contains(c)) {
+                return Err(PlatformError::NoResources(format!(
+                    "cpu {c} is not spare (spare cpus: {spare:?})"
+                )));
+            }
+            if resources.memory_bytes > pool.spare_memory() {
+                return Err(PlatformError::NoResources(format!(
+                    "{} bytes of memory requested, {} spare",
+                    resources.memory_bytes,
+                    pool.spare_memory()
+                )));
+            }
+            let id = pool.free_id()?;
+            pool.instances.push(InstanceEntry {
+                id,
+                state: InstanceState::Ready,
+                resources: resources.clone(),
+                kernel_release: None,
+                kernel_sha256: None,
+                supervisor_pid: None,
+            });
+            Ok(id)
+        })?;
+        fs::create_dir_all(self.dir(id))
+            .map_err(|e| PlatformError::io(format!("creating {}", self.dir(id).display()), e))?;
+        Ok(id)
+    }
+
+    fn load(&mut self, id: InstanceId, kernel: &LoadableKernel<'_>) -> Result<(), PlatformError> {
+        let bytes = read_fd_to_vec(kernel.image)
+            .map_err(|e| PlatformError::io("reading the kernel image memfd", e))?;
+        // The emulated "kernel" reports what the image header says, like a booted kernel
+        // reports its own uname -r; a file that is not a kernel is refused here too.
+        let info = crate::verify::bzimage::parse(&bytes).map_err(|e| PlatformError::Instance {
+            id,
+            what: format!("refusing to load: {e}"),
+        })?;
+        if info.release != kernel.release {
+            return Err(PlatformError::Instance {
+                id,
+                what: format!(
+                    "image header says release {}, caller expected {}",
+                    info.release, kernel.release
+                ),
+            });
+        }
+        let sha = hex::encode(Sha256::digest(&bytes));
+        self.store.update(|pool| {
+            pool.expect(id, "load", &[InstanceState::Ready], "ready")?;
+            let path = instance_dir(self.store.dir(), id).join("kernel");
+            rollback::atomic_write(&path, &bytes).map_err(|e| PlatformError::Instance {
+                id,
+                what: e.to_string(),
+            })?;
+            let e = pool.get_mut(id)?;
+            e.state = InstanceState::Loaded;
+            e.kernel_release = Some(info.release.clone());
+            e.kernel_sha256 = Some(sha.clone());
+            Ok(())
+        })
+    }
+
+    fn boot(&mut self, id: InstanceId) -> Result<(), PlatformError> {
+        let agentd = agentd_path()?;
+        let pool = self.store.read()?;
+        let entry = pool.expect(id, "boot", &[InstanceState::Loaded], "loaded")?;
+        if entry.resources.cpus.is_empty() {
+            return Err(PlatformError::NoResources(format!(
+                "instance {id} owns no cpu"
+            )));
+        }
+        let dir = self.dir(id);
+        let log = fs::File::create(dir.join("supervisor.log"))
+            .map_err(|e| PlatformError::io("creating supervisor.log", e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| PlatformError::io("duplicating the log fd", e))?;
+        let mut cmd = Command::new(&agentd);
+        cmd.arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--instance")
+            .arg(id.to_string())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own session: the instance outlives the CLI that booted it.
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| PlatformError::io(format!("starting {}", agentd.display()), e))?;
+        let pid = i32::try_from(child.id()).unwrap_or(-1);
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let sock = dir.join("ctl.sock");
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(PlatformError::Instance {
+                    id,
+                    what: format!(
+                        "supervisor exited during boot ({status}); see {}",
+                        dir.join("supervisor.log").display()
+                    ),
+                });
+            }
+            if sock.exists() && ctl::call(id, &sock, &Request::Ping).is_ok() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(PlatformError::Instance {
+                    id,
+                    what: format!("did not come up within {BOOT_TIMEOUT:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Reap it in the background when it halts, so no zombie outlives the halt.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        self.store.update(|pool| {
+            let e = pool.get_mut(id)?;
+            e.state = InstanceState::Active;
+            e.supervisor_pid = Some(pid);
+            Ok(())
+        })
+    }
+
+    fn connect(
+        &mut self,
+        id: InstanceId,
+        upgrade_id: UpgradeId,
+    ) -> Result<Box<dyn Transport>, PlatformError> {
+        self.expect_upgrade(id, upgrade_id)?;
+        let path = self.dir(id).join("chan.sock");
+        let stream = std::os::unix::net::UnixStream::connect(&path)
+            .map_err(|e| PlatformError::io(format!("connecting to {}", path.display()), e))?;
+        let t = UnixTransport::from_std(stream).map_err(|e| PlatformError::Instance {
+            id,
+            what: format!("channel transport: {e}"),
+        })?;
+        Ok(Box::new(t))
+    }
+
+    fn resize(&mut self, id: InstanceId, resources: &Resources) -> Result<(), PlatformError> {
+        if resources.cpus.is_empty() {
+            return Err(PlatformError::NoResources(
+                "an active instance keeps at least one cpu".into(),
+            ));
+        }
+        self.store.update(|pool| {
+            let spare = pool.spare_cpus();
+            let e = pool.expect(id, "resize", &[InstanceState::Active], "active")?;
+            if let Some(c) = resources
+                .cpus
+                .iter()
+                .find(|c| !spare.contains(c) && !e.resources.cpus.contains(c))
+            {
+                return Err(PlatformError::NoResources(format!(
+                    "cpu {c} belongs to another instance"
+                )));
+            }
+            Ok(())
+        })?;
+        self.expect_done(
+            id,
+            &Request::Cpus {
+                cpus: resources.cpus.clone(),
+            },
+        )?;
+        self.store.update(|pool| {
+            pool.get_mut(id)?.resources = resources.clone();
+            Ok(())
+        })
+    }
+
+    fn start_workload(
+        &mut self,
+        id: InstanceId,
+        spec: &WorkloadSpec,
+    ) -> Result<WorkloadInfo, PlatformError> {
+        match self
+            .ctl(
+                id,
+                &Request::Start {
+                    spec: Box::new(spec.clone()),
+                },
+            )?
+            .0
+        {
+            Response::Started(info) => Ok(info),
+            other => Err(PlatformError::Instance {
+                id,
+                what: format!("unexpected control response {other:?}"),
+            }),
+        }
+    }
+
+    fn freeze(&mut self, id: InstanceId, workload: &str) -> Result<(), PlatformError> {
+        self.expect_done(
+            id,
+            &Request::Freeze {
+                name: workload.to_owned(),
+            },
+        )
+    }
+
+    fn thaw(&mut self, id: InstanceId, workload: &str) -> Result<(), PlatformError> {
+        self.expect_done(
+            id,
+            &Request::Thaw {
+                name: workload.to_owned(),
+            },
+        )
+    }
+
+    fn preserved_fds(
+        &mut self,
+        id: InstanceId,
+        workload: &str,
+    ) -> Result<Vec<PreservedFd>, PlatformError> {
+        let (resp, fds) = self.ctl(
+            id,
+            &Request::Fds {
+                name: workload.to_owned(),
+            },
+        )?;
+        let Response::Fds { names } = resp else {
+            return Err(PlatformError::Instance {
+                id,
+                what: format!("unexpected control response {resp:?}"),
+            });
+        };
+        if names.len() != fds.len() {
+            return Err(PlatformError::Instance {
+                id,
+                what: format!("{} fd names but {} fds received", names.len(), fds.len()),
+            });
+        }
+        Ok(names
+            .into_iter()
+            .zip(fds)
+            .map(|(name, fd)| PreservedFd { name, fd })
+            .collect())
+    }
+
+    fn stop_workload(&mut self, id: InstanceId, workload: &str) -> Result<(), PlatformError> {
+        self.expect_done(
+            id,
+            &Request::Stop {
+                name: workload.to_owned(),
+            },
+        )
+    }
+
+    fn halt(&mut self, id: InstanceId) -> Result<(), PlatformError> {
+        let pid = self
+            .store
+            .read()?
+            .expect(id, "halt", &[InstanceState::Active], "active")?
+            .supervisor_pid;
+        // A supervisor that already died only needs its table entry fixed.
+        if pid.is_some_and(pid_alive) {
+            self.expect_done(id, &Request::Halt)?;
+            let deadline = Instant::now() + HALT_TIMEOUT;
+            while pid.is_some_and(pid_alive) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if let Some(p) = pid.filter(|p| pid_alive(*p)) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        self.store.update(|pool| {
+            let e = pool.get_mut(id)?;
+            e.state = InstanceState::Loaded;
+            e.supervisor_pid = None;
+            Ok(())
+        })
+    }
+
+    fn transfer_resources(
+        &mut self,
+        from: InstanceId,
+        to: InstanceId,
+    ) -> Result<Resources, PlatformError> {
+        let (moved, target) = self.store.update(|pool| {
+            pool.expect(
+                from,
+                "give resources away",
+                &[InstanceState::Ready, InstanceState::Loaded],
+                "halted (ready or loaded)",
+            )?;
+            pool.expect(to, "receive resources", &[InstanceState::Active], "active")?;
+            let moved = std::mem::take(&mut pool.get_mut(from)?.resources);
+            let t = pool.get_mut(to)?;
+            t.resources.cpus.extend(moved.cpus.iter().copied());
+            t.resources.cpus.sort_unstable();
+            t.resources.cpus.dedup();
+            t.resources.memory_bytes += moved.memory_bytes;
+            Ok((moved, t.resources.clone()))
+        })?;
+        self.expect_done(
+            to,
+            &Request::Cpus {
+                cpus: target.cpus.clone(),
+            },
+        )?;
+        Ok(moved)
+    }
+
+    fn destroy(&mut self, id: InstanceId) -> Result<(), PlatformError> {
+        self.store.update(|pool| {
+            pool.expect(
+                id,
+                "destroy",
+                &[
+                    InstanceState::Empty,
+                    InstanceState::Ready,
+                    InstanceState::Loaded,
+                ],
+                "not active (halt it first)",
+            )?;
+            pool.instances.retain(|e| e.id != id);
+            Ok(())
+        })?;
+        let _ = fs::remove_dir_all(self.dir(id));
+        Ok(())
+    }
+}

@@ -1,0 +1,413 @@
+//! The instance supervisor, `mk-agentd --instance ID`: one **emulated** kernel instance.
+//!
+//! What it stands for on a real multikernel host, and how it emulates it:
+//!
+//! | real instance                         | emulation                                         |
+//! |---------------------------------------|---------------------------------------------------|
+//! | a kernel booted on its own cpus       | this process, pinned with `sched_setaffinity`      |
+//! | its `uname -r`                        | the release parsed from the loaded bzImage header |
+//! | processes of that kernel              | children, pinned to the same cpus                 |
+//! | its cgroup freezer                    | one cgroup v2 group per workload (SIGSTOP if none) |
+//! | KHO/LUO-preserved memfds              | fds this process holds for each workload          |
+//! | the IPI/vsock channel                 | `chan.sock`, kho-proto frames + SCM_RIGHTS        |
+//!
+//! It serves two sockets in its instance directory: `ctl.sock` (local control, see
+//! [`super::ctl`]) and `chan.sock` (the inter-instance channel, see [`crate::receiver`]).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::platform::emulated::ctl::{Request, Response};
+use crate::platform::emulated::{EmulatedPlatform, instance_dir};
+use crate::platform::{InstanceId, PreservedFd, WorkloadInfo};
+use crate::sys::cgroup::Freezer;
+use crate::sys::fdpass;
+use crate::workload::WorkloadSpec;
+
+/// A workload running on this instance.
+#[derive(Debug)]
+pub struct Running {
+    pub spec: WorkloadSpec,
+    pub child: Child,
+    /// The preserved descriptors, in `MK_STATE_FDS` order.
+    pub fds: Vec<PreservedFd>,
+    pub frozen: bool,
+    /// Received over the channel and not yet committed: killed if the channel drops.
+    pub pending_commit: bool,
+}
+
+impl Running {
+    fn info(&self) -> WorkloadInfo {
+        WorkloadInfo {
+            name: self.spec.name.clone(),
+            pid: i32::try_from(self.child.id()).unwrap_or(-1),
+            frozen: self.frozen,
+            pending_commit: self.pending_commit,
+        }
+    }
+}
+
+/// The state of this instance.
+#[derive(Debug)]
+pub struct Instance {
+    pub id: InstanceId,
+    pub kernel_release: String,
+    pub cpus: Vec<u32>,
+    pub freezer: Freezer,
+    pub workloads: BTreeMap<String, Running>,
+    pub dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub halting: bool,
+    /// The upgrade whose channel frames this instance accepts.
+    pub expected_upgrade: Option<kho_proto::channel::UpgradeId>,
+}
+
+/// Shared handle to the instance.
+pub type Shared = Arc<Mutex<Instance>>;
+
+/// Locks the instance, recovering from a poisoned lock (a panicked handler thread must not
+/// take the instance down with it).
+pub fn lock(shared: &Shared) -> MutexGuard<'_, Instance> {
+    shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn pin_self(cpus: &[u32]) -> io::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    for c in cpus {
+        set.set(*c as usize).map_err(io::Error::from)?;
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(io::Error::from)
+}
+
+fn pin_pid(pid: u32, cpus: &[u32]) -> io::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    for c in cpus {
+        set.set(*c as usize).map_err(io::Error::from)?;
+    }
+    let pid = i32::try_from(pid).map_err(|_| io::Error::other("pid out of range"))?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(pid), &set).map_err(io::Error::from)
+}
+
+/// Starts `spec` as a child of this instance with `fds` at 3, 4, ... and `MK_STATE_FDS`
+/// naming them, pinned to `cpus`, inside the workload's group when the freezer has one.
+pub fn spawn_workload(
+    spec: &WorkloadSpec,
+    fds: &[PreservedFd],
+    cpus: &[u32],
+    freezer: &Freezer,
+    extra_args: &[String],
+) -> io::Result<Child> {
+    use state_serializers::{fdenv, sys};
+    let named: Vec<fdenv::NamedFd> = fds
+        .iter()
+        .zip(3..)
+        .map(|(f, fd)| fdenv::NamedFd {
+            name: f.name.clone(),
+            fd,
+        })
+        .collect();
+    let env_value = fdenv::format(&named).map_err(io::Error::other)?;
+    // Move every source above the target range first, so no dup2 clobbers a later source.
+    let floor = 3 + i32::try_from(fds.len()).unwrap_or(i32::MAX - 3) + 16;
+    let sources: Vec<OwnedFd> = fds
+        .iter()
+        .map(|f| sys::dup_at_least(f.fd.as_fd(), floor))
+        .collect::<io::Result<_>>()?;
+    let raw_sources: Vec<i32> = sources.iter().map(AsRawFd::as_raw_fd).collect();
+    let set = sys::cpu_set(cpus)?;
+    let procs: Option<File> = match freezer.prepare(&spec.name)? {
+        Some(p) => Some(File::options().write(true).open(p)?),
+        None => None,
+    };
+    let procs_fd = procs.as_ref().map(AsRawFd::as_raw_fd);
+
+    let mut cmd = Command::new(&spec.exec);
+    cmd.args(&spec.args)
+        .args(extra_args)
+        .envs(&spec.env)
+        .env(fdenv::ENV_VAR, env_value)
+        .stdin(Stdio::null());
+    // SAFETY: the hook runs between fork and exec; it only makes single system calls
+    // (write, dup2, sched_setaffinity) on values prepared before the fork, allocates nothing
+    // and takes no lock, so it is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(fd) = procs_fd {
+                // "0" moves the writing process itself into the group.
+                sys::write_raw(fd, b"0")?;
+            }
+            sys::set_affinity_raw(&set)?;
+            for (target, src) in (3..).zip(raw_sources.iter()) {
+                sys::dup2_raw(*src, target)?;
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn();
+    drop(sources);
+    let child = child?;
+    Ok(child)
+}
+
+/// Creates the preserved descriptors a workload's first start needs: its memfds (sized,
+/// sealable) and its bound listening sockets.
+pub fn fresh_fds(spec: &WorkloadSpec) -> io::Result<Vec<PreservedFd>> {
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let mut out = Vec::new();
+    for m in &spec.memfds {
+        let fd = memfd_create(
+            format!("mk:{}:{}", spec.name, m.name).as_str(),
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )
+        .map_err(io::Error::from)?;
+        nix::unistd::ftruncate(&fd, i64::try_from(m.size).unwrap_or(i64::MAX))
+            .map_err(io::Error::from)?;
+        out.push(PreservedFd {
+            name: m.name.clone(),
+            fd,
+        });
+    }
+    for l in &spec.listeners {
+        let listener = std::net::TcpListener::bind(l.addr).map_err(|e| {
+            io::Error::new(e.kind(), format!("binding {} for {}: {e}", l.addr, l.name))
+        })?;
+        out.push(PreservedFd {
+            name: l.name.clone(),
+            fd: OwnedFd::from(listener),
+        });
+    }
+    Ok(out)
+}
+
+fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
+    let mut inst = lock(shared);
+    let result: Result<(Response, Vec<OwnedFd>), String> = (|| {
+        match req {
+            Request::Ping => {
+                reap(&mut inst);
+                Ok((
+                    Response::Pong {
+                        id: inst.id,
+                        kernel_release: inst.kernel_release.clone(),
+                        cpus: inst.cpus.clone(),
+                        freezer: inst.freezer.describe().to_owned(),
+                        workloads: inst.workloads.values().map(Running::info).collect(),
+                    },
+                    vec![],
+                ))
+            }
+            Request::Start { spec } => {
+                if inst.workloads.contains_key(&spec.name) {
+                    return Err(format!("workload {} already runs here", spec.name));
+                }
+                let fds = fresh_fds(&spec).map_err(|e| format!("preparing fds: {e}"))?;
+                let child = spawn_workload(&spec, &fds, &inst.cpus, &inst.freezer, &[])
+                    .map_err(|e| format!("starting {}: {e}", spec.exec.display()))?;
+                let running = Running {
+                    spec: *spec,
+                    child,
+                    fds,
+                    frozen: false,
+                    pending_commit: false,
+                };
+                let info = running.info();
+                inst.workloads.insert(info.name.clone(), running);
+                Ok((Response::Started(info), vec![]))
+            }
+            Request::Freeze { name } => {
+                let inst = &mut *inst;
+                let w = get(&mut inst.workloads, &name)?;
+                inst.freezer
+                    .freeze(&name, w.info().pid)
+                    .map_err(|e| format!("freezing {name}: {e}"))?;
+                w.frozen = true;
+                Ok((Response::Done, vec![]))
+            }
+            Request::Thaw { name } => {
+                let inst = &mut *inst;
+                let w = get(&mut inst.workloads, &name)?;
+                inst.freezer
+                    .thaw(&name, w.info().pid)
+                    .map_err(|e| format!("thawing {name}: {e}"))?;
+                w.frozen = false;
+                Ok((Response::Done, vec![]))
+            }
+            Request::Fds { name } => {
+                let w = get(&mut inst.workloads, &name)?;
+                let mut names = Vec::new();
+                let mut fds = Vec::new();
+                for p in &w.fds {
+                    names.push(p.name.clone());
+                    fds.push(
+                        p.fd.try_clone()
+                            .map_err(|e| format!("duplicating {}: {e}", p.name))?,
+                    );
+                }
+                Ok((Response::Fds { names }, fds))
+            }
+            Request::Stop { name } => {
+                stop(&mut inst, &name)?;
+                Ok((Response::Done, vec![]))
+            }
+            Request::Cpus { cpus } => {
+                pin_self(&cpus).map_err(|e| format!("pinning to {cpus:?}: {e}"))?;
+                for w in inst.workloads.values() {
+                    // A workload may have exited; the next ping reports that.
+                    let _ = pin_pid(w.child.id(), &cpus);
+                }
+                inst.cpus = cpus;
+                Ok((Response::Done, vec![]))
+            }
+            Request::Expect { upgrade_id } => {
+                inst.expected_upgrade = Some(
+                    upgrade_id
+                        .parse()
+                        .map_err(|e| format!("bad upgrade id: {e}"))?,
+                );
+                Ok((Response::Done, vec![]))
+            }
+            Request::Halt => {
+                let names: Vec<String> = inst.workloads.keys().cloned().collect();
+                for n in names {
+                    stop(&mut inst, &n)?;
+                }
+                inst.halting = true;
+                Ok((Response::Done, vec![]))
+            }
+        }
+    })();
+    result.unwrap_or_else(|message| (Response::Error { message }, vec![]))
+}
+
+fn get<'a>(
+    workloads: &'a mut BTreeMap<String, Running>,
+    name: &str,
+) -> Result<&'a mut Running, String> {
+    workloads
+        .get_mut(name)
+        .ok_or_else(|| format!("workload {name:?} does not run on this instance"))
+}
+
+/// Stops a workload: kills its processes, reaps it, drops its preserved fds and group.
+pub fn stop(inst: &mut Instance, name: &str) -> Result<(), String> {
+    let mut w = inst
+        .workloads
+        .remove(name)
+        .ok_or_else(|| format!("workload {name:?} does not run on this instance"))?;
+    let pid = w.info().pid;
+    inst.freezer
+        .kill(name, pid)
+        .map_err(|e| format!("killing {name}: {e}"))?;
+    // A frozen group dies on cgroup.kill; a SIGSTOPped process dies on SIGKILL.
+    let _ = w.child.kill();
+    let _ = w.child.wait();
+    inst.freezer.remove(name);
+    Ok(())
+}
+
+/// Forgets workloads whose process exited on its own.
+fn reap(inst: &mut Instance) {
+    let dead: Vec<String> = inst
+        .workloads
+        .iter_mut()
+        .filter_map(|(n, w)| matches!(w.child.try_wait(), Ok(Some(_))).then(|| n.clone()))
+        .collect();
+    for n in dead {
+        tracing::warn!(workload = %n, "workload exited on its own");
+        let _ = stop(inst, &n);
+    }
+}
+
+fn serve_ctl(shared: &Shared, stream: &UnixStream) {
+    while let Ok(Some((body, _fds))) = fdpass::recv(stream) {
+        let (resp, fds) = match serde_json::from_slice::<Request>(&body) {
+            Ok(req) => handle_ctl(shared, req),
+            Err(e) => (
+                Response::Error {
+                    message: format!("malformed control request: {e}"),
+                },
+                vec![],
+            ),
+        };
+        let body = serde_json::to_vec(&resp).unwrap_or_default();
+        if fdpass::send(stream, &body, &fdpass::borrow_all(&fds)).is_err() {
+            return;
+        }
+        if lock(shared).halting {
+            halt_now(shared);
+        }
+    }
+}
+
+fn halt_now(shared: &Shared) -> ! {
+    let inst = lock(shared);
+    let _ = std::fs::remove_file(inst.dir.join("ctl.sock"));
+    let _ = std::fs::remove_file(inst.dir.join("chan.sock"));
+    inst.freezer.remove_base();
+    tracing::info!(id = inst.id, "instance halted");
+    std::process::exit(0);
+}
+
+/// Runs the supervisor of instance `id` until it is halted. Never returns on success.
+pub fn run(state_dir: &Path, id: InstanceId) -> Result<(), String> {
+    let platform = EmulatedPlatform::new(state_dir).map_err(|e| e.to_string())?;
+    let entry = platform
+        .store()
+        .read()
+        .and_then(|p| p.get(id).cloned())
+        .map_err(|e| e.to_string())?;
+    let dir = instance_dir(platform.store().dir(), id);
+    let kernel_release = entry
+        .kernel_release
+        .clone()
+        .ok_or_else(|| format!("instance {id} has no kernel loaded"))?;
+    pin_self(&entry.resources.cpus)
+        .map_err(|e| format!("pinning to cpus {:?}: {e}", entry.resources.cpus))?;
+    let tag = format!(
+        "mk-upgrade-emulated/{}/instance-{id}",
+        crate::platform::emulated::state_tag(state_dir)
+    );
+    let freezer = Freezer::detect(&tag);
+    let shared: Shared = Arc::new(Mutex::new(Instance {
+        id,
+        kernel_release,
+        cpus: entry.resources.cpus.clone(),
+        freezer,
+        workloads: BTreeMap::new(),
+        dir: dir.clone(),
+        state_dir: state_dir.to_owned(),
+        halting: false,
+        expected_upgrade: None,
+    }));
+    let bind = |name: &str| -> Result<UnixListener, String> {
+        let path = dir.join(name);
+        let _ = std::fs::remove_file(&path);
+        UnixListener::bind(&path).map_err(|e| format!("binding {}: {e}", path.display()))
+    };
+    let chan = bind("chan.sock")?;
+    let ctl = bind("ctl.sock")?;
+    {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || {
+            for conn in chan.incoming().flatten() {
+                let shared = Arc::clone(&shared);
+                std::thread::spawn(move || crate::receiver::serve(&shared, conn));
+            }
+        });
+    }
+    tracing::info!(id, cpus = ?entry.resources.cpus, "instance active (emulated)");
+    for conn in ctl.incoming().flatten() {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || serve_ctl(&shared, &conn));
+    }
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! The receiving side of a move: what the agent of the *target* instance does with a
+//! channel connection.
+//!
+//! 1. Answer `Hello` (version negotiation) for the upgrade it was told to expect.
+//! 2. On `PrepareMigration`, note the workload; on `RegionOffer` (image memfd + state fds
+//!    attached), verify everything ([`crate::handover::verify`]), start the workload with its
+//!    preserved fds, and answer `RegionVerified`; then run its health check and answer
+//!    `HealthReport`.
+//! 3. `Commit` makes the workload this instance's; `Abort` stops it and drops its fds.
+//! 4. If the channel drops (the orchestrator died), every workload received but not
+//!    committed is stopped at once: a copy nobody committed must never run beside the
+//!    original, which recovery will thaw.
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Instant;
+
+use kho_proto::channel::{
+    AgentState, Channel, HealthReport, Heartbeat, Message, PeerInfo, RegionVerified, Role,
+    UnixTransport, Verification,
+};
+use kho_proto::keys::TrustedKeys;
+
+use crate::health;
+use crate::platform::emulated::supervisor::{self, Running, Shared, lock};
+
+/// Test-only fault: the receiving instance starts the workload with this extra argument,
+/// which a workload with strict argument parsing refuses, so its health check fails.
+pub const HEALTH_FAIL_ARG: &str = "--mk-injected-health-fault";
+/// Environment variable a `PrepareMigration` spec may carry to request that fault.
+pub const HEALTH_FAIL_ENV: &str = "MK_INJECT_HEALTH_FAIL";
+
+/// The agent version string sent in `Hello`/`HelloAck`.
+pub fn agent_version() -> String {
+    format!("mk-agentd {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The node keys trusted to sign handover images of this machine.
+pub fn trusted_node_keys(state_dir: &Path) -> Result<TrustedKeys, String> {
+    TrustedKeys::load_dir(&state_dir.join("node-keys")).map_err(|e| e.to_string())
+}
+
+/// Serves one channel connection until it closes.
+pub fn serve(shared: &Shared, conn: UnixStream) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the channel runtime");
+            return;
+        }
+    };
+    let received = rt.block_on(serve_async(shared, conn));
+    // Whatever ended the conversation, uncommitted copies must not survive it.
+    let mut inst = lock(shared);
+    for name in received {
+        if inst.workloads.get(&name).is_some_and(|w| w.pending_commit) {
+            tracing::warn!(workload = %name, "channel closed before commit: stopping the received copy");
+            let _ = supervisor::stop(&mut inst, &name);
+        }
+    }
+}
+
+async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
+    let mut received = Vec::new();
+    let (upgrade_id, local, state_dir) = {
+        let inst = lock(shared);
+        let Some(id) = inst.expected_upgrade else {
+            tracing::warn!("channel connection without an expected upgrade: refused");
+            return received;
+        };
+        (
+            id,
+            PeerInfo {
+                instance_id: inst.id,
+                role: Role::New,
+                kernel_release: inst.kernel_release.clone(),
+                agent_version: agent_version(),
+            },
+            inst.state_dir.clone(),
+        )
+    };
+    let transport = match UnixTransport::from_std(conn) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "channel transport");
+            return received;
+        }
+    };
+    let mut chan = Channel::new(transport, upgrade_id, local);
+    if let Err(e) = chan.negotiate_as_responder().await {
+        tracing::warn!(error = %e, "channel negotiation failed");
+        return received;
+    }
+    let trusted = trusted_node_keys(&state_dir);
+    let started = Instant::now();
+    let mut inject_health_fail = false;
+    loop {
+        let (frame, fds) = match chan.recv().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::info!(error = %e, "channel closed");
+                return received;
+            }
+        };
+        let reply = match frame.message {
+            Message::Heartbeat(_) => Some(Message::Heartbeat(Heartbeat {
+                monotonic_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                state: AgentState::Ready,
+            })),
+            Message::PrepareMigration(p) => {
+                inject_health_fail =
+                    serde_json::from_slice::<crate::workload::WorkloadSpec>(&p.spec)
+                        .is_ok_and(|s| s.env.contains_key(HEALTH_FAIL_ENV));
+                None
+            }
+            Message::RegionOffer(offer) => {
+                let name = offer.workload_id.clone();
+                let result = trusted
+                    .as_ref()
+                    .map_err(|e| crate::handover::CheckFailed {
+                        check: "trusted_keys".into(),
+                        detail: e.clone(),
+                    })
+                    .and_then(|t| crate::handover::verify(&offer, fds, t, upgrade_id.0));
+                match result {
+                    Err(e) => {
+                        tracing::warn!(workload = %name, error = %e, "offer refused");
+                        chan.send(
+                            Message::RegionVerified(RegionVerified {
+                                workload_id: name,
+                                result: Verification::Failed {
+                                    check: e.check,
+                                    detail: e.detail,
+                                },
+                            }),
+                            &[],
+                        )
+                        .await
+                        .ok();
+                        continue;
+                    }
+                    Ok(incoming) => {
+                        let t0 = Instant::now();
+                        let extra: Vec<String> = if inject_health_fail {
+                            vec![HEALTH_FAIL_ARG.to_owned()]
+                        } else {
+                            Vec::new()
+                        };
+                        let start = {
+                            let mut inst = lock(shared);
+                            if inst.workloads.contains_key(&name) {
+                                Err(format!("workload {name} already runs on this instance"))
+                            } else {
+                                supervisor::spawn_workload(
+                                    &incoming.spec,
+                                    &incoming.fds,
+                                    &inst.cpus,
+                                    &inst.freezer,
+                                    &extra,
+                                )
+                                .map_err(|e| {
+                                    format!("starting {}: {e}", incoming.spec.exec.display())
+                                })
+                                .map(|child| {
+                                    inst.workloads.insert(
+                                        name.clone(),
+                                        Running {
+                                            spec: incoming.spec.clone(),
+                                            child,
+                                            fds: incoming.fds,
+                                            frozen: false,
+                                            pending_commit: true,
+                                        },
+                                    );
+                                })
+                            }
+                        };
+                        let verdict = match &start {
+                            Ok(()) => Verification::Ok,
+                            Err(e) => Verification::Failed {
+                                check: "restore".into(),
+                                detail: e.clone(),
+                            },
+                        };
+                        if chan
+                            .send(
+                                Message::RegionVerified(RegionVerified {
+                                    workload_id: name.clone(),
+                                    result: verdict,
+                                }),
+                                &[],
+                            )
+                            .await
+                            .is_err()
+                        {
+                            if start.is_ok() {
+                                received.push(name);
+                            }
+                            return received;
+                        }
+                        if start.is_err() {
+                            continue;
+                        }
+                        received.push(name.clone());
+                        let spec = incoming.spec;
+                        let outcome =
+                            tokio::task::spawn_blocking(move || health::run(&spec.health))
+                                .await
+                                .unwrap_or_else(|e| health::HealthOutcome {
+                                    healthy: false,
+                                    detail: format!("health check panicked: {e}"),
+                                    elapsed_us: 0,
+                                    attempts: 0,
+                                });
+                        // A process that died after passing the check is not healthy.
+                        let alive = {
+                            let mut inst = lock(shared);
+                            inst.workloads
+                                .get_mut(&name)
+                                .is_some_and(|w| matches!(w.child.try_wait(), Ok(None)))
+                        };
+                        let healthy = outcome.healthy && alive;
+                        let detail = if alive {
+                            outcome.detail
+                        } else {
+                            format!("the restored process exited ({})", outcome.detail)
+                        };
+                        Some(Message::HealthReport(HealthReport {
+                            workload_id: name,
+                            healthy,
+                            detail,
+                            elapsed_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        }))
+                    }
+                }
+            }
+            Message::Commit(c) => {
+                let mut inst = lock(shared);
+                if let Some(w) = inst.workloads.get_mut(&c.workload_id) {
+                    w.pending_commit = false;
+                }
+                None
+            }
+            Message::Abort(a) => {
+                let mut inst = lock(shared);
+                let names: Vec<String> = match &a.workload_id {
+                    Some(n) => vec![n.clone()],
+                    None => received.clone(),
+                };
+                for n in names {
+                    if inst.workloads.get(&n).is_some_and(|w| w.pending_commit) {
+                        tracing::info!(workload = %n, reason = %a.reason, "move aborted");
+                        let _ = supervisor::stop(&mut inst, &n);
+                    }
+                }
+                None
+            }
+            Message::ReleaseResources(r) => {
+                tracing::info!(cpus = ?r.cpus, memory = r.memory_bytes, "peer releases resources");
+                None
+            }
+            Message::Shutdown(s) => {
+                tracing::info!(reason = %s.reason, "peer shut the channel down");
+                return received;
+            }
+            other => {
+                tracing::warn!(message = ?other.message_type(), "unexpected message ignored");
+                None
+            }
+        };
+        if let Some(m) = reply
+            && let Err(e) = chan.send(m, &[]).await
+        {
+            tracing::info!(error = %e, "channel closed while replying");
+            return received;
+        }
+    }
+}

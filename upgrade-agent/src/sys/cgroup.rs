@@ -1,0 +1,163 @@
+//! cgroup v2: per-workload groups, `cgroup.freeze`, `cgroup.kill`; SIGSTOP as the fallback.
+//!
+//! The cgroup v2 hierarchy is found from `/proc/self/mountinfo` (pure v2 at
+//! `/sys/fs/cgroup` or the hybrid layout's `/sys/fs/cgroup/unified`). Where no v2 hierarchy
+//! is writable (no root, no delegation), [`Freezer::Signal`] stops the workload's processes
+//! with SIGSTOP instead, which callers report.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// How long a freeze may take to be reported complete by the kernel.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the cgroup v2 hierarchy is mounted, if anywhere.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|line| {
+        // mountinfo: ... mount-point ... - fstype source options
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// The mechanism that freezes workloads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Freezer {
+    /// cgroup v2: one group per workload under `base`.
+    Cgroup { base: PathBuf },
+    /// SIGSTOP/SIGCONT of the workload's main process.
+    Signal,
+}
+
+impl Freezer {
+    /// Picks cgroup v2 under `<mount>/<tag>` when it can be created, else signals.
+    pub fn detect(tag: &str) -> Freezer {
+        if let Some(mount) = cgroup2_mount() {
+            let base = mount.join(tag);
+            if fs::create_dir_all(&base).is_ok() && base.join("cgroup.procs").exists() {
+                return Freezer::Cgroup { base };
+            }
+        }
+        Freezer::Signal
+    }
+
+    /// Short name for reports.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Freezer::Cgroup { .. } => "cgroup.freeze",
+            Freezer::Signal => "SIGSTOP",
+        }
+    }
+
+    /// The group a workload runs in (cgroup freezer only).
+    pub fn group(&self, workload: &str) -> Option<PathBuf> {
+        match self {
+            Freezer::Cgroup { base } => Some(base.join(workload)),
+            Freezer::Signal => None,
+        }
+    }
+
+    /// Creates the workload's group; returns the path of its `cgroup.procs`.
+    pub fn prepare(&self, workload: &str) -> io::Result<Option<PathBuf>> {
+        match self.group(workload) {
+            Some(g) => {
+                fs::create_dir_all(&g)?;
+                Ok(Some(g.join("cgroup.procs")))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Freezes the workload; returns once the kernel reports it frozen.
+    pub fn freeze(&self, workload: &str, pid: i32) -> io::Result<()> {
+        match self.group(workload) {
+            Some(g) => {
+                fs::write(g.join("cgroup.freeze"), "1")?;
+                wait_frozen(&g, true)
+            }
+            None => kill(Pid::from_raw(pid), Signal::SIGSTOP).map_err(io::Error::from),
+        }
+    }
+
+    /// Thaws the workload.
+    pub fn thaw(&self, workload: &str, pid: i32) -> io::Result<()> {
+        match self.group(workload) {
+            Some(g) => {
+                fs::write(g.join("cgroup.freeze"), "0")?;
+                wait_frozen(&g, false)
+            }
+            None => kill(Pid::from_raw(pid), Signal::SIGCONT).map_err(io::Error::from),
+        }
+    }
+
+    /// Kills every process of the workload (`cgroup.kill`, else SIGKILL of the main pid).
+    pub fn kill(&self, workload: &str, pid: i32) -> io::Result<()> {
+        if let Some(g) = self.group(workload)
+            && g.join("cgroup.kill").exists()
+        {
+            return fs::write(g.join("cgroup.kill"), "1");
+        }
+        match kill(Pid::from_raw(pid), Signal::SIGKILL) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes the workload's (empty) group; missing groups are fine.
+    pub fn remove(&self, workload: &str) {
+        if let Some(g) = self.group(workload) {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while fs::remove_dir(&g).is_err() && g.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    /// Removes the base group of this freezer (after its workloads are gone).
+    pub fn remove_base(&self) {
+        if let Freezer::Cgroup { base } = self {
+            let _ = fs::remove_dir(base);
+        }
+    }
+}
+
+fn wait_frozen(group: &Path, want: bool) -> io::Result<()> {
+    let events = group.join("cgroup.events");
+    let deadline = Instant::now() + FREEZE_TIMEOUT;
+    loop {
+        let text = fs::read_to_string(&events)?;
+        let frozen = text
+            .lines()
+            .any(|l| l.trim() == if want { "frozen 1" } else { "frozen 0" });
+        if frozen {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{} did not report frozen={} within {FREEZE_TIMEOUT:?}",
+                    events.display(),
+                    u8::from(want)
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+/// Reads a process's scheduler state letter from /proc (`T` = stopped).
+pub fn proc_state(pid: i32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.trim_start().chars().next()
+}
