@@ -698,3 +698,67 @@ proptest! {
         }
     }
 }
+
+/// The worked example in docs/protocol-channel.md, byte for byte.
+#[test]
+fn documented_example_frame() {
+    let f = Frame {
+        version: 1,
+        sequence: 1,
+        upgrade_id: UpgradeId([0x11; 16]),
+        message: Message::Commit(Commit {
+            workload_id: "kv".into(),
+        }),
+    };
+    let hex = "4d4b4348010024000000000003000000010000000000000011111111111111111111111111111111\
+               196baac36ec1dc5a026b76";
+    assert_eq!(hex::encode(encode_frame(&f).unwrap()), hex);
+    let bytes = hex::decode(hex).unwrap();
+    assert_eq!(decode_frame(&bytes).unwrap(), (f, 51));
+}
+
+/// Postcard encodings of the field types, as documented.
+#[test]
+fn documented_payload_encodings() {
+    // Heartbeat { monotonic_ms: 300 (varint ac 02), state: Migrating (2) }
+    let hb = postcard::to_stdvec(&Heartbeat {
+        monotonic_ms: 300,
+        state: AgentState::Migrating,
+    })
+    .unwrap();
+    assert_eq!(hb, [0xac, 0x02, 0x02]);
+    // Abort { workload_id: Some("a"), reason: "" }
+    let ab = postcard::to_stdvec(&Abort {
+        workload_id: Some("a".into()),
+        reason: String::new(),
+    })
+    .unwrap();
+    assert_eq!(ab, [0x01, 0x01, b'a', 0x00]);
+    // RegionVerified { "w", Failed { "c", "d" } }
+    let rv = postcard::to_stdvec(&RegionVerified {
+        workload_id: "w".into(),
+        result: Verification::Failed {
+            check: "c".into(),
+            detail: "d".into(),
+        },
+    })
+    .unwrap();
+    assert_eq!(rv, [1, b'w', 1, 1, b'c', 1, b'd']);
+    // ReleaseResources { cpus: [1, 200], memory_bytes: 0 }
+    let rr = postcard::to_stdvec(&ReleaseResources {
+        cpus: vec![1, 200],
+        memory_bytes: 0,
+    })
+    .unwrap();
+    assert_eq!(rr, [2, 1, 0xc8, 0x01, 0]);
+    // PrepareMigration spec is a length-prefixed byte string.
+    let pm = postcard::to_stdvec(&PrepareMigration {
+        workload_id: String::new(),
+        spec: vec![9, 8],
+    })
+    .unwrap();
+    assert_eq!(pm, [0, 2, 9, 8]);
+    // Role: Old = 0, New = 1; FdKind ListenSocket = 1.
+    assert_eq!(postcard::to_stdvec(&Role::New).unwrap(), [1]);
+    assert_eq!(postcard::to_stdvec(&FdKind::ListenSocket).unwrap(), [1]);
+}
