@@ -763,7 +763,9 @@ pub fn list_processes(root: &Path) -> Result<Vec<(i32, i32)>> {
         match read_stat(root, pid) {
             Ok(s) => out.push((pid, s.ppid)),
             Err(StateError::ProcessVanished { .. }) => {}
-            Err(e) => return Err(e),
+            // An unreadable process elsewhere on the host must not stop the capture of
+            // the ones asked for; if it is one of them, its own capture reports it.
+            Err(e) => tracing::warn!(pid, error = %e, "skipping process in tree scan"),
         }
     }
     out.sort_unstable();
@@ -805,4 +807,116 @@ pub fn capture_tasks(root: &Path, pids: &[i32], opts: &CaptureOptions) -> Result
         schema_version: SCHEMA_VERSION,
         tasks,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn fixture_copy() -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/root");
+        let ok = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&src)
+            .arg(tmp.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let root = tmp.path().join("root");
+        (tmp, root)
+    }
+
+    fn opts() -> CaptureOptions {
+        CaptureOptions {
+            descendants: false,
+            inspect_memfds: false,
+        }
+    }
+
+    #[test]
+    fn process_exiting_mid_capture_is_vanished() {
+        let (_t, root) = fixture_copy();
+        let dir = root.join("proc/4242");
+        let e = capture_task_inner(&root, 4242, &opts(), Some("/sys/fs/cgroup"), &mut || {
+            fs::remove_dir_all(&dir).unwrap();
+        })
+        .unwrap_err();
+        assert!(matches!(e, StateError::ProcessVanished { pid: 4242 }), "{e}");
+    }
+
+    #[test]
+    fn pid_reused_mid_capture_is_changed() {
+        let (_t, root) = fixture_copy();
+        let stat = root.join("proc/4242/stat");
+        let e = capture_task_inner(&root, 4242, &opts(), None, &mut || {
+            let s = fs::read_to_string(&stat).unwrap().replacen(" 1000 ", " 2000 ", 1);
+            fs::write(&stat, s).unwrap();
+        })
+        .unwrap_err();
+        assert!(
+            matches!(e, StateError::ProcessChanged { pid: 4242, ref what } if what.contains("reused")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn pid_reused_and_files_gone_mid_capture_is_changed() {
+        let (_t, root) = fixture_copy();
+        let stat = root.join("proc/4242/stat");
+        let exe = root.join("proc/4242/exe");
+        let e = capture_task_inner(&root, 4242, &opts(), None, &mut || {
+            let s = fs::read_to_string(&stat).unwrap().replacen(" 1000 ", " 2000 ", 1);
+            fs::write(&stat, s).unwrap();
+            fs::remove_file(&exe).unwrap();
+        })
+        .unwrap_err();
+        assert!(matches!(e, StateError::ProcessChanged { pid: 4242, .. }), "{e}");
+    }
+
+    #[test]
+    fn fd_closed_mid_capture_is_changed() {
+        let (_t, root) = fixture_copy();
+        let info = root.join("proc/4242/fdinfo/3");
+        let e = capture_task_inner(&root, 4242, &opts(), None, &mut || {
+            fs::remove_file(&info).unwrap();
+        })
+        .unwrap_err();
+        assert!(
+            matches!(e, StateError::ProcessChanged { pid: 4242, ref what } if what.contains("fd 3")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn parsers_never_panic_on_garbage() {
+        let p = Path::new("x");
+        for s in ["", ")", "(", "1 ) (", "1 (a) S", "\u{0}\u{ff}", "1 (a) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 x"] {
+            assert!(parse_stat(p, s).is_err(), "{s:?}");
+        }
+        for s in ["", "Limit\nMax open files", "Limit\nMax open files 1", "nothing"] {
+            assert!(parse_limits(p, s).is_err(), "{s:?}");
+        }
+        assert!(parse_status(p, "Uid: 1\nGid: 1 1\nGroups:\nCpus_allowed_list: 0").is_err());
+        assert!(parse_cgroup(p, "garbage").is_err());
+        assert_eq!(parse_cgroup(p, "").unwrap(), "");
+        assert!(parse_fdinfo(p, "pos: x\nflags: 0").is_err());
+        let mut t = SocketTable::new();
+        assert!(parse_inet_table(p, "h\n 0: 0100007F:ZZZZ 0:0 0A a b c d e 1\n", SocketProto::Tcp, &mut t).is_err());
+        assert!(parse_inet_table(p, "h\n 0: 01007F:0050 0:0 0A a b c d e 1\n", SocketProto::Tcp, &mut t).is_err());
+        assert!(parse_unix_table(p, "h\n0: 1 0 zz 1 1 5\n", &mut t).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn stat_parser_total(s in ".{0,300}") {
+            let _ = parse_stat(Path::new("x"), &s);
+            let _ = parse_limits(Path::new("x"), &s);
+            let _ = parse_status(Path::new("x"), &s);
+            let _ = parse_fdinfo(Path::new("x"), &s);
+            let _ = crate::procfs::parse_mountinfo(Path::new("x"), &s);
+        }
+    }
 }
