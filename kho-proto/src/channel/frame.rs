@@ -55,9 +55,24 @@ pub mod offset {
 }
 
 /// The 128-bit identifier of one upgrade. Every frame carries it; a channel refuses frames
-/// of another upgrade.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+/// of another upgrade. Text form: 32 lowercase hex digits ([`Display`](fmt::Display),
+/// [`FromStr`]); serde form: the 16 bytes.
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, serde::Serialize, serde::Deserialize,
+)]
 pub struct UpgradeId(pub [u8; 16]);
+
+impl From<[u8; 16]> for UpgradeId {
+    fn from(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+}
+
+impl From<UpgradeId> for [u8; 16] {
+    fn from(id: UpgradeId) -> Self {
+        id.0
+    }
+}
 
 impl UpgradeId {
     /// Wrap raw bytes.

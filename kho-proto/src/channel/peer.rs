@@ -175,6 +175,12 @@ pub struct Negotiated {
 }
 
 /// One end of the channel of one upgrade.
+///
+/// `send` and `recv` take `&mut self`. To send heartbeats while waiting for the peer,
+/// `tokio::select!` between `recv()` and a timer: `recv` is cancellation-safe, so a timer
+/// tick that wins the race loses no bytes, and the next `recv()` resumes the frame. Wrap
+/// `recv()` in `tokio::time::timeout` to detect a silent peer. After any error, drop the
+/// channel.
 #[derive(Debug)]
 pub struct Channel<T> {
     transport: T,
