@@ -1,9 +1,9 @@
 //! `mk-upgrade keys generate`: create an ed25519 signing key pair.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use kho_proto::keys::{KeyError, NodeKey};
+use kho_proto::keys::{KeyError, KeyId, NodeKey};
 
 use crate::exit::Exit;
 
@@ -33,7 +33,7 @@ pub enum KeysCommand {
 pub fn run(args: KeysArgs) -> ExitCode {
     match args.command {
         KeysCommand::Generate { dir, name } => match generate(&dir, &name) {
-            Ok(()) => Exit::Ok.into(),
+            Ok(_) => Exit::Ok.into(),
             Err((exit, msg)) => {
                 eprintln!("mk-upgrade keys generate: {msg}");
                 exit.into()
@@ -42,7 +42,9 @@ pub fn run(args: KeysArgs) -> ExitCode {
     }
 }
 
-fn generate(dir: &std::path::Path, name: &str) -> Result<(), (Exit, String)> {
+/// Generates and saves a key pair; returns its id and the secret and public key paths, or
+/// the exit code and message of the failure.
+pub fn generate(dir: &Path, name: &str) -> Result<(KeyId, PathBuf, PathBuf), (Exit, String)> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
         return Err((
             Exit::Usage,
@@ -66,5 +68,5 @@ fn generate(dir: &std::path::Path, name: &str) -> Result<(), (Exit, String)> {
         "public key: {} (copy it into each host's trusted-keys directory)",
         public.display()
     );
-    Ok(())
+    Ok((key.key_id(), secret, public))
 }

@@ -30,7 +30,7 @@ pub struct SignArgs {
 /// Runs `mk-upgrade sign`.
 pub fn run(args: SignArgs) -> ExitCode {
     match sign(&args) {
-        Ok(()) => Exit::Ok.into(),
+        Ok(_) => Exit::Ok.into(),
         Err((exit, msg)) => {
             eprintln!("mk-upgrade sign: {msg}");
             exit.into()
@@ -57,7 +57,8 @@ fn read_image(path: &Path) -> Result<Vec<u8>, (Exit, String)> {
     Ok(buf)
 }
 
-fn sign(args: &SignArgs) -> Result<(), (Exit, String)> {
+/// Signs `args.image`; returns the signature file path, or the exit code and message.
+pub fn sign(args: &SignArgs) -> Result<PathBuf, (Exit, String)> {
     let key = NodeKey::load(&args.key).map_err(|e| (Exit::Io, e.to_string()))?;
     let image = read_image(&args.image)?;
     let sig = verify::sign_image(&image, &key, args.floor.clone(), rollback::time::now_unix())
@@ -81,5 +82,5 @@ fn sign(args: &SignArgs) -> Result<(), (Exit, String)> {
     }
     println!("key id:  {}", sig.signer());
     println!("wrote:   {}", out.display());
-    Ok(())
+    Ok(out)
 }
