@@ -342,15 +342,20 @@ pub fn spawn(record: &TaskRecord, fds: Vec<(String, OwnedFd)>, mut opts: SpawnOp
     let nice = prepared.nice;
     let creds = prepared.creds.take();
     let cg_fd = prepared.cgroup_procs.as_ref().map(AsRawFd::as_raw_fd);
+    let first_free = FIRST_FD + n;
     let hook = move || -> std::io::Result<()> {
         // Runs in the forked child before exec: only the single-syscall wrappers of
         // `sys` below, over data prepared in the parent (no allocation, no locks).
-        for &(src, dst) in &moves {
-            sys::dup2_raw(src, dst)?;
-        }
+        // Join the cgroup first: its descriptor may sit in the range the dup2s fill.
         if let Some(fd) = cg_fd {
             sys::write_raw(fd, b"0")?;
         }
+        for &(src, dst) in &moves {
+            sys::dup2_raw(src, dst)?;
+        }
+        // Descriptors the agent inherited without FD_CLOEXEC must not leak into the
+        // workload. Best effort on kernels without CLOSE_RANGE_CLOEXEC (< 5.11).
+        let _ = sys::cloexec_from_raw(first_free);
         for &(res, soft, hard) in &rlimits {
             sys::setrlimit_raw(res, soft, hard)?;
         }

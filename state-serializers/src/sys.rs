@@ -63,6 +63,28 @@ pub fn clear_cloexec_raw(fd: RawFd) -> io::Result<()> {
     check(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) })
 }
 
+/// `close_range(first, ~0, CLOSE_RANGE_CLOEXEC)`: every descriptor from `first` on is
+/// closed at the coming `exec` (so a restored workload inherits only what it is handed),
+/// without closing anything before it (the runtime's own exec-status pipe keeps working).
+/// Kernels before 5.11 lack the flag: the error is returned and may be ignored.
+/// Async-signal-safe.
+pub fn cloexec_from_raw(first: RawFd) -> io::Result<()> {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets descriptor flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// `setrlimit`. Async-signal-safe.
 pub fn setrlimit_raw(resource: u32, soft: u64, hard: u64) -> io::Result<()> {
     let lim = libc::rlimit {

@@ -183,6 +183,10 @@ pub struct CaptureOptions {
     /// Read memfd sizes and seals through `/proc/PID/fd/N` (requires access to the
     /// process; fixture trees cannot provide it).
     pub inspect_memfds: bool,
+    /// How many times to re-capture a process that changed while being captured (for
+    /// instance a program still opening files right after `exec`) before returning
+    /// [`StateError::ProcessChanged`]. A vanished process is never retried.
+    pub retries_on_change: u32,
 }
 
 impl Default for CaptureOptions {
@@ -190,6 +194,7 @@ impl Default for CaptureOptions {
         Self {
             descendants: true,
             inspect_memfds: true,
+            retries_on_change: 3,
         }
     }
 }
@@ -566,7 +571,21 @@ fn read_cgroup_file(root: &Path, mount: Option<&str>, cg: &str, file: &str) -> R
 /// Captures one process. See the module doc for the consistency guarantee.
 pub fn capture_task(root: &Path, pid: i32, opts: &CaptureOptions) -> Result<TaskRecord> {
     let cg_mount = cgroup2_mount(root)?;
-    capture_task_inner(root, pid, opts, cg_mount.as_deref(), &mut || {})
+    capture_with_retries(root, pid, opts, cg_mount.as_deref())
+}
+
+fn capture_with_retries(root: &Path, pid: i32, opts: &CaptureOptions, cg_mount: Option<&str>) -> Result<TaskRecord> {
+    let mut attempt = 0;
+    loop {
+        match capture_task_inner(root, pid, opts, cg_mount, &mut || {}) {
+            Err(StateError::ProcessChanged { what, .. }) if attempt < opts.retries_on_change => {
+                attempt += 1;
+                tracing::debug!(pid, attempt, what, "process changed during capture; retrying");
+                std::thread::sleep(std::time::Duration::from_millis(20 << attempt.min(5)));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Reads and parses `/proc/PID/stat`, ENOENT/ESRCH meaning the process is gone.
@@ -590,6 +609,8 @@ fn classify(root: &Path, pid: i32, starttime: u64, err: StateError) -> StateErro
             pid,
             what: "pid reused by a new process".into(),
         },
+        // A zombie keeps its stat but has lost exe, cwd, fds...: it has exited.
+        Ok(s) if matches!(s.state, 'Z' | 'X') => StateError::ProcessVanished { pid },
         _ => err,
     }
 }
@@ -801,7 +822,7 @@ pub fn capture_tasks(root: &Path, pids: &[i32], opts: &CaptureOptions) -> Result
     let cg_mount = cgroup2_mount(root)?;
     let tasks = order
         .into_iter()
-        .map(|pid| capture_task_inner(root, pid, opts, cg_mount.as_deref(), &mut || {}))
+        .map(|pid| capture_with_retries(root, pid, opts, cg_mount.as_deref()))
         .collect::<Result<Vec<_>>>()?;
     Ok(TaskState {
         schema_version: SCHEMA_VERSION,
@@ -833,6 +854,7 @@ mod tests {
         CaptureOptions {
             descendants: false,
             inspect_memfds: false,
+            retries_on_change: 0,
         }
     }
 

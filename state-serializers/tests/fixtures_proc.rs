@@ -17,6 +17,7 @@ fn opts() -> CaptureOptions {
     CaptureOptions {
         descendants: true,
         inspect_memfds: false,
+        retries_on_change: 0,
     }
 }
 
@@ -72,7 +73,7 @@ fn comm_with_parentheses_and_process_tree() {
     let no_tree = task::capture_tasks(
         &root(),
         &[4241, 4241],
-        &CaptureOptions { descendants: false, inspect_memfds: false },
+        &CaptureOptions { descendants: false, ..opts() },
     )
     .unwrap();
     assert_eq!(no_tree.tasks.len(), 1);
