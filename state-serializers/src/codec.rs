@@ -45,6 +45,8 @@ pub trait Versioned: Serialize + DeserializeOwned + Sized {
     type V1: DeserializeOwned;
     /// The schema version recorded in the state.
     fn schema_version(&self) -> u16;
+    /// The schema version recorded inside a version-1 state.
+    fn v1_version(old: &Self::V1) -> u16;
     /// Migrates a version-1 state to the current schema.
     fn migrate(old: Self::V1) -> Self;
 }
@@ -54,6 +56,9 @@ impl Versioned for TaskState {
     type V1 = v1::TaskStateV1;
     fn schema_version(&self) -> u16 {
         self.schema_version
+    }
+    fn v1_version(old: &Self::V1) -> u16 {
+        old.schema_version
     }
     fn migrate(old: Self::V1) -> Self {
         v1::migrate_task(old)
@@ -66,6 +71,9 @@ impl Versioned for MemoryState {
     fn schema_version(&self) -> u16 {
         self.schema_version
     }
+    fn v1_version(old: &Self::V1) -> u16 {
+        old.schema_version
+    }
     fn migrate(old: Self::V1) -> Self {
         v1::migrate_memory(old)
     }
@@ -76,6 +84,9 @@ impl Versioned for DeviceState {
     type V1 = v1::DeviceStateV1;
     fn schema_version(&self) -> u16 {
         self.schema_version
+    }
+    fn v1_version(old: &Self::V1) -> u16 {
+        old.schema_version
     }
     fn migrate(old: Self::V1) -> Self {
         v1::migrate_device(old)
@@ -129,7 +140,18 @@ pub fn decode<T: Versioned>(version: u16, bytes: &[u8]) -> Result<T> {
     }
     let state: T = match version {
         SCHEMA_VERSION => from_postcard(kind, version, bytes)?,
-        1 => T::migrate(from_postcard::<T::V1>(kind, version, bytes)?),
+        1 => {
+            let old = from_postcard::<T::V1>(kind, version, bytes)?;
+            let inner = T::v1_version(&old);
+            if inner != 1 {
+                return Err(StateError::Decode {
+                    kind,
+                    version,
+                    detail: format!("the state records schema version {inner}, the region 1"),
+                });
+            }
+            T::migrate(old)
+        }
         found => {
             return Err(StateError::UnsupportedVersion {
                 kind,
