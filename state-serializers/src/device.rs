@@ -383,6 +383,21 @@ pub fn restore_network(want: &DeviceState, policy: Policy) -> Result<Report> {
     let report = with_netlink(async |h: &Handle| {
         let mut report = Report::default();
         let have = get_links(h).await?;
+        if policy == Policy::Strict {
+            // Refuse before changing anything when an interface is absent.
+            let absent: Vec<crate::Warning> = want
+                .interfaces
+                .iter()
+                .filter(|w| !have.iter().any(|c| c.name == w.name))
+                .map(|w| crate::Warning {
+                    item: format!("interface {}", w.name),
+                    reason: "no such interface in this kernel".into(),
+                })
+                .collect();
+            if !absent.is_empty() {
+                return Err(StateError::NotApplied { not_applied: absent });
+            }
+        }
         for w in &want.interfaces {
             let Some(cur) = have.iter().find(|c| c.name == w.name) else {
                 report.not_applied(
