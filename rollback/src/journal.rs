@@ -481,4 +481,24 @@ mod tests {
         let e = j.history().unwrap_err();
         assert!(e.to_string().contains("00000000000000000001.json"), "{e}");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = decode::<Rec>(Path::new("journal.json"), &bytes);
+        }
+
+        #[test]
+        fn any_single_byte_change_is_detected(pos in 0usize..4096, bit in 0u8..8) {
+            let good = encode(3, &rec("upgrade-1234", 7)).unwrap();
+            let pos = pos % good.len();
+            let mut bad = good.clone();
+            bad[pos] ^= 1 << bit;
+            // Either refused, or the change hit envelope metadata (seq, written_at,
+            // whitespace) and the record itself is unchanged.
+            if let Ok(d) = decode::<Rec>(Path::new("journal.json"), &bad) {
+                proptest::prop_assert_eq!(d.record, rec("upgrade-1234", 7));
+            }
+        }
+    }
 }

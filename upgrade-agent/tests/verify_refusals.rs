@@ -280,9 +280,13 @@ fn non_kernels_are_refused() {
     not_relocatable[0x236] = 0x01;
     not_kernel("not-relocatable", &not_relocatable, "CONFIG_RELOCATABLE");
     not_kernel("empty", b"", "empty");
-    // A directory is not a kernel either.
+    // Neither a directory nor a FIFO is a kernel (and opening the FIFO does not hang).
     let e = refused(fx.dir.path(), &policy);
     assert_eq!(e.exit(), Exit::NotAKernel, "{e}");
+    let fifo = fx.path("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let e = refused(&fifo, &policy);
+    assert!(e.to_string().contains("not a regular file"), "{e}");
     // A signed non-kernel is still not a kernel.
     let sig = sign_image(&minimal_bzimage("7.2.13"), &fx.key, None, 0).unwrap();
     let p = fx.unsigned("signed-junk", &random);
@@ -298,4 +302,22 @@ fn missing_file_is_an_io_error() {
     assert!(matches!(e, VerifyError::Io { .. }), "{e}");
     assert_eq!(e.exit(), Exit::Io);
     assert!(e.to_string().contains("nope.bzImage"), "{e}");
+}
+
+#[test]
+fn manifest_for_another_release_is_refused() {
+    use upgrade_agent::verify::{ImageManifest, SignatureFile};
+    let fx = Fixture::new();
+    let img = minimal_bzimage("7.2.13-mkB");
+    let p = fx.unsigned("r.bzImage", &img);
+    // A trusted signer vouched for these bytes, but as another release.
+    let manifest = ImageManifest::new(Sha256::digest(&img).into(), "7.2.14".into(), None, 0);
+    fs::write(
+        default_sig_path(&p),
+        SignatureFile::sign(manifest, &fx.key).to_json(),
+    )
+    .unwrap();
+    let e = refused(&p, &fx.policy());
+    assert!(matches!(e, VerifyError::ReleaseMismatch { .. }), "{e}");
+    assert_eq!(e.exit(), Exit::Untrusted);
 }

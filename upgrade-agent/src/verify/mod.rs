@@ -17,8 +17,8 @@
 pub mod bzimage;
 pub mod manifest;
 
-use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use kho_proto::keys::{KeyError, KeyId, NodeKey, TrustedKeys};
@@ -277,7 +277,13 @@ fn load_sealed(path: &Path) -> Result<(OwnedFd, u64), VerifyError> {
         path: path.to_owned(),
         reason,
     };
-    let file = File::open(path).map_err(io)?;
+    // O_NONBLOCK: opening a FIFO must not hang waiting for a writer; it is refused below.
+    // (The flag has no effect on reads of regular files.)
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io)?;
     let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
         return Err(not_kernel("not a regular file".to_owned()));
