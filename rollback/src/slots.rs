@@ -316,6 +316,39 @@ impl Slots {
         Ok(Some(info))
     }
 
+    /// Reads the slot's image once and checks the SHA-256 of exactly the bytes returned, so
+    /// the caller boots what was verified (use this, not [`Slots::get`] followed by a
+    /// second read of [`SlotInfo::path`]).
+    pub fn read(&self, role: Slot) -> Result<Option<(SlotInfo, Vec<u8>)>, SlotError> {
+        let Some(info) = self.peek(role)? else {
+            return Ok(None);
+        };
+        let f = match fs::File::open(&info.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SlotError::ImageMissing {
+                    role,
+                    path: info.path,
+                });
+            }
+            Err(e) => return Err(IoError::new("open", &info.path, e).into()),
+        };
+        let mut bytes = Vec::new();
+        f.take(info.len.min(MAX_IMAGE) + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| IoError::new("read", &info.path, e))?;
+        let actual: [u8; 32] = Sha256::digest(&bytes).into();
+        if actual != info.sha256 {
+            return Err(SlotError::ImageCorrupt {
+                role,
+                path: info.path,
+                expected: hex::encode(info.sha256),
+                actual: hex::encode(actual),
+            });
+        }
+        Ok(Some((info, bytes)))
+    }
+
     /// Empties a slot.
     pub fn clear(&mut self, role: Slot) -> Result<(), SlotError> {
         let mut table = self.read_table()?;
@@ -425,6 +458,8 @@ mod tests {
         let prev = s.get(Slot::Previous).unwrap().unwrap();
         assert_eq!(prev.release, "7.2.13-mkA");
         assert_eq!(fs::read(&prev.path).unwrap(), a);
+        let (info, bytes) = s.read(Slot::Previous).unwrap().unwrap();
+        assert_eq!((info, bytes), (prev, a.clone()));
         // Reopen: state persisted.
         let mut s = Slots::open(dir.path()).unwrap();
         assert_eq!(s.swap_for_rollback().unwrap().release, "7.2.13-mkA");
@@ -486,9 +521,25 @@ mod tests {
         assert!(e.to_string().contains(&hex::encode(da)));
         // peek does not hash.
         assert!(s.peek(Slot::Previous).unwrap().is_some());
+        assert!(matches!(
+            s.read(Slot::Previous),
+            Err(SlotError::ImageCorrupt { .. })
+        ));
+        // Appended bytes are caught too.
+        bytes[100] ^= 1;
+        bytes.push(0);
+        fs::write(&info.path, &bytes).unwrap();
+        assert!(matches!(
+            s.read(Slot::Previous),
+            Err(SlotError::ImageCorrupt { .. })
+        ));
         fs::remove_file(&info.path).unwrap();
         assert!(matches!(
             s.get(Slot::Previous),
+            Err(SlotError::ImageMissing { .. })
+        ));
+        assert!(matches!(
+            s.read(Slot::Previous),
             Err(SlotError::ImageMissing { .. })
         ));
     }
