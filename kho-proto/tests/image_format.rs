@@ -11,6 +11,9 @@ use kho_proto::image::{
 };
 use kho_proto::keys::{KeyError, NodeKey};
 
+/// An edit of image bytes.
+type Edit = Box<dyn Fn(&mut Vec<u8>)>;
+
 fn verify(b: &[u8]) -> Result<kho_proto::image::VerifyReport, ImageError> {
     ImageView::parse(b)?.verify(&VerifyOptions::default())
 }
@@ -162,7 +165,7 @@ fn header_field_err(bytes: &[u8]) -> (&'static str, usize) {
 #[test]
 fn header_fields_are_validated() {
     let good = small_builder().build().unwrap();
-    let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str, usize)> = vec![
+    let cases: Vec<(Edit, &str, usize)> = vec![
         (Box::new(|b| put32(b, 16, 136)), "header_len", 16),
         (Box::new(|b| put32(b, 16, 64)), "header_len", 16),
         (Box::new(|b| put16(b, 120, 88)), "entry_len", 120),
@@ -229,7 +232,7 @@ fn region_entries_are_validated() {
     let good = small_builder().build().unwrap();
     let e1 = entry(1);
     let e2 = entry(2);
-    let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, usize, &str, usize)> = vec![
+    let cases: Vec<(Edit, usize, &str, usize)> = vec![
         (Box::new(move |b| put16(b, e1, 0)), 1, "kind", e1),
         (Box::new(move |b| put16(b, e1 + 2, 4)), 1, "flags", e1 + 2),
         (Box::new(move |b| b[e1 + 7] = 1), 1, "reserved0", e1 + 6),

@@ -8,14 +8,13 @@
 use std::path::{Path, PathBuf};
 
 use kho_proto::image::{
-    ExternalRef, ImageBuilder, ImageError, ImageView, RegionKind, SignatureStatus,
-    VerifyOptions, verify_external,
+    ExternalRef, ImageBuilder, ImageError, ImageView, RegionKind, SignatureStatus, VerifyOptions,
+    verify_external,
 };
 use kho_proto::keys::{NodeKey, TrustedKeys};
 
 const UPGRADE_ID: [u8; 16] = [
-    0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee,
-    0xff,
+    0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff,
 ];
 const KEY_SEED: [u8; 32] = [0x5a; 32];
 const EXTERNAL_TOKEN: u64 = 0x1234_5678;
@@ -72,20 +71,38 @@ fn generate() -> Vec<(&'static str, Vec<u8>)> {
     let mut b = ImageBuilder::new("6.12.0-mk", UPGRADE_ID, 2).unwrap();
     b.region(RegionKind::Journal, 0, 1, true, &b"journal"[..])
         .unwrap()
-        .region(RegionKind::Unknown(0x7f01), 0, 1, false, &b"from the future"[..])
+        .region(
+            RegionKind::Unknown(0x7f01),
+            0,
+            1,
+            false,
+            &b"from the future"[..],
+        )
         .unwrap();
     out.push(("v1.0-unknown-optional.bin", b.build().unwrap()));
 
     let mut b = ImageBuilder::new("6.12.0-mk", UPGRADE_ID, 3).unwrap();
     b.region(RegionKind::Journal, 0, 1, true, &b"journal"[..])
         .unwrap()
-        .region(RegionKind::Unknown(0x7f02), 0, 1, true, &b"must understand"[..])
+        .region(
+            RegionKind::Unknown(0x7f02),
+            0,
+            1,
+            true,
+            &b"must understand"[..],
+        )
         .unwrap();
     out.push(("v1.0-unknown-required.bin", b.build().unwrap()));
 
     let mut b = ImageBuilder::new("6.12.0-mk", UPGRADE_ID, 4).unwrap();
     b.format_minor(1)
-        .region(RegionKind::Journal, 0, 1, true, &b"written by a 1.1 agent"[..])
+        .region(
+            RegionKind::Journal,
+            0,
+            1,
+            true,
+            &b"written by a 1.1 agent"[..],
+        )
         .unwrap();
     out.push(("v1.1-newer-minor.bin", b.build().unwrap()));
 
@@ -176,7 +193,10 @@ fn golden_vectors_decode_forever() {
     );
     assert_eq!(regions[1].kind, RegionKind::DeviceState);
     assert_eq!(regions[1].schema_version, 2);
-    assert_eq!(regions[1].payload().unwrap(), &(0u8..16).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        regions[1].payload().unwrap(),
+        &(0u8..16).collect::<Vec<_>>()[..]
+    );
     let ext = regions[2].external().unwrap();
     assert_eq!(ext.token, EXTERNAL_TOKEN);
     let contents = read(&format!(
@@ -192,10 +212,16 @@ fn golden_vectors_decode_forever() {
 
     // Unknown required region: refused as incompatible.
     let bytes = read("v1.0-unknown-required.bin");
-    let e = ImageView::parse(&bytes).unwrap().verify(&strict).unwrap_err();
+    let e = ImageView::parse(&bytes)
+        .unwrap()
+        .verify(&strict)
+        .unwrap_err();
     assert!(matches!(
         e,
-        ImageError::UnknownRequiredRegion { index: 1, kind: RegionKind::Unknown(0x7f02) }
+        ImageError::UnknownRequiredRegion {
+            index: 1,
+            kind: RegionKind::Unknown(0x7f02)
+        }
     ));
 
     // A newer minor is read by this (1.0) reader.

@@ -2,3 +2,8 @@
 pub mod keys;
 pub mod sign;
 pub mod state;
+pub mod inspect;
+pub mod app;
+pub mod demo;
+pub mod emu;
+pub mod upgrade;

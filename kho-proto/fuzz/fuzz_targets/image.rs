@@ -1,0 +1,48 @@
+//! Fuzz target: the handover image reader on arbitrary bytes.
+//!
+//! Runs what the agent runs on an image from another kernel: parse, full verification
+//! (region CRC32/SHA-256, padding, manifest digest, signature against a trusted key,
+//! compatibility rule), then decoding of every inline region. It must never panic,
+//! whatever the bytes. The input is also tried with a freshly computed header CRC, so
+//! the fuzzer gets past the CRC and explores the table and region checks.
+#![no_main]
+
+use kho_proto::image::layout::HEADER_CRC_COVERAGE;
+use kho_proto::image::{ImageView, VerifyOptions, verify_external};
+use kho_proto::keys::{NodeKey, TrustedKeys};
+use libfuzzer_sys::fuzz_target;
+
+fn run(data: &[u8], keys: &TrustedKeys) {
+    let Ok(view) = ImageView::parse(data) else {
+        return;
+    };
+    for opts in [
+        VerifyOptions::default(),
+        VerifyOptions {
+            trusted_keys: Some(keys),
+            require_signature: true,
+        },
+    ] {
+        let _ = view.verify(&opts);
+    }
+    for r in view.regions() {
+        let _ = view.decode::<Vec<String>>(r);
+        let _ = view.decode::<(u64, Vec<u8>)>(r);
+        if let Some(e) = r.external() {
+            let _ = verify_external(&e, data);
+        }
+    }
+    let _ = view.header().producer_release.len();
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut keys = TrustedKeys::default();
+    let _ = keys.add(NodeKey::from_seed([0x5a; 32]).public(), "fuzz.pub".into());
+    run(data, &keys);
+    if data.len() >= 128 {
+        let mut fixed = data.to_vec();
+        let crc = crc32fast::hash(&fixed[..HEADER_CRC_COVERAGE]);
+        fixed[HEADER_CRC_COVERAGE..HEADER_CRC_COVERAGE + 4].copy_from_slice(&crc.to_le_bytes());
+        run(&fixed, &keys);
+    }
+});
