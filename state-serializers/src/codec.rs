@@ -135,7 +135,10 @@ pub fn decode<T: Versioned>(version: u16, bytes: &[u8]) -> Result<T> {
         return Err(StateError::Decode {
             kind,
             version,
-            detail: format!("{} bytes exceed the {MAX_ENCODED_LEN}-byte limit", bytes.len()),
+            detail: format!(
+                "{} bytes exceed the {MAX_ENCODED_LEN}-byte limit",
+                bytes.len()
+            ),
         });
     }
     let state: T = match version {
@@ -212,7 +215,8 @@ pub fn from_json(text: &str) -> Result<Capture> {
     let probe: Probe = serde_json::from_str(text).map_err(|e| err(0, e.to_string()))?;
     match probe.schema_version {
         SCHEMA_VERSION => {
-            let c: Capture = serde_json::from_str(text).map_err(|e| err(SCHEMA_VERSION, e.to_string()))?;
+            let c: Capture =
+                serde_json::from_str(text).map_err(|e| err(SCHEMA_VERSION, e.to_string()))?;
             for (what, v) in [
                 ("tasks", c.tasks.as_ref().map(|s| s.schema_version)),
                 ("memory", c.memory.as_ref().map(|s| s.schema_version)),
@@ -256,7 +260,9 @@ pub mod v1 {
     use crate::digest::RegionDigest;
     use crate::memory::{HugepagePool, MemoryRegion, MemoryState, VmSysctls};
     use crate::procfs::MountEntry;
-    use crate::task::{CgroupInfo, Credentials, FdKind, FdRecord, Rlimit, Sched, TaskRecord, TaskState};
+    use crate::task::{
+        CgroupInfo, Credentials, FdKind, FdRecord, Rlimit, Sched, TaskRecord, TaskState,
+    };
 
     #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
     pub struct TaskStateV1 {

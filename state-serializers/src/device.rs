@@ -129,7 +129,10 @@ pub fn with_netlink<T>(f: impl AsyncFnOnce(&Handle) -> Result<T>) -> Result<T> {
 }
 
 fn mac_string(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":")
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn link_to_interface(m: &LinkMessage) -> Interface {
@@ -164,10 +167,12 @@ fn address_of(m: &AddressMessage) -> Option<IpPrefix> {
     let mut addr = None;
     for a in &m.attributes {
         match a {
-            AddressAttribute::Local(ip) => return Some(IpPrefix {
-                address: *ip,
-                prefix_len: m.header.prefix_len,
-            }),
+            AddressAttribute::Local(ip) => {
+                return Some(IpPrefix {
+                    address: *ip,
+                    prefix_len: m.header.prefix_len,
+                });
+            }
             AddressAttribute::Address(ip) => addr = Some(*ip),
             _ => {}
         }
@@ -340,9 +345,9 @@ pub fn capture_block(root: &Path) -> Result<Vec<BlockDevice>> {
         out.push(BlockDevice {
             name: ent.file_name().to_string_lossy().into_owned(),
             dev: sysfs_attr(&p.join("dev"))?,
-            size_bytes: sectors.checked_mul(512).ok_or_else(|| {
-                StateError::malformed(&size_path, "size overflows u64 bytes")
-            })?,
+            size_bytes: sectors
+                .checked_mul(512)
+                .ok_or_else(|| StateError::malformed(&size_path, "size overflows u64 bytes"))?,
             removable: flag("removable")?,
             read_only: flag("ro")?,
         });
@@ -395,7 +400,9 @@ pub fn restore_network(want: &DeviceState, policy: Policy) -> Result<Report> {
                 })
                 .collect();
             if !absent.is_empty() {
-                return Err(StateError::NotApplied { not_applied: absent });
+                return Err(StateError::NotApplied {
+                    not_applied: absent,
+                });
             }
         }
         for w in &want.interfaces {
@@ -445,7 +452,8 @@ pub fn restore_network(want: &DeviceState, policy: Policy) -> Result<Report> {
         for r in want.routes.iter().filter(|r| !is_kernel_route(r)) {
             let item = format!(
                 "route {} via {} dev {} table {}",
-                r.destination.map_or_else(|| "default".to_owned(), |d| d.to_string()),
+                r.destination
+                    .map_or_else(|| "default".to_owned(), |d| d.to_string()),
                 r.gateway.map_or_else(|| "-".to_owned(), |g| g.to_string()),
                 r.interface.as_deref().unwrap_or("-"),
                 r.table

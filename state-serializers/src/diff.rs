@@ -67,7 +67,11 @@ fn walk(path: &str, a: &Value, b: &Value, out: &mut Vec<Change>) {
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
             for (k, va) in x {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 match y.get(k) {
                     Some(vb) => walk(&p, va, vb, out),
                     None => out.push(Change {
@@ -79,7 +83,11 @@ fn walk(path: &str, a: &Value, b: &Value, out: &mut Vec<Change>) {
             }
             for (k, vb) in y {
                 if !x.contains_key(k) {
-                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
                     out.push(Change {
                         path: p,
                         old: None,
@@ -163,7 +171,10 @@ mod tests {
         assert_eq!(d[0].old, Some(json!("/a")));
         assert_eq!(d[1].path, "tasks[pid=3]");
         assert!(d[1].old.is_none());
-        assert_eq!(d[1].to_string(), "+ tasks[pid=3]: {\"cwd\":\"/\",\"pid\":3}");
+        assert_eq!(
+            d[1].to_string(),
+            "+ tasks[pid=3]: {\"cwd\":\"/\",\"pid\":3}"
+        );
     }
 
     #[test]

@@ -96,7 +96,9 @@ mod tests {
 
     #[test]
     fn file_digest_equals_buffer_digest_across_chunks() {
-        let data: Vec<u8> = (0..(CHUNK * 2 + 12345)).map(|i| (i * 7 + i / 251) as u8).collect();
+        let data: Vec<u8> = (0..(CHUNK * 2 + 12345))
+            .map(|i| (i * 7 + i / 251) as u8)
+            .collect();
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&data).unwrap();
         let d = digest_fd(f.as_fd()).unwrap();
@@ -106,7 +108,10 @@ mod tests {
         let mut bad = d;
         bad.crc32 ^= 1;
         let e = verify_fd("t", f.as_fd(), &bad).unwrap_err();
-        assert!(matches!(e, StateError::DigestMismatch { ref token, .. } if token == "t"), "{e}");
+        assert!(
+            matches!(e, StateError::DigestMismatch { ref token, .. } if token == "t"),
+            "{e}"
+        );
     }
 
     #[test]

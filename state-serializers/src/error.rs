@@ -7,10 +7,14 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// The process exited (or never existed) while it was being captured.
-    #[error("process {pid} vanished while being captured (it exited); capture it again or drop it from the handover")]
+    #[error(
+        "process {pid} vanished while being captured (it exited); capture it again or drop it from the handover"
+    )]
     ProcessVanished { pid: i32 },
     /// The pid now names a different process (pid reuse) or the process changed under us.
-    #[error("process {pid} changed while being captured ({what}); capture it again once it is quiescent")]
+    #[error(
+        "process {pid} changed while being captured ({what}); capture it again once it is quiescent"
+    )]
     ProcessChanged { pid: i32, what: String },
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
@@ -25,7 +29,9 @@ pub enum StateError {
     #[error("{}: {field} is not valid UTF-8; such processes cannot be captured by this schema", path.display())]
     NotUtf8 { path: PathBuf, field: &'static str },
     /// A memory region's contents do not match the digests recorded at capture time.
-    #[error("region {token:?}: digest mismatch (expected len {expected_len} crc32 {expected_crc32:08x} sha256 {expected_sha256}, found len {found_len} crc32 {found_crc32:08x} sha256 {found_sha256}); the handover must be rolled back")]
+    #[error(
+        "region {token:?}: digest mismatch (expected len {expected_len} crc32 {expected_crc32:08x} sha256 {expected_sha256}, found len {found_len} crc32 {found_crc32:08x} sha256 {found_sha256}); the handover must be rolled back"
+    )]
     DigestMismatch {
         token: String,
         expected_len: u64,
@@ -36,13 +42,21 @@ pub enum StateError {
         found_sha256: String,
     },
     /// A handed-over memfd lacks seals it had at capture time (so it is not the same memfd).
-    #[error("region {token:?}: seals {found:#x} lack captured seals {expected:#x}; the handover must be rolled back")]
-    SealsMismatch { token: String, expected: u32, found: u32 },
+    #[error(
+        "region {token:?}: seals {found:#x} lack captured seals {expected:#x}; the handover must be rolled back"
+    )]
+    SealsMismatch {
+        token: String,
+        expected: u32,
+        found: u32,
+    },
     /// A region recorded at capture time was not handed over.
     #[error("region {token:?} was captured but not handed over; the handover must be rolled back")]
     RegionMissing { token: String },
     /// A serialized state carries a schema version this reader does not know.
-    #[error("{kind} state: schema version {found} is not supported (this reader reads {min}..={max}); upgrade the reading agent")]
+    #[error(
+        "{kind} state: schema version {found} is not supported (this reader reads {min}..={max}); upgrade the reading agent"
+    )]
     UnsupportedVersion {
         kind: &'static str,
         found: u16,

@@ -29,7 +29,9 @@ pub const MAX_NAME_LEN: usize = 63;
 pub enum FdEnvError {
     #[error("{ENV_VAR}: entry {index} ({entry:?}) is not of the form name:fd")]
     Malformed { index: usize, entry: String },
-    #[error("{ENV_VAR}: entry {index} has an invalid name {name:?} (1..=63 bytes of A-Z a-z 0-9 . _ -)")]
+    #[error(
+        "{ENV_VAR}: entry {index} has an invalid name {name:?} (1..=63 bytes of A-Z a-z 0-9 . _ -)"
+    )]
     BadName { index: usize, name: String },
     #[error("{ENV_VAR}: entry {index} has an invalid fd {fd:?} (a decimal integer >= 3)")]
     BadFd { index: usize, fd: String },
@@ -132,8 +134,14 @@ mod tests {
     #[test]
     fn round_trip() {
         let fds = vec![
-            NamedFd { name: "kv-data".into(), fd: 3 },
-            NamedFd { name: "listen".into(), fd: 4 },
+            NamedFd {
+                name: "kv-data".into(),
+                fd: 3,
+            },
+            NamedFd {
+                name: "listen".into(),
+                fd: 4,
+            },
         ];
         let s = format(&fds).unwrap();
         assert_eq!(s, "kv-data:3,listen:4");
@@ -149,18 +157,33 @@ mod tests {
 
     #[test]
     fn refusals_name_the_problem() {
-        assert!(matches!(parse("kv"), Err(FdEnvError::Malformed { index: 0, .. })));
-        assert!(matches!(parse("a:3,:4"), Err(FdEnvError::BadName { index: 1, .. })));
+        assert!(matches!(
+            parse("kv"),
+            Err(FdEnvError::Malformed { index: 0, .. })
+        ));
+        assert!(matches!(
+            parse("a:3,:4"),
+            Err(FdEnvError::BadName { index: 1, .. })
+        ));
         assert!(matches!(parse("a b:3"), Err(FdEnvError::BadName { .. })));
-        assert!(matches!(parse(&format!("{}:3", "x".repeat(64))), Err(FdEnvError::BadName { .. })));
+        assert!(matches!(
+            parse(&format!("{}:3", "x".repeat(64))),
+            Err(FdEnvError::BadName { .. })
+        ));
         assert!(matches!(parse("a:2"), Err(FdEnvError::BadFd { .. })));
         assert!(matches!(parse("a:-5"), Err(FdEnvError::BadFd { .. })));
         assert!(matches!(parse("a:+5"), Err(FdEnvError::BadFd { .. })));
         assert!(matches!(parse("a:05"), Err(FdEnvError::BadFd { .. })));
-        assert!(matches!(parse("a:99999999999"), Err(FdEnvError::BadFd { .. })));
+        assert!(matches!(
+            parse("a:99999999999"),
+            Err(FdEnvError::BadFd { .. })
+        ));
         assert_eq!(parse("a:3,a:4"), Err(FdEnvError::DuplicateName("a".into())));
         assert_eq!(parse("a:3,b:3"), Err(FdEnvError::DuplicateFd(3)));
         let msg = parse("a:2").unwrap_err().to_string();
-        assert!(msg.contains("MK_STATE_FDS") && msg.contains(">= 3"), "{msg}");
+        assert!(
+            msg.contains("MK_STATE_FDS") && msg.contains(">= 3"),
+            "{msg}"
+        );
     }
 }

@@ -203,12 +203,11 @@ pub fn verify_regions(state: &MemoryState, handed: &[(&str, BorrowedFd<'_>)]) ->
         .regions
         .par_iter()
         .map(|r| {
-            let (_, fd) = handed
-                .iter()
-                .find(|(t, _)| *t == r.token)
-                .ok_or_else(|| StateError::RegionMissing {
+            let (_, fd) = handed.iter().find(|(t, _)| *t == r.token).ok_or_else(|| {
+                StateError::RegionMissing {
                     token: r.token.clone(),
-                })?;
+                }
+            })?;
             let seals = crate::sys::get_seals(*fd).map_err(|e| StateError::Sys {
                 call: "fcntl(F_GET_SEALS)",
                 source: e,
@@ -236,7 +235,9 @@ fn write_value(path: &Path, value: u64) -> std::io::Result<()> {
 pub fn restore_memory(root: &Path, state: &MemoryState, policy: Policy) -> Result<Report> {
     let mut report = Report::default();
     for name in SYSCTLS {
-        let Some(want) = state.vm.get(name) else { continue };
+        let Some(want) = state.vm.get(name) else {
+            continue;
+        };
         let item = format!("vm.{name}={want}");
         let path = under(root, &format!("/proc/sys/vm/{name}"));
         let current = procfs::read_text_opt(&path)?;
@@ -253,7 +254,10 @@ pub fn restore_memory(root: &Path, state: &MemoryState, policy: Policy) -> Resul
         let item = format!("hugepages-{}kB={}", pool.page_size_kb, pool.nr_hugepages);
         let path = under(
             root,
-            &format!("/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages", pool.page_size_kb),
+            &format!(
+                "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages",
+                pool.page_size_kb
+            ),
         );
         let Some(cur) = procfs::read_text_opt(&path)? else {
             report.not_applied(item, "the new kernel has no pool of this page size");

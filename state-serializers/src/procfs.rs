@@ -191,7 +191,10 @@ mod tests {
     #[test]
     fn cpu_lists_round_trip() {
         let p = Path::new("x");
-        assert_eq!(parse_cpu_list(p, "0-3,8,10-11\n").unwrap(), vec![0, 1, 2, 3, 8, 10, 11]);
+        assert_eq!(
+            parse_cpu_list(p, "0-3,8,10-11\n").unwrap(),
+            vec![0, 1, 2, 3, 8, 10, 11]
+        );
         assert_eq!(format_cpu_list(&[0, 1, 2, 3, 8, 10, 11]), "0-3,8,10-11");
         assert_eq!(parse_cpu_list(p, "").unwrap(), Vec::<u32>::new());
         assert!(parse_cpu_list(p, "3-1").is_err());

@@ -108,7 +108,10 @@ fn prepare(rec: &TaskRecord, opts: &SpawnOptions, report: &mut Report) -> Result
         if !root && hard > cur.rlim_max {
             report.not_applied(
                 item,
-                format!("hard limit {hard} exceeds ours ({}) and we are not root", cur.rlim_max),
+                format!(
+                    "hard limit {hard} exceeds ours ({}) and we are not root",
+                    cur.rlim_max
+                ),
             );
             continue;
         }
@@ -136,7 +139,12 @@ fn prepare(rec: &TaskRecord, opts: &SpawnOptions, report: &mut Report) -> Result
         );
         None
     } else {
-        if usable.len() != rec.affinity.len() {
+        if usable.len() == rec.affinity.len() {
+            report.applied(format!(
+                "affinity {}",
+                crate::procfs::format_cpu_list(&usable)
+            ));
+        } else {
             report.not_applied(
                 format!("affinity {}", crate::procfs::format_cpu_list(&rec.affinity)),
                 format!(
@@ -144,8 +152,6 @@ fn prepare(rec: &TaskRecord, opts: &SpawnOptions, report: &mut Report) -> Result
                     crate::procfs::format_cpu_list(&usable)
                 ),
             );
-        } else {
-            report.applied(format!("affinity {}", crate::procfs::format_cpu_list(&usable)));
         }
         Some(sys::cpu_set(&usable).map_err(|e| StateError::Invalid(e.to_string()))?)
     };
@@ -156,7 +162,10 @@ fn prepare(rec: &TaskRecord, opts: &SpawnOptions, report: &mut Report) -> Result
             report.not_applied("real-time scheduling policy", "requires root");
             None
         }
-        p @ (SchedPolicy::Fifo | SchedPolicy::RoundRobin | SchedPolicy::Batch | SchedPolicy::Idle) => {
+        p @ (SchedPolicy::Fifo
+        | SchedPolicy::RoundRobin
+        | SchedPolicy::Batch
+        | SchedPolicy::Idle) => {
             report.applied(format!("scheduling policy {p:?}"));
             Some((p.raw() as i32, rec.sched.rt_priority as i32))
         }
@@ -265,7 +274,11 @@ fn prepare_cgroup(cg_root: &Path, rec: &TaskRecord, report: &mut Report) -> Opti
 /// Starts `record` again with `fds` at 3, 4, ... named in `MK_STATE_FDS`.
 ///
 /// Under [`Policy::Strict`] nothing is started when any item cannot be applied.
-pub fn spawn(record: &TaskRecord, fds: Vec<(String, OwnedFd)>, mut opts: SpawnOptions) -> Result<Spawned> {
+pub fn spawn(
+    record: &TaskRecord,
+    fds: Vec<(String, OwnedFd)>,
+    mut opts: SpawnOptions,
+) -> Result<Spawned> {
     let mut report = Report::default();
     let named: Vec<NamedFd> = fds
         .iter()
@@ -277,7 +290,10 @@ pub fn spawn(record: &TaskRecord, fds: Vec<(String, OwnedFd)>, mut opts: SpawnOp
         .collect();
     let env_value = fdenv::format(&named).map_err(|e| StateError::Invalid(e.to_string()))?;
     let Some(argv0) = record.cmdline.first() else {
-        return Err(StateError::Invalid(format!("task {} has an empty cmdline", record.pid)));
+        return Err(StateError::Invalid(format!(
+            "task {} has an empty cmdline",
+            record.pid
+        )));
     };
     let exe = match record.exe.strip_suffix(" (deleted)") {
         Some(e) => {
@@ -292,7 +308,10 @@ pub fn spawn(record: &TaskRecord, fds: Vec<(String, OwnedFd)>, mut opts: SpawnOp
     let cwd = if Path::new(&record.cwd).is_dir() {
         PathBuf::from(&record.cwd)
     } else {
-        report.not_applied(format!("cwd {}", record.cwd), "no such directory; starting in /");
+        report.not_applied(
+            format!("cwd {}", record.cwd),
+            "no such directory; starting in /",
+        );
         PathBuf::from("/")
     };
 

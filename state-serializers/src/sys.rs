@@ -118,7 +118,11 @@ pub fn cpu_set(cpus: &[u32]) -> io::Result<libc::cpu_set_t> {
 pub fn set_affinity_raw(set: &libc::cpu_set_t) -> io::Result<()> {
     // SAFETY: `set` points to a live cpu_set_t of the size passed.
     check(unsafe {
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), std::ptr::from_ref(set))
+        libc::sched_setaffinity(
+            0,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            std::ptr::from_ref(set),
+        )
     })
 }
 

@@ -149,7 +149,11 @@ pub struct FdRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FdKind {
     /// A memfd: its name (without the `memfd:` prefix), size and `F_SEAL_*` bits.
-    Memfd { name: String, size: u64, seals: u32 },
+    Memfd {
+        name: String,
+        size: u64,
+        seals: u32,
+    },
     /// A file system object (regular file, directory, device node) and the file offset.
     File {
         path: String,
@@ -157,10 +161,17 @@ pub enum FdKind {
         deleted: bool,
     },
     /// A listening TCP socket, a bound UDP socket or a listening Unix socket.
-    ListeningSocket { proto: SocketProto, address: String },
+    ListeningSocket {
+        proto: SocketProto,
+        address: String,
+    },
     /// Any other socket (connected, or not found in the process's socket tables).
-    Socket { inode: u64 },
-    Pipe { inode: u64 },
+    Socket {
+        inode: u64,
+    },
+    Pipe {
+        inode: u64,
+    },
     /// Anything else (eventfd, epoll, timerfd, ...): see `target`.
     Other,
 }
@@ -220,6 +231,7 @@ const LIMIT_NAMES: [(&str, &str); 16] = [
 ];
 
 /// The `RLIMIT_*` number of a short resource name.
+#[allow(clippy::unnecessary_cast)] // the libc type differs between C libraries
 pub fn rlimit_resource(name: &str) -> Option<u32> {
     Some(match name {
         "cpu" => libc::RLIMIT_CPU,
@@ -450,7 +462,12 @@ fn hex_ip(path: &Path, s: &str) -> Result<std::net::IpAddr> {
 
 /// Parses `/proc/PID/net/{tcp,tcp6,udp,udp6}` and keeps listening (TCP state `0A`) or
 /// bound-unconnected (UDP state `07`) sockets.
-pub fn parse_inet_table(path: &Path, text: &str, proto: SocketProto, out: &mut SocketTable) -> Result<()> {
+pub fn parse_inet_table(
+    path: &Path,
+    text: &str,
+    proto: SocketProto,
+    out: &mut SocketTable,
+) -> Result<()> {
     let want = if matches!(proto, SocketProto::Tcp | SocketProto::Tcp6) {
         "0A"
     } else {
@@ -462,19 +479,25 @@ pub fn parse_inet_table(path: &Path, text: &str, proto: SocketProto, out: &mut S
             continue;
         }
         if f.len() < 10 {
-            return Err(StateError::malformed(path, format!("line {}: too few fields", n + 1)));
+            return Err(StateError::malformed(
+                path,
+                format!("line {}: too few fields", n + 1),
+            ));
         }
         if f[3] != want {
             continue;
         }
-        let (ip, port) = f[1]
-            .split_once(':')
-            .ok_or_else(|| StateError::malformed(path, format!("line {}: bad local address", n + 1)))?;
+        let (ip, port) = f[1].split_once(':').ok_or_else(|| {
+            StateError::malformed(path, format!("line {}: bad local address", n + 1))
+        })?;
         let ip = hex_ip(path, ip)?;
         let port = u16::from_str_radix(port, 16)
             .map_err(|_| StateError::malformed(path, format!("line {}: bad port", n + 1)))?;
         let inode: u64 = procfs::parse_num(path, "inode", f[9])?;
-        out.insert(inode, (proto, std::net::SocketAddr::new(ip, port).to_string()));
+        out.insert(
+            inode,
+            (proto, std::net::SocketAddr::new(ip, port).to_string()),
+        );
     }
     Ok(())
 }
@@ -487,7 +510,10 @@ pub fn parse_unix_table(path: &Path, text: &str, out: &mut SocketTable) -> Resul
             continue;
         }
         if f.len() < 7 {
-            return Err(StateError::malformed(path, format!("line {}: too few fields", n + 1)));
+            return Err(StateError::malformed(
+                path,
+                format!("line {}: too few fields", n + 1),
+            ));
         }
         let flags = u32::from_str_radix(f[3], 16)
             .map_err(|_| StateError::malformed(path, format!("line {}: bad flags", n + 1)))?;
@@ -559,12 +585,19 @@ pub fn cgroup2_mount(root: &Path) -> Result<Option<String>> {
         .map(|m| m.mount_point))
 }
 
-fn read_cgroup_file(root: &Path, mount: Option<&str>, cg: &str, file: &str) -> Result<Option<String>> {
+fn read_cgroup_file(
+    root: &Path,
+    mount: Option<&str>,
+    cg: &str,
+    file: &str,
+) -> Result<Option<String>> {
     let Some(mount) = mount else { return Ok(None) };
     if cg.is_empty() {
         return Ok(None);
     }
-    let path = under(root, mount).join(cg.trim_start_matches('/')).join(file);
+    let path = under(root, mount)
+        .join(cg.trim_start_matches('/'))
+        .join(file);
     Ok(procfs::read_text_opt(&path)?.map(|s| s.trim().to_owned()))
 }
 
@@ -574,13 +607,23 @@ pub fn capture_task(root: &Path, pid: i32, opts: &CaptureOptions) -> Result<Task
     capture_with_retries(root, pid, opts, cg_mount.as_deref())
 }
 
-fn capture_with_retries(root: &Path, pid: i32, opts: &CaptureOptions, cg_mount: Option<&str>) -> Result<TaskRecord> {
+fn capture_with_retries(
+    root: &Path,
+    pid: i32,
+    opts: &CaptureOptions,
+    cg_mount: Option<&str>,
+) -> Result<TaskRecord> {
     let mut attempt = 0;
     loop {
         match capture_task_inner(root, pid, opts, cg_mount, &mut || {}) {
             Err(StateError::ProcessChanged { what, .. }) if attempt < opts.retries_on_change => {
                 attempt += 1;
-                tracing::debug!(pid, attempt, what, "process changed during capture; retrying");
+                tracing::debug!(
+                    pid,
+                    attempt,
+                    what,
+                    "process changed during capture; retrying"
+                );
                 std::thread::sleep(std::time::Duration::from_millis(20 << attempt.min(5)));
             }
             r => return r,
@@ -628,9 +671,17 @@ pub(crate) fn capture_task_inner(
     let body = || -> Result<TaskRecord> {
         let exe = procfs::read_link(&p("exe"))?;
         let cmdline_path = p("cmdline");
-        let cmdline = nul_list(&cmdline_path, &procfs::read_bytes(&cmdline_path)?, "cmdline")?;
+        let cmdline = nul_list(
+            &cmdline_path,
+            &procfs::read_bytes(&cmdline_path)?,
+            "cmdline",
+        )?;
         let environ_path = p("environ");
-        let environ = nul_list(&environ_path, &procfs::read_bytes(&environ_path)?, "environ")?;
+        let environ = nul_list(
+            &environ_path,
+            &procfs::read_bytes(&environ_path)?,
+            "environ",
+        )?;
         let cwd = procfs::read_link(&p("cwd"))?;
         let status_path = p("status");
         let status = parse_status(&status_path, &procfs::read_text(&status_path)?)?;
@@ -694,10 +745,9 @@ fn capture_fds(root: &Path, pid: i32, opts: &CaptureOptions) -> Result<Vec<FdRec
         let ent = ent.map_err(|e| StateError::io(&dir, e))?;
         let name = ent.file_name();
         let name = name.to_string_lossy();
-        fds.push(
-            name.parse()
-                .map_err(|_| StateError::malformed(&dir, format!("entry {name:?} is not an fd number")))?,
-        );
+        fds.push(name.parse().map_err(|_| {
+            StateError::malformed(&dir, format!("entry {name:?} is not an fd number"))
+        })?);
     }
     fds.sort_unstable();
     let mut sockets: Option<SocketTable> = None;
@@ -866,7 +916,10 @@ mod tests {
             fs::remove_dir_all(&dir).unwrap();
         })
         .unwrap_err();
-        assert!(matches!(e, StateError::ProcessVanished { pid: 4242 }), "{e}");
+        assert!(
+            matches!(e, StateError::ProcessVanished { pid: 4242 }),
+            "{e}"
+        );
     }
 
     #[test]
@@ -874,7 +927,9 @@ mod tests {
         let (_t, root) = fixture_copy();
         let stat = root.join("proc/4242/stat");
         let e = capture_task_inner(&root, 4242, &opts(), None, &mut || {
-            let s = fs::read_to_string(&stat).unwrap().replacen(" 1000 ", " 2000 ", 1);
+            let s = fs::read_to_string(&stat)
+                .unwrap()
+                .replacen(" 1000 ", " 2000 ", 1);
             fs::write(&stat, s).unwrap();
         })
         .unwrap_err();
@@ -890,12 +945,17 @@ mod tests {
         let stat = root.join("proc/4242/stat");
         let exe = root.join("proc/4242/exe");
         let e = capture_task_inner(&root, 4242, &opts(), None, &mut || {
-            let s = fs::read_to_string(&stat).unwrap().replacen(" 1000 ", " 2000 ", 1);
+            let s = fs::read_to_string(&stat)
+                .unwrap()
+                .replacen(" 1000 ", " 2000 ", 1);
             fs::write(&stat, s).unwrap();
             fs::remove_file(&exe).unwrap();
         })
         .unwrap_err();
-        assert!(matches!(e, StateError::ProcessChanged { pid: 4242, .. }), "{e}");
+        assert!(
+            matches!(e, StateError::ProcessChanged { pid: 4242, .. }),
+            "{e}"
+        );
     }
 
     #[test]
@@ -915,10 +975,23 @@ mod tests {
     #[test]
     fn parsers_never_panic_on_garbage() {
         let p = Path::new("x");
-        for s in ["", ")", "(", "1 ) (", "1 (a) S", "\u{0}\u{ff}", "1 (a) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 x"] {
+        for s in [
+            "",
+            ")",
+            "(",
+            "1 ) (",
+            "1 (a) S",
+            "\u{0}\u{ff}",
+            "1 (a) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 x",
+        ] {
             assert!(parse_stat(p, s).is_err(), "{s:?}");
         }
-        for s in ["", "Limit\nMax open files", "Limit\nMax open files 1", "nothing"] {
+        for s in [
+            "",
+            "Limit\nMax open files",
+            "Limit\nMax open files 1",
+            "nothing",
+        ] {
             assert!(parse_limits(p, s).is_err(), "{s:?}");
         }
         assert!(parse_status(p, "Uid: 1\nGid: 1 1\nGroups:\nCpus_allowed_list: 0").is_err());
@@ -926,8 +999,24 @@ mod tests {
         assert_eq!(parse_cgroup(p, "").unwrap(), "");
         assert!(parse_fdinfo(p, "pos: x\nflags: 0").is_err());
         let mut t = SocketTable::new();
-        assert!(parse_inet_table(p, "h\n 0: 0100007F:ZZZZ 0:0 0A a b c d e 1\n", SocketProto::Tcp, &mut t).is_err());
-        assert!(parse_inet_table(p, "h\n 0: 01007F:0050 0:0 0A a b c d e 1\n", SocketProto::Tcp, &mut t).is_err());
+        assert!(
+            parse_inet_table(
+                p,
+                "h\n 0: 0100007F:ZZZZ 0:0 0A a b c d e 1\n",
+                SocketProto::Tcp,
+                &mut t
+            )
+            .is_err()
+        );
+        assert!(
+            parse_inet_table(
+                p,
+                "h\n 0: 01007F:0050 0:0 0A a b c d e 1\n",
+                SocketProto::Tcp,
+                &mut t
+            )
+            .is_err()
+        );
         assert!(parse_unix_table(p, "h\n0: 1 0 zz 1 1 5\n", &mut t).is_err());
     }
 

@@ -23,20 +23,44 @@ fn v1_task() -> v1::TaskStateV1 {
             starttime: 123456,
             comm: "kv".into(),
             exe: "/usr/bin/mk-demo-kv".into(),
-            cmdline: vec!["mk-demo-kv".into(), "--listen".into(), "127.0.0.1:7000".into()],
+            cmdline: vec![
+                "mk-demo-kv".into(),
+                "--listen".into(),
+                "127.0.0.1:7000".into(),
+            ],
             environ: vec!["HOME=/var/lib/kv".into(), "RUST_LOG=info".into()],
             cwd: "/var/lib/kv".into(),
             uid: 1000,
             gid: 1000,
-            rlimits: vec![Rlimit { resource: "nofile".into(), soft: Some(1024), hard: Some(4096) }],
+            rlimits: vec![Rlimit {
+                resource: "nofile".into(),
+                soft: Some(1024),
+                hard: Some(4096),
+            }],
             affinity: vec![0, 1],
-            sched: Sched { policy: SchedPolicy::Other, rt_priority: 0, nice: 0 },
+            sched: Sched {
+                policy: SchedPolicy::Other,
+                rt_priority: 0,
+                nice: 0,
+            },
             cgroup: "/mk.slice/kv".into(),
             fds: vec![
-                v1::FdRecordV1 { fd: 0, target: "/dev/null".into() },
-                v1::FdRecordV1 { fd: 3, target: "/memfd:kv-data (deleted)".into() },
-                v1::FdRecordV1 { fd: 4, target: "socket:[98765]".into() },
-                v1::FdRecordV1 { fd: 5, target: "pipe:[111]".into() },
+                v1::FdRecordV1 {
+                    fd: 0,
+                    target: "/dev/null".into(),
+                },
+                v1::FdRecordV1 {
+                    fd: 3,
+                    target: "/memfd:kv-data (deleted)".into(),
+                },
+                v1::FdRecordV1 {
+                    fd: 4,
+                    target: "socket:[98765]".into(),
+                },
+                v1::FdRecordV1 {
+                    fd: 5,
+                    target: "pipe:[111]".into(),
+                },
             ],
         }],
     }
@@ -45,9 +69,18 @@ fn v1_task() -> v1::TaskStateV1 {
 fn v1_memory() -> v1::MemoryStateV1 {
     v1::MemoryStateV1 {
         schema_version: 1,
-        regions: vec![v1::MemoryRegionV1 { token: "kv-data".into(), digest: RegionDigest::of_bytes(b"kv contents") }],
-        hugepages: vec![HugepagePool { page_size_kb: 2048, nr_hugepages: 8 }],
-        vm: v1::VmSysctlsV1 { overcommit_memory: Some(1), swappiness: Some(10) },
+        regions: vec![v1::MemoryRegionV1 {
+            token: "kv-data".into(),
+            digest: RegionDigest::of_bytes(b"kv contents"),
+        }],
+        hugepages: vec![HugepagePool {
+            page_size_kb: 2048,
+            nr_hugepages: 8,
+        }],
+        vm: v1::VmSysctlsV1 {
+            overcommit_memory: Some(1),
+            swappiness: Some(10),
+        },
     }
 }
 
@@ -60,7 +93,10 @@ fn v1_device() -> v1::DeviceStateV1 {
             mac: Some("02:fc:00:00:00:01".into()),
             mtu: Some(1500),
             up: true,
-            addresses: vec![IpPrefix { address: "10.0.0.2".parse().unwrap(), prefix_len: 24 }],
+            addresses: vec![IpPrefix {
+                address: "10.0.0.2".parse().unwrap(),
+                prefix_len: 24,
+            }],
         }],
         pci: vec![PciDevice {
             address: "0000:00:03.0".into(),
@@ -69,7 +105,13 @@ fn v1_device() -> v1::DeviceStateV1 {
             class: "0x020000".into(),
             driver: Some("virtio-pci".into()),
         }],
-        block: vec![BlockDevice { name: "vda".into(), dev: "254:0".into(), size_bytes: 1 << 30, removable: false, read_only: false }],
+        block: vec![BlockDevice {
+            name: "vda".into(),
+            dev: "254:0".into(),
+            size_bytes: 1 << 30,
+            removable: false,
+            read_only: false,
+        }],
         mounts: vec![MountEntry {
             mount_id: 27,
             parent_id: 1,
@@ -91,11 +133,32 @@ fn v1_device() -> v1::DeviceStateV1 {
 #[ignore = "regenerates committed fixtures"]
 fn generate_v1_fixtures() {
     let d = fixtures();
-    std::fs::write(d.join("task-v1.postcard"), postcard::to_stdvec(&v1_task()).unwrap()).unwrap();
-    std::fs::write(d.join("memory-v1.postcard"), postcard::to_stdvec(&v1_memory()).unwrap()).unwrap();
-    std::fs::write(d.join("device-v1.postcard"), postcard::to_stdvec(&v1_device()).unwrap()).unwrap();
-    let c = CaptureV1 { schema_version: 1, tasks: Some(v1_task()), memory: Some(v1_memory()), device: Some(v1_device()) };
-    std::fs::write(d.join("capture-v1.json"), serde_json::to_string_pretty(&c).unwrap() + "\n").unwrap();
+    std::fs::write(
+        d.join("task-v1.postcard"),
+        postcard::to_stdvec(&v1_task()).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("memory-v1.postcard"),
+        postcard::to_stdvec(&v1_memory()).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("device-v1.postcard"),
+        postcard::to_stdvec(&v1_device()).unwrap(),
+    )
+    .unwrap();
+    let c = CaptureV1 {
+        schema_version: 1,
+        tasks: Some(v1_task()),
+        memory: Some(v1_memory()),
+        device: Some(v1_device()),
+    };
+    std::fs::write(
+        d.join("capture-v1.json"),
+        serde_json::to_string_pretty(&c).unwrap() + "\n",
+    )
+    .unwrap();
 }
 
 fn read(name: &str) -> Vec<u8> {
@@ -105,9 +168,18 @@ fn read(name: &str) -> Vec<u8> {
 #[test]
 fn v1_layout_is_frozen() {
     // The version-1 types must keep encoding exactly as the committed bytes.
-    assert_eq!(postcard::to_stdvec(&v1_task()).unwrap(), read("task-v1.postcard"));
-    assert_eq!(postcard::to_stdvec(&v1_memory()).unwrap(), read("memory-v1.postcard"));
-    assert_eq!(postcard::to_stdvec(&v1_device()).unwrap(), read("device-v1.postcard"));
+    assert_eq!(
+        postcard::to_stdvec(&v1_task()).unwrap(),
+        read("task-v1.postcard")
+    );
+    assert_eq!(
+        postcard::to_stdvec(&v1_memory()).unwrap(),
+        read("memory-v1.postcard")
+    );
+    assert_eq!(
+        postcard::to_stdvec(&v1_device()).unwrap(),
+        read("device-v1.postcard")
+    );
 }
 
 #[test]
@@ -117,12 +189,30 @@ fn v1_task_fixture_migrates() {
     let r = &t.tasks[0];
     assert_eq!((r.pid, r.ppid, r.starttime), (4242, 1, 123456));
     assert_eq!(r.cmdline, vec!["mk-demo-kv", "--listen", "127.0.0.1:7000"]);
-    assert_eq!((r.creds.uid, r.creds.euid, r.creds.gid, r.creds.egid), (1000, 1000, 1000, 1000));
+    assert_eq!(
+        (r.creds.uid, r.creds.euid, r.creds.gid, r.creds.egid),
+        (1000, 1000, 1000, 1000)
+    );
     assert!(r.creds.groups.is_empty());
     assert_eq!(r.cgroup.path, "/mk.slice/kv");
-    assert_eq!((r.cgroup.cpu_max.clone(), r.cgroup.memory_max.clone(), r.cgroup.cpuset_cpus.clone()), (None, None, None));
+    assert_eq!(
+        (
+            r.cgroup.cpu_max.clone(),
+            r.cgroup.memory_max.clone(),
+            r.cgroup.cpuset_cpus.clone()
+        ),
+        (None, None, None)
+    );
     let kinds: Vec<&FdKind> = r.fds.iter().map(|f| &f.kind).collect();
-    assert_eq!(kinds, vec![&FdKind::Other, &FdKind::Other, &FdKind::Socket { inode: 98765 }, &FdKind::Pipe { inode: 111 }]);
+    assert_eq!(
+        kinds,
+        vec![
+            &FdKind::Other,
+            &FdKind::Other,
+            &FdKind::Socket { inode: 98765 },
+            &FdKind::Pipe { inode: 111 }
+        ]
+    );
     assert_eq!(r.fds[1].target, "/memfd:kv-data (deleted)");
     // And re-encodes as the current version.
     let (v, bytes) = encode(&t).unwrap();
@@ -136,7 +226,10 @@ fn v1_memory_and_device_fixtures_migrate() {
     assert_eq!(m.regions[0].token, "kv-data");
     assert_eq!(m.regions[0].digest, RegionDigest::of_bytes(b"kv contents"));
     assert_eq!((m.regions[0].seals, m.regions[0].name.as_str()), (0, ""));
-    assert_eq!((m.vm.overcommit_memory, m.vm.swappiness), (Some(1), Some(10)));
+    assert_eq!(
+        (m.vm.overcommit_memory, m.vm.swappiness),
+        (Some(1), Some(10))
+    );
     assert_eq!((m.vm.overcommit_ratio, m.vm.max_map_count), (None, None));
     let d: DeviceState = decode(1, &read("device-v1.postcard")).unwrap();
     assert_eq!(d.interfaces[0].name, "eth0");
@@ -151,9 +244,18 @@ fn v1_json_capture_migrates_and_equals_postcard_migration() {
     let text = std::fs::read_to_string(fixtures().join("capture-v1.json")).unwrap();
     let c = codec::from_json(&text).unwrap();
     assert_eq!(c.schema_version, SCHEMA_VERSION);
-    assert_eq!(c.tasks.unwrap(), decode::<TaskState>(1, &read("task-v1.postcard")).unwrap());
-    assert_eq!(c.memory.unwrap(), decode::<MemoryState>(1, &read("memory-v1.postcard")).unwrap());
-    assert_eq!(c.device.unwrap(), decode::<DeviceState>(1, &read("device-v1.postcard")).unwrap());
+    assert_eq!(
+        c.tasks.unwrap(),
+        decode::<TaskState>(1, &read("task-v1.postcard")).unwrap()
+    );
+    assert_eq!(
+        c.memory.unwrap(),
+        decode::<MemoryState>(1, &read("memory-v1.postcard")).unwrap()
+    );
+    assert_eq!(
+        c.device.unwrap(),
+        decode::<DeviceState>(1, &read("device-v1.postcard")).unwrap()
+    );
 }
 
 #[test]
@@ -169,9 +271,23 @@ fn refusals_are_typed() {
     let t: TaskState = decode(1, &read("task-v1.postcard")).unwrap();
     let (_, bytes) = encode(&t).unwrap();
     let e = decode::<TaskState>(3, &bytes).unwrap_err();
-    assert!(matches!(e, StateError::UnsupportedVersion { found: 3, min: 1, max: 2, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            StateError::UnsupportedVersion {
+                found: 3,
+                min: 1,
+                max: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
     let e = decode::<TaskState>(0, &bytes).unwrap_err();
-    assert!(matches!(e, StateError::UnsupportedVersion { found: 0, .. }), "{e}");
+    assert!(
+        matches!(e, StateError::UnsupportedVersion { found: 0, .. }),
+        "{e}"
+    );
     let mut long = bytes.clone();
     long.push(0);
     let e = decode::<TaskState>(2, &long).unwrap_err();
@@ -189,7 +305,10 @@ fn refusals_are_typed() {
     wrong.schema_version = 7;
     assert!(matches!(encode(&wrong), Err(StateError::Encode { .. })));
     let e = codec::from_json("{\"schema_version\": 9}").unwrap_err();
-    assert!(matches!(e, StateError::UnsupportedVersion { found: 9, .. }), "{e}");
+    assert!(
+        matches!(e, StateError::UnsupportedVersion { found: 9, .. }),
+        "{e}"
+    );
     let e = codec::from_json("not json").unwrap_err();
     assert!(matches!(e, StateError::Decode { .. }), "{e}");
     let e = codec::from_json("{\"schema_version\": 2, \"tasks\": {\"schema_version\": 1, \"tasks\": []}, \"memory\": null, \"device\": null}").unwrap_err();
@@ -200,7 +319,12 @@ fn refusals_are_typed() {
 
 #[test]
 fn capture_type_round_trips_through_json() {
-    let c = Capture { schema_version: SCHEMA_VERSION, tasks: None, memory: None, device: None };
+    let c = Capture {
+        schema_version: SCHEMA_VERSION,
+        tasks: None,
+        memory: None,
+        device: None,
+    };
     assert_eq!(codec::from_json(&codec::to_json(&c).unwrap()).unwrap(), c);
 }
 

@@ -30,9 +30,15 @@ fn well_formed_process_every_field() {
     assert_eq!(r.comm, "sleep");
     assert_eq!(r.exe, "/usr/bin/sleep");
     assert_eq!(r.cmdline, vec!["sleep", "0", "--flag=a b"]);
-    assert_eq!(r.environ, vec!["HOME=/root", "PATH=/usr/bin:/bin", "MK_TEST=1"]);
+    assert_eq!(
+        r.environ,
+        vec!["HOME=/root", "PATH=/usr/bin:/bin", "MK_TEST=1"]
+    );
     assert_eq!(r.cwd, "/srv/app");
-    assert_eq!((r.creds.uid, r.creds.euid, r.creds.gid, r.creds.egid), (1000, 1000, 100, 100));
+    assert_eq!(
+        (r.creds.uid, r.creds.euid, r.creds.gid, r.creds.egid),
+        (1000, 1000, 100, 100)
+    );
     assert_eq!(r.creds.groups, vec![10, 20]);
     assert_eq!(r.affinity, vec![0, 1]);
     assert_eq!(r.sched.policy, SchedPolicy::Other);
@@ -50,13 +56,45 @@ fn well_formed_process_every_field() {
     assert_eq!(
         kinds,
         vec![
-            (0, &FdKind::File { path: "/dev/null".into(), offset: 0, deleted: false }),
+            (
+                0,
+                &FdKind::File {
+                    path: "/dev/null".into(),
+                    offset: 0,
+                    deleted: false
+                }
+            ),
             (3, &FdKind::Pipe { inode: 123 }),
-            (4, &FdKind::ListeningSocket { proto: SocketProto::Tcp, address: "127.0.0.1:8080".into() }),
-            (5, &FdKind::ListeningSocket { proto: SocketProto::Unix, address: "/run/app.sock".into() }),
-            (6, &FdKind::File { path: "/var/lib/app/data.db".into(), offset: 4096, deleted: true }),
+            (
+                4,
+                &FdKind::ListeningSocket {
+                    proto: SocketProto::Tcp,
+                    address: "127.0.0.1:8080".into()
+                }
+            ),
+            (
+                5,
+                &FdKind::ListeningSocket {
+                    proto: SocketProto::Unix,
+                    address: "/run/app.sock".into()
+                }
+            ),
+            (
+                6,
+                &FdKind::File {
+                    path: "/var/lib/app/data.db".into(),
+                    offset: 4096,
+                    deleted: true
+                }
+            ),
             (7, &FdKind::Other),
-            (8, &FdKind::ListeningSocket { proto: SocketProto::Tcp6, address: "[::1]:80".into() }),
+            (
+                8,
+                &FdKind::ListeningSocket {
+                    proto: SocketProto::Tcp6,
+                    address: "[::1]:80".into()
+                }
+            ),
         ]
     );
     assert_eq!(r.fds[0].flags, 0o100002);
@@ -73,7 +111,10 @@ fn comm_with_parentheses_and_process_tree() {
     let no_tree = task::capture_tasks(
         &root(),
         &[4241, 4241],
-        &CaptureOptions { descendants: false, ..opts() },
+        &CaptureOptions {
+            descendants: false,
+            ..opts()
+        },
     )
     .unwrap();
     assert_eq!(no_tree.tasks.len(), 1);
@@ -82,15 +123,24 @@ fn comm_with_parentheses_and_process_tree() {
 #[test]
 fn vanished_process_is_typed() {
     let e = task::capture_task(&root(), 4249, &opts()).unwrap_err();
-    assert!(matches!(e, StateError::ProcessVanished { pid: 4249 }), "{e}");
+    assert!(
+        matches!(e, StateError::ProcessVanished { pid: 4249 }),
+        "{e}"
+    );
     let e = task::capture_tasks(&root(), &[4242, 4249], &opts()).unwrap_err();
-    assert!(matches!(e, StateError::ProcessVanished { pid: 4249 }), "{e}");
+    assert!(
+        matches!(e, StateError::ProcessVanished { pid: 4249 }),
+        "{e}"
+    );
 }
 
 #[test]
 fn zombie_counts_as_vanished() {
     let e = task::capture_task(&root(), 4255, &opts()).unwrap_err();
-    assert!(matches!(e, StateError::ProcessVanished { pid: 4255 }), "{e}");
+    assert!(
+        matches!(e, StateError::ProcessVanished { pid: 4255 }),
+        "{e}"
+    );
 }
 
 #[test]
@@ -104,7 +154,10 @@ fn malformed_content_names_file_and_field() {
     for (pid, file, what) in cases {
         let e = task::capture_task(&root(), pid, &opts()).unwrap_err();
         let msg = e.to_string();
-        assert!(matches!(e, StateError::Malformed { .. }), "pid {pid}: {msg}");
+        assert!(
+            matches!(e, StateError::Malformed { .. }),
+            "pid {pid}: {msg}"
+        );
         assert!(msg.contains(file) && msg.contains(what), "pid {pid}: {msg}");
     }
 }
@@ -112,7 +165,16 @@ fn malformed_content_names_file_and_field() {
 #[test]
 fn non_utf8_argument_is_refused_clearly() {
     let e = task::capture_task(&root(), 4256, &opts()).unwrap_err();
-    assert!(matches!(e, StateError::NotUtf8 { field: "cmdline", .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            StateError::NotUtf8 {
+                field: "cmdline",
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("4256/cmdline"), "{e}");
 }
 
@@ -157,10 +219,17 @@ fn permission_denied_is_typed_and_names_the_file() {
     copy_tree(&root(), tmp.path());
     let r = tmp.path().join("root");
     let environ = r.join("proc/4242/environ");
-    std::fs::set_permissions(&environ, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+    std::fs::set_permissions(
+        &environ,
+        std::os::unix::fs::PermissionsExt::from_mode(0o000),
+    )
+    .unwrap();
     let e = capture_as_nobody(r.clone(), 4242).unwrap_err();
     assert!(matches!(e, StateError::PermissionDenied { .. }), "{e}");
-    assert!(e.to_string().contains("4242/environ") && e.to_string().contains("root"), "{e}");
+    assert!(
+        e.to_string().contains("4242/environ") && e.to_string().contains("root"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -170,7 +239,11 @@ fn memory_fixture_capture_and_restore() {
     assert_eq!(m.vm.overcommit_ratio, Some(50));
     assert_eq!(m.vm.swappiness, Some(60));
     assert_eq!(m.vm.max_map_count, Some(65530));
-    let pools: Vec<(u64, u64)> = m.hugepages.iter().map(|p| (p.page_size_kb, p.nr_hugepages)).collect();
+    let pools: Vec<(u64, u64)> = m
+        .hugepages
+        .iter()
+        .map(|p| (p.page_size_kb, p.nr_hugepages))
+        .collect();
     assert_eq!(pools, vec![(2048, 16), (1048576, 0)]);
 
     // Restore into a copy: values differ, get written, and are read back.
@@ -182,15 +255,25 @@ fn memory_fixture_capture_and_restore() {
     want.hugepages[0].nr_hugepages = 32;
     let rep = memory::restore_memory(&r, &want, state_serializers::Policy::Strict).unwrap();
     assert!(rep.not_applied.is_empty(), "{rep:?}");
-    assert_eq!(std::fs::read_to_string(r.join("proc/sys/vm/swappiness")).unwrap().trim(), "10");
     assert_eq!(
-        std::fs::read_to_string(r.join("sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")).unwrap().trim(),
+        std::fs::read_to_string(r.join("proc/sys/vm/swappiness"))
+            .unwrap()
+            .trim(),
+        "10"
+    );
+    assert_eq!(
+        std::fs::read_to_string(r.join("sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"))
+            .unwrap()
+            .trim(),
         "32"
     );
     assert_eq!(memory::capture_memory(&r, &[]).unwrap(), want);
 
     // A pool size the new kernel lacks, and a sysctl it lacks.
-    want.hugepages.push(memory::HugepagePool { page_size_kb: 16384, nr_hugepages: 1 });
+    want.hugepages.push(memory::HugepagePool {
+        page_size_kb: 16384,
+        nr_hugepages: 1,
+    });
     std::fs::remove_file(r.join("proc/sys/vm/max_map_count")).unwrap();
     let e = memory::restore_memory(&r, &want, state_serializers::Policy::Strict).unwrap_err();
     match e {
@@ -226,11 +309,22 @@ fn device_fixture_pci_block_mounts() {
     let blocks: Vec<(&str, &str, u64, bool, bool)> = d
         .block
         .iter()
-        .map(|b| (b.name.as_str(), b.dev.as_str(), b.size_bytes, b.removable, b.read_only))
+        .map(|b| {
+            (
+                b.name.as_str(),
+                b.dev.as_str(),
+                b.size_bytes,
+                b.removable,
+                b.read_only,
+            )
+        })
         .collect();
     assert_eq!(
         blocks,
-        vec![("sr0", "11:0", 2048 * 512, true, true), ("vda", "254:0", 41943040 * 512, false, false)]
+        vec![
+            ("sr0", "11:0", 2048 * 512, true, true),
+            ("vda", "254:0", 41943040 * 512, false, false)
+        ]
     );
     assert_eq!(d.mounts.len(), 4);
     assert_eq!(d.mounts[3].mount_point, "/srv/with space");
@@ -244,8 +338,14 @@ fn device_fixture_malformed_block_size() {
     let r = tmp.path().join("root");
     std::fs::write(r.join("sys/block/vda/size"), "99999999999999999999999\n").unwrap();
     let e = device::capture_device(&r, false).unwrap_err();
-    assert!(matches!(e, StateError::Malformed { .. }) && e.to_string().contains("vda/size"), "{e}");
+    assert!(
+        matches!(e, StateError::Malformed { .. }) && e.to_string().contains("vda/size"),
+        "{e}"
+    );
     std::fs::remove_file(r.join("sys/block/vda/size")).unwrap();
     let e = device::capture_device(&r, false).unwrap_err();
-    assert!(matches!(e, StateError::Io { .. }) && e.to_string().contains("vda/size"), "{e}");
+    assert!(
+        matches!(e, StateError::Io { .. }) && e.to_string().contains("vda/size"),
+        "{e}"
+    );
 }

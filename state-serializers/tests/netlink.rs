@@ -14,7 +14,13 @@ fn reads_this_hosts_interfaces() {
     let lo = links.iter().find(|l| l.name == "lo").expect("loopback");
     assert_eq!(lo.index, 1);
     assert!(lo.up);
-    assert!(lo.addresses.contains(&IpPrefix { address: "127.0.0.1".parse().unwrap(), prefix_len: 8 }), "{lo:?}");
+    assert!(
+        lo.addresses.contains(&IpPrefix {
+            address: "127.0.0.1".parse().unwrap(),
+            prefix_len: 8
+        }),
+        "{lo:?}"
+    );
     let mut sys: Vec<String> = std::fs::read_dir("/sys/class/net")
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -24,7 +30,11 @@ fn reads_this_hosts_interfaces() {
     nl.sort();
     assert_eq!(nl, sys);
     for l in &links {
-        let mtu: u32 = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", l.name)).unwrap().trim().parse().unwrap();
+        let mtu: u32 = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", l.name))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         assert_eq!(l.mtu, Some(mtu), "{}", l.name);
     }
     // Every route's interface is one of the links.
@@ -39,11 +49,22 @@ fn reads_this_hosts_interfaces() {
 }
 
 fn want_state() -> DeviceState {
-    let p = |a: &str, l: u8| IpPrefix { address: a.parse::<IpAddr>().unwrap(), prefix_len: l };
+    let p = |a: &str, l: u8| IpPrefix {
+        address: a.parse::<IpAddr>().unwrap(),
+        prefix_len: l,
+    };
     DeviceState {
         schema_version: SCHEMA_VERSION,
         interfaces: vec![
-            Interface { index: 0, name: "lo".into(), mac: None, mtu: None, up: true, kind: None, addresses: vec![] },
+            Interface {
+                index: 0,
+                name: "lo".into(),
+                mac: None,
+                mtu: None,
+                up: true,
+                kind: None,
+                addresses: vec![],
+            },
             Interface {
                 index: 0,
                 name: "mk0".into(),
@@ -53,7 +74,15 @@ fn want_state() -> DeviceState {
                 kind: Some("veth".into()),
                 addresses: vec![p("10.77.0.1", 24), p("fd00:77::1", 64)],
             },
-            Interface { index: 0, name: "mk1".into(), mac: None, mtu: None, up: true, kind: None, addresses: vec![] },
+            Interface {
+                index: 0,
+                name: "mk1".into(),
+                mac: None,
+                mtu: None,
+                up: true,
+                kind: None,
+                addresses: vec![],
+            },
         ],
         routes: vec![Route {
             destination: Some(p("10.78.0.0", 24)),
@@ -78,7 +107,15 @@ fn restore_in_private_namespace() {
         // Still check the policy logic that needs no namespace: a strict restore of an
         // absent interface is refused before anything is changed.
         let mut w = want_state();
-        w.interfaces = vec![Interface { index: 0, name: "mk-absent-9".into(), mac: None, mtu: Some(1), up: false, kind: None, addresses: vec![] }];
+        w.interfaces = vec![Interface {
+            index: 0,
+            name: "mk-absent-9".into(),
+            mac: None,
+            mtu: Some(1),
+            up: false,
+            kind: None,
+            addresses: vec![],
+        }];
         w.routes.clear();
         let e = device::restore_network(&w, Policy::Strict).unwrap_err();
         assert!(matches!(e, StateError::NotApplied { .. }), "{e}");
@@ -95,7 +132,10 @@ fn restore_in_private_namespace() {
                 .add(LinkVeth::new("mk0", "mk1").build())
                 .execute()
                 .await
-                .map_err(|e| StateError::Netlink { what: "add veth".into(), detail: e.to_string() })
+                .map_err(|e| StateError::Netlink {
+                    what: "add veth".into(),
+                    detail: e.to_string(),
+                })
         });
         if let Err(e) = created {
             eprintln!("SKIP restore_in_private_namespace: cannot create a veth pair: {e}");
@@ -107,10 +147,20 @@ fn restore_in_private_namespace() {
         assert_eq!(mk0.kind.as_deref(), Some("veth"));
 
         let mut want = want_state();
-        want.interfaces.push(Interface { index: 0, name: "absent0".into(), mac: None, mtu: Some(9000), up: true, kind: None, addresses: vec![] });
+        want.interfaces.push(Interface {
+            index: 0,
+            name: "absent0".into(),
+            mac: None,
+            mtu: Some(9000),
+            up: true,
+            kind: None,
+            addresses: vec![],
+        });
         // Strict: refused before anything changes.
         let e = device::restore_network(&want, Policy::Strict).unwrap_err();
-        let StateError::NotApplied { not_applied } = e else { panic!("{e}") };
+        let StateError::NotApplied { not_applied } = e else {
+            panic!("{e}")
+        };
         assert_eq!(not_applied.len(), 1);
         assert_eq!(not_applied[0].item, "interface absent0");
         let (unchanged, _) = device::capture_network().unwrap();
@@ -120,8 +170,19 @@ fn restore_in_private_namespace() {
         let rep = device::restore_network(&want, Policy::BestEffort).unwrap();
         let items: Vec<&str> = rep.not_applied.iter().map(|w| w.item.as_str()).collect();
         assert_eq!(items, vec!["interface absent0"], "{rep:?}");
-        for a in ["mk0 mtu 1400", "mk0 address 10.77.0.1/24", "mk0 address fd00:77::1/64", "mk0 up", "lo up", "mk1 up"] {
-            assert!(rep.applied.iter().any(|x| x == a), "{a} not in {:?}", rep.applied);
+        for a in [
+            "mk0 mtu 1400",
+            "mk0 address 10.77.0.1/24",
+            "mk0 address fd00:77::1/64",
+            "mk0 up",
+            "lo up",
+            "mk1 up",
+        ] {
+            assert!(
+                rep.applied.iter().any(|x| x == a),
+                "{a} not in {:?}",
+                rep.applied
+            );
         }
         let (links, routes) = device::capture_network().unwrap();
         let mk0 = links.iter().find(|l| l.name == "mk0").unwrap();
@@ -132,9 +193,11 @@ fn restore_in_private_namespace() {
         }
         assert!(links.iter().find(|l| l.name == "lo").unwrap().up);
         assert!(
-            routes.iter().any(|r| r.destination == want.routes[0].destination
-                && r.gateway == want.routes[0].gateway
-                && r.interface.as_deref() == Some("mk0")),
+            routes
+                .iter()
+                .any(|r| r.destination == want.routes[0].destination
+                    && r.gateway == want.routes[0].gateway
+                    && r.interface.as_deref() == Some("mk0")),
             "{routes:?}"
         );
 
@@ -142,7 +205,10 @@ fn restore_in_private_namespace() {
         want.interfaces.pop();
         let rep = device::restore_network(&want, Policy::Strict).unwrap();
         assert!(rep.not_applied.is_empty());
-        assert_eq!(rep.applied, vec!["route 10.78.0.0/24 via 10.77.0.2 dev mk0 table 254"]);
+        assert_eq!(
+            rep.applied,
+            vec!["route 10.78.0.0/24 via 10.77.0.2 dev mk0 table 254"]
+        );
 
         // A route over an interface the kernel lacks is reported, not panicked on.
         let mut bad = want.clone();

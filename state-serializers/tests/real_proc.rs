@@ -15,10 +15,15 @@ use state_serializers::restore::{self, SpawnOptions};
 use state_serializers::task::{self, CaptureOptions, FdKind, SocketProto, TaskRecord};
 use state_serializers::{Policy, RegionDigest, SCHEMA_VERSION, StateError, sys};
 
-const SEALS: u32 = (libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE) as u32;
+const SEALS: u32 =
+    (libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE) as u32;
 
 fn sealed_memfd(data: &[u8]) -> OwnedFd {
-    let fd = memfd_create(c"mk-test-data", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).unwrap();
+    let fd = memfd_create(
+        c"mk-test-data",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )
+    .unwrap();
     let mut f = std::fs::File::from(fd);
     f.write_all(data).unwrap();
     let fd = OwnedFd::from(f);
@@ -27,7 +32,9 @@ fn sealed_memfd(data: &[u8]) -> OwnedFd {
 }
 
 fn payload() -> Vec<u8> {
-    (0..(3 << 20) + 17).map(|i: usize| (i.wrapping_mul(2654435761) >> 13) as u8).collect()
+    (0..(3 << 20) + 17)
+        .map(|i: usize| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect()
 }
 
 struct Kill(Child);
@@ -61,7 +68,7 @@ fn start_workload(cwd: &Path, memfd: &OwnedFd, listener: &TcpListener) -> Kill {
         cmd.pre_exec(move || {
             sys::dup2_raw(m, 5)?;
             sys::dup2_raw(l, 6)?;
-            sys::setrlimit_raw(libc::RLIMIT_NOFILE as u32, 777, 888)?;
+            sys::setrlimit_raw(task::rlimit_resource("nofile").unwrap(), 777, 888)?;
             sys::set_affinity_raw(&set)?;
             sys::set_nice_raw(7)
         });
@@ -106,7 +113,13 @@ fn capture_real_child_every_field_then_restore_equivalent() {
     assert_eq!(rec.exe, "/usr/bin/sleep");
     assert_eq!(rec.comm, "sleep");
     assert_eq!(rec.cmdline, vec!["/usr/bin/sleep", "1000"]);
-    assert_eq!(rec.environ, vec!["MK_TEST_KEY=value with spaces=and equals", "PATH=/usr/bin:/bin"]);
+    assert_eq!(
+        rec.environ,
+        vec![
+            "MK_TEST_KEY=value with spaces=and equals",
+            "PATH=/usr/bin:/bin"
+        ]
+    );
     assert_eq!(rec.cwd, cwd.to_str().unwrap());
     let nofile = rec.rlimits.iter().find(|l| l.resource == "nofile").unwrap();
     assert_eq!((nofile.soft, nofile.hard), (Some(777), Some(888)));
@@ -114,25 +127,47 @@ fn capture_real_child_every_field_then_restore_equivalent() {
     assert_eq!(rec.sched.nice, 7);
     assert_eq!(rec.creds.uid, nix::unistd::getuid().as_raw());
     assert_eq!(rec.creds.gid, nix::unistd::getgid().as_raw());
-    let mut groups: Vec<u32> = nix::unistd::getgroups().unwrap().iter().map(|g| g.as_raw()).collect();
+    let mut groups: Vec<u32> = nix::unistd::getgroups()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_raw())
+        .collect();
     groups.sort_unstable();
     let mut got = rec.creds.groups.clone();
     got.sort_unstable();
     assert_eq!(got, groups);
-    let own_cg = task::parse_cgroup(Path::new("/proc/self/cgroup"), &std::fs::read_to_string("/proc/self/cgroup").unwrap()).unwrap();
+    let own_cg = task::parse_cgroup(
+        Path::new("/proc/self/cgroup"),
+        &std::fs::read_to_string("/proc/self/cgroup").unwrap(),
+    )
+    .unwrap();
     assert_eq!(rec.cgroup.path, own_cg);
     let fd5 = rec.fds.iter().find(|f| f.fd == 5).expect("fd 5 captured");
     assert_eq!(
         fd5.kind,
-        FdKind::Memfd { name: "mk-test-data".into(), size: data.len() as u64, seals: SEALS }
+        FdKind::Memfd {
+            name: "mk-test-data".into(),
+            size: data.len() as u64,
+            seals: SEALS
+        }
     );
     let fd6 = rec.fds.iter().find(|f| f.fd == 6).expect("fd 6 captured");
     assert_eq!(
         fd6.kind,
-        FdKind::ListeningSocket { proto: SocketProto::Tcp, address: format!("127.0.0.1:{port}") }
+        FdKind::ListeningSocket {
+            proto: SocketProto::Tcp,
+            address: format!("127.0.0.1:{port}")
+        }
     );
     let fd0 = rec.fds.iter().find(|f| f.fd == 0).unwrap();
-    assert_eq!(fd0.kind, FdKind::File { path: "/dev/null".into(), offset: 0, deleted: false });
+    assert_eq!(
+        fd0.kind,
+        FdKind::File {
+            path: "/dev/null".into(),
+            offset: 0,
+            deleted: false
+        }
+    );
 
     // Memory: the memfd of the task, digested through /proc/PID/fd/5.
     let regions = memory::regions_of_tasks(Path::new("/"), &state).unwrap();
@@ -155,8 +190,18 @@ fn capture_real_child_every_field_then_restore_equivalent() {
         },
     )
     .unwrap();
-    assert_eq!(spawned.fds, vec![state_serializers::fdenv::NamedFd { name: "data".into(), fd: 3 }]);
-    assert!(spawned.report.not_applied.is_empty(), "{:?}", spawned.report);
+    assert_eq!(
+        spawned.fds,
+        vec![state_serializers::fdenv::NamedFd {
+            name: "data".into(),
+            fd: 3
+        }]
+    );
+    assert!(
+        spawned.report.not_applied.is_empty(),
+        "{:?}",
+        spawned.report
+    );
     let restored = Kill(spawned.child);
     let rpid = restored.0.id() as i32;
     let again = capture(rpid);
@@ -176,13 +221,23 @@ fn capture_real_child_every_field_then_restore_equivalent() {
     assert_eq!(again.cgroup, rec.cgroup);
     let fd3 = again.fds.iter().find(|f| f.fd == 3).expect("memfd at fd 3");
     assert_eq!(fd3.kind, fd5.kind);
-    assert!(fd3.flags & libc::O_CLOEXEC as u32 == 0, "handed-over fd must survive exec");
-    assert!(again.fds.iter().all(|f| f.fd <= 3), "only stdio and the handed fd: {:?}", again.fds);
+    assert!(
+        fd3.flags & libc::O_CLOEXEC as u32 == 0,
+        "handed-over fd must survive exec"
+    );
+    assert!(
+        again.fds.iter().all(|f| f.fd <= 3),
+        "only stdio and the handed fd: {:?}",
+        again.fds
+    );
 
     // The contents in the restored task verify against the captured digest.
     let mstate = MemoryState {
         schema_version: SCHEMA_VERSION,
-        regions: vec![MemoryRegion { token: "data".into(), ..regions[0].clone() }],
+        regions: vec![MemoryRegion {
+            token: "data".into(),
+            ..regions[0].clone()
+        }],
         hugepages: vec![],
         vm: VmSysctls::default(),
     };
@@ -192,14 +247,22 @@ fn capture_real_child_every_field_then_restore_equivalent() {
     // A different memfd with other contents fails verification, naming the region.
     let other = sealed_memfd(b"not the same");
     let e = memory::verify_regions(&mstate, &[("data", other.as_fd())]).unwrap_err();
-    assert!(matches!(e, StateError::DigestMismatch { ref token, .. } if token == "data"), "{e}");
+    assert!(
+        matches!(e, StateError::DigestMismatch { ref token, .. } if token == "data"),
+        "{e}"
+    );
     // An unsealed memfd with the same contents lacks the captured seals.
     let unsealed = memfd_create(c"x", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING).unwrap();
-    std::fs::File::from(unsealed.try_clone().unwrap()).write_all(&data).unwrap();
+    std::fs::File::from(unsealed.try_clone().unwrap())
+        .write_all(&data)
+        .unwrap();
     let e = memory::verify_regions(&mstate, &[("data", unsealed.as_fd())]).unwrap_err();
     assert!(matches!(e, StateError::SealsMismatch { .. }), "{e}");
     let e = memory::verify_regions(&mstate, &[]).unwrap_err();
-    assert!(matches!(e, StateError::RegionMissing { ref token } if token == "data"), "{e}");
+    assert!(
+        matches!(e, StateError::RegionMissing { ref token } if token == "data"),
+        "{e}"
+    );
     drop(child);
 }
 
@@ -209,7 +272,10 @@ fn exited_and_reaped_child_is_vanished() {
     let pid = c.id() as i32;
     c.wait().unwrap();
     let e = task::capture_task(Path::new("/"), pid, &CaptureOptions::default()).unwrap_err();
-    assert!(matches!(e, StateError::ProcessVanished { pid: p } if p == pid), "{e}");
+    assert!(
+        matches!(e, StateError::ProcessVanished { pid: p } if p == pid),
+        "{e}"
+    );
 }
 
 #[test]
@@ -219,22 +285,43 @@ fn exited_unreaped_child_is_vanished() {
     // Wait (without reaping) until the child is a zombie.
     let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::zeroed();
     // SAFETY: waitid writes one siginfo_t into `info`; WNOWAIT leaves the child unreaped.
-    let r = unsafe { libc::waitid(libc::P_PID, pid as u32, info.as_mut_ptr(), libc::WEXITED | libc::WNOWAIT) };
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as u32,
+            info.as_mut_ptr(),
+            libc::WEXITED | libc::WNOWAIT,
+        )
+    };
     assert_eq!(r, 0);
     let e = task::capture_task(Path::new("/"), pid, &CaptureOptions::default()).unwrap_err();
-    assert!(matches!(e, StateError::ProcessVanished { pid: p } if p == pid), "{e}");
+    assert!(
+        matches!(e, StateError::ProcessVanished { pid: p } if p == pid),
+        "{e}"
+    );
     c.wait().unwrap();
 }
 
 #[test]
 fn restore_with_other_credentials_when_root() {
     if !is_root() {
-        eprintln!("SKIP restore_with_other_credentials_when_root: needs root (euid {})", sys::euid());
+        eprintln!(
+            "SKIP restore_with_other_credentials_when_root: needs root (euid {})",
+            sys::euid()
+        );
         // Non-root: a record with another uid is reported, and refused under Strict.
         let mut rec = template();
         rec.creds.uid = 65534;
         rec.fds.clear();
-        let e = restore::spawn(&rec, vec![], SpawnOptions { policy: Policy::Strict, ..SpawnOptions::default() }).unwrap_err();
+        let e = restore::spawn(
+            &rec,
+            vec![],
+            SpawnOptions {
+                policy: Policy::Strict,
+                ..SpawnOptions::default()
+            },
+        )
+        .unwrap_err();
         assert!(matches!(e, StateError::NotApplied { .. }), "{e}");
         return;
     }
@@ -248,7 +335,16 @@ fn restore_with_other_credentials_when_root() {
     rec.creds.gid = 65534;
     rec.creds.egid = 65534;
     rec.creds.groups = vec![4242, 65534];
-    let sp = restore::spawn(&rec, vec![], SpawnOptions { policy: Policy::Strict, stdout: Some(Stdio::null()), ..SpawnOptions::default() }).unwrap();
+    let sp = restore::spawn(
+        &rec,
+        vec![],
+        SpawnOptions {
+            policy: Policy::Strict,
+            stdout: Some(Stdio::null()),
+            ..SpawnOptions::default()
+        },
+    )
+    .unwrap();
     let k = Kill(sp.child);
     let got = capture(k.0.id() as i32);
     assert_eq!(got.creds, rec.creds);
@@ -261,11 +357,18 @@ fn restore_refuses_bad_fd_names_and_empty_cmdline() {
     rec.exe = "/usr/bin/sleep".into();
     rec.cmdline = vec!["sleep".into(), "1000".into()];
     let fd = sealed_memfd(b"x");
-    let e = restore::spawn(&rec, vec![("bad name".into(), fd)], SpawnOptions::default()).unwrap_err();
-    assert!(matches!(e, StateError::Invalid(ref m) if m.contains("MK_STATE_FDS")), "{e}");
+    let e =
+        restore::spawn(&rec, vec![("bad name".into(), fd)], SpawnOptions::default()).unwrap_err();
+    assert!(
+        matches!(e, StateError::Invalid(ref m) if m.contains("MK_STATE_FDS")),
+        "{e}"
+    );
     rec.cmdline.clear();
     let e = restore::spawn(&rec, vec![], SpawnOptions::default()).unwrap_err();
-    assert!(matches!(e, StateError::Invalid(ref m) if m.contains("empty cmdline")), "{e}");
+    assert!(
+        matches!(e, StateError::Invalid(ref m) if m.contains("empty cmdline")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -276,11 +379,29 @@ fn restore_reports_absent_cpus_and_missing_cwd() {
     rec.cwd = "/nonexistent/dir".into();
     rec.affinity = vec![0, 1000];
     rec.fds.clear();
-    let e = restore::spawn(&rec, vec![], SpawnOptions { policy: Policy::Strict, ..SpawnOptions::default() }).unwrap_err();
-    let StateError::NotApplied { not_applied } = e else { panic!("{e}") };
+    let e = restore::spawn(
+        &rec,
+        vec![],
+        SpawnOptions {
+            policy: Policy::Strict,
+            ..SpawnOptions::default()
+        },
+    )
+    .unwrap_err();
+    let StateError::NotApplied { not_applied } = e else {
+        panic!("{e}")
+    };
     let items: Vec<&str> = not_applied.iter().map(|w| w.item.as_str()).collect();
     assert_eq!(items, vec!["cwd /nonexistent/dir", "affinity 0,1000"]);
-    let sp = restore::spawn(&rec, vec![], SpawnOptions { stdout: Some(Stdio::null()), ..SpawnOptions::default() }).unwrap();
+    let sp = restore::spawn(
+        &rec,
+        vec![],
+        SpawnOptions {
+            stdout: Some(Stdio::null()),
+            ..SpawnOptions::default()
+        },
+    )
+    .unwrap();
     assert_eq!(sp.report.not_applied.len(), 2);
     let k = Kill(sp.child);
     let got = capture(k.0.id() as i32);
@@ -305,17 +426,28 @@ fn restore_recreates_cgroup_when_permitted() {
     rec.cgroup.memory_max = None;
     rec.cgroup.cpuset_cpus = None;
     let cpu_max_present = cg_root.join("cgroup.subtree_control").exists()
-        && std::fs::read_to_string(cg_root.join("cgroup.subtree_control")).unwrap().contains("cpu");
-    let r = restore::spawn(&rec, vec![], SpawnOptions {
-        cgroup_root: Some(cg_root.clone()),
-        stdout: Some(Stdio::null()),
-        ..SpawnOptions::default()
-    });
+        && std::fs::read_to_string(cg_root.join("cgroup.subtree_control"))
+            .unwrap()
+            .contains("cpu");
+    let r = restore::spawn(
+        &rec,
+        vec![],
+        SpawnOptions {
+            cgroup_root: Some(cg_root.clone()),
+            stdout: Some(Stdio::null()),
+            ..SpawnOptions::default()
+        },
+    );
     let dir = cg_root.join(name.trim_start_matches('/'));
     match r {
         Ok(sp) => {
             let k = Kill(sp.child);
-            let items: Vec<&str> = sp.report.not_applied.iter().map(|w| w.item.as_str()).collect();
+            let items: Vec<&str> = sp
+                .report
+                .not_applied
+                .iter()
+                .map(|w| w.item.as_str())
+                .collect();
             if items.iter().any(|i| i.starts_with("cgroup ")) {
                 eprintln!("SKIP cgroup join: {:?}", sp.report.not_applied);
             } else {

@@ -80,7 +80,12 @@ fn fail(what: &str, e: &StateError, code: Exit) -> Exit {
 }
 
 /// Captures what was asked for under `root`.
-pub fn capture_at(root: &Path, pids: &[i32], device: bool, memory: bool) -> Result<Capture, StateError> {
+pub fn capture_at(
+    root: &Path,
+    pids: &[i32],
+    device: bool,
+    memory: bool,
+) -> Result<Capture, StateError> {
     let (device, memory) = if pids.is_empty() && !device && !memory {
         (true, true)
     } else {
@@ -148,7 +153,11 @@ fn render_tasks(s: &mut String, t: &TaskState) {
     use std::fmt::Write as _;
     let _ = writeln!(s, "tasks: {}", t.tasks.len());
     for r in &t.tasks {
-        let _ = writeln!(s, "  pid {} (ppid {}) {} {:?}", r.pid, r.ppid, r.exe, r.cmdline);
+        let _ = writeln!(
+            s,
+            "  pid {} (ppid {}) {} {:?}",
+            r.pid, r.ppid, r.exe, r.cmdline
+        );
         let _ = writeln!(
             s,
             "    cwd {}  uid {} gid {} groups {:?}  env {} vars",
@@ -173,7 +182,8 @@ fn render_tasks(s: &mut String, t: &TaskState) {
             .rlimits
             .iter()
             .map(|l| {
-                let f = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |v| v.to_string());
+                let f =
+                    |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |v| v.to_string());
                 format!("{}={}/{}", l.resource, f(l.soft), f(l.hard))
             })
             .collect();
@@ -250,7 +260,8 @@ fn render_device(s: &mut String, d: &DeviceState) {
         let _ = writeln!(
             s,
             "  {} via {} dev {} table {} proto {}",
-            r.destination.map_or_else(|| "default".into(), |p| p.to_string()),
+            r.destination
+                .map_or_else(|| "default".into(), |p| p.to_string()),
             r.gateway.map_or_else(|| "-".into(), |g| g.to_string()),
             r.interface.as_deref().unwrap_or("-"),
             r.table,
@@ -271,11 +282,22 @@ fn render_device(s: &mut String, d: &DeviceState) {
     }
     let _ = writeln!(s, "block devices: {}", d.block.len());
     for b in &d.block {
-        let _ = writeln!(s, "  {} ({}) {} bytes{}", b.name, b.dev, b.size_bytes, if b.read_only { " ro" } else { "" });
+        let _ = writeln!(
+            s,
+            "  {} ({}) {} bytes{}",
+            b.name,
+            b.dev,
+            b.size_bytes,
+            if b.read_only { " ro" } else { "" }
+        );
     }
     let _ = writeln!(s, "mounts: {}", d.mounts.len());
     for m in &d.mounts {
-        let _ = writeln!(s, "  {} on {} type {} ({})", m.source, m.mount_point, m.fstype, m.mount_options);
+        let _ = writeln!(
+            s,
+            "  {} on {} type {} ({})",
+            m.source, m.mount_point, m.fstype, m.mount_options
+        );
     }
 }
 
@@ -315,5 +337,9 @@ fn diff_files(a: &Path, b: &Path, json: bool) -> Exit {
         }
         println!("{} difference(s)", changes.len());
     }
-    if changes.is_empty() { Exit::Ok } else { Exit::Differs }
+    if changes.is_empty() {
+        Exit::Ok
+    } else {
+        Exit::Differs
+    }
 }
