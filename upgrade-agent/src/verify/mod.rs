@@ -35,7 +35,7 @@ use crate::sys::memfd::{self, IMAGE_SEALS, MapError};
 /// Largest kernel image accepted (real bzImages are tens of MiB).
 pub const MAX_KERNEL_IMAGE: u64 = 512 << 20;
 /// The command-line option that accepts unsigned images (named in messages).
-pub const INSECURE_FLAG: &str = "--allow-unsigned-insecure";
+pub const INSECURE_FLAG: &str = "--insecure-allow-unsigned";
 /// The command-line option that accepts images older than the running kernel.
 pub const DOWNGRADE_FLAG: &str = "--allow-downgrade";
 
