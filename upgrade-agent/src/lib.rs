@@ -7,6 +7,7 @@ pub mod cli;
 pub mod demo;
 pub mod exit;
 pub mod handover;
+pub mod orchestrator;
 pub mod health;
 pub mod platform;
 pub mod receiver;

@@ -1,0 +1,807 @@
+//! `check`, `apply`, `status`, `history`, `rollback`, `recover`.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::json;
+
+use super::app::{CliError, Global};
+use crate::exit::Exit;
+use crate::orchestrator::record::{MoveStatus, Outcome, Phase, UpgradeKind, UpgradeRecord};
+use crate::orchestrator::{self, Faults, Observer, Orchestrator, Setup, UpgradeError};
+use crate::platform::{LoadableKernel, Platform};
+
+/// `--json` only.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JsonArgs {
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `mk-upgrade check`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckArgs {
+    #[arg(long)]
+    pub json: bool,
+    /// Do not require trusted keys (for hosts that run `apply --insecure-allow-unsigned`).
+    #[arg(long)]
+    pub insecure_allow_unsigned: bool,
+}
+
+/// Test-only fault injection (also used by `mk-upgrade demo --inject`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Inject {
+    /// Corrupt a region of the first workload's handover image.
+    CorruptRegion,
+    /// Make the first workload fail its health check on the new instance.
+    HealthFail,
+}
+
+/// `mk-upgrade apply`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApplyArgs {
+    /// The new kernel (x86 bzImage).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initial ramdisk for the new kernel.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for the new kernel.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Signature file (default: KERNEL.sig).
+    #[arg(long)]
+    pub signature: Option<PathBuf>,
+    /// Accept an image without signature (test hosts only).
+    #[arg(long)]
+    pub insecure_allow_unsigned: bool,
+    /// Accept a release below the running one (never below the version floor).
+    #[arg(long)]
+    pub allow_downgrade: bool,
+    /// Verify and plan, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(long)]
+    pub json: bool,
+    /// Test-only: force a failure path.
+    #[arg(long, value_enum, hide = true)]
+    pub inject: Option<Inject>,
+}
+
+/// `mk-upgrade rollback`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RollbackArgs {
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One pre-flight check.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+    /// What to do when it failed.
+    pub fix: Option<String>,
+}
+
+fn ok(name: &'static str, detail: impl Into<String>) -> CheckResult {
+    CheckResult {
+        name,
+        ok: true,
+        detail: detail.into(),
+        fix: None,
+    }
+}
+
+fn bad(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> CheckResult {
+    CheckResult {
+        name,
+        ok: false,
+        detail: detail.into(),
+        fix: Some(fix.into()),
+    }
+}
+
+/// Runs every pre-flight check (they do not change anything).
+pub fn preflight(g: &Global, need_keys: bool, lock_held: bool) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    match g.ensure_state_dir() {
+        Ok(()) => out.push(ok("state-dir", g.state_dir.display().to_string())),
+        Err(e) => out.push(bad(
+            "state-dir",
+            e.message,
+            "run as root or pass --state-dir DIR",
+        )),
+    }
+    let mut platform = match g.open_platform() {
+        Ok(p) => Some(p),
+        Err(e) => {
+            out.push(bad("platform", e.message, "pass --platform emulated"));
+            None
+        }
+    };
+    if let Some(p) = platform.as_mut() {
+        match p.probe() {
+            Ok(c) => {
+                let label = if c.emulated { " (EMULATED)" } else { "" };
+                out.push(ok(
+                    "platform",
+                    format!(
+                        "{}{label}; freezer {}; cpus {:?}",
+                        c.kind, c.freezer, c.cpus
+                    ),
+                ));
+                match orchestrator::current_instance(p.as_mut()) {
+                    Ok(cur) => {
+                        let spare = &c.spare_cpus;
+                        if spare.is_empty() && cur.resources.cpus.len() < 2 {
+                            out.push(bad(
+                                "spare-cpus",
+                                "no spare cpu and the running instance owns only one",
+                                "free a cpu (the new kernel boots on spare cores)",
+                            ));
+                        } else {
+                            out.push(ok(
+                                "spare-cpus",
+                                if spare.is_empty() {
+                                    format!(
+                                        "none spare; instance {} will release half of {:?}",
+                                        cur.id, cur.resources.cpus
+                                    )
+                                } else {
+                                    format!("{spare:?}")
+                                },
+                            ));
+                        }
+                        out.push(ok(
+                            "instance",
+                            format!(
+                                "instance {} runs {} with {} workloads",
+                                cur.id,
+                                cur.kernel_release.as_deref().unwrap_or("?"),
+                                cur.workloads.len()
+                            ),
+                        ));
+                        match g.load_workloads() {
+                            Ok(f) => {
+                                let missing: Vec<&str> = cur
+                                    .workloads
+                                    .iter()
+                                    .filter(|w| f.get(&w.name).is_none())
+                                    .map(|w| w.name.as_str())
+                                    .collect();
+                                if missing.is_empty() {
+                                    out.push(ok(
+                                        "workloads",
+                                        format!("{} declared in {}", f.workloads.len(), g.workloads_path().display()),
+                                    ));
+                                } else {
+                                    out.push(bad(
+                                        "workloads",
+                                        format!("running but not declared: {}", missing.join(", ")),
+                                        format!("declare them in {}", g.workloads_path().display()),
+                                    ));
+                                }
+                            }
+                            Err(e) => out.push(bad("workloads", e.message, "fix the workload file")),
+                        }
+                    }
+                    Err(e) => out.push(bad(
+                        "instance",
+                        e.to_string(),
+                        "boot the first instance (`mk-upgrade emu init --kernel IMAGE`) or run `mk-upgrade recover`",
+                    )),
+                }
+            }
+            Err(e) => out.push(bad(
+                "platform",
+                e.to_string(),
+                "check the platform state directory",
+            )),
+        }
+    }
+    if need_keys {
+        match g.trusted() {
+            Ok(k) => out.push(ok(
+                "trusted-keys",
+                format!("{} key(s) in {}", k.len(), g.trusted_keys_dir().display()),
+            )),
+            Err(e) => out.push(bad(
+                "trusted-keys",
+                e.message,
+                format!(
+                    "put the release signer's NAME.pub in {} (`mk-upgrade keys generate`)",
+                    g.trusted_keys_dir().display()
+                ),
+            )),
+        }
+    }
+    match g.journal().map(|j| j.current()) {
+        Ok(Ok(None)) => out.push(ok("journal", "no upgrade in flight")),
+        Ok(Ok(Some(r))) => out.push(bad(
+            "journal",
+            format!(
+                "upgrade {} is in flight (phase {:?})",
+                r.upgrade_id, r.phase
+            ),
+            "run `mk-upgrade recover` (mk-agentd does it at start)",
+        )),
+        Ok(Err(e)) => out.push(bad("journal", e.to_string(), "see the message")),
+        Err(e) => out.push(bad("journal", e.message, "check the state directory")),
+    }
+    if !lock_held {
+        match rollback::Lock::acquire(&g.state_dir) {
+            Ok(guard) => {
+                drop(guard);
+                out.push(ok("lock", "free"));
+            }
+            Err(e) => out.push(bad("lock", e.to_string(), "wait for the other upgrade")),
+        }
+    }
+    out
+}
+
+fn print_checks(checks: &[CheckResult]) {
+    for c in checks {
+        let mark = if c.ok { "ok  " } else { "FAIL" };
+        println!("  [{mark}] {:<13} {}", c.name, c.detail);
+        if let Some(f) = &c.fix {
+            println!("         {:<13} fix: {f}", "");
+        }
+    }
+}
+
+/// `mk-upgrade check`.
+pub fn check(g: &Global, a: &CheckArgs) -> Result<ExitCode, CliError> {
+    let checks = preflight(g, !a.insecure_allow_unsigned, false);
+    let ready = checks.iter().all(|c| c.ok);
+    if a.json {
+        println!("{}", json!({ "ready": ready, "checks": checks }));
+    } else {
+        println!("pre-flight checks:");
+        print_checks(&checks);
+        println!("{}", if ready { "ready" } else { "NOT ready" });
+    }
+    Ok(if ready {
+        Exit::Ok
+    } else {
+        Exit::PreflightFailed
+    }
+    .into())
+}
+
+/// Progress on stderr: a spinner on a terminal, plain lines otherwise, nothing with --json.
+#[derive(Debug)]
+pub struct CliObserver {
+    start: Instant,
+    bar: Option<ProgressBar>,
+}
+
+impl CliObserver {
+    /// An observer; `quiet` for --json.
+    pub fn new(quiet: bool) -> Self {
+        let bar = (!quiet).then(|| {
+            let b = ProgressBar::new_spinner();
+            b.set_style(
+                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            b.enable_steady_tick(Duration::from_millis(100));
+            b
+        });
+        CliObserver {
+            start: Instant::now(),
+            bar,
+        }
+    }
+
+    fn line(&self, s: String) {
+        let Some(b) = &self.bar else { return };
+        let s = format!(
+            "[{:>7.1} ms] {s}",
+            self.start.elapsed().as_secs_f64() * 1000.0
+        );
+        if b.is_hidden() {
+            eprintln!("{s}");
+        } else {
+            b.println(s);
+        }
+    }
+
+    /// Clears the spinner.
+    pub fn done(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl Observer for CliObserver {
+    fn step(&self, phase: Phase, what: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(format!("{phase:?}: {what}"));
+        }
+        self.line(format!("{phase:?}: {what}"));
+    }
+    fn workload(&self, name: &str, status: MoveStatus, detail: Option<&str>) {
+        if let Some(d) = detail {
+            self.line(format!("  {name}: {status:?} ({d})"));
+        }
+    }
+}
+
+/// The JSON document of an upgrade record.
+pub fn record_json(rec: &UpgradeRecord) -> serde_json::Value {
+    let result = match rec.outcome {
+        Some(Outcome::Upgraded) => "upgraded",
+        Some(Outcome::RolledBack) => "rolled-back",
+        Some(Outcome::Refused) => "refused",
+        Some(Outcome::Failed) => "failed",
+        None => "in-flight",
+    };
+    json!({
+        "result": result,
+        "upgrade_id": rec.upgrade_id,
+        "kind": rec.kind,
+        "platform": rec.platform,
+        "emulated": rec.platform == crate::platform::PlatformKind::Emulated,
+        "kernel_before": rec.kernel_before,
+        "kernel_after": rec.kernel_after,
+        "image_sha256": rec.image_sha256,
+        "old_instance": rec.old_instance,
+        "new_instance": rec.new_instance,
+        "started_at": rollback::time::fmt_utc(rec.started_at),
+        "recovered": rec.recovered,
+        "workloads": rec.workloads.iter().map(|w| json!({
+            "name": w.name,
+            "moved": w.status == MoveStatus::Committed,
+            "status": w.status,
+            "blackout_ms": w.blackout_us.map(|u| u as f64 / 1000.0),
+            "detail": w.detail,
+        })).collect::<Vec<_>>(),
+        "events": rec.events,
+        "error": rec.error,
+    })
+}
+
+/// Prints a finished record for humans.
+pub fn print_record(rec: &UpgradeRecord) {
+    let label = if rec.platform == crate::platform::PlatformKind::Emulated {
+        " [EMULATED multikernel]"
+    } else {
+        ""
+    };
+    println!(
+        "upgrade {} ({:?}){label}: {} -> {}: {}",
+        rec.upgrade_id,
+        rec.kind,
+        rec.kernel_before,
+        rec.kernel_after,
+        record_json(rec)["result"].as_str().unwrap_or("?")
+    );
+    for w in &rec.workloads {
+        let blackout = w
+            .blackout_us
+            .map(|u| format!("blackout {:.3} ms", u as f64 / 1000.0))
+            .unwrap_or_default();
+        println!(
+            "  {:<16} {:<11} {blackout} {}",
+            w.name,
+            format!("{:?}", w.status),
+            w.detail.as_deref().unwrap_or("")
+        );
+    }
+    if let Some(e) = &rec.error {
+        println!("  reason: {e}");
+    }
+}
+
+/// Faults requested by `--inject` and `MK_FAULT_CRASH_AFTER_WRITE` (test-only).
+pub fn faults(inject: Option<Inject>) -> Faults {
+    Faults {
+        corrupt_region: inject == Some(Inject::CorruptRegion),
+        health_fail: inject == Some(Inject::HealthFail),
+        crash_after_write: std::env::var("MK_FAULT_CRASH_AFTER_WRITE")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+    }
+}
+
+/// Runs one upgrade to its end on `platform`; returns the finished record and its error.
+pub fn execute(
+    g: &Global,
+    platform: &mut dyn Platform,
+    kernel: &LoadableKernel<'_>,
+    kind: UpgradeKind,
+    faults: Faults,
+    observer: &dyn Observer,
+) -> Result<(UpgradeRecord, Option<UpgradeError>), CliError> {
+    let setup = Setup {
+        journal: g.journal()?,
+        specs: g.load_workloads()?,
+        node_key: g.node_key()?,
+        faults,
+        observer,
+    };
+    let mut o = Orchestrator::begin(platform, setup, kind, &kernel.release, kernel.sha256)
+        .map_err(|e| CliError::new(e.exit(), e.to_string()))?;
+    let result = o.run(kernel);
+    Ok((o.record.clone(), result.err()))
+}
+
+fn finish_report(rec: &UpgradeRecord, err: Option<&UpgradeError>, json_out: bool) -> ExitCode {
+    if json_out {
+        println!("{}", record_json(rec));
+    } else {
+        print_record(rec);
+    }
+    match err {
+        None => Exit::Ok.into(),
+        Some(e) => {
+            if !json_out {
+                eprintln!("mk-upgrade: {e}");
+            }
+            e.exit().into()
+        }
+    }
+}
+
+fn lock(g: &Global) -> Result<rollback::LockGuard, CliError> {
+    g.ensure_state_dir()?;
+    rollback::Lock::acquire(&g.state_dir).map_err(|e| match e {
+        rollback::LockError::Busy { .. } => CliError::new(Exit::Busy, e.to_string()),
+        other => CliError::new(Exit::Io, other.to_string()),
+    })
+}
+
+fn refuse(
+    json_out: bool,
+    exit: Exit,
+    message: String,
+    checks: Option<&[CheckResult]>,
+) -> Result<ExitCode, CliError> {
+    if json_out {
+        println!(
+            "{}",
+            json!({ "result": "refused", "error": message, "checks": checks })
+        );
+        Ok(exit.into())
+    } else {
+        if let Some(c) = checks {
+            print_checks(c);
+        }
+        Err(CliError::new(exit, message))
+    }
+}
+
+/// `mk-upgrade apply`.
+pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
+    let _guard = lock(g)?;
+    let checks = preflight(g, !a.insecure_allow_unsigned, true);
+    if checks.iter().any(|c| !c.ok) {
+        let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
+        return refuse(
+            a.json,
+            Exit::PreflightFailed,
+            format!("pre-flight failed: {}", failed.join(", ")),
+            Some(&checks),
+        );
+    }
+    let mut platform = g.open_platform()?;
+    let current = orchestrator::current_instance(platform.as_mut())
+        .map_err(|e| CliError::new(e.exit(), e.to_string()))?;
+    let slots =
+        rollback::Slots::open(&g.state_dir).map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
+    let policy = crate::verify::VerifyPolicy {
+        trusted_keys_dir: g.trusted_keys_dir(),
+        allow_unsigned_insecure: a.insecure_allow_unsigned,
+        running_release: current.kernel_release.clone().unwrap_or_default(),
+        floor: slots
+            .floor()
+            .map_err(|e| CliError::new(Exit::Io, e.to_string()))?,
+        allow_downgrade: a.allow_downgrade,
+    };
+    let image = match crate::verify::verify_kernel_image(&a.kernel, a.signature.as_deref(), &policy)
+    {
+        Ok(i) => i,
+        Err(e) => return refuse(a.json, e.exit(), e.to_string(), None),
+    };
+    let trials = rollback::TrialBoots::open(&g.state_dir)
+        .map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
+    if let Some(mark) = trials
+        .is_bad(&image.info.release)
+        .map_err(|e| CliError::new(Exit::Io, e.to_string()))?
+    {
+        return refuse(
+            a.json,
+            Exit::Incompatible,
+            format!(
+                "kernel {} is marked bad ({mark:?}); clear the mark only after fixing it",
+                image.info.release
+            ),
+            None,
+        );
+    }
+    if image.info.release == policy.running_release && !a.allow_downgrade {
+        return refuse(
+            a.json,
+            Exit::NothingToDo,
+            format!("{} is already running", image.info.release),
+            None,
+        );
+    }
+    for w in &image.warnings {
+        eprintln!("mk-upgrade: warning: {w}");
+    }
+    if a.dry_run {
+        let plan = json!({
+            "result": "dry-run",
+            "kernel_before": policy.running_release,
+            "kernel_after": image.info.release,
+            "image_sha256": hex::encode(image.sha256),
+            "signer": image.signer.map(|k| k.to_string()),
+            "workloads": current.workloads.iter().map(|w| &w.name).collect::<Vec<_>>(),
+            "checks": checks,
+        });
+        if a.json {
+            println!("{plan}");
+        } else {
+            println!(
+                "dry run: would upgrade {} -> {} (sha256 {}), moving {} workload(s); nothing changed",
+                policy.running_release,
+                image.info.release,
+                hex::encode(image.sha256),
+                current.workloads.len()
+            );
+        }
+        return Ok(Exit::Ok.into());
+    }
+    let map = image
+        .map()
+        .map_err(|e| CliError::new(Exit::Io, format!("mapping the verified image: {e}")))?;
+    let mut slots = slots;
+    slots
+        .store(
+            rollback::Slot::Candidate,
+            &map,
+            &image.info.release,
+            &image.sha256,
+        )
+        .map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
+    drop(map);
+    let initrd = a
+        .initrd
+        .as_ref()
+        .map(std::fs::File::open)
+        .transpose()
+        .map_err(|e| CliError::new(Exit::Io, format!("initrd: {e}")))?;
+    let kernel = LoadableKernel {
+        image: image.memfd.as_fd(),
+        release: image.info.release.clone(),
+        sha256: image.sha256,
+        initrd: initrd.as_ref().map(AsFd::as_fd),
+        cmdline: &a.cmdline,
+    };
+    let observer = CliObserver::new(a.json);
+    let (rec, err) = execute(
+        g,
+        platform.as_mut(),
+        &kernel,
+        UpgradeKind::Apply,
+        faults(a.inject),
+        &observer,
+    )?;
+    observer.done();
+    if rec.outcome == Some(Outcome::Upgraded) {
+        slots
+            .promote_candidate()
+            .map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
+        if let Some(floor) = image
+            .manifest
+            .as_ref()
+            .and_then(|m| m.version_floor.clone())
+        {
+            slots
+                .raise_floor(&floor)
+                .map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
+        }
+    } else {
+        let _ = slots.clear(rollback::Slot::Candidate);
+    }
+    Ok(finish_report(&rec, err.as_ref(), a.json))
+}
+
+/// `mk-upgrade rollback`.
+pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
+    let _guard = lock(g)?;
+    let checks = preflight(g, false, true);
+    if checks.iter().any(|c| !c.ok) {
+        return refuse(
+            a.json,
+            Exit::PreflightFailed,
+            "pre-flight failed".into(),
+            Some(&checks),
+        );
+    }
+    let mut slots =
+        rollback::Slots::open(&g.state_dir).map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
+    let Some(prev) = slots
+        .get(rollback::Slot::Previous)
+        .map_err(|e| CliError::new(Exit::Corrupt, e.to_string()))?
+    else {
+        return refuse(
+            a.json,
+            Exit::NothingToDo,
+            "no previous kernel is kept: nothing to roll back to".into(),
+            None,
+        );
+    };
+    let bytes = std::fs::read(&prev.path)
+        .map_err(|e| CliError::new(Exit::Io, format!("{}: {e}", prev.path.display())))?;
+    let memfd = crate::handover::sealed_memfd("mk-rollback-kernel", &bytes)
+        .map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
+    let kernel = LoadableKernel {
+        image: memfd.as_fd(),
+        release: prev.release.clone(),
+        sha256: prev.sha256,
+        initrd: None,
+        cmdline: "",
+    };
+    let mut platform = g.open_platform()?;
+    let observer = CliObserver::new(a.json);
+    let (rec, err) = execute(
+        g,
+        platform.as_mut(),
+        &kernel,
+        UpgradeKind::Rollback,
+        Faults::default(),
+        &observer,
+    )?;
+    observer.done();
+    if rec.outcome == Some(Outcome::Upgraded) {
+        slots
+            .swap_for_rollback()
+            .map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
+    }
+    Ok(finish_report(&rec, err.as_ref(), a.json))
+}
+
+/// `mk-upgrade recover` (and mk-agentd at start).
+pub fn recover(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
+    let _guard = lock(g)?;
+    let mut platform = g.open_platform()?;
+    let observer = CliObserver::new(a.json);
+    let setup = Setup {
+        journal: g.journal()?,
+        specs: g.load_workloads()?,
+        node_key: g.node_key()?,
+        faults: Faults::default(),
+        observer: &observer,
+    };
+    let result = orchestrator::recover(platform.as_mut(), setup);
+    observer.done();
+    match result {
+        Ok(None) => {
+            if a.json {
+                println!("{}", json!({ "result": "nothing-to-recover" }));
+            } else {
+                println!("no interrupted upgrade");
+            }
+            Ok(Exit::Ok.into())
+        }
+        Ok(Some(rec)) => {
+            let failed = rec.outcome == Some(Outcome::Failed);
+            if a.json {
+                println!("{}", record_json(&rec));
+            } else {
+                print_record(&rec);
+            }
+            Ok(if failed { Exit::Platform } else { Exit::Ok }.into())
+        }
+        Err(e) => Err(CliError::new(e.exit(), e.to_string())),
+    }
+}
+
+/// `mk-upgrade status`.
+pub fn status(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
+    let mut platform = g.open_platform()?;
+    let caps = platform
+        .probe()
+        .map_err(|e| CliError::new(Exit::Platform, e.to_string()))?;
+    let instances = platform
+        .instances()
+        .map_err(|e| CliError::new(Exit::Platform, e.to_string()))?;
+    let journal = g.journal()?;
+    let in_flight = journal
+        .current()
+        .map_err(|e| CliError::new(Exit::Corrupt, e.to_string()))?;
+    let slots =
+        rollback::Slots::open(&g.state_dir).map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
+    let slot = |s| {
+        slots
+            .peek(s)
+            .ok()
+            .flatten()
+            .map(|i| json!({"release": i.release, "sha256": hex::encode(i.sha256)}))
+    };
+    let doc = json!({
+        "platform": caps.kind,
+        "emulated": caps.emulated,
+        "notes": caps.notes,
+        "spare_cpus": caps.spare_cpus,
+        "instances": instances,
+        "upgrade_in_flight": in_flight.as_ref().map(record_json),
+        "slots": { "current": slot(rollback::Slot::Current), "previous": slot(rollback::Slot::Previous) },
+        "version_floor": slots.floor().ok().flatten(),
+    });
+    if a.json {
+        println!("{doc}");
+    } else {
+        println!("platform: {}", caps.kind);
+        for i in &instances {
+            println!(
+                "instance {} [{}] kernel {} cpus {:?}",
+                i.id,
+                i.state,
+                i.kernel_release.as_deref().unwrap_or("-"),
+                i.resources.cpus
+            );
+            for w in &i.workloads {
+                println!(
+                    "  {:<16} pid {:<7}{}",
+                    w.name,
+                    w.pid,
+                    if w.frozen { " FROZEN" } else { "" }
+                );
+            }
+        }
+        match &in_flight {
+            Some(r) => println!(
+                "upgrade in flight: {} phase {:?} (run `mk-upgrade recover`)",
+                r.upgrade_id, r.phase
+            ),
+            None => println!("no upgrade in flight"),
+        }
+        println!(
+            "kernel slots: current {} / previous {}",
+            doc["slots"]["current"]["release"], doc["slots"]["previous"]["release"]
+        );
+    }
+    Ok(Exit::Ok.into())
+}
+
+/// `mk-upgrade history`.
+pub fn history(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
+    let journal = g.journal()?;
+    let recs = journal
+        .history()
+        .map_err(|e| CliError::new(Exit::Corrupt, e.to_string()))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::Value::Array(recs.iter().map(record_json).collect())
+        );
+    } else if recs.is_empty() {
+        println!("no upgrades yet");
+    } else {
+        for r in &recs {
+            println!(
+                "{}  {}  {:<8} {} -> {}  {}",
+                rollback::time::fmt_utc(r.started_at),
+                r.upgrade_id,
+                format!("{:?}", r.kind),
+                r.kernel_before,
+                r.kernel_after,
+                record_json(r)["result"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    Ok(Exit::Ok.into())
+}

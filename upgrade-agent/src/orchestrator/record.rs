@@ -1,0 +1,127 @@
+//! The journal record of one upgrade: everything recovery needs to finish it or undo it.
+//!
+//! It is rewritten (atomically, see the `rollback` crate) *before* each step that changes
+//! the machine, so after a crash at any point the record names the last step that may have
+//! happened, and every step is idempotent or checkable against the platform.
+
+use serde::{Deserialize, Serialize};
+
+use crate::platform::{InstanceId, PlatformKind, Resources};
+
+/// Why the upgrade runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpgradeKind {
+    /// `mk-upgrade apply`: to a new kernel.
+    Apply,
+    /// `mk-upgrade rollback`: back to the previous (known-good) kernel.
+    Rollback,
+}
+
+/// How far the upgrade got. Ordered: later phases compare greater.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// The image verified; nothing changed on the machine yet.
+    Verified,
+    /// The running instance gave up cpus so that spare cores exist.
+    ShrunkOld,
+    /// The new instance exists (`ready`) on spare resources.
+    InstanceCreated,
+    /// The verified image is loaded into it (`loaded`).
+    KernelLoaded,
+    /// It booted (`active`).
+    Booted,
+    /// Workloads are moving, one at a time.
+    Migrating,
+    /// Every workload moved; the old instance halts and hands its resources over.
+    HandingOver,
+    /// Undoing: moved workloads go back, the new instance halts.
+    RollingBack,
+    /// Finished (see `outcome`).
+    Done,
+}
+
+/// Where one workload is in its move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MoveStatus {
+    /// Not touched yet.
+    Pending,
+    /// Being frozen on the old instance (may be frozen).
+    Freezing,
+    /// Its regions are offered to the new instance (a copy may run there, uncommitted).
+    Offered,
+    /// Commit sent to the new instance (the new copy may own it; the old copy is frozen).
+    Committing,
+    /// Runs on the new instance; the old copy is stopped.
+    Committed,
+    /// The move failed; the workload runs (thawed) on the old instance.
+    Aborted,
+    /// It had moved and was moved back to the old instance by a rollback.
+    MovedBack,
+}
+
+/// One workload's move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadMove {
+    pub name: String,
+    pub status: MoveStatus,
+    /// Freeze on the old instance to healthy on the new one, in microseconds.
+    pub blackout_us: Option<u64>,
+    pub detail: Option<String>,
+}
+
+/// How an upgrade ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Every workload runs on the new kernel.
+    Upgraded,
+    /// Every workload runs on the old kernel again.
+    RolledBack,
+    /// Refused before anything changed.
+    Refused,
+    /// Could not converge: the detail says what needs an operator.
+    Failed,
+}
+
+/// One journaled step, for `history` and the timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Milliseconds since the upgrade started.
+    pub t_ms: u64,
+    pub what: String,
+}
+
+/// The journal record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeRecord {
+    pub upgrade_id: String,
+    pub kind: UpgradeKind,
+    pub platform: PlatformKind,
+    /// Unix seconds.
+    pub started_at: u64,
+    pub kernel_before: String,
+    pub kernel_after: String,
+    pub image_sha256: String,
+    pub old_instance: InstanceId,
+    /// The old instance's resources before any shrink (restored on rollback).
+    pub old_resources: Resources,
+    pub new_instance: Option<InstanceId>,
+    pub phase: Phase,
+    pub workloads: Vec<WorkloadMove>,
+    pub events: Vec<Event>,
+    pub outcome: Option<Outcome>,
+    pub error: Option<String>,
+    /// Recovery ran on this record (the agent died mid-upgrade).
+    #[serde(default)]
+    pub recovered: bool,
+}
+
+impl UpgradeRecord {
+    /// The move of `name`.
+    pub fn workload_mut(&mut self, name: &str) -> Option<&mut WorkloadMove> {
+        self.workloads.iter_mut().find(|w| w.name == name)
+    }
+}
