@@ -21,6 +21,7 @@ use nix::sys::socket::{SockType, getsockopt, sockopt};
 use state_serializers::fdenv::{self, FdEnvError, NamedFd};
 
 use super::protocol::{MAX_LINE, Request, parse_line};
+use super::shm::ShmError;
 use super::store::{Origin, Store, StoreError};
 use crate::exit::Exit;
 
@@ -80,7 +81,10 @@ impl ServerError {
             Self::Store(StoreError::Corrupt(_)) => Exit::Corrupt,
             Self::FdEnv(_)
             | Self::Listener { .. }
-            | Self::Store(StoreError::BadCapacity { .. })
+            | Self::Store(
+                StoreError::BadCapacity { .. }
+                | StoreError::Shm(ShmError::NotMemfd { .. } | ShmError::WriteSealed { .. }),
+            )
             | Self::Preload { .. } => Exit::Usage,
             Self::Store(_) | Self::Bind { .. } => Exit::Platform,
         }
@@ -239,6 +243,12 @@ fn transient_accept_error(e: &io::Error) -> bool {
 /// # Safety
 /// `fd` must be open and owned by nothing else in this process.
 unsafe fn adopt_listener(fd: RawFd) -> Result<TcpListener, ServerError> {
+    if !super::shm::fd_is_open(fd) {
+        return Err(ServerError::Listener {
+            fd,
+            reason: "not an open descriptor".into(),
+        });
+    }
     // SAFETY: guaranteed by the caller; the OwnedFd closes it exactly once.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     let bad = |reason: String| ServerError::Listener { fd, reason };
@@ -479,6 +489,10 @@ mod tests {
 
     #[test]
     fn listener_checks() {
+        // A descriptor number that is not open is refused before taking ownership.
+        // SAFETY: the number is not open, so nothing in this process owns it.
+        let err = unsafe { adopt_listener(1_000_000) }.unwrap_err();
+        assert!(err.to_string().contains("not an open descriptor"), "{err}");
         // A UDP socket is refused.
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let fd = std::os::fd::IntoRawFd::into_raw_fd(udp);

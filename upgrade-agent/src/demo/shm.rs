@@ -79,6 +79,12 @@ pub fn create_memfd(len: u64) -> Result<File, ShmError> {
 /// # Safety
 /// `fd` must be an open descriptor that nothing else in this process owns or will close.
 pub unsafe fn adopt_memfd(fd: RawFd) -> Result<File, ShmError> {
+    if !fd_is_open(fd) {
+        return Err(ShmError::NotMemfd {
+            fd,
+            what: "not an open descriptor".into(),
+        });
+    }
     // SAFETY: the caller guarantees `fd` is open and owned by no one else; ownership
     // moves into the returned File, which closes it exactly once.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -111,6 +117,14 @@ pub unsafe fn adopt_memfd(fd: RawFd) -> Result<File, ShmError> {
         add_shrink_seal(&file)?;
     }
     Ok(file)
+}
+
+/// Whether `fd` is an open descriptor of this process (checked before taking ownership:
+/// owning a closed number would close someone else's descriptor later).
+pub fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the descriptor flags; it touches no memory and is valid
+    // for any integer (a closed or negative one yields EBADF).
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
 }
 
 fn add_shrink_seal(file: &File) -> Result<(), ShmError> {

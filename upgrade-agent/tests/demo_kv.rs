@@ -1,0 +1,494 @@
+//! End-to-end tests of `mk-demo-kv` (the real binary) and of the load generator: the
+//! handover of the memfd and the listening socket to a new process, with a connection
+//! queued while the old process is frozen, and the failure modes a user can hit.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use upgrade_agent::demo::kv_client::{self, ClientError, KvClient};
+use upgrade_agent::demo::loadgen::{LoadGen, LoadOptions};
+use upgrade_agent::demo::log::{HEADER_LEN, MAX_KEY_LEN};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mk-demo-kv");
+const T: Duration = Duration::from_secs(10);
+
+/// A running server; killed when dropped.
+struct Kv {
+    child: Child,
+    addr: SocketAddr,
+    memfd: RawFd,
+}
+
+impl Kv {
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    fn client(&self) -> KvClient {
+        KvClient::connect(self.addr, T).unwrap()
+    }
+
+    fn kill(&mut self) {
+        let _ = kill(self.pid(), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Kv {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A command for the binary that inherits `fds` under their names in MK_STATE_FDS.
+fn command(args: &[&str], fds: &[(&str, RawFd)]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if !fds.is_empty() {
+        let value = fds
+            .iter()
+            .map(|(n, fd)| format!("{n}:{fd}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        cmd.env("MK_STATE_FDS", value);
+        let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
+        // SAFETY: the closure runs in the forked child before exec and only calls fcntl,
+        // which is async-signal-safe; it clears FD_CLOEXEC so the fds survive the exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &raw {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd
+}
+
+/// Starts the server and waits for its `LISTENING <addr> MEMFD <fd>` line.
+fn spawn(args: &[&str], fds: &[(&str, RawFd)]) -> Kv {
+    let mut child = command(args, fds).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // Drain stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink());
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    let ["LISTENING", addr, "MEMFD", fd] = parts[..] else {
+        let _ = child.kill();
+        panic!("unexpected first line {line:?}");
+    };
+    let kv = Kv {
+        child,
+        addr: addr.parse().unwrap(),
+        memfd: fd.parse().unwrap(),
+    };
+    assert!(kv.memfd >= 3);
+    kv
+}
+
+/// Runs the server expecting it to refuse to start (bounded: a server that starts after
+/// all is killed and the test fails); returns its status and stderr.
+fn spawn_failing(args: &[&str], fds: &[(&str, RawFd)]) -> (ExitStatus, String) {
+    run_failing(command(args, fds))
+}
+
+fn run_failing(mut cmd: Command) -> (ExitStatus, String) {
+    let mut child = cmd.spawn().unwrap();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "mk-demo-kv started instead of refusing: {}",
+                out.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let stdout = out.join().unwrap();
+    assert!(stdout.is_empty(), "printed {stdout:?}");
+    (status, err.join().unwrap())
+}
+
+fn test_memfd() -> File {
+    File::from(
+        memfd_create(
+            "demo-kv-test",
+            MFdFlags::MFD_ALLOW_SEALING | MFdFlags::MFD_CLOEXEC,
+        )
+        .unwrap(),
+    )
+}
+
+/// Waits until every thread of `pid` is stopped (SIGSTOP is delivered asynchronously).
+fn wait_stopped(pid: Pid) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        let all_stopped = tasks.flatten().all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(')')
+                .map(|(_, s)| s.trim_start().chars().next());
+            matches!(state, Some(Some('T' | 't')))
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn set_get_ping_stats_and_http_health() {
+    let kv = spawn(&[], &[]);
+    let mut c = kv.client();
+    assert_eq!(c.set("alpha", "1").unwrap(), 1);
+    assert_eq!(c.set("beta", "2").unwrap(), 2);
+    assert_eq!(c.set("alpha", "3").unwrap(), 3);
+    assert_eq!(c.get("alpha").unwrap().as_deref(), Some("3"));
+    assert_eq!(c.get("nope").unwrap(), None);
+    c.ping().unwrap();
+    let stats = c.stats().unwrap();
+    let stat = |k: &str| stats.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+    assert_eq!(stat("keys"), Some(2));
+    assert_eq!(stat("records"), Some(3));
+    assert_eq!(stat("capacity"), Some(64 << 20));
+    kv_client::health_check(kv.addr, T).unwrap();
+    assert_eq!(kv_client::http_health(kv.addr, T).unwrap(), 200);
+    // Other HTTP paths are not found.
+    let mut s = TcpStream::connect(kv.addr).unwrap();
+    s.write_all(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.0 404 Not Found\r\n"), "{resp}");
+}
+
+#[test]
+fn sigterm_exits_zero() {
+    let mut kv = spawn(&[], &[]);
+    kill(kv.pid(), Signal::SIGTERM).unwrap();
+    let status = kv.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn handover_keeps_every_write_and_the_queued_connection() {
+    let memfd = test_memfd();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fds = [
+        ("kv-data", memfd.as_raw_fd()),
+        ("listen", listener.as_raw_fd()),
+    ];
+
+    let mut old = spawn(&[], &fds);
+    assert_eq!(
+        old.addr, addr,
+        "the old instance must serve the handed-over listener"
+    );
+    let count = 300;
+    let mut client = old.client();
+    for i in 0..count {
+        assert_eq!(
+            client.set(&format!("key{i}"), &format!("v{i}")).unwrap(),
+            i + 1
+        );
+    }
+    // An overwrite: the successor must see the latest value.
+    client.set("key0", "latest").unwrap();
+    drop(client);
+
+    kill(old.pid(), Signal::SIGSTOP).unwrap();
+    wait_stopped(old.pid());
+    // The kernel completes the handshake from the backlog while the old one is frozen.
+    let mut queued = TcpStream::connect(addr).unwrap();
+    queued.set_read_timeout(Some(T)).unwrap();
+    queued.write_all(b"GET key0\nPING\n").unwrap();
+
+    let new = spawn(&[], &fds);
+    assert_eq!(new.addr, addr);
+    old.kill();
+
+    let mut reader = BufReader::new(queued);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "VALUE latest\n");
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "PONG\n");
+
+    let mut client = new.client();
+    for i in 1..count {
+        assert_eq!(
+            client.get(&format!("key{i}")).unwrap(),
+            Some(format!("v{i}")),
+            "key{i}"
+        );
+    }
+    // The log continues where the old instance stopped.
+    assert_eq!(client.set("after", "x").unwrap(), count + 2);
+    let stats = client.stats().unwrap();
+    assert!(stats.contains(&("keys".into(), count + 1)), "{stats:?}");
+}
+
+#[test]
+fn corrupt_record_refuses_to_start() {
+    let memfd = test_memfd();
+    let fds = [("kv-data", memfd.as_raw_fd())];
+    let mut a = spawn(&[], &fds);
+    a.client().set("key", "value").unwrap();
+    a.kill();
+    // Flip the first value byte of the first record (after key_len u16, value_len u32, key).
+    let off = (HEADER_LEN + 6 + 3) as i64;
+    nix::sys::uio::pwrite(&memfd, b"V", off).unwrap();
+    let (status, stderr) = spawn_failing(&[], &fds);
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("record #0 at byte offset 64") && stderr.contains("CRC32"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_handover_descriptors_are_refused() {
+    // Not a memfd.
+    let tmp = tempfile::tempfile().unwrap();
+    let (status, stderr) = spawn_failing(&[], &[("kv-data", tmp.as_raw_fd())]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not a memfd"), "{stderr}");
+    // A memfd holding something else.
+    let junk = test_memfd();
+    nix::unistd::ftruncate(&junk, 8192).unwrap();
+    let (status, stderr) = spawn_failing(&[], &[("kv-data", junk.as_raw_fd())]);
+    assert_eq!(status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("magic"), "{stderr}");
+    // A listener that is not listening.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let conn = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (status, stderr) = spawn_failing(&[], &[("listen", conn.as_raw_fd())]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not listening"), "{stderr}");
+    // A malformed MK_STATE_FDS.
+    let mut cmd = command(&[], &[]);
+    cmd.env("MK_STATE_FDS", "kv-data:2");
+    let (status, stderr) = run_failing(cmd);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("MK_STATE_FDS"), "{stderr}");
+    // Bad sizes.
+    let (status, stderr) = spawn_failing(&["--capacity", "2MiB", "--max-capacity", "1MiB"], &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("capacity"), "{stderr}");
+}
+
+#[test]
+fn full_log_answers_err_and_keeps_serving() {
+    let kv = spawn(&["--capacity", "4096", "--max-capacity", "8192"], &[]);
+    let mut c = kv.client();
+    let value = "v".repeat(1000);
+    let mut acked = 0;
+    let err = loop {
+        match c.set(&format!("k{acked}"), &value) {
+            Ok(_) => acked += 1,
+            Err(e) => break e,
+        }
+        assert!(acked < 100, "the log never filled");
+    };
+    match &err {
+        ClientError::Server { reason, .. } => assert!(reason.contains("log full"), "{reason}"),
+        other => panic!("expected ERR, got {other}"),
+    }
+    assert!(acked >= 7, "only {acked} writes fit in 8192 bytes");
+    for i in 0..acked {
+        assert_eq!(
+            c.get(&format!("k{i}")).unwrap().as_deref(),
+            Some(value.as_str())
+        );
+    }
+    c.ping().unwrap();
+    assert!(c.stats().unwrap().contains(&("capacity".into(), 8192)));
+}
+
+#[test]
+fn malformed_requests_get_err() {
+    let kv = spawn(&[], &[]);
+    let mut c = kv.client();
+    for (line, needle) in [
+        ("", "empty command"),
+        ("FLY away", "unknown command"),
+        ("SET onlykey", "SET takes <key> <value>"),
+        ("SET a b c", "SET takes"),
+        ("GET", "GET takes <key>"),
+        ("PING now", "PING takes no arguments"),
+        ("SET k\u{7f} v", "byte 0x7f"),
+    ] {
+        match c.request(line) {
+            Err(ClientError::Server { reason, .. }) => {
+                assert!(reason.contains(needle), "{line:?} -> {reason}");
+            }
+            other => panic!("{line:?} -> {other:?}"),
+        }
+    }
+    let long_key = "k".repeat(MAX_KEY_LEN + 1);
+    assert!(matches!(
+        c.set(&long_key, "v"),
+        Err(ClientError::Server { .. })
+    ));
+    // The connection survives all of that.
+    c.ping().unwrap();
+    // A line beyond the limit is refused and the connection closed.
+    let mut s = TcpStream::connect(kv.addr).unwrap();
+    let huge = vec![b'x'; 70_000];
+    let _ = s.write_all(&huge);
+    let mut resp = String::new();
+    let _ = BufReader::new(&s).read_line(&mut resp);
+    assert!(resp.starts_with("ERR line too long"), "{resp}");
+}
+
+fn short_load() -> LoadOptions {
+    LoadOptions {
+        connections_per_target: 4,
+        key_prefix: "t".into(),
+        max_duration: Duration::from_secs(60),
+        request_timeout: Duration::from_secs(10),
+        reconnect_budget: Duration::from_secs(10),
+        verify_budget: Duration::from_secs(30),
+        ..LoadOptions::default()
+    }
+}
+
+/// Waits (bounded) until the run has at least `min` acknowledged writes in total.
+fn wait_acked(h: &upgrade_agent::demo::loadgen::LoadHandle, min: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let acked: u64 = h.progress().iter().map(|p| p.acked_writes).sum();
+        if acked >= min {
+            return acked;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {acked} writes acknowledged"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn loadgen_against_one_server_loses_nothing() {
+    let kv = spawn(&[], &[]);
+    let h = LoadGen::start(vec![("kv".into(), kv.addr)], short_load()).unwrap();
+    wait_acked(&h, 200);
+    let r = h.stop();
+    let t = &r.per_target[0];
+    assert_eq!(t.name, "kv");
+    assert!(t.acked_writes >= 200);
+    assert_eq!(t.failed_requests, 0);
+    assert_eq!(t.lost_writes, 0);
+    assert_eq!(t.read_mismatches, 0);
+    assert!(t.requests > t.acked_writes, "GETs were issued too");
+    assert!(r.lossless());
+    // The keys are really on the server.
+    let stats = kv.client().stats().unwrap();
+    assert!(
+        stats.contains(&("keys".into(), t.acked_writes)),
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn loadgen_through_a_handover_loses_nothing() {
+    let memfd = test_memfd();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fds = [
+        ("kv-data", memfd.as_raw_fd()),
+        ("listen", listener.as_raw_fd()),
+    ];
+    let mut a = spawn(&[], &fds);
+    let h = LoadGen::start(vec![("kv".into(), addr)], short_load()).unwrap();
+    let before = wait_acked(&h, 100);
+    kill(a.pid(), Signal::SIGSTOP).unwrap();
+    wait_stopped(a.pid());
+    let _b = spawn(&[], &fds);
+    a.kill();
+    // The new process serves the clients.
+    wait_acked(&h, before + 100);
+    let r = h.stop();
+    let t = &r.per_target[0];
+    assert_eq!(t.lost_writes, 0, "{r:?}");
+    assert_eq!(t.unverified_writes, 0, "{r:?}");
+    assert_eq!(t.read_mismatches, 0, "{r:?}");
+    assert_eq!(t.gave_up_connections, 0, "{r:?}");
+    assert!(r.lossless());
+}
+
+#[test]
+fn loadgen_detects_lost_writes_when_the_data_is_not_handed_over() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let memfd = test_memfd();
+    let mut a = spawn(
+        &[],
+        &[
+            ("kv-data", memfd.as_raw_fd()),
+            ("listen", listener.as_raw_fd()),
+        ],
+    );
+    let h = LoadGen::start(vec![("kv".into(), addr)], short_load()).unwrap();
+    wait_acked(&h, 100);
+    a.kill();
+    // Every write acknowledged so far was acknowledged by A.
+    let acked_by_a: u64 = h.progress().iter().map(|p| p.acked_writes).sum();
+    // B gets the listener but a fresh, empty store.
+    let _b = spawn(&[], &[("listen", listener.as_raw_fd())]);
+    wait_acked(&h, acked_by_a + 50);
+    let r = h.stop();
+    let t = &r.per_target[0];
+    // A response already in a socket buffer at the kill may be counted after the snapshot:
+    // at least the snapshot is lost, and the writes B acknowledged are not.
+    assert!(t.lost_writes >= acked_by_a, "{r:?}");
+    assert!(t.lost_writes < t.acked_writes, "{r:?}");
+    assert_eq!(t.lost_examples.len(), 10);
+    assert!(!r.lossless());
+    assert_eq!(r.totals.lost_writes, t.lost_writes);
+}
