@@ -33,8 +33,10 @@ impl std::fmt::Display for Change {
     }
 }
 
-const KEYS: [&str; 8] = [
+const KEYS: [&str; 9] = [
     "pid",
+    // Tasks of two different boots have different pids: match them by their command.
+    "cmdline",
     "fd",
     "token",
     "name",
@@ -48,7 +50,7 @@ fn key_of(items: &[Value], key: &str) -> Option<Vec<String>> {
     let mut ids = Vec::with_capacity(items.len());
     for v in items {
         let id = v.as_object()?.get(key)?;
-        if id.is_object() || id.is_array() {
+        if id.is_object() {
             return None;
         }
         let id = id.to_string();
@@ -97,9 +99,12 @@ fn walk(path: &str, a: &Value, b: &Value, out: &mut Vec<Change>) {
             }
         }
         (Value::Array(x), Value::Array(y)) => {
+            // The first identity field present and unique on both sides that pairs up at
+            // least one element (or the only candidate when one side is empty).
             let keyed = KEYS.iter().find_map(|k| {
                 let (ka, kb) = (key_of(x, k)?, key_of(y, k)?);
-                (!x.is_empty() || !y.is_empty()).then_some((*k, ka, kb))
+                let overlap = ka.iter().any(|i| kb.contains(i));
+                (overlap || x.is_empty() || y.is_empty()).then_some((*k, ka, kb))
             });
             let Some((key, ka, kb)) = keyed else {
                 out.push(Change {
@@ -185,5 +190,20 @@ mod tests {
         let paths: Vec<&str> = d.iter().map(|c| c.path.as_str()).collect();
         assert_eq!(paths, vec!["argv", "gone", "x"]);
         assert!(diff_values(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn tasks_of_another_boot_match_by_cmdline() {
+        let a = json!({"tasks": [{"pid": 10, "cmdline": ["kv", "-p"], "cwd": "/a"}]});
+        let b = json!({"tasks": [{"pid": 99, "cmdline": ["kv", "-p"], "cwd": "/b"}]});
+        let d = diff_values(&a, &b);
+        let paths: Vec<&str> = d.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "tasks[cmdline=[\"kv\",\"-p\"]].cwd",
+                "tasks[cmdline=[\"kv\",\"-p\"]].pid"
+            ]
+        );
     }
 }
