@@ -273,6 +273,31 @@ fn handover_keeps_every_write_and_the_queued_connection() {
 }
 
 #[test]
+fn aborted_handover_thawed_instance_serves_the_successors_writes() {
+    let memfd = test_memfd();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let fds = [
+        ("kv-data", memfd.as_raw_fd()),
+        ("listen", listener.as_raw_fd()),
+    ];
+    let old = spawn(&[], &fds);
+    let mut client = old.client();
+    client.set("before", "1").unwrap();
+    kill(old.pid(), Signal::SIGSTOP).unwrap();
+    wait_stopped(old.pid());
+    let mut new = spawn(&[], &fds);
+    // The successor acknowledges writes, then the move is aborted.
+    let mut to_new = new.client();
+    assert_eq!(to_new.set("during", "2").unwrap(), 2);
+    new.kill();
+    kill(old.pid(), Signal::SIGCONT).unwrap();
+    // The thawed instance sees them on its existing connection and continues the log.
+    assert_eq!(client.get("during").unwrap().as_deref(), Some("2"));
+    assert_eq!(client.set("after", "3").unwrap(), 3);
+    assert_eq!(client.get("before").unwrap().as_deref(), Some("1"));
+}
+
+#[test]
 fn corrupt_record_refuses_to_start() {
     let memfd = test_memfd();
     let fds = [("kv-data", memfd.as_raw_fd())];

@@ -18,9 +18,9 @@
 //!   key_len u16 | value_len u32 | key | value | CRC32 u32 over the preceding bytes
 //! ```
 //!
-//! `committed` is the only commit point: a writer writes the record bytes, then stores
-//! `committed` (a release store); a reader loads `committed` (acquire) and never reads
-//! beyond it. The mutable fields are outside the header CRC because a writer can be
+//! `committed` is the only commit point: a writer writes the record bytes, then advances
+//! `committed` with a compare-and-swap (release ordering); a reader loads `committed`
+//! (acquire) and never reads beyond it. The mutable fields are outside the header CRC because a writer can be
 //! frozen (SIGSTOP, `cgroup.freeze`) at any instruction: a CRC over `committed` could be
 //! torn, while `committed` itself is a single aligned 8-byte store. `capacity` can lag the
 //! real memfd size (the writer was frozen between `ftruncate` and the header update), so

@@ -5,7 +5,9 @@
 //! process indexed (another process appended while this one was frozen, for example an
 //! aborted upgrade whose new instance served writes before it was killed), the new records
 //! are verified and indexed, so any process holding the memfd sees every acknowledged
-//! write.
+//! write. A commit is a compare-and-swap of `committed` from the length this process
+//! indexed: a process thawed after its successor appended (an aborted upgrade) cannot
+//! commit over the successor's records; it catches up and appends after them.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -39,6 +41,10 @@ pub enum StoreError {
         "capacity {capacity} is invalid: it must be at least {MIN_CAPACITY} and at most max capacity {max_capacity}"
     )]
     BadCapacity { capacity: u64, max_capacity: u64 },
+    #[error(
+        "another process keeps committing to the kv-data memfd: only one instance may write it at a time (freeze the other)"
+    )]
+    Contended,
 }
 
 /// Where a value lives in the memfd.
@@ -46,6 +52,15 @@ pub enum StoreError {
 struct ValueLoc {
     off: u64,
     len: u32,
+}
+
+/// A written, not yet committed, record.
+#[derive(Debug)]
+struct Pending {
+    start: u64,
+    need: u64,
+    key: Box<[u8]>,
+    value_len: u32,
 }
 
 /// Counters reported by `STATS`.
@@ -195,7 +210,21 @@ impl Store {
     pub fn set(&mut self, key: &[u8], value: &[u8]) -> Result<u64, StoreError> {
         log::check_item("key", key, MAX_KEY_LEN)?;
         log::check_item("value", value, MAX_VALUE_LEN)?;
-        self.catch_up()?;
+        // Another holder committing between our catch-up and our commit is only possible
+        // when this process was frozen in between (see `commit`); retry a few times.
+        for _ in 0..4 {
+            self.catch_up()?;
+            let pending = self.write_record(key, value)?;
+            if let Some(seq) = self.commit(pending) {
+                return Ok(seq);
+            }
+        }
+        Err(StoreError::Contended)
+    }
+
+    /// Writes the record after the committed end (growing the memfd if needed), without
+    /// committing it.
+    fn write_record(&mut self, key: &[u8], value: &[u8]) -> Result<Pending, StoreError> {
         let need = log::record_len(key.len(), value.len()) as u64;
         let start = HEADER_LEN as u64 + self.indexed;
         let end = start + need;
@@ -224,20 +253,39 @@ impl Store {
         log::encode_record(key, value, &mut rec);
         self.shm.write(start, &rec);
         self.scratch = rec;
-        // The commit point: the record bytes above become visible before the new length.
+        Ok(Pending {
+            start,
+            need,
+            key: key.into(),
+            value_len: value.len() as u32,
+        })
+    }
+
+    /// The commit point: publishes the written record by advancing `committed` with a
+    /// compare-and-swap (release: the record bytes become visible before the new length).
+    /// Fails (returns `None`, nothing acknowledged) when another holder committed since our
+    /// catch-up, which happens when this process was frozen during an upgrade, the new
+    /// instance appended, and the upgrade was aborted and this process thawed. Our record
+    /// bytes were then overwritten by the other holder's records (or, if we were frozen in
+    /// the middle of copying them, damaged its records: the record CRC reports that at the
+    /// next catch-up instead of serving wrong data).
+    fn commit(&mut self, p: Pending) -> Option<u64> {
+        let old = self.indexed;
+        let new = old + p.need;
         self.shm
             .committed()
-            .store(self.indexed + need, Ordering::Release);
-        self.indexed += need;
+            .compare_exchange(old, new, Ordering::Release, Ordering::Acquire)
+            .ok()?;
+        self.indexed = new;
         self.records += 1;
         self.index.insert(
-            key.into(),
+            p.key,
             ValueLoc {
-                off: start + need - 4 - value.len() as u64,
-                len: value.len() as u32,
+                off: p.start + p.need - 4 - u64::from(p.value_len),
+                len: p.value_len,
             },
         );
-        Ok(self.records)
+        Some(self.records)
     }
 
     /// The value of `key`, if any.
@@ -353,6 +401,28 @@ mod tests {
         assert_eq!(a.get(b"g4").unwrap().unwrap(), v);
         assert_eq!(a.set(b"y", b"2").unwrap(), 7);
         assert_eq!(b.get(b"y").unwrap().as_deref(), Some(&b"2"[..]));
+    }
+
+    #[test]
+    fn a_thawed_writer_does_not_clobber_the_successor() {
+        let mut a = Store::create(MIN_CAPACITY, 1 << 20).unwrap();
+        a.set(b"x", b"1").unwrap();
+        // a is frozen after writing a record but before committing it...
+        let pending = a.write_record(b"lost", b"never-acked").unwrap();
+        // SAFETY: fresh descriptor owned by nothing else.
+        let mut b = unsafe { Store::adopt(dup_raw(&a), MIN_CAPACITY, 1 << 20) }.unwrap();
+        // ...the successor appends over those bytes, then the move is aborted: b is killed
+        // and a thawed. Its commit must fail rather than cut b's record in two.
+        assert_eq!(b.set(b"y", b"from-b").unwrap(), 2);
+        drop(b);
+        assert_eq!(a.commit(pending), None);
+        assert_eq!(a.get(b"y").unwrap().as_deref(), Some(&b"from-b"[..]));
+        assert_eq!(a.get(b"lost").unwrap(), None);
+        assert_eq!(a.set(b"z", b"3").unwrap(), 3);
+        // SAFETY: as above.
+        let mut c = unsafe { Store::adopt(dup_raw(&a), MIN_CAPACITY, 1 << 20) }.unwrap();
+        assert_eq!(c.origin(), Origin::Adopted { records: 3 });
+        assert_eq!(c.get(b"z").unwrap().as_deref(), Some(&b"3"[..]));
     }
 
     #[test]
