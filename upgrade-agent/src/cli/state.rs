@@ -343,3 +343,63 @@ fn diff_files(a: &Path, b: &Path, json: bool) -> Exit {
         Exit::Differs
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_root() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../state-serializers/tests/fixtures/root")
+    }
+
+    #[test]
+    fn capture_of_fixture_tree_renders_every_part() {
+        let c = capture_at(&fixture_root(), &[], false, true).unwrap();
+        assert!(c.tasks.is_none() && c.device.is_none());
+        let text = render(&c);
+        assert!(text.contains("swappiness Some(60)"), "{text}");
+        assert!(text.contains("hugepages 2048 kB: 16"), "{text}");
+        let e = capture_at(&fixture_root(), &[4249], false, false).unwrap_err();
+        assert!(
+            matches!(e, StateError::ProcessVanished { pid: 4249 }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn capture_of_a_real_child_and_diff_exit_codes() {
+        let mut child = std::process::Command::new("/usr/bin/sleep")
+            .arg("1000")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let c = capture_at(Path::new("/"), &[pid], false, true);
+        let _ = child.kill();
+        let _ = child.wait();
+        let c = c.unwrap();
+        let text = render(&c);
+        assert!(text.contains(&format!("pid {pid} ")), "{text}");
+        assert!(text.contains("/usr/bin/sleep"), "{text}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.json");
+        let b = dir.path().join("b.json");
+        std::fs::write(&a, codec::to_json(&c).unwrap()).unwrap();
+        assert_eq!(diff_files(&a, &a, false), Exit::Ok);
+        let mut c2 = c.clone();
+        c2.tasks.as_mut().unwrap().tasks[0].cwd = "/elsewhere".into();
+        std::fs::write(&b, codec::to_json(&c2).unwrap()).unwrap();
+        assert_eq!(diff_files(&a, &b, true), Exit::Differs);
+        assert_eq!(
+            diff_files(&a, &dir.path().join("missing.json"), false),
+            Exit::Io
+        );
+        std::fs::write(&b, "{\"schema_version\": 2, \"tasks\": 5}").unwrap();
+        assert_eq!(diff_files(&a, &b, false), Exit::Corrupt);
+        let v1 = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../state-serializers/tests/fixtures/capture-v1.json");
+        assert_eq!(diff_files(&v1, &v1, false), Exit::Ok);
+    }
+}
