@@ -35,6 +35,8 @@ pub struct SpawnOptions {
     pub cgroup_root: Option<PathBuf>,
     /// Switch to the record's uid/gid/groups when running as root (default true).
     pub set_credentials: bool,
+    /// Descriptor numbers the handed-over descriptors get in the child.
+    pub placement: FdPlacement,
     pub stdin: Option<Stdio>,
     pub stdout: Option<Stdio>,
     pub stderr: Option<Stdio>,
@@ -46,11 +48,24 @@ impl Default for SpawnOptions {
             policy: Policy::BestEffort,
             cgroup_root: None,
             set_credentials: true,
+            placement: FdPlacement::Contiguous,
             stdin: None,
             stdout: None,
             stderr: None,
         }
     }
+}
+
+/// Where handed-over descriptors land in the restored task.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum FdPlacement {
+    /// 3, 4, 5, ... in the order given (the `MK_STATE_FDS` default).
+    #[default]
+    Contiguous,
+    /// Explicit numbers (each >= 3, unique), one per descriptor, e.g. the numbers the
+    /// workload had them at before the upgrade (`FdRecord::fd`). `MK_STATE_FDS` names
+    /// them all the same.
+    Explicit(Vec<RawFd>),
 }
 
 /// A restored task.
@@ -271,7 +286,8 @@ fn prepare_cgroup(cg_root: &Path, rec: &TaskRecord, report: &mut Report) -> Opti
     }
 }
 
-/// Starts `record` again with `fds` at 3, 4, ... named in `MK_STATE_FDS`.
+/// Starts `record` again with `fds` at 3, 4, ... (or per `opts.placement`), named in
+/// `MK_STATE_FDS`.
 ///
 /// Under [`Policy::Strict`] nothing is started when any item cannot be applied.
 pub fn spawn(
@@ -280,12 +296,23 @@ pub fn spawn(
     mut opts: SpawnOptions,
 ) -> Result<Spawned> {
     let mut report = Report::default();
+    let targets: Vec<RawFd> = match &opts.placement {
+        FdPlacement::Contiguous => (0..fds.len()).map(|i| FIRST_FD + i as RawFd).collect(),
+        FdPlacement::Explicit(t) if t.len() == fds.len() => t.clone(),
+        FdPlacement::Explicit(t) => {
+            return Err(StateError::Invalid(format!(
+                "{} descriptor number(s) given for {} descriptor(s)",
+                t.len(),
+                fds.len()
+            )));
+        }
+    };
     let named: Vec<NamedFd> = fds
         .iter()
-        .enumerate()
-        .map(|(i, (name, _))| NamedFd {
+        .zip(&targets)
+        .map(|((name, _), fd)| NamedFd {
             name: name.clone(),
-            fd: FIRST_FD + i as RawFd,
+            fd: *fd,
         })
         .collect();
     let env_value = fdenv::format(&named).map_err(|e| StateError::Invalid(e.to_string()))?;
@@ -318,11 +345,11 @@ pub fn spawn(
     let mut prepared = prepare(record, &opts, &mut report)?;
     report = report.finish(opts.policy)?;
 
-    // Move every source above the target range so no dup2 in the child clobbers another.
-    let n = fds.len() as RawFd;
+    // Move every source above the highest target so no dup2 in the child clobbers another.
+    let above = targets.iter().copied().max().unwrap_or(FIRST_FD - 1) + 1;
     let high: Vec<OwnedFd> = fds
         .iter()
-        .map(|(_, fd)| sys::dup_at_least(fd.as_fd(), FIRST_FD + n))
+        .map(|(_, fd)| sys::dup_at_least(fd.as_fd(), above))
         .collect::<std::io::Result<_>>()
         .map_err(|e| StateError::Sys {
             call: "fcntl(F_DUPFD_CLOEXEC)",
@@ -330,8 +357,8 @@ pub fn spawn(
         })?;
     let moves: Vec<(RawFd, RawFd)> = high
         .iter()
-        .enumerate()
-        .map(|(i, fd)| (fd.as_raw_fd(), FIRST_FD + i as RawFd))
+        .zip(&targets)
+        .map(|(fd, t)| (fd.as_raw_fd(), *t))
         .collect();
 
     let mut cmd = Command::new(&exe);
@@ -361,7 +388,6 @@ pub fn spawn(
     let nice = prepared.nice;
     let creds = prepared.creds.take();
     let cg_fd = prepared.cgroup_procs.as_ref().map(AsRawFd::as_raw_fd);
-    let first_free = FIRST_FD + n;
     let hook = move || -> std::io::Result<()> {
         // Runs in the forked child before exec: only the single-syscall wrappers of
         // `sys` below, over data prepared in the parent (no allocation, no locks).
@@ -369,12 +395,14 @@ pub fn spawn(
         if let Some(fd) = cg_fd {
             sys::write_raw(fd, b"0")?;
         }
+        // Descriptors the agent inherited without FD_CLOEXEC must not leak into the
+        // workload: mark everything from 3 on close-on-exec, then place the handed-over
+        // ones (dup2 clears the flag on its target; sources are all above the targets).
+        // Best effort on kernels without CLOSE_RANGE_CLOEXEC (< 5.11).
+        let _ = sys::cloexec_from_raw(FIRST_FD);
         for &(src, dst) in &moves {
             sys::dup2_raw(src, dst)?;
         }
-        // Descriptors the agent inherited without FD_CLOEXEC must not leak into the
-        // workload. Best effort on kernels without CLOSE_RANGE_CLOEXEC (< 5.11).
-        let _ = sys::cloexec_from_raw(first_free);
         for &(res, soft, hard) in &rlimits {
             sys::setrlimit_raw(res, soft, hard)?;
         }

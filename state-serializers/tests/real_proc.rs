@@ -176,11 +176,12 @@ fn capture_real_child_every_field_then_restore_equivalent() {
     assert_eq!(regions[0].seals, SEALS);
     assert_eq!(regions[0].digest, RegionDigest::of_bytes(&data));
 
-    // Restore: same spec, memfd handed over as "data" at fd 3.
+    // Restore: same spec, memfd handed over as "data" at fd 3, the listener as "listen".
     let handed = memfd.try_clone().unwrap();
+    let handed_listener = OwnedFd::from(listener.try_clone().unwrap());
     let spawned = restore::spawn(
         &rec,
-        vec![("data".into(), handed)],
+        vec![("data".into(), handed), ("listen".into(), handed_listener)],
         SpawnOptions {
             policy: Policy::Strict,
             stdin: Some(Stdio::null()),
@@ -192,10 +193,16 @@ fn capture_real_child_every_field_then_restore_equivalent() {
     .unwrap();
     assert_eq!(
         spawned.fds,
-        vec![state_serializers::fdenv::NamedFd {
-            name: "data".into(),
-            fd: 3
-        }]
+        vec![
+            state_serializers::fdenv::NamedFd {
+                name: "data".into(),
+                fd: 3
+            },
+            state_serializers::fdenv::NamedFd {
+                name: "listen".into(),
+                fd: 4
+            },
+        ]
     );
     assert!(
         spawned.report.not_applied.is_empty(),
@@ -208,7 +215,7 @@ fn capture_real_child_every_field_then_restore_equivalent() {
     assert_eq!(again.exe, rec.exe);
     assert_eq!(again.cmdline, rec.cmdline);
     let mut want_env = rec.environ.clone();
-    want_env.push("MK_STATE_FDS=data:3".into());
+    want_env.push("MK_STATE_FDS=data:3,listen:4".into());
     let mut got_env = again.environ.clone();
     got_env.sort();
     want_env.sort();
@@ -225,9 +232,15 @@ fn capture_real_child_every_field_then_restore_equivalent() {
         fd3.flags & libc::O_CLOEXEC as u32 == 0,
         "handed-over fd must survive exec"
     );
+    let fd4 = again
+        .fds
+        .iter()
+        .find(|f| f.fd == 4)
+        .expect("listener at fd 4");
+    assert_eq!(fd4.kind, fd6.kind);
     assert!(
-        again.fds.iter().all(|f| f.fd <= 3),
-        "only stdio and the handed fd: {:?}",
+        again.fds.iter().all(|f| f.fd <= 4),
+        "only stdio and the handed fds: {:?}",
         again.fds
     );
 
@@ -465,4 +478,68 @@ fn restore_recreates_cgroup_when_permitted() {
         Err(e) => panic!("{e}"),
     }
     let _ = std::fs::remove_dir(&dir);
+}
+
+#[test]
+fn restore_at_the_captured_fd_numbers() {
+    let rec = template();
+    let a = sealed_memfd(b"first");
+    let b = sealed_memfd(b"second");
+    let sp = restore::spawn(
+        &rec,
+        vec![("a".into(), a), ("b".into(), b)],
+        SpawnOptions {
+            placement: restore::FdPlacement::Explicit(vec![9, 5]),
+            stdout: Some(Stdio::null()),
+            ..SpawnOptions::default()
+        },
+    )
+    .unwrap();
+    let k = Kill(sp.child);
+    let got = capture(k.0.id() as i32);
+    let fds: Vec<(i32, &FdKind)> = got
+        .fds
+        .iter()
+        .filter(|f| f.fd > 2)
+        .map(|f| (f.fd, &f.kind))
+        .collect();
+    assert_eq!(
+        fds,
+        vec![
+            (
+                5,
+                &FdKind::Memfd {
+                    name: "mk-test-data".into(),
+                    size: 6,
+                    seals: SEALS
+                }
+            ),
+            (
+                9,
+                &FdKind::Memfd {
+                    name: "mk-test-data".into(),
+                    size: 5,
+                    seals: SEALS
+                }
+            ),
+        ]
+    );
+    assert!(
+        got.environ.contains(&"MK_STATE_FDS=a:9,b:5".to_owned()),
+        "{:?}",
+        got.environ
+    );
+    let e = restore::spawn(
+        &rec,
+        vec![("a".into(), sealed_memfd(b"x"))],
+        SpawnOptions {
+            placement: restore::FdPlacement::Explicit(vec![2]),
+            ..SpawnOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, StateError::Invalid(ref m) if m.contains(">= 3")),
+        "{e}"
+    );
 }
