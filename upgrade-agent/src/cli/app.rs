@@ -229,3 +229,41 @@ pub fn init_tracing() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_options_parse_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "mk-upgrade",
+            "apply",
+            "--kernel",
+            "/k",
+            "--state-dir",
+            "/s",
+            "--platform",
+            "emulated",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.state_dir, PathBuf::from("/s"));
+        assert_eq!(cli.global.platform, PlatformChoice::Emulated);
+        assert_eq!(
+            cli.global.workloads_path(),
+            PathBuf::from("/s/workloads.toml")
+        );
+        assert_eq!(
+            cli.global.trusted_keys_dir(),
+            PathBuf::from("/s/trusted-keys")
+        );
+        assert!(Cli::try_parse_from(["mk-upgrade", "apply"]).is_err());
+        assert!(Cli::try_parse_from(["mk-upgrade", "--platform", "xen", "status"]).is_err());
+    }
+}

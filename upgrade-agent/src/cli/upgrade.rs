@@ -632,8 +632,8 @@ pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
     }
     let mut slots =
         rollback::Slots::open(&g.state_dir).map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
-    let Some(prev) = slots
-        .get(rollback::Slot::Previous)
+    let Some((prev, bytes)) = slots
+        .read(rollback::Slot::Previous)
         .map_err(|e| CliError::new(Exit::Corrupt, e.to_string()))?
     else {
         return refuse(
@@ -643,8 +643,6 @@ pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
             None,
         );
     };
-    let bytes = std::fs::read(&prev.path)
-        .map_err(|e| CliError::new(Exit::Io, format!("{}: {e}", prev.path.display())))?;
     let memfd = crate::handover::sealed_memfd("mk-rollback-kernel", &bytes)
         .map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
     let kernel = LoadableKernel {
