@@ -1,9 +1,9 @@
 //! Command-line front end of `mk-upgrade`: one module per subcommand.
-pub mod keys;
-pub mod sign;
-pub mod state;
-pub mod inspect;
 pub mod app;
 pub mod demo;
 pub mod emu;
+pub mod inspect;
+pub mod keys;
+pub mod sign;
+pub mod state;
 pub mod upgrade;
