@@ -63,6 +63,7 @@ pub fn recv_with_fds(
     buf: &mut [u8],
     cmsg: &mut [u8],
 ) -> io::Result<Received> {
+    cmsg.fill(0);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
         sock.as_raw_fd(),
@@ -74,25 +75,59 @@ pub fn recv_with_fds(
     let bytes = msg.bytes;
     let mut fds = Vec::new();
     let mut ctrunc = false;
-    match msg.cmsgs() {
-        Ok(iter) => {
-            for c in iter {
-                if let ControlMessageOwned::ScmRights(raw) = c {
-                    for fd in raw {
-                        // SAFETY: the kernel just installed `fd` in our table for this
-                        // SCM_RIGHTS message; nothing else knows it, so we are its sole
-                        // owner and wrap it exactly once.
-                        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                    }
+    if let Ok(iter) = msg.cmsgs() {
+        for c in iter {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: the kernel just installed `fd` in our table for this
+                    // SCM_RIGHTS message; nothing else knows it, so we are its sole
+                    // owner and wrap it exactly once.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
                 }
             }
         }
+    } else {
         // nix refuses to iterate truncated control data (MSG_CTRUNC). The buffer holds
         // SCM_MAX_FD fds, so this only happens when the kernel itself dropped fds (e.g.
-        // RLIMIT_NOFILE reached on our side).
-        Err(_) => ctrunc = true,
+        // RLIMIT_NOFILE reached on our side). The fds it did install are recorded in the
+        // first control header: take them so they get closed instead of leaking.
+        ctrunc = true;
+        fds = installed_before_truncation(cmsg);
     }
     Ok(Received { bytes, fds, ctrunc })
+}
+
+/// Parse the single SCM_RIGHTS header the kernel writes at the start of the control
+/// buffer (`scm_detach_fds`) and own the fds it lists. Plain byte parsing: the buffer was
+/// zeroed before `recvmsg`, so a header the kernel did not write reads as empty.
+fn installed_before_truncation(cmsg: &[u8]) -> Vec<OwnedFd> {
+    const LEN: usize = std::mem::size_of::<usize>();
+    let int = std::mem::size_of::<libc::c_int>();
+    // CMSG_LEN(0): the header rounded up to the alignment of size_t.
+    let data_off = std::mem::size_of::<libc::cmsghdr>().next_multiple_of(LEN);
+    if cmsg.len() < data_off {
+        return Vec::new();
+    }
+    let mut len_bytes = [0u8; LEN];
+    len_bytes.copy_from_slice(&cmsg[..LEN]);
+    let cmsg_len = usize::from_ne_bytes(len_bytes).min(cmsg.len());
+    let level =
+        libc::c_int::from_ne_bytes([cmsg[LEN], cmsg[LEN + 1], cmsg[LEN + 2], cmsg[LEN + 3]]);
+    let kind =
+        libc::c_int::from_ne_bytes([cmsg[LEN + 4], cmsg[LEN + 5], cmsg[LEN + 6], cmsg[LEN + 7]]);
+    if level != libc::SOL_SOCKET || kind != libc::SCM_RIGHTS || cmsg_len < data_off {
+        return Vec::new();
+    }
+    cmsg[data_off..cmsg_len]
+        .chunks_exact(int)
+        .map(|c| {
+            let fd = RawFd::from_ne_bytes([c[0], c[1], c[2], c[3]]);
+            // SAFETY: the kernel installed `fd` in our table for this SCM_RIGHTS message
+            // and recorded it in this header before truncating the rest; nothing else
+            // knows it, so we are its sole owner and wrap it exactly once.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        })
+        .collect()
 }
 
 /// `setsockopt(fd, AF_VSOCK, SO_VM_SOCKETS_TRANSPORT, VSOCK_TRANSPORT_MULTIKERNEL)`: bind a
