@@ -104,7 +104,7 @@ pub enum KexecError {
         id: u16,
     },
     /// `kexec_file_load` failed.
-    #[error("kexec_file_load(flags {flags}) failed: {errno} ({}): {hint}", errno.desc())]
+    #[error("kexec_file_load(flags {flags}) failed: {errno}: {hint}")]
     Load {
         /// The flags passed.
         flags: KexecFlags,
@@ -114,7 +114,7 @@ pub enum KexecError {
         hint: &'static str,
     },
     /// `reboot(LINUX_REBOOT_CMD_KEXEC)` returned.
-    #[error("reboot(LINUX_REBOOT_CMD_KEXEC) failed: {errno} ({}): {hint}", errno.desc())]
+    #[error("reboot(LINUX_REBOOT_CMD_KEXEC) failed: {errno}: {hint}")]
     Reboot {
         /// The errno.
         errno: Errno,

@@ -128,7 +128,7 @@ pub enum LuoError {
         reason: &'static str,
     },
     /// An ioctl failed.
-    #[error("{ioctl} on {target} failed: {errno} ({}): {hint}", errno.desc())]
+    #[error("{ioctl} on {target} failed: {errno}: {hint}")]
     Ioctl {
         /// Which ioctl.
         ioctl: LuoIoctl,
