@@ -1,1 +1,230 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: drive the real `mk-upgrade` binary on a fresh emulated
+//! machine in a temporary directory, as an operator would.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use kho_proto::keys::NodeKey;
+use upgrade_agent::verify::bzimage::minimal_bzimage;
+
+/// Path of a workspace binary (built by `cargo test --workspace`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace` (it builds the binaries)",
+        p.display()
+    );
+    p
+}
+
+/// A fresh emulated machine: state dir, a trusted release key, kernels A and B.
+#[derive(Debug)]
+pub struct Machine {
+    pub dir: tempfile::TempDir,
+    pub key: NodeKey,
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// Result of one command.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Self {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    /// The stdout as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): stdout {:?} stderr {:?}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+fn free_ports(n: usize) -> Vec<SocketAddr> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter().map(|l| l.local_addr().unwrap()).collect()
+}
+
+impl Machine {
+    /// A machine with `workloads` mk-demo-kv workloads declared (not started).
+    pub fn new(workloads: usize) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("mk-e2e.")
+            .tempdir()
+            .unwrap();
+        let key = NodeKey::from_seed([42; 32]);
+        std::fs::create_dir_all(dir.path().join("state/trusted-keys")).unwrap();
+        std::fs::write(
+            dir.path().join("state/trusted-keys/release.pub"),
+            format!("{}\n", hex(&key.public())),
+        )
+        .unwrap();
+        let addrs = free_ports(workloads);
+        let kv = bin("mk-demo-kv");
+        let mut toml = String::new();
+        for (i, a) in addrs.iter().enumerate() {
+            toml.push_str(&format!(
+                "[[workload]]\nname = \"kv-{n}\"\nexec = \"{kv}\"\nargs = [\"--capacity\", \"2MiB\"]\n\
+                 [[workload.memfd]]\nname = \"kv-data\"\n[[workload.listen]]\nname = \"listen\"\naddr = \"{a}\"\n\
+                 [workload.health]\nkind = \"http\"\naddr = \"{a}\"\ntimeout_ms = 5000\n\n",
+                n = i + 1,
+                kv = kv.display()
+            ));
+        }
+        std::fs::write(dir.path().join("state/workloads.toml"), toml).unwrap();
+        let m = Machine { dir, key, addrs };
+        m.kernel("7.2.13-mkA");
+        m.kernel("7.2.13-mkB");
+        m
+    }
+
+    /// Path of a file in the machine's directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Writes a minimal kernel image with `release` (unsigned); returns its path.
+    pub fn kernel(&self, release: &str) -> PathBuf {
+        let p = self.path(&format!("bzImage-{release}"));
+        std::fs::write(&p, minimal_bzimage(release)).unwrap();
+        p
+    }
+
+    /// Signs `image` with `key` (writes IMAGE.sig).
+    pub fn sign_with(&self, image: &Path, key: &NodeKey) {
+        let bytes = std::fs::read(image).unwrap();
+        let sig = upgrade_agent::verify::sign_image(&bytes, key, None, 1_800_000_000).unwrap();
+        std::fs::write(
+            upgrade_agent::verify::default_sig_path(image),
+            sig.to_json(),
+        )
+        .unwrap();
+    }
+
+    /// Signs `image` with the trusted release key.
+    pub fn sign(&self, image: &Path) {
+        self.sign_with(image, &self.key);
+    }
+
+    /// Runs `mk-upgrade` with this machine's state dir.
+    pub fn run(&self, args: &[&str]) -> Run {
+        self.run_env(args, &[])
+    }
+
+    /// Runs `mk-upgrade` with extra environment variables.
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut c = Command::new(bin("mk-upgrade"));
+        c.arg("--state-dir")
+            .arg(self.path("state"))
+            .arg("--platform")
+            .arg("emulated")
+            .args(args)
+            .env("MK_AGENTD", bin("mk-agentd"))
+            .env_remove("MK_STATE_DIR")
+            .env_remove("RUST_LOG");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        Run::from(c.output().unwrap())
+    }
+
+    /// Boots instance 1 with kernel A and the workloads; waits until they serve.
+    pub fn init(&self) {
+        let r = self.run(&[
+            "emu",
+            "init",
+            "--kernel",
+            self.path("bzImage-7.2.13-mkA").to_str().unwrap(),
+        ]);
+        assert_eq!(r.code, 0, "emu init: {r:?}");
+        for a in &self.addrs {
+            kv(*a, "PING").unwrap();
+        }
+    }
+
+    /// `status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let r = self.run(&["status", "--json"]);
+        assert_eq!(r.code, 0, "status: {r:?}");
+        r.json()
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = self.run(&["emu", "down"]);
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Sends one request line to a demo kv server and returns its reply line (retrying the
+/// connection for a few seconds while a workload moves).
+pub fn kv(addr: SocketAddr, line: &str) -> std::io::Result<String> {
+    let mut last = None;
+    for _ in 0..100 {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(mut s) => {
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                writeln!(s, "{line}")?;
+                let mut reply = String::new();
+                BufReader::new(&s).read_line(&mut reply)?;
+                return Ok(reply.trim_end().to_owned());
+            }
+            Err(e) => {
+                last = Some(e);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no attempt")))
+}
+
+/// The single active instance of a `status --json` document: (id, kernel, workload names).
+pub fn active(status: &serde_json::Value) -> (u64, String, Vec<String>) {
+    let active: Vec<&serde_json::Value> = status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["state"] == "active")
+        .collect();
+    assert_eq!(active.len(), 1, "exactly one active instance: {status}");
+    let i = active[0];
+    let names = i["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            assert_eq!(w["frozen"], false, "no workload stays frozen: {status}");
+            w["name"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    (
+        i["id"].as_u64().unwrap(),
+        i["kernel_release"].as_str().unwrap().to_owned(),
+        names,
+    )
+}

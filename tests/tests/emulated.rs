@@ -1,0 +1,267 @@
+//! End to end on the emulated multikernel platform, through the `mk-upgrade` binary.
+
+use mk_integration_tests::{Machine, active, kv};
+
+fn put(m: &Machine, n: usize) {
+    for (w, a) in m.addrs.iter().enumerate() {
+        for i in 0..n {
+            assert!(
+                kv(*a, &format!("SET k{w}-{i} v{w}-{i}"))
+                    .unwrap()
+                    .starts_with("OK")
+            );
+        }
+    }
+}
+
+fn check(m: &Machine, n: usize) {
+    for (w, a) in m.addrs.iter().enumerate() {
+        for i in 0..n {
+            assert_eq!(
+                kv(*a, &format!("GET k{w}-{i}")).unwrap(),
+                format!("VALUE v{w}-{i}"),
+                "workload {w} key {i}"
+            );
+        }
+    }
+}
+
+#[test]
+fn apply_then_rollback_keeps_every_write() {
+    let m = Machine::new(2);
+    m.init();
+    put(&m, 20);
+    let b = m.path("bzImage-7.2.13-mkB");
+    m.sign(&b);
+    let dry = m.run(&[
+        "apply",
+        "--kernel",
+        b.to_str().unwrap(),
+        "--dry-run",
+        "--json",
+    ]);
+    assert_eq!(dry.code, 0, "{dry:?}");
+    assert_eq!(dry.json()["result"], "dry-run");
+    assert_eq!(
+        active(&m.status()).1,
+        "7.2.13-mkA",
+        "dry run changes nothing"
+    );
+
+    let r = m.run(&["apply", "--kernel", b.to_str().unwrap(), "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let doc = r.json();
+    assert_eq!(doc["result"], "upgraded");
+    assert_eq!(doc["kernel_before"], "7.2.13-mkA");
+    assert_eq!(doc["kernel_after"], "7.2.13-mkB");
+    for w in doc["workloads"].as_array().unwrap() {
+        assert_eq!(w["moved"], true, "{w}");
+        assert!(w["blackout_ms"].as_f64().unwrap() > 0.0);
+    }
+    let st = m.status();
+    let (id, kernel, names) = active(&st);
+    assert_eq!((id, kernel.as_str(), names.len()), (2, "7.2.13-mkB", 2));
+    assert_eq!(st["slots"]["previous"]["release"], "7.2.13-mkA");
+    assert_eq!(
+        st["instances"][0]["resources"]["cpus"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
+        "the new instance took every cpu: {st}"
+    );
+    check(&m, 20);
+    put(&m, 30);
+
+    let again = m.run(&["apply", "--kernel", b.to_str().unwrap(), "--json"]);
+    assert_eq!(
+        again.code, 14,
+        "applying the running kernel is nothing to do: {again:?}"
+    );
+
+    let rb = m.run(&["rollback", "--json"]);
+    assert_eq!(rb.code, 0, "{rb:?}");
+    assert_eq!(rb.json()["kernel_after"], "7.2.13-mkA");
+    let (_, kernel, names) = active(&m.status());
+    assert_eq!((kernel.as_str(), names.len()), ("7.2.13-mkA", 2));
+    check(&m, 30);
+
+    let h = m.run(&["history", "--json"]).json();
+    let h = h.as_array().unwrap();
+    assert_eq!(h.len(), 2);
+    assert_eq!(h[0]["kind"], "apply");
+    assert_eq!(h[1]["kind"], "rollback");
+    assert!(h.iter().all(|r| r["result"] == "upgraded"));
+}
+
+#[test]
+fn refused_images_change_nothing() {
+    let m = Machine::new(1);
+    m.init();
+    put(&m, 5);
+    let b = m.path("bzImage-7.2.13-mkB");
+    let bs = b.to_str().unwrap();
+    // Unsigned.
+    let r = m.run(&["apply", "--kernel", bs]);
+    assert_eq!(r.code, 5, "unsigned: {r:?}");
+    assert!(r.stderr.contains("sig"), "{}", r.stderr);
+    // Signed by a key that is not trusted.
+    m.sign_with(&b, &kho_proto::keys::NodeKey::from_seed([7; 32]));
+    let r = m.run(&["apply", "--kernel", bs]);
+    assert_eq!(r.code, 5, "untrusted key: {r:?}");
+    // Tampered after signing.
+    m.sign(&b);
+    let mut bytes = std::fs::read(&b).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&b, &bytes).unwrap();
+    let r = m.run(&["apply", "--kernel", bs]);
+    assert_eq!(r.code, 5, "tampered: {r:?}");
+    // Downgrade.
+    let old = m.kernel("7.1.0-old");
+    m.sign(&old);
+    let r = m.run(&["apply", "--kernel", old.to_str().unwrap()]);
+    assert_eq!(r.code, 6, "downgrade: {r:?}");
+    // Not a kernel (signed or not).
+    let junk = m.path("junk");
+    std::fs::write(&junk, vec![0x5a; 8192]).unwrap();
+    let r = m.run(&[
+        "apply",
+        "--kernel",
+        junk.to_str().unwrap(),
+        "--insecure-allow-unsigned",
+    ]);
+    assert_eq!(r.code, 7, "not a kernel: {r:?}");
+    // Missing file.
+    let r = m.run(&["apply", "--kernel", m.path("nope").to_str().unwrap()]);
+    assert_eq!(r.code, 3, "missing: {r:?}");
+    // JSON refusals are documents too.
+    let r = m.run(&["apply", "--kernel", bs, "--json"]);
+    assert_eq!(r.json()["result"], "refused");
+
+    let st = m.status();
+    let (id, kernel, names) = active(&st);
+    assert_eq!((id, kernel.as_str(), names.len()), (1, "7.2.13-mkA", 1));
+    assert!(st["upgrade_in_flight"].is_null());
+    assert_eq!(
+        m.run(&["history", "--json"])
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    check(&m, 5);
+}
+
+#[test]
+fn a_second_apply_is_refused_while_one_holds_the_lock() {
+    let m = Machine::new(1);
+    m.init();
+    let b = m.path("bzImage-7.2.13-mkB");
+    m.sign(&b);
+    let guard = rollback::Lock::acquire(&m.path("state")).unwrap();
+    let r = m.run(&["apply", "--kernel", b.to_str().unwrap()]);
+    assert_eq!(r.code, 9, "{r:?}");
+    assert!(r.stderr.contains("lock"), "{}", r.stderr);
+    let c = m.run(&["check", "--json"]);
+    assert_eq!(c.code, 8);
+    assert!(
+        c.json()["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "lock" && c["ok"] == false)
+    );
+    drop(guard);
+    assert_eq!(m.run(&["check"]).code, 0);
+}
+
+#[test]
+fn injected_faults_roll_back_and_lose_nothing() {
+    let m = Machine::new(2);
+    m.init();
+    put(&m, 10);
+    let b = m.path("bzImage-7.2.13-mkB");
+    m.sign(&b);
+    for (fault, check_name) in [("corrupt-region", "image"), ("health-fail", "unhealthy")] {
+        let r = m.run(&[
+            "apply",
+            "--kernel",
+            b.to_str().unwrap(),
+            "--json",
+            "--inject",
+            fault,
+        ]);
+        assert_eq!(r.code, 10, "{fault}: {r:?}");
+        let doc = r.json();
+        assert_eq!(doc["result"], "rolled-back", "{fault}");
+        assert!(
+            doc["error"].as_str().unwrap().contains(check_name),
+            "{fault}: {doc}"
+        );
+        assert!(
+            doc["workloads"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|w| w["moved"] == false)
+        );
+        let (id, kernel, names) = active(&m.status());
+        assert_eq!(
+            (id, kernel.as_str(), names.len()),
+            (1, "7.2.13-mkA", 2),
+            "{fault}"
+        );
+        check(&m, 10);
+    }
+}
+
+/// Kill the agent after every journal write of an upgrade in turn; recovery must end fully
+/// old or fully new with every workload serving all its data.
+#[test]
+fn crash_at_every_journal_step_converges() {
+    // 4 machine steps + 4 per workload + hand-over = 13 writes for two workloads.
+    for n in 1..=13u32 {
+        let m = Machine::new(2);
+        m.init();
+        put(&m, 5);
+        let b = m.path("bzImage-7.2.13-mkB");
+        m.sign(&b);
+        let nstr = n.to_string();
+        let r = m.run_env(
+            &["apply", "--kernel", b.to_str().unwrap()],
+            &[("MK_FAULT_CRASH_AFTER_WRITE", &nstr)],
+        );
+        assert_eq!(
+            r.code, -1,
+            "step {n}: the agent must have been killed: {r:?}"
+        );
+        let st = m.status();
+        assert!(
+            !st["upgrade_in_flight"].is_null(),
+            "step {n}: journal shows the upgrade"
+        );
+        let rec = m.run(&["recover", "--json"]);
+        assert_eq!(rec.code, 0, "step {n}: {rec:?}");
+        let doc = rec.json();
+        let (_, kernel, names) = active(&m.status());
+        assert_eq!(names.len(), 2, "step {n}: both workloads run");
+        if n == 13 {
+            assert_eq!(
+                (doc["result"].as_str(), kernel.as_str()),
+                (Some("upgraded"), "7.2.13-mkB"),
+                "step {n}"
+            );
+        } else {
+            assert_eq!(
+                (doc["result"].as_str(), kernel.as_str()),
+                (Some("rolled-back"), "7.2.13-mkA"),
+                "step {n}"
+            );
+        }
+        assert_eq!(doc["recovered"], true);
+        check(&m, 5);
+        assert!(m.status()["upgrade_in_flight"].is_null());
+    }
+}
