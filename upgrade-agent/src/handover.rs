@@ -9,6 +9,11 @@
 //! | task state             | `TaskState`     | 0    | (state-serializers) | postcard `TaskState`        |
 //! | memory state           | `MemoryState`   | 0    | (state-serializers) | postcard `MemoryState`      |
 //! | preserved memfd *i*    | `WorkloadBlob`  | *i*  | 1      | external: token *i* = fd index in offer  |
+//! | memfd identities       | `MemoryState`   | 1    | 1      | postcard `Vec<FdIdentity>` (`integrity = "identity"` only) |
+//!
+//! With `integrity = "digest"` (default) every memfd has an external region carrying its
+//! length, CRC32 and SHA-256; with `integrity = "identity"` it has an [`FdIdentity`] entry
+//! instead, and the receiver checks it holds the very object that was offered.
 //!
 //! The `RegionOffer` frame carries the sealed image memfd as fd 0, then the workload's
 //! preserved fds in `MK_STATE_FDS` order (fd *i* ↔ token *i*). See `docs/architecture.md`.
@@ -28,6 +33,29 @@ use crate::workload::WorkloadSpec;
 pub const SPEC_SCHEMA: u16 = 1;
 /// Schema of an external memfd region.
 pub const BLOB_SCHEMA: u16 = 1;
+/// Schema of the identity region.
+pub const IDENTITY_SCHEMA: u16 = 1;
+
+/// Which memory object a handed-over memfd is (`integrity = "identity"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FdIdentity {
+    pub token: u64,
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub seals: u32,
+}
+
+fn identity_of(token: u64, fd: BorrowedFd<'_>) -> std::io::Result<FdIdentity> {
+    let st = nix::sys::stat::fstat(fd).map_err(std::io::Error::from)?;
+    Ok(FdIdentity {
+        token,
+        dev: st.st_dev,
+        ino: st.st_ino,
+        size: u64::try_from(st.st_size).unwrap_or(0),
+        seals: state_serializers::sys::get_seals(fd)?,
+    })
+}
 
 /// A failed check on the receiving side: which check, and what was seen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +111,29 @@ pub fn sealed_memfd(name: &str, bytes: &[u8]) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Copies a memfd's contents into a fresh sealable memfd (`transfer = "copy"`), reading
+/// from offset 0 without moving the source's shared file position.
+pub fn copy_memfd(name: &str, src: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::FileExt;
+    let from = std::fs::File::from(src.try_clone_to_owned()?);
+    let to = std::fs::File::from(crate::sys::memfd::create_sealable(&format!(
+        "mk-copy:{name}"
+    ))?);
+    let len = from.metadata()?.len();
+    to.set_len(len)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < len {
+        let n = from.read_at(&mut buf, off)?;
+        if n == 0 {
+            break;
+        }
+        to.write_all_at(&buf[..n], off)?;
+        off += n as u64;
+    }
+    Ok(OwnedFd::from(to))
+}
+
 /// Builds the handover image for one workload and wraps it in a sealed memfd.
 #[allow(clippy::too_many_arguments)]
 pub fn build(
@@ -96,17 +147,30 @@ pub fn build(
     faults: SendFaults,
 ) -> Result<Outgoing, String> {
     // Digest every memfd (in parallel) while the workload is frozen.
+    let by_identity = spec.integrity == crate::workload::Integrity::Identity;
     let memfd_fds: Vec<BorrowedFd<'_>> = fds
         .iter()
         .map(|p| p.fd.as_fd())
-        .filter(|fd| is_memfd(*fd))
+        .filter(|fd| is_memfd(*fd) && !by_identity)
         .collect();
     let mut digests = state_serializers::digest_many(&memfd_fds).into_iter();
     let mut descriptors = Vec::with_capacity(fds.len());
     let mut externals = Vec::new();
+    let mut identities = Vec::new();
     for (i, p) in fds.iter().enumerate() {
         let token = u64::try_from(i + 1).map_err(|e| e.to_string())?;
-        if is_memfd(p.fd.as_fd()) {
+        if is_memfd(p.fd.as_fd()) && by_identity {
+            let id = identity_of(token, p.fd.as_fd())
+                .map_err(|e| format!("identifying memfd {}: {e}", p.name))?;
+            descriptors.push(FdDescriptor {
+                name: p.name.clone(),
+                kind: FdKind::Memfd,
+                length: id.size,
+                crc32: 0,
+                sha256: [0; 32],
+            });
+            identities.push(id);
+        } else if is_memfd(p.fd.as_fd()) {
             let d = digests
                 .next()
                 .ok_or("digest count mismatch")?
@@ -146,6 +210,16 @@ pub fn build(
         let id = u32::try_from(i + 1).map_err(|e| e.to_string())?;
         b.external(RegionKind::WorkloadBlob, id, BLOB_SCHEMA, true, e)
             .map_err(|e| e.to_string())?;
+    }
+    if !identities.is_empty() {
+        b.structured(
+            RegionKind::MemoryState,
+            1,
+            IDENTITY_SCHEMA,
+            true,
+            &identities,
+        )
+        .map_err(|e| e.to_string())?;
     }
     let mut bytes = b.build_signed(key).map_err(|e| e.to_string())?;
     if faults.corrupt_region {
@@ -273,27 +347,45 @@ pub fn verify(
         task_region.payload().unwrap_or_default(),
     )
     .map_err(|e| fail("task_state", e.to_string()))?;
+    let identities: Vec<FdIdentity> = match view.find(RegionKind::MemoryState, 1) {
+        Some(r) => view
+            .decode(r)
+            .map_err(|e| fail("identities", e.to_string()))?,
+        None => Vec::new(),
+    };
     let mut out = Vec::with_capacity(rest.len());
     for (i, (fd, desc)) in rest.into_iter().zip(&offer.fds[1..]).enumerate() {
         let token = u64::try_from(i + 1).map_err(|e| fail("token", e.to_string()))?;
         match desc.kind {
             FdKind::Memfd => {
-                let region = view
+                let external = view
                     .regions()
                     .iter()
-                    .find(|r| r.external().is_some_and(|e| e.token == token))
-                    .ok_or_else(|| {
-                        fail(
-                            format!("fd[{}]", i + 1),
-                            "no external region for this memfd",
-                        )
-                    })?;
-                let e = region.external().unwrap_or(ExternalRef {
-                    token,
-                    length: 0,
-                    crc32: 0,
-                    sha256: [0; 32],
-                });
+                    .find_map(|r| r.external().filter(|e| e.token == token));
+                let Some(e) = external else {
+                    let want = identities
+                        .iter()
+                        .find(|id| id.token == token)
+                        .ok_or_else(|| {
+                            fail(
+                                format!("fd[{}]", i + 1),
+                                "neither an external region nor an identity for this memfd",
+                            )
+                        })?;
+                    let got = identity_of(token, fd.as_fd())
+                        .map_err(|err| fail(format!("fd[{}].identity", i + 1), err.to_string()))?;
+                    if got != *want {
+                        return Err(fail(
+                            format!("fd[{}].identity", i + 1),
+                            format!("{}: offered {want:?}, received {got:?}", desc.name),
+                        ));
+                    }
+                    out.push(PreservedFd {
+                        name: desc.name.clone(),
+                        fd,
+                    });
+                    continue;
+                };
                 let expected = RegionDigest {
                     len: e.length,
                     crc32: e.crc32,

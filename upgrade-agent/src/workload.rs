@@ -68,6 +68,38 @@ pub struct WorkloadSpec {
     pub listeners: Vec<ListenSpec>,
     #[serde(default)]
     pub health: HealthCheck,
+    /// How its memfds travel to the new instance.
+    #[serde(default)]
+    pub transfer: Transfer,
+    /// How the new instance checks them before the workload may touch them.
+    #[serde(default)]
+    pub integrity: Integrity,
+}
+
+/// How a workload's memfds travel to the new instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Transfer {
+    /// The same memory object is handed over (LUO preservation / SCM_RIGHTS): no copy.
+    #[default]
+    Share,
+    /// The contents are copied into a fresh memfd while the workload is frozen (the
+    /// copy-based baseline, as a checkpoint/restore tool would do).
+    Copy,
+}
+
+/// How the receiving instance checks a workload's memfds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Integrity {
+    /// CRC32 and SHA-256 of the whole contents, computed while the workload is frozen and
+    /// checked by the receiver (cost grows with the size).
+    #[default]
+    Digest,
+    /// Only that the received fd is the very object that was offered (device, inode, size,
+    /// seals): constant cost, meaningful only where the object itself is handed over (the
+    /// emulated platform's SCM_RIGHTS), not across a kexec.
+    Identity,
 }
 
 /// A memfd the workload keeps its state in.

@@ -213,6 +213,8 @@ pub fn run(_g: &Global, a: DemoArgs) -> Result<ExitCode, CliError> {
                 expect_status: 200,
                 timeout_ms: 3000,
             },
+            transfer: crate::workload::Transfer::Share,
+            integrity: crate::workload::Integrity::Digest,
         });
         targets.push((name, addr));
     }

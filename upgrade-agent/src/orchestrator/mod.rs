@@ -18,6 +18,7 @@
 pub mod record;
 
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -241,6 +242,7 @@ impl<'a> Orchestrator<'a> {
                     name,
                     status: MoveStatus::Pending,
                     blackout_us: None,
+                    handover_us: None,
                     detail: None,
                 })
                 .collect(),
@@ -471,7 +473,16 @@ impl<'a> Orchestrator<'a> {
         spec: &mut crate::workload::WorkloadSpec,
         t0: Instant,
     ) -> Result<u64, MoveError> {
-        let fds = self.platform.preserved_fds(from, name)?;
+        let mut fds = self.platform.preserved_fds(from, name)?;
+        if spec.transfer == crate::workload::Transfer::Copy {
+            for p in &mut fds {
+                if state_serializers::sys::get_seals(p.fd.as_fd()).is_ok() {
+                    p.fd = handover::copy_memfd(&p.name, p.fd.as_fd()).map_err(|e| {
+                        MoveError::Other(format!("{name}: copying {}: {e}", p.name))
+                    })?;
+                }
+            }
+        }
         let pid = self
             .platform
             .instances()?
@@ -531,7 +542,12 @@ impl<'a> Orchestrator<'a> {
         drop(out);
         match self.recv(to)? {
             Message::RegionVerified(v) if v.workload_id == name => match v.result {
-                Verification::Ok => {}
+                Verification::Ok => {
+                    let handover = us(t0.elapsed());
+                    if let Some(w) = self.record.workload_mut(name) {
+                        w.handover_us = Some(handover);
+                    }
+                }
                 Verification::Failed { check, detail } => {
                     return Err(MoveError::Check {
                         workload: name.to_owned(),

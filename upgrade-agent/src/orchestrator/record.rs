@@ -69,6 +69,10 @@ pub struct WorkloadMove {
     pub status: MoveStatus,
     /// Freeze on the old instance to healthy on the new one, in microseconds.
     pub blackout_us: Option<u64>,
+    /// Freeze on the old instance to "verified and started" on the new one (the agent's
+    /// share of the blackout; the rest is the workload's own start-up), in microseconds.
+    #[serde(default)]
+    pub handover_us: Option<u64>,
     pub detail: Option<String>,
 }
 

@@ -1,0 +1,323 @@
+//! Blackout benchmark (a bench binary, not a timed test): how long one workload is frozen
+//! when it moves to a new (EMULATED) kernel instance, by state size and handover mode,
+//! measured in one run against a copy-based baseline; and one apply of 100 workloads.
+//!
+//! `cargo bench -p upgrade-agent --bench blackout` (release build). Environment:
+//! `MK_BENCH_SIZES_MIB` (default `1,64,1024`), `MK_BENCH_MOVES` (moves per configuration,
+//! default 7), `MK_BENCH_MANY` (workloads in the many-workload apply, default 100, 0 skips).
+//! Prints a Markdown table (copied into docs/performance.md) and writes
+//! `target/blackout.json`.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use upgrade_agent::cli::app::{Global, PlatformChoice};
+use upgrade_agent::cli::emu;
+use upgrade_agent::cli::upgrade::execute;
+use upgrade_agent::orchestrator::record::{Outcome, UpgradeKind};
+use upgrade_agent::orchestrator::{Faults, Quiet};
+use upgrade_agent::platform::LoadableKernel;
+use upgrade_agent::verify::bzimage::minimal_bzimage;
+use upgrade_agent::workload::{
+    HealthCheck, Integrity, ListenSpec, MemfdSpec, Transfer, WorkloadFile, WorkloadSpec,
+};
+
+fn env_list(name: &str, default: &str) -> Vec<u64> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_owned())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+fn free_ports(n: usize) -> Vec<SocketAddr> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    held.iter().map(|l| l.local_addr().expect("addr")).collect()
+}
+
+fn spec(
+    name: &str,
+    addr: SocketAddr,
+    mib: u64,
+    transfer: Transfer,
+    integrity: Integrity,
+) -> WorkloadSpec {
+    WorkloadSpec {
+        name: name.to_owned(),
+        exec: PathBuf::from(env!("CARGO_BIN_EXE_mk-demo-kv")),
+        args: vec![
+            "--capacity".into(),
+            format!("{}MiB", mib + 2),
+            "--max-capacity".into(),
+            format!("{}MiB", mib + 64),
+            "--preload-mib".into(),
+            mib.to_string(),
+        ],
+        env: BTreeMap::new(),
+        cpu_max: None,
+        memory_max: None,
+        memfds: vec![MemfdSpec {
+            name: "kv-data".into(),
+            size: 0,
+        }],
+        listeners: vec![ListenSpec {
+            name: "listen".into(),
+            addr,
+        }],
+        health: HealthCheck::Http {
+            addr,
+            path: "/health".into(),
+            expect_status: 200,
+            timeout_ms: 120_000,
+        },
+        transfer,
+        integrity,
+    }
+}
+
+struct Machine {
+    _dir: tempfile::TempDir,
+    g: Global,
+    kernels: [(PathBuf, String); 2],
+}
+
+impl Machine {
+    fn new(specs: Vec<WorkloadSpec>) -> Machine {
+        let dir = tempfile::Builder::new()
+            .prefix("mk-bench.")
+            .tempdir()
+            .expect("tempdir");
+        let root = dir.path();
+        let kernels = ["7.2.13-mkA", "7.2.13-mkB"].map(|r| {
+            let p = root.join(format!("bzImage-{r}"));
+            std::fs::write(&p, minimal_bzimage(r)).expect("kernel");
+            (p, r.to_owned())
+        });
+        let file = WorkloadFile { workloads: specs };
+        std::fs::write(
+            root.join("workloads.toml"),
+            toml::to_string(&file).expect("toml"),
+        )
+        .expect("workloads");
+        let g = Global {
+            state_dir: root.join("state"),
+            platform: PlatformChoice::Emulated,
+            workloads: Some(root.join("workloads.toml")),
+            trusted_keys: None,
+        };
+        let m = Machine {
+            _dir: dir,
+            g,
+            kernels,
+        };
+        emu::init(&m.g, &m.kernels[0].0, &[]).unwrap_or_else(|e| panic!("emu init: {}", e.message));
+        for w in &file.workloads {
+            let h = upgrade_agent::health::run(&w.health);
+            assert!(h.healthy, "{} did not start: {}", w.name, h.detail);
+        }
+        m
+    }
+
+    /// One upgrade to kernel `to` (0 = A, 1 = B); returns (handover_us, blackout_us) per
+    /// workload and the total time.
+    fn upgrade(&self, to: usize) -> (Vec<(u64, u64)>, Duration) {
+        let (path, release) = &self.kernels[to];
+        let bytes = std::fs::read(path).expect("kernel");
+        let memfd = upgrade_agent::handover::sealed_memfd("bench-kernel", &bytes).expect("memfd");
+        let kernel = LoadableKernel {
+            image: memfd.as_fd(),
+            release: release.clone(),
+            sha256: sha(&bytes),
+            initrd: None,
+            cmdline: "",
+        };
+        let mut p = self.g.open_platform().expect("platform");
+        let t = Instant::now();
+        let (rec, err) = execute(
+            &self.g,
+            p.as_mut(),
+            &kernel,
+            UpgradeKind::Apply,
+            Faults::default(),
+            &Quiet,
+        )
+        .unwrap_or_else(|e| panic!("upgrade: {}", e.message));
+        let took = t.elapsed();
+        assert_eq!(rec.outcome, Some(Outcome::Upgraded), "{err:?}");
+        (
+            rec.workloads
+                .iter()
+                .map(|w| (w.handover_us.unwrap_or(0), w.blackout_us.unwrap_or(0)))
+                .collect(),
+            took,
+        )
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.g.open_platform() {
+            let _ = emu::down(p.as_mut());
+        }
+    }
+}
+
+fn sha(b: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(b).into()
+}
+
+fn pct(v: &mut [u64], p: f64) -> f64 {
+    v.sort_unstable();
+    if v.is_empty() {
+        return 0.0;
+    }
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)] as f64 / 1000.0
+}
+
+fn memcpy_gbps(mib: u64) -> f64 {
+    let n = usize::try_from(mib << 20).unwrap_or(usize::MAX);
+    let src = vec![0x5au8; n];
+    let mut dst = vec![0u8; n];
+    dst.copy_from_slice(&src); // fault the pages in first
+    let reps = (4096 / mib).max(1);
+    let t = Instant::now();
+    for _ in 0..reps {
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&dst);
+    }
+    (n as f64 * reps as f64) / t.elapsed().as_secs_f64() / 1e9
+}
+
+fn max_rss_mib() -> f64 {
+    let r = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .expect("getrusage");
+    r.max_rss() as f64 / 1024.0
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: both run it
+    // with tiny sizes under test so the binary stays exercised.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let sizes = if quick {
+        vec![1]
+    } else {
+        env_list("MK_BENCH_SIZES_MIB", "1,64,1024")
+    };
+    let moves = if quick {
+        2
+    } else {
+        env_list("MK_BENCH_MOVES", "7")
+            .first()
+            .copied()
+            .unwrap_or(7)
+    };
+    let many = if quick {
+        3
+    } else {
+        env_list("MK_BENCH_MANY", "100")
+            .first()
+            .copied()
+            .unwrap_or(100)
+    };
+    let modes = [
+        (
+            "share + identity (zero-copy)",
+            Transfer::Share,
+            Integrity::Identity,
+        ),
+        (
+            "share + digest (default)",
+            Transfer::Share,
+            Integrity::Digest,
+        ),
+        (
+            "copy + digest (copy baseline)",
+            Transfer::Copy,
+            Integrity::Digest,
+        ),
+    ];
+    let mut rows = Vec::new();
+    println!(
+        "EMULATED multikernel platform; {} cpus; memcpy baseline measured per size",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!(
+        "| state | mode | handover p50 ms | handover p99 ms | blackout p50 ms | blackout p99 ms | memcpy of the state ms |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for &mib in &sizes {
+        let gbps = memcpy_gbps(mib.min(1024));
+        let memcpy_ms = (mib << 20) as f64 / (gbps * 1e9) * 1000.0;
+        for (label, transfer, integrity) in modes {
+            let addr = free_ports(1)[0];
+            let m = Machine::new(vec![spec("kv-1", addr, mib, transfer, integrity)]);
+            let mut hand = Vec::new();
+            let mut black = Vec::new();
+            for i in 0..moves {
+                let (w, _) = m.upgrade(usize::from(i % 2 == 0));
+                hand.push(w[0].0);
+                black.push(w[0].1);
+            }
+            let row = serde_json::json!({
+                "state_mib": mib, "mode": label, "moves": moves,
+                "handover_p50_ms": pct(&mut hand, 0.5), "handover_p99_ms": pct(&mut hand, 0.99),
+                "blackout_p50_ms": pct(&mut black, 0.5), "blackout_p99_ms": pct(&mut black, 0.99),
+                "memcpy_ms": memcpy_ms, "memcpy_gbps": gbps,
+            });
+            println!(
+                "| {mib} MiB | {label} | {:.3} | {:.3} | {:.3} | {:.3} | {memcpy_ms:.3} |",
+                row["handover_p50_ms"].as_f64().unwrap_or(0.0),
+                row["handover_p99_ms"].as_f64().unwrap_or(0.0),
+                row["blackout_p50_ms"].as_f64().unwrap_or(0.0),
+                row["blackout_p99_ms"].as_f64().unwrap_or(0.0),
+            );
+            rows.push(row);
+        }
+    }
+    let mut many_row = serde_json::Value::Null;
+    if many > 0 {
+        let n = usize::try_from(many).unwrap_or(100);
+        let addrs = free_ports(n);
+        let specs = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let mut s = spec(&format!("w-{i}"), *a, 0, Transfer::Share, Integrity::Digest);
+                s.args = vec!["--capacity".into(), "1MiB".into()];
+                s
+            })
+            .collect();
+        let rss_before = max_rss_mib();
+        let m = Machine::new(specs);
+        let (w, took) = m.upgrade(1);
+        let mut black: Vec<u64> = w.iter().map(|x| x.1).collect();
+        many_row = serde_json::json!({
+            "workloads": n, "apply_total_ms": took.as_secs_f64() * 1000.0,
+            "per_workload_blackout_p50_ms": pct(&mut black, 0.5),
+            "per_workload_blackout_p99_ms": pct(&mut black, 0.99),
+            "agent_max_rss_mib_before": rss_before, "agent_max_rss_mib_after": max_rss_mib(),
+        });
+        println!(
+            "\n{n} workloads in one apply: {:.0} ms total, blackout p50 {:.3} ms / p99 {:.3} ms per workload, agent max RSS {:.1} MiB (was {:.1} MiB before)",
+            many_row["apply_total_ms"].as_f64().unwrap_or(0.0),
+            many_row["per_workload_blackout_p50_ms"]
+                .as_f64()
+                .unwrap_or(0.0),
+            many_row["per_workload_blackout_p99_ms"]
+                .as_f64()
+                .unwrap_or(0.0),
+            max_rss_mib(),
+            rss_before
+        );
+    }
+    let out = serde_json::json!({ "quick": quick, "rows": rows, "many": many_row });
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/blackout.json");
+    let _ = std::fs::write(&path, serde_json::to_vec_pretty(&out).unwrap_or_default());
+}
