@@ -8,6 +8,7 @@ use helpers::*;
 use kho_proto::image::{
     ExternalRef, ImageBuilder, ImageError, ImageView, RegionKind, VerifyOptions,
 };
+use kho_proto::keys::NodeKey;
 use proptest::prelude::*;
 
 /// Full check as the agent runs it: parse, verify with trusted keys, require signature.
@@ -207,19 +208,34 @@ fn every_truncation_is_rejected() {
     }
 }
 
-/// Inputs the fuzzer ever found interesting (crashes, if any, are kept there forever):
-/// replayed through the same code the `image` fuzz target runs.
+/// Inputs that ever crashed the `image` fuzz target (kept forever, see
+/// `fuzz/regressions/README.md`), replayed through the calls that target makes.
 #[test]
 fn fuzz_regressions_replay() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/image");
+    let keys = trusted(&NodeKey::from_seed([0x5a; 32]));
     let mut n = 0;
-    if let Ok(entries) = std::fs::read_dir(&dir) {
-        for entry in entries {
-            let path = entry.unwrap().path();
-            let bytes = std::fs::read(&path).unwrap();
-            let _ = check(&bytes, &VerifyOptions::default());
-            n += 1;
+    for entry in std::fs::read_dir(&dir).expect("fuzz/regressions/image exists") {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .is_some_and(|f| f.to_string_lossy().starts_with('.'))
+        {
+            continue;
         }
+        let bytes = std::fs::read(&path).unwrap();
+        if let Ok(view) = ImageView::parse(&bytes) {
+            let _ = view.verify(&VerifyOptions::default());
+            let _ = view.verify(&VerifyOptions {
+                trusted_keys: Some(&keys),
+                require_signature: true,
+            });
+            for r in view.regions() {
+                let _ = view.decode::<Vec<String>>(r);
+                let _ = view.decode::<(u64, Vec<u8>)>(r);
+            }
+        }
+        n += 1;
     }
     eprintln!("replayed {n} inputs from {}", dir.display());
 }

@@ -4,13 +4,15 @@
 //! (region CRC32/SHA-256, padding, manifest digest, signature against a trusted key,
 //! compatibility rule), then decoding of every inline region. It must never panic,
 //! whatever the bytes. The input is also tried with a freshly computed header CRC, so
-//! the fuzzer gets past the CRC and explores the table and region checks.
+//! the fuzzer gets past the CRC and explores the table and region checks, and once more
+//! with a recomputed manifest digest, to reach the signature and compatibility checks.
 #![no_main]
 
-use kho_proto::image::layout::HEADER_CRC_COVERAGE;
+use kho_proto::image::layout::{DIGEST_LEN, HEADER_CRC_COVERAGE, HEADER_LEN};
 use kho_proto::image::{ImageView, VerifyOptions, verify_external};
 use kho_proto::keys::{NodeKey, TrustedKeys};
 use libfuzzer_sys::fuzz_target;
+use sha2::{Digest, Sha256};
 
 fn run(data: &[u8], keys: &TrustedKeys) {
     let Ok(view) = ImageView::parse(data) else {
@@ -39,10 +41,21 @@ fuzz_target!(|data: &[u8]| {
     let mut keys = TrustedKeys::default();
     let _ = keys.add(NodeKey::from_seed([0x5a; 32]).public(), "fuzz.pub".into());
     run(data, &keys);
-    if data.len() >= 128 {
+    if data.len() >= HEADER_LEN {
+        // Reseal: fix the header CRC, then the manifest digest, so mutations reach the
+        // checks behind them (table, padding, signature, compatibility).
         let mut fixed = data.to_vec();
         let crc = crc32fast::hash(&fixed[..HEADER_CRC_COVERAGE]);
         fixed[HEADER_CRC_COVERAGE..HEADER_CRC_COVERAGE + 4].copy_from_slice(&crc.to_le_bytes());
         run(&fixed, &keys);
+        if let Ok(view) = ImageView::parse(&fixed) {
+            let (end, at) = (
+                view.header().table_end as usize,
+                view.header().manifest_offset as usize,
+            );
+            let digest = Sha256::digest(&fixed[..end]);
+            fixed[at..at + DIGEST_LEN].copy_from_slice(&digest);
+            run(&fixed, &keys);
+        }
     }
 });
