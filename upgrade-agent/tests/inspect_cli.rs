@@ -88,7 +88,7 @@ fn exit_codes_and_reasons() {
 
     let o = inspect(&[&vector("v1.0-unknown-required.bin")]);
     assert_eq!(o.status.code(), Some(6));
-    assert!(stderr_line(&o).contains("unknown kind"));
+    assert!(stderr_line(&o).contains("unknown to this reader"));
 
     let o = inspect(&[
         &vector("v1.0-signed-3-regions.bin"),

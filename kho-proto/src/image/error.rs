@@ -1,6 +1,7 @@
 //! Typed errors of the handover image: every variant names the field and byte offset.
 
 use super::RegionKind;
+use super::layout::{FORMAT_MAJOR, FORMAT_MINOR};
 use crate::keys::{KeyError, KeyId};
 
 /// How a caller should react to an [`ImageError`]; the agent maps these onto its exit
@@ -104,7 +105,7 @@ pub enum ImageError {
     )]
     ManifestDigest { offset: u64 },
     #[error(
-        "region {index} has unknown kind {kind} and is marked required: this reader cannot use the image; roll back"
+        "region {index} ({kind}) is marked required but its kind is unknown to this reader (format {FORMAT_MAJOR}.{FORMAT_MINOR}): the image cannot be used; roll back"
     )]
     UnknownRequiredRegion { index: usize, kind: RegionKind },
     #[error("the image is not signed but a signature is required")]
