@@ -17,7 +17,9 @@ const REGIONS: usize = 4;
 fn memfd(seed: u8) -> OwnedFd {
     let fd = memfd_create(c"bench", MFdFlags::MFD_CLOEXEC).unwrap();
     let mut f = std::fs::File::from(fd);
-    let data: Vec<u8> = (0..REGION).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+    let data: Vec<u8> = (0..REGION)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect();
     f.write_all(&data).unwrap();
     OwnedFd::from(f)
 }
@@ -40,7 +42,9 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("one region (16 MiB)");
     g.throughput(Throughput::Bytes(REGION as u64));
-    g.bench_function("baseline: pread only", |b| b.iter(|| pread_all(borrowed[0])));
+    g.bench_function("baseline: pread only", |b| {
+        b.iter(|| pread_all(borrowed[0]))
+    });
     g.bench_function("digest_fd (crc32 + sha256)", |b| {
         b.iter(|| digest_fd(borrowed[0]).unwrap())
     });
@@ -48,12 +52,22 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("regions (4 x 16 MiB)");
     g.throughput(Throughput::Bytes((REGION * REGIONS) as u64));
-    g.bench_with_input(BenchmarkId::new("baseline: sequential", REGIONS), &borrowed, |b, fds| {
-        b.iter(|| fds.iter().map(|fd| digest_fd(*fd).unwrap()).collect::<Vec<_>>())
-    });
-    g.bench_with_input(BenchmarkId::new("digest_many (rayon)", REGIONS), &borrowed, |b, fds| {
-        b.iter(|| digest_many(fds))
-    });
+    g.bench_with_input(
+        BenchmarkId::new("baseline: sequential", REGIONS),
+        &borrowed,
+        |b, fds| {
+            b.iter(|| {
+                fds.iter()
+                    .map(|fd| digest_fd(*fd).unwrap())
+                    .collect::<Vec<_>>()
+            })
+        },
+    );
+    g.bench_with_input(
+        BenchmarkId::new("digest_many (rayon)", REGIONS),
+        &borrowed,
+        |b, fds| b.iter(|| digest_many(fds)),
+    );
     g.finish();
 }
 

@@ -375,6 +375,11 @@ pub fn capture_device(root: &Path, network: bool) -> Result<DeviceState> {
     })
 }
 
+/// IPv6 link-local addresses (`fe80::/10`): the kernel derives them from the link.
+fn is_kernel_address(a: &IpPrefix) -> bool {
+    matches!(a.address, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+}
+
 /// Routes the kernel creates by itself (from addresses, link-local, ...): not re-added.
 fn is_kernel_route(r: &Route) -> bool {
     r.protocol == u8::from(RouteProtocol::Kernel) || r.table == 255
@@ -425,7 +430,11 @@ pub fn restore_network(want: &DeviceState, policy: Policy) -> Result<Report> {
                     Err(e) => report.not_applied(item, e.to_string()),
                 }
             }
-            for a in w.addresses.iter().filter(|a| !cur.addresses.contains(a)) {
+            for a in w
+                .addresses
+                .iter()
+                .filter(|a| !cur.addresses.contains(a) && !is_kernel_address(a))
+            {
                 let item = format!("{} address {a}", w.name);
                 match h
                     .address()

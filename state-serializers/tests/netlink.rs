@@ -72,7 +72,7 @@ fn want_state() -> DeviceState {
                 mtu: Some(1400),
                 up: true,
                 kind: Some("veth".into()),
-                addresses: vec![p("10.77.0.1", 24), p("fd00:77::1", 64)],
+                addresses: vec![p("10.77.0.1", 24), p("fd00:77::1", 64), p("fe80::dead", 64)],
             },
             Interface {
                 index: 0,
@@ -188,9 +188,16 @@ fn restore_in_private_namespace() {
         let mk0 = links.iter().find(|l| l.name == "mk0").unwrap();
         assert_eq!(mk0.mtu, Some(1400));
         assert!(mk0.up);
-        for a in &want.interfaces[1].addresses {
+        for a in &want.interfaces[1].addresses[..2] {
             assert!(mk0.addresses.contains(a), "{a} missing from {mk0:?}");
         }
+        // Link-local addresses are the kernel's to derive, never added.
+        assert!(
+            !rep.applied.iter().any(|x| x.contains("fe80")),
+            "{:?}",
+            rep.applied
+        );
+        assert!(!mk0.addresses.contains(&want.interfaces[1].addresses[2]));
         assert!(links.iter().find(|l| l.name == "lo").unwrap().up);
         assert!(
             routes
