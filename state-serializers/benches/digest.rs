@@ -43,10 +43,10 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("one region (16 MiB)");
     g.throughput(Throughput::Bytes(REGION as u64));
     g.bench_function("baseline: pread only", |b| {
-        b.iter(|| pread_all(borrowed[0]))
+        b.iter(|| pread_all(borrowed[0]));
     });
     g.bench_function("digest_fd (crc32 + sha256)", |b| {
-        b.iter(|| digest_fd(borrowed[0]).unwrap())
+        b.iter(|| digest_fd(borrowed[0]).unwrap());
     });
     g.finish();
 
@@ -60,13 +60,15 @@ fn bench(c: &mut Criterion) {
                 fds.iter()
                     .map(|fd| digest_fd(*fd).unwrap())
                     .collect::<Vec<_>>()
-            })
+            });
         },
     );
     g.bench_with_input(
         BenchmarkId::new("digest_many (rayon)", REGIONS),
         &borrowed,
-        |b, fds| b.iter(|| digest_many(fds)),
+        |b, fds| {
+            b.iter(|| digest_many(fds));
+        },
     );
     g.finish();
 }
