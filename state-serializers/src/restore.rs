@@ -342,6 +342,11 @@ pub fn spawn(
         PathBuf::from("/")
     };
 
+    for e in &record.environ {
+        if !e.contains('=') || e.starts_with('=') {
+            report.not_applied(format!("environment entry {e:?}"), "not KEY=VALUE; dropped");
+        }
+    }
     let mut prepared = prepare(record, &opts, &mut report)?;
     report = report.finish(opts.policy)?;
 
@@ -368,8 +373,8 @@ pub fn spawn(
             Some((k, v)) if !k.is_empty() && k != fdenv::ENV_VAR => {
                 cmd.env(k, v);
             }
-            Some(_) => {}
-            None => report.not_applied(format!("environment entry {e:?}"), "not KEY=VALUE"),
+            // Malformed entries were reported above; a stale MK_STATE_FDS is replaced.
+            _ => {}
         }
     }
     cmd.env(fdenv::ENV_VAR, &env_value).current_dir(&cwd);

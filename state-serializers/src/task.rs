@@ -148,11 +148,12 @@ pub struct FdRecord {
 /// What a descriptor refers to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FdKind {
-    /// A memfd: its name (without the `memfd:` prefix), size and `F_SEAL_*` bits.
+    /// A memfd: its name (without the `memfd:` prefix), size and `F_SEAL_*` bits
+    /// (`None` when not inspected, see [`CaptureOptions::inspect_memfds`]).
     Memfd {
         name: String,
-        size: u64,
-        seals: u32,
+        size: Option<u64>,
+        seals: Option<u32>,
     },
     /// A file system object (regular file, directory, device node) and the file offset.
     File {
@@ -776,12 +777,16 @@ fn capture_fds(root: &Path, pid: i32, opts: &CaptureOptions) -> Result<Vec<FdRec
                     call: "fcntl(F_GET_SEALS)",
                     source: e,
                 })?;
-                FdKind::Memfd { name, size, seals }
+                FdKind::Memfd {
+                    name,
+                    size: Some(size),
+                    seals: Some(seals),
+                }
             } else {
                 FdKind::Memfd {
                     name,
-                    size: 0,
-                    seals: 0,
+                    size: None,
+                    seals: None,
                 }
             }
         } else if let Some(path) = target.strip_prefix('/') {

@@ -50,5 +50,8 @@ fn claimed_lengths_do_not_drive_allocation() {
         assert!(decode::<TaskState>(1, input).is_err());
     }
     let largest = LARGEST.load(Ordering::Relaxed);
-    assert!(largest < 4096, "largest single allocation {largest} bytes for a few input bytes");
+    assert!(
+        largest < 4096,
+        "largest single allocation {largest} bytes for a few input bytes"
+    );
 }

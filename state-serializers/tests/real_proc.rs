@@ -147,8 +147,8 @@ fn capture_real_child_every_field_then_restore_equivalent() {
         fd5.kind,
         FdKind::Memfd {
             name: "mk-test-data".into(),
-            size: data.len() as u64,
-            seals: SEALS
+            size: Some(data.len() as u64),
+            seals: Some(SEALS)
         }
     );
     let fd6 = rec.fds.iter().find(|f| f.fd == 6).expect("fd 6 captured");
@@ -391,6 +391,7 @@ fn restore_reports_absent_cpus_and_missing_cwd() {
     rec.cmdline = vec!["sleep".into(), "1000".into()];
     rec.cwd = "/nonexistent/dir".into();
     rec.affinity = vec![0, 1000];
+    rec.environ.push("BROKEN".into());
     rec.fds.clear();
     let e = restore::spawn(
         &rec,
@@ -405,7 +406,14 @@ fn restore_reports_absent_cpus_and_missing_cwd() {
         panic!("{e}")
     };
     let items: Vec<&str> = not_applied.iter().map(|w| w.item.as_str()).collect();
-    assert_eq!(items, vec!["cwd /nonexistent/dir", "affinity 0,1000"]);
+    assert_eq!(
+        items,
+        vec![
+            "cwd /nonexistent/dir",
+            "environment entry \"BROKEN\"",
+            "affinity 0,1000"
+        ]
+    );
     let sp = restore::spawn(
         &rec,
         vec![],
@@ -415,7 +423,7 @@ fn restore_reports_absent_cpus_and_missing_cwd() {
         },
     )
     .unwrap();
-    assert_eq!(sp.report.not_applied.len(), 2);
+    assert_eq!(sp.report.not_applied.len(), 3);
     let k = Kill(sp.child);
     let got = capture(k.0.id() as i32);
     assert_eq!(got.cwd, "/");
@@ -510,16 +518,16 @@ fn restore_at_the_captured_fd_numbers() {
                 5,
                 &FdKind::Memfd {
                     name: "mk-test-data".into(),
-                    size: 6,
-                    seals: SEALS
+                    size: Some(6),
+                    seals: Some(SEALS)
                 }
             ),
             (
                 9,
                 &FdKind::Memfd {
                     name: "mk-test-data".into(),
-                    size: 5,
-                    seals: SEALS
+                    size: Some(5),
+                    seals: Some(SEALS)
                 }
             ),
         ]

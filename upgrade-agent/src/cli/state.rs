@@ -190,9 +190,11 @@ fn render_tasks(s: &mut String, t: &TaskState) {
         let _ = writeln!(s, "    rlimits {}", limits.join(" "));
         for f in &r.fds {
             let what = match &f.kind {
-                FdKind::Memfd { name, size, seals } => {
-                    format!("memfd {name:?} size {size} seals {seals:#x}")
-                }
+                FdKind::Memfd { name, size, seals } => format!(
+                    "memfd {name:?} size {} seals {}",
+                    size.map_or_else(|| "?".into(), |s| s.to_string()),
+                    seals.map_or_else(|| "?".into(), |s| format!("{s:#x}"))
+                ),
                 FdKind::File {
                     path,
                     offset,
