@@ -418,13 +418,19 @@ pub fn parse_cgroup(path: &Path, text: &str) -> Result<String> {
 pub struct FdInfo {
     pub pos: u64,
     pub flags: u32,
+    /// Inode number (`ino:`, Linux 5.14+).
+    pub ino: Option<u64>,
 }
 
 /// Parses `/proc/PID/fdinfo/N`.
 pub fn parse_fdinfo(path: &Path, text: &str) -> Result<FdInfo> {
     let mut pos = None;
     let mut flags = None;
+    let mut ino = None;
     for line in text.lines() {
+        if let Some(v) = line.strip_prefix("ino:") {
+            ino = Some(procfs::parse_num(path, "ino", v)?);
+        }
         if let Some(v) = line.strip_prefix("pos:") {
             pos = Some(procfs::parse_num(path, "pos", v)?);
         } else if let Some(v) = line.strip_prefix("flags:") {
@@ -434,7 +440,7 @@ pub fn parse_fdinfo(path: &Path, text: &str) -> Result<FdInfo> {
         }
     }
     match (pos, flags) {
-        (Some(pos), Some(flags)) => Ok(FdInfo { pos, flags }),
+        (Some(pos), Some(flags)) => Ok(FdInfo { pos, flags, ino }),
         _ => Err(StateError::malformed(path, "missing pos: or flags: line")),
     }
 }
@@ -772,7 +778,17 @@ fn capture_fds(root: &Path, pid: i32, opts: &CaptureOptions) -> Result<Vec<FdRec
             let name = rest.strip_suffix(" (deleted)").unwrap_or(rest).to_owned();
             if opts.inspect_memfds {
                 let f = fs::File::open(&link).map_err(|e| gone(StateError::io(&link, e)))?;
-                let size = f.metadata().map_err(|e| StateError::io(&link, e))?.len();
+                let meta = f.metadata().map_err(|e| StateError::io(&link, e))?;
+                if info
+                    .ino
+                    .is_some_and(|ino| ino != std::os::unix::fs::MetadataExt::ino(&meta))
+                {
+                    return Err(StateError::ProcessChanged {
+                        pid,
+                        what: format!("fd {fd} was replaced during capture"),
+                    });
+                }
+                let size = meta.len();
                 let seals = crate::sys::get_seals(f.as_fd()).map_err(|e| StateError::Sys {
                     call: "fcntl(F_GET_SEALS)",
                     source: e,

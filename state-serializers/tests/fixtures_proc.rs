@@ -349,3 +349,32 @@ fn device_fixture_malformed_block_size() {
         "{e}"
     );
 }
+
+#[test]
+fn refused_writes_are_not_applied_items() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_tree(&root(), tmp.path());
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let r = tmp.path().join("root");
+    let mut want = memory::capture_memory(&r, &[]).unwrap();
+    want.vm.swappiness = Some(1);
+    // As uid 65534 (setfsuid on a fresh thread), the root-owned sysctl file is not writable.
+    let rep = std::thread::spawn(move || {
+        // SAFETY: setfsuid only changes this thread's file-system uid.
+        unsafe { libc::setfsuid(65534) };
+        memory::restore_memory(&r, &want, state_serializers::Policy::BestEffort)
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    assert_eq!(rep.not_applied.len(), 1, "{rep:?}");
+    assert_eq!(rep.not_applied[0].item, "vm.swappiness=1");
+    assert!(
+        rep.not_applied[0].reason.contains("ermission denied"),
+        "{rep:?}"
+    );
+}
