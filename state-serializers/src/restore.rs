@@ -111,22 +111,17 @@ fn prepare(rec: &TaskRecord, opts: &SpawnOptions, report: &mut Report) -> Result
         };
         let soft = l.soft.unwrap_or(libc::RLIM_INFINITY);
         let hard = l.hard.unwrap_or(libc::RLIM_INFINITY);
-        let mut cur = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
+        let cur_hard = match sys::getrlimit_hard(res) {
+            Ok(h) => h,
+            Err(e) => {
+                report.not_applied(item, e.to_string());
+                continue;
+            }
         };
-        // SAFETY: getrlimit writes one rlimit into `cur`, a live stack value.
-        if unsafe { libc::getrlimit(res as _, &raw mut cur) } != 0 {
-            report.not_applied(item, std::io::Error::last_os_error().to_string());
-            continue;
-        }
-        if !root && hard > cur.rlim_max {
+        if !root && hard > cur_hard {
             report.not_applied(
                 item,
-                format!(
-                    "hard limit {hard} exceeds ours ({}) and we are not root",
-                    cur.rlim_max
-                ),
+                format!("hard limit {hard} exceeds ours ({cur_hard}) and we are not root"),
             );
             continue;
         }
@@ -193,11 +188,7 @@ fn prepare(rec: &TaskRecord, opts: &SpawnOptions, report: &mut Report) -> Result
         }
     };
 
-    // SAFETY: getpriority touches no memory; errno is reset first to tell -1 from errors.
-    let cur_nice = unsafe {
-        *libc::__errno_location() = 0;
-        libc::getpriority(libc::PRIO_PROCESS, 0)
-    };
+    let cur_nice = sys::own_nice();
     let nice = if rec.sched.nice < cur_nice && !root {
         report.not_applied(
             format!("nice {}", rec.sched.nice),

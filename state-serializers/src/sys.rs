@@ -165,6 +165,33 @@ pub fn write_raw(fd: RawFd, buf: &[u8]) -> io::Result<()> {
     }
 }
 
+/// The hard limit of `resource` for this process.
+pub fn getrlimit_hard(resource: u32) -> io::Result<u64> {
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `cur`, a live stack value.
+    check(unsafe { libc::getrlimit(resource as _, &raw mut cur) })?;
+    Ok(cur.rlim_max)
+}
+
+/// This process's nice value (`getpriority(PRIO_PROCESS, 0)`).
+pub fn own_nice() -> i32 {
+    // SAFETY: errno is thread-local; getpriority touches no memory. errno is reset first
+    // because -1 is also a valid nice value; on the (impossible for our own process)
+    // error we report 0.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let n = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if n == -1 && *libc::__errno_location() != 0 {
+            0
+        } else {
+            n
+        }
+    }
+}
+
 /// The effective uid of this process.
 pub fn euid() -> u32 {
     nix::unistd::geteuid().as_raw()
