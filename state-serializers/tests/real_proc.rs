@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use state_serializers::memory::{self, MemoryRegion, MemoryState, VmSysctls};
 use state_serializers::restore::{self, SpawnOptions};
-use state_serializers::task::{self, CaptureOptions, FdKind, SocketProto, TaskRecord};
+use state_serializers::task::{self, CaptureOptions, FdKind, SchedPolicy, SocketProto, TaskRecord};
 use state_serializers::{Policy, RegionDigest, SCHEMA_VERSION, StateError, sys};
 
 const SEALS: u32 =
@@ -63,6 +63,8 @@ fn start_workload(cwd: &Path, memfd: &OwnedFd, listener: &TcpListener) -> Kill {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let set = sys::cpu_set(&[0]).unwrap();
+    let root = is_root();
+    let groups: [libc::gid_t; 2] = [10, 4242];
     // SAFETY: only single async-signal-safe system calls on values prepared before fork.
     unsafe {
         cmd.pre_exec(move || {
@@ -70,6 +72,14 @@ fn start_workload(cwd: &Path, memfd: &OwnedFd, listener: &TcpListener) -> Kill {
             sys::dup2_raw(l, 6)?;
             sys::setrlimit_raw(task::rlimit_resource("nofile").unwrap(), 777, 888)?;
             sys::set_affinity_raw(&set)?;
+            sys::set_scheduler_raw(libc::SCHED_BATCH, 0)?;
+            if root {
+                // Supplementary groups other than ours (same uid/gid).
+                // SAFETY: `groups` is a live array whose length is passed with it.
+                if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             sys::set_nice_raw(7)
         });
     }
@@ -125,14 +135,20 @@ fn capture_real_child_every_field_then_restore_equivalent() {
     assert_eq!((nofile.soft, nofile.hard), (Some(777), Some(888)));
     assert_eq!(rec.affinity, vec![0]);
     assert_eq!(rec.sched.nice, 7);
+    assert_eq!(rec.sched.policy, SchedPolicy::Batch);
     assert_eq!(rec.creds.uid, nix::unistd::getuid().as_raw());
     assert_eq!(rec.creds.gid, nix::unistd::getgid().as_raw());
-    let mut groups: Vec<u32> = nix::unistd::getgroups()
-        .unwrap()
-        .iter()
-        .map(|g| g.as_raw())
-        .collect();
-    groups.sort_unstable();
+    let groups: Vec<u32> = if is_root() {
+        vec![10, 4242]
+    } else {
+        let mut g: Vec<u32> = nix::unistd::getgroups()
+            .unwrap()
+            .iter()
+            .map(|g| g.as_raw())
+            .collect();
+        g.sort_unstable();
+        g
+    };
     let mut got = rec.creds.groups.clone();
     got.sort_unstable();
     assert_eq!(got, groups);
