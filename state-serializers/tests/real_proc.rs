@@ -65,6 +65,10 @@ fn start_workload(cwd: &Path, memfd: &OwnedFd, listener: &TcpListener) -> Kill {
     let set = sys::cpu_set(&[0]).unwrap();
     let root = is_root();
     let groups: [libc::gid_t; 2] = [10, 4242];
+    let (uid, gid) = (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
     // SAFETY: only single async-signal-safe system calls on values prepared before fork.
     unsafe {
         cmd.pre_exec(move || {
@@ -75,10 +79,7 @@ fn start_workload(cwd: &Path, memfd: &OwnedFd, listener: &TcpListener) -> Kill {
             sys::set_scheduler_raw(libc::SCHED_BATCH, 0)?;
             if root {
                 // Supplementary groups other than ours (same uid/gid).
-                // SAFETY: `groups` is a live array whose length is passed with it.
-                if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                sys::set_credentials_raw(&groups, gid, uid)?;
             }
             sys::set_nice_raw(7)
         });
