@@ -170,7 +170,7 @@ impl fmt::Display for HealthCheck {
                 path,
                 expect_status,
                 ..
-            } => write!(f, "http GET {addr}{path} -> {expect_status}"),
+            } => write!(f, "http GET {addr}{path} expecting {expect_status}"),
             HealthCheck::Exec { command, .. } => write!(f, "exec {}", command.join(" ")),
         }
     }

@@ -324,9 +324,9 @@ fn crash_and_recover(
     observer: &CliObserver,
 ) -> Result<(Option<UpgradeRecord>, Option<String>), CliError> {
     let exe = std::env::current_exe().map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
-    // Journal writes: 1 verified, 2 created, 3 loaded, 4 booted, then four per workload
-    // (freeze, offer, commit, committed): write 10 is the second workload's offer, so the
-    // first workload has moved and the second is frozen mid-move.
+    // Journal writes: 1 verified, 2 created, 3 loaded, 4 booted, then three per workload
+    // (freeze, commit, committed): after write 9 the first workload has moved and the
+    // second is frozen, verified and running uncommitted on the new instance.
     let status = std::process::Command::new(exe)
         .arg("--state-dir")
         .arg(&g.state_dir)
@@ -340,7 +340,7 @@ fn crash_and_recover(
         .arg("--kernel")
         .arg(kernel_b)
         .arg("--json")
-        .env("MK_FAULT_CRASH_AFTER_WRITE", "10")
+        .env("MK_FAULT_CRASH_AFTER_WRITE", "9")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()

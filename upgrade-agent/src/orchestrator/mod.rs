@@ -316,6 +316,13 @@ impl<'a> Orchestrator<'a> {
         Ok(())
     }
 
+    /// Records an event without a journal write (it is written with the next step).
+    fn note(&mut self, what: String) {
+        let t_ms = ms(self.started.elapsed());
+        self.setup.observer.step(self.record.phase, &what);
+        self.record.events.push(Event { t_ms, what });
+    }
+
     fn set_status(&mut self, name: &str, status: MoveStatus, detail: Option<String>) {
         self.setup
             .observer
@@ -444,12 +451,30 @@ impl<'a> Orchestrator<'a> {
             .cloned()
             .ok_or_else(|| MoveError::Other(format!("{name} is not in the workload file")))?;
         self.channel(to)?;
+        // Task state is captured before the freeze, outside the blackout: it describes the
+        // process (exe, args, env, limits, fds), which a handover does not change; the
+        // capture itself refuses a process that changed while it was read.
+        let pid = self
+            .platform
+            .instances()?
+            .into_iter()
+            .find(|i| i.id == from)
+            .and_then(|i| i.workloads.into_iter().find(|w| w.name == name))
+            .map(|w| w.pid)
+            .ok_or_else(|| MoveError::Other(format!("{name} does not run on instance {from}")))?;
+        let task = state_serializers::task::capture_tasks(
+            Path::new("/"),
+            &[pid],
+            &state_serializers::task::CaptureOptions::default(),
+        )
+        .map_err(|e| MoveError::Other(format!("{name}: capturing task state: {e}")))?;
         self.set_status(name, MoveStatus::Freezing, None);
         self.step(phase, format!("{name}: freeze on instance {from}"))
             .map_err(|e| MoveError::Other(e.to_string()))?;
         let t0 = Instant::now();
         self.platform.freeze(from, name)?;
-        let attempt = self.offer(from, to, name, &mut spec, t0);
+        tracing::debug!(us = us(t0.elapsed()), "{name}: frozen");
+        let attempt = self.offer(from, to, name, &mut spec, &task, t0);
         match attempt {
             Ok(blackout) => Ok(blackout),
             Err(e) => {
@@ -471,6 +496,7 @@ impl<'a> Orchestrator<'a> {
         to: InstanceId,
         name: &str,
         spec: &mut crate::workload::WorkloadSpec,
+        task: &state_serializers::task::TaskState,
         t0: Instant,
     ) -> Result<u64, MoveError> {
         let mut fds = self.platform.preserved_fds(from, name)?;
@@ -483,20 +509,6 @@ impl<'a> Orchestrator<'a> {
                 }
             }
         }
-        let pid = self
-            .platform
-            .instances()?
-            .into_iter()
-            .find(|i| i.id == from)
-            .and_then(|i| i.workloads.into_iter().find(|w| w.name == name))
-            .map(|w| w.pid)
-            .ok_or_else(|| MoveError::Other(format!("{name} no longer runs on instance {from}")))?;
-        let task = state_serializers::task::capture_tasks(
-            Path::new("/"),
-            &[pid],
-            &state_serializers::task::CaptureOptions::default(),
-        )
-        .map_err(|e| MoveError::Other(format!("{name}: capturing task state: {e}")))?;
         let faults = SendFaults {
             corrupt_region: std::mem::take(&mut self.faults_left.corrupt_region),
         };
@@ -508,7 +520,7 @@ impl<'a> Orchestrator<'a> {
         let generation = u64::from(self.writes);
         let out = handover::build(
             spec,
-            &task,
+            task,
             fds,
             &release,
             self.upgrade_id.0,
@@ -517,16 +529,15 @@ impl<'a> Orchestrator<'a> {
             faults,
         )
         .map_err(|e| MoveError::Other(format!("{name}: building the handover image: {e}")))?;
+        tracing::debug!(us = us(t0.elapsed()), "{name}: handover image built");
+        // Not journaled (an fsync inside the blackout buys nothing): recovery finds an
+        // offered copy by asking the instances, and the receiver stops uncommitted copies.
         self.set_status(name, MoveStatus::Offered, None);
-        self.step(
-            Phase::Migrating.max(self.record.phase),
-            format!(
-                "{name}: offer {} bytes of image and {} fds to instance {to}",
-                out.offer.image_len,
-                out.offer.fds.len()
-            ),
-        )
-        .map_err(|e| MoveError::Other(e.to_string()))?;
+        self.note(format!(
+            "{name}: offer {} bytes of image and {} fds to instance {to}",
+            out.offer.image_len,
+            out.offer.fds.len()
+        ));
         let spec_json = serde_json::to_vec(&*spec).map_err(|e| MoveError::Other(e.to_string()))?;
         self.send(
             to,
