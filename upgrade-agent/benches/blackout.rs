@@ -246,7 +246,7 @@ fn main() {
     let mut rows = Vec::new();
     println!(
         "EMULATED multikernel platform; {} cpus; memcpy baseline measured per size",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
     );
     println!(
         "| state | mode | handover p50 ms | handover p99 ms | blackout p50 ms | blackout p99 ms | memcpy of the state ms |"

@@ -147,19 +147,17 @@ impl Global {
             PlatformChoice::Auto => PlatformChoice::Emulated,
             other => other,
         };
-        match choice {
-            PlatformChoice::Luo => Err(CliError::new(
+        if choice == PlatformChoice::Luo {
+            return Err(CliError::new(
                 Exit::Platform,
                 "the luo platform (mainline /dev/liveupdate) is not wired into the orchestrator \
                  in this build; use --platform emulated",
-            )),
-            _ => {
-                self.ensure_state_dir()?;
-                EmulatedPlatform::new(&self.state_dir)
-                    .map(|p| Box::new(p) as Box<dyn Platform>)
-                    .map_err(|e| CliError::new(Exit::Platform, e.to_string()))
-            }
+            ));
         }
+        self.ensure_state_dir()?;
+        EmulatedPlatform::new(&self.state_dir)
+            .map(|p| Box::new(p) as Box<dyn Platform>)
+            .map_err(|e| CliError::new(Exit::Platform, e.to_string()))
     }
 
     /// The upgrade journal.

@@ -457,7 +457,7 @@ fn lock(g: &Global) -> Result<rollback::LockGuard, CliError> {
     g.ensure_state_dir()?;
     rollback::Lock::acquire(&g.state_dir).map_err(|e| match e {
         rollback::LockError::Busy { .. } => CliError::new(Exit::Busy, e.to_string()),
-        other => CliError::new(Exit::Io, other.to_string()),
+        other @ rollback::LockError::Io(_) => CliError::new(Exit::Io, other.to_string()),
     })
 }
 
