@@ -62,6 +62,20 @@ fn apply_then_rollback_keeps_every_write() {
     let (id, kernel, names) = active(&st);
     assert_eq!((id, kernel.as_str(), names.len()), (2, "7.2.13-mkB", 2));
     assert_eq!(st["slots"]["previous"]["release"], "7.2.13-mkA");
+    // The restored processes live in the new instance's groups when cgroup v2 is used.
+    for w in st["instances"][0]["workloads"].as_array().unwrap() {
+        let pid = w["pid"].as_i64().unwrap();
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        if cg.contains("mk-upgrade-emulated") {
+            let name = w["name"].as_str().unwrap();
+            assert!(cg.contains(&format!("instance-2/{name}")), "{name}: {cg}");
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(
+            status.contains("Cpus_allowed_list:\t0-1"),
+            "pinned to the instance's cpus: {status}"
+        );
+    }
     assert_eq!(
         st["instances"][0]["resources"]["cpus"]
             .as_array()

@@ -154,16 +154,13 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                             if inst.workloads.contains_key(&name) {
                                 Err(format!("workload {name} already runs on this instance"))
                             } else {
-                                supervisor::spawn_workload(
-                                    &incoming.spec,
+                                supervisor::restore_workload(
+                                    &inst,
+                                    &name,
+                                    &incoming.task,
                                     &incoming.fds,
-                                    &inst.cpus,
-                                    &inst.freezer,
                                     &extra,
                                 )
-                                .map_err(|e| {
-                                    format!("starting {}: {e}", incoming.spec.exec.display())
-                                })
                                 .map(|child| {
                                     inst.workloads.insert(
                                         name.clone(),

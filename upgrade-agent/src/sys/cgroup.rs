@@ -32,8 +32,8 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 /// The mechanism that freezes workloads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Freezer {
-    /// cgroup v2: one group per workload under `base`.
-    Cgroup { base: PathBuf },
+    /// cgroup v2 (mounted at `mount`): one group per workload under `base`.
+    Cgroup { mount: PathBuf, base: PathBuf },
     /// SIGSTOP/SIGCONT of the workload's main process.
     Signal,
 }
@@ -44,7 +44,7 @@ impl Freezer {
         if let Some(mount) = cgroup2_mount() {
             let base = mount.join(tag);
             if fs::create_dir_all(&base).is_ok() && base.join("cgroup.procs").exists() {
-                return Freezer::Cgroup { base };
+                return Freezer::Cgroup { mount, base };
             }
         }
         Freezer::Signal
@@ -61,7 +61,20 @@ impl Freezer {
     /// The group a workload runs in (cgroup freezer only).
     pub fn group(&self, workload: &str) -> Option<PathBuf> {
         match self {
-            Freezer::Cgroup { base } => Some(base.join(workload)),
+            Freezer::Cgroup { base, .. } => Some(base.join(workload)),
+            Freezer::Signal => None,
+        }
+    }
+
+    /// The cgroup v2 mount and the workload's group path inside it (`/a/b`), for tools
+    /// that take a hierarchy root and a path (state-serializers' restore).
+    pub fn hierarchy_path(&self, workload: &str) -> Option<(PathBuf, String)> {
+        match self {
+            Freezer::Cgroup { mount, base } => {
+                let rel = base.join(workload);
+                let rel = rel.strip_prefix(mount).ok()?;
+                Some((mount.clone(), format!("/{}", rel.display())))
+            }
             Freezer::Signal => None,
         }
     }
@@ -124,7 +137,7 @@ impl Freezer {
 
     /// Removes the base group of this freezer (after its workloads are gone).
     pub fn remove_base(&self) {
-        if let Freezer::Cgroup { base } = self {
+        if let Freezer::Cgroup { base, .. } = self {
             let _ = fs::remove_dir(base);
         }
     }

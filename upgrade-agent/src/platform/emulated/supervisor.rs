@@ -158,6 +158,55 @@ pub fn spawn_workload(
     Ok(child)
 }
 
+/// Restarts a received workload from its captured task record (state-serializers'
+/// restore): the same executable, arguments, environment, working directory, credentials,
+/// rlimits and scheduling as on the old instance; pinned to this instance's cpus; in this
+/// instance's group for it; its preserved fds at 3, 4, ... named in `MK_STATE_FDS`. What
+/// could not be re-applied is logged (best-effort policy).
+pub fn restore_workload(
+    inst: &Instance,
+    name: &str,
+    task: &state_serializers::task::TaskState,
+    fds: &[PreservedFd],
+    extra_args: &[String],
+) -> Result<Child, String> {
+    use state_serializers::restore::{self, SpawnOptions};
+    let mut rec = task
+        .tasks
+        .first()
+        .cloned()
+        .ok_or("the task state holds no process")?;
+    rec.affinity.clone_from(&inst.cpus);
+    rec.cmdline.extend(extra_args.iter().cloned());
+    let cgroup_root = match inst.freezer.hierarchy_path(name) {
+        Some((mount, path)) => {
+            rec.cgroup.path = path;
+            Some(mount)
+        }
+        None => None,
+    };
+    // The old instance's cpuset does not describe this one.
+    rec.cgroup.cpuset_cpus = None;
+    let dup = fds
+        .iter()
+        .map(|p| p.fd.try_clone().map(|fd| (p.name.clone(), fd)))
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(|e| format!("duplicating preserved fds: {e}"))?;
+    let spawned = restore::spawn(
+        &rec,
+        dup,
+        SpawnOptions {
+            cgroup_root,
+            ..SpawnOptions::default()
+        },
+    )
+    .map_err(|e| format!("restoring {name}: {e}"))?;
+    for w in &spawned.report.not_applied {
+        tracing::warn!(workload = name, item = %w.item, reason = %w.reason, "not re-applied");
+    }
+    Ok(spawned.child)
+}
+
 /// Creates the preserved descriptors a workload's first start needs: its memfds (sized,
 /// sealable) and its bound listening sockets.
 pub fn fresh_fds(spec: &WorkloadSpec) -> io::Result<Vec<PreservedFd>> {
