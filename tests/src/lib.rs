@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: drive the real `mk-upgrade` binary on a fresh emulated
 //! machine in a temporary directory, as an operator would.
 
+use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -84,13 +85,14 @@ impl Machine {
         let kv = bin("mk-demo-kv");
         let mut toml = String::new();
         for (i, a) in addrs.iter().enumerate() {
-            toml.push_str(&format!(
+            let _ = write!(
+                toml,
                 "[[workload]]\nname = \"kv-{n}\"\nexec = \"{kv}\"\nargs = [\"--capacity\", \"2MiB\"]\n\
                  [[workload.memfd]]\nname = \"kv-data\"\n[[workload.listen]]\nname = \"listen\"\naddr = \"{a}\"\n\
                  [workload.health]\nkind = \"http\"\naddr = \"{a}\"\ntimeout_ms = 5000\n\n",
                 n = i + 1,
                 kv = kv.display()
-            ));
+            );
         }
         std::fs::write(dir.path().join("state/workloads.toml"), toml).unwrap();
         let m = Machine { dir, key, addrs };
@@ -178,7 +180,10 @@ impl Drop for Machine {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    b.iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
 }
 
 /// Sends one request line to a demo kv server and returns its reply line (retrying the
