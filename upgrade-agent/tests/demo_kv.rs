@@ -452,6 +452,9 @@ fn loadgen_against_one_server_loses_nothing() {
     assert_eq!(t.read_mismatches, 0);
     assert!(t.requests > t.acked_writes, "GETs were issued too");
     assert!(r.lossless());
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["per_target"][0]["lost_writes"], 0);
+    assert_eq!(json["totals"]["acked_writes"], t.acked_writes);
     // The keys are really on the server.
     let stats = kv.client().stats().unwrap();
     assert!(

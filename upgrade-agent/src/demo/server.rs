@@ -392,13 +392,15 @@ fn http_reply(
     health_path: bool,
     store: &Mutex<Store>,
 ) -> io::Result<()> {
-    // Read the request headers (bounded) so that closing does not reset the connection.
+    // Read the request headers (bounded in count, size and time) so that closing does not
+    // reset the connection.
+    w.get_ref().set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut line = Vec::new();
     for _ in 0..100 {
-        match read_line(reader, &mut line, 8192)? {
-            Line::Complete if line.is_empty() || line == b"\r" => break,
-            Line::Complete => {}
-            Line::Eof | Line::TooLong => break,
+        match read_line(reader, &mut line, 8192) {
+            Ok(Line::Complete) if line.is_empty() || line == b"\r" => break,
+            Ok(Line::Complete) => {}
+            Ok(Line::Eof | Line::TooLong) | Err(_) => break,
         }
     }
     let (status, body) = if health_path {
