@@ -70,6 +70,8 @@ pub enum Command {
     Emu(super::emu::EmuArgs),
     /// The main demonstration: three workloads under load, upgraded live (emulated).
     Demo(super::demo::DemoArgs),
+    /// Load-generate against mk-demo-kv workloads, then verify every acknowledged write.
+    Load(super::load::LoadArgs),
     /// Decode and verify a handover image file.
     Inspect(super::inspect::InspectArgs),
     /// Capture or compare the state a handover would carry.
@@ -204,6 +206,7 @@ pub fn main() -> ExitCode {
         Command::Recover(a) => super::upgrade::recover(&g, &a),
         Command::Emu(a) => super::emu::run(&g, a),
         Command::Demo(a) => super::demo::run(&g, a),
+        Command::Load(a) => super::load::run(a),
         Command::Inspect(a) => Ok(super::inspect::run(a)),
         Command::State(a) => Ok(super::state::run(a)),
         Command::Keys(a) => Ok(super::keys::run(a)),

@@ -4,6 +4,7 @@ pub mod demo;
 pub mod emu;
 pub mod inspect;
 pub mod keys;
+pub mod load;
 pub mod sign;
 pub mod state;
 pub mod upgrade;
