@@ -8,6 +8,7 @@
 //! * `sha256/1-thread`: `sha2` SHA-256 over the payload area,
 //! * `crc32+sha256/1-thread`: the one-pass chunked digest the reader uses per region,
 //! * `verify/parallel`: `ImageView::parse` + `verify` (all regions, rayon across regions),
+//! * `verify/1-thread`: the same inside a one-thread rayon pool (the parallel speed-up),
 //! * `build/parallel`: `ImageBuilder::build` from 16 borrowed 64 MiB slices.
 //!
 //! Run: `cargo bench -p kho-proto --bench image`. Results and ratios: docs/performance.md.
@@ -94,6 +95,18 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let v = ImageView::parse(black_box(&image)).unwrap();
             black_box(v.verify(&VerifyOptions::default()).unwrap());
+        });
+    });
+    let one_thread = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    g.bench_function("verify/1-thread", |b| {
+        b.iter(|| {
+            one_thread.install(|| {
+                let v = ImageView::parse(black_box(&image)).unwrap();
+                black_box(v.verify(&VerifyOptions::default()).unwrap());
+            });
         });
     });
     g.bench_function("build/parallel", |b| {

@@ -5,7 +5,8 @@ use super::layout::{FORMAT_MAJOR, FORMAT_MINOR};
 use crate::keys::{KeyError, KeyId};
 
 /// How a caller should react to an [`ImageError`]; the agent maps these onto its exit
-/// codes (`Corrupt` = 4, `Untrusted` = 5, `Incompatible` = 6) and rolls back on any.
+/// codes (`Io` = 3, `Corrupt` = 4, `Untrusted` = 5, `Incompatible` = 6) and rolls back on
+/// any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailureClass {
@@ -15,6 +16,8 @@ pub enum FailureClass {
     Untrusted,
     /// Well-formed but not for this reader: higher major, unknown required region.
     Incompatible,
+    /// External region contents could not be read (an OS error, not bad bytes).
+    Io,
 }
 
 /// Why an image (or an external region's contents) was refused.
@@ -171,6 +174,7 @@ impl ImageError {
             ImageError::Unsigned
             | ImageError::SignatureNotChecked { .. }
             | ImageError::Signature { .. } => FailureClass::Untrusted,
+            ImageError::ExternalIo { .. } => FailureClass::Io,
             _ => FailureClass::Corrupt,
         }
     }

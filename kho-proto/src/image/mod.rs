@@ -314,6 +314,20 @@ mod tests {
     }
 
     #[test]
+    fn external_read_errors_are_io() {
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("device gone"))
+            }
+        }
+        let e = ExternalRef::of(9, b"x").verify_reader(Failing).unwrap_err();
+        assert!(matches!(e, ImageError::ExternalIo { token: 9, .. }));
+        assert_eq!(e.class(), FailureClass::Io);
+        assert!(e.to_string().contains("device gone"), "{e}");
+    }
+
+    #[test]
     fn signing_message_is_domain_separated() {
         let m = signing_message(&[0xab; 32]);
         assert_eq!(&m[..24], b"mk-upgrade kho image v1\0");

@@ -72,7 +72,7 @@ impl InspectError {
 impl From<ImageError> for InspectError {
     fn from(e: ImageError) -> Self {
         let exit = match e.class() {
-            _ if matches!(e, ImageError::ExternalIo { .. }) => Exit::Io,
+            FailureClass::Io => Exit::Io,
             FailureClass::Corrupt => Exit::Corrupt,
             FailureClass::Untrusted => Exit::Untrusted,
             FailureClass::Incompatible => Exit::Incompatible,
