@@ -298,6 +298,16 @@ fn aborted_handover_thawed_instance_serves_the_successors_writes() {
 }
 
 #[test]
+fn non_blocking_handed_listener_is_served() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let kv = spawn(&[], &[("listen", listener.as_raw_fd())]);
+    for _ in 0..3 {
+        kv_client::health_check(kv.addr, T).unwrap();
+    }
+}
+
+#[test]
 fn corrupt_record_refuses_to_start() {
     let memfd = test_memfd();
     let fds = [("kv-data", memfd.as_raw_fd())];

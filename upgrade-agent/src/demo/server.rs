@@ -12,11 +12,13 @@
 
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{SockType, getsockopt, sockopt};
 use state_serializers::fdenv::{self, FdEnvError, NamedFd};
 
@@ -191,6 +193,13 @@ impl Server {
         loop {
             let (stream, peer) = match self.listener.accept() {
                 Ok(s) => s,
+                // A handed-over listener may be non-blocking (O_NONBLOCK belongs to the
+                // open file description, shared with the supervisor's copy, so it is left
+                // alone): wait for a connection instead.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_readable(&self.listener)?;
+                    continue;
+                }
                 Err(e) if transient_accept_error(&e) => {
                     tracing::warn!(error = %e, "accept failed, retrying");
                     std::thread::sleep(Duration::from_millis(20));
@@ -219,6 +228,14 @@ impl Server {
                 tracing::warn!(error = %e, "cannot spawn a connection thread");
             }
         }
+    }
+}
+
+fn wait_readable(listener: &TcpListener) -> io::Result<()> {
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::NONE) {
+        Ok(_) | Err(Errno::EINTR) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
