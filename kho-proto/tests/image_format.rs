@@ -534,3 +534,44 @@ fn messages_name_field_and_offset() {
     assert!(msg.contains("flags"), "{msg}");
     assert!(msg.contains(&format!("offset {}", entry(1) + 2)), "{msg}");
 }
+
+#[test]
+fn newer_minor_may_grow_the_header_and_the_entries() {
+    let mut b = ImageBuilder::new("r", [0; 16], 0).unwrap();
+    b.region(RegionKind::Journal, 0, 1, true, &b"payload!"[..])
+        .unwrap();
+    let old = b.build().unwrap();
+    // 1.0 layout: header [0,128), entry [128,208), payload [208,216), manifest [216,248).
+    assert_eq!(old.len(), 248);
+    // A "1.1" image: 8 more header bytes and 8 more bytes per entry, which a 1.0 reader
+    // must skip: header [0,136), entry [136,224), payload [224,232), manifest [232,264).
+    let mut new = Vec::new();
+    new.extend_from_slice(&old[..128]);
+    new.extend_from_slice(&[0xee; 8]);
+    new.extend_from_slice(&old[128..208]);
+    new.extend_from_slice(&[0xdd; 8]);
+    new.extend_from_slice(&old[208..216]);
+    new.extend_from_slice(&[0; 32]);
+    put16(&mut new, 10, 1);
+    put32(&mut new, 16, 136);
+    put16(&mut new, 120, 88);
+    let len = new.len() as u64;
+    put64(&mut new, 24, len);
+    put64(&mut new, 136 + 16, 224);
+    reseal(&mut new, None);
+    let view = ImageView::parse(&new).unwrap();
+    assert_eq!(view.header().table_end, 224);
+    assert_eq!(view.regions()[0].payload(), Some(&b"payload!"[..]));
+    view.verify(&VerifyOptions::default()).unwrap();
+    // The extension bytes are covered by the manifest digest.
+    let mut tampered = new.clone();
+    tampered[130] ^= 1;
+    assert!(matches!(
+        verify(&tampered),
+        Err(ImageError::ManifestDigest { .. })
+    ));
+    // The same layout claiming minor 0 is refused.
+    put16(&mut new, 10, 0);
+    reseal(&mut new, None);
+    assert_eq!(header_field_err(&new), ("header_len", 16));
+}
