@@ -699,7 +699,7 @@ proptest! {
     }
 }
 
-/// The worked example in docs/protocol-channel.md, byte for byte.
+/// The worked example in docs/protocol.md, Part 2, byte for byte.
 #[test]
 fn documented_example_frame() {
     let f = Frame {

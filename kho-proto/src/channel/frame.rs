@@ -1,6 +1,6 @@
 //! Frame header layout, encoder and streaming decoder.
 //!
-//! Layout (all integers little-endian, see `docs/protocol-channel.md`):
+//! Layout (all integers little-endian, see `docs/protocol.md, Part 2`):
 //!
 //! | off | size | field          |
 //! |-----|------|----------------|

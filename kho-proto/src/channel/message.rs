@@ -4,7 +4,7 @@
 //! (a stable `u16`, see [`MessageType`]); the payload is the postcard encoding of the
 //! message's struct (not of the [`Message`] enum), so the type number is never duplicated
 //! inside the payload. Field order in every struct below is part of the wire format
-//! (`docs/protocol-channel.md` lists it byte for byte): never reorder, only append in a new
+//! (`docs/protocol.md, Part 2` lists it byte for byte): never reorder, only append in a new
 //! protocol version.
 
 use serde::{Deserialize, Serialize};

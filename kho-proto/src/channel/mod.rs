@@ -3,7 +3,7 @@
 //! The old and the new kernel instance each run an agent; the agents talk over this
 //! channel to move workloads (prepare, offer regions and fds, verify, health-check,
 //! commit or abort) and hand resources back. The wire format is specified byte for byte
-//! in `docs/protocol-channel.md`.
+//! in `docs/protocol.md, Part 2`.
 //!
 //! Layers:
 //! * [`frame`]: 48-byte little-endian header (magic `MKCH`, version, message type, flags,

@@ -3,7 +3,7 @@
 //! This is the transport of the emulated platform (both "instances" are processes on one
 //! kernel), and the only one that moves memfds and listening sockets.
 //!
-//! Fd-passing rules (`docs/protocol-channel.md`, "Fd passing"):
+//! Fd-passing rules (`docs/protocol.md, Part 2`, "Fd passing"):
 //! * the sender attaches all fds of a frame, in order, to the `sendmsg` that writes the
 //!   frame's first byte; later partial writes carry no control data;
 //! * the receiver reads with `MSG_CMSG_CLOEXEC` and a control buffer for the kernel's
