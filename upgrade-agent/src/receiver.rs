@@ -118,6 +118,7 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
             }
             Message::RegionOffer(offer) => {
                 let name = offer.workload_id.clone();
+                let t_offer = Instant::now();
                 let result = trusted
                     .as_ref()
                     .map_err(|e| crate::handover::CheckFailed {
@@ -143,6 +144,7 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                         continue;
                     }
                     Ok(incoming) => {
+                        tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, "offer verified");
                         let t0 = Instant::now();
                         let extra: Vec<String> = if inject_health_fail {
                             vec![HEALTH_FAIL_ARG.to_owned()]
@@ -175,6 +177,7 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                                 })
                             }
                         };
+                        tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, "workload restored");
                         let verdict = match &start {
                             Ok(()) => Verification::Ok,
                             Err(e) => Verification::Failed {
@@ -212,6 +215,7 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                                     elapsed_us: 0,
                                     attempts: 0,
                                 });
+                        tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, healthy = outcome.healthy, "health checked");
                         // A process that died after passing the check is not healthy.
                         let alive = {
                             let mut inst = lock(shared);
