@@ -156,15 +156,12 @@ pub fn file_len(file: &File) -> Result<u64, ShmError> {
     Ok(u64::try_from(st.st_size).unwrap_or(0))
 }
 
-fn map(file: &File, populate: bool) -> Result<MmapRaw, ShmError> {
+fn map(file: &File) -> Result<MmapRaw, ShmError> {
     let len = file_len(file)?;
     let ulen = usize::try_from(len).map_err(|_| ShmError::TooLarge { len })?;
-    let mut opts = MmapOptions::new();
-    opts.len(ulen);
-    if populate {
-        opts.populate();
-    }
-    opts.map_raw(file)
+    MmapOptions::new()
+        .len(ulen)
+        .map_raw(file)
         .map_err(|source| ShmError::Map {
             fd: raw(file),
             len,
@@ -176,18 +173,8 @@ impl Shm {
     /// Maps the whole memfd shared and read-write. The memfd is at least `HEADER_LEN`
     /// bytes (the caller grows an empty one first).
     pub fn map(file: File) -> Result<Self, ShmError> {
-        Self::map_with(file, false)
-    }
-
-    /// Like [`Shm::map`], pre-faulting every page (`MAP_POPULATE`): an adopting successor
-    /// reads the whole log at once, and one populate is cheaper than a fault per page.
-    pub fn map_populated(file: File) -> Result<Self, ShmError> {
-        Self::map_with(file, true)
-    }
-
-    fn map_with(file: File, populate: bool) -> Result<Self, ShmError> {
         let fd = raw(&file);
-        let map = map(&file, populate)?;
+        let map = map(&file)?;
         Ok(Self { file, map, fd })
     }
 
@@ -209,14 +196,14 @@ impl Shm {
     /// Grows the memfd to `new_len` bytes and remaps it. Offsets stay valid.
     pub fn grow(&mut self, new_len: u64) -> Result<(), ShmError> {
         set_len(&self.file, new_len)?;
-        self.map = map(&self.file, false)?;
+        self.map = map(&self.file)?;
         Ok(())
     }
 
     /// Remaps when another process grew the memfd. Returns the mapped length.
     pub fn refresh(&mut self) -> Result<u64, ShmError> {
         if file_len(&self.file)? != self.len() {
-            self.map = map(&self.file, false)?;
+            self.map = map(&self.file)?;
         }
         Ok(self.len())
     }

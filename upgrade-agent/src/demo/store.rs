@@ -123,7 +123,7 @@ impl Store {
             return Self::format(file, max_capacity);
         }
         let mut store = Self {
-            shm: Shm::map_populated(file)?,
+            shm: Shm::map(file)?,
             index: HashMap::new(),
             indexed: 0,
             records: 0,
