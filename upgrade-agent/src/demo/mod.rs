@@ -8,6 +8,12 @@
 //! new one. [`loadgen`] drives traffic during an upgrade and reads back every
 //! acknowledged write afterwards to prove nothing was lost.
 //!
+//! What is and is not handed over: the data (the memfd) and the listening socket with its
+//! backlog. Connections the old instance had already accepted are its own descriptors:
+//! they are reset when it is killed, so a request in flight on one of them gets no
+//! response (the load generator counts it as failed and re-sends it on a new connection,
+//! where the new instance answers). No acknowledged write is lost either way.
+//!
 //! * [`log`]: the on-memfd format (header, append-only records with CRC32);
 //! * [`store`]: the store over the memfd and its in-memory index;
 //! * [`protocol`]: the line protocol (and the HTTP `/health` check);
