@@ -65,6 +65,9 @@ pub fn run(check: &HealthCheck) -> HealthOutcome {
     };
     let deadline = start + Duration::from_millis(timeout);
     let mut attempts = 0;
+    // The last failure that was a complete answer (not cut short by the deadline): it is
+    // what the operator needs to hear ("exit status 3"), not "did not finish in time".
+    let mut last_answer: Option<String> = None;
     loop {
         attempts += 1;
         let left = deadline
@@ -82,6 +85,7 @@ pub fn run(check: &HealthCheck) -> HealthOutcome {
                 };
             }
             Err(detail) if Instant::now() >= deadline => {
+                let detail = last_answer.unwrap_or(detail);
                 return HealthOutcome {
                     healthy: false,
                     detail: format!("{check}: {detail} (after {attempts} attempts, {timeout} ms)"),
@@ -89,7 +93,10 @@ pub fn run(check: &HealthCheck) -> HealthOutcome {
                     attempts,
                 };
             }
-            Err(_) => std::thread::sleep(RETRY_EVERY),
+            Err(detail) => {
+                last_answer = Some(detail);
+                std::thread::sleep(RETRY_EVERY);
+            }
         }
     }
 }
@@ -207,7 +214,7 @@ mod tests {
             addr,
             path: "/health".into(),
             expect_status: want,
-            timeout_ms: 100,
+            timeout_ms: 500,
         };
         assert!(run(&check(200)).healthy);
         let bad = run(&check(204));
@@ -220,7 +227,7 @@ mod tests {
             addr: junk,
             path: "/".into(),
             expect_status: 200,
-            timeout_ms: 50,
+            timeout_ms: 500,
         });
         assert!(bad.detail.contains("not an HTTP status line"), "{bad:?}");
     }
@@ -234,7 +241,7 @@ mod tests {
         assert!(ok.healthy, "{ok:?}");
         let bad = run(&HealthCheck::Exec {
             command: vec!["/bin/sh".into(), "-c".into(), "exit 3".into()],
-            timeout_ms: 30,
+            timeout_ms: 500,
         });
         assert!(
             !bad.healthy && bad.detail.contains("exit status: 3"),
