@@ -128,7 +128,11 @@ mod tests {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(b"preserved").unwrap();
         send(&a, b"hello", &[f.as_fd()]).unwrap();
-        send(&a, &vec![7u8; 300_000], &[]).unwrap();
+        // Larger than a socket buffer: the writer must block until the reader drains it.
+        let writer = std::thread::spawn(move || {
+            send(&a, &vec![7u8; 300_000], &[]).unwrap();
+            a
+        });
         let (body, fds) = recv(&b).unwrap().unwrap();
         assert_eq!(body, b"hello");
         assert_eq!(fds.len(), 1);
@@ -140,7 +144,7 @@ mod tests {
         let (body, fds) = recv(&b).unwrap().unwrap();
         assert_eq!(body.len(), 300_000);
         assert!(fds.is_empty());
-        drop(a);
+        drop(writer.join().unwrap());
         assert!(recv(&b).unwrap().is_none());
     }
 
