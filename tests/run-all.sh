@@ -25,7 +25,8 @@ step() {
 
 step fmt cargo fmt --all -- --check
 step clippy cargo clippy --workspace --all-targets -- -D warnings
-step test cargo test --workspace
+# Bounded: a hung test must fail the run, not eat CI's whole time budget.
+step test timeout --kill-after=30 2400 cargo test --workspace
 if [ "${MK_SKIP_VM:-0}" != 1 ] && [ -x tests/vm/run ]; then
     step vm tests/vm/run
 fi
