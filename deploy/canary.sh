@@ -190,7 +190,8 @@ classify() {
         before=$(jq -r '.kernel_before // "-"' "$log_dir/$h.json")
         after=$(jq -r '.kernel_after // "-"' "$log_dir/$h.json")
         emulated=$(jq -r 'if .emulated == true then "EMULATED" else "-" end' "$log_dir/$h.json")
-        detail=$(jq -r '.error // ([.workloads[]? | select(.moved | not) | "\(.name): \(.status) \(.detail // "")"] | join("; ")) // ""' "$log_dir/$h.json")
+        detail=$(jq -r '[.error // empty] + [.checks[]? | select(.ok | not) | "\(.name): \(.detail)"]
+            + [.workloads[]? | select(.moved | not) | "\(.name): \(.status) \(.detail // "")"] | join("; ")' "$log_dir/$h.json")
     else
         # No JSON document: the host was unreachable (ssh exits 255) or mk-upgrade failed
         # before it could report (the message is on its stderr).

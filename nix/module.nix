@@ -127,7 +127,7 @@ let
       ${lib.escapeShellArgs (trustArgs ++ cfg.extraApplyArgs)} --json >"$out.tmp" || rc=$?
     mv -f "$out.tmp" "$out"
     result=$(jq -r '.result // "no report"' "$out" 2>/dev/null || echo "no report")
-    err=$(jq -r '.error // empty' "$out" 2>/dev/null || true)
+    err=$(jq -r '[.error // empty] + [.checks[]? | select(.ok | not) | "\(.name): \(.detail)"] | join("; ")' "$out" 2>/dev/null || true)
     case "$rc" in
       0)
         echo "mk-upgrade: upgraded live to $(jq -r '.kernel_after' "$out") (record: $out)"
