@@ -349,7 +349,7 @@ in
         serviceConfig = {
           Type = "oneshot";
           RemainAfterExit = true;
-          ExecStart = switchScript;
+          ExecStart = "${switchScript}";
           TimeoutStartSec = "30min";
         };
       };

@@ -19,10 +19,11 @@ rustPlatform.buildRustPackage {
   inherit (workspace.workspace.package) version;
 
   # Only what cargo needs to build the workspace: every member must be present for the
-  # workspace to load, even the ones not built here (tests/).
+  # workspace to load, even the ones not built here (tests/). The fuzz crate is excluded
+  # from the workspace and may hold a large corpus.
   src = lib.fileset.toSource {
     inherit root;
-    fileset = lib.fileset.unions [
+    fileset = lib.fileset.difference (lib.fileset.unions [
       ../Cargo.toml
       ../Cargo.lock
       ../kho-proto
@@ -30,7 +31,7 @@ rustPlatform.buildRustPackage {
       ../rollback
       ../upgrade-agent
       ../tests
-    ];
+    ]) ../kho-proto/fuzz;
   };
 
   cargoLock.lockFile = ../Cargo.lock;
