@@ -34,7 +34,8 @@ usage() {
     cat <<EOF
 usage: $prog --hosts FILE --kernel IMAGE [options]
 
-  --hosts FILE                  one host per line; blank lines and '#' comments ignored
+  --hosts FILE                  one host per line (its first word); blank lines and '#'
+                                comments ignored
   --kernel IMAGE                the kernel image (path on the hosts, or local with --push
                                 or --local-state-dir-prefix)
   --batch N                     hosts per wave after the canary (default 5)
@@ -104,8 +105,8 @@ command -v jq >/dev/null 2>&1 || die_usage "jq is required (apt-get install jq)"
 hosts=()
 while IFS= read -r line || [ -n "$line" ]; do
     line=${line%%#*}
-    line=$(printf '%s' "$line" | tr -d '[:space:]')
-    [ -n "$line" ] && hosts+=("$line")
+    read -r line _ <<<"$line" || true # the first word; the rest of the line is ignored
+    if [ -n "$line" ]; then hosts+=("$line"); fi
 done <"$hosts_file"
 [ ${#hosts[@]} -gt 0 ] || die_usage "hosts file '$hosts_file' lists no host"
 
