@@ -112,11 +112,11 @@ fn http(addr: SocketAddr, path: &str, want: u16, left: Duration) -> Result<Strin
         TcpStream::connect_timeout(&addr, left).map_err(|e| format!("connect failed: {e}"))?;
     s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(left)).map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: mk-upgrade-health\r\n\r\n"
-    )
-    .map_err(|e| format!("send failed: {e}"))?;
+    // One write: a server may answer and close as soon as it has the request line.
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: mk-upgrade-health\r\n\r\n");
+    s.write_all(request.as_bytes())
+        .map_err(|e| format!("send failed: {e}"))?;
     let mut head = Vec::with_capacity(256);
     let mut buf = [0u8; 512];
     while !head.contains(&b'\n') && head.len() < MAX_HEAD {
@@ -199,8 +199,15 @@ mod tests {
         let addr = l.local_addr().unwrap();
         std::thread::spawn(move || {
             while let Ok((mut s, _)) = l.accept() {
+                // Read the whole request head, then answer and close.
+                let mut head = Vec::new();
                 let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf);
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
                 let _ = s.write_all(reply.as_bytes());
             }
         });
