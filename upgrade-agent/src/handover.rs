@@ -423,3 +423,214 @@ pub fn verify(
         fds: out,
     })
 }
+
+/// Largest handover image read back from a LUO-preserved memfd (an image holds a spec, a
+/// task record and a region table: a few KiB; more is not ours).
+pub const MAX_PRESERVED_IMAGE: u64 = 16 << 20;
+
+/// Verifies one workload's handover after a kexec, from the fds LUO handed back instead of
+/// a channel frame: `image` is the sealed image memfd (session token 0), `memfds` the
+/// workload's memfds in token order (tokens 1, 2, ...). Checks the image (kho-proto header,
+/// every CRC and digest, signature by a trusted key, upgrade id, workload name), decodes the
+/// spec and the task state, and checks every memfd against its external region (length,
+/// CRC32, SHA-256). Listening sockets are not preservable by LUO: the caller binds them
+/// afresh from the spec. Nothing is started here.
+pub fn verify_preserved(
+    workload: &str,
+    image: &OwnedFd,
+    memfds: Vec<OwnedFd>,
+    trusted: &TrustedKeys,
+    expect_upgrade: [u8; 16],
+) -> Result<Incoming, CheckFailed> {
+    let size = crate::sys::memfd::size(image.as_fd())
+        .map_err(|e| fail("image", format!("fstat of the preserved image: {e}")))?;
+    if size > MAX_PRESERVED_IMAGE {
+        return Err(fail(
+            "image_len",
+            format!("the preserved image is {size} bytes, more than {MAX_PRESERVED_IMAGE}"),
+        ));
+    }
+    let bytes = read_all(image.as_fd(), size)?;
+    let view = ImageView::parse(&bytes).map_err(|e| fail("image", e.to_string()))?;
+    if view.header().upgrade_id != expect_upgrade {
+        return Err(fail("upgrade_id", "the image belongs to another upgrade"));
+    }
+    view.verify(&VerifyOptions {
+        trusted_keys: Some(trusted),
+        require_signature: true,
+    })
+    .map_err(|e| fail("image", e.to_string()))?;
+    let spec_region = view
+        .find(RegionKind::AgentManifest, 0)
+        .ok_or_else(|| fail("spec", "no workload spec region"))?;
+    let spec: WorkloadSpec = serde_json::from_slice(spec_region.payload().unwrap_or_default())
+        .map_err(|e| fail("spec", e.to_string()))?;
+    if spec.name != workload {
+        return Err(fail(
+            "spec",
+            format!("image is for {}, session for {workload}", spec.name),
+        ));
+    }
+    let task_region = view
+        .find(RegionKind::TaskState, 0)
+        .ok_or_else(|| fail("task_state", "no task state region"))?;
+    let task = state_serializers::decode(
+        task_region.schema_version,
+        task_region.payload().unwrap_or_default(),
+    )
+    .map_err(|e| fail("task_state", e.to_string()))?;
+    if memfds.len() != spec.memfds.len() {
+        return Err(fail(
+            "fd_count",
+            format!(
+                "the spec declares {} memfds, the session holds {}",
+                spec.memfds.len(),
+                memfds.len()
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(memfds.len());
+    for (i, (fd, m)) in memfds.into_iter().zip(&spec.memfds).enumerate() {
+        let token = u64::try_from(i + 1).map_err(|e| fail("token", e.to_string()))?;
+        let e = view
+            .regions()
+            .iter()
+            .find_map(|r| r.external().filter(|e| e.token == token))
+            .ok_or_else(|| {
+                fail(
+                    format!("token[{token}]"),
+                    format!("no external region describes memfd {}", m.name),
+                )
+            })?;
+        let expected = RegionDigest {
+            len: e.length,
+            crc32: e.crc32,
+            sha256: e.sha256,
+        };
+        state_serializers::verify_fd(&m.name, fd.as_fd(), &expected)
+            .map_err(|err| fail(format!("token[{token}].digest"), err.to_string()))?;
+        out.push(PreservedFd {
+            name: m.name.clone(),
+            fd,
+        });
+    }
+    Ok(Incoming {
+        spec,
+        task,
+        fds: out,
+    })
+}
+
+#[cfg(test)]
+mod preserved_tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    fn spec() -> WorkloadSpec {
+        let text = r#"
+[[workload]]
+name = "kv"
+exec = "/bin/true"
+[[workload.memfd]]
+name = "kv-data"
+size = 0
+"#;
+        crate::workload::WorkloadFile::parse(text, Path::new("w.toml"))
+            .unwrap()
+            .workloads
+            .remove(0)
+    }
+
+    fn memfd(bytes: &[u8]) -> OwnedFd {
+        let fd = crate::sys::memfd::create_sealable("test").unwrap();
+        crate::sys::memfd::write_all(fd.as_fd(), bytes).unwrap();
+        fd
+    }
+
+    fn setup(faults: SendFaults) -> (Outgoing, TrustedKeys, OwnedFd) {
+        let key = NodeKey::generate().unwrap();
+        let mut trusted = TrustedKeys::default();
+        trusted
+            .add(key.public(), PathBuf::from("node.pub"))
+            .unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let task = state_serializers::task::capture_tasks(
+            Path::new("/"),
+            &[i32::try_from(child.id()).unwrap()],
+            &state_serializers::task::CaptureOptions::default(),
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        let task = task.unwrap();
+        let data = memfd(b"hello preserved world");
+        let keep = data.try_clone().unwrap();
+        let out = build(
+            &spec(),
+            &task,
+            vec![PreservedFd {
+                name: "kv-data".into(),
+                fd: data,
+            }],
+            "6.19.0-test",
+            [7; 16],
+            0,
+            &key,
+            faults,
+        )
+        .unwrap();
+        (out, trusted, keep)
+    }
+
+    #[test]
+    fn preserved_handover_verifies_and_names_the_memfds() {
+        let (out, trusted, data) = setup(SendFaults::default());
+        let inc = verify_preserved("kv", &out.image, vec![data], &trusted, [7; 16]).unwrap();
+        assert_eq!(inc.spec.name, "kv");
+        assert_eq!(inc.fds.len(), 1);
+        assert_eq!(inc.fds[0].name, "kv-data");
+    }
+
+    #[test]
+    fn preserved_handover_refuses_corruption_and_mismatches() {
+        let (out, trusted, data) = setup(SendFaults {
+            corrupt_region: true,
+        });
+        let e = verify_preserved("kv", &out.image, vec![data], &trusted, [7; 16]).unwrap_err();
+        assert_eq!(e.check, "image", "{e}");
+
+        let (out, trusted, data) = setup(SendFaults::default());
+        let e = verify_preserved(
+            "kv",
+            &out.image,
+            vec![data.try_clone().unwrap()],
+            &trusted,
+            [8; 16],
+        )
+        .unwrap_err();
+        assert_eq!(e.check, "upgrade_id");
+        let e = verify_preserved(
+            "other",
+            &out.image,
+            vec![data.try_clone().unwrap()],
+            &trusted,
+            [7; 16],
+        )
+        .unwrap_err();
+        assert_eq!(e.check, "spec");
+        let e = verify_preserved("kv", &out.image, vec![], &trusted, [7; 16]).unwrap_err();
+        assert_eq!(e.check, "fd_count");
+        let changed = memfd(b"hello preserved worlD");
+        let e = verify_preserved("kv", &out.image, vec![changed], &trusted, [7; 16]).unwrap_err();
+        assert_eq!(e.check, "token[1].digest", "{e}");
+        let stranger = NodeKey::generate().unwrap();
+        let mut other = TrustedKeys::default();
+        other
+            .add(stranger.public(), PathBuf::from("x.pub"))
+            .unwrap();
+        let e = verify_preserved("kv", &out.image, vec![data], &other, [7; 16]).unwrap_err();
+        assert_eq!(e.check, "image", "{e}");
+    }
+}

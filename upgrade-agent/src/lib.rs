@@ -8,6 +8,7 @@ pub mod demo;
 pub mod exit;
 pub mod handover;
 pub mod health;
+pub mod luo;
 pub mod orchestrator;
 pub mod platform;
 pub mod receiver;

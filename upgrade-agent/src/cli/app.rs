@@ -142,19 +142,22 @@ impl Global {
         })
     }
 
-    /// The platform to drive.
-    pub fn open_platform(&self) -> Result<Box<dyn Platform>, CliError> {
-        let choice = match self.platform {
+    /// The platform `--platform` resolves to (`auto`: luo when /dev/liveupdate exists).
+    pub fn resolved_platform(&self) -> PlatformChoice {
+        match self.platform {
             PlatformChoice::Auto if Path::new("/dev/liveupdate").exists() => PlatformChoice::Luo,
             PlatformChoice::Auto => PlatformChoice::Emulated,
             other => other,
-        };
-        if choice == PlatformChoice::Luo {
-            return Err(CliError::new(
-                Exit::Platform,
-                "the luo platform (mainline /dev/liveupdate) is not wired into the orchestrator \
-                 in this build; use --platform emulated",
-            ));
+        }
+    }
+
+    /// The platform to drive.
+    pub fn open_platform(&self) -> Result<Box<dyn Platform>, CliError> {
+        if self.resolved_platform() == PlatformChoice::Luo {
+            self.ensure_state_dir()?;
+            return Ok(Box::new(crate::platform::luo::LuoPlatform::new(
+                &self.state_dir,
+            )));
         }
         self.ensure_state_dir()?;
         EmulatedPlatform::new(&self.state_dir)

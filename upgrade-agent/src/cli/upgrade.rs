@@ -260,6 +260,9 @@ fn print_checks(checks: &[CheckResult]) {
 
 /// `mk-upgrade check`.
 pub fn check(g: &Global, a: &CheckArgs) -> Result<ExitCode, CliError> {
+    if g.resolved_platform() == super::app::PlatformChoice::Luo {
+        return crate::luo::client::check(g, a);
+    }
     let checks = preflight(g, !a.insecure_allow_unsigned, false);
     let ready = checks.iter().all(|c| c.ok);
     if a.json {
@@ -483,6 +486,9 @@ fn refuse(
 
 /// `mk-upgrade apply`.
 pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
+    if g.resolved_platform() == super::app::PlatformChoice::Luo {
+        return crate::luo::client::apply(g, a);
+    }
     let _guard = lock(g)?;
     let checks = preflight(g, !a.insecure_allow_unsigned, true);
     if checks.iter().any(|c| !c.ok) {
@@ -620,6 +626,9 @@ pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
 
 /// `mk-upgrade rollback`.
 pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
+    if g.resolved_platform() == super::app::PlatformChoice::Luo {
+        return crate::luo::client::rollback(g, a);
+    }
     let _guard = lock(g)?;
     let checks = preflight(g, false, true);
     if checks.iter().any(|c| !c.ok) {

@@ -15,6 +15,7 @@
 //! `docs/architecture.md` for the diagram and the state machine built on top.
 
 pub mod emulated;
+pub mod luo;
 
 use std::fmt;
 use std::os::fd::{BorrowedFd, OwnedFd};

@@ -42,6 +42,31 @@ pub enum Request {
     Expect { upgrade_id: String },
     /// Halt the instance (every remaining workload is stopped).
     Halt,
+    /// Host agent of a LUO kernel only (`mk-agentd serve`, see [`crate::luo`]): preserve
+    /// every workload in LUO sessions and kexec into the attached kernel. Attached fds: the
+    /// verified, sealed kernel image (absent for a rollback: the agent's previous kernel),
+    /// then the initramfs if any. No answer on success (the machine reboots into it).
+    LuoUpgrade {
+        upgrade_id: String,
+        /// The journal record (JSON of `UpgradeRecord`), phase `Verified`.
+        record_json: String,
+        /// Command line of the next kernel (`liveupdate=on` is added when missing).
+        cmdline: String,
+        faults: LuoFaults,
+        /// Whether a kernel image is attached (else: the agent's previous kernel).
+        kernel_attached: bool,
+        /// Whether an initramfs is attached (after the kernel, if any).
+        initrd_attached: bool,
+    },
+}
+
+/// Test-only faults of a LUO upgrade (`mk-upgrade apply --inject`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LuoFaults {
+    /// Corrupt the first workload's handover image after its region CRC was computed.
+    pub corrupt_region: bool,
+    /// Make the first workload fail its health check in the new kernel.
+    pub health_fail: bool,
 }
 
 /// The supervisor's answer.
@@ -71,6 +96,17 @@ pub fn call(
     socket: &Path,
     req: &Request,
 ) -> Result<(Response, Vec<OwnedFd>), PlatformError> {
+    call_with_fds(id, socket, req, &[], REQUEST_TIMEOUT)
+}
+
+/// [`call`] with `fds` attached to the request and a read timeout of `timeout`.
+pub fn call_with_fds(
+    id: InstanceId,
+    socket: &Path,
+    req: &Request,
+    send_fds: &[std::os::fd::BorrowedFd<'_>],
+    timeout: Duration,
+) -> Result<(Response, Vec<OwnedFd>), PlatformError> {
     let err = |what: String| PlatformError::Instance { id, what };
     let stream = UnixStream::connect(socket).map_err(|e| {
         err(format!(
@@ -79,11 +115,11 @@ pub fn call(
         ))
     })?;
     stream
-        .set_read_timeout(Some(REQUEST_TIMEOUT))
+        .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(REQUEST_TIMEOUT)))
         .map_err(|e| PlatformError::io("setting control socket timeouts", e))?;
     let body = serde_json::to_vec(req).map_err(|e| err(format!("encoding request: {e}")))?;
-    fdpass::send(&stream, &body, &[]).map_err(|e| PlatformError::io("control request", e))?;
+    fdpass::send(&stream, &body, send_fds).map_err(|e| PlatformError::io("control request", e))?;
     let Some((body, fds)) =
         fdpass::recv(&stream).map_err(|e| PlatformError::io("control response", e))?
     else {

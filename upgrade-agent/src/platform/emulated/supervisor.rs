@@ -237,7 +237,9 @@ pub fn fresh_fds(spec: &WorkloadSpec) -> io::Result<Vec<PreservedFd>> {
     Ok(out)
 }
 
-fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
+/// Serves one control request of the common protocol (every request but `LuoUpgrade`,
+/// which only the host agent of a LUO kernel serves, see [`crate::luo`]).
+pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
     let mut inst = lock(shared);
     let result: Result<(Response, Vec<OwnedFd>), String> = (|| {
         match req {
@@ -332,6 +334,9 @@ fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                 inst.halting = true;
                 Ok((Response::Done, vec![]))
             }
+            Request::LuoUpgrade { .. } => Err("LuoUpgrade is served only by the host agent of a \
+                 LUO kernel (`mk-agentd serve`), not by an emulated instance"
+                .to_owned()),
         }
     })();
     result.unwrap_or_else(|message| (Response::Error { message }, vec![]))
@@ -376,10 +381,24 @@ fn reap(inst: &mut Instance) {
     }
 }
 
-fn serve_ctl(shared: &Shared, stream: &UnixStream) {
-    while let Ok(Some((body, _fds))) = fdpass::recv(stream) {
+/// A control-request handler: the request, the fds attached to it; the response and the
+/// fds to attach to it.
+pub type CtlHandler =
+    dyn Fn(&Shared, Request, Vec<OwnedFd>) -> (Response, Vec<OwnedFd>) + Send + Sync;
+
+/// The handler of an emulated instance: [`handle_ctl`]; attached fds are ignored.
+pub fn emulated_handler(
+    shared: &Shared,
+    req: Request,
+    _fds: Vec<OwnedFd>,
+) -> (Response, Vec<OwnedFd>) {
+    handle_ctl(shared, req)
+}
+
+fn serve_ctl(shared: &Shared, stream: &UnixStream, handler: &CtlHandler) {
+    while let Ok(Some((body, in_fds))) = fdpass::recv(stream) {
         let (resp, fds) = match serde_json::from_slice::<Request>(&body) {
-            Ok(req) => handle_ctl(shared, req),
+            Ok(req) => handler(shared, req, in_fds),
             Err(e) => (
                 Response::Error {
                     message: format!("malformed control request: {e}"),
@@ -454,9 +473,17 @@ pub fn run(state_dir: &Path, id: InstanceId) -> Result<(), String> {
         });
     }
     tracing::info!(id, cpus = ?entry.resources.cpus, "instance active (emulated)");
-    for conn in ctl.incoming().flatten() {
-        let shared = Arc::clone(&shared);
-        std::thread::spawn(move || serve_ctl(&shared, &conn));
-    }
+    let handler: Arc<CtlHandler> = Arc::new(emulated_handler);
+    serve_ctl_listener(&shared, &ctl, &handler);
     Ok(())
+}
+
+/// Serves control connections on `ctl` (one thread each) with `handler`, until the
+/// listener fails; a `Halt` ends the process (see [`handle_ctl`]).
+pub fn serve_ctl_listener(shared: &Shared, ctl: &UnixListener, handler: &Arc<CtlHandler>) {
+    for conn in ctl.incoming().flatten() {
+        let shared = Arc::clone(shared);
+        let handler = Arc::clone(handler);
+        std::thread::spawn(move || serve_ctl(&shared, &conn, handler.as_ref()));
+    }
 }

@@ -1,0 +1,131 @@
+//! The agent's own record across a kexec (token 0 of the `mk-agent` session): the journal
+//! record, which way the kexec goes, and for every workload its session, its spec and the
+//! digests of its memfds as the sending kernel computed them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::orchestrator::record::UpgradeRecord;
+use crate::workload::WorkloadSpec;
+
+/// Format tag.
+pub const HANDOFF_FORMAT: &str = "mk-luo-handoff/1";
+/// Largest handoff record read (a few KiB per workload; more is not ours).
+pub const MAX_HANDOFF: u64 = 4 << 20;
+
+/// Which way a kexec goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    /// An upgrade (or a manual rollback): the next kernel verifies the signed handover
+    /// images, restores, health-checks, and kexecs back on any failure.
+    Forward,
+    /// Coming back after a failure in the new kernel: the known-good kernel checks every
+    /// memfd against the digests below, restarts the workloads and reports; it does not
+    /// bounce again.
+    Return,
+}
+
+/// One memfd's expected contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemfdDigest {
+    pub name: String,
+    pub len: u64,
+    pub crc32: u32,
+    /// Hex SHA-256.
+    pub sha256: String,
+}
+
+impl MemfdDigest {
+    /// From a computed digest.
+    pub fn new(name: &str, d: &state_serializers::RegionDigest) -> Self {
+        MemfdDigest {
+            name: name.to_owned(),
+            len: d.len,
+            crc32: d.crc32,
+            sha256: hex::encode(d.sha256),
+        }
+    }
+
+    /// As a region digest (an undecodable hash yields zeroes, which never match).
+    pub fn region(&self) -> state_serializers::RegionDigest {
+        let mut sha256 = [0u8; 32];
+        let _ = hex::decode_to_slice(&self.sha256, &mut sha256);
+        state_serializers::RegionDigest {
+            len: self.len,
+            crc32: self.crc32,
+            sha256,
+        }
+    }
+}
+
+/// One workload in the handoff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffWorkload {
+    pub name: String,
+    pub session: String,
+    /// The spec as the workload file has it (without test-only fault markers).
+    pub spec: WorkloadSpec,
+    /// Its memfds at tokens 1, 2, ... of its session.
+    pub memfds: Vec<MemfdDigest>,
+    /// CLOCK_REALTIME (ns) when it was frozen in the first kernel of this upgrade.
+    pub frozen_at_ns: u64,
+}
+
+/// The handoff record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handoff {
+    pub format: String,
+    pub direction: Direction,
+    pub record: UpgradeRecord,
+    /// Release of the kernel that wrote this.
+    pub source_release: String,
+    /// Its `/proc/cmdline` (used to kexec back into it).
+    pub source_cmdline: String,
+    /// Release of the kernel this is for.
+    pub target_release: String,
+    /// Whether token 3 of the agent session holds the initramfs.
+    pub has_initrd: bool,
+    pub workloads: Vec<HandoffWorkload>,
+}
+
+impl Handoff {
+    /// Parses and checks the format tag.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let h: Handoff = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the preserved handoff record does not parse: {e}"))?;
+        if h.format != HANDOFF_FORMAT {
+            return Err(format!(
+                "the preserved handoff record has format {:?}, this agent reads {HANDOFF_FORMAT:?}",
+                h.format
+            ));
+        }
+        Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_round_trips_and_bad_hex_never_matches() {
+        let d = state_serializers::RegionDigest {
+            len: 5,
+            crc32: 7,
+            sha256: [3; 32],
+        };
+        let m = MemfdDigest::new("kv", &d);
+        assert_eq!(m.region(), d);
+        let bad = MemfdDigest {
+            sha256: "zz".into(),
+            ..m
+        };
+        assert_ne!(bad.region(), d);
+    }
+
+    #[test]
+    fn parse_rejects_other_formats_and_garbage() {
+        assert!(Handoff::parse(b"not json").is_err());
+        assert!(Handoff::parse(b"{}").is_err());
+    }
+}

@@ -1,0 +1,134 @@
+//! The mainline LUO platform: a kernel upgrade that **replaces** the running kernel by
+//! `kexec`, with the workloads' memfds kept across it in `/dev/liveupdate` sessions.
+//!
+//! * [`agent`]: the host agent (`mk-agentd serve`). It owns `/dev/liveupdate` (exclusive),
+//!   runs the workloads as its children (the instance supervisor's code, reused), serves
+//!   `STATE_DIR/luo/ctl.sock`, preserves and kexecs on `LuoUpgrade`, and on the next kernel
+//!   retrieves, verifies, restores, health-checks, commits or kexecs back.
+//! * [`client`]: what `mk-upgrade apply|rollback --platform luo` does on the operator's
+//!   side (verify the image, journal, hand the sealed image to the agent).
+//! * [`handoff`]: the agent's own record that travels in the `mk-agent` session.
+//!
+//! Session layout across one kexec:
+//!
+//! | session       | token | what                                                           |
+//! |---------------|-------|----------------------------------------------------------------|
+//! | `mk-agent`    | 0     | sealed memfd: [`handoff::Handoff`] (JSON: journal record, workloads, digests) |
+//! |               | 1     | the kernel being left (to come back to)                        |
+//! |               | 2     | the kernel being booted (what the next kernel runs)            |
+//! |               | 3     | the initramfs both boot with (when one was given)              |
+//! | `mk-w-<name>` | 0     | forward: the workload's signed kho-proto handover image        |
+//! |               | 1..   | the workload's memfds, in workload-file order                  |
+//!
+//! The handover images are signed with the node key under `STATE_DIR/node-keys/`; both
+//! kernels must see the same directory (on a disk-backed host it is on disk; in the test VM
+//! it is baked into the initramfs both kernels boot). Listening sockets are not preservable
+//! by LUO: the next kernel binds each listener afresh from the workload's spec (connections
+//! queued in the old kernel are lost, unlike on the emulated platform).
+
+pub mod agent;
+pub mod client;
+pub mod handoff;
+
+use std::path::{Path, PathBuf};
+
+/// Name of the agent's own LUO session.
+pub const AGENT_SESSION: &str = "mk-agent";
+/// Prefix of a workload's LUO session name.
+pub const WORKLOAD_SESSION_PREFIX: &str = "mk-w-";
+/// Token of the handoff record in the agent session.
+pub const TOKEN_HANDOFF: u64 = 0;
+/// Token of the kernel being left.
+pub const TOKEN_SOURCE_KERNEL: u64 = 1;
+/// Token of the kernel being booted.
+pub const TOKEN_TARGET_KERNEL: u64 = 2;
+/// Token of the initramfs.
+pub const TOKEN_INITRD: u64 = 3;
+/// Token of a workload's handover image in its session.
+pub const TOKEN_IMAGE: u64 = 0;
+
+/// Prefix of the one console/stdout line the agent prints when an upgrade ended in this
+/// kernel: `MK-UPGRADE-RESULT <record JSON>`.
+pub const RESULT_PREFIX: &str = "MK-UPGRADE-RESULT";
+
+/// The host agent's directory under the state directory (`ctl.sock`, `boot.json`).
+pub fn agent_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("luo")
+}
+
+/// The host agent's control socket.
+pub fn ctl_socket(state_dir: &Path) -> PathBuf {
+    agent_dir(state_dir).join("ctl.sock")
+}
+
+/// The LUO session name of workload `name` (`mk-w-<name>`, at most 63 bytes).
+pub fn workload_session(name: &str) -> Result<String, String> {
+    let s = format!("{WORKLOAD_SESSION_PREFIX}{name}");
+    if s.len() > crate::sys::luo::MAX_SESSION_NAME_BYTES {
+        return Err(format!(
+            "workload name {name:?} is too long for a LUO session name ({s:?} is {} bytes, \
+             the limit is {}): use a name of at most {} bytes",
+            s.len(),
+            crate::sys::luo::MAX_SESSION_NAME_BYTES,
+            crate::sys::luo::MAX_SESSION_NAME_BYTES - WORKLOAD_SESSION_PREFIX.len()
+        ));
+    }
+    Ok(s)
+}
+
+/// Returns `cmdline` with `liveupdate=on` appended unless it already sets `liveupdate=`.
+pub fn with_liveupdate(cmdline: &str) -> String {
+    if cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with("liveupdate="))
+    {
+        cmdline.trim().to_owned()
+    } else if cmdline.trim().is_empty() {
+        "liveupdate=on".to_owned()
+    } else {
+        format!("{} liveupdate=on", cmdline.trim())
+    }
+}
+
+/// CLOCK_REALTIME in nanoseconds since the epoch (shared by both kernels through the RTC;
+/// see `docs/kernel.md` for what that makes of a blackout measured across a kexec).
+pub fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn running_release() -> String {
+    nix::sys::utsname::uname().map_or_else(
+        |_| "unknown".into(),
+        |u| u.release().to_string_lossy().into_owned(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveupdate_is_added_once() {
+        assert_eq!(with_liveupdate(""), "liveupdate=on");
+        assert_eq!(
+            with_liveupdate("console=ttyS0"),
+            "console=ttyS0 liveupdate=on"
+        );
+        assert_eq!(
+            with_liveupdate("console=ttyS0 liveupdate=on"),
+            "console=ttyS0 liveupdate=on"
+        );
+        assert_eq!(with_liveupdate("liveupdate=1 x"), "liveupdate=1 x");
+    }
+
+    #[test]
+    fn session_names_are_bounded() {
+        assert_eq!(workload_session("kv-1").unwrap(), "mk-w-kv-1");
+        assert!(workload_session(&"a".repeat(58)).is_ok());
+        let e = workload_session(&"a".repeat(59)).unwrap_err();
+        assert!(e.contains("at most 58 bytes"), "{e}");
+    }
+}
