@@ -222,9 +222,9 @@ pub fn run(_g: &Global, a: DemoArgs) -> Result<ExitCode, CliError> {
     let text = toml::to_string(&file).map_err(|e| CliError::new(Exit::Internal, e.to_string()))?;
     write_file(&root.join("workloads.toml"), text.as_bytes())?;
 
-    let init = super::emu::init(&g, &kernel_a, &[])?;
     let observer = CliObserver::new(a.json);
-    let result = (|| -> Result<DemoRun, CliError> {
+    let result = (|| -> Result<(serde_json::Value, DemoRun), CliError> {
+        let init = super::emu::init(&g, &kernel_a, &[])?;
         // Wait until every workload answers, then put them under load.
         for (_, addr) in &targets {
             let h = crate::health::run(&HealthCheck::Http {
@@ -252,11 +252,14 @@ pub fn run(_g: &Global, a: DemoArgs) -> Result<ExitCode, CliError> {
         std::thread::sleep(Duration::from_millis(300));
         let (record, refused) = upgrade(&g, &kernel_b, a.inject, &observer)?;
         std::thread::sleep(Duration::from_millis(300));
-        Ok(DemoRun {
-            record,
-            refused,
-            load: load.stop(),
-        })
+        Ok((
+            init,
+            DemoRun {
+                record,
+                refused,
+                load: load.stop(),
+            },
+        ))
     })();
     observer.done();
     // Tear the emulated machine down whatever happened.
@@ -265,7 +268,7 @@ pub fn run(_g: &Global, a: DemoArgs) -> Result<ExitCode, CliError> {
     {
         let _ = super::emu::down(p.as_mut());
     }
-    let out = result?;
+    let (init, out) = result?;
     Ok(report(&a, &notes, &init, &out, started, &root, tmp))
 }
 

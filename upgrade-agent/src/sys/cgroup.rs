@@ -135,10 +135,15 @@ impl Freezer {
         }
     }
 
-    /// Removes the base group of this freezer (after its workloads are gone).
+    /// Removes the base group of this freezer (after its workloads are gone), and its
+    /// parent when no other instance uses it any more.
     pub fn remove_base(&self) {
         if let Freezer::Cgroup { base, .. } = self {
             let _ = fs::remove_dir(base);
+            if let Some(parent) = base.parent() {
+                // Fails (harmlessly) while a sibling instance still has its group there.
+                let _ = fs::remove_dir(parent);
+            }
         }
     }
 }
