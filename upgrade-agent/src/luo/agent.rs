@@ -15,6 +15,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use kho_proto::keys::NodeKey;
 
@@ -719,6 +720,7 @@ fn resume(shared: &Shared, agent: &Mutex<HostAgent>, agent_session: &Session) ->
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let state_dir = ag.state_dir.clone();
     let release = running_release();
+    let t0 = Instant::now();
     let retrieved = match retrieve_all(&mut ag, agent_session) {
         Ok(r) => r,
         Err(e) => {
@@ -729,6 +731,7 @@ fn resume(shared: &Shared, agent: &Mutex<HostAgent>, agent_session: &Session) ->
         }
     };
     let Retrieved { handoff, workloads } = retrieved;
+    let retrieve_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let mut record = handoff.record.clone();
     let mut j = journal(&state_dir).ok();
     if let Some(j) = j.as_mut() {
@@ -770,8 +773,26 @@ fn resume(shared: &Shared, agent: &Mutex<HostAgent>, agent_session: &Session) ->
         }
         let started = restore_one(shared, &trusted, upgrade_id, hw, image, memfds, forward);
         match started {
-            Ok(()) => {
+            Ok(t) => {
                 let blackout_us = realtime_ns().saturating_sub(hw.frozen_at_ns) / 1000;
+                let bytes: u64 = hw.memfds.iter().map(|m| m.len).sum();
+                say(&format!(
+                    "MK-LUO-RESTORE workload={} bytes={bytes} retrieve_ms={retrieve_ms:.1} \
+                     verify_ms={:.1} start_ms={:.1} health_ms={:.1} blackout_ms={:.1}",
+                    hw.name,
+                    t.verify_ms,
+                    t.start_ms,
+                    t.health_ms,
+                    blackout_us as f64 / 1000.0
+                ));
+                event(
+                    &mut record,
+                    format!(
+                        "{}: {bytes} bytes verified in {:.1} ms, started in {:.1} ms, healthy \
+                         after {:.1} ms",
+                        hw.name, t.verify_ms, t.start_ms, t.health_ms
+                    ),
+                );
                 if let Some(m) = record.workload_mut(&hw.name) {
                     m.status = if forward {
                         MoveStatus::Committed
@@ -779,6 +800,7 @@ fn resume(shared: &Shared, agent: &Mutex<HostAgent>, agent_session: &Session) ->
                         MoveStatus::MovedBack
                     };
                     m.blackout_us = Some(blackout_us);
+                    m.handover_us = Some(t.started_at_ns.saturating_sub(hw.frozen_at_ns) / 1000);
                 }
             }
             Err(e) => {
@@ -842,6 +864,19 @@ fn resume(shared: &Shared, agent: &Mutex<HostAgent>, agent_session: &Session) ->
     print_result(&record)
 }
 
+/// How long each step of [`restore_one`] took.
+#[derive(Debug, Clone, Copy)]
+struct RestoreTimes {
+    /// Verification of the image and every memfd digest.
+    verify_ms: f64,
+    /// Binding the listeners and starting the process.
+    start_ms: f64,
+    /// Until the health check passed.
+    health_ms: f64,
+    /// CLOCK_REALTIME when the process was started.
+    started_at_ns: u64,
+}
+
 /// Verifies and restarts one workload in this kernel, then health-checks it.
 fn restore_one(
     shared: &Shared,
@@ -851,7 +886,8 @@ fn restore_one(
     image: Option<OwnedFd>,
     memfds: Vec<OwnedFd>,
     forward: bool,
-) -> Result<(), String> {
+) -> Result<RestoreTimes, String> {
+    let t0 = Instant::now();
     let (spec, task, mut fds) = if forward {
         let trusted = trusted
             .as_ref()
@@ -872,6 +908,7 @@ fn restore_one(
         }
         (hw.spec.clone(), None, fds)
     };
+    let verify_ms = t0.elapsed().as_secs_f64() * 1000.0;
     fds.extend(bind_listeners(&spec)?);
     let extra: Vec<String> = if spec.env.contains_key(crate::receiver::HEALTH_FAIL_ENV) {
         vec![crate::receiver::HEALTH_FAIL_ARG.to_owned()]
@@ -896,13 +933,22 @@ fn restore_one(
             },
         );
     }
+    let start_ms = t0.elapsed().as_secs_f64() * 1000.0 - verify_ms;
+    let started_at_ns = realtime_ns();
+    let t1 = Instant::now();
     let outcome = crate::health::run(&spec.health);
+    let health_ms = t1.elapsed().as_secs_f64() * 1000.0;
     let alive = lock(shared)
         .workloads
         .get_mut(&hw.name)
         .is_some_and(|w| matches!(w.child.try_wait(), Ok(None)));
     if outcome.healthy && alive {
-        Ok(())
+        Ok(RestoreTimes {
+            verify_ms,
+            start_ms,
+            health_ms,
+            started_at_ns,
+        })
     } else if !alive {
         Err(format!("the restored process exited ({})", outcome.detail))
     } else {
