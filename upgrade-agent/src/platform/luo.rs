@@ -152,3 +152,72 @@ impl Platform for LuoPlatform {
         Err(PlatformError::Unsupported(LIFECYCLE))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn without_an_agent_the_platform_says_how_to_start_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = LuoPlatform::new(dir.path());
+        let e = p.probe().unwrap_err().to_string();
+        assert!(e.contains("ctl.sock"), "{e}");
+        assert!(matches!(
+            p.create_instance(&Resources::default()),
+            Err(PlatformError::Unsupported(_))
+        ));
+        assert!(matches!(p.halt(0), Err(PlatformError::Unsupported(_))));
+    }
+
+    /// The host agent on a kernel without /dev/liveupdate: it serves the instance protocol
+    /// (the running kernel is instance 0) and refuses an upgrade, naming what is missing.
+    #[test]
+    fn host_agent_serves_ping_and_refuses_upgrades_without_liveupdate() {
+        if Path::new(crate::sys::luo::DEV_PATH).exists() {
+            return; // a LUO host: the agent would take the exclusive device
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let opts = crate::luo::agent::ServeOptions {
+            state_dir: dir.path().to_owned(),
+            workloads: None,
+            kernel_image: None,
+        };
+        std::thread::spawn(move || crate::luo::agent::serve(&opts));
+        let sock = crate::luo::ctl_socket(dir.path());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "the agent never bound {sock:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut p = LuoPlatform::new(dir.path());
+        let caps = p.probe().unwrap();
+        assert_eq!(caps.kind, PlatformKind::Luo);
+        assert!(!caps.emulated && !caps.side_by_side);
+        let inst = p.instances().unwrap();
+        assert_eq!(inst.len(), 1);
+        assert_eq!(inst[0].state, InstanceState::Active);
+        assert_eq!(
+            inst[0].kernel_release.as_deref(),
+            Some(crate::luo::running_release().as_str())
+        );
+        assert!(inst[0].workloads.is_empty());
+        let boot =
+            std::fs::read_to_string(crate::luo::agent_dir(dir.path()).join("boot.json")).unwrap();
+        assert!(boot.contains("\"resumed\":false"), "{boot}");
+        let req = Request::LuoUpgrade {
+            upgrade_id: "00".repeat(16),
+            record_json: "{}".into(),
+            cmdline: String::new(),
+            faults: ctl::LuoFaults::default(),
+            kernel_attached: false,
+            initrd_attached: false,
+        };
+        let e = ctl::call(0, &sock, &req).unwrap_err().to_string();
+        assert!(
+            e.contains("/dev/liveupdate") && e.contains("liveupdate=on"),
+            "{e}"
+        );
+    }
+}
