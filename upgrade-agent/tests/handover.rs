@@ -1,0 +1,194 @@
+//! The receiving side refuses every way a handover can be wrong, naming the failed check.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::fd::{AsFd, OwnedFd};
+
+use kho_proto::keys::{NodeKey, TrustedKeys};
+use upgrade_agent::handover::{self, SendFaults};
+use upgrade_agent::platform::PreservedFd;
+use upgrade_agent::workload::{
+    HealthCheck, Integrity, ListenSpec, MemfdSpec, Transfer, WorkloadSpec,
+};
+
+const UPGRADE: [u8; 16] = [7; 16];
+
+fn spec(integrity: Integrity) -> WorkloadSpec {
+    WorkloadSpec {
+        name: "kv-1".into(),
+        exec: "/bin/true".into(),
+        args: vec![],
+        env: BTreeMap::new(),
+        cpu_max: None,
+        memory_max: None,
+        memfds: vec![MemfdSpec {
+            name: "kv-data".into(),
+            size: 0,
+        }],
+        listeners: vec![ListenSpec {
+            name: "listen".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+        }],
+        health: HealthCheck::None,
+        transfer: Transfer::Share,
+        integrity,
+    }
+}
+
+fn fds() -> (OwnedFd, Vec<PreservedFd>) {
+    let m = upgrade_agent::sys::memfd::create_sealable("kv-data").unwrap();
+    std::fs::File::from(m.try_clone().unwrap())
+        .write_all(&[0xab; 100_000])
+        .unwrap();
+    let l = OwnedFd::from(TcpListener::bind("127.0.0.1:0").unwrap());
+    (
+        m.try_clone().unwrap(),
+        vec![
+            PreservedFd {
+                name: "kv-data".into(),
+                fd: m,
+            },
+            PreservedFd {
+                name: "listen".into(),
+                fd: l,
+            },
+        ],
+    )
+}
+
+fn task() -> state_serializers::task::TaskState {
+    state_serializers::task::TaskState {
+        schema_version: state_serializers::SCHEMA_VERSION,
+        tasks: vec![],
+    }
+}
+
+fn trusted(key: &NodeKey) -> TrustedKeys {
+    let mut t = TrustedKeys::default();
+    t.add(key.public(), "test".into()).unwrap();
+    t
+}
+
+/// Builds an offer and returns it with the fds a receiver would get.
+fn offer(
+    integrity: Integrity,
+    faults: SendFaults,
+    key: &NodeKey,
+) -> (kho_proto::channel::RegionOffer, Vec<OwnedFd>, OwnedFd) {
+    let (memfd, preserved) = fds();
+    let out = handover::build(
+        &spec(integrity),
+        &task(),
+        preserved,
+        "7.2.13-mkA",
+        UPGRADE,
+        1,
+        key,
+        faults,
+    )
+    .unwrap();
+    let received = out
+        .frame_fds()
+        .iter()
+        .map(|fd| fd.try_clone_to_owned().unwrap())
+        .collect();
+    (out.offer.clone(), received, memfd)
+}
+
+#[test]
+fn a_good_offer_verifies_in_both_integrity_modes() {
+    let key = NodeKey::from_seed([1; 32]);
+    for mode in [Integrity::Digest, Integrity::Identity] {
+        let (o, received, _) = offer(mode, SendFaults::default(), &key);
+        assert_eq!(o.fds.len(), 3, "image, memfd, listener");
+        let inc = handover::verify(&o, received, &trusted(&key), UPGRADE).unwrap();
+        assert_eq!(inc.spec.name, "kv-1");
+        assert_eq!(
+            inc.fds.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+            ["kv-data", "listen"]
+        );
+    }
+}
+
+#[test]
+fn every_wrong_offer_is_refused_by_name() {
+    let key = NodeKey::from_seed([1; 32]);
+    let check = |o, fds, t: &TrustedKeys, id| match handover::verify(&o, fds, t, id) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e,
+    };
+
+    // A region corrupted after its CRC was written.
+    let (o, fds, _) = offer(
+        Integrity::Digest,
+        SendFaults {
+            corrupt_region: true,
+        },
+        &key,
+    );
+    let e = check(o, fds, &trusted(&key), UPGRADE);
+    assert_eq!(e.check, "image");
+    assert!(e.detail.contains("CRC32"), "{e}");
+
+    // Another upgrade's image.
+    let (o, fds, _) = offer(Integrity::Digest, SendFaults::default(), &key);
+    assert_eq!(check(o, fds, &trusted(&key), [8; 16]).check, "upgrade_id");
+
+    // Signed by a node key the receiver does not trust.
+    let (o, fds, _) = offer(Integrity::Digest, SendFaults::default(), &key);
+    let e = check(o, fds, &trusted(&NodeKey::from_seed([2; 32])), UPGRADE);
+    assert_eq!(e.check, "image");
+    assert!(e.detail.contains("not among the trusted keys"), "{e}");
+
+    // The offer's image digest does not match the image.
+    let (mut o, fds, _) = offer(Integrity::Digest, SendFaults::default(), &key);
+    o.image_sha256[0] ^= 1;
+    assert_eq!(check(o, fds, &trusted(&key), UPGRADE).check, "image_sha256");
+
+    // A missing fd.
+    let (o, mut fds, _) = offer(Integrity::Digest, SendFaults::default(), &key);
+    fds.pop();
+    assert_eq!(check(o, fds, &trusted(&key), UPGRADE).check, "fd_count");
+
+    // The memfd changed after its digest was taken.
+    let (o, fds, memfd) = offer(Integrity::Digest, SendFaults::default(), &key);
+    std::fs::File::from(memfd).write_all(b"changed").unwrap();
+    let e = check(o, fds, &trusted(&key), UPGRADE);
+    assert_eq!(e.check, "fd[1].digest", "{e}");
+
+    // Identity mode: another object in place of the offered memfd.
+    let (o, mut fds, _) = offer(Integrity::Identity, SendFaults::default(), &key);
+    let other = upgrade_agent::sys::memfd::create_sealable("other").unwrap();
+    fds[1] = other;
+    assert_eq!(
+        check(o, fds, &trusted(&key), UPGRADE).check,
+        "fd[1].identity"
+    );
+
+    // Something that is not a listening socket where one was offered.
+    let (o, mut fds, _) = offer(Integrity::Digest, SendFaults::default(), &key);
+    fds[2] = upgrade_agent::sys::memfd::create_sealable("not-a-socket").unwrap();
+    assert_eq!(check(o, fds, &trusted(&key), UPGRADE).check, "fd[2]");
+}
+
+#[test]
+fn copying_a_memfd_keeps_its_contents_and_not_its_position() {
+    let m = upgrade_agent::sys::memfd::create_sealable("src").unwrap();
+    let mut f = std::fs::File::from(m.try_clone().unwrap());
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    f.write_all(&data).unwrap();
+    let copy = handover::copy_memfd("src", m.as_fd()).unwrap();
+    let got = std::fs::read(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&copy)
+    ))
+    .unwrap();
+    assert_eq!(got, data);
+    use std::io::Seek;
+    assert_eq!(
+        f.stream_position().unwrap(),
+        data.len() as u64,
+        "source position untouched"
+    );
+}
