@@ -39,7 +39,7 @@ fn spec(integrity: Integrity) -> WorkloadSpec {
 fn fds() -> (OwnedFd, Vec<PreservedFd>) {
     let m = upgrade_agent::sys::memfd::create_sealable("kv-data").unwrap();
     std::fs::File::from(m.try_clone().unwrap())
-        .write_all(&[0xab; 100_000])
+        .write_all(&vec![0xab; 100_000])
         .unwrap();
     let l = OwnedFd::from(TcpListener::bind("127.0.0.1:0").unwrap());
     (
