@@ -682,6 +682,9 @@ pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
 
 /// `mk-upgrade recover` (and mk-agentd at start).
 pub fn recover(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
+    if g.resolved_platform() == super::app::PlatformChoice::Luo {
+        return crate::luo::client::recover(g, a);
+    }
     let _guard = lock(g)?;
     let mut platform = g.open_platform()?;
     let observer = CliObserver::new(a.json);

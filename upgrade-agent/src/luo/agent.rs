@@ -328,6 +328,9 @@ fn normal_boot(shared: &Shared, opts: &ServeOptions, release: &str) -> Option<se
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "trial-boot check"),
     }
+    if result.is_none() {
+        result = finish_interrupted(&opts.state_dir, release);
+    }
     let Some(path) = &opts.workloads else {
         return result;
     };
@@ -353,6 +356,37 @@ fn normal_boot(shared: &Shared, opts: &ServeOptions, release: &str) -> Option<se
         }
     }
     result
+}
+
+/// A normal boot with a luo upgrade still journaled: it was interrupted before its kexec
+/// (a kexec that happened resumes instead), so nothing of it survived but the journal. The
+/// record is finished as rolled back and printed. Returns the printed document.
+pub fn finish_interrupted(state_dir: &Path, release: &str) -> Option<serde_json::Value> {
+    let mut j = journal(state_dir).ok()?;
+    let mut rec = j.current().ok()??;
+    if rec.platform != crate::platform::PlatformKind::Luo {
+        return None;
+    }
+    let phase = rec.phase;
+    rec.phase = Phase::Done;
+    rec.outcome = Some(Outcome::RolledBack);
+    rec.recovered = true;
+    rec.error = Some(format!(
+        "interrupted before the kexec (phase {phase:?}): the machine restarted on {release}; \
+         the workloads restart from the workload file"
+    ));
+    for w in &mut rec.workloads {
+        w.status = MoveStatus::Aborted;
+    }
+    event(
+        &mut rec,
+        "recovered at boot: the upgrade never reached its kexec",
+    );
+    if let Ok(mut t) = trials(state_dir) {
+        let _ = t.cancel();
+    }
+    j.finish(&rec).ok()?;
+    Some(print_result(&rec))
 }
 
 /// A `LuoUpgrade` request.
@@ -1054,5 +1088,70 @@ fn kexec_back(
     match result {
         Ok(never) => match never {},
         Err(e) => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::orchestrator::record::WorkloadMove;
+    use crate::platform::{PlatformKind, Resources};
+
+    fn record(platform: PlatformKind) -> UpgradeRecord {
+        UpgradeRecord {
+            upgrade_id: "00".repeat(16),
+            kind: crate::orchestrator::record::UpgradeKind::Apply,
+            platform,
+            started_at: 1,
+            kernel_before: "a".into(),
+            kernel_after: "b".into(),
+            image_sha256: String::new(),
+            old_instance: 0,
+            old_resources: Resources::default(),
+            new_instance: None,
+            phase: Phase::KernelLoaded,
+            workloads: vec![WorkloadMove {
+                name: "kv".into(),
+                status: MoveStatus::Offered,
+                blackout_us: None,
+                handover_us: None,
+                detail: None,
+            }],
+            events: Vec::new(),
+            outcome: None,
+            error: None,
+            recovered: false,
+        }
+    }
+
+    #[test]
+    fn an_interrupted_luo_upgrade_is_finished_as_rolled_back() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(finish_interrupted(dir.path(), "a").is_none());
+        let mut j = journal(dir.path()).unwrap();
+        j.write(&record(PlatformKind::Luo)).unwrap();
+        let doc = finish_interrupted(dir.path(), "a").unwrap();
+        assert_eq!(doc["result"], "rolled-back");
+        assert!(
+            doc["error"]
+                .as_str()
+                .unwrap()
+                .contains("phase KernelLoaded"),
+            "{doc}"
+        );
+        let j = journal(dir.path()).unwrap();
+        assert!(j.current().unwrap().is_none());
+        let h = j.history().unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].workloads[0].status, MoveStatus::Aborted);
+    }
+
+    #[test]
+    fn an_emulated_record_is_left_to_the_orchestrator() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = journal(dir.path()).unwrap();
+        j.write(&record(PlatformKind::Emulated)).unwrap();
+        assert!(finish_interrupted(dir.path(), "a").is_none());
+        assert!(journal(dir.path()).unwrap().current().unwrap().is_some());
     }
 }

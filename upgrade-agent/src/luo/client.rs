@@ -381,3 +381,30 @@ pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
     let record = new_record(UpgradeKind::Rollback, &running, "previous", "", &workloads);
     hand_over(g, &record, "", LuoFaults::default(), None, None)
 }
+
+/// `mk-upgrade recover --platform luo` (and `mk-agentd` without a subcommand): an upgrade
+/// journaled but not running any more never reached its kexec (one that did is resumed by
+/// the next kernel's agent); it is finished as rolled back. The host agent does the same at
+/// every normal boot.
+pub fn recover(g: &Global, a: &crate::cli::upgrade::JsonArgs) -> Result<ExitCode, CliError> {
+    let _guard = lock(g)?;
+    let release = super::running_release();
+    match super::agent::finish_interrupted(&g.state_dir, &release) {
+        None => {
+            if a.json {
+                println!("{}", json!({ "result": "nothing-to-recover" }));
+            } else {
+                println!("no interrupted upgrade");
+            }
+        }
+        Some(doc) => {
+            if !a.json {
+                println!(
+                    "finished an interrupted upgrade as rolled back: {}",
+                    doc["error"].as_str().unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(Exit::Ok.into())
+}
