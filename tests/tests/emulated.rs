@@ -279,3 +279,47 @@ fn crash_at_every_journal_step_converges() {
         assert!(m.status()["upgrade_in_flight"].is_null());
     }
 }
+
+#[test]
+fn a_fresh_machine_names_what_is_missing() {
+    let m = Machine::new(1);
+    // Nothing booted yet: check fails on the instance and says how to fix it.
+    let c = m.run(&["check", "--json"]);
+    assert_eq!(c.code, 8, "{c:?}");
+    let checks = c.json()["checks"].clone();
+    let inst = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "instance")
+        .unwrap()
+        .clone();
+    assert_eq!(inst["ok"], false);
+    assert!(inst["fix"].as_str().unwrap().contains("emu init"), "{inst}");
+    let b = m.path("bzImage-7.2.13-mkB");
+    m.sign(&b);
+    assert_eq!(m.run(&["apply", "--kernel", b.to_str().unwrap()]).code, 8);
+    let r = m.run(&["recover", "--json"]);
+    assert_eq!(
+        (r.code, r.json()["result"].as_str()),
+        (0, Some("nothing-to-recover"))
+    );
+    m.init();
+    let r = m.run(&["rollback"]);
+    assert_eq!(r.code, 14, "no previous kernel yet: {r:?}");
+    assert!(r.stderr.contains("nothing to roll back"), "{}", r.stderr);
+    // A broken workload file is a usage error naming the file.
+    std::fs::write(m.path("bad.toml"), "[[workload]]\nname = \"x y\"\n").unwrap();
+    let r = m.run(&[
+        "--workloads",
+        m.path("bad.toml").to_str().unwrap(),
+        "apply",
+        "--kernel",
+        b.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, 8, "{r:?}");
+    assert!(
+        r.stdout.contains("bad.toml") || r.stderr.contains("bad.toml"),
+        "{r:?}"
+    );
+}
