@@ -35,7 +35,16 @@ impl LuoPlatform {
 
     fn pong(&self) -> Result<(String, Vec<u32>, String, Vec<WorkloadInfo>), PlatformError> {
         let socket = crate::luo::ctl_socket(&self.state_dir);
-        match ctl::call(0, &socket, &Request::Ping)? {
+        let answer =
+            ctl::call(0, &socket, &Request::Ping).map_err(|e| PlatformError::Instance {
+                id: 0,
+                what: format!(
+                    "the luo host agent does not answer ({e}); start it with `mk-agentd serve \
+                 --state-dir {}` (it owns /dev/liveupdate and runs the workloads)",
+                    self.state_dir.display()
+                ),
+            })?;
+        match answer {
             (
                 Response::Pong {
                     kernel_release,
@@ -163,7 +172,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut p = LuoPlatform::new(dir.path());
         let e = p.probe().unwrap_err().to_string();
-        assert!(e.contains("ctl.sock"), "{e}");
+        assert!(
+            e.contains("ctl.sock") && e.contains("mk-agentd serve"),
+            "{e}"
+        );
         assert!(matches!(
             p.create_instance(&Resources::default()),
             Err(PlatformError::Unsupported(_))
