@@ -114,6 +114,14 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                 inject_health_fail =
                     serde_json::from_slice::<crate::workload::WorkloadSpec>(&p.spec)
                         .is_ok_and(|s| s.env.contains_key(HEALTH_FAIL_ENV));
+                // Get ready while the workload still runs on the old instance: creating
+                // its group is the slowest part of starting it here. The name comes from
+                // the peer: it must be a valid name before it becomes a path.
+                if !crate::workload::valid_name(&p.workload_id) {
+                    tracing::warn!(workload = %p.workload_id, "invalid workload name in PrepareMigration ignored");
+                } else if let Err(e) = lock(shared).freezer.prepare(&p.workload_id) {
+                    tracing::warn!(workload = %p.workload_id, error = %e, "cannot pre-create the workload's group");
+                }
                 None
             }
             Message::RegionOffer(offer) => {

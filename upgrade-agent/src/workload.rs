@@ -196,12 +196,15 @@ pub enum WorkloadError {
     },
 }
 
-fn valid_name(name: &str) -> bool {
+/// Whether `name` is a valid workload (or descriptor) name: 1..=63 bytes of
+/// `[A-Za-z0-9._-]`, not only dots (names become path components: cgroups, sessions).
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !name.bytes().all(|b| b == b'.')
 }
 
 impl WorkloadFile {
@@ -356,6 +359,7 @@ command = ["/bin/true"]
     fn refusals_name_workload_and_problem() {
         let cases = [
             (GOOD.replace("kv-1", "kv 1"), "name must be"),
+            (GOOD.replace("\"kv-1\"", "\"..\""), "name must be"),
             (GOOD.replace("\"batch\"", "\"kv-1\""), "used by an earlier"),
             (GOOD.replace("/bin/sleep", "sleep"), "absolute path"),
             (GOOD.replace("\"listen\"", "\"kv-data\""), "used twice"),

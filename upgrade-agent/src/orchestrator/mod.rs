@@ -468,6 +468,21 @@ impl<'a> Orchestrator<'a> {
             &state_serializers::task::CaptureOptions::default(),
         )
         .map_err(|e| MoveError::Other(format!("{name}: capturing task state: {e}")))?;
+        if std::mem::take(&mut self.faults_left.health_fail) {
+            spec.env
+                .insert(crate::receiver::HEALTH_FAIL_ENV.to_owned(), "1".to_owned());
+        }
+        // Announced before the freeze, so the receiver prepares (creates the workload's
+        // cgroup, which can take milliseconds) outside the blackout.
+        let spec_json = serde_json::to_vec(&spec).map_err(|e| MoveError::Other(e.to_string()))?;
+        self.send(
+            to,
+            Message::PrepareMigration(PrepareMigration {
+                workload_id: name.to_owned(),
+                spec: spec_json,
+            }),
+            &[],
+        )?;
         self.set_status(name, MoveStatus::Freezing, None);
         self.step(phase, format!("{name}: freeze on instance {from}"))
             .map_err(|e| MoveError::Other(e.to_string()))?;
@@ -512,10 +527,6 @@ impl<'a> Orchestrator<'a> {
         let faults = SendFaults {
             corrupt_region: std::mem::take(&mut self.faults_left.corrupt_region),
         };
-        if std::mem::take(&mut self.faults_left.health_fail) {
-            spec.env
-                .insert(crate::receiver::HEALTH_FAIL_ENV.to_owned(), "1".to_owned());
-        }
         let release = self.release_of(from);
         let generation = u64::from(self.writes);
         let out = handover::build(
@@ -538,15 +549,6 @@ impl<'a> Orchestrator<'a> {
             out.offer.image_len,
             out.offer.fds.len()
         ));
-        let spec_json = serde_json::to_vec(&*spec).map_err(|e| MoveError::Other(e.to_string()))?;
-        self.send(
-            to,
-            Message::PrepareMigration(PrepareMigration {
-                workload_id: name.to_owned(),
-                spec: spec_json,
-            }),
-            &[],
-        )?;
         let frame_fds = out.frame_fds();
         self.send(to, Message::RegionOffer(out.offer.clone()), &frame_fds)?;
         drop(frame_fds);
