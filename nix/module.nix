@@ -337,13 +337,33 @@ in
       };
     }
 
+    (mkIf (cfg.platform == "luo" || cfg.kernelSupport.enable) {
+      # The host agent of a LUO kernel: owns /dev/liveupdate, runs the declared workloads as
+      # its children, preserves them and kexecs on `mk-upgrade apply --platform luo`, and in
+      # the next kernel restores them from their LUO sessions (docs/kernel.md).
+      systemd.services.mk-agentd-serve = {
+        description = "mk-upgrade host agent (LUO)";
+        wantedBy = [ "multi-user.target" ];
+        after = [ "mk-agentd.service" ];
+        requires = [ "mk-agentd.service" ];
+        # Its children are the workloads: never restart it behind their back on a switch.
+        restartIfChanged = false;
+        stopIfChanged = false;
+        serviceConfig = {
+          Type = "simple";
+          ExecStart = "${cfg.package}/bin/mk-agentd serve --state-dir ${escapeShellArg cfg.stateDir} --workloads ${escapeShellArg "${cfg.stateDir}/workloads.toml"} --kernel-image /run/booted-system/kernel";
+          Restart = "on-failure";
+        };
+      };
+    })
+
     (mkIf cfg.liveUpgradeOnSwitch {
       # Restarted by switch-to-configuration whenever the kernel store path changes (the
       # trigger is part of the unit file); at boot it finds booted = current and exits 0.
       systemd.services.mk-upgrade-switch = {
         description = "mk-upgrade: live upgrade to the kernel of the activated configuration";
         wantedBy = [ "multi-user.target" ];
-        after = [ "mk-agentd.service" ] ++ cfg.workloadUnits;
+        after = [ "mk-agentd.service" ] ++ lib.optional (cfg.platform == "luo" || cfg.kernelSupport.enable) "mk-agentd-serve.service" ++ cfg.workloadUnits;
         requires = [ "mk-agentd.service" ];
         restartTriggers = [ config.boot.kernelPackages.kernel ];
         serviceConfig = {
