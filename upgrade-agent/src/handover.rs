@@ -283,6 +283,67 @@ fn read_all(fd: BorrowedFd<'_>, len: u64) -> Result<Vec<u8>, CheckFailed> {
     Ok(out)
 }
 
+/// An image that passed every check of Part 1 of the protocol, with its decoded spec and
+/// task state.
+struct Checked<'a> {
+    view: ImageView<'a>,
+    spec: WorkloadSpec,
+    task: state_serializers::task::TaskState,
+}
+
+/// The checks every received image gets, in order: kho-proto parse, the upgrade id, kho-proto
+/// verify (every CRC and digest, a signature by a trusted node key), the spec (and that it
+/// names `workload`, which the `source` — offer or session — announced), the task state.
+fn check_image<'a>(
+    bytes: &'a [u8],
+    workload: &str,
+    source: &str,
+    trusted: &TrustedKeys,
+    expect_upgrade: [u8; 16],
+) -> Result<Checked<'a>, CheckFailed> {
+    let view = ImageView::parse(bytes).map_err(|e| fail("image", e.to_string()))?;
+    if view.header().upgrade_id != expect_upgrade {
+        return Err(fail("upgrade_id", "the image belongs to another upgrade"));
+    }
+    view.verify(&VerifyOptions {
+        trusted_keys: Some(trusted),
+        require_signature: true,
+    })
+    .map_err(|e| fail("image", e.to_string()))?;
+    let spec_region = view
+        .find(RegionKind::AgentManifest, 0)
+        .ok_or_else(|| fail("spec", "no workload spec region"))?;
+    let spec: WorkloadSpec = serde_json::from_slice(spec_region.payload().unwrap_or_default())
+        .map_err(|e| fail("spec", e.to_string()))?;
+    if spec.name != workload {
+        return Err(fail(
+            "spec",
+            format!("image is for {}, {source} for {workload}", spec.name),
+        ));
+    }
+    let task_region = view
+        .find(RegionKind::TaskState, 0)
+        .ok_or_else(|| fail("task_state", "no task state region"))?;
+    let task = state_serializers::decode(
+        task_region.schema_version,
+        task_region.payload().unwrap_or_default(),
+    )
+    .map_err(|e| fail("task_state", e.to_string()))?;
+    Ok(Checked { view, spec, task })
+}
+
+/// The digest an external region records for memfd `token`.
+fn external_digest(view: &ImageView<'_>, token: u64) -> Option<RegionDigest> {
+    view.regions()
+        .iter()
+        .find_map(|r| r.external().filter(|e| e.token == token))
+        .map(|e| RegionDigest {
+            len: e.length,
+            crc32: e.crc32,
+            sha256: e.sha256,
+        })
+}
+
 /// Verifies an offer on the receiving side: the image (length, SHA-256, kho-proto header,
 /// every CRC and digest, signature by a trusted key), then every memfd against its external
 /// region, then decodes the spec and task state. Nothing is started here.
@@ -316,37 +377,8 @@ pub fn verify(
             ),
         ));
     }
-    let view = ImageView::parse(&bytes).map_err(|e| fail("image", e.to_string()))?;
-    if view.header().upgrade_id != expect_upgrade {
-        return Err(fail("upgrade_id", "the image belongs to another upgrade"));
-    }
-    view.verify(&VerifyOptions {
-        trusted_keys: Some(trusted),
-        require_signature: true,
-    })
-    .map_err(|e| fail("image", e.to_string()))?;
-    let spec_region = view
-        .find(RegionKind::AgentManifest, 0)
-        .ok_or_else(|| fail("spec", "no workload spec region"))?;
-    let spec: WorkloadSpec = serde_json::from_slice(spec_region.payload().unwrap_or_default())
-        .map_err(|e| fail("spec", e.to_string()))?;
-    if spec.name != offer.workload_id {
-        return Err(fail(
-            "spec",
-            format!(
-                "image is for {}, offer for {}",
-                spec.name, offer.workload_id
-            ),
-        ));
-    }
-    let task_region = view
-        .find(RegionKind::TaskState, 0)
-        .ok_or_else(|| fail("task_state", "no task state region"))?;
-    let task = state_serializers::decode(
-        task_region.schema_version,
-        task_region.payload().unwrap_or_default(),
-    )
-    .map_err(|e| fail("task_state", e.to_string()))?;
+    let checked = check_image(&bytes, &offer.workload_id, "offer", trusted, expect_upgrade)?;
+    let (view, spec, task) = (checked.view, checked.spec, checked.task);
     let identities: Vec<FdIdentity> = match view.find(RegionKind::MemoryState, 1) {
         Some(r) => view
             .decode(r)
@@ -358,11 +390,7 @@ pub fn verify(
         let token = u64::try_from(i + 1).map_err(|e| fail("token", e.to_string()))?;
         match desc.kind {
             FdKind::Memfd => {
-                let external = view
-                    .regions()
-                    .iter()
-                    .find_map(|r| r.external().filter(|e| e.token == token));
-                let Some(e) = external else {
+                let Some(expected) = external_digest(&view, token) else {
                     let want = identities
                         .iter()
                         .find(|id| id.token == token)
@@ -385,11 +413,6 @@ pub fn verify(
                         fd,
                     });
                     continue;
-                };
-                let expected = RegionDigest {
-                    len: e.length,
-                    crc32: e.crc32,
-                    sha256: e.sha256,
                 };
                 state_serializers::verify_fd(&desc.name, fd.as_fd(), &expected)
                     .map_err(|err| fail(format!("fd[{}].digest", i + 1), err.to_string()))?;
@@ -451,34 +474,8 @@ pub fn verify_preserved(
         ));
     }
     let bytes = read_all(image.as_fd(), size)?;
-    let view = ImageView::parse(&bytes).map_err(|e| fail("image", e.to_string()))?;
-    if view.header().upgrade_id != expect_upgrade {
-        return Err(fail("upgrade_id", "the image belongs to another upgrade"));
-    }
-    view.verify(&VerifyOptions {
-        trusted_keys: Some(trusted),
-        require_signature: true,
-    })
-    .map_err(|e| fail("image", e.to_string()))?;
-    let spec_region = view
-        .find(RegionKind::AgentManifest, 0)
-        .ok_or_else(|| fail("spec", "no workload spec region"))?;
-    let spec: WorkloadSpec = serde_json::from_slice(spec_region.payload().unwrap_or_default())
-        .map_err(|e| fail("spec", e.to_string()))?;
-    if spec.name != workload {
-        return Err(fail(
-            "spec",
-            format!("image is for {}, session for {workload}", spec.name),
-        ));
-    }
-    let task_region = view
-        .find(RegionKind::TaskState, 0)
-        .ok_or_else(|| fail("task_state", "no task state region"))?;
-    let task = state_serializers::decode(
-        task_region.schema_version,
-        task_region.payload().unwrap_or_default(),
-    )
-    .map_err(|e| fail("task_state", e.to_string()))?;
+    let checked = check_image(&bytes, workload, "session", trusted, expect_upgrade)?;
+    let (view, spec, task) = (checked.view, checked.spec, checked.task);
     if memfds.len() != spec.memfds.len() {
         return Err(fail(
             "fd_count",
@@ -492,21 +489,12 @@ pub fn verify_preserved(
     let mut out = Vec::with_capacity(memfds.len());
     for (i, (fd, m)) in memfds.into_iter().zip(&spec.memfds).enumerate() {
         let token = u64::try_from(i + 1).map_err(|e| fail("token", e.to_string()))?;
-        let e = view
-            .regions()
-            .iter()
-            .find_map(|r| r.external().filter(|e| e.token == token))
-            .ok_or_else(|| {
-                fail(
-                    format!("token[{token}]"),
-                    format!("no external region describes memfd {}", m.name),
-                )
-            })?;
-        let expected = RegionDigest {
-            len: e.length,
-            crc32: e.crc32,
-            sha256: e.sha256,
-        };
+        let expected = external_digest(&view, token).ok_or_else(|| {
+            fail(
+                format!("token[{token}]"),
+                format!("no external region describes memfd {}", m.name),
+            )
+        })?;
         state_serializers::verify_fd(&m.name, fd.as_fd(), &expected)
             .map_err(|err| fail(format!("token[{token}].digest"), err.to_string()))?;
         out.push(PreservedFd {
