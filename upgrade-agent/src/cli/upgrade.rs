@@ -43,6 +43,66 @@ pub enum Inject {
     HealthFail,
 }
 
+/// Verifies `apply`'s image against the running release, the version floor and the
+/// bad-kernel marks (every platform). `Err` holds what `apply` returns: the refusal, already
+/// reported (JSON document or message).
+pub fn verify_for_apply(
+    g: &Global,
+    a: &ApplyArgs,
+    running: &str,
+) -> Result<crate::verify::VerifiedImage, Result<ExitCode, CliError>> {
+    let io = |e: String| Err(Err(CliError::new(Exit::Io, e)));
+    let slots = match rollback::Slots::open(&g.state_dir) {
+        Ok(s) => s,
+        Err(e) => return io(e.to_string()),
+    };
+    let floor = match slots.floor() {
+        Ok(f) => f,
+        Err(e) => return io(e.to_string()),
+    };
+    let policy = crate::verify::VerifyPolicy {
+        trusted_keys_dir: g.trusted_keys_dir(),
+        allow_unsigned_insecure: a.insecure_allow_unsigned,
+        running_release: running.to_owned(),
+        floor,
+        allow_downgrade: a.allow_downgrade,
+    };
+    let image = match crate::verify::verify_kernel_image(&a.kernel, a.signature.as_deref(), &policy)
+    {
+        Ok(i) => i,
+        Err(e) => return Err(refuse(a.json, e.exit(), e.to_string(), None)),
+    };
+    let mark = match rollback::TrialBoots::open(&g.state_dir)
+        .and_then(|t| t.is_bad(&image.info.release))
+    {
+        Ok(m) => m,
+        Err(e) => return io(e.to_string()),
+    };
+    if let Some(mark) = mark {
+        return Err(refuse(
+            a.json,
+            Exit::Incompatible,
+            format!(
+                "kernel {} is marked bad ({}); clear the mark only after fixing it",
+                image.info.release, mark.reason
+            ),
+            None,
+        ));
+    }
+    if image.info.release == running && !a.allow_downgrade {
+        return Err(refuse(
+            a.json,
+            Exit::NothingToDo,
+            format!("{} is already running", image.info.release),
+            None,
+        ));
+    }
+    for w in &image.warnings {
+        eprintln!("mk-upgrade: warning: {w}");
+    }
+    Ok(image)
+}
+
 /// `mk-upgrade apply`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ApplyArgs {
@@ -456,7 +516,8 @@ fn finish_report(rec: &UpgradeRecord, err: Option<&UpgradeError>, json_out: bool
     }
 }
 
-fn lock(g: &Global) -> Result<rollback::LockGuard, CliError> {
+/// Takes the apply lock (exit 9 when another upgrade holds it).
+pub(crate) fn lock(g: &Global) -> Result<rollback::LockGuard, CliError> {
     g.ensure_state_dir()?;
     rollback::Lock::acquire(&g.state_dir).map_err(|e| match e {
         rollback::LockError::Busy { .. } => CliError::new(Exit::Busy, e.to_string()),
@@ -464,7 +525,9 @@ fn lock(g: &Global) -> Result<rollback::LockGuard, CliError> {
     })
 }
 
-fn refuse(
+/// Reports a refusal: one JSON document with `--json` (and the exit code), else the failed
+/// checks on stderr and the message as the error.
+pub(crate) fn refuse(
     json_out: bool,
     exit: Exit,
     message: String,
@@ -475,13 +538,15 @@ fn refuse(
             "{}",
             json!({ "result": "refused", "error": message, "checks": checks })
         );
-        Ok(exit.into())
-    } else {
-        if let Some(c) = checks {
-            print_checks(c);
-        }
-        Err(CliError::new(exit, message))
+        return Ok(exit.into());
     }
+    for c in checks.unwrap_or_default().iter().filter(|c| !c.ok) {
+        eprintln!("  [FAIL] {:<13} {}", c.name, c.detail);
+        if let Some(f) = &c.fix {
+            eprintln!("         {:<13} fix: {f}", "");
+        }
+    }
+    Err(CliError::new(exit, message))
 }
 
 /// `mk-upgrade apply`.
@@ -503,53 +568,15 @@ pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
     let mut platform = g.open_platform()?;
     let current = orchestrator::current_instance(platform.as_mut())
         .map_err(|e| CliError::new(e.exit(), e.to_string()))?;
-    let slots =
-        rollback::Slots::open(&g.state_dir).map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
-    let policy = crate::verify::VerifyPolicy {
-        trusted_keys_dir: g.trusted_keys_dir(),
-        allow_unsigned_insecure: a.insecure_allow_unsigned,
-        running_release: current.kernel_release.clone().unwrap_or_default(),
-        floor: slots
-            .floor()
-            .map_err(|e| CliError::new(Exit::Io, e.to_string()))?,
-        allow_downgrade: a.allow_downgrade,
-    };
-    let image = match crate::verify::verify_kernel_image(&a.kernel, a.signature.as_deref(), &policy)
-    {
+    let running = current.kernel_release.clone().unwrap_or_default();
+    let image = match verify_for_apply(g, a, &running) {
         Ok(i) => i,
-        Err(e) => return refuse(a.json, e.exit(), e.to_string(), None),
+        Err(refusal) => return refusal,
     };
-    let trials = rollback::TrialBoots::open(&g.state_dir)
-        .map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
-    if let Some(mark) = trials
-        .is_bad(&image.info.release)
-        .map_err(|e| CliError::new(Exit::Io, e.to_string()))?
-    {
-        return refuse(
-            a.json,
-            Exit::Incompatible,
-            format!(
-                "kernel {} is marked bad ({mark:?}); clear the mark only after fixing it",
-                image.info.release
-            ),
-            None,
-        );
-    }
-    if image.info.release == policy.running_release && !a.allow_downgrade {
-        return refuse(
-            a.json,
-            Exit::NothingToDo,
-            format!("{} is already running", image.info.release),
-            None,
-        );
-    }
-    for w in &image.warnings {
-        eprintln!("mk-upgrade: warning: {w}");
-    }
     if a.dry_run {
         let plan = json!({
             "result": "dry-run",
-            "kernel_before": policy.running_release,
+            "kernel_before": running,
             "kernel_after": image.info.release,
             "image_sha256": hex::encode(image.sha256),
             "signer": image.signer.map(|k| k.to_string()),
@@ -561,7 +588,7 @@ pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
         } else {
             println!(
                 "dry run: would upgrade {} -> {} (sha256 {}), moving {} workload(s); nothing changed",
-                policy.running_release,
+                running,
                 image.info.release,
                 hex::encode(image.sha256),
                 current.workloads.len()
@@ -572,7 +599,8 @@ pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
     let map = image
         .map()
         .map_err(|e| CliError::new(Exit::Io, format!("mapping the verified image: {e}")))?;
-    let mut slots = slots;
+    let mut slots =
+        rollback::Slots::open(&g.state_dir).map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
     slots
         .store(
             rollback::Slot::Candidate,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::cli::app::{CliError, Global};
-use crate::cli::upgrade::{ApplyArgs, CheckArgs, CheckResult, Inject, RollbackArgs};
+use crate::cli::upgrade::{ApplyArgs, CheckArgs, CheckResult, Inject, RollbackArgs, lock, refuse};
 use crate::exit::Exit;
 use crate::orchestrator::record::{MoveStatus, Phase, UpgradeKind, UpgradeRecord, WorkloadMove};
 use crate::platform::emulated::ctl::{self, LuoFaults, Request, Response};
@@ -142,38 +142,6 @@ pub fn ping(g: &Global) -> Result<(String, Vec<u32>, String, Vec<WorkloadInfo>),
     }
 }
 
-fn lock(g: &Global) -> Result<rollback::LockGuard, CliError> {
-    g.ensure_state_dir()?;
-    rollback::Lock::acquire(&g.state_dir).map_err(|e| match e {
-        rollback::LockError::Busy { .. } => CliError::new(Exit::Busy, e.to_string()),
-        other @ rollback::LockError::Io(_) => CliError::new(Exit::Io, other.to_string()),
-    })
-}
-
-fn refuse(
-    json_out: bool,
-    exit: Exit,
-    message: String,
-    checks: Option<&[CheckResult]>,
-) -> Result<ExitCode, CliError> {
-    if json_out {
-        println!(
-            "{}",
-            json!({ "result": "refused", "error": message, "checks": checks })
-        );
-        return Ok(exit.into());
-    }
-    if let Some(cs) = checks {
-        for c in cs.iter().filter(|c| !c.ok) {
-            eprintln!("  [FAIL] {:<13} {}", c.name, c.detail);
-            if let Some(f) = &c.fix {
-                eprintln!("         {:<13} fix: {f}", "");
-            }
-        }
-    }
-    Err(CliError::new(exit, message))
-}
-
 fn new_record(
     kind: UpgradeKind,
     before: &str,
@@ -286,49 +254,10 @@ pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
         );
     }
     let (running, _, _, workloads) = ping(g)?;
-    let slots =
-        rollback::Slots::open(&g.state_dir).map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
-    let policy = crate::verify::VerifyPolicy {
-        trusted_keys_dir: g.trusted_keys_dir(),
-        allow_unsigned_insecure: a.insecure_allow_unsigned,
-        running_release: running.clone(),
-        floor: slots
-            .floor()
-            .map_err(|e| CliError::new(Exit::Io, e.to_string()))?,
-        allow_downgrade: a.allow_downgrade,
-    };
-    let image = match crate::verify::verify_kernel_image(&a.kernel, a.signature.as_deref(), &policy)
-    {
+    let image = match crate::cli::upgrade::verify_for_apply(g, a, &running) {
         Ok(i) => i,
-        Err(e) => return refuse(a.json, e.exit(), e.to_string(), None),
+        Err(refusal) => return refusal,
     };
-    let trials = rollback::TrialBoots::open(&g.state_dir)
-        .map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
-    if let Some(mark) = trials
-        .is_bad(&image.info.release)
-        .map_err(|e| CliError::new(Exit::Io, e.to_string()))?
-    {
-        return refuse(
-            a.json,
-            Exit::Incompatible,
-            format!(
-                "kernel {} is marked bad ({}); clear the mark only after fixing it",
-                image.info.release, mark.reason
-            ),
-            None,
-        );
-    }
-    if image.info.release == running && !a.allow_downgrade {
-        return refuse(
-            a.json,
-            Exit::NothingToDo,
-            format!("{} is already running", image.info.release),
-            None,
-        );
-    }
-    for w in &image.warnings {
-        eprintln!("mk-upgrade: warning: {w}");
-    }
     if a.dry_run {
         println!(
             "{}",
