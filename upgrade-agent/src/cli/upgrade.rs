@@ -198,6 +198,19 @@ pub fn preflight(g: &Global, need_keys: bool, lock_held: bool) -> Vec<CheckResul
                         c.kind, c.freezer, c.cpus
                     ),
                 ));
+                // Advisory: not a failure, but the biggest fixed cost of every move.
+                match crate::sys::cgroup::favordynmods() {
+                    Some(true) => {
+                        out.push(ok("cgroup-tuning", "cgroup2 mounted with favordynmods"));
+                    }
+                    Some(false) => out.push(ok(
+                        "cgroup-tuning",
+                        "cgroup2 without favordynmods: each move waits ~10 ms for an RCU grace \
+                         period when the workload joins its cgroup (advice: mount -o \
+                         remount,favordynmods on the cgroup2 mount)",
+                    )),
+                    None => {}
+                }
                 match orchestrator::current_instance(p.as_mut()) {
                     Ok(cur) => {
                         let spare = &c.spare_cpus;
