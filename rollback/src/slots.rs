@@ -31,6 +31,33 @@ pub const FLOOR_FORMAT: &str = "mk-upgrade-floor/1";
 pub const MAX_IMAGE: u64 = 1 << 30;
 const MAX_TABLE: u64 = 64 << 10;
 
+/// Opens a slot's image; a missing file is [`SlotError::ImageMissing`].
+fn open_image(role: Slot, info: &SlotInfo) -> Result<fs::File, SlotError> {
+    fs::File::open(&info.path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            SlotError::ImageMissing {
+                role,
+                path: info.path.clone(),
+            }
+        } else {
+            IoError::new("open", &info.path, e).into()
+        }
+    })
+}
+
+/// Checks a recomputed SHA-256 against the slot's record.
+fn expect_digest(role: Slot, info: &SlotInfo, actual: [u8; 32]) -> Result<(), SlotError> {
+    if actual == info.sha256 {
+        return Ok(());
+    }
+    Err(SlotError::ImageCorrupt {
+        role,
+        path: info.path.clone(),
+        expected: hex::encode(info.sha256),
+        actual: hex::encode(actual),
+    })
+}
+
 /// A kernel slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -282,18 +309,8 @@ impl Slots {
         let Some(info) = self.peek(role)? else {
             return Ok(None);
         };
-        let f = match fs::File::open(&info.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(SlotError::ImageMissing {
-                    role,
-                    path: info.path,
-                });
-            }
-            Err(e) => return Err(IoError::new("open", &info.path, e).into()),
-        };
         let mut hasher = Sha256::new();
-        let mut f = f.take(MAX_IMAGE + 1);
+        let mut f = open_image(role, &info)?.take(MAX_IMAGE + 1);
         let mut buf = vec![0u8; 1 << 16];
         loop {
             let n = f
@@ -304,15 +321,7 @@ impl Slots {
             }
             hasher.update(&buf[..n]);
         }
-        let actual: [u8; 32] = hasher.finalize().into();
-        if actual != info.sha256 {
-            return Err(SlotError::ImageCorrupt {
-                role,
-                path: info.path,
-                expected: hex::encode(info.sha256),
-                actual: hex::encode(actual),
-            });
-        }
+        expect_digest(role, &info, hasher.finalize().into())?;
         Ok(Some(info))
     }
 
@@ -323,29 +332,12 @@ impl Slots {
         let Some(info) = self.peek(role)? else {
             return Ok(None);
         };
-        let f = match fs::File::open(&info.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(SlotError::ImageMissing {
-                    role,
-                    path: info.path,
-                });
-            }
-            Err(e) => return Err(IoError::new("open", &info.path, e).into()),
-        };
         let mut bytes = Vec::new();
-        f.take(info.len.min(MAX_IMAGE) + 1)
+        open_image(role, &info)?
+            .take(info.len.min(MAX_IMAGE) + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| IoError::new("read", &info.path, e))?;
-        let actual: [u8; 32] = Sha256::digest(&bytes).into();
-        if actual != info.sha256 {
-            return Err(SlotError::ImageCorrupt {
-                role,
-                path: info.path,
-                expected: hex::encode(info.sha256),
-                actual: hex::encode(actual),
-            });
-        }
+        expect_digest(role, &info, Sha256::digest(&bytes).into())?;
         Ok(Some((info, bytes)))
     }
 
