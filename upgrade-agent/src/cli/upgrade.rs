@@ -103,6 +103,22 @@ pub fn verify_for_apply(
     Ok(image)
 }
 
+/// The refusal for failed pre-flight checks (naming them), or `None` when all passed.
+pub(crate) fn refuse_failed_checks(
+    json_out: bool,
+    checks: &[CheckResult],
+) -> Option<Result<ExitCode, CliError>> {
+    let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
+    (!failed.is_empty()).then(|| {
+        refuse(
+            json_out,
+            Exit::PreflightFailed,
+            format!("pre-flight failed: {}", failed.join(", ")),
+            Some(checks),
+        )
+    })
+}
+
 /// `mk-upgrade apply`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ApplyArgs {
@@ -569,14 +585,8 @@ pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
     }
     let _guard = lock(g)?;
     let checks = preflight(g, !a.insecure_allow_unsigned, true);
-    if checks.iter().any(|c| !c.ok) {
-        let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
-        return refuse(
-            a.json,
-            Exit::PreflightFailed,
-            format!("pre-flight failed: {}", failed.join(", ")),
-            Some(&checks),
-        );
+    if let Some(refusal) = refuse_failed_checks(a.json, &checks) {
+        return refusal;
     }
     let mut platform = g.open_platform()?;
     let current = orchestrator::current_instance(platform.as_mut())
@@ -672,13 +682,8 @@ pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
     }
     let _guard = lock(g)?;
     let checks = preflight(g, false, true);
-    if checks.iter().any(|c| !c.ok) {
-        return refuse(
-            a.json,
-            Exit::PreflightFailed,
-            "pre-flight failed".into(),
-            Some(&checks),
-        );
+    if let Some(refusal) = refuse_failed_checks(a.json, &checks) {
+        return refusal;
     }
     let mut slots =
         rollback::Slots::open(&g.state_dir).map_err(|e| CliError::new(Exit::Io, e.to_string()))?;

@@ -14,7 +14,9 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::cli::app::{CliError, Global};
-use crate::cli::upgrade::{ApplyArgs, CheckArgs, CheckResult, Inject, RollbackArgs, lock, refuse};
+use crate::cli::upgrade::{
+    ApplyArgs, CheckArgs, CheckResult, Inject, RollbackArgs, lock, refuse_failed_checks,
+};
 use crate::exit::Exit;
 use crate::orchestrator::record::{MoveStatus, Phase, UpgradeKind, UpgradeRecord, WorkloadMove};
 use crate::platform::emulated::ctl::{self, LuoFaults, Request, Response};
@@ -244,14 +246,8 @@ fn hand_over(
 pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
     let _guard = lock(g)?;
     let checks = preflight(g, !a.insecure_allow_unsigned, true);
-    if checks.iter().any(|c| !c.ok) {
-        let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
-        return refuse(
-            a.json,
-            Exit::PreflightFailed,
-            format!("pre-flight failed: {}", failed.join(", ")),
-            Some(&checks),
-        );
+    if let Some(refusal) = refuse_failed_checks(a.json, &checks) {
+        return refusal;
     }
     let (running, _, _, workloads) = ping(g)?;
     let image = match crate::cli::upgrade::verify_for_apply(g, a, &running) {
@@ -298,13 +294,8 @@ pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
 pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
     let _guard = lock(g)?;
     let checks = preflight(g, false, true);
-    if checks.iter().any(|c| !c.ok) {
-        return refuse(
-            a.json,
-            Exit::PreflightFailed,
-            "pre-flight failed".into(),
-            Some(&checks),
-        );
+    if let Some(refusal) = refuse_failed_checks(a.json, &checks) {
+        return refusal;
     }
     let (running, _, _, workloads) = ping(g)?;
     let record = new_record(UpgradeKind::Rollback, &running, "previous", "", &workloads);
