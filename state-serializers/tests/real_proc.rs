@@ -51,8 +51,12 @@ fn is_root() -> bool {
 
 /// Starts `/usr/bin/sleep 1000` with the memfd at fd 5 and the listener at fd 6.
 fn start_workload(cwd: &Path, memfd: &OwnedFd, listener: &TcpListener) -> Kill {
-    let m = memfd.as_raw_fd();
-    let l = listener.as_raw_fd();
+    // Sources above the targets 5 and 6 (close-on-exec copies): with a source already at 5
+    // or 6 (other tests' fds decide the numbers), dup2 would be a no-op that keeps
+    // FD_CLOEXEC, or would clobber the other source.
+    let m_src = sys::dup_at_least(memfd.as_fd(), 100).unwrap();
+    let l_src = sys::dup_at_least(listener.as_fd(), 100).unwrap();
+    let (m, l) = (m_src.as_raw_fd(), l_src.as_raw_fd());
     let mut cmd = Command::new("/usr/bin/sleep");
     cmd.arg("1000")
         .env_clear()
@@ -84,7 +88,9 @@ fn start_workload(cwd: &Path, memfd: &OwnedFd, listener: &TcpListener) -> Kill {
             sys::set_nice_raw(7)
         });
     }
-    Kill(cmd.spawn().unwrap())
+    let child = cmd.spawn().unwrap();
+    drop((m_src, l_src));
+    Kill(child)
 }
 
 fn capture(pid: i32) -> TaskRecord {
