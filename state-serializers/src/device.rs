@@ -298,14 +298,8 @@ fn sysfs_attr(path: &Path) -> Result<String> {
 /// Reads `<root>/sys/bus/pci/devices`. A host without PCI has none.
 pub fn capture_pci(root: &Path) -> Result<Vec<PciDevice>> {
     let dir = under(root, "/sys/bus/pci/devices");
-    let rd = match fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(StateError::io(&dir, e)),
-    };
     let mut out = Vec::new();
-    for ent in rd {
-        let ent = ent.map_err(|e| StateError::io(&dir, e))?;
+    for ent in procfs::dir_entries(&dir)? {
         let p = ent.path();
         let driver = match fs::read_link(p.join("driver")) {
             Ok(t) => t.file_name().map(|n| n.to_string_lossy().into_owned()),
@@ -327,14 +321,8 @@ pub fn capture_pci(root: &Path) -> Result<Vec<PciDevice>> {
 /// Reads `<root>/sys/block`.
 pub fn capture_block(root: &Path) -> Result<Vec<BlockDevice>> {
     let dir = under(root, "/sys/block");
-    let rd = match fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(StateError::io(&dir, e)),
-    };
     let mut out = Vec::new();
-    for ent in rd {
-        let ent = ent.map_err(|e| StateError::io(&dir, e))?;
+    for ent in procfs::dir_entries(&dir)? {
         let p = ent.path();
         let flag = |f: &str| -> Result<bool> {
             let path = p.join(f);

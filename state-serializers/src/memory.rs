@@ -106,14 +106,8 @@ pub fn capture_vm_sysctls(root: &Path) -> Result<VmSysctls> {
 /// A kernel without hugetlbfs (no directory) has no pools.
 pub fn capture_hugepages(root: &Path) -> Result<Vec<HugepagePool>> {
     let dir = under(root, "/sys/kernel/mm/hugepages");
-    let rd = match fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(StateError::io(&dir, e)),
-    };
     let mut out = Vec::new();
-    for ent in rd {
-        let ent = ent.map_err(|e| StateError::io(&dir, e))?;
+    for ent in procfs::dir_entries(&dir)? {
         let name = ent.file_name().to_string_lossy().into_owned();
         let size = name
             .strip_prefix("hugepages-")

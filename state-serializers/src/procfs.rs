@@ -35,6 +35,17 @@ pub fn read_text_opt(path: &Path) -> Result<Option<String>> {
     }
 }
 
+/// The entries of a directory; a missing directory has none, other errors are errors.
+pub fn dir_entries(dir: &Path) -> Result<Vec<fs::DirEntry>> {
+    match fs::read_dir(dir) {
+        Ok(rd) => rd
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| StateError::io(dir, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(StateError::io(dir, e)),
+    }
+}
+
 /// Reads a symlink target as UTF-8 text.
 pub fn read_link(path: &Path) -> Result<String> {
     let target = fs::read_link(path).map_err(|e| StateError::io(path, e))?;
