@@ -2,7 +2,8 @@
 //! when it moves to a new (EMULATED) kernel instance, by state size and handover mode,
 //! measured in one run against a copy-based baseline; and one apply of 100 workloads.
 //!
-//! `cargo bench -p upgrade-agent --bench blackout` (release build). Environment:
+//! `cargo build --release -p mk-demo-kv && cargo bench -p upgrade-agent --bench blackout`
+//! (release build; the workload binary belongs to another package). Environment:
 //! `MK_BENCH_SIZES_MIB` (default `1,64,1024`), `MK_BENCH_MOVES` (moves per configuration,
 //! default 7), `MK_BENCH_MANY` (workloads in the many-workload apply, default 100, 0 skips).
 //! Prints a Markdown table (copied into docs/performance.md) and writes
@@ -40,6 +41,19 @@ fn free_ports(n: usize) -> Vec<SocketAddr> {
     held.iter().map(|l| l.local_addr().expect("addr")).collect()
 }
 
+/// `mk-demo-kv` in the target directory (the bench binary lives in its `deps/`).
+fn demo_kv_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("bench executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join("mk-demo-kv");
+    assert!(
+        p.is_file(),
+        "{} is missing: run `cargo build --release -p mk-demo-kv` first",
+        p.display()
+    );
+    p
+}
+
 fn spec(
     name: &str,
     addr: SocketAddr,
@@ -49,7 +63,7 @@ fn spec(
 ) -> WorkloadSpec {
     WorkloadSpec {
         name: name.to_owned(),
-        exec: PathBuf::from(env!("CARGO_BIN_EXE_mk-demo-kv")),
+        exec: demo_kv_bin(),
         args: vec![
             "--capacity".into(),
             format!("{}MiB", mib + 2),

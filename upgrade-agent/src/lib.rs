@@ -4,7 +4,6 @@
 //! platform, instance supervisor) are thin shells over this library.
 
 pub mod cli;
-pub mod demo;
 pub mod exit;
 pub mod handover;
 pub mod health;

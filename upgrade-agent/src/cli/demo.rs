@@ -15,11 +15,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use kho_proto::keys::NodeKey;
+use mk_demo_kv::loadgen::{LoadGen, LoadOptions, LoadReport};
 use serde_json::json;
 
 use super::app::{CliError, Global, PlatformChoice};
 use super::upgrade::{CliObserver, execute, record_json};
-use crate::demo::loadgen::{LoadGen, LoadOptions, LoadReport};
 use crate::exit::Exit;
 use crate::orchestrator::record::{MoveStatus, Outcome, UpgradeKind, UpgradeRecord};
 use crate::orchestrator::{self, Faults, Observer, Setup};

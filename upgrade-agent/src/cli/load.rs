@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use mk_demo_kv::loadgen::{LoadGen, LoadOptions};
+
 use super::app::CliError;
-use crate::demo::loadgen::{LoadGen, LoadOptions};
 use crate::exit::Exit;
 
 /// `mk-upgrade load` arguments.

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 
 use super::log::{self, HEADER_LEN, ItemError, LogError, MAX_KEY_LEN, MAX_VALUE_LEN, OFF_CAPACITY};
@@ -110,13 +110,9 @@ impl Store {
 
     /// Adopts an inherited memfd: an empty one is grown to `capacity` and formatted; any
     /// other must hold a valid header and log, verified record by record.
-    ///
-    /// # Safety
-    /// `fd` must be an open descriptor that nothing else in this process owns or will close.
-    pub unsafe fn adopt(fd: RawFd, capacity: u64, max_capacity: u64) -> Result<Self, StoreError> {
+    pub fn adopt(fd: OwnedFd, capacity: u64, max_capacity: u64) -> Result<Self, StoreError> {
         check_capacity(capacity, max_capacity)?;
-        // SAFETY: forwarded from the caller.
-        let file = unsafe { shm::adopt_memfd(fd) }?;
+        let file = shm::adopt_memfd(fd)?;
         let len = shm::file_len(&file)?;
         if len == 0 {
             nix_grow(&file, capacity)?;
@@ -340,10 +336,9 @@ fn nix_grow(file: &File, len: u64) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{AsRawFd, IntoRawFd};
 
-    fn dup_raw(store: &Store) -> RawFd {
-        nix::unistd::dup(store.memfd()).unwrap().into_raw_fd()
+    fn dup(store: &Store) -> OwnedFd {
+        nix::unistd::dup(store.memfd()).unwrap()
     }
 
     #[test]
@@ -388,8 +383,7 @@ mod tests {
     fn second_holder_sees_writes_and_catches_up() {
         let mut a = Store::create(MIN_CAPACITY, 1 << 20).unwrap();
         a.set(b"x", b"1").unwrap();
-        // SAFETY: the duplicate is a fresh descriptor owned by nothing else.
-        let mut b = unsafe { Store::adopt(dup_raw(&a), MIN_CAPACITY, 1 << 20) }.unwrap();
+        let mut b = Store::adopt(dup(&a), MIN_CAPACITY, 1 << 20).unwrap();
         assert_eq!(b.origin(), Origin::Adopted { records: 1 });
         assert_eq!(b.get(b"x").unwrap().as_deref(), Some(&b"1"[..]));
         // b writes enough to grow the memfd; a (thawed after b stopped) catches up.
@@ -409,8 +403,7 @@ mod tests {
         a.set(b"x", b"1").unwrap();
         // a is frozen after writing a record but before committing it...
         let pending = a.write_record(b"lost", b"never-acked").unwrap();
-        // SAFETY: fresh descriptor owned by nothing else.
-        let mut b = unsafe { Store::adopt(dup_raw(&a), MIN_CAPACITY, 1 << 20) }.unwrap();
+        let mut b = Store::adopt(dup(&a), MIN_CAPACITY, 1 << 20).unwrap();
         // ...the successor appends over those bytes, then the move is aborted: b is killed
         // and a thawed. Its commit must fail rather than cut b's record in two.
         assert_eq!(b.set(b"y", b"from-b").unwrap(), 2);
@@ -419,8 +412,7 @@ mod tests {
         assert_eq!(a.get(b"y").unwrap().as_deref(), Some(&b"from-b"[..]));
         assert_eq!(a.get(b"lost").unwrap(), None);
         assert_eq!(a.set(b"z", b"3").unwrap(), 3);
-        // SAFETY: as above.
-        let mut c = unsafe { Store::adopt(dup_raw(&a), MIN_CAPACITY, 1 << 20) }.unwrap();
+        let mut c = Store::adopt(dup(&a), MIN_CAPACITY, 1 << 20).unwrap();
         assert_eq!(c.origin(), Origin::Adopted { records: 3 });
         assert_eq!(c.get(b"z").unwrap().as_deref(), Some(&b"3"[..]));
     }
@@ -429,12 +421,11 @@ mod tests {
     fn adopt_refuses_corrupt_and_foreign() {
         let mut a = Store::create(MIN_CAPACITY, 1 << 20).unwrap();
         a.set(b"key", b"value").unwrap();
-        let fd = dup_raw(&a);
+        let fd = dup(&a);
         // Flip one value byte of the first record.
         let off = (HEADER_LEN + 6 + 3) as i64;
         nix::sys::uio::pwrite(a.memfd(), b"V", off).unwrap();
-        // SAFETY: fresh descriptor owned by nothing else.
-        let err = unsafe { Store::adopt(fd, MIN_CAPACITY, 1 << 20) }.unwrap_err();
+        let err = Store::adopt(fd, MIN_CAPACITY, 1 << 20).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("record #0 at byte offset 64") && msg.contains("CRC32"),
@@ -443,17 +434,12 @@ mod tests {
 
         // A regular file is not a memfd.
         let tmp = tempfile::tempfile().unwrap();
-        let fd = tmp.into_raw_fd();
-        // SAFETY: the descriptor came from into_raw_fd: owned by nothing else.
-        let err = unsafe { Store::adopt(fd, MIN_CAPACITY, 1 << 20) }.unwrap_err();
+        let err = Store::adopt(OwnedFd::from(tmp), MIN_CAPACITY, 1 << 20).unwrap_err();
         assert!(err.to_string().contains("not a memfd"), "{err}");
 
         // A memfd with junk is refused by its magic.
         let junk = shm::create_memfd(MIN_CAPACITY).unwrap();
-        let fd = junk.as_raw_fd();
-        std::mem::forget(junk);
-        // SAFETY: ownership of the descriptor was released by forget above.
-        let err = unsafe { Store::adopt(fd, MIN_CAPACITY, 1 << 20) }.unwrap_err();
+        let err = Store::adopt(OwnedFd::from(junk), MIN_CAPACITY, 1 << 20).unwrap_err();
         assert!(err.to_string().contains("magic"), "{err}");
     }
 

@@ -1,4 +1,4 @@
-//! The demonstration workload `mk-demo-kv` and its load generator.
+//! `mk_demo_kv`: the demonstration workload `mk-demo-kv` and its load generator.
 //!
 //! `mk-demo-kv` is a small TCP key-value server that keeps ALL its data in a memfd mapped
 //! `MAP_SHARED`, so a successor handed the same memfd (over SCM_RIGHTS on the emulated
@@ -19,8 +19,16 @@
 //! * [`protocol`]: the line protocol (and the HTTP `/health` check);
 //! * [`server`]: start-up contract (`MK_STATE_FDS`) and connection handling;
 //! * [`kv_client`]: a blocking client and health checks;
-//! * [`loadgen`]: the load generator and its loss report.
+//! * [`loadgen`]: the load generator and its loss report;
+//! * [`exit`]: the workload's exit codes (numbers from the mk-upgrade table);
+//! * [`sys`]: every `unsafe` of the crate (descriptor ownership, the shared mapping).
+//!
+//! The crate depends on nothing of mk-upgrade: it is a workload, and speaks only the
+//! `MK_STATE_FDS` contract (`docs/state.md`).
 
+#![deny(unsafe_code)]
+
+pub mod exit;
 pub mod kv_client;
 pub mod loadgen;
 pub mod log;
@@ -28,5 +36,7 @@ pub mod protocol;
 pub mod server;
 mod shm;
 pub mod store;
+#[allow(unsafe_code)]
+pub mod sys;
 
 pub use shm::ShmError;

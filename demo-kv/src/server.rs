@@ -12,7 +12,7 @@
 
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -20,12 +20,12 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{SockType, getsockopt, sockopt};
-use state_serializers::fdenv::{self, FdEnvError, NamedFd};
 
 use super::protocol::{MAX_LINE, Request, parse_line};
-use super::shm::ShmError;
+use super::shm::{self, ShmError};
 use super::store::{Origin, Store, StoreError};
 use crate::exit::Exit;
+use crate::sys::{self, TakeError};
 
 /// `MK_STATE_FDS` name of the memfd holding the data.
 pub const FD_NAME_DATA: &str = "kv-data";
@@ -65,7 +65,7 @@ impl Default for ServerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
-    FdEnv(#[from] FdEnvError),
+    FdEnv(#[from] TakeError),
     #[error("refusing to start: {0}")]
     Store(#[from] StoreError),
     #[error("{FD_NAME_LISTEN} fd {fd} from MK_STATE_FDS is not a listening TCP socket: {reason}")]
@@ -105,32 +105,38 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts from this process's `MK_STATE_FDS` (absent: a first start).
-    ///
-    /// # Safety
-    /// The descriptors named `kv-data` and `listen` in `MK_STATE_FDS` must be open and owned
-    /// by nothing else in this process: the server takes ownership of them.
-    pub unsafe fn from_env(cfg: &ServerConfig) -> Result<Self, ServerError> {
-        let fds = fdenv::from_env()?;
-        // SAFETY: forwarded from the caller.
-        unsafe { Self::with_fds(cfg, fds.as_deref().unwrap_or(&[])) }
+    /// Starts from this process's `MK_STATE_FDS` (absent: a first start), taking
+    /// ownership of the descriptors named `kv-data` and `listen` (other names are left
+    /// alone). Call it at the start of `main`: see [`sys::take_state_fds`].
+    pub fn from_env(cfg: &ServerConfig) -> Result<Self, ServerError> {
+        let mut data = None;
+        let mut listen = None;
+        for s in sys::take_state_fds(&[FD_NAME_DATA, FD_NAME_LISTEN])? {
+            if s.name == FD_NAME_DATA {
+                data = Some(s.fd.ok_or_else(|| StoreError::from(shm::not_open(s.raw)))?);
+            } else {
+                listen = Some(s.fd.ok_or_else(|| ServerError::Listener {
+                    fd: s.raw,
+                    reason: "not an open descriptor".into(),
+                })?);
+            }
+        }
+        Self::with_fds(cfg, data, listen)
     }
 
-    /// Starts with the given handed-over descriptors (names other than `kv-data` and
-    /// `listen` are ignored).
-    ///
-    /// # Safety
-    /// The `kv-data` and `listen` descriptors in `fds` must be open and owned by nothing
-    /// else in this process: the server takes ownership of them.
-    pub unsafe fn with_fds(cfg: &ServerConfig, fds: &[NamedFd]) -> Result<Self, ServerError> {
-        let store = match fdenv::find(fds, FD_NAME_DATA) {
-            // SAFETY: forwarded from the caller.
-            Some(d) => unsafe { Store::adopt(d.fd, cfg.capacity, cfg.max_capacity) }?,
+    /// Starts with the given handed-over descriptors: `data` the `kv-data` memfd, `listen`
+    /// the listening socket (each absent: created here).
+    pub fn with_fds(
+        cfg: &ServerConfig,
+        data: Option<OwnedFd>,
+        listen: Option<OwnedFd>,
+    ) -> Result<Self, ServerError> {
+        let store = match data {
+            Some(d) => Store::adopt(d, cfg.capacity, cfg.max_capacity)?,
             None => Store::create(cfg.capacity, cfg.max_capacity)?,
         };
-        let (listener, listener_adopted) = match fdenv::find(fds, FD_NAME_LISTEN) {
-            // SAFETY: forwarded from the caller.
-            Some(l) => (unsafe { adopt_listener(l.fd) }?, true),
+        let (listener, listener_adopted) = match listen {
+            Some(l) => (adopt_listener(l)?, true),
             None => (
                 TcpListener::bind(cfg.listen).map_err(|source| ServerError::Bind {
                     addr: cfg.listen,
@@ -255,19 +261,9 @@ fn transient_accept_error(e: &io::Error) -> bool {
     )
 }
 
-/// Takes ownership of an inherited listening socket and checks it.
-///
-/// # Safety
-/// `fd` must be open and owned by nothing else in this process.
-unsafe fn adopt_listener(fd: RawFd) -> Result<TcpListener, ServerError> {
-    if !super::shm::fd_is_open(fd) {
-        return Err(ServerError::Listener {
-            fd,
-            reason: "not an open descriptor".into(),
-        });
-    }
-    // SAFETY: guaranteed by the caller; the OwnedFd closes it exactly once.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+/// Takes an inherited listening socket and checks it.
+fn adopt_listener(owned: OwnedFd) -> Result<TcpListener, ServerError> {
+    let fd = owned.as_raw_fd();
     let bad = |reason: String| ServerError::Listener { fd, reason };
     match getsockopt(&owned, sockopt::SockType) {
         Ok(SockType::Stream) => {}
@@ -508,22 +504,14 @@ mod tests {
 
     #[test]
     fn listener_checks() {
-        // A descriptor number that is not open is refused before taking ownership.
-        // SAFETY: the number is not open, so nothing in this process owns it.
-        let err = unsafe { adopt_listener(1_000_000) }.unwrap_err();
-        assert!(err.to_string().contains("not an open descriptor"), "{err}");
         // A UDP socket is refused.
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let fd = std::os::fd::IntoRawFd::into_raw_fd(udp);
-        // SAFETY: the descriptor came from into_raw_fd: owned by nothing else.
-        let err = unsafe { adopt_listener(fd) }.unwrap_err();
+        let err = adopt_listener(OwnedFd::from(udp)).unwrap_err();
         assert!(err.to_string().contains("stream socket"), "{err}");
         // A connected (non-listening) TCP socket is refused.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let fd = std::os::fd::IntoRawFd::into_raw_fd(c);
-        // SAFETY: as above.
-        let err = unsafe { adopt_listener(fd) }.unwrap_err();
+        let err = adopt_listener(OwnedFd::from(c)).unwrap_err();
         assert!(err.to_string().contains("not listening"), "{err}");
         assert_eq!(err.exit(), Exit::Usage);
     }

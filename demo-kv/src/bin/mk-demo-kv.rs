@@ -1,6 +1,6 @@
 //! `mk-demo-kv`: the demonstration key-value workload.
 //!
-//! Serves a line protocol over TCP (see `upgrade_agent::demo::protocol`) and keeps every
+//! Serves a line protocol over TCP (see `mk_demo_kv::protocol`) and keeps every
 //! byte of data in a memfd, so that mk-upgrade can hand the memfd and the listening
 //! socket to a new instance (`MK_STATE_FDS=kv-data:<fd>,listen:<fd>`) without losing a
 //! write or a queued connection. Prints `LISTENING <addr> MEMFD <fd>` on stdout once it
@@ -14,10 +14,10 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
+use mk_demo_kv::exit::Exit;
+use mk_demo_kv::server::{Server, ServerConfig, parse_size};
+use mk_demo_kv::store::Origin;
 use nix::sys::signal::{SigSet, Signal};
-use upgrade_agent::demo::server::{Server, ServerConfig, parse_size};
-use upgrade_agent::demo::store::Origin;
-use upgrade_agent::exit::Exit;
 
 /// The mk-upgrade demonstration key-value server (data in a memfd).
 #[derive(Debug, Parser)]
@@ -65,9 +65,9 @@ fn main() -> ExitCode {
         preload_mib: cli.preload_mib,
         max_connections: cli.max_connections,
     };
-    // SAFETY: this runs at the start of main; the descriptors MK_STATE_FDS names were
-    // inherited for this process and nothing else in it has taken ownership of them.
-    let server = match unsafe { Server::from_env(&cfg) } {
+    // At the start of main: the descriptors MK_STATE_FDS names were inherited for this
+    // process and nothing else in it has taken ownership of them (mk_demo_kv::sys).
+    let server = match Server::from_env(&cfg) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("mk-demo-kv: {e}");

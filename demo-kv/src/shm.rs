@@ -1,5 +1,5 @@
 //! The memfd behind `mk-demo-kv`: creation, sealing, validation of an adopted descriptor,
-//! and the shared (`MAP_SHARED`) mapping. Every `unsafe` of the demo store lives here.
+//! and the shared (`MAP_SHARED`) mapping (whose `unsafe` lives in [`crate::sys`]).
 //!
 //! Seals: a memfd created here gets `F_SEAL_SHRINK` (nobody can truncate it under a
 //! mapping, which would turn accesses into SIGBUS); it must be able to grow, so no
@@ -12,16 +12,16 @@
 //! thawed before the other one runs again). Within a process, writes need `&mut Shm`.
 
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::AtomicU64;
 
-use memmap2::{MmapOptions, MmapRaw};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::stat::{SFlag, fstat};
 
 use super::log::{HEADER_LEN, OFF_COMMITTED};
+use crate::sys::SharedMap;
 
 /// A failed operation on the memfd.
 #[derive(Debug, thiserror::Error)]
@@ -52,12 +52,11 @@ pub enum ShmError {
 #[derive(Debug)]
 pub struct Shm {
     file: File,
-    map: MmapRaw,
+    map: SharedMap,
     fd: RawFd,
 }
 
 fn raw(f: &File) -> RawFd {
-    use std::os::fd::AsRawFd;
     f.as_raw_fd()
 }
 
@@ -74,20 +73,9 @@ pub fn create_memfd(len: u64) -> Result<File, ShmError> {
     Ok(file)
 }
 
-/// Takes ownership of an inherited descriptor and checks that it is a writable memfd.
-///
-/// # Safety
-/// `fd` must be an open descriptor that nothing else in this process owns or will close.
-pub unsafe fn adopt_memfd(fd: RawFd) -> Result<File, ShmError> {
-    if !fd_is_open(fd) {
-        return Err(ShmError::NotMemfd {
-            fd,
-            what: "not an open descriptor".into(),
-        });
-    }
-    // SAFETY: the caller guarantees `fd` is open and owned by no one else; ownership
-    // moves into the returned File, which closes it exactly once.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+/// Takes an inherited descriptor and checks that it is a writable memfd.
+pub fn adopt_memfd(owned: OwnedFd) -> Result<File, ShmError> {
+    let fd = owned.as_raw_fd();
     let file = File::from(owned);
     let st = fstat(&file).map_err(|source| ShmError::Sys {
         fd,
@@ -119,12 +107,12 @@ pub unsafe fn adopt_memfd(fd: RawFd) -> Result<File, ShmError> {
     Ok(file)
 }
 
-/// Whether `fd` is an open descriptor of this process (checked before taking ownership:
-/// owning a closed number would close someone else's descriptor later).
-pub fn fd_is_open(fd: RawFd) -> bool {
-    // SAFETY: F_GETFD only reads the descriptor flags; it touches no memory and is valid
-    // for any integer (a closed or negative one yields EBADF).
-    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+/// The error for a `kv-data` descriptor number that is not open.
+pub fn not_open(fd: RawFd) -> ShmError {
+    ShmError::NotMemfd {
+        fd,
+        what: "not an open descriptor".into(),
+    }
 }
 
 fn add_shrink_seal(file: &File) -> Result<(), ShmError> {
@@ -156,17 +144,14 @@ pub fn file_len(file: &File) -> Result<u64, ShmError> {
     Ok(u64::try_from(st.st_size).unwrap_or(0))
 }
 
-fn map(file: &File) -> Result<MmapRaw, ShmError> {
+fn map(file: &File) -> Result<SharedMap, ShmError> {
     let len = file_len(file)?;
     let ulen = usize::try_from(len).map_err(|_| ShmError::TooLarge { len })?;
-    MmapOptions::new()
-        .len(ulen)
-        .map_raw(file)
-        .map_err(|source| ShmError::Map {
-            fd: raw(file),
-            len,
-            source,
-        })
+    SharedMap::new(file, ulen).map_err(|source| ShmError::Map {
+        fd: raw(file),
+        len,
+        source,
+    })
 }
 
 impl Shm {
@@ -211,57 +196,19 @@ impl Shm {
     /// The shared `committed` header field.
     pub fn committed(&self) -> &AtomicU64 {
         assert!(self.map.len() >= HEADER_LEN);
-        let ptr = self.map.as_ptr().wrapping_add(OFF_COMMITTED);
-        assert!(
-            ptr.align_offset(std::mem::align_of::<AtomicU64>()) == 0,
-            "mapping is not page-aligned"
-        );
-        // SAFETY: the mapping is at least HEADER_LEN bytes (checked above, and every Shm
-        // maps a memfd of at least HEADER_LEN bytes that cannot shrink: F_SEAL_SHRINK),
-        // mmap returns page-aligned memory so offset 32 is 8-byte aligned, the bytes live
-        // as long as `&self` (the mapping is only replaced through `&mut self`), and every
-        // access to this field, in this or another process, is atomic.
-        #[expect(clippy::cast_ptr_alignment, reason = "alignment is asserted above")]
-        unsafe {
-            &*ptr.cast::<AtomicU64>()
-        }
+        // Offset 32 of a page-aligned mapping is 8-byte aligned (asserted by atomic_u64).
+        self.map.atomic_u64(OFF_COMMITTED)
     }
 
     /// Borrows `len` bytes from `off`. Panics when out of the mapping.
     pub fn slice(&self, off: u64, len: usize) -> &[u8] {
-        let end = off.checked_add(len as u64).expect("offset overflow");
-        assert!(
-            end <= self.len(),
-            "read {off}+{len} beyond mapping of {}",
-            self.len()
-        );
-        // SAFETY: the range lies inside the live mapping (checked above), which outlives
-        // the returned borrow of `&self`; this process writes only through `&mut self`, so
-        // no write aliases the slice here; another process that holds the memfd does not
-        // run while we do (the single-writer contract in the module docs).
-        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(off as usize), len) }
+        let off = usize::try_from(off).expect("offset overflow");
+        self.map.slice(off, len)
     }
 
     /// Copies `bytes` to offset `off`. Panics when out of the mapping.
     pub fn write(&mut self, off: u64, bytes: &[u8]) {
-        let end = off
-            .checked_add(bytes.len() as u64)
-            .expect("offset overflow");
-        assert!(
-            end <= self.len(),
-            "write {off}+{} beyond mapping of {}",
-            bytes.len(),
-            self.len()
-        );
-        // SAFETY: the destination range lies inside the live, writable mapping (checked
-        // above); `&mut self` excludes any outstanding slice of this mapping; `bytes` is a
-        // separate allocation, so the ranges do not overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.map.as_mut_ptr().add(off as usize),
-                bytes.len(),
-            );
-        }
+        let off = usize::try_from(off).expect("offset overflow");
+        self.map.write(off, bytes);
     }
 }

@@ -2,21 +2,22 @@
 //! handover of the memfd and the listening socket to a new process, with a connection
 //! queued while the old process is frozen, and the failure modes a user can hit.
 
+#![deny(unsafe_code)]
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use mk_demo_kv::kv_client::{self, ClientError, KvClient};
+use mk_demo_kv::loadgen::{LoadGen, LoadOptions};
+use mk_demo_kv::log::{HEADER_LEN, MAX_KEY_LEN};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use upgrade_agent::demo::kv_client::{self, ClientError, KvClient};
-use upgrade_agent::demo::loadgen::{LoadGen, LoadOptions};
-use upgrade_agent::demo::log::{HEADER_LEN, MAX_KEY_LEN};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mk-demo-kv");
 const T: Duration = Duration::from_secs(10);
@@ -64,19 +65,8 @@ fn command(args: &[&str], fds: &[(&str, RawFd)]) -> Command {
             .collect::<Vec<_>>()
             .join(",");
         cmd.env("MK_STATE_FDS", value);
-        let raw: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
-        // SAFETY: the closure runs in the forked child before exec and only calls fcntl,
-        // which is async-signal-safe; it clears FD_CLOEXEC so the fds survive the exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                for fd in &raw {
-                    if libc::fcntl(*fd, libc::F_SETFD, 0) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+        // Cleared FD_CLOEXEC in the child only, so the fds survive its exec.
+        mk_demo_kv::sys::inherit_fds(&mut cmd, fds.iter().map(|(_, fd)| *fd).collect());
     }
     cmd
 }
@@ -344,6 +334,17 @@ fn bad_handover_descriptors_are_refused() {
     let (status, stderr) = spawn_failing(&[], &[("listen", conn.as_raw_fd())]);
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("not listening"), "{stderr}");
+    // Descriptor numbers that are not open in the server.
+    for (name, what) in [("kv-data", "not a memfd"), ("listen", "not a listening")] {
+        let mut cmd = command(&[], &[]);
+        cmd.env("MK_STATE_FDS", format!("{name}:900"));
+        let (status, stderr) = run_failing(cmd);
+        assert_eq!(status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("not an open descriptor") && stderr.contains(what),
+            "{stderr}"
+        );
+    }
     // A malformed MK_STATE_FDS.
     let mut cmd = command(&[], &[]);
     cmd.env("MK_STATE_FDS", "kv-data:2");
@@ -433,7 +434,7 @@ fn short_load() -> LoadOptions {
 }
 
 /// Waits (bounded) until the run has at least `min` acknowledged writes in total.
-fn wait_acked(h: &upgrade_agent::demo::loadgen::LoadHandle, min: u64) -> u64 {
+fn wait_acked(h: &mk_demo_kv::loadgen::LoadHandle, min: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let acked: u64 = h.progress().iter().map(|p| p.acked_writes).sum();

@@ -1,0 +1,221 @@
+//! Every `unsafe` of mk-demo-kv, behind safe functions: taking ownership of the
+//! descriptors inherited through `MK_STATE_FDS`, the shared mapping of the memfd, and
+//! handing descriptors to a child process.
+//!
+//! The rest of the crate is `#![deny(unsafe_code)]`; each `unsafe` block here states why
+//! it is sound in a `// SAFETY:` comment.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use memmap2::{MmapOptions, MmapRaw};
+use state_serializers::fdenv::{self, FdEnvError};
+
+/// Whether `fd` is an open descriptor of this process (checked before taking ownership:
+/// owning a closed number would close someone else's descriptor later).
+pub fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only reads the descriptor flags; it touches no memory and is valid
+    // for any integer (a closed or negative one yields EBADF).
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}
+
+/// One descriptor named in `MK_STATE_FDS`.
+#[derive(Debug)]
+pub struct StateFd {
+    /// Its name in `MK_STATE_FDS`.
+    pub name: String,
+    /// Its number in this process.
+    pub raw: RawFd,
+    /// The descriptor, now owned; `None` when the number is not an open descriptor.
+    pub fd: Option<OwnedFd>,
+}
+
+/// Why the `MK_STATE_FDS` descriptors could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeError {
+    #[error(transparent)]
+    FdEnv(#[from] FdEnvError),
+    #[error("the MK_STATE_FDS descriptors were already taken by this process")]
+    AlreadyTaken,
+}
+
+/// Set by the first [`take_state_fds`] of the process.
+static STATE_FDS_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Takes ownership of the descriptors this process inherited under the names `wanted` in
+/// `MK_STATE_FDS` (`docs/state.md`; absent: none). Other names are left alone (not
+/// closed). Only the first call in a process takes anything; later calls fail with
+/// [`TakeError::AlreadyTaken`], so no descriptor is ever owned twice.
+///
+/// Call it at the start of `main`, before anything else in the process opens or closes
+/// descriptors by number: the contract is that the supervisor handed these numbers to
+/// this process for it alone.
+pub fn take_state_fds(wanted: &[&str]) -> Result<Vec<StateFd>, TakeError> {
+    let named = fdenv::from_env()?.unwrap_or_default();
+    if STATE_FDS_TAKEN.swap(true, Ordering::AcqRel) {
+        return Err(TakeError::AlreadyTaken);
+    }
+    Ok(named
+        .into_iter()
+        .filter(|n| wanted.contains(&n.name.as_str()))
+        .map(|n| {
+            let fd = fd_is_open(n.fd).then(|| {
+                // SAFETY: the descriptor is open (checked above); MK_STATE_FDS names it
+                // as handed to this process for its own use, fdenv::parse refused
+                // duplicate numbers and stdio (0..=2), and the flag above lets this run
+                // once per process, so nothing else owns it; the OwnedFd closes it once.
+                unsafe { OwnedFd::from_raw_fd(n.fd) }
+            });
+            StateFd {
+                name: n.name,
+                raw: n.fd,
+                fd,
+            }
+        })
+        .collect())
+}
+
+/// Makes the command's child inherit `fds` across its exec (clears `FD_CLOEXEC` on them
+/// between fork and exec), as a supervisor handing descriptors under `MK_STATE_FDS` does.
+/// The descriptors must stay open in this process until the child is spawned.
+pub fn inherit_fds(cmd: &mut Command, fds: Vec<RawFd>) {
+    // SAFETY: the closure runs in the forked child before exec; it only iterates a vector
+    // allocated before the fork and calls fcntl, which is async-signal-safe, and builds its
+    // error from errno without allocating.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in &fds {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A shared (`MAP_SHARED`), read-write mapping of a whole file.
+///
+/// Writes go through `&mut self` only, so no slice handed out by [`SharedMap::slice`]
+/// is written to by this process while it lives. Another process mapping the same memfd
+/// must not write while this one runs (the single-writer contract of `crate::shm`).
+#[derive(Debug)]
+pub struct SharedMap {
+    map: MmapRaw,
+}
+
+impl SharedMap {
+    /// Maps the first `len` bytes of `file` shared and read-write.
+    pub fn new(file: &File, len: usize) -> io::Result<Self> {
+        Ok(Self {
+            map: MmapOptions::new().len(len).map_raw(file)?,
+        })
+    }
+
+    /// Mapped length in bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the mapping is empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    /// The 8 bytes at `off` as an atomic. Panics when out of the mapping or misaligned.
+    pub fn atomic_u64(&self, off: usize) -> &AtomicU64 {
+        let end = off.checked_add(8).expect("offset overflow");
+        assert!(
+            end <= self.len(),
+            "atomic at {off} beyond mapping of {}",
+            self.len()
+        );
+        let ptr = self.map.as_ptr().wrapping_add(off);
+        assert!(
+            ptr.align_offset(std::mem::align_of::<AtomicU64>()) == 0,
+            "atomic at {off} is not 8-byte aligned"
+        );
+        // SAFETY: the 8 bytes lie inside the live mapping (checked above) and are aligned
+        // for AtomicU64 (checked above); they live as long as `&self` (the mapping is only
+        // replaced or dropped through `&mut self` or by value); AtomicU64 has the layout of
+        // u64 and any bit pattern is valid; every access to such a field, in this or
+        // another process, is atomic (the crate's contract for shared header fields).
+        #[expect(clippy::cast_ptr_alignment, reason = "alignment is asserted above")]
+        unsafe {
+            &*ptr.cast::<AtomicU64>()
+        }
+    }
+
+    /// Borrows `len` bytes from `off`. Panics when out of the mapping.
+    pub fn slice(&self, off: usize, len: usize) -> &[u8] {
+        let end = off.checked_add(len).expect("offset overflow");
+        assert!(
+            end <= self.len(),
+            "read {off}+{len} beyond mapping of {}",
+            self.len()
+        );
+        // SAFETY: the range lies inside the live mapping (checked above), which outlives
+        // the returned borrow of `&self`; this process writes only through `&mut self`, so
+        // no write aliases the slice here; another process that holds the memfd does not
+        // run while we do (the single-writer contract in the type docs).
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(off), len) }
+    }
+
+    /// Copies `bytes` to offset `off`. Panics when out of the mapping.
+    pub fn write(&mut self, off: usize, bytes: &[u8]) {
+        let end = off.checked_add(bytes.len()).expect("offset overflow");
+        assert!(
+            end <= self.len(),
+            "write {off}+{} beyond mapping of {}",
+            bytes.len(),
+            self.len()
+        );
+        // SAFETY: the destination range lies inside the live, writable mapping (checked
+        // above); `&mut self` excludes any outstanding slice of this mapping, so `bytes`
+        // (a live shared borrow) does not point into it and the ranges do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.map.as_mut_ptr().add(off),
+                bytes.len(),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_is_open_checks_the_number() {
+        assert!(!fd_is_open(1_000_000));
+        assert!(!fd_is_open(-1));
+        let f = tempfile::tempfile().unwrap();
+        assert!(fd_is_open(std::os::fd::AsRawFd::as_raw_fd(&f)));
+    }
+
+    #[test]
+    fn shared_map_bounds_and_round_trip() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4096).unwrap();
+        let mut m = SharedMap::new(&f, 4096).unwrap();
+        assert_eq!(m.len(), 4096);
+        m.write(100, b"hello");
+        assert_eq!(m.slice(100, 5), b"hello");
+        m.atomic_u64(32).store(7, Ordering::Release);
+        assert_eq!(m.slice(32, 8), 7u64.to_le_bytes());
+        // A second mapping of the same file sees the bytes.
+        let other = SharedMap::new(&f, 4096).unwrap();
+        assert_eq!(other.slice(100, 5), b"hello");
+        assert!(std::panic::catch_unwind(|| other.slice(4090, 7).len()).is_err());
+        assert!(
+            std::panic::catch_unwind(|| other.atomic_u64(4092).load(Ordering::Relaxed)).is_err()
+        );
+        assert!(std::panic::catch_unwind(|| other.atomic_u64(3).load(Ordering::Relaxed)).is_err());
+    }
+}
