@@ -13,7 +13,6 @@
 mod atomic;
 pub mod journal;
 pub mod lock;
-pub mod recovery;
 pub mod release;
 pub mod slots;
 pub mod time;
@@ -22,7 +21,6 @@ pub mod trial;
 pub use atomic::{TMP_SUFFIX, atomic_write, fsync_dir, remove_stale_temps};
 pub use journal::{HISTORY_LIMIT, Journal, JournalError};
 pub use lock::{Lock, LockError, LockGuard};
-pub use recovery::{Recovery, RecoveryAction, RecoveryError};
 pub use release::{Release, ReleaseError};
 pub use slots::{Slot, SlotError, SlotInfo, Slots};
 pub use trial::{BadMark, BootVerdict, TrialAttempt, TrialBoots, TrialError};

@@ -15,12 +15,12 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use upgrade_agent::cli::app::{Global, PlatformChoice};
-use upgrade_agent::cli::emu;
-use upgrade_agent::cli::upgrade::execute;
-use upgrade_agent::orchestrator::record::{Outcome, UpgradeKind};
-use upgrade_agent::orchestrator::{Faults, Quiet};
+use upgrade_agent::fault::Faults;
+use upgrade_agent::orchestrator::{Quiet, SystemEnv, ops};
 use upgrade_agent::platform::LoadableKernel;
+use upgrade_agent::platform::emulated::{EmulatedPlatform, machine};
+use upgrade_agent::record::{Outcome, UpgradeKind};
+use upgrade_agent::statedir::StateDir;
 use upgrade_agent::verify::bzimage::minimal_bzimage;
 use upgrade_agent::workload::{
     HealthCheck, Integrity, ListenSpec, MemfdSpec, Transfer, WorkloadFile, WorkloadSpec,
@@ -96,7 +96,7 @@ fn spec(
 
 struct Machine {
     _dir: tempfile::TempDir,
-    g: Global,
+    state: StateDir,
     kernels: [(PathBuf, String); 2],
 }
 
@@ -118,18 +118,14 @@ impl Machine {
             toml::to_string(&file).expect("toml"),
         )
         .expect("workloads");
-        let g = Global {
-            state_dir: root.join("state"),
-            platform: PlatformChoice::Emulated,
-            workloads: Some(root.join("workloads.toml")),
-            trusted_keys: None,
-        };
+        let state =
+            StateDir::new(root.join("state")).with_workloads(Some(root.join("workloads.toml")));
         let m = Machine {
             _dir: dir,
-            g,
+            state,
             kernels,
         };
-        emu::init(&m.g, &m.kernels[0].0, &[]).unwrap_or_else(|e| panic!("emu init: {}", e.message));
+        machine::init(&m.state, &m.kernels[0].0, &[]).unwrap_or_else(|e| panic!("emu init: {e}"));
         for w in &file.workloads {
             let h = upgrade_agent::health::run(&w.health);
             assert!(h.healthy, "{} did not start: {}", w.name, h.detail);
@@ -150,17 +146,16 @@ impl Machine {
             initrd: None,
             cmdline: "",
         };
-        let mut p = self.g.open_platform().expect("platform");
+        let mut p = EmulatedPlatform::new(self.state.root()).expect("platform");
         let t = Instant::now();
-        let (rec, err) = execute(
-            &self.g,
-            p.as_mut(),
-            &kernel,
-            UpgradeKind::Apply,
-            Faults::default(),
-            &Quiet,
-        )
-        .unwrap_or_else(|e| panic!("upgrade: {}", e.message));
+        let req = ops::Request {
+            kind: UpgradeKind::Apply,
+            kernel,
+            faults: Faults::NONE,
+            promotion: None,
+        };
+        let (rec, err) = ops::execute(&self.state, &mut p, req, &Quiet, &SystemEnv::default())
+            .unwrap_or_else(|e| panic!("upgrade: {e}"));
         let took = t.elapsed();
         assert_eq!(rec.outcome, Some(Outcome::Upgraded), "{err:?}");
         (
@@ -175,8 +170,8 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        if let Ok(mut p) = self.g.open_platform() {
-            let _ = emu::down(p.as_mut());
+        if let Ok(mut p) = EmulatedPlatform::new(self.state.root()) {
+            let _ = machine::down(&mut p);
         }
     }
 }

@@ -26,7 +26,7 @@ use kho_proto::keys::{NodeKey, TrustedKeys};
 use sha2::{Digest, Sha256};
 use state_serializers::RegionDigest;
 
-use crate::platform::PreservedFd;
+use crate::model::PreservedFd;
 use crate::workload::WorkloadSpec;
 
 /// Schema of the spec region.

@@ -3,9 +3,9 @@
 //! Each check retries until its timeout (a workload needs a moment to start serving), and
 //! reports what it saw. Checks only ever contact the address the workload file names.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -26,10 +26,57 @@ pub struct HealthOutcome {
     pub attempts: u32,
 }
 
+/// Why one attempt of a health check failed (the last one ends up, as text, in
+/// [`HealthOutcome::detail`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The TCP connection was refused or timed out.
+    #[error("connect failed: {0}")]
+    Connect(#[source] io::Error),
+    /// The socket's read or write timeout could not be set.
+    #[error("setting the socket timeout: {0}")]
+    SocketTimeout(#[source] io::Error),
+    /// Sending the HTTP request failed.
+    #[error("send failed: {0}")]
+    Send(#[source] io::Error),
+    /// Reading the HTTP response failed.
+    #[error("read failed: {0}")]
+    Read(#[source] io::Error),
+    /// The response does not start with an HTTP status line (the line, trimmed).
+    #[error("not an HTTP status line: {0:?}")]
+    NotHttp(String),
+    /// The HTTP status is not the expected one.
+    #[error("got status {got}, expected {want}")]
+    Status { got: u16, want: u16 },
+    /// An `exec` check with no command.
+    #[error("empty command")]
+    EmptyCommand,
+    /// The check command could not be started.
+    #[error("cannot run {prog}: {source}")]
+    Spawn {
+        prog: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The check command exited unsuccessfully.
+    #[error("{prog} {status}")]
+    Exited { prog: String, status: ExitStatus },
+    /// The check command was still running at the deadline (it was killed).
+    #[error("{prog} did not finish in time")]
+    TimedOut { prog: String },
+    /// Waiting for the check command failed.
+    #[error("waiting for {prog}: {source}")]
+    Wait {
+        prog: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// Runs `check`, retrying until it passes or its timeout elapses.
 pub fn run(check: &HealthCheck) -> HealthOutcome {
     let start = Instant::now();
-    type Attempt = Box<dyn Fn(Duration) -> Result<String, String>>;
+    type Attempt = Box<dyn Fn(Duration) -> Result<String, ProbeError>>;
     let (timeout, attempt): (u64, Attempt) = match check {
         HealthCheck::None => {
             return HealthOutcome {
@@ -67,7 +114,7 @@ pub fn run(check: &HealthCheck) -> HealthOutcome {
     let mut attempts = 0;
     // The last failure that was a complete answer (not cut short by the deadline): it is
     // what the operator needs to hear ("exit status 3"), not "did not finish in time".
-    let mut last_answer: Option<String> = None;
+    let mut last_answer: Option<ProbeError> = None;
     loop {
         attempts += 1;
         let left = deadline
@@ -101,26 +148,26 @@ pub fn run(check: &HealthCheck) -> HealthOutcome {
     }
 }
 
-fn tcp(addr: SocketAddr, left: Duration) -> Result<String, String> {
+fn tcp(addr: SocketAddr, left: Duration) -> Result<String, ProbeError> {
     TcpStream::connect_timeout(&addr, left)
         .map(|_| format!("tcp connect {addr} ok"))
-        .map_err(|e| format!("connect failed: {e}"))
+        .map_err(ProbeError::Connect)
 }
 
-fn http(addr: SocketAddr, path: &str, want: u16, left: Duration) -> Result<String, String> {
-    let mut s =
-        TcpStream::connect_timeout(&addr, left).map_err(|e| format!("connect failed: {e}"))?;
-    s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(left)).map_err(|e| e.to_string())?;
+fn http(addr: SocketAddr, path: &str, want: u16, left: Duration) -> Result<String, ProbeError> {
+    let mut s = TcpStream::connect_timeout(&addr, left).map_err(ProbeError::Connect)?;
+    s.set_read_timeout(Some(left))
+        .map_err(ProbeError::SocketTimeout)?;
+    s.set_write_timeout(Some(left))
+        .map_err(ProbeError::SocketTimeout)?;
     // One write: a server may answer and close as soon as it has the request line.
     let request =
         format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: mk-upgrade-health\r\n\r\n");
-    s.write_all(request.as_bytes())
-        .map_err(|e| format!("send failed: {e}"))?;
+    s.write_all(request.as_bytes()).map_err(ProbeError::Send)?;
     let mut head = Vec::with_capacity(256);
     let mut buf = [0u8; 512];
     while !head.contains(&b'\n') && head.len() < MAX_HEAD {
-        let n = s.read(&mut buf).map_err(|e| format!("read failed: {e}"))?;
+        let n = s.read(&mut buf).map_err(ProbeError::Read)?;
         if n == 0 {
             break;
         }
@@ -132,35 +179,48 @@ fn http(addr: SocketAddr, path: &str, want: u16, left: Duration) -> Result<Strin
         .strip_prefix("HTTP/1.")
         .and_then(|rest| rest.get(2..5))
         .and_then(|code| code.parse::<u16>().ok())
-        .ok_or_else(|| format!("not an HTTP status line: {:?}", line.trim_end()))?;
+        .ok_or_else(|| ProbeError::NotHttp(line.trim_end().to_owned()))?;
     if status == want {
         Ok(format!("http GET {addr}{path} -> {status}"))
     } else {
-        Err(format!("got status {status}, expected {want}"))
+        Err(ProbeError::Status { got: status, want })
     }
 }
 
-fn exec(command: &[String], left: Duration) -> Result<String, String> {
-    let (prog, args) = command.split_first().ok_or("empty command")?;
+fn exec(command: &[String], left: Duration) -> Result<String, ProbeError> {
+    let (prog, args) = command.split_first().ok_or(ProbeError::EmptyCommand)?;
     let mut child = Command::new(prog)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot run {prog}: {e}"))?;
+        .map_err(|source| ProbeError::Spawn {
+            prog: prog.clone(),
+            source,
+        })?;
     let deadline = Instant::now() + left;
     loop {
         match child.try_wait() {
             Ok(Some(status)) if status.success() => return Ok(format!("{prog} exited 0")),
-            Ok(Some(status)) => return Err(format!("{prog} {status}")),
+            Ok(Some(status)) => {
+                return Err(ProbeError::Exited {
+                    prog: prog.clone(),
+                    status,
+                });
+            }
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("{prog} did not finish in time"));
+                return Err(ProbeError::TimedOut { prog: prog.clone() });
             }
             Ok(None) => std::thread::sleep(RETRY_EVERY),
-            Err(e) => return Err(format!("waiting for {prog}: {e}")),
+            Err(source) => {
+                return Err(ProbeError::Wait {
+                    prog: prog.clone(),
+                    source,
+                });
+            }
         }
     }
 }

@@ -50,7 +50,7 @@ fn lifecycle_rules_are_enforced() {
     ));
 
     // Boot before load: refused (ready, needs loaded).
-    let e = p.boot(id).unwrap_err();
+    let e = p.boot(id, None).unwrap_err();
     assert!(
         matches!(
             e,
@@ -100,7 +100,7 @@ fn lifecycle_rules_are_enforced() {
         (InstanceState::Loaded, Some("7.2.13-mkA"))
     );
 
-    p.boot(id).unwrap();
+    p.boot(id, None).unwrap();
     assert_eq!(p.instances().unwrap()[0].state, InstanceState::Active);
     // Active instances can be neither destroyed nor stripped of their resources.
     assert!(matches!(

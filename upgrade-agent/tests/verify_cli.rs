@@ -1,19 +1,56 @@
-//! `mk-upgrade keys generate` and `mk-upgrade sign` (library entry points of the commands).
+//! `mk-upgrade keys generate` and `mk-upgrade sign`, run as the operator runs them: the
+//! real binary, its output and its documented exit codes (docs/cli.md).
 
 use std::fs;
+use std::path::Path;
+use std::process::{Command, Output};
 
-use upgrade_agent::cli::keys;
-use upgrade_agent::cli::sign::{self, SignArgs};
 use upgrade_agent::exit::Exit;
 use upgrade_agent::verify::{VerifyPolicy, minimal_bzimage, verify_kernel_image};
 
-fn args(image: &std::path::Path, key: &std::path::Path) -> SignArgs {
-    SignArgs {
-        image: image.to_owned(),
-        key: key.to_owned(),
-        floor: None,
-        out: None,
-    }
+fn mk(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mk-upgrade"))
+        .args(args)
+        .output()
+        .expect("running mk-upgrade")
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn generate(dir: &Path, name: &str) -> Output {
+    mk(&[
+        "keys".as_ref(),
+        "generate".as_ref(),
+        "--dir".as_ref(),
+        dir.as_os_str(),
+        "--name".as_ref(),
+        name.as_ref(),
+    ])
+}
+
+fn sign(image: &Path, key: &Path, extra: &[&str]) -> Output {
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "sign".as_ref(),
+        image.as_os_str(),
+        "--key".as_ref(),
+        key.as_os_str(),
+    ];
+    args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+    mk(&args)
+}
+
+fn stdout_field(o: &Output, label: &str) -> String {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(label).map(|v| v.trim().to_owned()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no {label:?} line in {:?}",
+                String::from_utf8_lossy(&o.stdout)
+            )
+        })
 }
 
 #[test]
@@ -21,19 +58,25 @@ fn generate_sign_verify() {
     let dir = tempfile::tempdir().unwrap();
     let keydir = dir.path().join("keys");
     fs::create_dir(&keydir).unwrap();
-    let (id, secret, public) = keys::generate(&keydir, "ops").unwrap();
-    assert_eq!(id.to_string().len(), 16);
-    assert!(secret.ends_with("ops.key") && public.ends_with("ops.pub"));
-    // Refuses to overwrite.
-    assert_eq!(keys::generate(&keydir, "ops").unwrap_err().0, Exit::Io);
-    assert_eq!(keys::generate(&keydir, "../x").unwrap_err().0, Exit::Usage);
+    let g = generate(&keydir, "ops");
+    assert_eq!(code(&g), Exit::Ok as i32, "{g:?}");
+    let id = stdout_field(&g, "key id:");
+    assert_eq!(id.len(), 16, "{id}");
+    let secret = keydir.join("ops.key");
+    let public = keydir.join("ops.pub");
+    assert!(secret.is_file() && public.is_file());
+    // Refuses to overwrite; refuses a name that is a path.
+    assert_eq!(code(&generate(&keydir, "ops")), Exit::Io as i32);
+    assert_eq!(code(&generate(&keydir, "../x")), Exit::Usage as i32);
 
     let image = dir.path().join("new.bzImage");
     fs::write(&image, minimal_bzimage("7.3.1")).unwrap();
-    let mut a = args(&image, &secret);
-    a.floor = Some("7.3".into());
-    let sig = sign::sign(&a).unwrap();
-    assert_eq!(sig, dir.path().join("new.bzImage.sig"));
+    let s = sign(&image, &secret, &["--floor", "7.3"]);
+    assert_eq!(code(&s), Exit::Ok as i32, "{s:?}");
+    assert_eq!(
+        stdout_field(&s, "wrote:"),
+        dir.path().join("new.bzImage.sig").display().to_string()
+    );
 
     // Only the public key is in the trusted directory.
     let trusted = dir.path().join("trusted");
@@ -47,34 +90,41 @@ fn generate_sign_verify() {
         allow_downgrade: false,
     };
     let v = verify_kernel_image(&image, None, &policy).unwrap();
-    assert_eq!(v.signer, Some(id));
+    assert_eq!(v.signer.map(|k| k.to_string()), Some(id));
     assert_eq!(v.manifest.unwrap().version_floor.as_deref(), Some("7.3"));
 }
 
 #[test]
 fn sign_refusals() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, secret, _) = keys::generate(dir.path(), "k").unwrap();
+    assert_eq!(code(&generate(dir.path(), "k")), Exit::Ok as i32);
+    let secret = dir.path().join("k.key");
     let junk = dir.path().join("junk");
     fs::write(&junk, b"\x7fELF not a bzImage").unwrap();
-    let (exit, msg) = sign::sign(&args(&junk, &secret)).unwrap_err();
-    assert_eq!(exit, Exit::NotAKernel, "{msg}");
+    let o = sign(&junk, &secret, &[]);
+    assert_eq!(code(&o), Exit::NotAKernel as i32, "{o:?}");
     assert!(!dir.path().join("junk.sig").exists());
 
     let image = dir.path().join("k.bzImage");
     fs::write(&image, minimal_bzimage("7.2.13")).unwrap();
-    let mut a = args(&image, &secret);
-    a.floor = Some("8.0".into());
-    let (exit, msg) = sign::sign(&a).unwrap_err();
-    assert_eq!(exit, Exit::Usage);
-    assert!(msg.contains("above"), "{msg}");
+    let o = sign(&image, &secret, &["--floor", "8.0"]);
+    assert_eq!(code(&o), Exit::Usage as i32);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("above"),
+        "{o:?}"
+    );
 
-    let missing = args(&image, &dir.path().join("none.key"));
-    assert_eq!(sign::sign(&missing).unwrap_err().0, Exit::Io);
-    let gone = args(&dir.path().join("gone"), &secret);
-    assert_eq!(sign::sign(&gone).unwrap_err().0, Exit::Io);
+    assert_eq!(
+        code(&sign(&image, &dir.path().join("none.key"), &[])),
+        Exit::Io as i32
+    );
+    assert_eq!(
+        code(&sign(&dir.path().join("gone"), &secret, &[])),
+        Exit::Io as i32
+    );
 
-    let mut a = args(&image, &secret);
-    a.out = Some(dir.path().join("custom.sig"));
-    assert_eq!(sign::sign(&a).unwrap(), dir.path().join("custom.sig"));
+    let custom = dir.path().join("custom.sig");
+    let o = sign(&image, &secret, &["--out", custom.to_str().unwrap()]);
+    assert_eq!(code(&o), Exit::Ok as i32, "{o:?}");
+    assert!(custom.is_file());
 }

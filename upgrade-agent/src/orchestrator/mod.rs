@@ -1,4 +1,7 @@
-//! The orchestrator: a journaled state machine over [`Platform`].
+//! The orchestrator: the one journaled state machine over [`Platform`], for every platform.
+//!
+//! Side by side (emulated multikernel, multikernel): the new kernel boots beside the old
+//! one and workloads move one at a time over the channel.
 //!
 //! ```text
 //!  Verified ─▶ (ShrunkOld) ─▶ InstanceCreated ─▶ KernelLoaded ─▶ Booted ─▶ Migrating ─▶ HandingOver ─▶ Done
@@ -8,47 +11,112 @@
 //!                                                              RollingBack ─▶ Done (rolled back)
 //! ```
 //!
+//! Replace (LUO): every workload is frozen and staged (preserved) first, then the kernel is
+//! loaded and booted, which replaces this one; the record travels with the preserved state
+//! and the next kernel's agent carries on from it ([`recover`] → [`plan::Plan::ClaimForward`]):
+//!
+//! ```text
+//!  Verified ─▶ InstanceCreated ─▶ Migrating (stage each: Freezing ▶ Offered) ─▶ KernelLoaded ─▶ Booted ══ kexec ══▶
+//!      ══▶ claim each (Committed) ─▶ HandingOver ─▶ Done (upgraded)
+//!      ══▶ a claim fails ─▶ RollingBack ══ kexec back ══▶ claim each (MovedBack) ─▶ Done (rolled back)
+//! ```
+//!
 //! Every transition is written to the journal *before* the step it names, so a crash at any
-//! point leaves a record from which [`recover`] converges: to fully new if every workload
-//! had moved (phase `HandingOver`), else to fully old (moved workloads move back).
-//! Ownership rule that makes this safe: a workload's old copy is stopped only after the new
-//! instance accepted `Commit`, and a received copy that was never committed is stopped by
-//! the receiver as soon as its channel drops, so two live copies never serve at once.
+//! point leaves a record from which [`recover`] converges (decided by the pure
+//! [`plan`](plan::plan)): to fully new if every workload had moved, else to fully old.
+//! Ownership rule that makes this safe side by side: a workload's old copy is stopped only
+//! after the new instance accepted `Commit`, and a received copy that was never committed
+//! is stopped by the receiver as soon as its channel drops, so two live copies never serve.
+//!
+//! The state machine does no I/O of its own but the journal: the platform does the kernel
+//! side, [`Env`] gives the clock, randomness and task-state capture.
 
-pub mod record;
+pub mod ops;
+pub mod plan;
 
-use std::collections::BTreeMap;
-use std::os::fd::AsFd;
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use kho_proto::channel::{
-    AgentState, Channel, Commit, Heartbeat, Message, PeerInfo, PrepareMigration, ReleaseResources,
-    Role, Shutdown, Transport, UpgradeId, Verification,
-};
+use kho_proto::channel::UpgradeId;
 use kho_proto::keys::NodeKey;
 use rollback::Journal;
 
-use self::record::{Event, MoveStatus, Outcome, Phase, UpgradeKind, UpgradeRecord, WorkloadMove};
-use crate::exit::Exit;
+use crate::fault::Faults;
 use crate::handover::{self, SendFaults};
 use crate::platform::{
-    InstanceId, InstanceInfo, InstanceState, LoadableKernel, Platform, PlatformError, Resources,
+    Delivered, InstanceId, InstanceInfo, InstanceState, LoadableKernel, Platform, PlatformError,
+    Resources,
 };
-use crate::workload::WorkloadFile;
+use crate::record::{Event, MoveStatus, Outcome, Phase, UpgradeKind, UpgradeRecord, WorkloadMove};
+use crate::workload::{Transfer, WorkloadFile};
 
-/// How long one reply on the channel may take (verification of a large memfd included).
-const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+use self::plan::{Action, Observed, Plan};
 
-/// Test-only faults, each forcing one failure path (`mk-upgrade demo --inject`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Faults {
-    /// Corrupt a region of the first workload's handover image.
-    pub corrupt_region: bool,
-    /// Make the first workload's health check fail on the new instance.
-    pub health_fail: bool,
-    /// Kill this process (SIGKILL) right after the N-th journal write (1-based).
-    pub crash_after_write: Option<u32>,
+/// What the state machine needs from the outside world besides the platform: time,
+/// randomness and the capture of a process's task state. Injected so that the state
+/// machine runs in unit tests without processes.
+pub trait Env {
+    /// Seconds since the epoch (the record's `started_at`).
+    fn now_unix(&self) -> u64;
+    /// A monotonic instant.
+    fn now(&self) -> Instant;
+    /// A fresh random upgrade id.
+    fn random_id(&self) -> [u8; 16];
+    /// The task state of process `pid` (read from `/proc`).
+    fn capture_task(
+        &self,
+        pid: i32,
+    ) -> Result<state_serializers::task::TaskState, state_serializers::StateError>;
+}
+
+/// The real environment: system clock, the OS random source, `/proc` under `proc_root`.
+#[derive(Debug, Clone)]
+pub struct SystemEnv {
+    /// The root under which `proc/` is read (`/` on a live system).
+    pub proc_root: PathBuf,
+}
+
+impl Default for SystemEnv {
+    fn default() -> Self {
+        SystemEnv {
+            proc_root: PathBuf::from("/"),
+        }
+    }
+}
+
+impl Env for SystemEnv {
+    fn now_unix(&self) -> u64 {
+        rollback::time::now_unix()
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn random_id(&self) -> [u8; 16] {
+        let mut id = [0u8; 16];
+        // A failure of the OS random source leaves zeroes only in a sandbox without
+        // getrandom; ids then still differ by time.
+        if getrandom::fill(&mut id).is_err() {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            id = t.to_le_bytes();
+        }
+        id
+    }
+
+    fn capture_task(
+        &self,
+        pid: i32,
+    ) -> Result<state_serializers::task::TaskState, state_serializers::StateError> {
+        state_serializers::task::capture_tasks(
+            &self.proc_root,
+            &[pid],
+            &state_serializers::task::CaptureOptions::default(),
+        )
+    }
 }
 
 /// Progress notifications (the CLI draws them; tests ignore them).
@@ -67,67 +135,50 @@ impl Observer for Quiet {}
 /// Why an upgrade did not end upgraded.
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
+    /// Rolled back: the old kernel serves everything.
     #[error("upgrade rolled back: {reason}")]
     RolledBack { reason: String },
+    /// Neither fully old nor fully new could be reached by itself.
     #[error("upgrade failed and needs an operator: {0}")]
     Failed(String),
     #[error(transparent)]
     Platform(#[from] PlatformError),
     #[error("journal: {0}")]
     Journal(#[from] rollback::JournalError),
+    /// Refused before anything changed.
     #[error("{0}")]
     Refused(String),
+    #[error("kernel slots: {0}")]
+    Slots(#[from] rollback::SlotError),
 }
 
-impl UpgradeError {
-    /// The documented exit code.
-    pub fn exit(&self) -> Exit {
-        match self {
-            UpgradeError::RolledBack { .. } => Exit::RolledBack,
-            UpgradeError::Failed(_) | UpgradeError::Platform(_) => Exit::Platform,
-            UpgradeError::Journal(_) => Exit::Internal,
-            UpgradeError::Refused(_) => Exit::PreflightFailed,
-        }
-    }
+/// Kernel slots to update when the upgrade ends upgraded (a journaled step): the candidate
+/// becomes current (apply) or current and previous swap (rollback), and the image's version
+/// floor is raised.
+#[derive(Debug)]
+pub struct Promotion {
+    pub slots: rollback::Slots,
+    /// The verified manifest's version floor, raised on success.
+    pub floor: Option<String>,
 }
 
-/// Why one move failed.
-#[derive(Debug, thiserror::Error)]
-enum MoveError {
-    #[error("{workload}: check {check} failed on instance {instance}: {detail}")]
-    Check {
-        workload: String,
-        instance: InstanceId,
-        check: String,
-        detail: String,
-    },
-    #[error("{workload}: unhealthy on instance {instance}: {detail}")]
-    Unhealthy {
-        workload: String,
-        instance: InstanceId,
-        detail: String,
-    },
-    #[error("{0}")]
-    Other(String),
-    #[error(transparent)]
-    Platform(#[from] PlatformError),
-}
-
-type Chan = Channel<Box<dyn Transport>>;
-
-/// What an apply needs besides the platform.
+/// What an upgrade needs besides the platform.
 pub struct Setup<'a> {
     pub journal: Journal<UpgradeRecord>,
     pub specs: WorkloadFile,
     pub node_key: NodeKey,
     pub faults: Faults,
     pub observer: &'a dyn Observer,
+    pub env: &'a dyn Env,
+    /// Slots to promote on success (none: the platform keeps its kernels itself).
+    pub promotion: Option<Promotion>,
 }
 
 impl std::fmt::Debug for Setup<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Setup")
             .field("faults", &self.faults)
+            .field("promotion", &self.promotion)
             .finish_non_exhaustive()
     }
 }
@@ -138,8 +189,6 @@ pub struct Orchestrator<'a> {
     setup: Setup<'a>,
     /// The journal record (public for reports).
     pub record: UpgradeRecord,
-    rt: tokio::runtime::Runtime,
-    channels: BTreeMap<InstanceId, Chan>,
     started: Instant,
     writes: u32,
     upgrade_id: UpgradeId,
@@ -171,20 +220,6 @@ pub fn current_instance(platform: &mut dyn Platform) -> Result<InstanceInfo, Upg
             "{n} active instances: an upgrade is in progress or was interrupted; run `mk-upgrade recover`"
         ))),
     }
-}
-
-fn new_upgrade_id() -> [u8; 16] {
-    let mut id = [0u8; 16];
-    // A failure of the OS random source leaves zeroes only in a test sandbox without
-    // getrandom; ids then still differ by time below.
-    if getrandom::fill(&mut id).is_err() {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        id = t.to_le_bytes();
-    }
-    id
 }
 
 fn ms(d: Duration) -> u64 {
@@ -219,16 +254,12 @@ impl<'a> Orchestrator<'a> {
         }
         // Move in workload-file order, so operators can put the least critical first.
         names.sort_by_key(|n| setup.specs.workloads.iter().position(|s| &s.name == n));
-        let id = new_upgrade_id();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| UpgradeError::Failed(format!("starting the channel runtime: {e}")))?;
+        let id = setup.env.random_id();
         let record = UpgradeRecord {
             upgrade_id: hex::encode(id),
             kind,
             platform: caps.kind,
-            started_at: rollback::time::now_unix(),
+            started_at: setup.env.now_unix(),
             kernel_before: current.kernel_release.clone().unwrap_or_default(),
             kernel_after: kernel_after.to_owned(),
             image_sha256: hex::encode(image_sha256),
@@ -251,18 +282,8 @@ impl<'a> Orchestrator<'a> {
             error: None,
             recovered: false,
         };
-        let faults_left = setup.faults;
-        let mut o = Orchestrator {
-            platform,
-            setup,
-            record,
-            rt,
-            channels: BTreeMap::new(),
-            started: Instant::now(),
-            writes: 0,
-            upgrade_id: UpgradeId(id),
-            faults_left,
-        };
+        let mut o = Self::with_record(platform, setup, record)?;
+        o.faults_left = o.setup.faults.effective();
         o.step(
             Phase::Verified,
             "image verified; upgrade journaled".to_owned(),
@@ -270,8 +291,8 @@ impl<'a> Orchestrator<'a> {
         Ok(o)
     }
 
-    /// Resumes a journaled record (recovery).
-    fn resume(
+    /// An orchestrator over an existing record (recovery, or a kexec's second half).
+    fn with_record(
         platform: &'a mut dyn Platform,
         setup: Setup<'a>,
         record: UpgradeRecord,
@@ -283,34 +304,44 @@ impl<'a> Orchestrator<'a> {
                 record.upgrade_id
             ))
         })?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| UpgradeError::Failed(format!("starting the channel runtime: {e}")))?;
+        let upgrade_id = UpgradeId(id);
+        platform.set_upgrade(upgrade_id);
+        let started = setup.env.now();
         Ok(Orchestrator {
             platform,
             setup,
             record,
-            rt,
-            channels: BTreeMap::new(),
-            started: Instant::now(),
+            started,
             writes: 0,
-            upgrade_id: UpgradeId(id),
-            faults_left: Faults::default(),
+            upgrade_id,
+            faults_left: Faults::NONE,
         })
+    }
+
+    /// How many journal writes this orchestrator made.
+    pub fn journal_writes(&self) -> u32 {
+        self.writes
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.setup.env.now().saturating_duration_since(self.started)
     }
 
     /// Journals `what` as a step of `phase` (before doing it).
     fn step(&mut self, phase: Phase, what: String) -> Result<(), UpgradeError> {
         self.record.phase = phase;
-        let t_ms = ms(self.started.elapsed());
+        let t_ms = ms(self.elapsed());
         tracing::info!(upgrade = %self.record.upgrade_id, ?phase, "{what}");
         self.setup.observer.step(phase, &what);
-        self.record.events.push(Event { t_ms, what });
+        self.record.events.push(Event {
+            t_ms,
+            what,
+            journaled: Some(phase),
+        });
         self.setup.journal.write(&self.record)?;
         self.writes += 1;
         if self.faults_left.crash_after_write == Some(self.writes) {
-            // Test-only: die exactly here, as kill -9 would.
+            // Test-only (fault-injection builds): die exactly here, as kill -9 would.
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
         Ok(())
@@ -318,9 +349,13 @@ impl<'a> Orchestrator<'a> {
 
     /// Records an event without a journal write (it is written with the next step).
     fn note(&mut self, what: String) {
-        let t_ms = ms(self.started.elapsed());
+        let t_ms = ms(self.elapsed());
         self.setup.observer.step(self.record.phase, &what);
-        self.record.events.push(Event { t_ms, what });
+        self.record.events.push(Event {
+            t_ms,
+            what,
+            journaled: None,
+        });
     }
 
     fn set_status(&mut self, name: &str, status: MoveStatus, detail: Option<String>) {
@@ -339,91 +374,16 @@ impl<'a> Orchestrator<'a> {
         self.record.outcome = Some(outcome);
         self.record.error = error;
         self.record.phase = Phase::Done;
-        let t_ms = ms(self.started.elapsed());
+        let t_ms = ms(self.elapsed());
         let what = format!("finished: {outcome:?}");
         self.setup.observer.step(Phase::Done, &what);
-        self.record.events.push(Event { t_ms, what });
+        self.record.events.push(Event {
+            t_ms,
+            what,
+            journaled: None,
+        });
         self.setup.journal.finish(&self.record)?;
         Ok(())
-    }
-
-    fn local_peer(&self) -> PeerInfo {
-        PeerInfo {
-            instance_id: self.record.old_instance,
-            role: Role::Old,
-            kernel_release: self.record.kernel_before.clone(),
-            agent_version: crate::receiver::agent_version(),
-        }
-    }
-
-    /// The negotiated channel to `id` (opened on first use).
-    fn channel(&mut self, id: InstanceId) -> Result<&mut Chan, MoveError> {
-        if !self.channels.contains_key(&id) {
-            // Transports register with the runtime's reactor when they are made.
-            let _enter = self.rt.enter();
-            let transport = self.platform.connect(id, self.upgrade_id)?;
-            let mut chan = Channel::new(transport, self.upgrade_id, self.local_peer());
-            let negotiated = self
-                .rt
-                .block_on(async {
-                    tokio::time::timeout(REPLY_TIMEOUT, chan.negotiate_as_initiator()).await
-                })
-                .map_err(|_| MoveError::Other(format!("instance {id}: no Hello answer")))?
-                .map_err(|e| MoveError::Other(format!("instance {id}: negotiation: {e}")))?;
-            tracing::info!(instance = id, version = negotiated.version, peer = ?negotiated.peer, "channel up");
-            self.channels.insert(id, chan);
-        }
-        self.channels
-            .get_mut(&id)
-            .ok_or_else(|| MoveError::Other("channel vanished".into()))
-    }
-
-    fn send(
-        &mut self,
-        id: InstanceId,
-        m: Message,
-        fds: &[std::os::fd::BorrowedFd<'_>],
-    ) -> Result<(), MoveError> {
-        let rt = &self.rt;
-        let chan = self
-            .channels
-            .get_mut(&id)
-            .ok_or_else(|| MoveError::Other(format!("no channel to instance {id}")))?;
-        rt.block_on(chan.send(m, fds))
-            .map(drop)
-            .map_err(|e| MoveError::Other(format!("instance {id}: send: {e}")))
-    }
-
-    fn recv(&mut self, id: InstanceId) -> Result<Message, MoveError> {
-        let rt = &self.rt;
-        let chan = self
-            .channels
-            .get_mut(&id)
-            .ok_or_else(|| MoveError::Other(format!("no channel to instance {id}")))?;
-        let (frame, _fds) = rt
-            .block_on(async { tokio::time::timeout(REPLY_TIMEOUT, chan.recv()).await })
-            .map_err(|_| {
-                MoveError::Other(format!("instance {id}: no reply within {REPLY_TIMEOUT:?}"))
-            })?
-            .map_err(|e| MoveError::Other(format!("instance {id}: receive: {e}")))?;
-        Ok(frame.message)
-    }
-
-    /// A heartbeat round trip: the peer's agent is alive and answering.
-    fn heartbeat(&mut self, id: InstanceId) -> Result<(), MoveError> {
-        self.channel(id)?;
-        let hb = Message::Heartbeat(Heartbeat {
-            monotonic_ms: ms(self.started.elapsed()),
-            state: AgentState::Migrating,
-        });
-        self.send(id, hb, &[])?;
-        match self.recv(id)? {
-            Message::Heartbeat(_) => Ok(()),
-            other => Err(MoveError::Other(format!(
-                "instance {id}: expected a heartbeat, got {}",
-                other.message_type()
-            ))),
-        }
     }
 
     fn release_of(&mut self, id: InstanceId) -> String {
@@ -435,22 +395,35 @@ impl<'a> Orchestrator<'a> {
             .unwrap_or_else(|| "unknown".to_owned())
     }
 
-    /// Moves one workload from `from` to `to`. On failure the workload runs (thawed) on
-    /// `from` again and nothing of it remains on `to`.
+    fn names(&self) -> Vec<String> {
+        self.record
+            .workloads
+            .iter()
+            .map(|w| w.name.clone())
+            .collect()
+    }
+
+    /// Moves one workload from `from` to `to`: capture, freeze, build the hand-over and
+    /// deliver it. Side by side, the copy on `to` is healthy and committed when this
+    /// returns `Ok(Some(blackout_us))`; replace, it is staged (`Ok(None)`) and the old copy
+    /// stays frozen. On failure the workload runs (thawed) on `from` again and nothing of it
+    /// remains on `to`.
     fn move_workload(
         &mut self,
         from: InstanceId,
         to: InstanceId,
         name: &str,
         phase: Phase,
-    ) -> Result<u64, MoveError> {
-        let mut spec = self
-            .setup
-            .specs
-            .get(name)
-            .cloned()
-            .ok_or_else(|| MoveError::Other(format!("{name} is not in the workload file")))?;
-        self.channel(to)?;
+    ) -> Result<Option<u64>, PlatformError> {
+        let mut spec =
+            self.setup
+                .specs
+                .get(name)
+                .cloned()
+                .ok_or_else(|| PlatformError::NoSuchWorkload {
+                    instance: from,
+                    workload: name.to_owned(),
+                })?;
         // Task state is captured before the freeze, outside the blackout: it describes the
         // process (exe, args, env, limits, fds), which a handover does not change; the
         // capture itself refuses a process that changed while it was read.
@@ -461,44 +434,38 @@ impl<'a> Orchestrator<'a> {
             .find(|i| i.id == from)
             .and_then(|i| i.workloads.into_iter().find(|w| w.name == name))
             .map(|w| w.pid)
-            .ok_or_else(|| MoveError::Other(format!("{name} does not run on instance {from}")))?;
-        let task = state_serializers::task::capture_tasks(
-            Path::new("/"),
-            &[pid],
-            &state_serializers::task::CaptureOptions::default(),
-        )
-        .map_err(|e| MoveError::Other(format!("{name}: capturing task state: {e}")))?;
+            .ok_or_else(|| PlatformError::NoSuchWorkload {
+                instance: from,
+                workload: name.to_owned(),
+            })?;
+        let task = self
+            .setup
+            .env
+            .capture_task(pid)
+            .map_err(|e| PlatformError::Instance {
+                id: from,
+                what: format!("{name}: capturing task state: {e}"),
+            })?;
         if std::mem::take(&mut self.faults_left.health_fail) {
             spec.env
-                .insert(crate::receiver::HEALTH_FAIL_ENV.to_owned(), "1".to_owned());
+                .insert(crate::fault::HEALTH_FAIL_ENV.to_owned(), "1".to_owned());
         }
         // Announced before the freeze, so the receiver prepares (creates the workload's
         // cgroup, which can take milliseconds) outside the blackout.
-        let spec_json = serde_json::to_vec(&spec).map_err(|e| MoveError::Other(e.to_string()))?;
-        self.send(
-            to,
-            Message::PrepareMigration(PrepareMigration {
-                workload_id: name.to_owned(),
-                spec: spec_json,
-            }),
-            &[],
-        )?;
+        self.platform.prepare(to, &spec)?;
         self.set_status(name, MoveStatus::Freezing, None);
         self.step(phase, format!("{name}: freeze on instance {from}"))
-            .map_err(|e| MoveError::Other(e.to_string()))?;
-        let t0 = Instant::now();
+            .map_err(|e| PlatformError::Instance {
+                id: from,
+                what: e.to_string(),
+            })?;
+        let t0 = self.setup.env.now();
         self.platform.freeze(from, name)?;
-        tracing::debug!(us = us(t0.elapsed()), "{name}: frozen");
-        let attempt = self.offer(from, to, name, &mut spec, &task, t0);
+        let attempt = self.offer(from, to, name, &spec, &task, t0);
         match attempt {
-            Ok(blackout) => Ok(blackout),
+            Ok(b) => Ok(b),
             Err(e) => {
-                // Best effort: the receiver also stops an uncommitted copy on Abort or EOF.
-                let abort = Message::Abort(kho_proto::channel::Abort {
-                    workload_id: Some(name.to_owned()),
-                    reason: e.to_string(),
-                });
-                let _ = self.send(to, abort, &[]);
+                self.platform.abort(to, name, &e.to_string());
                 self.platform.thaw(from, name)?;
                 Err(e)
             }
@@ -510,17 +477,17 @@ impl<'a> Orchestrator<'a> {
         from: InstanceId,
         to: InstanceId,
         name: &str,
-        spec: &mut crate::workload::WorkloadSpec,
+        spec: &crate::workload::WorkloadSpec,
         task: &state_serializers::task::TaskState,
         t0: Instant,
-    ) -> Result<u64, MoveError> {
+    ) -> Result<Option<u64>, PlatformError> {
+        let io = |what: String| PlatformError::Instance { id: from, what };
         let mut fds = self.platform.preserved_fds(from, name)?;
-        if spec.transfer == crate::workload::Transfer::Copy {
+        if spec.transfer == Transfer::Copy {
             for p in &mut fds {
-                if state_serializers::sys::get_seals(p.fd.as_fd()).is_ok() {
-                    p.fd = handover::copy_memfd(&p.name, p.fd.as_fd()).map_err(|e| {
-                        MoveError::Other(format!("{name}: copying {}: {e}", p.name))
-                    })?;
+                if state_serializers::sys::get_seals(std::os::fd::AsFd::as_fd(&p.fd)).is_ok() {
+                    p.fd = handover::copy_memfd(&p.name, std::os::fd::AsFd::as_fd(&p.fd))
+                        .map_err(|e| io(format!("{name}: copying {}: {e}", p.name)))?;
                 }
             }
         }
@@ -539,8 +506,7 @@ impl<'a> Orchestrator<'a> {
             &self.setup.node_key,
             faults,
         )
-        .map_err(|e| MoveError::Other(format!("{name}: building the handover image: {e}")))?;
-        tracing::debug!(us = us(t0.elapsed()), "{name}: handover image built");
+        .map_err(|e| io(format!("{name}: building the handover image: {e}")))?;
         // Not journaled (an fsync inside the blackout buys nothing): recovery finds an
         // offered copy by asking the instances, and the receiver stops uncommitted copies.
         self.set_status(name, MoveStatus::Offered, None);
@@ -549,78 +515,44 @@ impl<'a> Orchestrator<'a> {
             out.offer.image_len,
             out.offer.fds.len()
         ));
-        let frame_fds = out.frame_fds();
-        self.send(to, Message::RegionOffer(out.offer.clone()), &frame_fds)?;
-        drop(frame_fds);
-        drop(out);
-        match self.recv(to)? {
-            Message::RegionVerified(v) if v.workload_id == name => match v.result {
-                Verification::Ok => {
-                    let handover = us(t0.elapsed());
-                    if let Some(w) = self.record.workload_mut(name) {
-                        w.handover_us = Some(handover);
-                    }
+        let t_deliver = self.setup.env.now();
+        match self.platform.deliver(to, name, out)? {
+            Delivered::Staged => Ok(None),
+            Delivered::Healthy { verified_us } => {
+                let handover =
+                    us(t_deliver.saturating_duration_since(t0)).saturating_add(verified_us);
+                let blackout = us(self.setup.env.now().saturating_duration_since(t0));
+                if let Some(w) = self.record.workload_mut(name) {
+                    w.handover_us = Some(handover.min(blackout));
+                    w.blackout_us = Some(blackout);
                 }
-                Verification::Failed { check, detail } => {
-                    return Err(MoveError::Check {
-                        workload: name.to_owned(),
-                        instance: to,
-                        check,
-                        detail,
-                    });
-                }
-            },
-            other => {
-                return Err(MoveError::Other(format!(
-                    "{name}: expected RegionVerified, got {}",
-                    other.message_type()
-                )));
+                self.set_status(name, MoveStatus::Committing, None);
+                self.step(
+                    self.record.phase,
+                    format!("{name}: healthy on instance {to} after {blackout} us; commit"),
+                )
+                .map_err(|e| io(e.to_string()))?;
+                self.platform.commit(to, name)?;
+                // The new instance owns it now: the old copy goes away.
+                self.platform.stop_workload(from, name)?;
+                Ok(Some(blackout))
             }
         }
-        match self.recv(to)? {
-            Message::HealthReport(h) if h.workload_id == name => {
-                if !h.healthy {
-                    return Err(MoveError::Unhealthy {
-                        workload: name.to_owned(),
-                        instance: to,
-                        detail: h.detail,
-                    });
-                }
-            }
-            other => {
-                return Err(MoveError::Other(format!(
-                    "{name}: expected HealthReport, got {}",
-                    other.message_type()
-                )));
-            }
-        }
-        let blackout = us(t0.elapsed());
-        self.set_status(name, MoveStatus::Committing, None);
-        if let Some(w) = self.record.workload_mut(name) {
-            w.blackout_us = Some(blackout);
-        }
-        self.step(
-            self.record.phase,
-            format!("{name}: healthy on instance {to} after {blackout} us; commit"),
-        )
-        .map_err(|e| MoveError::Other(e.to_string()))?;
-        self.send(
-            to,
-            Message::Commit(Commit {
-                workload_id: name.to_owned(),
-            }),
-            &[],
-        )?;
-        // The new instance owns it now; a round trip proves the commit was processed
-        // before the old copy goes away.
-        self.heartbeat(to)?;
-        self.platform.stop_workload(from, name)?;
-        Ok(blackout)
     }
 
     /// Runs the upgrade to the end. On any workload failure, rolls back and returns
-    /// [`UpgradeError::RolledBack`].
+    /// [`UpgradeError::RolledBack`]. On a replace platform whose boot does not return (a
+    /// real kexec), the next kernel's agent finishes it ([`recover`]).
     pub fn run(&mut self, kernel: &LoadableKernel<'_>) -> Result<(), UpgradeError> {
+        let caps = self.platform.probe()?;
+        if caps.side_by_side {
+            self.run_side_by_side(kernel)
+        } else {
+            self.run_replace(kernel)
+        }
+    }
+
+    fn run_side_by_side(&mut self, kernel: &LoadableKernel<'_>) -> Result<(), UpgradeError> {
         let old = self.record.old_instance;
         let mut caps = self.platform.probe()?;
         if caps.spare_cpus.is_empty() {
@@ -647,28 +579,28 @@ impl<'a> Orchestrator<'a> {
             cpus: caps.spare_cpus.clone(),
             memory_bytes: caps.spare_memory_bytes,
         };
-        let new = self.platform.create_instance(&res)?;
+        let new = match self.platform.create_instance(&res) {
+            Ok(id) => id,
+            Err(e) => return self.roll_back(format!("creating the new instance: {e}")),
+        };
         self.record.new_instance = Some(new);
         self.step(
             Phase::InstanceCreated,
             format!("instance {new} created on spare cpus {:?}", res.cpus),
         )?;
-        if let Err(e) = self.boot_new(new, kernel) {
+        if let Err(e) = self.boot_beside(new, kernel) {
             return self.roll_back(e);
         }
-        for name in self
-            .record
-            .workloads
-            .iter()
-            .map(|w| w.name.clone())
-            .collect::<Vec<_>>()
-        {
+        for name in self.names() {
             match self.move_workload(old, new, &name, Phase::Migrating) {
                 Ok(blackout) => {
                     self.set_status(&name, MoveStatus::Committed, None);
                     self.step(
                         Phase::Migrating,
-                        format!("{name}: committed on instance {new} (blackout {blackout} us)"),
+                        format!(
+                            "{name}: committed on instance {new} (blackout {} us)",
+                            blackout.unwrap_or(0)
+                        ),
                     )?;
                 }
                 Err(e) => {
@@ -678,8 +610,7 @@ impl<'a> Orchestrator<'a> {
                 }
             }
         }
-        self.hand_over(old, new)?;
-        self.finish(Outcome::Upgraded, None)
+        self.hand_over(old, new)
     }
 
     fn refuse(&mut self, reason: String) -> Result<(), UpgradeError> {
@@ -687,17 +618,20 @@ impl<'a> Orchestrator<'a> {
         Err(UpgradeError::Refused(reason))
     }
 
-    fn boot_new(&mut self, new: InstanceId, kernel: &LoadableKernel<'_>) -> Result<(), String> {
+    fn boot_beside(&mut self, new: InstanceId, kernel: &LoadableKernel<'_>) -> Result<(), String> {
         self.platform.load(new, kernel).map_err(|e| e.to_string())?;
         self.step(
             Phase::KernelLoaded,
             format!("kernel {} loaded into instance {new}", kernel.release),
         )
         .map_err(|e| e.to_string())?;
-        self.platform.boot(new).map_err(|e| e.to_string())?;
         self.step(Phase::Booted, format!("instance {new} booted"))
             .map_err(|e| e.to_string())?;
-        self.heartbeat(new).map_err(|e| e.to_string())?;
+        let record = self.record.clone();
+        self.platform
+            .boot(new, Some(&record))
+            .map_err(|e| e.to_string())?;
+        self.platform.ping(new).map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -715,25 +649,10 @@ impl<'a> Orchestrator<'a> {
             .unwrap_or_default();
         // Tell the new instance's agent, then do it (best effort message: the platform
         // operation is what counts).
-        if self.channels.contains_key(&new) {
-            let _ = self.send(
-                new,
-                Message::ReleaseResources(ReleaseResources {
-                    cpus: old_res.cpus.clone(),
-                    memory_bytes: old_res.memory_bytes,
-                }),
-                &[],
-            );
-            let _ = self.send(
-                new,
-                Message::Shutdown(Shutdown {
-                    reason: "upgrade complete".into(),
-                }),
-                &[],
-            );
-        }
-        self.channels.clear();
-        self.converge_forward(old, new)
+        self.platform.disconnect(Some(&old_res));
+        self.converge_forward(old, new)?;
+        self.promote()?;
+        self.finish(Outcome::Upgraded, None)
     }
 
     /// Halts `old` (if still active), gives its resources to `new`, removes it.
@@ -749,13 +668,57 @@ impl<'a> Orchestrator<'a> {
         Ok(())
     }
 
+    /// The kernel slots, after every workload runs on the new kernel (idempotent, so that
+    /// recovery may repeat it): the candidate becomes current (apply), or current and
+    /// previous swap (rollback); the version floor is raised.
+    fn promote(&mut self) -> Result<(), UpgradeError> {
+        let Some(p) = self.setup.promotion.as_mut() else {
+            return Ok(());
+        };
+        let after = self.record.kernel_after.clone();
+        let current = p.slots.peek(rollback::Slot::Current)?.map(|i| i.release);
+        if current.as_deref() == Some(after.as_str()) {
+            return Ok(());
+        }
+        let what = match self.record.kind {
+            UpgradeKind::Apply => format!("kernel slots: {after} becomes current"),
+            UpgradeKind::Rollback => format!("kernel slots: back to {after}"),
+        };
+        self.step(Phase::HandingOver, what)?;
+        let p = self
+            .setup
+            .promotion
+            .as_mut()
+            .expect("checked above: promotion is set");
+        match self.record.kind {
+            UpgradeKind::Apply => {
+                if p.slots.peek(rollback::Slot::Candidate)?.map(|i| i.release) == Some(after) {
+                    p.slots.promote_candidate()?;
+                }
+            }
+            UpgradeKind::Rollback => {
+                if p.slots.peek(rollback::Slot::Previous)?.map(|i| i.release) == Some(after) {
+                    p.slots.swap_for_rollback()?;
+                }
+            }
+        }
+        if let Some(floor) = p.floor.clone() {
+            p.slots.raise_floor(&floor)?;
+        }
+        Ok(())
+    }
+
     /// Moves every committed workload back to the old instance (reverse order), removes the
-    /// new instance and gives the old one its resources back.
+    /// new instance and gives the old one its resources back (side by side); thaws every
+    /// staged workload and drops what was staged (replace, before the boot).
     fn roll_back(&mut self, reason: String) -> Result<(), UpgradeError> {
         let old = self.record.old_instance;
         self.step(Phase::RollingBack, format!("rolling back: {reason}"))?;
         let mut stuck = Vec::new();
         if let Some(new) = self.record.new_instance {
+            // The channel to the new instance is not needed any more: closing it makes the
+            // receiver stop any uncommitted copy.
+            self.platform.disconnect(None);
             let moved: Vec<String> = self
                 .record
                 .workloads
@@ -764,15 +727,13 @@ impl<'a> Orchestrator<'a> {
                 .filter(|w| w.status == MoveStatus::Committed)
                 .map(|w| w.name.clone())
                 .collect();
-            // The channel to the new instance is not needed any more: closing it makes the
-            // receiver stop any uncommitted copy.
-            self.channels.remove(&new);
             for name in moved {
                 match self.move_workload(new, old, &name, Phase::RollingBack) {
                     Ok(blackout) => {
                         self.set_status(&name, MoveStatus::MovedBack, None);
                         if let Some(w) = self.record.workload_mut(&name) {
-                            w.blackout_us = Some(w.blackout_us.unwrap_or(0) + blackout);
+                            w.blackout_us =
+                                Some(w.blackout_us.unwrap_or(0) + blackout.unwrap_or(0));
                         }
                         self.step(
                             Phase::RollingBack,
@@ -793,7 +754,20 @@ impl<'a> Orchestrator<'a> {
                     }
                 }
             }
-            self.channels.clear();
+            // Staged (replace) or offered copies: drop them, thaw the originals.
+            let staged: Vec<String> = self
+                .record
+                .workloads
+                .iter()
+                .filter(|w| matches!(w.status, MoveStatus::Offered | MoveStatus::Freezing))
+                .map(|w| w.name.clone())
+                .collect();
+            for name in staged {
+                self.platform.abort(new, &name, &reason);
+                self.platform.thaw(old, &name)?;
+                self.set_status(&name, MoveStatus::Aborted, None);
+            }
+            self.platform.disconnect(None);
             if stuck.is_empty() {
                 self.remove_new(new)?;
             }
@@ -827,6 +801,10 @@ impl<'a> Orchestrator<'a> {
     fn restore_old_resources(&mut self) -> Result<(), UpgradeError> {
         let old = self.record.old_instance;
         let want = self.record.old_resources.clone();
+        if want.cpus.is_empty() {
+            // Replace platforms own no resources per instance.
+            return Ok(());
+        }
         let now = self
             .platform
             .instances()?
@@ -838,40 +816,240 @@ impl<'a> Orchestrator<'a> {
         }
         Ok(())
     }
+
+    // ---- replace platforms (LUO) ----------------------------------------------------------
+
+    fn run_replace(&mut self, kernel: &LoadableKernel<'_>) -> Result<(), UpgradeError> {
+        let old = self.record.old_instance;
+        let new = match self.platform.create_instance(&Resources::default()) {
+            Ok(id) => id,
+            // Nothing changed yet.
+            Err(e) => return self.refuse(e.to_string()),
+        };
+        self.record.new_instance = Some(new);
+        self.step(
+            Phase::InstanceCreated,
+            format!(
+                "kernel {} will replace {}",
+                kernel.release, self.record.kernel_before
+            ),
+        )?;
+        for name in self.names() {
+            match self.move_workload(old, new, &name, Phase::Migrating) {
+                Ok(_) => {}
+                Err(e) => {
+                    self.set_status(&name, MoveStatus::Aborted, Some(e.to_string()));
+                    self.step(Phase::Migrating, format!("{name}: staging failed: {e}"))?;
+                    return self.roll_back(e.to_string());
+                }
+            }
+        }
+        let staged = self.record.workloads.len();
+        if let Err(e) = self.platform.load(new, kernel) {
+            return self.roll_back(format!("loading {}: {e}", kernel.release));
+        }
+        self.step(
+            Phase::KernelLoaded,
+            format!(
+                "{staged} workload(s) staged; kernel {} loaded",
+                kernel.release
+            ),
+        )?;
+        self.step(Phase::Booted, format!("booting {} (kexec)", kernel.release))?;
+        let record = self.record.clone();
+        match self.platform.boot(new, Some(&record)) {
+            // A platform whose boot returns (the fake platform) carries on here as the next
+            // kernel's agent would.
+            Ok(()) => self.claim_forward(),
+            Err(e) => self.roll_back(format!("booting {}: {e}", kernel.release)),
+        }
+    }
+
+    /// In the booted kernel: claims every staged workload; commits, or returns to the
+    /// previous kernel.
+    fn claim_forward(&mut self) -> Result<(), UpgradeError> {
+        let new = self.record.new_instance.unwrap_or(self.record.old_instance);
+        let release = self.record.kernel_after.clone();
+        self.step(
+            Phase::Migrating,
+            format!(
+                "{release} up: claiming {} workload(s)",
+                self.record.workloads.len()
+            ),
+        )?;
+        let mut failure = None;
+        for name in self.names() {
+            match self.platform.claim(&name) {
+                Ok(c) => {
+                    if let Some(w) = self.record.workload_mut(&name) {
+                        w.blackout_us = Some(c.blackout_us);
+                        w.handover_us = Some(c.handover_us);
+                    }
+                    self.set_status(&name, MoveStatus::Committed, None);
+                    self.note(format!(
+                        "{name}: {} bytes verified in {:.1} ms, started in {:.1} ms, healthy after {:.1} ms",
+                        c.bytes, c.verify_ms, c.start_ms, c.health_ms
+                    ));
+                }
+                Err(e) => {
+                    self.set_status(&name, MoveStatus::Aborted, Some(e.to_string()));
+                    failure = Some(format!("{name}: {e}"));
+                    break;
+                }
+            }
+        }
+        if let Some(reason) = failure {
+            self.record.error = Some(reason.clone());
+            self.step(
+                Phase::RollingBack,
+                format!(
+                    "failed in {release}: {reason}; returning to {}",
+                    self.record.kernel_before
+                ),
+            )?;
+            let record = self.record.clone();
+            let back = self.platform.return_to_previous(&record);
+            // Only reached when the way back failed (or on a platform whose boot returns).
+            return match back {
+                Ok(()) => self.claim_return(),
+                Err(e) => {
+                    let msg = format!("{reason}; coming back failed too: {e}");
+                    self.finish(Outcome::Failed, Some(msg.clone()))?;
+                    Err(UpgradeError::Failed(msg))
+                }
+            };
+        }
+        self.step(
+            Phase::HandingOver,
+            format!("every workload verified, restored and healthy on instance {new}: committed"),
+        )?;
+        self.platform.confirm()?;
+        self.promote()?;
+        self.finish(Outcome::Upgraded, None)
+    }
+
+    /// Back in the previous kernel after a failure: claims every returned workload.
+    fn claim_return(&mut self) -> Result<(), UpgradeError> {
+        let reason = self
+            .record
+            .error
+            .clone()
+            .unwrap_or_else(|| "the new kernel failed".into());
+        let mut stuck = Vec::new();
+        for name in self.names() {
+            match self.platform.claim(&name) {
+                Ok(c) => {
+                    if let Some(w) = self.record.workload_mut(&name) {
+                        w.blackout_us = Some(c.blackout_us);
+                    }
+                    self.set_status(&name, MoveStatus::MovedBack, None);
+                }
+                Err(e) => {
+                    self.set_status(&name, MoveStatus::Aborted, Some(e.to_string()));
+                    stuck.push(format!("{name}: {e}"));
+                }
+            }
+        }
+        if stuck.is_empty() {
+            self.note("back on the previous kernel: every workload restarted and healthy".into());
+            self.finish(Outcome::RolledBack, Some(reason.clone()))?;
+            Err(UpgradeError::RolledBack { reason })
+        } else {
+            let msg = format!(
+                "{reason}; back on {}, but the restart failed: {}",
+                self.record.kernel_before,
+                stuck.join("; ")
+            );
+            self.finish(Outcome::Failed, Some(msg.clone()))?;
+            Err(UpgradeError::Failed(msg))
+        }
+    }
 }
 
 /// Brings an interrupted upgrade to an end: fully new if every workload had moved, else
-/// fully old. Returns the finished record, or `None` when no upgrade was in flight.
+/// fully old; on a replace platform, carries on with what the kexec carried over. Returns
+/// the finished record, or `None` when no upgrade was in flight.
 pub fn recover<'a>(
     platform: &'a mut dyn Platform,
     setup: Setup<'a>,
 ) -> Result<Option<UpgradeRecord>, UpgradeError> {
-    let Some(mut record) = setup.journal.current()? else {
+    let caps = platform.probe()?;
+    let carried = if caps.side_by_side {
+        None
+    } else {
+        platform.handed_over()
+    };
+    let journaled = setup.journal.current()?;
+    // The record a kexec carried is newer than anything this kernel's journal holds.
+    let record = carried.clone().or(journaled);
+    let running = current_instance(platform)
+        .ok()
+        .and_then(|i| i.kernel_release)
+        .unwrap_or_default();
+    let seen = Observed {
+        replace: !caps.side_by_side,
+        carried_over: carried.is_some(),
+        running_release: running,
+    };
+    let decision = plan::plan(record.as_ref(), &seen);
+    let Some(mut record) = record else {
         return Ok(None);
     };
-    record.recovered = true;
-    let mut o = Orchestrator::resume(platform, setup, record)?;
+    if decision != Plan::ClaimForward && decision != Plan::ClaimReturn {
+        record.recovered = true;
+    }
+    let mut o = Orchestrator::with_record(platform, setup, record)?;
     let phase = o.record.phase;
-    o.step(phase, format!("recovery: resuming from phase {phase:?}"))?;
-    let old = o.record.old_instance;
-    let result = match (phase, o.record.new_instance) {
-        (Phase::Done, _) => {
-            let outcome = o.record.outcome.unwrap_or(Outcome::Failed);
-            o.finish(outcome, o.record.error.clone())
+    let result = match decision {
+        Plan::Nothing => return Ok(None),
+        Plan::Finish(outcome) => {
+            let error = o.record.error.clone();
+            o.finish(outcome, error)
         }
-        (Phase::HandingOver, Some(new)) => o
-            .converge_forward(old, new)
-            .and_then(|()| o.finish(Outcome::Upgraded, None)),
-        _ => o.recover_backward(),
+        Plan::ConvergeForward => {
+            o.step(phase, format!("recovery: resuming from phase {phase:?}"))?;
+            let (old, new) = (
+                o.record.old_instance,
+                o.record
+                    .new_instance
+                    .expect("planned only with a new instance"),
+            );
+            o.converge_forward(old, new)
+                .and_then(|()| o.promote())
+                .and_then(|()| o.finish(Outcome::Upgraded, None))
+        }
+        Plan::Reconcile => {
+            o.step(phase, format!("recovery: resuming from phase {phase:?}"))?;
+            o.reconcile()
+        }
+        Plan::ClaimForward => o.claim_forward(),
+        Plan::ClaimReturn => o.claim_return(),
+        Plan::Abandon { outcome, reason } => {
+            abandon(&mut o.record);
+            o.note(format!("recovered at boot: {reason}"));
+            o.finish(outcome, Some(reason))
+        }
     };
     match result {
         Ok(()) | Err(UpgradeError::RolledBack { .. }) => Ok(Some(o.record)),
+        Err(UpgradeError::Failed(_)) if o.record.phase == Phase::Done => Ok(Some(o.record)),
         Err(e) => Err(e),
     }
 }
 
+/// Marks every workload of an abandoned record (replace platforms: nothing but the journal
+/// survived) as aborted; they start again from the workload file.
+pub fn abandon(record: &mut UpgradeRecord) {
+    record.recovered = true;
+    for w in &mut record.workloads {
+        w.status = MoveStatus::Aborted;
+    }
+}
+
 impl Orchestrator<'_> {
-    fn recover_backward(&mut self) -> Result<(), UpgradeError> {
+    /// Side by side after a crash: settles each workload ([`plan::reconcile`]), then rolls
+    /// back.
+    fn reconcile(&mut self) -> Result<(), UpgradeError> {
         let old = self.record.old_instance;
         let insts = self.platform.instances()?;
         // Instances this upgrade created but never journaled (crash between create and
@@ -884,65 +1062,46 @@ impl Orchestrator<'_> {
                 self.platform.destroy(i.id)?;
             }
         }
-        let on = |id: Option<InstanceId>, name: &str| -> Option<crate::platform::WorkloadInfo> {
+        let on = |id: Option<InstanceId>, name: &str| -> Option<crate::model::WorkloadInfo> {
             insts
                 .iter()
                 .find(|i| Some(i.id) == id && i.state == InstanceState::Active)
                 .and_then(|i| i.workloads.iter().find(|w| w.name == name).cloned())
         };
         let new = self.record.new_instance;
-        let back_in_progress = self.record.phase == Phase::RollingBack;
+        let back = self.record.phase == Phase::RollingBack;
         for w in self.record.workloads.clone() {
             let on_old = on(Some(old), &w.name);
-            let mut on_new = on(new, &w.name);
-            if let (Some(n), Some(nw)) = (new, &on_new)
-                && nw.pending_commit
-            {
-                self.platform.stop_workload(n, &w.name)?;
-                on_new = None;
-            }
-            match (on_old, on_new) {
-                (Some(o), Some(_)) => {
-                    // Both copies exist: a commit reached its target. Forward moves commit
-                    // on the new instance; during rollback, moves commit on the old one.
-                    if back_in_progress && w.status != MoveStatus::Committed {
-                        self.platform.stop_workload(new.unwrap_or(old), &w.name)?;
-                        self.set_status(&w.name, MoveStatus::MovedBack, None);
-                    } else {
-                        if o.frozen || w.status == MoveStatus::Committing {
-                            self.platform.stop_workload(old, &w.name)?;
+            let on_new = on(new, &w.name);
+            for action in plan::reconcile(w.status, on_old.as_ref(), on_new.as_ref(), back) {
+                match action {
+                    Action::StopNew => {
+                        if let Some(n) = new {
+                            self.platform.stop_workload(n, &w.name)?;
                         }
-                        self.set_status(&w.name, MoveStatus::Committed, None);
                     }
-                }
-                (Some(o), None) => {
-                    if o.frozen {
-                        self.platform.thaw(old, &w.name)?;
+                    Action::StopOld => self.platform.stop_workload(old, &w.name)?,
+                    Action::ThawOld => self.platform.thaw(old, &w.name)?,
+                    Action::ThawNew => {
+                        if let Some(n) = new {
+                            self.platform.thaw(n, &w.name)?;
+                        }
                     }
-                    if w.status != MoveStatus::MovedBack && w.status != MoveStatus::Pending {
-                        self.set_status(
-                            &w.name,
-                            MoveStatus::Aborted,
-                            Some("recovered on the old instance".into()),
+                    Action::Status(MoveStatus::Aborted) => self.set_status(
+                        &w.name,
+                        MoveStatus::Aborted,
+                        Some("recovered on the old instance".into()),
+                    ),
+                    Action::Status(s) => self.set_status(&w.name, s, None),
+                    Action::Lost => {
+                        let msg = format!(
+                            "{} runs on no instance after the crash; its preserved state may be lost: restart it by hand",
+                            w.name
                         );
+                        self.set_status(&w.name, MoveStatus::Aborted, Some(msg.clone()));
+                        self.finish(Outcome::Failed, Some(msg.clone()))?;
+                        return Err(UpgradeError::Failed(msg));
                     }
-                }
-                (None, Some(nw)) => {
-                    if nw.frozen
-                        && let Some(n) = new
-                    {
-                        self.platform.thaw(n, &w.name)?;
-                    }
-                    self.set_status(&w.name, MoveStatus::Committed, None);
-                }
-                (None, None) => {
-                    let msg = format!(
-                        "{} runs on no instance after the crash; its preserved state may be lost: restart it by hand",
-                        w.name
-                    );
-                    self.set_status(&w.name, MoveStatus::Aborted, Some(msg.clone()));
-                    self.finish(Outcome::Failed, Some(msg.clone()))?;
-                    return Err(UpgradeError::Failed(msg));
                 }
             }
         }
@@ -950,3 +1109,6 @@ impl Orchestrator<'_> {
         self.roll_back("the agent stopped mid-upgrade; recovery rolled back".into())
     }
 }
+
+#[cfg(test)]
+mod tests;

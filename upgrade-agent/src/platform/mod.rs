@@ -14,98 +14,26 @@
 //! `preserved_fds`), and the channel to an instance (`connect`). See
 //! `docs/architecture.md` for the diagram and the state machine built on top.
 
+pub mod channel;
 pub mod emulated;
+#[cfg(test)]
+pub mod fake;
 pub mod luo;
 
-use std::fmt;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 
-use kho_proto::channel::{Transport, UpgradeId};
+use kho_proto::channel::UpgradeId;
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::{
+    InstanceId, InstanceInfo, InstanceState, MAX_INSTANCE_ID, PlatformError, PlatformKind,
+    PreservedFd, Resources, WorkloadInfo,
+};
+
+use crate::handover::Outgoing;
+use crate::record::UpgradeRecord;
 use crate::workload::WorkloadSpec;
-
-/// Instance id: 0 is the host kernel on multikernel; spawned instances use 1..=511.
-pub type InstanceId = u16;
-
-/// Highest instance id the multikernel interface accepts.
-pub const MAX_INSTANCE_ID: InstanceId = 511;
-
-/// Which implementation a platform is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PlatformKind {
-    /// The multikernel emulator (supervisor processes). Not a real kernel boot.
-    Emulated,
-    /// Real multikernel (out-of-tree patch set).
-    Multikernel,
-    /// Mainline Live Update Orchestrator (`/dev/liveupdate` + kexec).
-    Luo,
-}
-
-impl fmt::Display for PlatformKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            PlatformKind::Emulated => "emulated (multikernel emulation, no real kernel boot)",
-            PlatformKind::Multikernel => "multikernel",
-            PlatformKind::Luo => "luo",
-        })
-    }
-}
-
-/// Lifecycle state of an instance, as `/sys/fs/multikernel/instances/<name>/status` names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InstanceState {
-    Empty,
-    Ready,
-    Loaded,
-    Active,
-    Failed,
-}
-
-impl fmt::Display for InstanceState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            InstanceState::Empty => "empty",
-            InstanceState::Ready => "ready",
-            InstanceState::Loaded => "loaded",
-            InstanceState::Active => "active",
-            InstanceState::Failed => "failed",
-        })
-    }
-}
-
-/// CPUs and memory owned by an instance (or requested for one).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Resources {
-    pub cpus: Vec<u32>,
-    pub memory_bytes: u64,
-}
-
-/// What the platform reports about an instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceInfo {
-    pub id: InstanceId,
-    pub state: InstanceState,
-    pub resources: Resources,
-    /// Release of the kernel loaded or running in the instance.
-    pub kernel_release: Option<String>,
-    /// Workloads the instance runs.
-    pub workloads: Vec<WorkloadInfo>,
-}
-
-/// A workload as an instance sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorkloadInfo {
-    pub name: String,
-    pub pid: i32,
-    pub frozen: bool,
-    /// Received by a move that was not committed yet (stopped if the move's channel drops).
-    #[serde(default)]
-    pub pending_commit: bool,
-}
 
 /// What a platform can do on this host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,54 +68,30 @@ pub struct LoadableKernel<'a> {
     pub cmdline: &'a str,
 }
 
-/// A named preserved descriptor of a workload (its memfds and listening sockets).
-#[derive(Debug)]
-pub struct PreservedFd {
-    pub name: String,
-    pub fd: OwnedFd,
+/// What [`Platform::deliver`] achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Side by side: verified (after `verified_us` from the delivery's start), started, and
+    /// healthy on the target.
+    Healthy { verified_us: u64 },
+    /// Replace: preserved for the next kernel; nothing runs yet.
+    Staged,
 }
 
-/// Errors of a platform operation.
-#[derive(Debug, thiserror::Error)]
-pub enum PlatformError {
-    #[error("instance {0} does not exist")]
-    NoSuchInstance(InstanceId),
-    #[error("instance {id} is {state}, but {op} needs it {needed}")]
-    WrongState {
-        id: InstanceId,
-        op: &'static str,
-        state: InstanceState,
-        needed: &'static str,
-    },
-    #[error("instance id {0} is out of range (spawned instances use 1..=511)")]
-    BadInstanceId(u32),
-    #[error("not enough spare resources: {0}")]
-    NoResources(String),
-    #[error("workload {workload:?} is not running on instance {instance}")]
-    NoSuchWorkload {
-        instance: InstanceId,
-        workload: String,
-    },
-    #[error("instance {id}: {what}")]
-    Instance { id: InstanceId, what: String },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0} is not supported on this platform")]
-    Unsupported(&'static str),
-}
-
-impl PlatformError {
-    /// Wraps an I/O error with what was being done.
-    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        PlatformError::Io {
-            what: what.into(),
-            source,
-        }
-    }
+/// What [`Platform::claim`] did with a staged workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    /// From the freeze in the previous kernel to healthy here (wall clock, across the
+    /// kexec).
+    pub blackout_us: u64,
+    /// From the freeze in the previous kernel to the restored process started here.
+    pub handover_us: u64,
+    /// Bytes of state verified.
+    pub bytes: u64,
+    /// Verification, start and health-check times, for the event log.
+    pub verify_ms: f64,
+    pub start_ms: f64,
+    pub health_ms: f64,
 }
 
 /// Where a platform keeps its state (emulated instances, sockets).
@@ -210,17 +114,77 @@ pub trait Platform {
     /// Loads a verified kernel into a `ready` instance (state `loaded`).
     fn load(&mut self, id: InstanceId, kernel: &LoadableKernel<'_>) -> Result<(), PlatformError>;
 
-    /// Boots a `loaded` instance (state `active`).
-    fn boot(&mut self, id: InstanceId) -> Result<(), PlatformError>;
+    /// Boots a `loaded` instance. Side by side: the instance becomes `active` and its agent
+    /// answers on the channel (`record` is not needed: the first instance of a machine boots
+    /// without one). Replace (LUO): the running kernel is replaced, and `record` (already
+    /// journaled) travels with the preserved state to the next kernel, whose agent resumes
+    /// the upgrade from it; on success this call does not return.
+    fn boot(&mut self, id: InstanceId, record: Option<&UpgradeRecord>)
+    -> Result<(), PlatformError>;
 
-    /// Opens the inter-instance channel to an `active` instance's agent, which is told to
-    /// expect frames of `upgrade_id` (on multikernel the new kernel's command line carries
-    /// it; the emulator tells its supervisor).
-    fn connect(
+    /// Names the upgrade whose hand-overs the platform carries from now on (the new
+    /// instance's agent accepts channel frames of that id only).
+    fn set_upgrade(&mut self, upgrade_id: UpgradeId);
+
+    /// A liveness round trip to the agent of `id` (a channel heartbeat).
+    fn ping(&mut self, id: InstanceId) -> Result<(), PlatformError>;
+
+    /// Announces a move of `spec` to `to` before the freeze, so that the target prepares
+    /// (creates the workload's group) outside the blackout.
+    fn prepare(&mut self, to: InstanceId, spec: &WorkloadSpec) -> Result<(), PlatformError>;
+
+    /// Hands one built hand-over (sealed image + descriptors) to `to`.
+    ///
+    /// Side by side, the target verifies it, starts the workload from it and health-checks
+    /// it: `Ok(Delivered::Healthy)`, or [`PlatformError::Refused`] /
+    /// [`PlatformError::Unhealthy`]. Replace, it is preserved for the next kernel:
+    /// `Ok(Delivered::Staged)`; [`Platform::claim`] finishes it there.
+    fn deliver(
         &mut self,
-        id: InstanceId,
-        upgrade_id: UpgradeId,
-    ) -> Result<Box<dyn Transport>, PlatformError>;
+        to: InstanceId,
+        workload: &str,
+        out: Outgoing,
+    ) -> Result<Delivered, PlatformError>;
+
+    /// Makes a delivered copy the target's own (side by side: `Commit`, then a round trip
+    /// proving it was processed). After this the old copy may be stopped.
+    fn commit(&mut self, to: InstanceId, workload: &str) -> Result<(), PlatformError>;
+
+    /// Drops whatever was delivered or staged for `workload` on `to` (best effort: a
+    /// receiver also stops an uncommitted copy when its channel drops).
+    fn abort(&mut self, to: InstanceId, workload: &str, reason: &str);
+
+    /// Closes every channel (the receivers stop every copy that was not committed).
+    /// `release` names the resources the old instance is about to hand over, when the
+    /// upgrade completed.
+    fn disconnect(&mut self, release: Option<&Resources>);
+
+    /// Replace platforms, in the kernel that was booted: verifies, restores and
+    /// health-checks what was staged for `workload` before the kexec.
+    fn claim(&mut self, workload: &str) -> Result<Claimed, PlatformError> {
+        let _ = workload;
+        Err(PlatformError::Unsupported("claiming staged workloads"))
+    }
+
+    /// Replace platforms, in the kernel that was booted, after a failure: stops every copy
+    /// started here, hands every workload's state back to the previous kernel (`record`,
+    /// phase `RollingBack`, travels with it) and boots it. Does not return on success.
+    fn return_to_previous(&mut self, record: &UpgradeRecord) -> Result<(), PlatformError> {
+        let _ = record;
+        Err(PlatformError::Unsupported("booting the previous kernel"))
+    }
+
+    /// Replace platforms: what the running kernel received from the previous one (the
+    /// journal record it carried), if this boot is the second half of a kexec.
+    fn handed_over(&mut self) -> Option<UpgradeRecord> {
+        None
+    }
+
+    /// Replace platforms, in the kernel that was booted: every workload is committed; the
+    /// boot is confirmed (trial-boot record) and the preserved state released.
+    fn confirm(&mut self) -> Result<(), PlatformError> {
+        Ok(())
+    }
 
     /// Changes the resources of an `active` instance (cpu-add/cpu-remove, memory-add/remove
     /// overlays on multikernel). Cpus taken away become spare.

@@ -8,3 +8,4 @@ pub mod kconfig;
 pub mod kexec;
 pub mod luo;
 pub mod memfd;
+pub mod spawn;

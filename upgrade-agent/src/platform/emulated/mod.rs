@@ -12,9 +12,9 @@
 //! and per instance `instance-<id>/` with `kernel` (the loaded image), `ctl.sock`,
 //! `chan.sock` and `supervisor.log`.
 
-pub mod ctl;
+pub mod instance;
+pub mod machine;
 pub mod pool;
-pub mod supervisor;
 
 use std::fs;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -26,12 +26,15 @@ use std::time::{Duration, Instant};
 use kho_proto::channel::{Transport, UnixTransport, UpgradeId};
 use sha2::{Digest, Sha256};
 
-use self::ctl::{Request, Response};
 use self::pool::{InstanceEntry, PoolStore};
+use super::channel::ChannelLink;
+use crate::handover::Outgoing;
+use crate::host::ctl::{self, Request, Response};
 use crate::platform::{
-    Capabilities, InstanceId, InstanceInfo, InstanceState, LoadableKernel, Platform, PlatformError,
-    PlatformKind, PreservedFd, Resources, WorkloadInfo,
+    Capabilities, Delivered, InstanceId, InstanceInfo, InstanceState, LoadableKernel, Platform,
+    PlatformError, PlatformKind, PreservedFd, Resources, WorkloadInfo,
 };
+use crate::record::UpgradeRecord;
 use crate::workload::WorkloadSpec;
 
 /// How long a booting supervisor may take to answer its first ping.
@@ -40,10 +43,13 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(10);
 const HALT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The emulated platform, as seen by the orchestrator.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct EmulatedPlatform {
     store: PoolStore,
     state_dir: PathBuf,
+    /// The channels of the current upgrade (opened on first use).
+    link: Option<ChannelLink>,
+    upgrade: Option<UpgradeId>,
 }
 
 /// The directory of instance `id`.
@@ -99,7 +105,61 @@ impl EmulatedPlatform {
         Ok(EmulatedPlatform {
             store: PoolStore::open(&state_dir.join("emulated"))?,
             state_dir: state_dir.to_owned(),
+            link: None,
+            upgrade: None,
         })
+    }
+
+    /// The channel link, speaking as the active instance with the lowest id (the old
+    /// instance of the upgrade), created on first use.
+    fn take_link(&mut self) -> Result<ChannelLink, PlatformError> {
+        if let Some(l) = self.link.take() {
+            return Ok(l);
+        }
+        let pool = self.store.read()?;
+        let (id, release) = pool
+            .instances
+            .iter()
+            .filter(|e| e.state == InstanceState::Active)
+            .min_by_key(|e| e.id)
+            .map_or((0, String::new()), |e| {
+                (e.id, e.kernel_release.clone().unwrap_or_default())
+            });
+        let mut link = ChannelLink::new(id, release)?;
+        if let Some(u) = self.upgrade {
+            link.set_upgrade(u);
+        }
+        Ok(link)
+    }
+
+    /// Runs `f` with the channel link and a connector to this machine's instances.
+    fn with_link<T>(
+        &mut self,
+        f: impl FnOnce(&mut ChannelLink, &mut super::channel::Connector<'_>) -> Result<T, PlatformError>,
+    ) -> Result<T, PlatformError> {
+        let mut link = self.take_link()?;
+        let this = &*self;
+        let mut connect = |id: InstanceId, upgrade: UpgradeId| this.connect(id, upgrade);
+        let r = f(&mut link, &mut connect);
+        self.link = Some(link);
+        r
+    }
+
+    /// Opens the channel to instance `id`'s receiver, which is told to expect `upgrade_id`.
+    fn connect(
+        &self,
+        id: InstanceId,
+        upgrade_id: UpgradeId,
+    ) -> Result<Box<dyn Transport>, PlatformError> {
+        self.expect_upgrade(id, upgrade_id)?;
+        let path = self.dir(id).join("chan.sock");
+        let stream = std::os::unix::net::UnixStream::connect(&path)
+            .map_err(|e| PlatformError::io(format!("connecting to {}", path.display()), e))?;
+        let t = UnixTransport::from_std(stream).map_err(|e| PlatformError::Instance {
+            id,
+            what: format!("channel transport: {e}"),
+        })?;
+        Ok(Box::new(t))
     }
 
     /// The instance table.
@@ -290,7 +350,11 @@ impl Platform for EmulatedPlatform {
         })
     }
 
-    fn boot(&mut self, id: InstanceId) -> Result<(), PlatformError> {
+    fn boot(
+        &mut self,
+        id: InstanceId,
+        _record: Option<&UpgradeRecord>,
+    ) -> Result<(), PlatformError> {
         let agentd = agentd_path()?;
         let pool = self.store.read()?;
         let entry = pool.expect(id, "boot", &[InstanceState::Loaded], "loaded")?;
@@ -356,20 +420,44 @@ impl Platform for EmulatedPlatform {
         })
     }
 
-    fn connect(
+    fn set_upgrade(&mut self, upgrade_id: UpgradeId) {
+        self.upgrade = Some(upgrade_id);
+        if let Some(l) = self.link.as_mut() {
+            l.set_upgrade(upgrade_id);
+        }
+    }
+
+    fn ping(&mut self, id: InstanceId) -> Result<(), PlatformError> {
+        self.with_link(|l, c| l.heartbeat(id, c))
+    }
+
+    fn prepare(&mut self, to: InstanceId, spec: &WorkloadSpec) -> Result<(), PlatformError> {
+        self.with_link(|l, c| l.prepare(to, spec, c))
+    }
+
+    fn deliver(
         &mut self,
-        id: InstanceId,
-        upgrade_id: UpgradeId,
-    ) -> Result<Box<dyn Transport>, PlatformError> {
-        self.expect_upgrade(id, upgrade_id)?;
-        let path = self.dir(id).join("chan.sock");
-        let stream = std::os::unix::net::UnixStream::connect(&path)
-            .map_err(|e| PlatformError::io(format!("connecting to {}", path.display()), e))?;
-        let t = UnixTransport::from_std(stream).map_err(|e| PlatformError::Instance {
-            id,
-            what: format!("channel transport: {e}"),
-        })?;
-        Ok(Box::new(t))
+        to: InstanceId,
+        workload: &str,
+        out: Outgoing,
+    ) -> Result<Delivered, PlatformError> {
+        self.with_link(|l, c| l.offer(to, workload, out, c))
+    }
+
+    fn commit(&mut self, to: InstanceId, workload: &str) -> Result<(), PlatformError> {
+        self.with_link(|l, c| l.commit(to, workload, c))
+    }
+
+    fn abort(&mut self, to: InstanceId, workload: &str, reason: &str) {
+        if let Some(l) = self.link.as_mut() {
+            l.abort(to, workload, reason);
+        }
+    }
+
+    fn disconnect(&mut self, release: Option<&Resources>) {
+        if let Some(l) = self.link.as_mut() {
+            l.close_all(release);
+        }
     }
 
     fn resize(&mut self, id: InstanceId, resources: &Resources) -> Result<(), PlatformError> {

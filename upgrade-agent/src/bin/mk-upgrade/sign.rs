@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use kho_proto::keys::NodeKey;
 
-use crate::exit::Exit;
-use crate::verify::{self, MAX_KERNEL_IMAGE, SignError};
+use upgrade_agent::exit::Exit;
+use upgrade_agent::verify::{self, MAX_KERNEL_IMAGE, SignError};
 
 /// `mk-upgrade sign ...`
 #[derive(clap::Args, Debug)]

@@ -9,11 +9,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::json;
 
-use super::app::{CliError, Global};
-use crate::exit::Exit;
-use crate::orchestrator::record::{MoveStatus, Outcome, Phase, UpgradeKind, UpgradeRecord};
-use crate::orchestrator::{self, Faults, Observer, Orchestrator, Setup, UpgradeError};
-use crate::platform::{LoadableKernel, Platform};
+use crate::app::{CliError, Global, op_error, upgrade_exit};
+use upgrade_agent::exit::Exit;
+use upgrade_agent::fault::Faults;
+use upgrade_agent::orchestrator::{self, Observer, Promotion, SystemEnv, UpgradeError, ops};
+use upgrade_agent::platform::{LoadableKernel, Platform};
+use upgrade_agent::record::{MoveStatus, Outcome, Phase, UpgradeKind, UpgradeRecord};
 
 /// `--json` only.
 #[derive(Debug, Clone, clap::Args)]
@@ -50,7 +51,7 @@ pub fn verify_for_apply(
     g: &Global,
     a: &ApplyArgs,
     running: &str,
-) -> Result<crate::verify::VerifiedImage, Result<ExitCode, CliError>> {
+) -> Result<upgrade_agent::verify::VerifiedImage, Result<ExitCode, CliError>> {
     let io = |e: String| Err(Err(CliError::new(Exit::Io, e)));
     let slots = match rollback::Slots::open(&g.state_dir) {
         Ok(s) => s,
@@ -60,15 +61,18 @@ pub fn verify_for_apply(
         Ok(f) => f,
         Err(e) => return io(e.to_string()),
     };
-    let policy = crate::verify::VerifyPolicy {
+    let policy = upgrade_agent::verify::VerifyPolicy {
         trusted_keys_dir: g.trusted_keys_dir(),
         allow_unsigned_insecure: a.insecure_allow_unsigned,
         running_release: running.to_owned(),
         floor,
         allow_downgrade: a.allow_downgrade,
     };
-    let image = match crate::verify::verify_kernel_image(&a.kernel, a.signature.as_deref(), &policy)
-    {
+    let image = match upgrade_agent::verify::verify_kernel_image(
+        &a.kernel,
+        a.signature.as_deref(),
+        &policy,
+    ) {
         Ok(i) => i,
         Err(e) => return Err(refuse(a.json, e.exit(), e.to_string(), None)),
     };
@@ -196,7 +200,11 @@ pub fn preflight(g: &Global, need_keys: bool, lock_held: bool) -> Vec<CheckResul
             "run as root or pass --state-dir DIR",
         )),
     }
-    let mut platform = match g.open_platform() {
+    if g.resolved_platform() == crate::app::PlatformChoice::Luo {
+        crate::luo::platform_checks(g, &mut out);
+        return common_checks(g, need_keys, lock_held, out);
+    }
+    let mut platform = match g.open_emulated() {
         Ok(p) => Some(p),
         Err(e) => {
             out.push(bad("platform", e.message, "pass --platform emulated"));
@@ -215,7 +223,7 @@ pub fn preflight(g: &Global, need_keys: bool, lock_held: bool) -> Vec<CheckResul
                     ),
                 ));
                 // Advisory: not a failure, but the biggest fixed cost of every move.
-                match crate::sys::cgroup::favordynmods() {
+                match upgrade_agent::sys::cgroup::favordynmods() {
                     Some(true) => {
                         out.push(ok("cgroup-tuning", "cgroup2 mounted with favordynmods"));
                     }
@@ -227,7 +235,7 @@ pub fn preflight(g: &Global, need_keys: bool, lock_held: bool) -> Vec<CheckResul
                     )),
                     None => {}
                 }
-                match orchestrator::current_instance(p.as_mut()) {
+                match orchestrator::current_instance(p) {
                     Ok(cur) => {
                         let spare = &c.spare_cpus;
                         if spare.is_empty() && cur.resources.cpus.len() < 2 {
@@ -258,29 +266,7 @@ pub fn preflight(g: &Global, need_keys: bool, lock_held: bool) -> Vec<CheckResul
                                 cur.workloads.len()
                             ),
                         ));
-                        match g.load_workloads() {
-                            Ok(f) => {
-                                let missing: Vec<&str> = cur
-                                    .workloads
-                                    .iter()
-                                    .filter(|w| f.get(&w.name).is_none())
-                                    .map(|w| w.name.as_str())
-                                    .collect();
-                                if missing.is_empty() {
-                                    out.push(ok(
-                                        "workloads",
-                                        format!("{} declared in {}", f.workloads.len(), g.workloads_path().display()),
-                                    ));
-                                } else {
-                                    out.push(bad(
-                                        "workloads",
-                                        format!("running but not declared: {}", missing.join(", ")),
-                                        format!("declare them in {}", g.workloads_path().display()),
-                                    ));
-                                }
-                            }
-                            Err(e) => out.push(bad("workloads", e.message, "fix the workload file")),
-                        }
+                        workload_checks(g, &cur.workloads, &mut out);
                     }
                     Err(e) => out.push(bad(
                         "instance",
@@ -296,6 +282,50 @@ pub fn preflight(g: &Global, need_keys: bool, lock_held: bool) -> Vec<CheckResul
             )),
         }
     }
+    common_checks(g, need_keys, lock_held, out)
+}
+
+/// Whether every running workload is declared in the workload file.
+pub fn workload_checks(
+    g: &Global,
+    running: &[upgrade_agent::platform::WorkloadInfo],
+    out: &mut Vec<CheckResult>,
+) {
+    match g.load_workloads() {
+        Ok(f) => {
+            let missing: Vec<&str> = running
+                .iter()
+                .filter(|w| f.get(&w.name).is_none())
+                .map(|w| w.name.as_str())
+                .collect();
+            if missing.is_empty() {
+                out.push(ok(
+                    "workloads",
+                    format!(
+                        "{} declared in {}",
+                        f.workloads.len(),
+                        g.workloads_path().display()
+                    ),
+                ));
+            } else {
+                out.push(bad(
+                    "workloads",
+                    format!("running but not declared: {}", missing.join(", ")),
+                    format!("declare them in {}", g.workloads_path().display()),
+                ));
+            }
+        }
+        Err(e) => out.push(bad("workloads", e.message, "fix the workload file")),
+    }
+}
+
+/// The checks of every platform: trusted keys, journal, lock.
+fn common_checks(
+    g: &Global,
+    need_keys: bool,
+    lock_held: bool,
+    mut out: Vec<CheckResult>,
+) -> Vec<CheckResult> {
     if need_keys {
         match g.trusted() {
             Ok(k) => out.push(ok(
@@ -348,11 +378,12 @@ fn print_checks(checks: &[CheckResult]) {
 }
 
 /// `mk-upgrade check`.
-pub fn check(g: &Global, a: &CheckArgs) -> Result<ExitCode, CliError> {
-    if g.resolved_platform() == super::app::PlatformChoice::Luo {
-        return crate::luo::client::check(g, a);
-    }
-    let checks = preflight(g, !a.insecure_allow_unsigned, false);
+pub fn check(g: &Global, a: &CheckArgs) -> ExitCode {
+    let checks = if g.resolved_platform() == crate::app::PlatformChoice::Luo {
+        crate::luo::preflight(g, !a.insecure_allow_unsigned, false)
+    } else {
+        preflight(g, !a.insecure_allow_unsigned, false)
+    };
     let ready = checks.iter().all(|c| c.ok);
     if a.json {
         println!("{}", json!({ "ready": ready, "checks": checks }));
@@ -361,12 +392,12 @@ pub fn check(g: &Global, a: &CheckArgs) -> Result<ExitCode, CliError> {
         print_checks(&checks);
         println!("{}", if ready { "ready" } else { "NOT ready" });
     }
-    Ok(if ready {
+    if ready {
         Exit::Ok
     } else {
         Exit::PreflightFailed
     }
-    .into())
+    .into()
 }
 
 /// Progress on stderr: a spinner on a terminal, plain lines otherwise, nothing with --json.
@@ -431,41 +462,12 @@ impl Observer for CliObserver {
 
 /// The JSON document of an upgrade record.
 pub fn record_json(rec: &UpgradeRecord) -> serde_json::Value {
-    let result = match rec.outcome {
-        Some(Outcome::Upgraded) => "upgraded",
-        Some(Outcome::RolledBack) => "rolled-back",
-        Some(Outcome::Refused) => "refused",
-        Some(Outcome::Failed) => "failed",
-        None => "in-flight",
-    };
-    json!({
-        "result": result,
-        "upgrade_id": rec.upgrade_id,
-        "kind": rec.kind,
-        "platform": rec.platform,
-        "emulated": rec.platform == crate::platform::PlatformKind::Emulated,
-        "kernel_before": rec.kernel_before,
-        "kernel_after": rec.kernel_after,
-        "image_sha256": rec.image_sha256,
-        "old_instance": rec.old_instance,
-        "new_instance": rec.new_instance,
-        "started_at": rollback::time::fmt_utc(rec.started_at),
-        "recovered": rec.recovered,
-        "workloads": rec.workloads.iter().map(|w| json!({
-            "name": w.name,
-            "moved": w.status == MoveStatus::Committed,
-            "status": w.status,
-            "blackout_ms": w.blackout_us.map(|u| u as f64 / 1000.0),
-            "detail": w.detail,
-        })).collect::<Vec<_>>(),
-        "events": rec.events,
-        "error": rec.error,
-    })
+    rec.report_json()
 }
 
 /// Prints a finished record for humans.
 pub fn print_record(rec: &UpgradeRecord) {
-    let label = if rec.platform == crate::platform::PlatformKind::Emulated {
+    let label = if rec.platform == upgrade_agent::platform::PlatformKind::Emulated {
         " [EMULATED multikernel]"
     } else {
         ""
@@ -495,37 +497,32 @@ pub fn print_record(rec: &UpgradeRecord) {
     }
 }
 
-/// Faults requested by `--inject` and `MK_FAULT_CRASH_AFTER_WRITE` (test-only).
-pub fn faults(inject: Option<Inject>) -> Faults {
-    Faults {
+/// Faults requested by `--inject` and `MK_FAULT_CRASH_AFTER_WRITE` (fault-injection builds
+/// only: other builds refuse `--inject`).
+pub fn faults(inject: Option<Inject>) -> Result<Faults, CliError> {
+    if inject.is_some() && !upgrade_agent::fault::ENABLED {
+        return Err(CliError::new(
+            Exit::Usage,
+            "--inject needs a build with fault injection (cargo build --features \
+             upgrade-agent/fault-injection); release builds never carry it",
+        ));
+    }
+    Ok(Faults {
         corrupt_region: inject == Some(Inject::CorruptRegion),
         health_fail: inject == Some(Inject::HealthFail),
-        crash_after_write: std::env::var("MK_FAULT_CRASH_AFTER_WRITE")
-            .ok()
-            .and_then(|v| v.parse().ok()),
-    }
+        crash_after_write: Faults::crash_point_from_env(),
+    })
 }
 
 /// Runs one upgrade to its end on `platform`; returns the finished record and its error.
 pub fn execute(
     g: &Global,
     platform: &mut dyn Platform,
-    kernel: &LoadableKernel<'_>,
-    kind: UpgradeKind,
-    faults: Faults,
+    req: ops::Request<'_>,
     observer: &dyn Observer,
 ) -> Result<(UpgradeRecord, Option<UpgradeError>), CliError> {
-    let setup = Setup {
-        journal: g.journal()?,
-        specs: g.load_workloads()?,
-        node_key: g.node_key()?,
-        faults,
-        observer,
-    };
-    let mut o = Orchestrator::begin(platform, setup, kind, &kernel.release, kernel.sha256)
-        .map_err(|e| CliError::new(e.exit(), e.to_string()))?;
-    let result = o.run(kernel);
-    Ok((o.record.clone(), result.err()))
+    ops::execute(&g.state(), platform, req, observer, &SystemEnv::default())
+        .map_err(|e| op_error(&e))
 }
 
 fn finish_report(rec: &UpgradeRecord, err: Option<&UpgradeError>, json_out: bool) -> ExitCode {
@@ -540,7 +537,7 @@ fn finish_report(rec: &UpgradeRecord, err: Option<&UpgradeError>, json_out: bool
             if !json_out {
                 eprintln!("mk-upgrade: {e}");
             }
-            e.exit().into()
+            upgrade_exit(e).into()
         }
     }
 }
@@ -580,17 +577,17 @@ pub(crate) fn refuse(
 
 /// `mk-upgrade apply`.
 pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
-    if g.resolved_platform() == super::app::PlatformChoice::Luo {
-        return crate::luo::client::apply(g, a);
+    if g.resolved_platform() == crate::app::PlatformChoice::Luo {
+        return crate::luo::apply(g, a);
     }
     let _guard = lock(g)?;
     let checks = preflight(g, !a.insecure_allow_unsigned, true);
     if let Some(refusal) = refuse_failed_checks(a.json, &checks) {
         return refusal;
     }
-    let mut platform = g.open_platform()?;
-    let current = orchestrator::current_instance(platform.as_mut())
-        .map_err(|e| CliError::new(e.exit(), e.to_string()))?;
+    let mut platform = g.open_emulated()?;
+    let current =
+        orchestrator::current_instance(&mut platform).map_err(|e| CliError::upgrade(&e))?;
     let running = current.kernel_release.clone().unwrap_or_default();
     let image = match verify_for_apply(g, a, &running) {
         Ok(i) => i,
@@ -647,45 +644,41 @@ pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
         cmdline: &a.cmdline,
     };
     let observer = CliObserver::new(a.json);
-    let (rec, err) = execute(
-        g,
-        platform.as_mut(),
-        &kernel,
-        UpgradeKind::Apply,
-        faults(a.inject),
-        &observer,
-    )?;
+    let req = ops::Request {
+        kind: UpgradeKind::Apply,
+        kernel,
+        faults: faults(a.inject)?,
+        // Promotion of the candidate and the version floor are journaled steps of the
+        // upgrade itself.
+        promotion: Some(Promotion {
+            slots,
+            floor: image
+                .manifest
+                .as_ref()
+                .and_then(|m| m.version_floor.clone()),
+        }),
+    };
+    let (rec, err) = execute(g, &mut platform, req, &observer)?;
     observer.done();
-    if rec.outcome == Some(Outcome::Upgraded) {
-        slots
-            .promote_candidate()
-            .map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
-        if let Some(floor) = image
-            .manifest
-            .as_ref()
-            .and_then(|m| m.version_floor.clone())
-        {
-            slots
-                .raise_floor(&floor)
-                .map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
-        }
-    } else {
-        let _ = slots.clear(rollback::Slot::Candidate);
+    if rec.outcome != Some(Outcome::Upgraded)
+        && let Ok(mut s) = g.state().slots()
+    {
+        let _ = s.clear(rollback::Slot::Candidate);
     }
     Ok(finish_report(&rec, err.as_ref(), a.json))
 }
 
 /// `mk-upgrade rollback`.
 pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
-    if g.resolved_platform() == super::app::PlatformChoice::Luo {
-        return crate::luo::client::rollback(g, a);
+    if g.resolved_platform() == crate::app::PlatformChoice::Luo {
+        return crate::luo::rollback(g, a);
     }
     let _guard = lock(g)?;
     let checks = preflight(g, false, true);
     if let Some(refusal) = refuse_failed_checks(a.json, &checks) {
         return refusal;
     }
-    let mut slots =
+    let slots =
         rollback::Slots::open(&g.state_dir).map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
     let Some((prev, bytes)) = slots
         .read(rollback::Slot::Previous)
@@ -698,7 +691,7 @@ pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
             None,
         );
     };
-    let memfd = crate::handover::sealed_memfd("mk-rollback-kernel", &bytes)
+    let memfd = upgrade_agent::handover::sealed_memfd("mk-rollback-kernel", &bytes)
         .map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
     let kernel = LoadableKernel {
         image: memfd.as_fd(),
@@ -707,41 +700,35 @@ pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
         initrd: None,
         cmdline: "",
     };
-    let mut platform = g.open_platform()?;
+    let mut platform = g.open_emulated()?;
     let observer = CliObserver::new(a.json);
-    let (rec, err) = execute(
-        g,
-        platform.as_mut(),
-        &kernel,
-        UpgradeKind::Rollback,
-        Faults::default(),
-        &observer,
-    )?;
+    let req = ops::Request {
+        kind: UpgradeKind::Rollback,
+        kernel,
+        faults: Faults::NONE,
+        promotion: Some(Promotion { slots, floor: None }),
+    };
+    let (rec, err) = execute(g, &mut platform, req, &observer)?;
     observer.done();
-    if rec.outcome == Some(Outcome::Upgraded) {
-        slots
-            .swap_for_rollback()
-            .map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
-    }
     Ok(finish_report(&rec, err.as_ref(), a.json))
 }
 
 /// `mk-upgrade recover` (and mk-agentd at start).
 pub fn recover(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
-    if g.resolved_platform() == super::app::PlatformChoice::Luo {
-        return crate::luo::client::recover(g, a);
+    if g.resolved_platform() == crate::app::PlatformChoice::Luo {
+        return crate::luo::recover(g, a);
     }
     let _guard = lock(g)?;
-    let mut platform = g.open_platform()?;
+    let mut platform = g.open_emulated()?;
     let observer = CliObserver::new(a.json);
-    let setup = Setup {
-        journal: g.journal()?,
-        specs: g.load_workloads()?,
-        node_key: g.node_key()?,
-        faults: Faults::default(),
-        observer: &observer,
-    };
-    let result = orchestrator::recover(platform.as_mut(), setup);
+    let slots = g.state().slots().map_err(|e| CliError::state(&e))?;
+    let result = ops::recover(
+        &g.state(),
+        &mut platform,
+        Some(Promotion { slots, floor: None }),
+        &observer,
+        &SystemEnv::default(),
+    );
     observer.done();
     match result {
         Ok(None) => {
@@ -761,19 +748,24 @@ pub fn recover(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
             }
             Ok(if failed { Exit::Platform } else { Exit::Ok }.into())
         }
-        Err(e) => Err(CliError::new(e.exit(), e.to_string())),
+        Err(e) => Err(op_error(&e)),
     }
 }
 
 /// `mk-upgrade status`.
 pub fn status(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
-    let mut platform = g.open_platform()?;
-    let caps = platform
-        .probe()
-        .map_err(|e| CliError::new(Exit::Platform, e.to_string()))?;
-    let instances = platform
-        .instances()
-        .map_err(|e| CliError::new(Exit::Platform, e.to_string()))?;
+    let (caps, instances) = if g.resolved_platform() == crate::app::PlatformChoice::Luo {
+        crate::luo::caps_and_instances(g)?
+    } else {
+        let mut platform = g.open_emulated()?;
+        let caps = platform
+            .probe()
+            .map_err(|e| CliError::new(Exit::Platform, e.to_string()))?;
+        let instances = platform
+            .instances()
+            .map_err(|e| CliError::new(Exit::Platform, e.to_string()))?;
+        (caps, instances)
+    };
     let journal = g.journal()?;
     let in_flight = journal
         .current()

@@ -8,7 +8,7 @@
 //! * `state diff A.json B.json [--json]` compares two `--json` captures (schema version 1
 //!   captures are migrated first); exit code 13 when they differ.
 //!
-//! Exit codes (`crate::exit::Exit`): 0 ok/identical, 3 unreadable file, 4 malformed
+//! Exit codes (`upgrade_agent::exit::Exit`): 0 ok/identical, 3 unreadable file, 4 malformed
 //! capture file, 11 capture failed, 13 captures differ.
 
 use std::path::{Path, PathBuf};
@@ -21,7 +21,7 @@ use state_serializers::memory::{self, MemoryState};
 use state_serializers::task::{self, CaptureOptions, FdKind, TaskState};
 use state_serializers::{SCHEMA_VERSION, StateError};
 
-use crate::exit::Exit;
+use upgrade_agent::exit::Exit;
 
 /// Arguments of `mk-upgrade state`.
 #[derive(Debug, clap::Args)]

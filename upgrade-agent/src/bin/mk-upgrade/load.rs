@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use mk_demo_kv::loadgen::{LoadGen, LoadOptions};
 
-use super::app::CliError;
-use crate::exit::Exit;
+use crate::app::CliError;
+use upgrade_agent::exit::Exit;
 
 /// `mk-upgrade load` arguments.
 #[derive(Debug, clap::Args)]

@@ -4,11 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::orchestrator::record::UpgradeRecord;
+use crate::record::UpgradeRecord;
 use crate::workload::WorkloadSpec;
 
 /// Format tag.
-pub const HANDOFF_FORMAT: &str = "mk-luo-handoff/1";
+pub const HANDOFF_FORMAT: &str = "mk-luo-handoff/2";
 /// Largest handoff record read (a few KiB per workload; more is not ours).
 pub const MAX_HANDOFF: u64 = 4 << 20;
 
@@ -76,15 +76,20 @@ pub struct HandoffWorkload {
 pub struct Handoff {
     pub format: String,
     pub direction: Direction,
+    /// The journal record as of the kexec (phase `Booted` forward, `RollingBack` on return).
     pub record: UpgradeRecord,
     /// Release of the kernel that wrote this.
     pub source_release: String,
-    /// Its `/proc/cmdline` (used to kexec back into it).
+    /// Its command line (used to kexec back into it).
     pub source_cmdline: String,
+    /// Whether the `mk-agent` session holds its initramfs (token 4).
+    pub source_initrd: bool,
     /// Release of the kernel this is for.
     pub target_release: String,
-    /// Whether token 3 of the agent session holds the initramfs.
-    pub has_initrd: bool,
+    /// The command line it was booted with.
+    pub target_cmdline: String,
+    /// Whether the `mk-agent` session holds its initramfs (token 3).
+    pub target_initrd: bool,
     pub workloads: Vec<HandoffWorkload>,
 }
 

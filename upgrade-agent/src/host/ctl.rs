@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::platform::{InstanceId, PlatformError, WorkloadInfo};
+use crate::fault::Faults;
+use crate::model::{InstanceId, PlatformError, WorkloadInfo};
+use crate::record::{UpgradeKind, UpgradeRecord};
 use crate::sys::fdpass;
 use crate::workload::WorkloadSpec;
 
@@ -42,31 +44,27 @@ pub enum Request {
     Expect { upgrade_id: String },
     /// Halt the instance (every remaining workload is stopped).
     Halt,
-    /// Host agent of a LUO kernel only (`mk-agentd serve`, see [`crate::luo`]): preserve
-    /// every workload in LUO sessions and kexec into the attached kernel. Attached fds: the
-    /// verified, sealed kernel image (absent for a rollback: the agent's previous kernel),
-    /// then the initramfs if any. No answer on success (the machine reboots into it).
-    LuoUpgrade {
-        upgrade_id: String,
-        /// The journal record (JSON of `UpgradeRecord`), phase `Verified`.
-        record_json: String,
+    /// Host agent of a LUO kernel only (`mk-agentd serve`, see [`crate::platform::luo`]):
+    /// run an upgrade with the orchestrator: stage every workload in LUO sessions and kexec
+    /// into the attached kernel. Attached fds: the verified, sealed kernel image (absent
+    /// for a rollback: the agent's previous kernel, with its own initramfs and command
+    /// line), then the initramfs if any. No answer on success (the machine kexecs; the
+    /// next kernel's agent reports); `Finished` when the upgrade ended in this kernel.
+    LuoApply {
+        kind: UpgradeKind,
+        /// The verified release and SHA-256 (hex) of the attached kernel.
+        release: String,
+        sha256: String,
         /// Command line of the next kernel (`liveupdate=on` is added when missing).
         cmdline: String,
-        faults: LuoFaults,
+        /// Test-only faults (honoured by fault-injection builds only).
+        #[serde(default)]
+        faults: Faults,
         /// Whether a kernel image is attached (else: the agent's previous kernel).
         kernel_attached: bool,
         /// Whether an initramfs is attached (after the kernel, if any).
         initrd_attached: bool,
     },
-}
-
-/// Test-only faults of a LUO upgrade (`mk-upgrade apply --inject`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LuoFaults {
-    /// Corrupt the first workload's handover image after its region CRC was computed.
-    pub corrupt_region: bool,
-    /// Make the first workload fail its health check in the new kernel.
-    pub health_fail: bool,
 }
 
 /// The supervisor's answer.
@@ -87,6 +85,11 @@ pub enum Response {
     Done,
     Error {
         message: String,
+    },
+    /// `LuoApply`: the upgrade ended in this kernel (refused, rolled back, failed).
+    Finished {
+        record: Box<UpgradeRecord>,
+        error: Option<String>,
     },
 }
 

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::platform::{InstanceId, PlatformKind, Resources};
+use crate::model::{InstanceId, PlatformKind, Resources};
 
 /// Why the upgrade runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +96,11 @@ pub struct Event {
     /// Milliseconds since the upgrade started.
     pub t_ms: u64,
     pub what: String,
+    /// For an event that was a journal write: the phase journaled with it (so the list of
+    /// journal writes of an upgrade can be read back from its record). `None` for events
+    /// written along with the next step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journaled: Option<Phase>,
 }
 
 /// The journal record.
@@ -127,5 +132,42 @@ impl UpgradeRecord {
     /// The move of `name`.
     pub fn workload_mut(&mut self, name: &str) -> Option<&mut WorkloadMove> {
         self.workloads.iter_mut().find(|w| w.name == name)
+    }
+}
+
+impl UpgradeRecord {
+    /// The report of this record: one JSON document (`mk-upgrade apply --json`, `history
+    /// --json`, the LUO agent's `MK-UPGRADE-RESULT` line). docs/cli.md documents its fields.
+    pub fn report_json(&self) -> serde_json::Value {
+        let result = match self.outcome {
+            Some(Outcome::Upgraded) => "upgraded",
+            Some(Outcome::RolledBack) => "rolled-back",
+            Some(Outcome::Refused) => "refused",
+            Some(Outcome::Failed) => "failed",
+            None => "in-flight",
+        };
+        serde_json::json!({
+            "result": result,
+            "upgrade_id": self.upgrade_id,
+            "kind": self.kind,
+            "platform": self.platform,
+            "emulated": self.platform == PlatformKind::Emulated,
+            "kernel_before": self.kernel_before,
+            "kernel_after": self.kernel_after,
+            "image_sha256": self.image_sha256,
+            "old_instance": self.old_instance,
+            "new_instance": self.new_instance,
+            "started_at": rollback::time::fmt_utc(self.started_at),
+            "recovered": self.recovered,
+            "workloads": self.workloads.iter().map(|w| serde_json::json!({
+                "name": w.name,
+                "moved": w.status == MoveStatus::Committed,
+                "status": w.status,
+                "blackout_ms": w.blackout_us.map(|u| u as f64 / 1000.0),
+                "detail": w.detail,
+            })).collect::<Vec<_>>(),
+            "events": self.events,
+            "error": self.error,
+        })
     }
 }

@@ -12,32 +12,19 @@
 //!    original, which recovery will thaw.
 
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use kho_proto::channel::{
     AgentState, Channel, HealthReport, Heartbeat, Message, PeerInfo, RegionVerified, Role,
     UnixTransport, Verification,
 };
-use kho_proto::keys::TrustedKeys;
 
-use crate::health;
-use crate::platform::emulated::supervisor::{self, Running, Shared, lock};
-
-/// Test-only fault: the receiving instance starts the workload with this extra argument,
-/// which a workload with strict argument parsing refuses, so its health check fails.
-pub const HEALTH_FAIL_ARG: &str = "--mk-injected-health-fault";
-/// Environment variable a `PrepareMigration` spec may carry to request that fault.
-pub const HEALTH_FAIL_ENV: &str = "MK_INJECT_HEALTH_FAIL";
+use crate::host::supervisor::{self, Shared, lock};
 
 /// The agent version string sent in `Hello`/`HelloAck`.
 pub fn agent_version() -> String {
     format!("mk-agentd {}", env!("CARGO_PKG_VERSION"))
-}
-
-/// The node keys trusted to sign handover images of this machine.
-pub fn trusted_node_keys(state_dir: &Path) -> Result<TrustedKeys, String> {
-    TrustedKeys::load_dir(&state_dir.join("node-keys")).map_err(|e| e.to_string())
 }
 
 /// Serves one channel connection until it closes.
@@ -94,7 +81,9 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
         tracing::warn!(error = %e, "channel negotiation failed");
         return received;
     }
-    let trusted = trusted_node_keys(&state_dir);
+    let trusted = crate::statedir::StateDir::new(&state_dir)
+        .trusted_node_keys()
+        .map_err(|e| e.to_string());
     let started = Instant::now();
     let mut inject_health_fail = false;
     loop {
@@ -113,7 +102,7 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
             Message::PrepareMigration(p) => {
                 inject_health_fail =
                     serde_json::from_slice::<crate::workload::WorkloadSpec>(&p.spec)
-                        .is_ok_and(|s| s.env.contains_key(HEALTH_FAIL_ENV));
+                        .is_ok_and(|s| crate::fault::wants_health_fail(&s.env));
                 // Get ready while the workload still runs on the old instance: creating
                 // its group is the slowest part of starting it here. The name comes from
                 // the peer: it must be a valid name before it becomes a path.
@@ -155,36 +144,20 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                         tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, "offer verified");
                         let t0 = Instant::now();
                         let extra: Vec<String> = if inject_health_fail {
-                            vec![HEALTH_FAIL_ARG.to_owned()]
+                            vec![crate::fault::HEALTH_FAIL_ARG.to_owned()]
                         } else {
                             Vec::new()
                         };
-                        let start = {
-                            let mut inst = lock(shared);
-                            if inst.workloads.contains_key(&name) {
-                                Err(format!("workload {name} already runs on this instance"))
-                            } else {
-                                supervisor::restore_workload(
-                                    &inst,
-                                    &name,
-                                    &incoming.task,
-                                    &incoming.fds,
-                                    &extra,
-                                )
-                                .map(|child| {
-                                    inst.workloads.insert(
-                                        name.clone(),
-                                        Running {
-                                            spec: incoming.spec.clone(),
-                                            child,
-                                            fds: incoming.fds,
-                                            frozen: false,
-                                            pending_commit: true,
-                                        },
-                                    );
-                                })
-                            }
-                        };
+                        let spec = incoming.spec;
+                        let start = supervisor::admit(
+                            shared,
+                            &name,
+                            &spec,
+                            Some(&incoming.task),
+                            incoming.fds,
+                            &extra,
+                            true,
+                        );
                         tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, "workload restored");
                         let verdict = match &start {
                             Ok(()) => Verification::Ok,
@@ -213,30 +186,14 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                             continue;
                         }
                         received.push(name.clone());
-                        let spec = incoming.spec;
-                        let outcome =
-                            tokio::task::spawn_blocking(move || health::run(&spec.health))
-                                .await
-                                .unwrap_or_else(|e| health::HealthOutcome {
-                                    healthy: false,
-                                    detail: format!("health check panicked: {e}"),
-                                    elapsed_us: 0,
-                                    attempts: 0,
-                                });
-                        tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, healthy = outcome.healthy, "health checked");
-                        // A process that died after passing the check is not healthy.
-                        let alive = {
-                            let mut inst = lock(shared);
-                            inst.workloads
-                                .get_mut(&name)
-                                .is_some_and(|w| matches!(w.child.try_wait(), Ok(None)))
-                        };
-                        let healthy = outcome.healthy && alive;
-                        let detail = if alive {
-                            outcome.detail
-                        } else {
-                            format!("the restored process exited ({})", outcome.detail)
-                        };
+                        let sh = Arc::clone(shared);
+                        let n = name.clone();
+                        let (healthy, detail) = tokio::task::spawn_blocking(move || {
+                            supervisor::check_health(&sh, &n, &spec)
+                        })
+                        .await
+                        .unwrap_or_else(|e| (false, format!("health check panicked: {e}")));
+                        tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, healthy, "health checked");
                         Some(Message::HealthReport(HealthReport {
                             workload_id: name,
                             healthy,

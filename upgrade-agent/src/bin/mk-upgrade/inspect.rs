@@ -28,7 +28,7 @@ use kho_proto::image::{
 };
 use kho_proto::keys::{KeyError, TrustedKeys};
 
-use crate::exit::Exit;
+use upgrade_agent::exit::Exit;
 
 /// `mk-upgrade inspect ...`
 #[derive(clap::Args, Debug, Clone)]

@@ -18,13 +18,14 @@ use kho_proto::keys::NodeKey;
 use mk_demo_kv::loadgen::{LoadGen, LoadOptions, LoadReport};
 use serde_json::json;
 
-use super::app::{CliError, Global, PlatformChoice};
-use super::upgrade::{CliObserver, execute, record_json};
-use crate::exit::Exit;
-use crate::orchestrator::record::{MoveStatus, Outcome, UpgradeKind, UpgradeRecord};
-use crate::orchestrator::{self, Faults, Observer, Setup};
-use crate::platform::LoadableKernel;
-use crate::workload::{HealthCheck, ListenSpec, MemfdSpec, WorkloadFile, WorkloadSpec};
+use crate::app::{CliError, Global, PlatformChoice};
+use crate::upgrade::{CliObserver, execute, record_json};
+use upgrade_agent::exit::Exit;
+use upgrade_agent::fault::Faults;
+use upgrade_agent::orchestrator::{self, Observer, SystemEnv, ops};
+use upgrade_agent::platform::LoadableKernel;
+use upgrade_agent::record::{MoveStatus, Outcome, UpgradeKind, UpgradeRecord};
+use upgrade_agent::workload::{HealthCheck, ListenSpec, MemfdSpec, WorkloadFile, WorkloadSpec};
 
 /// A failure path to force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -107,7 +108,7 @@ fn kernel_file(
     if let Some(p) = given {
         let bytes = std::fs::read(p)
             .map_err(|e| CliError::new(Exit::Io, format!("{}: {e}", p.display())))?;
-        let info = crate::verify::bzimage::parse(&bytes)
+        let info = upgrade_agent::verify::bzimage::parse(&bytes)
             .map_err(|e| CliError::new(Exit::NotAKernel, format!("{}: {e}", p.display())))?;
         let copy = dir.join(format!("bzImage-{}", info.release));
         write_file(&copy, &bytes)?;
@@ -116,7 +117,7 @@ fn kernel_file(
     let path = dir.join(format!("bzImage-{default_release}"));
     write_file(
         &path,
-        &crate::verify::bzimage::minimal_bzimage(default_release),
+        &upgrade_agent::verify::bzimage::minimal_bzimage(default_release),
     )?;
     notes.push(format!(
         "no kernel given for {default_release}: wrote a minimal valid bzImage header file ({}), \
@@ -177,9 +178,13 @@ pub fn run(_g: &Global, a: DemoArgs) -> Result<ExitCode, CliError> {
         release_key
     };
     let b_bytes = std::fs::read(&kernel_b).map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
-    let sig = crate::verify::sign_image(&b_bytes, &signer, None, rollback::time::now_unix())
-        .map_err(|e| CliError::new(Exit::NotAKernel, e.to_string()))?;
-    write_file(&crate::verify::default_sig_path(&kernel_b), &sig.to_json())?;
+    let sig =
+        upgrade_agent::verify::sign_image(&b_bytes, &signer, None, rollback::time::now_unix())
+            .map_err(|e| CliError::new(Exit::NotAKernel, e.to_string()))?;
+    write_file(
+        &upgrade_agent::verify::default_sig_path(&kernel_b),
+        &sig.to_json(),
+    )?;
 
     // Workloads.
     let kv = sibling("mk-demo-kv")?;
@@ -213,8 +218,8 @@ pub fn run(_g: &Global, a: DemoArgs) -> Result<ExitCode, CliError> {
                 expect_status: 200,
                 timeout_ms: 3000,
             },
-            transfer: crate::workload::Transfer::Share,
-            integrity: crate::workload::Integrity::Digest,
+            transfer: upgrade_agent::workload::Transfer::Share,
+            integrity: upgrade_agent::workload::Integrity::Digest,
         });
         targets.push((name, addr));
     }
@@ -224,10 +229,10 @@ pub fn run(_g: &Global, a: DemoArgs) -> Result<ExitCode, CliError> {
 
     let observer = CliObserver::new(a.json);
     let result = (|| -> Result<(serde_json::Value, DemoRun), CliError> {
-        let init = super::emu::init(&g, &kernel_a, &[])?;
+        let init = crate::emu::init(&g, &kernel_a, &[])?;
         // Wait until every workload answers, then put them under load.
         for (_, addr) in &targets {
-            let h = crate::health::run(&HealthCheck::Http {
+            let h = upgrade_agent::health::run(&HealthCheck::Http {
                 addr: *addr,
                 path: "/health".into(),
                 expect_status: 200,
@@ -264,9 +269,9 @@ pub fn run(_g: &Global, a: DemoArgs) -> Result<ExitCode, CliError> {
     observer.done();
     // Tear the emulated machine down whatever happened.
     if !a.keep
-        && let Ok(mut p) = g.open_platform()
+        && let Ok(mut p) = g.open_emulated()
     {
-        let _ = super::emu::down(p.as_mut());
+        let _ = crate::emu::down(&mut p);
     }
     let (init, out) = result?;
     Ok(report(&a, &notes, &init, &out, started, &root, tmp))
@@ -282,17 +287,24 @@ fn upgrade(
     if inject == Some(DemoFault::CrashAgent) {
         return crash_and_recover(g, kernel_b, observer);
     }
-    let mut platform = g.open_platform()?;
-    let current = orchestrator::current_instance(platform.as_mut())
-        .map_err(|e| CliError::new(e.exit(), e.to_string()))?;
-    let policy = crate::verify::VerifyPolicy {
+    if inject.is_some() && !upgrade_agent::fault::ENABLED {
+        return Err(CliError::new(
+            Exit::Usage,
+            "--inject needs a build with fault injection (cargo build --features \
+             upgrade-agent/fault-injection); release builds never carry it",
+        ));
+    }
+    let mut platform = g.open_emulated()?;
+    let current =
+        orchestrator::current_instance(&mut platform).map_err(|e| CliError::upgrade(&e))?;
+    let policy = upgrade_agent::verify::VerifyPolicy {
         trusted_keys_dir: g.trusted_keys_dir(),
         allow_unsigned_insecure: false,
         running_release: current.kernel_release.clone().unwrap_or_default(),
         floor: None,
         allow_downgrade: false,
     };
-    let image = match crate::verify::verify_kernel_image(kernel_b, None, &policy) {
+    let image = match upgrade_agent::verify::verify_kernel_image(kernel_b, None, &policy) {
         Ok(i) => i,
         Err(e) => return Ok((None, Some(e.to_string()))),
     };
@@ -308,14 +320,13 @@ fn upgrade(
         health_fail: inject == Some(DemoFault::HealthFail),
         crash_after_write: None,
     };
-    let (rec, _err) = execute(
-        g,
-        platform.as_mut(),
-        &kernel,
-        UpgradeKind::Apply,
+    let req = ops::Request {
+        kind: UpgradeKind::Apply,
+        kernel,
         faults,
-        observer,
-    )?;
+        promotion: None,
+    };
+    let (rec, _err) = execute(g, &mut platform, req, observer)?;
     Ok((Some(rec), None))
 }
 
@@ -343,7 +354,7 @@ fn crash_and_recover(
         .arg("--kernel")
         .arg(kernel_b)
         .arg("--json")
-        .env("MK_FAULT_CRASH_AFTER_WRITE", "9")
+        .env(upgrade_agent::fault::CRASH_AFTER_WRITE_ENV, "9")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
@@ -356,19 +367,18 @@ fn crash_and_recover(
         ));
     }
     observer.step(
-        crate::orchestrator::record::Phase::Migrating,
+        upgrade_agent::record::Phase::Migrating,
         "agent killed (SIGKILL) mid-migration; running start-up recovery",
     );
-    let mut platform = g.open_platform()?;
-    let setup = Setup {
-        journal: g.journal()?,
-        specs: g.load_workloads()?,
-        node_key: g.node_key()?,
-        faults: Faults::default(),
+    let mut platform = g.open_emulated()?;
+    let rec = ops::recover(
+        &g.state(),
+        &mut platform,
+        None,
         observer,
-    };
-    let rec = orchestrator::recover(platform.as_mut(), setup)
-        .map_err(|e| CliError::new(e.exit(), e.to_string()))?;
+        &SystemEnv::default(),
+    )
+    .map_err(|e| crate::app::op_error(&e))?;
     Ok((rec, None))
 }
 
@@ -477,7 +487,7 @@ fn report(
             for e in &r.events {
                 println!("  {:>7} ms  {}", e.t_ms, e.what);
             }
-            super::upgrade::print_record(r);
+            crate::upgrade::print_record(r);
         }
         if let Some(reason) = &out.refused {
             println!("refused: {reason}");

@@ -4,16 +4,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use kho_proto::keys::{NodeKey, TrustedKeys};
+use kho_proto::keys::TrustedKeys;
 
-use crate::exit::Exit;
-use crate::orchestrator::record::UpgradeRecord;
-use crate::platform::Platform;
-use crate::platform::emulated::EmulatedPlatform;
-use crate::workload::WorkloadFile;
-
-/// Default state directory.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/mk-upgrade";
+use upgrade_agent::exit::Exit;
+use upgrade_agent::orchestrator::UpgradeError;
+use upgrade_agent::orchestrator::ops::OpError;
+use upgrade_agent::platform::emulated::EmulatedPlatform;
+use upgrade_agent::record::UpgradeRecord;
+use upgrade_agent::statedir::{DEFAULT_STATE_DIR, StateDir, StateDirError};
+use upgrade_agent::workload::WorkloadFile;
 
 /// mk-upgrade: zero-downtime kernel upgrades (verify, hand over, health-gate, roll back).
 #[derive(Debug, Parser)]
@@ -55,31 +54,31 @@ pub enum PlatformChoice {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Pre-flight checks: is this host ready for an upgrade?
-    Check(super::upgrade::CheckArgs),
+    Check(crate::upgrade::CheckArgs),
     /// Verify a kernel image and upgrade to it, moving every workload.
-    Apply(super::upgrade::ApplyArgs),
+    Apply(crate::upgrade::ApplyArgs),
     /// What runs now, which kernels are kept, whether an upgrade is in flight.
-    Status(super::upgrade::JsonArgs),
+    Status(crate::upgrade::JsonArgs),
     /// Past upgrades.
-    History(super::upgrade::JsonArgs),
+    History(crate::upgrade::JsonArgs),
     /// Go back to the previous (known-good) kernel, moving every workload back.
-    Rollback(super::upgrade::RollbackArgs),
+    Rollback(crate::upgrade::RollbackArgs),
     /// Finish or undo an interrupted upgrade (what mk-agentd does at start).
-    Recover(super::upgrade::JsonArgs),
+    Recover(crate::upgrade::JsonArgs),
     /// The emulated machine: boot its first instance, list or stop instances.
-    Emu(super::emu::EmuArgs),
+    Emu(crate::emu::EmuArgs),
     /// The main demonstration: three workloads under load, upgraded live (emulated).
-    Demo(super::demo::DemoArgs),
+    Demo(crate::demo::DemoArgs),
     /// Load-generate against mk-demo-kv workloads, then verify every acknowledged write.
-    Load(super::load::LoadArgs),
+    Load(crate::load::LoadArgs),
     /// Decode and verify a handover image file.
-    Inspect(super::inspect::InspectArgs),
+    Inspect(crate::inspect::InspectArgs),
     /// Capture or compare the state a handover would carry.
-    State(super::state::StateArgs),
+    State(crate::state::StateArgs),
     /// Release-signing keys.
-    Keys(super::keys::KeysArgs),
+    Keys(crate::keys::KeysArgs),
     /// Sign a kernel image (writes IMAGE.sig).
-    Sign(super::sign::SignArgs),
+    Sign(crate::sign::SignArgs),
 }
 
 /// A command failure: the message for stderr and the documented exit code.
@@ -99,47 +98,72 @@ impl CliError {
     }
 }
 
+impl CliError {
+    /// A state-directory failure: a bad workload file is a usage error, a damaged journal
+    /// or slot table is corrupt state, anything else is I/O.
+    pub fn state(e: &StateDirError) -> Self {
+        let exit = match e {
+            StateDirError::Workloads(upgrade_agent::workload::WorkloadError::Io { .. }) => Exit::Io,
+            StateDirError::Workloads(_) => Exit::Usage,
+            StateDirError::Trusted(_) => Exit::Untrusted,
+            StateDirError::Journal(rollback::JournalError::Corrupt { .. }) => Exit::Corrupt,
+            _ => Exit::Io,
+        };
+        CliError::new(exit, e.to_string())
+    }
+
+    /// An upgrade that did not end upgraded, with its documented exit code.
+    pub fn upgrade(e: &UpgradeError) -> Self {
+        CliError::new(upgrade_exit(e), e.to_string())
+    }
+}
+
+/// The documented exit code of an upgrade that did not end upgraded.
+pub fn upgrade_exit(e: &UpgradeError) -> Exit {
+    match e {
+        UpgradeError::RolledBack { .. } => Exit::RolledBack,
+        UpgradeError::Failed(_) | UpgradeError::Platform(_) => Exit::Platform,
+        UpgradeError::Journal(_) | UpgradeError::Slots(_) => Exit::Internal,
+        UpgradeError::Refused(_) => Exit::PreflightFailed,
+    }
+}
+
+/// An operation that could not start.
+pub fn op_error(e: &OpError) -> CliError {
+    match e {
+        OpError::State(s) => CliError::state(s),
+        OpError::Upgrade(u) => CliError::upgrade(u),
+    }
+}
+
 impl Global {
+    /// The state directory these options name.
+    pub fn state(&self) -> StateDir {
+        StateDir::new(&self.state_dir)
+            .with_workloads(self.workloads.clone())
+            .with_trusted_keys(self.trusted_keys.clone())
+    }
+
     /// The workload file path.
     pub fn workloads_path(&self) -> PathBuf {
-        self.workloads
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join("workloads.toml"))
+        self.state().workloads_path()
     }
 
     /// The trusted release keys directory.
     pub fn trusted_keys_dir(&self) -> PathBuf {
-        self.trusted_keys
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join("trusted-keys"))
+        self.state().trusted_keys_dir()
     }
 
     /// Loads the workload file (a missing default file is an empty list).
     pub fn load_workloads(&self) -> Result<WorkloadFile, CliError> {
-        let path = self.workloads_path();
-        if self.workloads.is_none() && !path.exists() {
-            return Ok(WorkloadFile::default());
-        }
-        WorkloadFile::load(&path).map_err(|e| {
-            let exit = match e {
-                crate::workload::WorkloadError::Io { .. } => Exit::Io,
-                _ => Exit::Usage,
-            };
-            CliError::new(exit, e.to_string())
-        })
+        self.state()
+            .load_workloads()
+            .map_err(|e| CliError::state(&e))
     }
 
     /// Creates the state directory.
     pub fn ensure_state_dir(&self) -> Result<(), CliError> {
-        std::fs::create_dir_all(&self.state_dir).map_err(|e| {
-            CliError::new(
-                Exit::Io,
-                format!(
-                    "cannot create state directory {}: {e} (run as root or pass --state-dir)",
-                    self.state_dir.display()
-                ),
-            )
-        })
+        self.state().ensure().map_err(|e| CliError::state(&e))
     }
 
     /// The platform `--platform` resolves to (`auto`: luo when /dev/liveupdate exists).
@@ -151,69 +175,46 @@ impl Global {
         }
     }
 
-    /// The platform to drive.
-    pub fn open_platform(&self) -> Result<Box<dyn Platform>, CliError> {
-        if self.resolved_platform() == PlatformChoice::Luo {
-            self.ensure_state_dir()?;
-            return Ok(Box::new(crate::platform::luo::LuoPlatform::new(
-                &self.state_dir,
-            )));
-        }
+    /// The emulated platform (the luo platform is driven by its host agent, see
+    /// `crate::luo`).
+    pub fn open_emulated(&self) -> Result<EmulatedPlatform, CliError> {
         self.ensure_state_dir()?;
         EmulatedPlatform::new(&self.state_dir)
-            .map(|p| Box::new(p) as Box<dyn Platform>)
             .map_err(|e| CliError::new(Exit::Platform, e.to_string()))
     }
 
     /// The upgrade journal.
     pub fn journal(&self) -> Result<rollback::Journal<UpgradeRecord>, CliError> {
-        self.ensure_state_dir()?;
-        rollback::Journal::open(&self.state_dir).map_err(|e| CliError::new(Exit::Io, e.to_string()))
-    }
-
-    /// This machine's node key (signs handover images), created on first use, with its
-    /// public half in `STATE_DIR/node-keys/` where receiving instances trust it.
-    pub fn node_key(&self) -> Result<NodeKey, CliError> {
-        let dir = self.state_dir.join("node-keys");
-        let key = dir.join("node.key");
-        let io = |e: String| CliError::new(Exit::Io, e);
-        if !key.exists() {
-            std::fs::create_dir_all(&dir).map_err(|e| io(format!("{}: {e}", dir.display())))?;
-            let k = NodeKey::generate().map_err(|e| io(e.to_string()))?;
-            match k.save(&dir, "node") {
-                Ok(_) | Err(kho_proto::keys::KeyError::Exists { .. }) => {}
-                Err(e) => return Err(io(e.to_string())),
-            }
-        }
-        NodeKey::load(&key).map_err(|e| io(e.to_string()))
+        self.state().journal().map_err(|e| CliError::state(&e))
     }
 
     /// The trusted release keys, if the directory has any.
     pub fn trusted(&self) -> Result<TrustedKeys, CliError> {
-        TrustedKeys::load_dir(&self.trusted_keys_dir())
-            .map_err(|e| CliError::new(Exit::Untrusted, e.to_string()))
+        self.state()
+            .trusted_release_keys()
+            .map_err(|e| CliError::state(&e))
     }
 }
 
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    upgrade_agent::telemetry::init_tracing();
     let g = cli.global;
     let result: Result<ExitCode, CliError> = match cli.command {
-        Command::Check(a) => super::upgrade::check(&g, &a),
-        Command::Apply(a) => super::upgrade::apply(&g, &a),
-        Command::Status(a) => super::upgrade::status(&g, &a),
-        Command::History(a) => super::upgrade::history(&g, &a),
-        Command::Rollback(a) => super::upgrade::rollback(&g, &a),
-        Command::Recover(a) => super::upgrade::recover(&g, &a),
-        Command::Emu(a) => super::emu::run(&g, a),
-        Command::Demo(a) => super::demo::run(&g, a),
-        Command::Load(a) => super::load::run(a),
-        Command::Inspect(a) => Ok(super::inspect::run(a)),
-        Command::State(a) => Ok(super::state::run(a)),
-        Command::Keys(a) => Ok(super::keys::run(a)),
-        Command::Sign(a) => Ok(super::sign::run(a)),
+        Command::Check(a) => Ok(crate::upgrade::check(&g, &a)),
+        Command::Apply(a) => crate::upgrade::apply(&g, &a),
+        Command::Status(a) => crate::upgrade::status(&g, &a),
+        Command::History(a) => crate::upgrade::history(&g, &a),
+        Command::Rollback(a) => crate::upgrade::rollback(&g, &a),
+        Command::Recover(a) => crate::upgrade::recover(&g, &a),
+        Command::Emu(a) => crate::emu::run(&g, a),
+        Command::Demo(a) => crate::demo::run(&g, a),
+        Command::Load(a) => crate::load::run(a),
+        Command::Inspect(a) => Ok(crate::inspect::run(a)),
+        Command::State(a) => Ok(crate::state::run(a)),
+        Command::Keys(a) => Ok(crate::keys::run(a)),
+        Command::Sign(a) => Ok(crate::sign::run(a)),
     };
     match result {
         Ok(code) => code,
@@ -222,16 +223,6 @@ pub fn main() -> ExitCode {
             e.exit.into()
         }
     }
-}
-
-/// Logs to stderr, filtered by `RUST_LOG` (default: warnings).
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 #[cfg(test)]

@@ -1,12 +1,17 @@
 //! The mainline LUO platform: a kernel upgrade that **replaces** the running kernel by
 //! `kexec`, with the workloads' memfds kept across it in `/dev/liveupdate` sessions.
 //!
-//! * [`agent`]: the host agent (`mk-agentd serve`). It owns `/dev/liveupdate` (exclusive),
-//!   runs the workloads as its children (the instance supervisor's code, reused), serves
-//!   `STATE_DIR/luo/ctl.sock`, preserves and kexecs on `LuoUpgrade`, and on the next kernel
-//!   retrieves, verifies, restores, health-checks, commits or kexecs back.
-//! * [`client`]: what `mk-upgrade apply|rollback --platform luo` does on the operator's
-//!   side (verify the image, journal, hand the sealed image to the agent).
+//! * [`host`]: [`host::LuoPlatform`], the [`Platform`](crate::platform::Platform) the
+//!   orchestrator drives inside the host agent: staging a workload preserves its signed
+//!   hand-over image and memfds in a session, booting kexecs with the journal record in
+//!   the agent session, claiming (in the next kernel) verifies, restores and
+//!   health-checks, and the way back re-preserves and kexecs the previous kernel.
+//! * the host agent (`mk-agentd serve`, in the `mk-agentd` binary). It owns
+//!   `/dev/liveupdate` (exclusive), runs the workloads as its children (the instance host's
+//!   supervisor), serves `STATE_DIR/luo/ctl.sock`, runs the orchestrator on `LuoApply`, and
+//!   at start runs the orchestrator's recovery, which carries on with whatever a kexec
+//!   carried over.
+//! * [`client`]: what the CLI asks the agent.
 //! * [`handoff`]: the agent's own record that travels in the `mk-agent` session.
 //!
 //! Session layout across one kexec:
@@ -16,7 +21,8 @@
 //! | `mk-agent`    | 0     | sealed memfd: [`handoff::Handoff`] (JSON: journal record, workloads, digests) |
 //! |               | 1     | the kernel being left (to come back to)                        |
 //! |               | 2     | the kernel being booted (what the next kernel runs)            |
-//! |               | 3     | the initramfs both boot with (when one was given)              |
+//! |               | 3     | the initramfs of the kernel being booted (when it has one)     |
+//! |               | 4     | the initramfs of the kernel being left (when it has one)       |
 //! | `mk-w-<name>` | 0     | forward: the workload's signed kho-proto handover image        |
 //! |               | 1..   | the workload's memfds, in workload-file order                  |
 //!
@@ -26,9 +32,9 @@
 //! by LUO: the next kernel binds each listener afresh from the workload's spec (connections
 //! queued in the old kernel are lost, unlike on the emulated platform).
 
-pub mod agent;
 pub mod client;
 pub mod handoff;
+pub mod host;
 
 use std::path::{Path, PathBuf};
 
@@ -42,8 +48,10 @@ pub const TOKEN_HANDOFF: u64 = 0;
 pub const TOKEN_SOURCE_KERNEL: u64 = 1;
 /// Token of the kernel being booted.
 pub const TOKEN_TARGET_KERNEL: u64 = 2;
-/// Token of the initramfs.
+/// Token of the initramfs of the kernel being booted.
 pub const TOKEN_INITRD: u64 = 3;
+/// Token of the initramfs of the kernel being left.
+pub const TOKEN_SOURCE_INITRD: u64 = 4;
 /// Token of a workload's handover image in its session.
 pub const TOKEN_IMAGE: u64 = 0;
 

@@ -12,21 +12,19 @@
 //! | the IPI/vsock channel                 | `chan.sock`, kho-proto frames + SCM_RIGHTS        |
 //!
 //! It serves two sockets in its instance directory: `ctl.sock` (local control, see
-//! [`super::ctl`]) and `chan.sock` (the inter-instance channel, see [`crate::receiver`]).
+//! [`super::ctl`]) and `chan.sock` (the inter-instance channel, see [`crate::host::receiver`]).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::platform::emulated::ctl::{Request, Response};
-use crate::platform::emulated::{EmulatedPlatform, instance_dir};
-use crate::platform::{InstanceId, PreservedFd, WorkloadInfo};
+use crate::host::ctl::{Request, Response};
+use crate::model::{InstanceId, PreservedFd, WorkloadInfo};
 use crate::sys::cgroup::Freezer;
 use crate::sys::fdpass;
 use crate::workload::WorkloadSpec;
@@ -80,7 +78,7 @@ pub fn lock(shared: &Shared) -> MutexGuard<'_, Instance> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn pin_self(cpus: &[u32]) -> io::Result<()> {
+pub fn pin_self(cpus: &[u32]) -> io::Result<()> {
     let mut set = nix::sched::CpuSet::new();
     for c in cpus {
         set.set(*c as usize).map_err(io::Error::from)?;
@@ -136,22 +134,7 @@ pub fn spawn_workload(
         .envs(&spec.env)
         .env(fdenv::ENV_VAR, env_value)
         .stdin(Stdio::null());
-    // SAFETY: the hook runs between fork and exec; it only makes single system calls
-    // (write, dup2, sched_setaffinity) on values prepared before the fork, allocates nothing
-    // and takes no lock, so it is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(fd) = procs_fd {
-                // "0" moves the writing process itself into the group.
-                sys::write_raw(fd, b"0")?;
-            }
-            sys::set_affinity_raw(&set)?;
-            for (target, src) in (3..).zip(raw_sources.iter()) {
-                sys::dup2_raw(*src, target)?;
-            }
-            Ok(())
-        });
-    }
+    crate::sys::spawn::place_before_exec(&mut cmd, procs_fd, set, raw_sources);
     let child = cmd.spawn();
     drop(sources);
     let child = child?;
@@ -207,6 +190,61 @@ pub fn restore_workload(
     Ok(spawned.child)
 }
 
+/// Starts a received workload on this instance: restored from its task state when one
+/// arrived (same exe, args, env, limits, with its preserved fds), else started from its spec;
+/// `pending_commit` marks a copy that is stopped unless a commit follows.
+pub fn admit(
+    shared: &Shared,
+    name: &str,
+    spec: &WorkloadSpec,
+    task: Option<&state_serializers::task::TaskState>,
+    fds: Vec<PreservedFd>,
+    extra_args: &[String],
+    pending_commit: bool,
+) -> Result<(), String> {
+    let mut inst = lock(shared);
+    if inst.workloads.contains_key(name) {
+        return Err(format!("workload {name} already runs on this instance"));
+    }
+    let child = match task {
+        Some(task) => restore_workload(&inst, name, task, &fds, extra_args)?,
+        None => spawn_workload(spec, &fds, &inst.cpus, &inst.freezer, extra_args)
+            .map_err(|e| format!("starting {}: {e}", spec.exec.display()))?,
+    };
+    inst.workloads.insert(
+        name.to_owned(),
+        Running {
+            spec: spec.clone(),
+            child,
+            fds,
+            frozen: false,
+            pending_commit,
+        },
+    );
+    Ok(())
+}
+
+/// Runs `spec`'s health check against workload `name` and checks that its process is still
+/// alive afterwards (a process that died after passing the check is not healthy). Returns
+/// whether it is healthy and what was seen.
+pub fn check_health(shared: &Shared, name: &str, spec: &WorkloadSpec) -> (bool, String) {
+    let outcome = crate::health::run(&spec.health);
+    let alive = lock(shared)
+        .workloads
+        .get_mut(name)
+        .is_some_and(|w| matches!(w.child.try_wait(), Ok(None)));
+    if !alive {
+        (
+            false,
+            format!("the restored process exited ({})", outcome.detail),
+        )
+    } else if outcome.healthy {
+        (true, outcome.detail)
+    } else {
+        (false, format!("health check failed: {}", outcome.detail))
+    }
+}
+
 /// Creates the preserved descriptors a workload's first start needs: its memfds (sized,
 /// sealable) and its bound listening sockets.
 pub fn fresh_fds(spec: &WorkloadSpec) -> io::Result<Vec<PreservedFd>> {
@@ -238,7 +276,7 @@ pub fn fresh_fds(spec: &WorkloadSpec) -> io::Result<Vec<PreservedFd>> {
 }
 
 /// Serves one control request of the common protocol (every request but `LuoUpgrade`,
-/// which only the host agent of a LUO kernel serves, see [`crate::luo`]).
+/// which only the host agent of a LUO kernel serves, see [`crate::platform::luo`]).
 pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
     let mut inst = lock(shared);
     let result: Result<(Response, Vec<OwnedFd>), String> = (|| {
@@ -334,7 +372,7 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                 inst.halting = true;
                 Ok((Response::Done, vec![]))
             }
-            Request::LuoUpgrade { .. } => Err("LuoUpgrade is served only by the host agent of a \
+            Request::LuoApply { .. } => Err("LuoApply is served only by the host agent of a \
                  LUO kernel (`mk-agentd serve`), not by an emulated instance"
                 .to_owned()),
         }
@@ -423,59 +461,6 @@ fn halt_now(shared: &Shared) -> ! {
     inst.freezer.remove_base();
     tracing::info!(id = inst.id, "instance halted");
     std::process::exit(0);
-}
-
-/// Runs the supervisor of instance `id` until it is halted. Never returns on success.
-pub fn run(state_dir: &Path, id: InstanceId) -> Result<(), String> {
-    let platform = EmulatedPlatform::new(state_dir).map_err(|e| e.to_string())?;
-    let entry = platform
-        .store()
-        .read()
-        .and_then(|p| p.get(id).cloned())
-        .map_err(|e| e.to_string())?;
-    let dir = instance_dir(platform.store().dir(), id);
-    let kernel_release = entry
-        .kernel_release
-        .clone()
-        .ok_or_else(|| format!("instance {id} has no kernel loaded"))?;
-    pin_self(&entry.resources.cpus)
-        .map_err(|e| format!("pinning to cpus {:?}: {e}", entry.resources.cpus))?;
-    let tag = format!(
-        "mk-upgrade-emulated/{}/instance-{id}",
-        crate::platform::emulated::state_tag(state_dir)
-    );
-    let freezer = Freezer::detect(&tag);
-    let shared: Shared = Arc::new(Mutex::new(Instance {
-        id,
-        kernel_release,
-        cpus: entry.resources.cpus.clone(),
-        freezer,
-        workloads: BTreeMap::new(),
-        dir: dir.clone(),
-        state_dir: state_dir.to_owned(),
-        halting: false,
-        expected_upgrade: None,
-    }));
-    let bind = |name: &str| -> Result<UnixListener, String> {
-        let path = dir.join(name);
-        let _ = std::fs::remove_file(&path);
-        UnixListener::bind(&path).map_err(|e| format!("binding {}: {e}", path.display()))
-    };
-    let chan = bind("chan.sock")?;
-    let ctl = bind("ctl.sock")?;
-    {
-        let shared = Arc::clone(&shared);
-        std::thread::spawn(move || {
-            for conn in chan.incoming().flatten() {
-                let shared = Arc::clone(&shared);
-                std::thread::spawn(move || crate::receiver::serve(&shared, conn));
-            }
-        });
-    }
-    tracing::info!(id, cpus = ?entry.resources.cpus, "instance active (emulated)");
-    let handler: Arc<CtlHandler> = Arc::new(emulated_handler);
-    serve_ctl_listener(&shared, &ctl, &handler);
-    Ok(())
 }
 
 /// Serves control connections on `ctl` (one thread each) with `handler`, until the

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use kho_proto::keys::{KeyError, KeyId, NodeKey};
 
-use crate::exit::Exit;
+use upgrade_agent::exit::Exit;
 
 /// `mk-upgrade keys ...`
 #[derive(clap::Args, Debug)]

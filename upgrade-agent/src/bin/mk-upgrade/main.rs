@@ -1,0 +1,18 @@
+//! `mk-upgrade`: the operator's command line. See `docs/cli.md`. One module per
+//! subcommand; everything they do is in the `upgrade_agent` library, this binary parses,
+//! reports and maps outcomes to the documented exit codes.
+
+mod app;
+mod demo;
+mod emu;
+mod inspect;
+mod keys;
+mod load;
+mod luo;
+mod sign;
+mod state;
+mod upgrade;
+
+fn main() -> std::process::ExitCode {
+    app::main()
+}

@@ -1,0 +1,7 @@
+//! What runs inside an instance (emulated) or a kernel (LUO host agent): the workload
+//! supervisor ([`supervisor`]: start, freeze, restore, stop), its local control protocol
+//! ([`ctl`]), and the receiving end of the inter-instance channel ([`receiver`]).
+
+pub mod ctl;
+pub mod receiver;
+pub mod supervisor;

@@ -1,0 +1,163 @@
+//! The vocabulary every layer above the formats shares: instances, their states and
+//! resources, workloads as an instance sees them, preserved descriptors, and the error of
+//! an instance operation. The [`Platform`](crate::platform::Platform) trait is written in
+//! these terms; so are the instance host ([`crate::host`]) and the journal record
+//! ([`crate::record`]).
+
+use std::fmt;
+use std::os::fd::OwnedFd;
+
+use serde::{Deserialize, Serialize};
+
+/// Instance id: 0 is the host kernel on multikernel; spawned instances use 1..=511.
+pub type InstanceId = u16;
+
+/// Highest instance id the multikernel interface accepts.
+pub const MAX_INSTANCE_ID: InstanceId = 511;
+
+/// Which implementation a platform is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlatformKind {
+    /// The multikernel emulator (supervisor processes). Not a real kernel boot.
+    Emulated,
+    /// Real multikernel (out-of-tree patch set).
+    Multikernel,
+    /// Mainline Live Update Orchestrator (`/dev/liveupdate` + kexec).
+    Luo,
+}
+
+impl fmt::Display for PlatformKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PlatformKind::Emulated => "emulated (multikernel emulation, no real kernel boot)",
+            PlatformKind::Multikernel => "multikernel",
+            PlatformKind::Luo => "luo",
+        })
+    }
+}
+
+/// Lifecycle state of an instance, as `/sys/fs/multikernel/instances/<name>/status` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    Empty,
+    Ready,
+    Loaded,
+    Active,
+    Failed,
+}
+
+impl fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InstanceState::Empty => "empty",
+            InstanceState::Ready => "ready",
+            InstanceState::Loaded => "loaded",
+            InstanceState::Active => "active",
+            InstanceState::Failed => "failed",
+        })
+    }
+}
+
+/// CPUs and memory owned by an instance (or requested for one).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub cpus: Vec<u32>,
+    pub memory_bytes: u64,
+}
+
+/// What the platform reports about an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub id: InstanceId,
+    pub state: InstanceState,
+    pub resources: Resources,
+    /// Release of the kernel loaded or running in the instance.
+    pub kernel_release: Option<String>,
+    /// Workloads the instance runs.
+    pub workloads: Vec<WorkloadInfo>,
+}
+
+/// A workload as an instance sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadInfo {
+    pub name: String,
+    pub pid: i32,
+    pub frozen: bool,
+    /// Received by a move that was not committed yet (stopped if the move's channel drops).
+    #[serde(default)]
+    pub pending_commit: bool,
+}
+
+/// A named preserved descriptor of a workload (its memfds and listening sockets).
+#[derive(Debug)]
+pub struct PreservedFd {
+    pub name: String,
+    pub fd: OwnedFd,
+}
+
+/// Errors of a platform operation.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    #[error("instance {0} does not exist")]
+    NoSuchInstance(InstanceId),
+    #[error("instance {id} is {state}, but {op} needs it {needed}")]
+    WrongState {
+        id: InstanceId,
+        op: &'static str,
+        state: InstanceState,
+        needed: &'static str,
+    },
+    #[error("instance id {0} is out of range (spawned instances use 1..=511)")]
+    BadInstanceId(u32),
+    #[error("not enough spare resources: {0}")]
+    NoResources(String),
+    #[error("workload {workload:?} is not running on instance {instance}")]
+    NoSuchWorkload {
+        instance: InstanceId,
+        workload: String,
+    },
+    #[error("instance {id}: {what}")]
+    Instance { id: InstanceId, what: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is not supported on this platform")]
+    Unsupported(&'static str),
+    /// The target refused a hand-over: one of its checks failed.
+    #[error("{workload}: check {check} failed on instance {instance}: {detail}")]
+    Refused {
+        workload: String,
+        instance: InstanceId,
+        check: String,
+        detail: String,
+    },
+    /// The restored copy did not pass its health check (or died).
+    #[error("{workload}: unhealthy on instance {instance}: {detail}")]
+    Unhealthy {
+        workload: String,
+        instance: InstanceId,
+        detail: String,
+    },
+    /// The channel to an instance failed (negotiation, a frame, a timeout, a protocol
+    /// violation).
+    #[error("instance {id}: channel: {what}")]
+    Channel { id: InstanceId, what: String },
+    /// Test-only: a failure injected by the fake platform.
+    #[error("injected failure of {0}")]
+    Injected(String),
+}
+
+impl PlatformError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        PlatformError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! The operations the binaries run: one upgrade (apply or rollback) and start-up recovery,
+//! with everything they need opened from the [`StateDir`]. Nothing here prints: the
+//! binaries report the returned record.
+
+use crate::fault::Faults;
+use crate::platform::{LoadableKernel, Platform};
+use crate::record::{UpgradeKind, UpgradeRecord};
+use crate::statedir::{StateDir, StateDirError};
+
+use super::{Env, Observer, Orchestrator, Promotion, Setup, UpgradeError};
+
+/// Why an operation could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error(transparent)]
+    State(#[from] StateDirError),
+    #[error(transparent)]
+    Upgrade(#[from] UpgradeError),
+}
+
+/// How to run one upgrade.
+#[derive(Debug)]
+pub struct Request<'k> {
+    pub kind: UpgradeKind,
+    pub kernel: LoadableKernel<'k>,
+    pub faults: Faults,
+    /// Slots to update on success (see [`Promotion`]).
+    pub promotion: Option<Promotion>,
+}
+
+fn setup<'a>(
+    state: &StateDir,
+    faults: Faults,
+    promotion: Option<Promotion>,
+    observer: &'a dyn Observer,
+    env: &'a dyn Env,
+) -> Result<Setup<'a>, StateDirError> {
+    Ok(Setup {
+        journal: state.journal()?,
+        specs: state.load_workloads()?,
+        node_key: state.node_key()?,
+        faults,
+        observer,
+        env,
+        promotion,
+    })
+}
+
+/// Runs one upgrade to its end on `platform`; returns the finished record and why it did
+/// not end upgraded. `Err` when it could not even start (nothing changed then).
+pub fn execute(
+    state: &StateDir,
+    platform: &mut dyn Platform,
+    req: Request<'_>,
+    observer: &dyn Observer,
+    env: &dyn Env,
+) -> Result<(UpgradeRecord, Option<UpgradeError>), OpError> {
+    let setup = setup(state, req.faults, req.promotion, observer, env)?;
+    let mut o = Orchestrator::begin(
+        platform,
+        setup,
+        req.kind,
+        &req.kernel.release,
+        req.kernel.sha256,
+    )?;
+    let result = o.run(&req.kernel);
+    Ok((o.record.clone(), result.err()))
+}
+
+/// Start-up recovery: finishes or undoes an interrupted upgrade (or, on a replace platform,
+/// carries on with what a kexec carried over). `None` when nothing was in flight.
+pub fn recover(
+    state: &StateDir,
+    platform: &mut dyn Platform,
+    promotion: Option<Promotion>,
+    observer: &dyn Observer,
+    env: &dyn Env,
+) -> Result<Option<UpgradeRecord>, OpError> {
+    let setup = setup(state, Faults::NONE, promotion, observer, env)?;
+    Ok(super::recover(platform, setup)?)
+}
+
+/// Recovery where the platform is not driven from this process (on LUO the host agent owns
+/// the kernel side and carries on with whatever a kexec carried over): an upgrade still
+/// journaled here was never carried over, so it is finished as the planner decides for a
+/// record that nothing but the journal kept (`running` names the running kernel).
+pub fn recover_journal_only(
+    state: &StateDir,
+    running: &str,
+) -> Result<Option<UpgradeRecord>, OpError> {
+    let mut journal = state.journal()?;
+    let Some(mut record) = journal.current().map_err(UpgradeError::from)? else {
+        return Ok(None);
+    };
+    let seen = super::plan::Observed {
+        replace: true,
+        carried_over: false,
+        running_release: running.to_owned(),
+    };
+    match super::plan::plan(Some(&record), &seen) {
+        super::plan::Plan::Abandon { outcome, reason } => {
+            super::abandon(&mut record);
+            record.events.push(crate::record::Event {
+                t_ms: 0,
+                what: format!("recovered: {reason}"),
+                journaled: None,
+            });
+            record.phase = crate::record::Phase::Done;
+            record.outcome = Some(outcome);
+            record.error = Some(reason);
+        }
+        super::plan::Plan::Finish(outcome) => {
+            record.outcome = Some(outcome);
+        }
+        other => {
+            return Err(UpgradeError::Failed(format!(
+                "recovery of upgrade {} needs the platform ({other:?})",
+                record.upgrade_id
+            ))
+            .into());
+        }
+    }
+    journal.finish(&record).map_err(UpgradeError::from)?;
+    Ok(Some(record))
+}

@@ -1,0 +1,448 @@
+//! The state machine on the fake platform: every transition, every failure point, and
+//! recovery from each, without a process, a socket or a kernel.
+
+use std::cell::Cell;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kho_proto::keys::NodeKey;
+
+use super::*;
+use crate::platform::fake::FakePlatform;
+use crate::record::{MoveStatus, Outcome, Phase, UpgradeKind};
+use crate::workload::{WorkloadFile, WorkloadSpec};
+
+/// A clock that advances 1 ms per reading, ids from a counter, task state from the
+/// state-serializers fixture tree.
+struct FakeEnv {
+    t0: Instant,
+    ticks: Cell<u64>,
+    ids: Cell<u8>,
+}
+
+impl FakeEnv {
+    fn new() -> Self {
+        FakeEnv {
+            t0: Instant::now(),
+            ticks: Cell::new(0),
+            ids: Cell::new(0),
+        }
+    }
+}
+
+impl Env for FakeEnv {
+    fn now_unix(&self) -> u64 {
+        1_800_000_000
+    }
+    fn now(&self) -> Instant {
+        self.ticks.set(self.ticks.get() + 1);
+        self.t0 + Duration::from_millis(self.ticks.get())
+    }
+    fn random_id(&self) -> [u8; 16] {
+        self.ids.set(self.ids.get() + 1);
+        [self.ids.get(); 16]
+    }
+    fn capture_task(
+        &self,
+        _pid: i32,
+    ) -> Result<state_serializers::task::TaskState, state_serializers::StateError> {
+        let root =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../state-serializers/tests/fixtures/root");
+        state_serializers::task::capture_tasks(
+            &root,
+            &[4242],
+            &state_serializers::task::CaptureOptions::default(),
+        )
+    }
+}
+
+fn specs() -> WorkloadFile {
+    let text = r#"
+[[workload]]
+name = "kv-1"
+exec = "/bin/true"
+[[workload.memfd]]
+name = "data"
+size = 0
+
+[[workload]]
+name = "kv-2"
+exec = "/bin/true"
+[[workload.memfd]]
+name = "data"
+size = 0
+"#;
+    WorkloadFile::parse(text, Path::new("w.toml")).unwrap()
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    key: NodeKey,
+    env: FakeEnv,
+    specs: WorkloadFile,
+}
+
+impl World {
+    fn new() -> Self {
+        World {
+            dir: tempfile::tempdir().unwrap(),
+            key: NodeKey::generate().unwrap(),
+            env: FakeEnv::new(),
+            specs: specs(),
+        }
+    }
+
+    fn platform(&self, replace: bool) -> FakePlatform {
+        let ws: Vec<WorkloadSpec> = self.specs.workloads.clone();
+        FakePlatform::new(replace, vec![0, 1, 2, 3], "7.2.13-mkA", &ws)
+    }
+
+    fn setup(&self) -> Setup<'_> {
+        Setup {
+            journal: rollback::Journal::open(self.dir.path()).unwrap(),
+            specs: self.specs.clone(),
+            node_key: NodeKey::load(&self.key_path()).unwrap(),
+            faults: Faults::NONE,
+            observer: &Quiet,
+            env: &self.env,
+            promotion: None,
+        }
+    }
+
+    fn key_path(&self) -> std::path::PathBuf {
+        let p = self.dir.path().join("node.key");
+        if !p.exists() {
+            self.key.save(self.dir.path(), "node").unwrap();
+        }
+        p
+    }
+
+    fn in_flight(&self) -> Option<UpgradeRecord> {
+        rollback::Journal::<UpgradeRecord>::open(self.dir.path())
+            .unwrap()
+            .current()
+            .unwrap()
+    }
+
+    fn history(&self) -> Vec<UpgradeRecord> {
+        rollback::Journal::<UpgradeRecord>::open(self.dir.path())
+            .unwrap()
+            .history()
+            .unwrap()
+    }
+}
+
+fn kernel_memfd() -> std::os::fd::OwnedFd {
+    crate::handover::sealed_memfd("k", b"kernel B").unwrap()
+}
+
+fn upgrade(
+    w: &World,
+    p: &mut FakePlatform,
+) -> Result<(UpgradeRecord, Result<(), UpgradeError>), UpgradeError> {
+    let fd = kernel_memfd();
+    let kernel = LoadableKernel {
+        image: std::os::fd::AsFd::as_fd(&fd),
+        release: "7.2.13-mkB".into(),
+        sha256: [7; 32],
+        initrd: None,
+        cmdline: "",
+    };
+    let mut o = Orchestrator::begin(p, w.setup(), UpgradeKind::Apply, "7.2.13-mkB", [7; 32])?;
+    let r = o.run(&kernel);
+    Ok((o.record.clone(), r))
+}
+
+/// Where each workload runs, and in which state: (instance, frozen, pending).
+fn placement(p: &FakePlatform, name: &str) -> Vec<(u16, bool, bool)> {
+    p.instances
+        .iter()
+        .filter(|(_, i)| i.state == InstanceState::Active)
+        .filter_map(|(id, i)| {
+            i.workloads
+                .get(name)
+                .map(|w| (*id, w.frozen, w.pending_commit))
+        })
+        .collect()
+}
+
+/// Every workload runs exactly once, thawed and committed, on the single active instance
+/// that runs `release`.
+fn assert_settled(p: &FakePlatform, release: &str, ctx: &str) {
+    let active = p.active();
+    assert_eq!(active.len(), 1, "{ctx}: active instances {active:?}");
+    let inst = &p.instances[&active[0]];
+    assert_eq!(inst.release.as_deref(), Some(release), "{ctx}");
+    for name in ["kv-1", "kv-2"] {
+        assert_eq!(
+            placement(p, name),
+            vec![(active[0], false, false)],
+            "{ctx}: {name}"
+        );
+    }
+}
+
+#[test]
+fn side_by_side_upgrade_moves_every_workload_and_hands_over() {
+    let w = World::new();
+    let mut p = w.platform(false);
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    r.unwrap();
+    assert_eq!(rec.outcome, Some(Outcome::Upgraded));
+    assert_eq!(rec.phase, Phase::Done);
+    assert!(
+        rec.workloads
+            .iter()
+            .all(|m| m.status == MoveStatus::Committed)
+    );
+    assert!(rec.workloads.iter().all(|m| m.blackout_us.is_some()));
+    assert_settled(&p, "7.2.13-mkB", "after the upgrade");
+    // The new instance took every cpu of the old one.
+    assert_eq!(p.instances[&2].resources.cpus, vec![0, 1, 2, 3]);
+    assert!(!p.instances.contains_key(&1));
+    // Each move: prepare before freeze, freeze before deliver, commit before the old
+    // copy is stopped.
+    let pos = |c: &str| {
+        p.calls
+            .iter()
+            .position(|x| x == c)
+            .unwrap_or_else(|| panic!("no call {c:?} in {:?}", p.calls))
+    };
+    for name in ["kv-1", "kv-2"] {
+        assert!(pos(&format!("prepare 2 {name}")) < pos(&format!("freeze 1 {name}")));
+        assert!(pos(&format!("freeze 1 {name}")) < pos(&format!("deliver 2 {name}")));
+        assert!(pos(&format!("commit 2 {name}")) < pos(&format!("stop 1 {name}")));
+    }
+    assert!(w.in_flight().is_none());
+    assert_eq!(w.history().len(), 1);
+}
+
+#[test]
+fn replace_upgrade_stages_boots_and_claims() {
+    let w = World::new();
+    let mut p = w.platform(true);
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    r.unwrap();
+    assert_eq!(rec.outcome, Some(Outcome::Upgraded));
+    assert!(p.confirmed, "the boot was not confirmed");
+    assert_settled(&p, "7.2.13-mkB", "after the kexec");
+    // Every workload was staged before the kernel was loaded, and loaded before the boot.
+    let pos = |c: &str| p.calls.iter().position(|x| x == c).unwrap();
+    assert!(pos("deliver 2 kv-2") < pos("load 2"));
+    assert!(pos("load 2") < pos("boot 2"));
+    assert!(pos("boot 2") < pos("claim 2 kv-1"));
+    // The record the boot carried names the kexec step.
+    assert_eq!(
+        p.calls.iter().filter(|c| c.starts_with("commit")).count(),
+        0
+    );
+}
+
+#[test]
+fn an_unhealthy_copy_rolls_back_everything_side_by_side() {
+    let w = World::new();
+    let mut p = w.platform(false);
+    p.unhealthy.insert("kv-2".into());
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    assert!(matches!(r, Err(UpgradeError::RolledBack { .. })), "{r:?}");
+    assert_eq!(rec.outcome, Some(Outcome::RolledBack));
+    assert_settled(&p, "7.2.13-mkA", "after the rollback");
+    let st: Vec<MoveStatus> = rec.workloads.iter().map(|m| m.status).collect();
+    assert_eq!(st, vec![MoveStatus::MovedBack, MoveStatus::Aborted]);
+    assert_eq!(p.instances[&1].resources.cpus, vec![0, 1, 2, 3]);
+}
+
+#[test]
+fn a_refused_handover_rolls_back_before_anything_moved() {
+    let w = World::new();
+    let mut p = w.platform(false);
+    p.refused.insert("kv-1".into());
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    assert!(matches!(r, Err(UpgradeError::RolledBack { .. })), "{r:?}");
+    assert!(
+        rec.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("refused by the test")
+    );
+    assert_settled(&p, "7.2.13-mkA", "after the rollback");
+}
+
+#[test]
+fn replace_failure_that_persists_on_the_way_back_needs_an_operator() {
+    let w = World::new();
+    let mut p = w.platform(true);
+    // kv-2 is unhealthy in both kernels: the upgrade returns to A, kv-1 serves there, and
+    // the record says kv-2 needs an operator (never "rolled back").
+    p.unhealthy.insert("kv-2".into());
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    assert!(matches!(r, Err(UpgradeError::Failed(_))), "{r:?}");
+    assert_eq!(rec.outcome, Some(Outcome::Failed));
+    assert_eq!(p.count("return"), 1, "{:?}", p.calls);
+    assert!(!p.confirmed);
+    assert_eq!(p.active(), vec![1]);
+    assert_eq!(placement(&p, "kv-1"), vec![(1, false, false)]);
+    let kv2 = rec.workloads.iter().find(|m| m.name == "kv-2").unwrap();
+    assert_eq!(kv2.status, MoveStatus::Aborted);
+    assert!(
+        rec.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("restart failed")
+    );
+}
+
+#[test]
+fn replace_return_restarts_every_workload_on_the_previous_kernel() {
+    let w = World::new();
+    let mut p = w.platform(true);
+    // kv-2 fails verification in the new kernel only: the fake refuses it at claim time by
+    // failing the second claim call.
+    p.fail_op = Some(("claim", 2));
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    assert!(matches!(r, Err(UpgradeError::RolledBack { .. })), "{r:?}");
+    assert_eq!(rec.outcome, Some(Outcome::RolledBack));
+    assert_settled(&p, "7.2.13-mkA", "after the way back");
+    assert!(
+        rec.workloads
+            .iter()
+            .all(|m| m.status == MoveStatus::MovedBack)
+    );
+}
+
+#[test]
+fn replace_staging_failure_unwinds_without_booting() {
+    let w = World::new();
+    let mut p = w.platform(true);
+    p.refused.insert("kv-2".into());
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    assert!(matches!(r, Err(UpgradeError::RolledBack { .. })), "{r:?}");
+    assert_eq!(p.count("boot"), 0);
+    assert_eq!(p.count("load"), 0);
+    assert!(p.staged.is_empty(), "staged state left: {:?}", p.staged);
+    assert_settled(&p, "7.2.13-mkA", "after unwinding");
+    assert_eq!(rec.outcome, Some(Outcome::RolledBack));
+}
+
+#[test]
+fn slot_promotion_is_a_journaled_step_of_the_upgrade() {
+    let w = World::new();
+    let mut p = w.platform(false);
+    let mut slots = rollback::Slots::open(w.dir.path()).unwrap();
+    let sha = |b: &[u8]| -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(b).into()
+    };
+    slots
+        .store(rollback::Slot::Current, b"A", "7.2.13-mkA", &sha(b"A"))
+        .unwrap();
+    slots
+        .store(rollback::Slot::Candidate, b"B", "7.2.13-mkB", &sha(b"B"))
+        .unwrap();
+    let mut setup = w.setup();
+    setup.promotion = Some(Promotion {
+        slots,
+        floor: Some("7.2.13".into()),
+    });
+    let fd = kernel_memfd();
+    let kernel = LoadableKernel {
+        image: std::os::fd::AsFd::as_fd(&fd),
+        release: "7.2.13-mkB".into(),
+        sha256: [7; 32],
+        initrd: None,
+        cmdline: "",
+    };
+    let mut o =
+        Orchestrator::begin(&mut p, setup, UpgradeKind::Apply, "7.2.13-mkB", [7; 32]).unwrap();
+    o.run(&kernel).unwrap();
+    assert!(
+        o.record
+            .events
+            .iter()
+            .any(|e| e.what.contains("kernel slots: 7.2.13-mkB becomes current")),
+        "{:?}",
+        o.record.events
+    );
+    let slots = rollback::Slots::open(w.dir.path()).unwrap();
+    assert_eq!(
+        slots
+            .peek(rollback::Slot::Current)
+            .unwrap()
+            .unwrap()
+            .release,
+        "7.2.13-mkB"
+    );
+    assert_eq!(
+        slots
+            .peek(rollback::Slot::Previous)
+            .unwrap()
+            .unwrap()
+            .release,
+        "7.2.13-mkA"
+    );
+    assert_eq!(slots.floor().unwrap().as_deref(), Some("7.2.13"));
+}
+
+#[test]
+fn a_workload_not_in_the_file_is_refused_before_anything_is_journaled() {
+    let mut w = World::new();
+    let mut p = w.platform(false);
+    w.specs.workloads.remove(1);
+    let e = upgrade(&w, &mut p).unwrap_err();
+    assert!(matches!(e, UpgradeError::Refused(_)), "{e}");
+    assert!(w.in_flight().is_none());
+    assert!(w.history().is_empty());
+    assert_settled(&p, "7.2.13-mkA", "nothing changed");
+}
+
+/// Fails every call of a whole upgrade in turn (the N-th platform call of the run), then
+/// runs recovery on the same machine: the end state is always fully old or fully new, with
+/// every workload running once, thawed and committed, and nothing left in flight.
+fn every_failure_point(replace: bool) {
+    let w = World::new();
+    let mut p = w.platform(replace);
+    upgrade(&w, &mut p).unwrap().1.unwrap();
+    let total = p.calls.len();
+    assert!(total > 20, "a whole upgrade made only {total} calls");
+    for n in 1..=total {
+        let w = World::new();
+        let mut p = w.platform(replace);
+        p.fail_call = Some(n);
+        let ctx = format!("replace={replace} failing call {n}");
+        let outcome = match upgrade(&w, &mut p) {
+            Ok((rec, _)) => rec.outcome,
+            Err(_) => None,
+        };
+        p.fail_call = None;
+        // Recovery, as mk-agentd runs it at start (on replace platforms, a kexec that
+        // happened is carried on by the next kernel, which the fake does in-process).
+        let rec = recover(&mut p, w.setup()).unwrap_or_else(|e| panic!("{ctx}: recovery: {e}"));
+        assert!(w.in_flight().is_none(), "{ctx}: still in flight");
+        let last = rec.or_else(|| w.history().pop());
+        let final_outcome = last.as_ref().and_then(|r| r.outcome).or(outcome);
+        match final_outcome {
+            Some(Outcome::Upgraded) => assert_settled(&p, "7.2.13-mkB", &ctx),
+            Some(Outcome::RolledBack | Outcome::Refused) | None => {
+                assert_settled(&p, "7.2.13-mkA", &ctx);
+            }
+            Some(Outcome::Failed) => {
+                // Needs an operator: nothing may be left frozen or running twice.
+                for name in ["kv-1", "kv-2"] {
+                    let at = placement(&p, name);
+                    assert!(at.len() <= 1, "{ctx}: {name} runs twice: {at:?}");
+                    assert!(at.iter().all(|(_, f, _)| !f), "{ctx}: {name} left frozen");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_failure_point_side_by_side_converges() {
+    every_failure_point(false);
+}
+
+#[test]
+fn every_failure_point_replace_converges() {
+    every_failure_point(true);
+}

@@ -1,0 +1,318 @@
+//! The sending side of the inter-instance channel, shared by the side-by-side platforms
+//! (the emulator's `chan.sock`, and multikernel's vsock): one negotiated kho-proto
+//! [`Channel`] per target instance, and the move conversation on it (docs/protocol.md
+//! part 3): `PrepareMigration`, `RegionOffer` → `RegionVerified` + `HealthReport`,
+//! `Commit` + a heartbeat round trip, `Abort`, and `ReleaseResources` + `Shutdown` at the
+//! end.
+//!
+//! The channel is asynchronous (tokio); the orchestrator is not: this type owns a
+//! current-thread runtime and blocks on it, so the I/O stays on the platform's side of the
+//! [`Platform`](super::Platform) trait.
+
+use std::collections::BTreeMap;
+use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
+
+use kho_proto::channel::{
+    Abort, AgentState, Channel, Commit, Heartbeat, Message, PeerInfo, PrepareMigration,
+    ReleaseResources, Role, Shutdown, Transport, UpgradeId, Verification,
+};
+
+use super::{Delivered, InstanceId, PlatformError, Resources};
+use crate::handover::Outgoing;
+use crate::host::receiver::agent_version;
+use crate::workload::WorkloadSpec;
+
+/// How long one reply on the channel may take (verification of a large memfd included).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+type Chan = Channel<Box<dyn Transport>>;
+
+/// Opens a transport to an instance's agent (which was told to expect `UpgradeId`).
+pub type Connector<'a> =
+    dyn FnMut(InstanceId, UpgradeId) -> Result<Box<dyn Transport>, PlatformError> + 'a;
+
+/// The channels of one upgrade, one per target instance, opened on first use.
+pub struct ChannelLink {
+    rt: tokio::runtime::Runtime,
+    channels: BTreeMap<InstanceId, Chan>,
+    upgrade_id: Option<UpgradeId>,
+    local: PeerInfo,
+    started: Instant,
+}
+
+impl std::fmt::Debug for ChannelLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelLink")
+            .field("open", &self.channels.keys().collect::<Vec<_>>())
+            .field("upgrade_id", &self.upgrade_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn chan_err(id: InstanceId, what: impl Into<String>) -> PlatformError {
+    PlatformError::Channel {
+        id,
+        what: what.into(),
+    }
+}
+
+impl ChannelLink {
+    /// A link speaking as instance `local_id` (kernel `release`), with no channel open.
+    pub fn new(local_id: InstanceId, release: String) -> Result<Self, PlatformError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| PlatformError::io("starting the channel runtime", e))?;
+        Ok(ChannelLink {
+            rt,
+            channels: BTreeMap::new(),
+            upgrade_id: None,
+            local: PeerInfo {
+                instance_id: local_id,
+                role: Role::Old,
+                kernel_release: release,
+                agent_version: agent_version(),
+            },
+            started: Instant::now(),
+        })
+    }
+
+    /// The upgrade whose frames are sent from now on (channels of another upgrade close).
+    pub fn set_upgrade(&mut self, id: UpgradeId) {
+        if self.upgrade_id != Some(id) {
+            self.channels.clear();
+        }
+        self.upgrade_id = Some(id);
+    }
+
+    /// Speaks as instance `id` from now on (a rollback moves from the new instance).
+    pub fn set_local(&mut self, id: InstanceId, release: String) {
+        self.local.instance_id = id;
+        self.local.kernel_release = release;
+    }
+
+    /// The negotiated channel to `id`, opened with `connect` on first use.
+    fn channel(
+        &mut self,
+        id: InstanceId,
+        connect: &mut Connector<'_>,
+    ) -> Result<&mut Chan, PlatformError> {
+        if !self.channels.contains_key(&id) {
+            let upgrade = self
+                .upgrade_id
+                .ok_or_else(|| chan_err(id, "no upgrade id was set"))?;
+            // Transports register with the runtime's reactor when they are made.
+            let _enter = self.rt.enter();
+            let transport = connect(id, upgrade)?;
+            let mut chan = Channel::new(transport, upgrade, self.local.clone());
+            let negotiated = self
+                .rt
+                .block_on(async {
+                    tokio::time::timeout(REPLY_TIMEOUT, chan.negotiate_as_initiator()).await
+                })
+                .map_err(|_| chan_err(id, "no Hello answer"))?
+                .map_err(|e| chan_err(id, format!("negotiation: {e}")))?;
+            tracing::info!(instance = id, version = negotiated.version, peer = ?negotiated.peer, "channel up");
+            self.channels.insert(id, chan);
+        }
+        self.channels
+            .get_mut(&id)
+            .ok_or_else(|| chan_err(id, "channel vanished"))
+    }
+
+    fn send(
+        &mut self,
+        id: InstanceId,
+        m: Message,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), PlatformError> {
+        let rt = &self.rt;
+        let chan = self
+            .channels
+            .get_mut(&id)
+            .ok_or_else(|| chan_err(id, "no channel"))?;
+        rt.block_on(chan.send(m, fds))
+            .map(drop)
+            .map_err(|e| chan_err(id, format!("send: {e}")))
+    }
+
+    fn recv(&mut self, id: InstanceId) -> Result<Message, PlatformError> {
+        let rt = &self.rt;
+        let chan = self
+            .channels
+            .get_mut(&id)
+            .ok_or_else(|| chan_err(id, "no channel"))?;
+        let (frame, _fds) = rt
+            .block_on(async { tokio::time::timeout(REPLY_TIMEOUT, chan.recv()).await })
+            .map_err(|_| chan_err(id, format!("no reply within {REPLY_TIMEOUT:?}")))?
+            .map_err(|e| chan_err(id, format!("receive: {e}")))?;
+        Ok(frame.message)
+    }
+
+    /// A heartbeat round trip: the peer's agent is alive and answering.
+    pub fn heartbeat(
+        &mut self,
+        id: InstanceId,
+        connect: &mut Connector<'_>,
+    ) -> Result<(), PlatformError> {
+        self.channel(id, connect)?;
+        let hb = Message::Heartbeat(Heartbeat {
+            monotonic_ms: ms(self.started.elapsed()),
+            state: AgentState::Migrating,
+        });
+        self.send(id, hb, &[])?;
+        match self.recv(id)? {
+            Message::Heartbeat(_) => Ok(()),
+            other => Err(chan_err(
+                id,
+                format!("expected a heartbeat, got {}", other.message_type()),
+            )),
+        }
+    }
+
+    /// `PrepareMigration` for `spec` (sent before the freeze).
+    pub fn prepare(
+        &mut self,
+        to: InstanceId,
+        spec: &WorkloadSpec,
+        connect: &mut Connector<'_>,
+    ) -> Result<(), PlatformError> {
+        self.channel(to, connect)?;
+        let spec_json = serde_json::to_vec(spec)
+            .map_err(|e| chan_err(to, format!("encoding the spec: {e}")))?;
+        self.send(
+            to,
+            Message::PrepareMigration(PrepareMigration {
+                workload_id: spec.name.clone(),
+                spec: spec_json,
+            }),
+            &[],
+        )
+    }
+
+    /// `RegionOffer` with the image and fds attached; waits for `RegionVerified` and
+    /// `HealthReport`.
+    pub fn offer(
+        &mut self,
+        to: InstanceId,
+        name: &str,
+        out: Outgoing,
+        connect: &mut Connector<'_>,
+    ) -> Result<Delivered, PlatformError> {
+        let t0 = Instant::now();
+        self.channel(to, connect)?;
+        let frame_fds = out.frame_fds();
+        self.send(to, Message::RegionOffer(out.offer.clone()), &frame_fds)?;
+        drop(frame_fds);
+        drop(out);
+        let verified_us;
+        match self.recv(to)? {
+            Message::RegionVerified(v) if v.workload_id == name => match v.result {
+                Verification::Ok => {
+                    verified_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+                }
+                Verification::Failed { check, detail } => {
+                    return Err(PlatformError::Refused {
+                        workload: name.to_owned(),
+                        instance: to,
+                        check,
+                        detail,
+                    });
+                }
+            },
+            other => {
+                return Err(chan_err(
+                    to,
+                    format!(
+                        "{name}: expected RegionVerified, got {}",
+                        other.message_type()
+                    ),
+                ));
+            }
+        }
+        match self.recv(to)? {
+            Message::HealthReport(h) if h.workload_id == name => {
+                if h.healthy {
+                    Ok(Delivered::Healthy { verified_us })
+                } else {
+                    Err(PlatformError::Unhealthy {
+                        workload: name.to_owned(),
+                        instance: to,
+                        detail: h.detail,
+                    })
+                }
+            }
+            other => Err(chan_err(
+                to,
+                format!(
+                    "{name}: expected HealthReport, got {}",
+                    other.message_type()
+                ),
+            )),
+        }
+    }
+
+    /// `Commit`, then a heartbeat round trip proving the commit was processed.
+    pub fn commit(
+        &mut self,
+        to: InstanceId,
+        name: &str,
+        connect: &mut Connector<'_>,
+    ) -> Result<(), PlatformError> {
+        self.send(
+            to,
+            Message::Commit(Commit {
+                workload_id: name.to_owned(),
+            }),
+            &[],
+        )?;
+        self.heartbeat(to, connect)
+    }
+
+    /// `Abort` (best effort: the receiver also stops an uncommitted copy at EOF).
+    pub fn abort(&mut self, to: InstanceId, name: &str, reason: &str) {
+        let abort = Message::Abort(Abort {
+            workload_id: Some(name.to_owned()),
+            reason: reason.to_owned(),
+        });
+        if self.channels.contains_key(&to) {
+            let _ = self.send(to, abort, &[]);
+        }
+    }
+
+    /// Tells every peer the upgrade is over (`ReleaseResources` when `release` is given,
+    /// then `Shutdown`) and closes every channel.
+    pub fn close_all(&mut self, release: Option<&Resources>) {
+        let ids: Vec<InstanceId> = self.channels.keys().copied().collect();
+        if let Some(r) = release {
+            for id in ids {
+                let _ = self.send(
+                    id,
+                    Message::ReleaseResources(ReleaseResources {
+                        cpus: r.cpus.clone(),
+                        memory_bytes: r.memory_bytes,
+                    }),
+                    &[],
+                );
+                let _ = self.send(
+                    id,
+                    Message::Shutdown(Shutdown {
+                        reason: "upgrade complete".into(),
+                    }),
+                    &[],
+                );
+            }
+        }
+        self.channels.clear();
+    }
+
+    /// Closes the channel to `id` (its receiver stops every uncommitted copy).
+    pub fn close(&mut self, id: InstanceId) {
+        self.channels.remove(&id);
+    }
+}

@@ -1,0 +1,1024 @@
+//! [`LuoPlatform`]: the LUO kernel seen through the [`Platform`] trait, inside the host agent
+//! that owns `/dev/liveupdate` and runs the workloads.
+//!
+//! Instances are logical: the running kernel is one instance (id 0 on the first boot), the
+//! kernel an upgrade boots is the other (id 1, then they alternate). Staging a workload
+//! ([`Platform::deliver`]) preserves its signed hand-over image and memfds in a
+//! `mk-w-<name>` session; [`Platform::load`] runs `kexec_file_load`; [`Platform::boot`]
+//! preserves the agent session (the journal record, both kernels, their initramfs images)
+//! and kexecs. In the next kernel [`LuoPlatform::open`] retrieves everything and
+//! [`Platform::claim`] verifies, restores and health-checks one workload;
+//! [`Platform::return_to_previous`] re-preserves every workload's memfds with fresh
+//! digests and kexecs the previous kernel with its own initramfs and command line.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Instant;
+
+use kho_proto::channel::UpgradeId;
+use kho_proto::keys::TrustedKeys;
+
+use super::handoff::{
+    Direction, HANDOFF_FORMAT, Handoff, HandoffWorkload, MAX_HANDOFF, MemfdDigest,
+};
+use super::{
+    AGENT_SESSION, TOKEN_HANDOFF, TOKEN_IMAGE, TOKEN_INITRD, TOKEN_SOURCE_INITRD,
+    TOKEN_SOURCE_KERNEL, TOKEN_TARGET_KERNEL, realtime_ns, running_release, with_liveupdate,
+    workload_session,
+};
+use crate::handover::{self, Outgoing};
+use crate::host::ctl::{Request, Response};
+use crate::host::supervisor::{self, Shared, lock};
+use crate::platform::{
+    Capabilities, Claimed, Delivered, InstanceId, InstanceInfo, InstanceState, LoadableKernel,
+    Platform, PlatformError, PlatformKind, PreservedFd, Resources, WorkloadInfo,
+};
+use crate::record::{Phase, UpgradeRecord};
+use crate::statedir::StateDir;
+use crate::sys::kexec::{self, KexecFlags};
+use crate::sys::luo::{LiveUpdate, LuoError, Session};
+use crate::workload::WorkloadSpec;
+
+/// A kernel the agent holds: its image, initramfs and command line, all as memfds and
+/// text ready to be preserved or loaded.
+#[derive(Debug)]
+pub struct KernelRef {
+    pub image: OwnedFd,
+    pub release: String,
+    pub initrd: Option<OwnedFd>,
+    pub cmdline: String,
+}
+
+impl KernelRef {
+    fn try_clone(&self) -> std::io::Result<KernelRef> {
+        Ok(KernelRef {
+            image: self.image.try_clone()?,
+            release: self.release.clone(),
+            initrd: self.initrd.as_ref().map(OwnedFd::try_clone).transpose()?,
+            cmdline: self.cmdline.clone(),
+        })
+    }
+}
+
+/// One workload staged for the next kernel: its session stays open (and preserved) until
+/// the kexec.
+#[derive(Debug)]
+struct Staged {
+    _session: Session,
+    _image: OwnedFd,
+    _memfds: Vec<PreservedFd>,
+    handoff: HandoffWorkload,
+}
+
+/// One workload that arrived with a kexec.
+#[derive(Debug)]
+struct Arrived {
+    handoff: HandoffWorkload,
+    /// Forward: the signed hand-over image.
+    image: Option<OwnedFd>,
+    memfds: Vec<OwnedFd>,
+}
+
+/// What a kexec carried into this kernel.
+#[derive(Debug)]
+struct Carried {
+    direction: Direction,
+    record: Option<UpgradeRecord>,
+    workloads: BTreeMap<String, Arrived>,
+    /// Copies of every arrived workload's memfds, for the way back.
+    kept: BTreeMap<String, Vec<OwnedFd>>,
+    /// Handoff entries of the workloads claimed so far.
+    claimed: BTreeMap<String, HandoffWorkload>,
+    retrieve_ms: f64,
+}
+
+/// The next kernel of an upgrade in progress.
+#[derive(Debug)]
+struct Next {
+    id: InstanceId,
+    kernel: Option<KernelRef>,
+    state: InstanceState,
+}
+
+fn luo(e: &LuoError) -> PlatformError {
+    PlatformError::Instance {
+        id: 0,
+        what: e.to_string(),
+    }
+}
+
+fn err(what: impl Into<String>) -> PlatformError {
+    PlatformError::Instance {
+        id: 0,
+        what: what.into(),
+    }
+}
+
+fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn proc_cmdline() -> String {
+    std::fs::read_to_string("/proc/cmdline")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+fn read_memfd(fd: BorrowedFd<'_>, limit: u64, what: &str) -> Result<Vec<u8>, PlatformError> {
+    use std::os::unix::fs::FileExt;
+    let len = crate::sys::memfd::size(fd).map_err(|e| err(format!("{what}: fstat: {e}")))?;
+    if len > limit {
+        return Err(err(format!("{what} is {len} bytes, more than {limit}")));
+    }
+    let f = std::fs::File::from(
+        fd.try_clone_to_owned()
+            .map_err(|e| err(format!("{what}: {e}")))?,
+    );
+    let mut buf = vec![0u8; usize::try_from(len).map_err(|e| err(e.to_string()))?];
+    f.read_exact_at(&mut buf, 0)
+        .map_err(|e| err(format!("{what}: read: {e}")))?;
+    Ok(buf)
+}
+
+/// Binds the listeners a spec declares (LUO cannot preserve sockets).
+fn bind_listeners(spec: &WorkloadSpec) -> Result<Vec<PreservedFd>, String> {
+    spec.listeners
+        .iter()
+        .map(|l| {
+            std::net::TcpListener::bind(l.addr)
+                .map(|s| PreservedFd {
+                    name: l.name.clone(),
+                    fd: OwnedFd::from(s),
+                })
+                .map_err(|e| format!("{}: binding {} for {}: {e}", spec.name, l.addr, l.name))
+        })
+        .collect()
+}
+
+/// The LUO platform inside the host agent.
+#[derive(Debug)]
+pub struct LuoPlatform {
+    state: StateDir,
+    dev: Option<LiveUpdate>,
+    shared: Shared,
+    self_id: InstanceId,
+    running: Option<KernelRef>,
+    previous: Option<KernelRef>,
+    next: Option<Next>,
+    upgrade_id: Option<UpgradeId>,
+    staged: BTreeMap<String, Staged>,
+    frozen_at_ns: BTreeMap<String, u64>,
+    carried: Option<Carried>,
+}
+
+impl LuoPlatform {
+    /// The platform of this boot: `dev` is `/dev/liveupdate` (none: upgrades are refused),
+    /// `shared` the agent's workloads, `running` the running kernel as far as the agent
+    /// knows it. If a kexec carried an `mk-agent` session, everything in it is retrieved and
+    /// every session finished (the fds stay valid memfds of this kernel); the previous
+    /// kernel is then known too.
+    pub fn open(
+        state: StateDir,
+        dev: Option<LiveUpdate>,
+        shared: Shared,
+        running: Option<KernelRef>,
+    ) -> Result<Self, PlatformError> {
+        let mut p = LuoPlatform {
+            state,
+            dev,
+            shared,
+            self_id: 0,
+            running,
+            previous: None,
+            next: None,
+            upgrade_id: None,
+            staged: BTreeMap::new(),
+            frozen_at_ns: BTreeMap::new(),
+            carried: None,
+        };
+        let session = match p.dev.as_ref().map(|d| d.retrieve_session(AGENT_SESSION)) {
+            None => None,
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) if e.errno() == Some(nix::errno::Errno::ENOENT) => None,
+            Some(Err(e)) => {
+                return Err(err(format!("retrieving session {AGENT_SESSION}: {e}")));
+            }
+        };
+        if let Some(s) = session {
+            p.retrieve_all(&s)?;
+        }
+        Ok(p)
+    }
+
+    /// Whether this boot is the second half of a kexec.
+    pub fn resumed(&self) -> bool {
+        self.carried.is_some()
+    }
+
+    /// Whether `/dev/liveupdate` is open.
+    pub fn has_liveupdate(&self) -> bool {
+        self.dev.is_some()
+    }
+
+    /// The previous kernel (target of `mk-upgrade rollback`), if the agent holds it.
+    pub fn previous(&self) -> Option<&KernelRef> {
+        self.previous.as_ref()
+    }
+
+    fn retrieve_all(&mut self, agent_session: &Session) -> Result<(), PlatformError> {
+        let t0 = Instant::now();
+        let dev = self.dev.as_ref().ok_or_else(|| err("no /dev/liveupdate"))?;
+        let hfd = agent_session
+            .retrieve_fd(TOKEN_HANDOFF)
+            .map_err(|e| luo(&e))?;
+        let handoff = Handoff::parse(&read_memfd(hfd.as_fd(), MAX_HANDOFF, "handoff record")?)
+            .map_err(err)?;
+        let source = agent_session
+            .retrieve_fd(TOKEN_SOURCE_KERNEL)
+            .map_err(|e| luo(&e))?;
+        let target = agent_session
+            .retrieve_fd(TOKEN_TARGET_KERNEL)
+            .map_err(|e| luo(&e))?;
+        let target_initrd = handoff
+            .target_initrd
+            .then(|| agent_session.retrieve_fd(TOKEN_INITRD))
+            .transpose()
+            .map_err(|e| luo(&e))?;
+        let source_initrd = handoff
+            .source_initrd
+            .then(|| agent_session.retrieve_fd(TOKEN_SOURCE_INITRD))
+            .transpose()
+            .map_err(|e| luo(&e))?;
+        let mut workloads = BTreeMap::new();
+        let mut kept = BTreeMap::new();
+        let mut sessions = Vec::new();
+        for w in &handoff.workloads {
+            let s = dev.retrieve_session(&w.session).map_err(|e| luo(&e))?;
+            let image = if handoff.direction == Direction::Forward {
+                Some(s.retrieve_fd(TOKEN_IMAGE).map_err(|e| luo(&e))?)
+            } else {
+                None
+            };
+            let memfds = (1..=w.memfds.len() as u64)
+                .map(|t| s.retrieve_fd(t).map_err(|e| luo(&e)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let copies = memfds
+                .iter()
+                .map(OwnedFd::try_clone)
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(|e| PlatformError::io("duplicating retrieved memfds", e))?;
+            kept.insert(w.name.clone(), copies);
+            workloads.insert(
+                w.name.clone(),
+                Arrived {
+                    handoff: w.clone(),
+                    image,
+                    memfds,
+                },
+            );
+            sessions.push(s);
+        }
+        // Everything is retrieved: FINISH (the fds stay valid memfds of this kernel).
+        for s in sessions.iter().chain(std::iter::once(agent_session)) {
+            if let Err(e) = s.finish() {
+                tracing::warn!(session = s.name(), error = %e, "FINISH");
+            }
+        }
+        // The kernel we came from, and the one we run.
+        self.previous = Some(KernelRef {
+            image: source,
+            release: handoff.source_release.clone(),
+            initrd: source_initrd,
+            cmdline: handoff.source_cmdline.clone(),
+        });
+        self.running = Some(KernelRef {
+            image: target,
+            release: running_release(),
+            initrd: target_initrd,
+            cmdline: handoff.target_cmdline.clone(),
+        });
+        let release = running_release();
+        if handoff.direction == Direction::Forward && release != handoff.target_release {
+            tracing::warn!(expected = %handoff.target_release, running = %release, "running release differs from the target");
+        }
+        self.self_id = match handoff.direction {
+            Direction::Forward => handoff.record.new_instance.unwrap_or(1),
+            Direction::Return => handoff.record.old_instance,
+        };
+        self.carried = Some(Carried {
+            direction: handoff.direction,
+            record: Some(handoff.record),
+            workloads,
+            kept,
+            claimed: BTreeMap::new(),
+            retrieve_ms: t0.elapsed().as_secs_f64() * 1000.0,
+        });
+        Ok(())
+    }
+
+    fn dev(&self) -> Result<&LiveUpdate, PlatformError> {
+        self.dev.as_ref().ok_or_else(|| {
+            err(
+                "this boot has no /dev/liveupdate (CONFIG_LIVEUPDATE and `liveupdate=on` are \
+                 needed): refusing the upgrade",
+            )
+        })
+    }
+
+    fn ctl(&self, req: Request) -> Result<(Response, Vec<OwnedFd>), PlatformError> {
+        match supervisor::handle_ctl(&self.shared, req) {
+            (Response::Error { message }, _) => Err(PlatformError::Instance {
+                id: self.self_id,
+                what: message,
+            }),
+            ok => Ok(ok),
+        }
+    }
+
+    fn check_self(&self, id: InstanceId, op: &'static str) -> Result<(), PlatformError> {
+        if id == self.self_id {
+            Ok(())
+        } else {
+            Err(PlatformError::WrongState {
+                id,
+                op,
+                state: InstanceState::Empty,
+                needed: "the running kernel",
+            })
+        }
+    }
+
+    /// Preserves the agent session for a kexec from `source` into `target`.
+    fn preserve_agent_session(
+        &self,
+        handoff: &Handoff,
+        source: &KernelRef,
+        target: &KernelRef,
+    ) -> Result<(Session, OwnedFd), PlatformError> {
+        let dev = self.dev()?;
+        let bytes = serde_json::to_vec(handoff).map_err(|e| err(e.to_string()))?;
+        let hfd = handover::sealed_memfd("mk-luo-handoff", &bytes)
+            .map_err(|e| PlatformError::io("sealing the handoff record", e))?;
+        let s = dev.create_session(AGENT_SESSION).map_err(|e| luo(&e))?;
+        s.preserve_fd(hfd.as_fd(), TOKEN_HANDOFF)
+            .and_then(|()| s.preserve_fd(source.image.as_fd(), TOKEN_SOURCE_KERNEL))
+            .and_then(|()| s.preserve_fd(target.image.as_fd(), TOKEN_TARGET_KERNEL))
+            .map_err(|e| err(format!("preserving the agent session: {e}")))?;
+        if let Some(i) = &target.initrd {
+            s.preserve_fd(i.as_fd(), TOKEN_INITRD)
+                .map_err(|e| err(format!("preserving the initramfs: {e}")))?;
+        }
+        if let Some(i) = &source.initrd {
+            s.preserve_fd(i.as_fd(), TOKEN_SOURCE_INITRD)
+                .map_err(|e| err(format!("preserving the running kernel's initramfs: {e}")))?;
+        }
+        Ok((s, hfd))
+    }
+
+    /// Stops every workload of this kernel (their memfds stay open here and preserved:
+    /// nothing may write a memfd after its digest was taken).
+    fn stop_all(&self) {
+        let mut inst = lock(&self.shared);
+        let names: Vec<String> = inst.workloads.keys().cloned().collect();
+        for n in names {
+            let _ = supervisor::stop(&mut inst, &n);
+        }
+    }
+
+    /// Starts `spec` again from its kept fds after a failed kexec.
+    fn restart(&self, name: &str) {
+        let mut inst = lock(&self.shared);
+        let cpus = inst.cpus.clone();
+        let inst_ref = &mut *inst;
+        if let Some(w) = inst_ref.workloads.get_mut(name) {
+            match supervisor::spawn_workload(&w.spec, &w.fds, &cpus, &inst_ref.freezer, &[]) {
+                Ok(child) => {
+                    w.child = child;
+                    w.frozen = false;
+                }
+                Err(e) => {
+                    tracing::error!(workload = %name, error = %e, "restart after a failed kexec");
+                }
+            }
+        }
+    }
+
+    /// Kills every workload's process (keeping its fds), kexecs, and on failure restarts
+    /// them. Returns only on failure.
+    fn kexec_now(&self, line: String) -> PlatformError {
+        let names: Vec<String> = {
+            let mut inst = lock(&self.shared);
+            let inst_ref = &mut *inst;
+            let names: Vec<String> = inst_ref.workloads.keys().cloned().collect();
+            for (name, w) in &mut inst_ref.workloads {
+                let pid = i32::try_from(w.child.id()).unwrap_or(-1);
+                let _ = inst_ref.freezer.kill(name, pid);
+                let _ = w.child.kill();
+                let _ = w.child.wait();
+            }
+            names
+        };
+        say(&line);
+        let e = match kexec::reboot_kexec() {
+            Ok(never) => match never {},
+            Err(e) => e,
+        };
+        let _ = kexec::kexec_unload();
+        for n in &names {
+            self.restart(n);
+        }
+        err(format!(
+            "reboot(LINUX_REBOOT_CMD_KEXEC) returned: {e}; the workloads were restarted"
+        ))
+    }
+}
+
+impl Platform for LuoPlatform {
+    fn probe(&mut self) -> Result<Capabilities, PlatformError> {
+        let inst = lock(&self.shared);
+        let mut notes = vec![
+            "mainline LUO: the new kernel replaces this one by kexec; memfds survive it in \
+             /dev/liveupdate sessions"
+                .to_owned(),
+        ];
+        if self.dev.is_none() {
+            notes.push("no /dev/liveupdate on this boot: upgrades are refused".into());
+        }
+        if self.running.is_none() {
+            notes.push(
+                "the agent does not hold the running kernel's image (mk-agentd serve \
+                 --kernel-image): upgrades are refused"
+                    .into(),
+            );
+        }
+        Ok(Capabilities {
+            kind: PlatformKind::Luo,
+            emulated: false,
+            side_by_side: false,
+            fds_over_channel: false,
+            cpus: inst.cpus.clone(),
+            spare_cpus: Vec::new(),
+            spare_memory_bytes: 0,
+            freezer: inst.freezer.describe().to_owned(),
+            notes,
+        })
+    }
+
+    fn instances(&mut self) -> Result<Vec<InstanceInfo>, PlatformError> {
+        let workloads = match self.ctl(Request::Ping)?.0 {
+            Response::Pong { workloads, .. } => workloads,
+            other => return Err(err(format!("unexpected control response {other:?}"))),
+        };
+        let mut out = vec![InstanceInfo {
+            id: self.self_id,
+            state: InstanceState::Active,
+            resources: Resources::default(),
+            kernel_release: Some(running_release()),
+            workloads,
+        }];
+        if let Some(n) = &self.next {
+            out.push(InstanceInfo {
+                id: n.id,
+                state: n.state,
+                resources: Resources::default(),
+                kernel_release: n.kernel.as_ref().map(|k| k.release.clone()),
+                workloads: Vec::new(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn create_instance(&mut self, _resources: &Resources) -> Result<InstanceId, PlatformError> {
+        self.dev()?;
+        if self.running.is_none() {
+            return Err(err(
+                "the agent does not hold the image of the running kernel (start it with \
+                 --kernel-image): without it a failed upgrade could not come back; refusing",
+            ));
+        }
+        if self.next.is_some() {
+            return Err(err("an upgrade is already staged in this agent"));
+        }
+        let id = InstanceId::from(self.self_id == 0);
+        self.next = Some(Next {
+            id,
+            kernel: None,
+            state: InstanceState::Ready,
+        });
+        Ok(id)
+    }
+
+    fn load(&mut self, id: InstanceId, kernel: &LoadableKernel<'_>) -> Result<(), PlatformError> {
+        let image = kernel
+            .image
+            .try_clone_to_owned()
+            .map_err(|e| PlatformError::io("keeping the kernel image", e))?;
+        let initrd = kernel
+            .initrd
+            .map(|f| handover::copy_memfd("initrd", f))
+            .transpose()
+            .map_err(|e| PlatformError::io("copying the initramfs into a memfd", e))?;
+        let cmdline = if kernel.cmdline.trim().is_empty() {
+            self.running
+                .as_ref()
+                .map(|r| r.cmdline.clone())
+                .unwrap_or_default()
+        } else {
+            kernel.cmdline.to_owned()
+        };
+        let cmdline = with_liveupdate(&cmdline);
+        let next = self
+            .next
+            .as_mut()
+            .filter(|n| n.id == id)
+            .ok_or(PlatformError::NoSuchInstance(id))?;
+        kexec::kexec_file_load(
+            image.as_fd(),
+            initrd.as_ref().map(AsFd::as_fd),
+            &cmdline,
+            KexecFlags::NONE,
+        )
+        .map_err(|e| err(format!("loading {}: {e}", kernel.release)))?;
+        next.kernel = Some(KernelRef {
+            image,
+            release: kernel.release.clone(),
+            initrd,
+            cmdline,
+        });
+        next.state = InstanceState::Loaded;
+        Ok(())
+    }
+
+    fn boot(
+        &mut self,
+        id: InstanceId,
+        record: Option<&UpgradeRecord>,
+    ) -> Result<(), PlatformError> {
+        let record = record.ok_or(PlatformError::Unsupported(
+            "booting without an upgrade record (a LUO kernel is booted by an upgrade)",
+        ))?;
+        let target = self
+            .next
+            .as_ref()
+            .filter(|n| n.id == id)
+            .and_then(|n| n.kernel.as_ref())
+            .ok_or(PlatformError::WrongState {
+                id,
+                op: "boot",
+                state: InstanceState::Ready,
+                needed: "loaded",
+            })?
+            .try_clone()
+            .map_err(|e| PlatformError::io("duplicating the kernel", e))?;
+        let source = self
+            .running
+            .as_ref()
+            .ok_or_else(|| err("the running kernel's image is not held"))?
+            .try_clone()
+            .map_err(|e| PlatformError::io("duplicating the kernel", e))?;
+        let mut source = source;
+        if source.initrd.is_none() {
+            // Only when the agent was not told the running kernel's initramfs (mk-agentd
+            // serve --initrd): assume both kernels boot the same one.
+            source.initrd = target
+                .initrd
+                .as_ref()
+                .map(OwnedFd::try_clone)
+                .transpose()
+                .map_err(|e| PlatformError::io("duplicating the initramfs", e))?;
+        }
+        let handoff = Handoff {
+            format: HANDOFF_FORMAT.to_owned(),
+            direction: Direction::Forward,
+            record: record.clone(),
+            source_release: source.release.clone(),
+            source_cmdline: if source.cmdline.is_empty() {
+                proc_cmdline()
+            } else {
+                source.cmdline.clone()
+            },
+            source_initrd: source.initrd.is_some(),
+            target_release: target.release.clone(),
+            target_cmdline: target.cmdline.clone(),
+            target_initrd: target.initrd.is_some(),
+            workloads: self.staged.values().map(|s| s.handoff.clone()).collect(),
+        };
+        let mut trials = self.state.trials().map_err(|e| err(e.to_string()))?;
+        trials
+            .begin(&target.release, 1)
+            .map_err(|e| err(e.to_string()))?;
+        let kept = self.preserve_agent_session(&handoff, &source, &target);
+        let e = match kept {
+            Err(e) => e,
+            Ok((session, hfd)) => {
+                let e = self.kexec_now(format!(
+                    "MK-LUO-KEXEC {} -> {} realtime_ns={} cmdline={:?}",
+                    source.release,
+                    target.release,
+                    realtime_ns(),
+                    target.cmdline
+                ));
+                drop((session, hfd));
+                e
+            }
+        };
+        let _ = trials.cancel();
+        Err(e)
+    }
+
+    fn set_upgrade(&mut self, upgrade_id: UpgradeId) {
+        self.upgrade_id = Some(upgrade_id);
+    }
+
+    fn ping(&mut self, id: InstanceId) -> Result<(), PlatformError> {
+        self.check_self(id, "ping")
+    }
+
+    fn prepare(&mut self, _to: InstanceId, _spec: &WorkloadSpec) -> Result<(), PlatformError> {
+        Ok(())
+    }
+
+    fn deliver(
+        &mut self,
+        to: InstanceId,
+        workload: &str,
+        out: Outgoing,
+    ) -> Result<Delivered, PlatformError> {
+        if self.next.as_ref().map(|n| n.id) != Some(to) {
+            return Err(PlatformError::NoSuchInstance(to));
+        }
+        let spec = lock(&self.shared)
+            .workloads
+            .get(workload)
+            .map(|w| w.spec.clone())
+            .ok_or_else(|| PlatformError::NoSuchWorkload {
+                instance: self.self_id,
+                workload: workload.to_owned(),
+            })?;
+        let digests: Vec<MemfdDigest> = out
+            .offer
+            .fds
+            .iter()
+            .skip(1)
+            .filter(|d| d.kind == kho_proto::channel::FdKind::Memfd)
+            .map(|d| MemfdDigest {
+                name: d.name.clone(),
+                len: d.length,
+                crc32: d.crc32,
+                sha256: hex::encode(d.sha256),
+            })
+            .collect();
+        let sname = workload_session(workload).map_err(err)?;
+        let session = self.dev()?.create_session(&sname).map_err(|e| luo(&e))?;
+        session
+            .preserve_fd(out.image.as_fd(), TOKEN_IMAGE)
+            .map_err(|e| err(format!("{workload}: preserving its handover image: {e}")))?;
+        for (t, p) in (1u64..).zip(&out.fds) {
+            session
+                .preserve_fd(p.fd.as_fd(), t)
+                .map_err(|e| err(format!("{workload}: preserving memfd {}: {e}", p.name)))?;
+        }
+        let frozen_at_ns = self
+            .frozen_at_ns
+            .get(workload)
+            .copied()
+            .unwrap_or_else(realtime_ns);
+        self.staged.insert(
+            workload.to_owned(),
+            Staged {
+                _session: session,
+                _image: out.image,
+                _memfds: out.fds,
+                handoff: HandoffWorkload {
+                    name: workload.to_owned(),
+                    session: sname,
+                    spec,
+                    memfds: digests,
+                    frozen_at_ns,
+                },
+            },
+        );
+        Ok(Delivered::Staged)
+    }
+
+    fn commit(&mut self, _to: InstanceId, _workload: &str) -> Result<(), PlatformError> {
+        // A staged workload is committed by being claimed in the next kernel.
+        Ok(())
+    }
+
+    fn abort(&mut self, _to: InstanceId, workload: &str, _reason: &str) {
+        // Closing the session drops the preservation.
+        self.staged.remove(workload);
+    }
+
+    fn disconnect(&mut self, _release: Option<&Resources>) {}
+
+    fn resize(&mut self, _: InstanceId, _: &Resources) -> Result<(), PlatformError> {
+        Err(PlatformError::Unsupported(
+            "resizing (a LUO kernel owns the whole machine)",
+        ))
+    }
+
+    fn start_workload(
+        &mut self,
+        id: InstanceId,
+        spec: &WorkloadSpec,
+    ) -> Result<WorkloadInfo, PlatformError> {
+        self.check_self(id, "start")?;
+        match self
+            .ctl(Request::Start {
+                spec: Box::new(spec.clone()),
+            })?
+            .0
+        {
+            Response::Started(info) => Ok(info),
+            other => Err(err(format!("unexpected control response {other:?}"))),
+        }
+    }
+
+    fn freeze(&mut self, id: InstanceId, workload: &str) -> Result<(), PlatformError> {
+        self.check_self(id, "freeze")?;
+        self.ctl(Request::Freeze {
+            name: workload.to_owned(),
+        })?;
+        self.frozen_at_ns.insert(workload.to_owned(), realtime_ns());
+        Ok(())
+    }
+
+    fn thaw(&mut self, id: InstanceId, workload: &str) -> Result<(), PlatformError> {
+        self.check_self(id, "thaw")?;
+        self.ctl(Request::Thaw {
+            name: workload.to_owned(),
+        })?;
+        Ok(())
+    }
+
+    fn preserved_fds(
+        &mut self,
+        id: InstanceId,
+        workload: &str,
+    ) -> Result<Vec<PreservedFd>, PlatformError> {
+        self.check_self(id, "fds")?;
+        let (resp, fds) = self.ctl(Request::Fds {
+            name: workload.to_owned(),
+        })?;
+        let Response::Fds { names } = resp else {
+            return Err(err(format!("unexpected control response {resp:?}")));
+        };
+        // Only memfds: LUO cannot preserve sockets (the next kernel binds the listeners).
+        Ok(names
+            .into_iter()
+            .zip(fds)
+            .filter(|(_, fd)| state_serializers::sys::get_seals(fd.as_fd()).is_ok())
+            .map(|(name, fd)| PreservedFd { name, fd })
+            .collect())
+    }
+
+    fn stop_workload(&mut self, id: InstanceId, workload: &str) -> Result<(), PlatformError> {
+        self.check_self(id, "stop")?;
+        self.ctl(Request::Stop {
+            name: workload.to_owned(),
+        })?;
+        Ok(())
+    }
+
+    fn halt(&mut self, id: InstanceId) -> Result<(), PlatformError> {
+        Err(PlatformError::WrongState {
+            id,
+            op: "halt",
+            state: InstanceState::Active,
+            needed: "another kernel (a LUO kernel is not halted, it is replaced)",
+        })
+    }
+
+    fn transfer_resources(
+        &mut self,
+        _: InstanceId,
+        _: InstanceId,
+    ) -> Result<Resources, PlatformError> {
+        Err(PlatformError::Unsupported(
+            "moving resources (a LUO kernel owns the whole machine)",
+        ))
+    }
+
+    fn destroy(&mut self, id: InstanceId) -> Result<(), PlatformError> {
+        if self.next.as_ref().map(|n| n.id) == Some(id) {
+            if self
+                .next
+                .as_ref()
+                .is_some_and(|n| n.state == InstanceState::Loaded)
+            {
+                let _ = kexec::kexec_unload();
+            }
+            self.next = None;
+            self.staged.clear();
+            Ok(())
+        } else {
+            Err(PlatformError::NoSuchInstance(id))
+        }
+    }
+
+    fn claim(&mut self, workload: &str) -> Result<Claimed, PlatformError> {
+        let here = self.self_id;
+        let carried = self
+            .carried
+            .as_mut()
+            .ok_or_else(|| err("nothing was carried over by a kexec"))?;
+        let forward = carried.direction == Direction::Forward;
+        let retrieve_ms = carried.retrieve_ms;
+        let a =
+            carried
+                .workloads
+                .remove(workload)
+                .ok_or_else(|| PlatformError::NoSuchWorkload {
+                    instance: here,
+                    workload: workload.to_owned(),
+                })?;
+        carried
+            .claimed
+            .insert(workload.to_owned(), a.handoff.clone());
+        let refused = |detail: String| PlatformError::Refused {
+            workload: workload.to_owned(),
+            instance: here,
+            check: "verification".into(),
+            detail,
+        };
+        let t0 = Instant::now();
+        let (spec, task, mut fds) = if forward {
+            let trusted: TrustedKeys = self
+                .state
+                .trusted_node_keys()
+                .map_err(|e| refused(format!("verification failed: trusted node keys: {e}")))?;
+            let image = a.image.ok_or_else(|| refused("no handover image".into()))?;
+            let upgrade_id = self.upgrade_id.map(|u| u.0).unwrap_or_default();
+            let inc = handover::verify_preserved(workload, &image, a.memfds, &trusted, upgrade_id)
+                .map_err(|e| refused(format!("verification failed: {e}")))?;
+            (inc.spec, Some(inc.task), inc.fds)
+        } else {
+            let mut fds = Vec::new();
+            for (fd, d) in a.memfds.into_iter().zip(&a.handoff.memfds) {
+                state_serializers::verify_fd(&d.name, fd.as_fd(), &d.region())
+                    .map_err(|e| refused(format!("verification failed: memfd {}: {e}", d.name)))?;
+                fds.push(PreservedFd {
+                    name: d.name.clone(),
+                    fd,
+                });
+            }
+            (a.handoff.spec.clone(), None, fds)
+        };
+        let verify_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let start_err = |what: String| PlatformError::Instance { id: here, what };
+        fds.extend(bind_listeners(&spec).map_err(start_err)?);
+        let extra: Vec<String> = if crate::fault::wants_health_fail(&spec.env) {
+            vec![crate::fault::HEALTH_FAIL_ARG.to_owned()]
+        } else {
+            Vec::new()
+        };
+        supervisor::admit(
+            &self.shared,
+            workload,
+            &spec,
+            task.as_ref(),
+            fds,
+            &extra,
+            false,
+        )
+        .map_err(start_err)?;
+        let start_ms = t0.elapsed().as_secs_f64() * 1000.0 - verify_ms;
+        let started_at_ns = realtime_ns();
+        let t1 = Instant::now();
+        let (healthy, detail) = supervisor::check_health(&self.shared, workload, &spec);
+        let health_ms = t1.elapsed().as_secs_f64() * 1000.0;
+        if !healthy {
+            return Err(PlatformError::Unhealthy {
+                workload: workload.to_owned(),
+                instance: here,
+                detail,
+            });
+        }
+        let frozen = a.handoff.frozen_at_ns;
+        let blackout_us = realtime_ns().saturating_sub(frozen) / 1000;
+        let bytes: u64 = a.handoff.memfds.iter().map(|m| m.len).sum();
+        say(&format!(
+            "MK-LUO-RESTORE workload={workload} bytes={bytes} retrieve_ms={retrieve_ms:.1} \
+             verify_ms={verify_ms:.1} start_ms={start_ms:.1} health_ms={health_ms:.1} \
+             blackout_ms={:.1}",
+            blackout_us as f64 / 1000.0
+        ));
+        Ok(Claimed {
+            blackout_us,
+            handover_us: started_at_ns.saturating_sub(frozen) / 1000,
+            bytes,
+            verify_ms,
+            start_ms,
+            health_ms,
+        })
+    }
+
+    fn return_to_previous(&mut self, record: &UpgradeRecord) -> Result<(), PlatformError> {
+        let previous = self
+            .previous
+            .as_ref()
+            .ok_or_else(|| err("the previous kernel was not handed over"))?
+            .try_clone()
+            .map_err(|e| PlatformError::io("duplicating the kernel", e))?;
+        let running = self
+            .running
+            .as_ref()
+            .ok_or_else(|| err("this kernel's image was not handed over"))?
+            .try_clone()
+            .map_err(|e| PlatformError::io("duplicating the kernel", e))?;
+        let carried = self
+            .carried
+            .as_ref()
+            .ok_or_else(|| err("nothing was carried over by a kexec"))?;
+        self.stop_all();
+        let dev = self.dev()?;
+        let mut sessions = Vec::new();
+        let mut workloads = Vec::new();
+        for w in &record.workloads {
+            let fds = carried
+                .kept
+                .get(&w.name)
+                .ok_or_else(|| err(format!("{}: its memfds were not kept", w.name)))?;
+            let hw = carried
+                .workloads
+                .get(&w.name)
+                .map(|a| a.handoff.clone())
+                .or_else(|| carried.claimed.get(&w.name).cloned())
+                .ok_or_else(|| err(format!("{}: nothing of it arrived with the kexec", w.name)))?;
+            if fds.len() != hw.memfds.len() {
+                return Err(err(format!("{}: its memfds were not kept", w.name)));
+            }
+            let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+            let digests = state_serializers::digest_many(&borrowed)
+                .into_iter()
+                .zip(&hw.memfds)
+                .map(|(d, m)| {
+                    d.map(|d| MemfdDigest::new(&m.name, &d))
+                        .map_err(|e| err(format!("{}: digesting {}: {e}", w.name, m.name)))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let s = dev.create_session(&hw.session).map_err(|e| luo(&e))?;
+            for (t, fd) in (1u64..).zip(fds) {
+                s.preserve_fd(fd.as_fd(), t).map_err(|e| luo(&e))?;
+            }
+            sessions.push(s);
+            workloads.push(HandoffWorkload {
+                memfds: digests,
+                ..hw
+            });
+        }
+        let mut rec = record.clone();
+        rec.phase = Phase::RollingBack;
+        let back = Handoff {
+            format: HANDOFF_FORMAT.to_owned(),
+            direction: Direction::Return,
+            record: rec,
+            source_release: running_release(),
+            source_cmdline: running.cmdline.clone(),
+            source_initrd: running.initrd.is_some(),
+            target_release: previous.release.clone(),
+            target_cmdline: previous.cmdline.clone(),
+            target_initrd: previous.initrd.is_some(),
+            workloads,
+        };
+        let (s, hfd) = self.preserve_agent_session(&back, &running, &previous)?;
+        let cmdline = with_liveupdate(&previous.cmdline);
+        kexec::kexec_file_load(
+            previous.image.as_fd(),
+            previous.initrd.as_ref().map(AsFd::as_fd),
+            &cmdline,
+            KexecFlags::NONE,
+        )
+        .map_err(|e| err(format!("loading {}: {e}", previous.release)))?;
+        let e = self.kexec_now(format!(
+            "MK-LUO-KEXEC-BACK {} -> {} reason={:?}",
+            running_release(),
+            previous.release,
+            record.error.as_deref().unwrap_or_default()
+        ));
+        drop((s, hfd, sessions));
+        Err(e)
+    }
+
+    fn handed_over(&mut self) -> Option<UpgradeRecord> {
+        self.carried.as_mut().and_then(|c| c.record.take())
+    }
+
+    fn confirm(&mut self) -> Result<(), PlatformError> {
+        let release = running_release();
+        let mut t = self.state.trials().map_err(|e| err(e.to_string()))?;
+        // On a host whose state directory did not survive the kexec (tmpfs), the attempt
+        // the previous kernel recorded is not here: record it, then confirm.
+        if !matches!(t.pending(), Ok(Some(p)) if p.release == release) {
+            let _ = t.begin(&release, 1);
+        }
+        t.confirm(&release).map_err(|e| err(e.to_string()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,95 @@
+//! The LUO host agent (`mk-agentd serve`, the real binary) on a kernel without
+//! `/dev/liveupdate`: it serves the instance protocol (the running kernel is the one
+//! instance), and refuses an upgrade before anything changes, naming what is missing.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use upgrade_agent::fault::Faults;
+use upgrade_agent::platform::luo::client::{AgentClient, Handed};
+use upgrade_agent::record::{Outcome, UpgradeKind};
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn host_agent_serves_ping_and_refuses_upgrades_without_liveupdate() {
+    if Path::new(upgrade_agent::sys::luo::DEV_PATH).exists() {
+        // A LUO host: the agent would take the exclusive device. Not counted as passed.
+        println!(
+            "SKIP host_agent_serves_ping_and_refuses_upgrades_without_liveupdate: this host has /dev/liveupdate"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_mk-agentd"))
+            .arg("--state-dir")
+            .arg(dir.path())
+            .arg("serve")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let sock = upgrade_agent::platform::luo::ctl_socket(dir.path());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "the agent never bound {sock:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let client = AgentClient::new(dir.path());
+    let st = client.status().unwrap();
+    assert_eq!(st.release, upgrade_agent::platform::luo::running_release());
+    assert!(st.workloads.is_empty());
+    let boot = std::fs::read_to_string(
+        upgrade_agent::platform::luo::agent_dir(dir.path()).join("boot.json"),
+    )
+    .unwrap();
+    assert!(boot.contains("\"resumed\":false"), "{boot}");
+    // No previous kernel to roll back to.
+    let e = client
+        .apply(
+            UpgradeKind::Rollback,
+            "",
+            &[0; 32],
+            "",
+            Faults::NONE,
+            None,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no previous kernel"), "{e}");
+    // An upgrade is refused before anything changes, naming what is missing.
+    let kernel = upgrade_agent::handover::sealed_memfd("k", b"not looked at").unwrap();
+    let handed = client
+        .apply(
+            UpgradeKind::Apply,
+            "9.9.9",
+            &[1; 32],
+            "",
+            Faults::NONE,
+            Some(std::os::fd::AsFd::as_fd(&kernel)),
+            None,
+        )
+        .unwrap();
+    let Handed::Finished { record, error } = handed else {
+        panic!("the agent kexeced on a kernel without /dev/liveupdate");
+    };
+    let error = error.unwrap_or_default();
+    assert_eq!(record.outcome, Some(Outcome::Refused), "{error}");
+    assert!(
+        error.contains("/dev/liveupdate") && error.contains("liveupdate=on"),
+        "{error}"
+    );
+    // Nothing is left in flight.
+    let j = rollback::Journal::<upgrade_agent::record::UpgradeRecord>::open(dir.path()).unwrap();
+    assert!(j.current().unwrap().is_none());
+}
