@@ -33,6 +33,10 @@
 
 pub mod ops;
 pub mod plan;
+mod recovery;
+mod replace;
+
+pub use recovery::{abandon, recover};
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -50,14 +54,13 @@ use crate::platform::{
 use crate::record::{Event, MoveStatus, Outcome, Phase, UpgradeKind, UpgradeRecord, WorkloadMove};
 use crate::workload::{Transfer, WorkloadFile};
 
-use self::plan::{Action, Observed, Plan};
-
 /// What the state machine needs from the outside world besides the platform: time,
 /// randomness and the capture of a process's task state. Injected so that the state
 /// machine runs in unit tests without processes.
 pub trait Env {
-    /// Seconds since the epoch (the record's `started_at`).
-    fn now_unix(&self) -> u64;
+    /// Milliseconds since the epoch (the record's `started_at`, and the time base of a
+    /// record that crossed a process or a kexec).
+    fn wall_ms(&self) -> u64;
     /// A monotonic instant.
     fn now(&self) -> Instant;
     /// A fresh random upgrade id.
@@ -85,8 +88,10 @@ impl Default for SystemEnv {
 }
 
 impl Env for SystemEnv {
-    fn now_unix(&self) -> u64 {
-        rollback::time::now_unix()
+    fn wall_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
     fn now(&self) -> Instant {
@@ -190,6 +195,9 @@ pub struct Orchestrator<'a> {
     /// The journal record (public for reports).
     pub record: UpgradeRecord,
     started: Instant,
+    /// Event time (ms since the upgrade started) at `started`: a resumed record's events go
+    /// on from where the previous process or kernel left them.
+    t_base_ms: u64,
     writes: u32,
     upgrade_id: UpgradeId,
     faults_left: Faults,
@@ -259,7 +267,7 @@ impl<'a> Orchestrator<'a> {
             upgrade_id: hex::encode(id),
             kind,
             platform: caps.kind,
-            started_at: setup.env.now_unix(),
+            started_at: setup.env.wall_ms() / 1000,
             kernel_before: current.kernel_release.clone().unwrap_or_default(),
             kernel_after: kernel_after.to_owned(),
             image_sha256: hex::encode(image_sha256),
@@ -283,6 +291,7 @@ impl<'a> Orchestrator<'a> {
             recovered: false,
         };
         let mut o = Self::with_record(platform, setup, record)?;
+        o.t_base_ms = 0;
         o.faults_left = o.setup.faults.effective();
         o.step(
             Phase::Verified,
@@ -307,11 +316,18 @@ impl<'a> Orchestrator<'a> {
         let upgrade_id = UpgradeId(id);
         platform.set_upgrade(upgrade_id);
         let started = setup.env.now();
+        let last = record.events.last().map_or(0, |e| e.t_ms);
+        let wall = setup
+            .env
+            .wall_ms()
+            .saturating_sub(record.started_at.saturating_mul(1000));
+        let t_base_ms = last.max(wall);
         Ok(Orchestrator {
             platform,
             setup,
             record,
             started,
+            t_base_ms,
             writes: 0,
             upgrade_id,
             faults_left: Faults::NONE,
@@ -323,14 +339,19 @@ impl<'a> Orchestrator<'a> {
         self.writes
     }
 
-    fn elapsed(&self) -> Duration {
-        self.setup.env.now().saturating_duration_since(self.started)
+    /// Event time: ms since the upgrade started.
+    fn elapsed_ms(&self) -> u64 {
+        self.t_base_ms.saturating_add(ms(self
+            .setup
+            .env
+            .now()
+            .saturating_duration_since(self.started)))
     }
 
     /// Journals `what` as a step of `phase` (before doing it).
     fn step(&mut self, phase: Phase, what: String) -> Result<(), UpgradeError> {
         self.record.phase = phase;
-        let t_ms = ms(self.elapsed());
+        let t_ms = self.elapsed_ms();
         tracing::info!(upgrade = %self.record.upgrade_id, ?phase, "{what}");
         self.setup.observer.step(phase, &what);
         self.record.events.push(Event {
@@ -349,7 +370,7 @@ impl<'a> Orchestrator<'a> {
 
     /// Records an event without a journal write (it is written with the next step).
     fn note(&mut self, what: String) {
-        let t_ms = ms(self.elapsed());
+        let t_ms = self.elapsed_ms();
         self.setup.observer.step(self.record.phase, &what);
         self.record.events.push(Event {
             t_ms,
@@ -374,7 +395,7 @@ impl<'a> Orchestrator<'a> {
         self.record.outcome = Some(outcome);
         self.record.error = error;
         self.record.phase = Phase::Done;
-        let t_ms = ms(self.elapsed());
+        let t_ms = self.elapsed_ms();
         let what = format!("finished: {outcome:?}");
         self.setup.observer.step(Phase::Done, &what);
         self.record.events.push(Event {
@@ -815,298 +836,6 @@ impl<'a> Orchestrator<'a> {
             self.platform.resize(old, &want)?;
         }
         Ok(())
-    }
-
-    // ---- replace platforms (LUO) ----------------------------------------------------------
-
-    fn run_replace(&mut self, kernel: &LoadableKernel<'_>) -> Result<(), UpgradeError> {
-        let old = self.record.old_instance;
-        let new = match self.platform.create_instance(&Resources::default()) {
-            Ok(id) => id,
-            // Nothing changed yet.
-            Err(e) => return self.refuse(e.to_string()),
-        };
-        self.record.new_instance = Some(new);
-        self.step(
-            Phase::InstanceCreated,
-            format!(
-                "kernel {} will replace {}",
-                kernel.release, self.record.kernel_before
-            ),
-        )?;
-        for name in self.names() {
-            match self.move_workload(old, new, &name, Phase::Migrating) {
-                Ok(_) => {}
-                Err(e) => {
-                    self.set_status(&name, MoveStatus::Aborted, Some(e.to_string()));
-                    self.step(Phase::Migrating, format!("{name}: staging failed: {e}"))?;
-                    return self.roll_back(e.to_string());
-                }
-            }
-        }
-        let staged = self.record.workloads.len();
-        if let Err(e) = self.platform.load(new, kernel) {
-            return self.roll_back(format!("loading {}: {e}", kernel.release));
-        }
-        self.step(
-            Phase::KernelLoaded,
-            format!(
-                "{staged} workload(s) staged; kernel {} loaded",
-                kernel.release
-            ),
-        )?;
-        self.step(Phase::Booted, format!("booting {} (kexec)", kernel.release))?;
-        let record = self.record.clone();
-        match self.platform.boot(new, Some(&record)) {
-            // A platform whose boot returns (the fake platform) carries on here as the next
-            // kernel's agent would.
-            Ok(()) => self.claim_forward(),
-            Err(e) => self.roll_back(format!("booting {}: {e}", kernel.release)),
-        }
-    }
-
-    /// In the booted kernel: claims every staged workload; commits, or returns to the
-    /// previous kernel.
-    fn claim_forward(&mut self) -> Result<(), UpgradeError> {
-        let new = self.record.new_instance.unwrap_or(self.record.old_instance);
-        let release = self.record.kernel_after.clone();
-        self.step(
-            Phase::Migrating,
-            format!(
-                "{release} up: claiming {} workload(s)",
-                self.record.workloads.len()
-            ),
-        )?;
-        let mut failure = None;
-        for name in self.names() {
-            match self.platform.claim(&name) {
-                Ok(c) => {
-                    if let Some(w) = self.record.workload_mut(&name) {
-                        w.blackout_us = Some(c.blackout_us);
-                        w.handover_us = Some(c.handover_us);
-                    }
-                    self.set_status(&name, MoveStatus::Committed, None);
-                    self.note(format!(
-                        "{name}: {} bytes verified in {:.1} ms, started in {:.1} ms, healthy after {:.1} ms",
-                        c.bytes, c.verify_ms, c.start_ms, c.health_ms
-                    ));
-                }
-                Err(e) => {
-                    self.set_status(&name, MoveStatus::Aborted, Some(e.to_string()));
-                    failure = Some(format!("{name}: {e}"));
-                    break;
-                }
-            }
-        }
-        if let Some(reason) = failure {
-            self.record.error = Some(reason.clone());
-            self.step(
-                Phase::RollingBack,
-                format!(
-                    "failed in {release}: {reason}; returning to {}",
-                    self.record.kernel_before
-                ),
-            )?;
-            let record = self.record.clone();
-            let back = self.platform.return_to_previous(&record);
-            // Only reached when the way back failed (or on a platform whose boot returns).
-            return match back {
-                Ok(()) => self.claim_return(),
-                Err(e) => {
-                    let msg = format!("{reason}; coming back failed too: {e}");
-                    self.finish(Outcome::Failed, Some(msg.clone()))?;
-                    Err(UpgradeError::Failed(msg))
-                }
-            };
-        }
-        self.step(
-            Phase::HandingOver,
-            format!("every workload verified, restored and healthy on instance {new}: committed"),
-        )?;
-        self.platform.confirm()?;
-        self.promote()?;
-        self.finish(Outcome::Upgraded, None)
-    }
-
-    /// Back in the previous kernel after a failure: claims every returned workload.
-    fn claim_return(&mut self) -> Result<(), UpgradeError> {
-        let reason = self
-            .record
-            .error
-            .clone()
-            .unwrap_or_else(|| "the new kernel failed".into());
-        let mut stuck = Vec::new();
-        for name in self.names() {
-            match self.platform.claim(&name) {
-                Ok(c) => {
-                    if let Some(w) = self.record.workload_mut(&name) {
-                        w.blackout_us = Some(c.blackout_us);
-                    }
-                    self.set_status(&name, MoveStatus::MovedBack, None);
-                }
-                Err(e) => {
-                    self.set_status(&name, MoveStatus::Aborted, Some(e.to_string()));
-                    stuck.push(format!("{name}: {e}"));
-                }
-            }
-        }
-        if stuck.is_empty() {
-            self.note("back on the previous kernel: every workload restarted and healthy".into());
-            self.finish(Outcome::RolledBack, Some(reason.clone()))?;
-            Err(UpgradeError::RolledBack { reason })
-        } else {
-            let msg = format!(
-                "{reason}; back on {}, but the restart failed: {}",
-                self.record.kernel_before,
-                stuck.join("; ")
-            );
-            self.finish(Outcome::Failed, Some(msg.clone()))?;
-            Err(UpgradeError::Failed(msg))
-        }
-    }
-}
-
-/// Brings an interrupted upgrade to an end: fully new if every workload had moved, else
-/// fully old; on a replace platform, carries on with what the kexec carried over. Returns
-/// the finished record, or `None` when no upgrade was in flight.
-pub fn recover<'a>(
-    platform: &'a mut dyn Platform,
-    setup: Setup<'a>,
-) -> Result<Option<UpgradeRecord>, UpgradeError> {
-    let caps = platform.probe()?;
-    let carried = if caps.side_by_side {
-        None
-    } else {
-        platform.handed_over()
-    };
-    let journaled = setup.journal.current()?;
-    // The record a kexec carried is newer than anything this kernel's journal holds.
-    let record = carried.clone().or(journaled);
-    let running = current_instance(platform)
-        .ok()
-        .and_then(|i| i.kernel_release)
-        .unwrap_or_default();
-    let seen = Observed {
-        replace: !caps.side_by_side,
-        carried_over: carried.is_some(),
-        running_release: running,
-    };
-    let decision = plan::plan(record.as_ref(), &seen);
-    let Some(mut record) = record else {
-        return Ok(None);
-    };
-    if decision != Plan::ClaimForward && decision != Plan::ClaimReturn {
-        record.recovered = true;
-    }
-    let mut o = Orchestrator::with_record(platform, setup, record)?;
-    let phase = o.record.phase;
-    let result = match decision {
-        Plan::Nothing => return Ok(None),
-        Plan::Finish(outcome) => {
-            let error = o.record.error.clone();
-            o.finish(outcome, error)
-        }
-        Plan::ConvergeForward => {
-            o.step(phase, format!("recovery: resuming from phase {phase:?}"))?;
-            let (old, new) = (
-                o.record.old_instance,
-                o.record
-                    .new_instance
-                    .expect("planned only with a new instance"),
-            );
-            o.converge_forward(old, new)
-                .and_then(|()| o.promote())
-                .and_then(|()| o.finish(Outcome::Upgraded, None))
-        }
-        Plan::Reconcile => {
-            o.step(phase, format!("recovery: resuming from phase {phase:?}"))?;
-            o.reconcile()
-        }
-        Plan::ClaimForward => o.claim_forward(),
-        Plan::ClaimReturn => o.claim_return(),
-        Plan::Abandon { outcome, reason } => {
-            abandon(&mut o.record);
-            o.note(format!("recovered at boot: {reason}"));
-            o.finish(outcome, Some(reason))
-        }
-    };
-    match result {
-        Ok(()) | Err(UpgradeError::RolledBack { .. }) => Ok(Some(o.record)),
-        Err(UpgradeError::Failed(_)) if o.record.phase == Phase::Done => Ok(Some(o.record)),
-        Err(e) => Err(e),
-    }
-}
-
-/// Marks every workload of an abandoned record (replace platforms: nothing but the journal
-/// survived) as aborted; they start again from the workload file.
-pub fn abandon(record: &mut UpgradeRecord) {
-    record.recovered = true;
-    for w in &mut record.workloads {
-        w.status = MoveStatus::Aborted;
-    }
-}
-
-impl Orchestrator<'_> {
-    /// Side by side after a crash: settles each workload ([`plan::reconcile`]), then rolls
-    /// back.
-    fn reconcile(&mut self) -> Result<(), UpgradeError> {
-        let old = self.record.old_instance;
-        let insts = self.platform.instances()?;
-        // Instances this upgrade created but never journaled (crash between create and
-        // journal write) are removed; so is anything not old and not the journaled new one.
-        for i in &insts {
-            if i.id != old && Some(i.id) != self.record.new_instance {
-                if i.state == InstanceState::Active {
-                    self.platform.halt(i.id)?;
-                }
-                self.platform.destroy(i.id)?;
-            }
-        }
-        let on = |id: Option<InstanceId>, name: &str| -> Option<crate::model::WorkloadInfo> {
-            insts
-                .iter()
-                .find(|i| Some(i.id) == id && i.state == InstanceState::Active)
-                .and_then(|i| i.workloads.iter().find(|w| w.name == name).cloned())
-        };
-        let new = self.record.new_instance;
-        let back = self.record.phase == Phase::RollingBack;
-        for w in self.record.workloads.clone() {
-            let on_old = on(Some(old), &w.name);
-            let on_new = on(new, &w.name);
-            for action in plan::reconcile(w.status, on_old.as_ref(), on_new.as_ref(), back) {
-                match action {
-                    Action::StopNew => {
-                        if let Some(n) = new {
-                            self.platform.stop_workload(n, &w.name)?;
-                        }
-                    }
-                    Action::StopOld => self.platform.stop_workload(old, &w.name)?,
-                    Action::ThawOld => self.platform.thaw(old, &w.name)?,
-                    Action::ThawNew => {
-                        if let Some(n) = new {
-                            self.platform.thaw(n, &w.name)?;
-                        }
-                    }
-                    Action::Status(MoveStatus::Aborted) => self.set_status(
-                        &w.name,
-                        MoveStatus::Aborted,
-                        Some("recovered on the old instance".into()),
-                    ),
-                    Action::Status(s) => self.set_status(&w.name, s, None),
-                    Action::Lost => {
-                        let msg = format!(
-                            "{} runs on no instance after the crash; its preserved state may be lost: restart it by hand",
-                            w.name
-                        );
-                        self.set_status(&w.name, MoveStatus::Aborted, Some(msg.clone()));
-                        self.finish(Outcome::Failed, Some(msg.clone()))?;
-                        return Err(UpgradeError::Failed(msg));
-                    }
-                }
-            }
-        }
-        self.step(Phase::RollingBack, "recovery: state reconciled".into())?;
-        self.roll_back("the agent stopped mid-upgrade; recovery rolled back".into())
     }
 }
 

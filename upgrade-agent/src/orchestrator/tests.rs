@@ -31,8 +31,8 @@ impl FakeEnv {
 }
 
 impl Env for FakeEnv {
-    fn now_unix(&self) -> u64 {
-        1_800_000_000
+    fn wall_ms(&self) -> u64 {
+        1_800_000_000_000 + self.ticks.get()
     }
     fn now(&self) -> Instant {
         self.ticks.set(self.ticks.get() + 1);

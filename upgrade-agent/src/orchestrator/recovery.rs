@@ -1,0 +1,151 @@
+//! Recovery: what [`recover`] does with an interrupted upgrade, as the pure planner
+//! ([`super::plan`]) decides.
+
+use super::plan::{self, Action, Observed, Plan};
+use super::{Orchestrator, Setup, UpgradeError, current_instance};
+use crate::platform::{InstanceId, InstanceState, Platform};
+use crate::record::{MoveStatus, Outcome, Phase, UpgradeRecord};
+
+/// Brings an interrupted upgrade to an end: fully new if every workload had moved, else
+/// fully old; on a replace platform, carries on with what the kexec carried over. Returns
+/// the finished record, or `None` when no upgrade was in flight.
+pub fn recover<'a>(
+    platform: &'a mut dyn Platform,
+    setup: Setup<'a>,
+) -> Result<Option<UpgradeRecord>, UpgradeError> {
+    let caps = platform.probe()?;
+    let carried = if caps.side_by_side {
+        None
+    } else {
+        platform.handed_over()
+    };
+    let journaled = setup.journal.current()?;
+    // The record a kexec carried is newer than anything this kernel's journal holds.
+    let record = carried.clone().or(journaled);
+    let running = current_instance(platform)
+        .ok()
+        .and_then(|i| i.kernel_release)
+        .unwrap_or_default();
+    let seen = Observed {
+        replace: !caps.side_by_side,
+        carried_over: carried.is_some(),
+        running_release: running,
+    };
+    let decision = plan::plan(record.as_ref(), &seen);
+    let Some(mut record) = record else {
+        return Ok(None);
+    };
+    if decision != Plan::ClaimForward && decision != Plan::ClaimReturn {
+        record.recovered = true;
+    }
+    let mut o = Orchestrator::with_record(platform, setup, record)?;
+    let phase = o.record.phase;
+    let result = match decision {
+        Plan::Nothing => return Ok(None),
+        Plan::Finish(outcome) => {
+            let error = o.record.error.clone();
+            o.finish(outcome, error)
+        }
+        Plan::ConvergeForward => {
+            o.step(phase, format!("recovery: resuming from phase {phase:?}"))?;
+            let (old, new) = (
+                o.record.old_instance,
+                o.record
+                    .new_instance
+                    .expect("planned only with a new instance"),
+            );
+            o.converge_forward(old, new)
+                .and_then(|()| o.promote())
+                .and_then(|()| o.finish(Outcome::Upgraded, None))
+        }
+        Plan::Reconcile => {
+            o.step(phase, format!("recovery: resuming from phase {phase:?}"))?;
+            o.reconcile()
+        }
+        Plan::ClaimForward => o.claim_forward(),
+        Plan::ClaimReturn => o.claim_return(),
+        Plan::Abandon { outcome, reason } => {
+            abandon(&mut o.record);
+            o.note(format!("recovered at boot: {reason}"));
+            o.finish(outcome, Some(reason))
+        }
+    };
+    match result {
+        Ok(()) | Err(UpgradeError::RolledBack { .. }) => Ok(Some(o.record)),
+        Err(UpgradeError::Failed(_)) if o.record.phase == Phase::Done => Ok(Some(o.record)),
+        Err(e) => Err(e),
+    }
+}
+
+/// Marks every workload of an abandoned record (replace platforms: nothing but the journal
+/// survived) as aborted; they start again from the workload file.
+pub fn abandon(record: &mut UpgradeRecord) {
+    record.recovered = true;
+    for w in &mut record.workloads {
+        w.status = MoveStatus::Aborted;
+    }
+}
+
+impl Orchestrator<'_> {
+    /// Side by side after a crash: settles each workload ([`plan::reconcile`]), then rolls
+    /// back.
+    fn reconcile(&mut self) -> Result<(), UpgradeError> {
+        let old = self.record.old_instance;
+        let insts = self.platform.instances()?;
+        // Instances this upgrade created but never journaled (crash between create and
+        // journal write) are removed; so is anything not old and not the journaled new one.
+        for i in &insts {
+            if i.id != old && Some(i.id) != self.record.new_instance {
+                if i.state == InstanceState::Active {
+                    self.platform.halt(i.id)?;
+                }
+                self.platform.destroy(i.id)?;
+            }
+        }
+        let on = |id: Option<InstanceId>, name: &str| -> Option<crate::model::WorkloadInfo> {
+            insts
+                .iter()
+                .find(|i| Some(i.id) == id && i.state == InstanceState::Active)
+                .and_then(|i| i.workloads.iter().find(|w| w.name == name).cloned())
+        };
+        let new = self.record.new_instance;
+        let back = self.record.phase == Phase::RollingBack;
+        for w in self.record.workloads.clone() {
+            let on_old = on(Some(old), &w.name);
+            let on_new = on(new, &w.name);
+            for action in plan::reconcile(w.status, on_old.as_ref(), on_new.as_ref(), back) {
+                match action {
+                    Action::StopNew => {
+                        if let Some(n) = new {
+                            self.platform.stop_workload(n, &w.name)?;
+                        }
+                    }
+                    Action::StopOld => self.platform.stop_workload(old, &w.name)?,
+                    Action::ThawOld => self.platform.thaw(old, &w.name)?,
+                    Action::ThawNew => {
+                        if let Some(n) = new {
+                            self.platform.thaw(n, &w.name)?;
+                        }
+                    }
+                    Action::Status(MoveStatus::Aborted) => self.set_status(
+                        &w.name,
+                        MoveStatus::Aborted,
+                        Some("recovered on the old instance".into()),
+                    ),
+                    Action::Status(s) => self.set_status(&w.name, s, None),
+                    Action::Lost => {
+                        let msg = format!(
+                            "{} runs on no instance after the crash; its preserved state may be lost: restart it by hand",
+                            w.name
+                        );
+                        self.set_status(&w.name, MoveStatus::Aborted, Some(msg.clone()));
+                        self.finish(Outcome::Failed, Some(msg.clone()))?;
+                        return Err(UpgradeError::Failed(msg));
+                    }
+                }
+            }
+        }
+        self.step(Phase::RollingBack, "recovery: state reconciled".into())?;
+        self.roll_back("the agent stopped mid-upgrade; recovery rolled back".into())
+    }
+}
