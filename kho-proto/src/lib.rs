@@ -12,6 +12,11 @@
 //!
 //! Every decoder here treats its input as hostile: no panics, no allocation beyond what
 //! the input justifies, typed errors that name the field and offset.
+//!
+//! All `unsafe` code lives in one module, `channel/sys.rs`, each block with its `// SAFETY:`
+//! argument behind a safe function; the rest of the crate may not use it.
+
+#![deny(unsafe_code)]
 
 pub mod channel;
 pub mod image;

@@ -13,6 +13,11 @@
 //!
 //! Every reader takes a `root` path under which `proc/` and `sys/` are found (`/` in
 //! production, a fixture tree in tests). Schemas are documented in `docs/state.md`.
+//!
+//! All `unsafe` code lives in [`sys`], each block with its `// SAFETY:` argument behind a
+//! safe function; the rest of the crate may not use it.
+
+#![deny(unsafe_code)]
 
 pub mod codec;
 pub mod device;
@@ -23,6 +28,7 @@ pub mod fdenv;
 pub mod memory;
 pub mod procfs;
 pub mod restore;
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod task;
 

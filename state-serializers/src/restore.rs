@@ -378,50 +378,21 @@ pub fn spawn(
     if let Some(s) = opts.stderr.take() {
         cmd.stderr(s);
     }
-    let rlimits = std::mem::take(&mut prepared.rlimits);
-    let affinity = prepared.affinity;
-    let sched = prepared.sched;
-    let nice = prepared.nice;
-    let creds = prepared.creds.take();
-    let cg_fd = prepared.cgroup_procs.as_ref().map(AsRawFd::as_raw_fd);
-    let hook = move || -> std::io::Result<()> {
-        // Runs in the forked child before exec: only the single-syscall wrappers of
-        // `sys` below, over data prepared in the parent (no allocation, no locks).
-        // Join the cgroup first: its descriptor may sit in the range the dup2s fill.
-        if let Some(fd) = cg_fd {
-            sys::write_raw(fd, b"0")?;
-        }
-        // Descriptors the agent inherited without FD_CLOEXEC must not leak into the
-        // workload: mark everything from 3 on close-on-exec, then place the handed-over
-        // ones (dup2 clears the flag on its target; sources are all above the targets).
-        // Best effort on kernels without CLOSE_RANGE_CLOEXEC (< 5.11).
-        let _ = sys::cloexec_from_raw(FIRST_FD);
-        for &(src, dst) in &moves {
-            sys::dup2_raw(src, dst)?;
-        }
-        for &(res, soft, hard) in &rlimits {
-            sys::setrlimit_raw(res, soft, hard)?;
-        }
-        if let Some(set) = &affinity {
-            sys::set_affinity_raw(set)?;
-        }
-        if let Some((policy, prio)) = sched {
-            sys::set_scheduler_raw(policy, prio)?;
-        }
-        if let Some(n) = nice {
-            sys::set_nice_raw(n)?;
-        }
-        if let Some((groups, gid, uid)) = &creds {
-            sys::set_credentials_raw(groups, *gid, *uid)?;
-        }
-        Ok(())
-    };
-    // SAFETY: the hook only issues async-signal-safe system calls (dup2, write,
-    // setrlimit, sched_setaffinity, sched_setscheduler, setpriority, setgroups, setgid,
-    // setuid) on values computed before fork; it allocates nothing and takes no lock.
-    unsafe {
-        cmd.pre_exec(hook);
-    }
+    // Runs in the forked child before exec: only system calls over data prepared here.
+    // `high` and `prepared` (owners of the raw descriptors below) outlive the spawn.
+    sys::set_child_setup(
+        &mut cmd,
+        sys::ChildSetup {
+            cgroup_procs: prepared.cgroup_procs.as_ref().map(AsRawFd::as_raw_fd),
+            cloexec_from: FIRST_FD,
+            moves,
+            rlimits: std::mem::take(&mut prepared.rlimits),
+            affinity: prepared.affinity,
+            sched: prepared.sched,
+            nice: prepared.nice,
+            creds: prepared.creds.take(),
+        },
+    );
     let child = cmd.spawn().map_err(|e| StateError::Io {
         path: PathBuf::from(OsString::from_vec(exe.clone().into_bytes())),
         source: std::io::Error::new(

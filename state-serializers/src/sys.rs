@@ -1,11 +1,17 @@
 //! The raw system calls of this crate, each wrapped once with its safety argument.
 //!
-//! Everything here that is called from a `pre_exec` hook (between `fork` and `exec`) is a
-//! single system call with no allocation, no lock and no `errno` beyond reading it once:
-//! async-signal-safe by construction.
+//! This is the only module of `state-serializers` allowed to use `unsafe` (the crate root
+//! has `#![deny(unsafe_code)]`, lifted for this module alone; `tests/unsafe_confined.rs`
+//! checks it). Every `unsafe` block carries its reason in a `// SAFETY:` comment.
+//!
+//! Everything here that is called from a `pre_exec` hook (between `fork` and `exec`, see
+//! `set_child_setup`) is a single system call with no allocation, no lock and no `errno`
+//! beyond reading it once: async-signal-safe by construction.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
 
 /// `fcntl(F_GET_SEALS)`: the seals of a memfd (or shmem file). `EINVAL` for other files.
 pub fn get_seals(fd: BorrowedFd<'_>) -> io::Result<u32> {
@@ -159,7 +165,9 @@ pub fn write_raw(fd: RawFd, buf: &[u8]) -> io::Result<()> {
     if r < 0 {
         Err(io::Error::last_os_error())
     } else if r as usize != buf.len() {
-        Err(io::Error::new(io::ErrorKind::WriteZero, "short write"))
+        // `From<ErrorKind>` allocates nothing (a message would be boxed): this function
+        // runs between fork and exec.
+        Err(io::Error::from(io::ErrorKind::WriteZero))
     } else {
         Ok(())
     }
@@ -195,4 +203,92 @@ pub fn own_nice() -> i32 {
 /// The effective uid of this process.
 pub fn euid() -> u32 {
     nix::unistd::geteuid().as_raw()
+}
+
+/// What a restored task does to itself between `fork` and `exec` ([`set_child_setup`]).
+/// Every value is decided, and every buffer allocated, in the parent.
+pub(crate) struct ChildSetup {
+    /// `cgroup.procs` of the cgroup to join (by writing `0`). Joined first: the descriptor
+    /// may sit in the range the moves fill. Must stay open until the spawn returns.
+    pub cgroup_procs: Option<RawFd>,
+    /// Every descriptor from this one on is marked close-on-exec before the moves, so the
+    /// workload inherits only what it is handed (best effort: kernels before 5.11 lack
+    /// `CLOSE_RANGE_CLOEXEC`; the error is ignored).
+    pub cloexec_from: RawFd,
+    /// `(src, dst)`: `dup2(src, dst)`, which clears `FD_CLOEXEC` on `dst`. Every `src`
+    /// must lie above every `dst` (no move clobbers a later source) and stay open until
+    /// the spawn returns.
+    pub moves: Vec<(RawFd, RawFd)>,
+    /// `(resource, soft, hard)` for `setrlimit`.
+    pub rlimits: Vec<(u32, u64, u64)>,
+    /// For `sched_setaffinity` (built with [`cpu_set`]).
+    pub affinity: Option<libc::cpu_set_t>,
+    /// `(policy, priority)` for `sched_setscheduler`.
+    pub sched: Option<(i32, i32)>,
+    /// For `setpriority`.
+    pub nice: Option<i32>,
+    /// `(groups, gid, uid)` for `setgroups`, `setgid`, `setuid`.
+    pub creds: Option<(Vec<libc::gid_t>, u32, u32)>,
+}
+
+/// Has the child of `cmd` apply `setup` to itself after `fork`, before `exec`, in this
+/// order: join the cgroup, mark descriptors from `cloexec_from` on close-on-exec, the
+/// `dup2` moves, rlimits, affinity, scheduling policy, nice value, then credentials (last:
+/// the steps before may need root). The first failing step ends the child and
+/// `Command::spawn` returns its error (only the errno reaches the parent).
+///
+/// Contract of the hook (`CommandExt::pre_exec`): it runs in the child of a `fork` of a
+/// possibly multi-threaded process, where another thread may have held the allocator's
+/// or any other lock at the time of the fork, so only async-signal-safe work is allowed.
+/// The hook does no more than that: it reads `setup` (moved into it, built before the
+/// fork) without allocating, and calls the wrappers of this module, each one system call
+/// (`write`, `close_range`, `dup2`, `setrlimit`, `sched_setaffinity`,
+/// `sched_setscheduler`, `setpriority`, `setgroups`, `setgid`, `setuid`) whose error is an
+/// errno (`io::Error::last_os_error`, or `WriteZero` from its kind: no allocation). It
+/// touches no Rust object of the parent but `setup`, takes no lock and reads no
+/// environment. The descriptors it names are plain numbers in the child's own copy of the
+/// table, about to be replaced by `exec`: a stale one fails the call (`EBADF`), which
+/// ends the spawn with that error.
+pub(crate) fn set_child_setup(cmd: &mut Command, setup: ChildSetup) {
+    let ChildSetup {
+        cgroup_procs,
+        cloexec_from,
+        moves,
+        rlimits,
+        affinity,
+        sched,
+        nice,
+        creds,
+    } = setup;
+    let hook = move || -> io::Result<()> {
+        if let Some(fd) = cgroup_procs {
+            write_raw(fd, b"0")?;
+        }
+        let _ = cloexec_from_raw(cloexec_from);
+        for &(src, dst) in &moves {
+            dup2_raw(src, dst)?;
+        }
+        for &(res, soft, hard) in &rlimits {
+            setrlimit_raw(res, soft, hard)?;
+        }
+        if let Some(set) = &affinity {
+            set_affinity_raw(set)?;
+        }
+        if let Some((policy, prio)) = sched {
+            set_scheduler_raw(policy, prio)?;
+        }
+        if let Some(n) = nice {
+            set_nice_raw(n)?;
+        }
+        if let Some((groups, gid, uid)) = &creds {
+            set_credentials_raw(groups, *gid, *uid)?;
+        }
+        Ok(())
+    };
+    // SAFETY: `hook` is async-signal-safe as the contract above details: single system
+    // calls over values computed before the fork, no allocation, no lock, no access to
+    // anything of the parent but its own captured data.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
 }

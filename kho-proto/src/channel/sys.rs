@@ -1,10 +1,16 @@
-//! The channel's socket syscalls, in one place: `sendmsg`/`recvmsg` with SCM_RIGHTS and
-//! the multikernel AF_VSOCK transport option. Every `unsafe` block carries its reason.
+//! The crate's system-level code, in one place: `sendmsg`/`recvmsg` with SCM_RIGHTS, the
+//! multikernel AF_VSOCK transport option, and handing sockets to the tokio reactor.
+//!
+//! This is the only module of `kho-proto` allowed to use `unsafe` (the crate root has
+//! `#![deny(unsafe_code)]`, lifted for this module alone; `tests/unsafe_confined.rs` checks
+//! it). Every `unsafe` block carries its reason in a `// SAFETY:` comment and sits behind a
+//! safe function whose signature makes the reason hold for any caller.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr, recvmsg, sendmsg};
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 
 /// `AF_VSOCK`, used as the socket option *level* for vsock options.
 pub const SOL_VSOCK: libc::c_int = 40;
@@ -151,5 +157,59 @@ pub fn set_vsock_multikernel_transport(sock: BorrowedFd<'_>) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// An object that owns exactly one open descriptor, returns it from every `as_raw_fd` call
+/// and cannot close or replace it through a shared reference: what the tokio reactor asks
+/// of what it watches ([`AsyncFd::register`]). Implemented only for types known to be so.
+pub trait SoleFdOwner: AsRawFd {}
+
+/// `OwnedFd`: open by its type's invariant, one descriptor, immutable through `&`.
+impl SoleFdOwner for OwnedFd {}
+
+/// `vsock::VsockListener`: a struct around one private `OwnedFd`; no method swaps it.
+impl SoleFdOwner for vsock::VsockListener {}
+
+/// A socket registered with the current tokio runtime's reactor, for readiness waits.
+///
+/// Unlike a bare [`AsyncFd`] it gives no `&mut` access to the socket (which could swap the
+/// descriptor under the reactor): only shared references, readiness guards and
+/// [`into_inner`](Self::into_inner), which deregisters first.
+#[derive(Debug)]
+pub struct Registered<T: SoleFdOwner>(AsyncFd<T>);
+
+impl<T: SoleFdOwner> Registered<T> {
+    /// Registers `inner` for read and write readiness. Must be called inside a tokio
+    /// runtime. On failure `inner` is dropped (closed).
+    pub fn new(inner: T) -> io::Result<Self> {
+        // SAFETY: `T: SoleFdOwner` owns one open descriptor, returned by every
+        // `as_raw_fd`, which stays open and the same for as long as `inner` lives. From here
+        // on `inner` is only reachable through `Registered`, which hands out shared
+        // references (no `get_mut`, no `*_mut` readiness) and gives it back only through
+        // `AsyncFd::into_inner` (deregisters first) or drops it after deregistering: the
+        // descriptor cannot be closed or replaced while the reactor watches it.
+        let afd = unsafe { AsyncFd::register(inner) }?;
+        Ok(Self(afd))
+    }
+
+    /// The socket.
+    pub fn get_ref(&self) -> &T {
+        self.0.get_ref()
+    }
+
+    /// Waits until the socket is readable ([`AsyncFd::readable`]).
+    pub async fn readable(&self) -> io::Result<AsyncFdReadyGuard<'_, T>> {
+        self.0.readable().await
+    }
+
+    /// Waits until the socket is writable ([`AsyncFd::writable`]).
+    pub async fn writable(&self) -> io::Result<AsyncFdReadyGuard<'_, T>> {
+        self.0.writable().await
+    }
+
+    /// Deregisters the socket and gives it back.
+    pub fn into_inner(self) -> T {
+        self.0.into_inner()
     }
 }

@@ -15,7 +15,6 @@ use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, VsockAddr, bind, connect, getsockopt, listen,
     socket, sockopt,
 };
-use tokio::io::unix::AsyncFd;
 
 use super::sys;
 use super::transport::{StreamTransport, TransportError};
@@ -74,10 +73,8 @@ impl StreamTransport<tokio_vsock::VsockStream> {
             Ok(()) | Err(Errno::EINPROGRESS) => {}
             Err(e) => return Err(TransportError::io(NAME, op(), e.into())),
         }
-        // SAFETY: `fd` is an open socket owned by the AsyncFd until `into_inner` below;
-        // OwnedFd::as_raw_fd always returns that same descriptor.
-        let afd = unsafe { AsyncFd::register(fd) }
-            .map_err(|e| TransportError::io(NAME, "register with tokio", e.into()))?;
+        let afd = sys::Registered::new(fd)
+            .map_err(|e| TransportError::io(NAME, "register with tokio", e))?;
         loop {
             let mut guard = afd
                 .writable()
@@ -119,7 +116,7 @@ impl StreamTransport<tokio_vsock::VsockStream> {
 /// A listening AF_VSOCK socket that accepts [`VsockTransport`]s.
 #[derive(Debug)]
 pub struct VsockAcceptor {
-    inner: AsyncFd<vsock::VsockListener>,
+    inner: sys::Registered<vsock::VsockListener>,
 }
 
 impl VsockAcceptor {
@@ -132,10 +129,8 @@ impl VsockAcceptor {
         })?;
         listen(&fd, Backlog::new(16).unwrap_or(Backlog::MAXCONN))
             .map_err(|e| TransportError::io(NAME, format!("listen vsock port {port}"), e.into()))?;
-        // SAFETY: the listener owns `fd` for the whole life of the AsyncFd and never
-        // replaces it; as_raw_fd always returns that descriptor.
-        let inner = unsafe { AsyncFd::register(vsock::VsockListener::from(fd)) }
-            .map_err(|e| TransportError::io(NAME, "register with tokio", e.into()))?;
+        let inner = sys::Registered::new(vsock::VsockListener::from(fd))
+            .map_err(|e| TransportError::io(NAME, "register with tokio", e))?;
         Ok(Self { inner })
     }
 
