@@ -26,11 +26,10 @@ const LAYERS: &[(&str, u8)] = &[
 ];
 
 fn layer(module: &str) -> u8 {
-    LAYERS
-        .iter()
-        .find(|(m, _)| *m == module)
-        .map(|(_, l)| *l)
-        .unwrap_or_else(|| panic!("module {module} has no layer in tests/layers.rs"))
+    LAYERS.iter().find(|(m, _)| *m == module).map_or_else(
+        || panic!("module {module} has no layer in tests/layers.rs"),
+        |(_, l)| *l,
+    )
 }
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -169,7 +168,7 @@ fn platforms_do_not_reach_into_each_other() {
     let mut bad = Vec::new();
     for (rel, text) in library_files() {
         let mut comps = rel.components();
-        if comps.next().map(|c| c.as_os_str()) != Some("platform".as_ref()) {
+        if comps.next().map(std::path::Component::as_os_str) != Some("platform".as_ref()) {
             continue;
         }
         let Some(me) = comps.next().map(|c| {
