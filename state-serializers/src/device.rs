@@ -470,7 +470,7 @@ pub fn restore_network(want: &DeviceState, policy: Policy) -> Result<Report> {
                     Ok(()) => report.applied(item),
                     Err(e) => report.not_applied(item, e.to_string()),
                 },
-                Err(reason) => report.not_applied(item, reason),
+                Err(reason) => report.not_applied(item, reason.to_string()),
             }
         }
         Ok(report)
@@ -478,7 +478,26 @@ pub fn restore_network(want: &DeviceState, policy: Policy) -> Result<Report> {
     report.finish(policy)
 }
 
-fn build_route(r: &Route, links: &[Interface]) -> std::result::Result<RouteMessage, String> {
+/// Why a captured route cannot be expressed as a netlink route message here.
+#[derive(Debug, thiserror::Error)]
+enum RouteBuildError {
+    /// rtnetlink refused the destination or gateway (its error type is not exported by
+    /// name, hence the box).
+    #[error("{0}")]
+    Invalid(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The route's output interface does not exist in this kernel.
+    #[error("output interface {0} is absent in this kernel")]
+    NoInterface(String),
+}
+
+fn invalid_route(e: impl std::error::Error + Send + Sync + 'static) -> RouteBuildError {
+    RouteBuildError::Invalid(Box::new(e))
+}
+
+fn build_route(
+    r: &Route,
+    links: &[Interface],
+) -> std::result::Result<RouteMessage, RouteBuildError> {
     let unspecified: IpAddr = if r.ipv6 {
         std::net::Ipv6Addr::UNSPECIFIED.into()
     } else {
@@ -490,18 +509,18 @@ fn build_route(r: &Route, links: &[Interface]) -> std::result::Result<RouteMessa
     });
     let mut b = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(dst.address, dst.prefix_len)
-        .map_err(|e| e.to_string())?
+        .map_err(invalid_route)?
         .table_id(r.table)
         .protocol(RouteProtocol::from(r.protocol))
         .scope(netlink_packet_route::route::RouteScope::from(r.scope));
     if let Some(g) = r.gateway {
-        b = b.gateway(g).map_err(|e| e.to_string())?;
+        b = b.gateway(g).map_err(invalid_route)?;
     }
     if let Some(name) = &r.interface {
         let idx = links
             .iter()
             .find(|l| &l.name == name)
-            .ok_or_else(|| format!("output interface {name} is absent in this kernel"))?
+            .ok_or_else(|| RouteBuildError::NoInterface(name.clone()))?
             .index;
         b = b.output_interface(idx);
     }
@@ -509,4 +528,44 @@ fn build_route(r: &Route, links: &[Interface]) -> std::result::Result<RouteMessa
         b = b.priority(p);
     }
     Ok(b.build())
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+
+    fn route() -> Route {
+        Route {
+            destination: Some(IpPrefix {
+                address: "10.1.0.0".parse().unwrap(),
+                prefix_len: 16,
+            }),
+            ipv6: false,
+            gateway: None,
+            interface: None,
+            table: 254,
+            protocol: 4,
+            scope: 0,
+            priority: None,
+        }
+    }
+
+    #[test]
+    fn unbuildable_routes_say_why_with_a_typed_error() {
+        assert!(build_route(&route(), &[]).is_ok());
+        let mut r = route();
+        r.interface = Some("veth-gone".into());
+        let e = build_route(&r, &[]).unwrap_err();
+        assert!(matches!(&e, RouteBuildError::NoInterface(n) if n == "veth-gone"));
+        assert!(e.to_string().contains("absent in this kernel"), "{e}");
+        // An IPv4 prefix longer than 32 bits: rtnetlink's refusal is kept as the source.
+        let mut r = route();
+        r.destination = Some(IpPrefix {
+            address: "10.1.0.0".parse().unwrap(),
+            prefix_len: 40,
+        });
+        let e = build_route(&r, &[]).unwrap_err();
+        assert!(matches!(e, RouteBuildError::Invalid(_)), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+    }
 }

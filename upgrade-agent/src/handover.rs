@@ -134,6 +134,56 @@ pub fn copy_memfd(name: &str, src: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
     Ok(OwnedFd::from(to))
 }
 
+/// Why [`build`] could not produce a handover.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// More preserved fds than tokens or region ids can number.
+    #[error("too many preserved fds: {0}")]
+    TooManyFds(#[source] std::num::TryFromIntError),
+    /// `fstat` or `F_GET_SEALS` of a memfd failed (`integrity = "identity"`).
+    #[error("identifying memfd {name}: {source}")]
+    Identify {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading a memfd to digest it failed.
+    #[error("digesting memfd {name}: {source}")]
+    Digest {
+        name: String,
+        #[source]
+        source: state_serializers::StateError,
+    },
+    /// Fewer digests than memfds (a bug).
+    #[error("digest count mismatch")]
+    DigestCount,
+    /// The workload spec does not serialize (a bug).
+    #[error("encoding the workload spec: {0}")]
+    Spec(#[source] serde_json::Error),
+    /// The captured task state does not encode.
+    #[error("encoding task state: {0}")]
+    TaskState(#[source] state_serializers::StateError),
+    /// The image builder refused (producer release, regions, signing).
+    #[error(transparent)]
+    Image(#[from] kho_proto::image::BuildError),
+    /// Test-only fault injection could not re-read the image it had just built.
+    #[error("re-reading the built image to corrupt it: {0}")]
+    Reparse(#[source] kho_proto::image::ImageError),
+    /// Test-only fault injection found no task region to corrupt.
+    #[error("no task region to corrupt")]
+    NoTaskRegion,
+    /// A region offset does not fit in memory.
+    #[error("region offset {offset} does not fit in memory: {source}")]
+    Offset {
+        offset: u64,
+        #[source]
+        source: std::num::TryFromIntError,
+    },
+    /// Creating or sealing the image memfd failed.
+    #[error("sealing the handover image: {0}")]
+    Seal(#[source] std::io::Error),
+}
+
 /// Builds the handover image for one workload and wraps it in a sealed memfd.
 #[allow(clippy::too_many_arguments)]
 pub fn build(
@@ -145,7 +195,7 @@ pub fn build(
     generation: u64,
     key: &NodeKey,
     faults: SendFaults,
-) -> Result<Outgoing, String> {
+) -> Result<Outgoing, BuildError> {
     // Digest every memfd (in parallel) while the workload is frozen.
     let by_identity = spec.integrity == crate::workload::Integrity::Identity;
     let memfd_fds: Vec<BorrowedFd<'_>> = fds
@@ -158,10 +208,12 @@ pub fn build(
     let mut externals = Vec::new();
     let mut identities = Vec::new();
     for (i, p) in fds.iter().enumerate() {
-        let token = u64::try_from(i + 1).map_err(|e| e.to_string())?;
+        let token = u64::try_from(i + 1).map_err(BuildError::TooManyFds)?;
         if is_memfd(p.fd.as_fd()) && by_identity {
-            let id = identity_of(token, p.fd.as_fd())
-                .map_err(|e| format!("identifying memfd {}: {e}", p.name))?;
+            let id = identity_of(token, p.fd.as_fd()).map_err(|source| BuildError::Identify {
+                name: p.name.clone(),
+                source,
+            })?;
             descriptors.push(FdDescriptor {
                 name: p.name.clone(),
                 kind: FdKind::Memfd,
@@ -173,8 +225,11 @@ pub fn build(
         } else if is_memfd(p.fd.as_fd()) {
             let d = digests
                 .next()
-                .ok_or("digest count mismatch")?
-                .map_err(|e| format!("digesting memfd {}: {e}", p.name))?;
+                .ok_or(BuildError::DigestCount)?
+                .map_err(|source| BuildError::Digest {
+                    name: p.name.clone(),
+                    source,
+                })?;
             descriptors.push(FdDescriptor {
                 name: p.name.clone(),
                 kind: FdKind::Memfd,
@@ -198,18 +253,15 @@ pub fn build(
             });
         }
     }
-    let spec_json = serde_json::to_vec(spec).map_err(|e| e.to_string())?;
+    let spec_json = serde_json::to_vec(spec).map_err(BuildError::Spec)?;
     let (task_schema, task_bytes) =
-        state_serializers::encode(task).map_err(|e| format!("encoding task state: {e}"))?;
-    let mut b =
-        ImageBuilder::new(producer_release, upgrade_id, generation).map_err(|e| e.to_string())?;
+        state_serializers::encode(task).map_err(BuildError::TaskState)?;
+    let mut b = ImageBuilder::new(producer_release, upgrade_id, generation)?;
     b.region(RegionKind::AgentManifest, 0, SPEC_SCHEMA, true, spec_json)
-        .and_then(|b| b.region(RegionKind::TaskState, 0, task_schema, true, task_bytes))
-        .map_err(|e| e.to_string())?;
+        .and_then(|b| b.region(RegionKind::TaskState, 0, task_schema, true, task_bytes))?;
     for (i, e) in externals.into_iter().enumerate() {
-        let id = u32::try_from(i + 1).map_err(|e| e.to_string())?;
-        b.external(RegionKind::WorkloadBlob, id, BLOB_SCHEMA, true, e)
-            .map_err(|e| e.to_string())?;
+        let id = u32::try_from(i + 1).map_err(BuildError::TooManyFds)?;
+        b.external(RegionKind::WorkloadBlob, id, BLOB_SCHEMA, true, e)?;
     }
     if !identities.is_empty() {
         b.structured(
@@ -218,22 +270,23 @@ pub fn build(
             IDENTITY_SCHEMA,
             true,
             &identities,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
     }
-    let mut bytes = b.build_signed(key).map_err(|e| e.to_string())?;
+    let mut bytes = b.build_signed(key)?;
     if faults.corrupt_region {
-        let view = ImageView::parse(&bytes).map_err(|e| e.to_string())?;
+        let view = ImageView::parse(&bytes).map_err(BuildError::Reparse)?;
         let r = view
             .find(RegionKind::TaskState, 0)
-            .ok_or("no task region to corrupt")?;
-        let at = usize::try_from(r.offset).map_err(|e| e.to_string())?;
+            .ok_or(BuildError::NoTaskRegion)?;
+        let at = usize::try_from(r.offset).map_err(|source| BuildError::Offset {
+            offset: r.offset,
+            source,
+        })?;
         bytes[at] ^= 0x40;
     }
     let image_sha256: [u8; 32] = Sha256::digest(&bytes).into();
     let image_len = bytes.len() as u64;
-    let image = sealed_memfd("mk-handover-image", &bytes)
-        .map_err(|e| format!("sealing the handover image: {e}"))?;
+    let image = sealed_memfd("mk-handover-image", &bytes).map_err(BuildError::Seal)?;
     let mut all = vec![FdDescriptor {
         name: "mk-handover-image".into(),
         kind: FdKind::Memfd,
@@ -535,12 +588,8 @@ size = 0
         fd
     }
 
-    fn setup(faults: SendFaults) -> (Outgoing, TrustedKeys, OwnedFd) {
-        let key = NodeKey::generate().unwrap();
-        let mut trusted = TrustedKeys::default();
-        trusted
-            .add(key.public(), PathBuf::from("node.pub"))
-            .unwrap();
+    /// The captured task state of a short-lived `sleep`.
+    fn task() -> state_serializers::task::TaskState {
         let mut child = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
@@ -552,7 +601,16 @@ size = 0
         );
         let _ = child.kill();
         let _ = child.wait();
-        let task = task.unwrap();
+        task.unwrap()
+    }
+
+    fn setup(faults: SendFaults) -> (Outgoing, TrustedKeys, OwnedFd) {
+        let key = NodeKey::generate().unwrap();
+        let mut trusted = TrustedKeys::default();
+        trusted
+            .add(key.public(), PathBuf::from("node.pub"))
+            .unwrap();
+        let task = task();
         let data = memfd(b"hello preserved world");
         let keep = data.try_clone().unwrap();
         let out = build(
@@ -570,6 +628,30 @@ size = 0
         )
         .unwrap();
         (out, trusted, keep)
+    }
+
+    #[test]
+    fn build_failures_are_typed() {
+        let key = NodeKey::generate().unwrap();
+        let e = build(
+            &spec(),
+            &task(),
+            vec![],
+            "",
+            [7; 16],
+            0,
+            &key,
+            SendFaults::default(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BuildError::Image(kho_proto::image::BuildError::ProducerRelease { .. })
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("producer release"), "{e}");
     }
 
     #[test]

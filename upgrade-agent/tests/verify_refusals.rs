@@ -1,16 +1,17 @@
-//! Kernel image verification: what is accepted, and every refusal with its exit code.
+//! Kernel image verification: what is accepted, and every refusal with its typed variant
+//! (the variant decides the exit code: `verify_exit` in the mk-upgrade binary).
 
 use std::fs;
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use kho_proto::keys::NodeKey;
+use kho_proto::keys::{KeyError, NodeKey};
 use sha2::{Digest, Sha256};
-use upgrade_agent::exit::Exit;
 use upgrade_agent::sys::memfd::{self, IMAGE_SEALS};
 use upgrade_agent::verify::{
-    VerifyError, VerifyPolicy, default_sig_path, minimal_bzimage, sign_image, verify_kernel_image,
+    NotAKernelReason, SigFileError, VerifyError, VerifyPolicy, default_sig_path, minimal_bzimage,
+    sign_image, verify_kernel_image,
 };
 
 struct Fixture {
@@ -123,7 +124,6 @@ fn unsigned_is_refused_unless_insecure_flag() {
     let p = fx.unsigned("u.bzImage", &minimal_bzimage("7.2.13-mkB"));
     let e = refused(&p, &fx.policy());
     assert!(matches!(e, VerifyError::Unsigned { .. }), "{e}");
-    assert_eq!(e.exit(), Exit::Untrusted);
     assert!(e.to_string().contains("mk-upgrade sign"), "{e}");
     let mut policy = fx.policy();
     policy.allow_unsigned_insecure = true;
@@ -132,9 +132,15 @@ fn unsigned_is_refused_unless_insecure_flag() {
     assert!(v.warnings[0].contains("INSECURE"), "{:?}", v.warnings);
     // The insecure flag does not accept a non-kernel or a downgrade.
     let junk = fx.unsigned("junk", b"#!/bin/sh\necho not a kernel\n");
-    assert_eq!(refused(&junk, &policy).exit(), Exit::NotAKernel);
+    assert!(matches!(
+        refused(&junk, &policy),
+        VerifyError::NotAKernel { .. }
+    ));
     let old = fx.unsigned("old", &minimal_bzimage("7.1.0"));
-    assert_eq!(refused(&old, &policy).exit(), Exit::Incompatible);
+    assert!(matches!(
+        refused(&old, &policy),
+        VerifyError::Downgrade { .. }
+    ));
 }
 
 #[test]
@@ -149,7 +155,6 @@ fn tampered_image_is_refused_even_with_insecure_flag() {
     policy.allow_unsigned_insecure = true;
     let e = refused(&p, &policy);
     assert!(matches!(e, VerifyError::Tampered { .. }), "{e}");
-    assert_eq!(e.exit(), Exit::Untrusted);
     assert!(e.to_string().contains("tampered"), "{e}");
 }
 
@@ -175,7 +180,6 @@ fn untrusted_key_is_refused() {
         matches!(e, VerifyError::UntrustedKey { key_id, .. } if key_id == stranger.key_id()),
         "{e}"
     );
-    assert_eq!(e.exit(), Exit::Untrusted);
     assert!(e.to_string().contains(&stranger.key_id().to_string()));
 }
 
@@ -189,11 +193,16 @@ fn edited_signature_file_is_refused() {
     fs::write(&sig, text.replace("1795438560", "1795438561")).unwrap();
     let e = refused(&p, &fx.policy());
     assert!(matches!(e, VerifyError::BadSignature { .. }), "{e}");
-    assert_eq!(e.exit(), Exit::Untrusted);
     fs::write(&sig, "{ not json").unwrap();
     let e = refused(&p, &fx.policy());
-    assert!(matches!(e, VerifyError::SignatureFile(_)), "{e}");
-    assert_eq!(e.exit(), Exit::Untrusted);
+    // Malformed (untrusted), not an I/O error.
+    assert!(
+        matches!(
+            e,
+            VerifyError::SignatureFile(SigFileError::Malformed { .. })
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains(".sig"), "{e}");
 }
 
@@ -205,10 +214,29 @@ fn trust_store_problems() {
     policy.trusted_keys_dir = fx.path("empty");
     fs::create_dir(&policy.trusted_keys_dir).unwrap();
     let e = refused(&p, &policy);
-    assert!(matches!(e, VerifyError::TrustStore { .. }), "{e}");
-    assert_eq!(e.exit(), Exit::Untrusted);
+    // An empty trust store refuses (untrusted), it is not an I/O error.
+    assert!(
+        matches!(
+            e,
+            VerifyError::TrustStore {
+                source: KeyError::NoTrustedKeys { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
     policy.trusted_keys_dir = fx.path("missing");
-    assert_eq!(refused(&p, &policy).exit(), Exit::Io);
+    let e = refused(&p, &policy);
+    assert!(
+        matches!(
+            e,
+            VerifyError::TrustStore {
+                source: KeyError::Io { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -217,7 +245,6 @@ fn downgrade_is_refused_unless_allowed() {
     let p = fx.signed("old.bzImage", "7.2.12");
     let e = refused(&p, &fx.policy());
     assert!(matches!(e, VerifyError::Downgrade { .. }), "{e}");
-    assert_eq!(e.exit(), Exit::Incompatible);
     let mut policy = fx.policy();
     policy.allow_downgrade = true;
     verify_kernel_image(&p, None, &policy).unwrap();
@@ -238,7 +265,6 @@ fn version_floor_is_never_bypassed() {
         matches!(&e, VerifyError::BelowFloor { floor, .. } if floor == "7.3.0"),
         "{e}"
     );
-    assert_eq!(e.exit(), Exit::Incompatible);
     policy.floor = Some("7.2.13".into());
     verify_kernel_image(&p, None, &policy).unwrap();
     // A floor carried in the signed manifest is reported.
@@ -255,7 +281,6 @@ fn non_kernels_are_refused() {
         let p = fx.unsigned(name, bytes);
         let e = refused(&p, &policy);
         assert!(matches!(e, VerifyError::NotAKernel { .. }), "{name}: {e}");
-        assert_eq!(e.exit(), Exit::NotAKernel);
         let msg = e.to_string();
         assert!(msg.contains(needle) && msg.contains(name), "{name}: {msg}");
     };
@@ -282,7 +307,16 @@ fn non_kernels_are_refused() {
     not_kernel("empty", b"", "empty");
     // Neither a directory nor a FIFO is a kernel (and opening the FIFO does not hang).
     let e = refused(fx.dir.path(), &policy);
-    assert_eq!(e.exit(), Exit::NotAKernel, "{e}");
+    assert!(
+        matches!(
+            e,
+            VerifyError::NotAKernel {
+                reason: NotAKernelReason::NotARegularFile,
+                ..
+            }
+        ),
+        "{e}"
+    );
     let fifo = fx.path("fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
     let e = refused(&fifo, &policy);
@@ -291,7 +325,13 @@ fn non_kernels_are_refused() {
     let sig = sign_image(&minimal_bzimage("7.2.13"), &fx.key, None, 0).unwrap();
     let p = fx.unsigned("signed-junk", &random);
     fs::write(default_sig_path(&p), sig.to_json()).unwrap();
-    assert_eq!(refused(&p, &policy).exit(), Exit::NotAKernel);
+    assert!(matches!(
+        refused(&p, &policy),
+        VerifyError::NotAKernel {
+            reason: NotAKernelReason::Header(_),
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -300,7 +340,6 @@ fn missing_file_is_an_io_error() {
     let p = fx.path("nope.bzImage");
     let e = refused(&p, &fx.policy());
     assert!(matches!(e, VerifyError::Io { .. }), "{e}");
-    assert_eq!(e.exit(), Exit::Io);
     assert!(e.to_string().contains("nope.bzImage"), "{e}");
 }
 
@@ -319,5 +358,4 @@ fn manifest_for_another_release_is_refused() {
     .unwrap();
     let e = refused(&p, &fx.policy());
     assert!(matches!(e, VerifyError::ReleaseMismatch { .. }), "{e}");
-    assert_eq!(e.exit(), Exit::Untrusted);
 }

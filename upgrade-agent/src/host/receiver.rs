@@ -163,7 +163,7 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                             Ok(()) => Verification::Ok,
                             Err(e) => Verification::Failed {
                                 check: "restore".into(),
-                                detail: e.clone(),
+                                detail: e.to_string(),
                             },
                         };
                         if chan

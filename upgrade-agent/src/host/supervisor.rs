@@ -29,6 +29,72 @@ use crate::sys::cgroup::Freezer;
 use crate::sys::fdpass;
 use crate::workload::WorkloadSpec;
 
+/// Why the supervisor could not do what was asked of it.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// A workload of that name runs here already.
+    #[error("workload {0} already runs on this instance")]
+    AlreadyRunning(String),
+    /// No workload of that name runs here.
+    #[error("workload {0:?} does not run on this instance")]
+    NotRunning(String),
+    /// A received task state without any process in it.
+    #[error("the task state holds no process")]
+    EmptyTaskState,
+    /// Duplicating the preserved fds for the restored process failed.
+    #[error("duplicating preserved fds: {0}")]
+    DupFds(#[source] io::Error),
+    /// Duplicating one preserved fd (to hand it to a client) failed.
+    #[error("duplicating {name}: {source}")]
+    DupFd {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    /// state-serializers could not restore the captured process.
+    #[error("restoring {name}: {source}")]
+    Restore {
+        name: String,
+        #[source]
+        source: state_serializers::StateError,
+    },
+    /// Creating a fresh workload's memfds or listening sockets failed.
+    #[error("preparing fds: {0}")]
+    PrepareFds(#[source] io::Error),
+    /// Starting the workload's executable failed.
+    #[error("starting {}: {source}", .exec.display())]
+    Start {
+        exec: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Freezing, thawing or killing the workload (cgroup or signal) failed.
+    #[error("{op} {name}: {source}")]
+    Freezer {
+        /// `freezing`, `thawing` or `killing`.
+        op: &'static str,
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Pinning this instance to new cpus failed.
+    #[error("pinning to {cpus:?}: {source}")]
+    Pin {
+        cpus: Vec<u32>,
+        #[source]
+        source: io::Error,
+    },
+    /// An `Expect` request with a malformed upgrade id.
+    #[error("bad upgrade id: {0}")]
+    BadUpgradeId(#[source] kho_proto::channel::ParseUpgradeIdError),
+    /// A request only the LUO host agent serves.
+    #[error(
+        "LuoApply is served only by the host agent of a LUO kernel (`mk-agentd serve`), not by \
+         an emulated instance"
+    )]
+    NotServedHere,
+}
+
 /// A workload running on this instance.
 #[derive(Debug)]
 pub struct Running {
@@ -152,13 +218,13 @@ pub fn restore_workload(
     task: &state_serializers::task::TaskState,
     fds: &[PreservedFd],
     extra_args: &[String],
-) -> Result<Child, String> {
+) -> Result<Child, SupervisorError> {
     use state_serializers::restore::{self, SpawnOptions};
     let mut rec = task
         .tasks
         .first()
         .cloned()
-        .ok_or("the task state holds no process")?;
+        .ok_or(SupervisorError::EmptyTaskState)?;
     rec.affinity.clone_from(&inst.cpus);
     rec.cmdline.extend(extra_args.iter().cloned());
     let cgroup_root = match inst.freezer.hierarchy_path(name) {
@@ -174,7 +240,7 @@ pub fn restore_workload(
         .iter()
         .map(|p| p.fd.try_clone().map(|fd| (p.name.clone(), fd)))
         .collect::<io::Result<Vec<_>>>()
-        .map_err(|e| format!("duplicating preserved fds: {e}"))?;
+        .map_err(SupervisorError::DupFds)?;
     let spawned = restore::spawn(
         &rec,
         dup,
@@ -183,7 +249,10 @@ pub fn restore_workload(
             ..SpawnOptions::default()
         },
     )
-    .map_err(|e| format!("restoring {name}: {e}"))?;
+    .map_err(|source| SupervisorError::Restore {
+        name: name.to_owned(),
+        source,
+    })?;
     for w in &spawned.report.not_applied {
         tracing::warn!(workload = name, item = %w.item, reason = %w.reason, "not re-applied");
     }
@@ -201,16 +270,21 @@ pub fn admit(
     fds: Vec<PreservedFd>,
     extra_args: &[String],
     pending_commit: bool,
-) -> Result<(), String> {
+) -> Result<(), SupervisorError> {
     let mut inst = lock(shared);
     if inst.workloads.contains_key(name) {
-        return Err(format!("workload {name} already runs on this instance"));
+        return Err(SupervisorError::AlreadyRunning(name.to_owned()));
     }
-    let child = match task {
-        Some(task) => restore_workload(&inst, name, task, &fds, extra_args)?,
-        None => spawn_workload(spec, &fds, &inst.cpus, &inst.freezer, extra_args)
-            .map_err(|e| format!("starting {}: {e}", spec.exec.display()))?,
-    };
+    let child =
+        match task {
+            Some(task) => restore_workload(&inst, name, task, &fds, extra_args)?,
+            None => spawn_workload(spec, &fds, &inst.cpus, &inst.freezer, extra_args).map_err(
+                |source| SupervisorError::Start {
+                    exec: spec.exec.clone(),
+                    source,
+                },
+            )?,
+        };
     inst.workloads.insert(
         name.to_owned(),
         Running {
@@ -279,7 +353,7 @@ pub fn fresh_fds(spec: &WorkloadSpec) -> io::Result<Vec<PreservedFd>> {
 /// which only the host agent of a LUO kernel serves, see [`crate::platform::luo`]).
 pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
     let mut inst = lock(shared);
-    let result: Result<(Response, Vec<OwnedFd>), String> = (|| {
+    let result: Result<(Response, Vec<OwnedFd>), SupervisorError> = (|| {
         match req {
             Request::Ping => {
                 reap(&mut inst);
@@ -296,11 +370,15 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
             }
             Request::Start { spec } => {
                 if inst.workloads.contains_key(&spec.name) {
-                    return Err(format!("workload {} already runs here", spec.name));
+                    return Err(SupervisorError::AlreadyRunning(spec.name.clone()));
                 }
-                let fds = fresh_fds(&spec).map_err(|e| format!("preparing fds: {e}"))?;
-                let child = spawn_workload(&spec, &fds, &inst.cpus, &inst.freezer, &[])
-                    .map_err(|e| format!("starting {}: {e}", spec.exec.display()))?;
+                let fds = fresh_fds(&spec).map_err(SupervisorError::PrepareFds)?;
+                let child = spawn_workload(&spec, &fds, &inst.cpus, &inst.freezer, &[]).map_err(
+                    |source| SupervisorError::Start {
+                        exec: spec.exec.clone(),
+                        source,
+                    },
+                )?;
                 let running = Running {
                     spec: *spec,
                     child,
@@ -315,18 +393,26 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
             Request::Freeze { name } => {
                 let inst = &mut *inst;
                 let w = get(&mut inst.workloads, &name)?;
-                inst.freezer
-                    .freeze(&name, w.info().pid)
-                    .map_err(|e| format!("freezing {name}: {e}"))?;
+                inst.freezer.freeze(&name, w.info().pid).map_err(|source| {
+                    SupervisorError::Freezer {
+                        op: "freezing",
+                        name: name.clone(),
+                        source,
+                    }
+                })?;
                 w.frozen = true;
                 Ok((Response::Done, vec![]))
             }
             Request::Thaw { name } => {
                 let inst = &mut *inst;
                 let w = get(&mut inst.workloads, &name)?;
-                inst.freezer
-                    .thaw(&name, w.info().pid)
-                    .map_err(|e| format!("thawing {name}: {e}"))?;
+                inst.freezer.thaw(&name, w.info().pid).map_err(|source| {
+                    SupervisorError::Freezer {
+                        op: "thawing",
+                        name: name.clone(),
+                        source,
+                    }
+                })?;
                 w.frozen = false;
                 Ok((Response::Done, vec![]))
             }
@@ -336,10 +422,10 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                 let mut fds = Vec::new();
                 for p in &w.fds {
                     names.push(p.name.clone());
-                    fds.push(
-                        p.fd.try_clone()
-                            .map_err(|e| format!("duplicating {}: {e}", p.name))?,
-                    );
+                    fds.push(p.fd.try_clone().map_err(|source| SupervisorError::DupFd {
+                        name: p.name.clone(),
+                        source,
+                    })?);
                 }
                 Ok((Response::Fds { names }, fds))
             }
@@ -348,7 +434,10 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                 Ok((Response::Done, vec![]))
             }
             Request::Cpus { cpus } => {
-                pin_self(&cpus).map_err(|e| format!("pinning to {cpus:?}: {e}"))?;
+                pin_self(&cpus).map_err(|source| SupervisorError::Pin {
+                    cpus: cpus.clone(),
+                    source,
+                })?;
                 for w in inst.workloads.values() {
                     // A workload may have exited; the next ping reports that.
                     let _ = pin_pid(w.child.id(), &cpus);
@@ -357,11 +446,8 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                 Ok((Response::Done, vec![]))
             }
             Request::Expect { upgrade_id } => {
-                inst.expected_upgrade = Some(
-                    upgrade_id
-                        .parse()
-                        .map_err(|e| format!("bad upgrade id: {e}"))?,
-                );
+                inst.expected_upgrade =
+                    Some(upgrade_id.parse().map_err(SupervisorError::BadUpgradeId)?);
                 Ok((Response::Done, vec![]))
             }
             Request::Halt => {
@@ -372,33 +458,42 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                 inst.halting = true;
                 Ok((Response::Done, vec![]))
             }
-            Request::LuoApply { .. } => Err("LuoApply is served only by the host agent of a \
-                 LUO kernel (`mk-agentd serve`), not by an emulated instance"
-                .to_owned()),
+            Request::LuoApply { .. } => Err(SupervisorError::NotServedHere),
         }
     })();
-    result.unwrap_or_else(|message| (Response::Error { message }, vec![]))
+    result.unwrap_or_else(|e| {
+        (
+            Response::Error {
+                message: e.to_string(),
+            },
+            vec![],
+        )
+    })
 }
 
 fn get<'a>(
     workloads: &'a mut BTreeMap<String, Running>,
     name: &str,
-) -> Result<&'a mut Running, String> {
+) -> Result<&'a mut Running, SupervisorError> {
     workloads
         .get_mut(name)
-        .ok_or_else(|| format!("workload {name:?} does not run on this instance"))
+        .ok_or_else(|| SupervisorError::NotRunning(name.to_owned()))
 }
 
 /// Stops a workload: kills its processes, reaps it, drops its preserved fds and group.
-pub fn stop(inst: &mut Instance, name: &str) -> Result<(), String> {
+pub fn stop(inst: &mut Instance, name: &str) -> Result<(), SupervisorError> {
     let mut w = inst
         .workloads
         .remove(name)
-        .ok_or_else(|| format!("workload {name:?} does not run on this instance"))?;
+        .ok_or_else(|| SupervisorError::NotRunning(name.to_owned()))?;
     let pid = w.info().pid;
     inst.freezer
         .kill(name, pid)
-        .map_err(|e| format!("killing {name}: {e}"))?;
+        .map_err(|source| SupervisorError::Freezer {
+            op: "killing",
+            name: name.to_owned(),
+            source,
+        })?;
     // A frozen group dies on cgroup.kill; a SIGSTOPped process dies on SIGKILL.
     let _ = w.child.kill();
     let _ = w.child.wait();

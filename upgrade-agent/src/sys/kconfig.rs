@@ -6,8 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// One kernel option the LUO path needs built in (`=y`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +63,11 @@ pub const KHO_ENABLE_DEFAULT: &str = "CONFIG_KEXEC_HANDOVER_ENABLE_DEFAULT";
 /// Optional debug interface (`/sys/kernel/debug/kho/`).
 pub const KHO_DEBUGFS: &str = "CONFIG_KEXEC_HANDOVER_DEBUGFS";
 
+/// Largest decompressed `/proc/config.gz` accepted, in bytes (16 MiB). A real kernel
+/// configuration is 200-300 KiB of text; the cap only keeps a corrupt or hostile file (a
+/// "gzip bomb": a few KiB that inflate to gigabytes) from filling memory.
+pub const MAX_CONFIG_TEXT: u64 = 16 << 20;
+
 /// Errors reading the running kernel's configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum KconfigError {
@@ -84,13 +89,25 @@ pub enum KconfigError {
         #[source]
         source: std::io::Error,
     },
-    /// `/proc/config.gz` could not be decompressed.
-    #[error("cannot decompress {path} with `gzip -dc`: {detail}")]
+    /// `/proc/config.gz` could not be decompressed (not gzip, corrupt, or unreadable).
+    #[error("cannot decompress {path}: {source}")]
     Decompress {
         /// The path.
         path: PathBuf,
-        /// What went wrong.
-        detail: String,
+        /// The decoder's (or the read's) error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `/proc/config.gz` decompresses to more than [`MAX_CONFIG_TEXT`] bytes.
+    #[error(
+        "{path} decompresses to more than {limit} bytes (a kernel configuration is a few hundred \
+         KiB): refusing it"
+    )]
+    TooLarge {
+        /// The path.
+        path: PathBuf,
+        /// The cap, [`MAX_CONFIG_TEXT`].
+        limit: u64,
     },
 }
 
@@ -261,8 +278,8 @@ pub fn check(config: &KernelConfig, cmdline: &str) -> LuoReadiness {
 }
 
 /// Read the running kernel's configuration: `/boot/config-<release>` if present, else
-/// `/proc/config.gz` (decompressed with `gzip -dc`, present on every Debian system and in
-/// busybox). Returns the configuration and the path it came from.
+/// `/proc/config.gz` (decompressed in-process, at most [`MAX_CONFIG_TEXT`] bytes). Returns
+/// the configuration and the path it came from.
 pub fn load_running_config() -> Result<(KernelConfig, PathBuf), KconfigError> {
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
@@ -286,30 +303,36 @@ pub fn load_config_from(
         return Ok((KernelConfig::parse(&text), boot_config.to_owned()));
     }
     if proc_config_gz.exists() {
-        let out = Command::new("gzip")
-            .arg("-dc")
-            .arg(proc_config_gz)
-            .output()
-            .map_err(|e| KconfigError::Decompress {
-                path: proc_config_gz.to_owned(),
-                detail: format!("cannot run gzip: {e}"),
-            })?;
-        if !out.status.success() {
-            return Err(KconfigError::Decompress {
-                path: proc_config_gz.to_owned(),
-                detail: format!(
-                    "{}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-            });
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = read_gzip_text(proc_config_gz, MAX_CONFIG_TEXT)?;
         return Ok((KernelConfig::parse(&text), proc_config_gz.to_owned()));
     }
     Err(KconfigError::NotFound {
         tried: format!("{}, {}", boot_config.display(), proc_config_gz.display()),
     })
+}
+
+/// Decompresses the gzip file `path` (every member, like `gzip -dc`), refusing more than
+/// `limit` bytes of output; invalid UTF-8 is replaced (a config is ASCII).
+fn read_gzip_text(path: &Path, limit: u64) -> Result<String, KconfigError> {
+    let file = std::fs::File::open(path).map_err(|source| KconfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file))
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(|source| KconfigError::Decompress {
+            path: path.to_owned(),
+            source,
+        })?;
+    if out.len() as u64 > limit {
+        return Err(KconfigError::TooLarge {
+            path: path.to_owned(),
+            limit,
+        });
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Check the running kernel: its configuration and `/proc/cmdline`.
@@ -442,6 +465,35 @@ CONFIG_LOCALVERSION=\"-mkA\"
         assert_eq!(kstrtobool(""), None);
     }
 
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(bytes).unwrap();
+        enc.finish().unwrap()
+    }
+
+    #[test]
+    fn a_gzip_bomb_beyond_the_cap_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let gz = dir.path().join("config.gz");
+        // A valid config followed by zeros: one byte past the cap once inflated.
+        let mut text = FULL.as_bytes().to_vec();
+        text.resize(usize::try_from(MAX_CONFIG_TEXT).unwrap() + 1, 0);
+        let bomb = gzip(&text);
+        assert!(bomb.len() < 1 << 20, "{} bytes compressed", bomb.len());
+        std::fs::write(&gz, bomb).unwrap();
+        let err = load_config_from(&dir.path().join("config-none"), &gz).unwrap_err();
+        assert!(
+            matches!(&err, KconfigError::TooLarge { limit, .. } if *limit == MAX_CONFIG_TEXT),
+            "{err}"
+        );
+        // Exactly at the cap is still read.
+        text.truncate(usize::try_from(MAX_CONFIG_TEXT).unwrap());
+        std::fs::write(&gz, gzip(&text)).unwrap();
+        let (cfg, _) = load_config_from(&dir.path().join("config-none"), &gz).unwrap();
+        assert!(cfg.is_builtin("CONFIG_LIVEUPDATE"));
+    }
+
     #[test]
     fn load_prefers_boot_config_and_reads_gzip() {
         let dir = tempfile::tempdir().unwrap();
@@ -451,14 +503,8 @@ CONFIG_LOCALVERSION=\"-mkA\"
         assert!(matches!(err, KconfigError::NotFound { .. }), "{err}");
         assert!(err.to_string().contains("config-test"), "{err}");
 
-        // /proc/config.gz path (needs gzip, present on Debian and in busybox).
-        std::fs::write(dir.path().join("config"), FULL).unwrap();
-        let st = Command::new("gzip")
-            .arg("-k")
-            .arg(dir.path().join("config"))
-            .status()
-            .unwrap();
-        assert!(st.success());
+        // /proc/config.gz path, decompressed in-process.
+        std::fs::write(&gz, gzip(FULL.as_bytes())).unwrap();
         let (cfg, src) = load_config_from(&boot, &gz).unwrap();
         assert_eq!(src, gz);
         assert!(cfg.is_builtin("CONFIG_LIVEUPDATE"));
@@ -466,6 +512,7 @@ CONFIG_LOCALVERSION=\"-mkA\"
         std::fs::write(&gz, b"not gzip").unwrap();
         let err = load_config_from(&boot, &gz).unwrap_err();
         assert!(matches!(err, KconfigError::Decompress { .. }), "{err}");
+        assert!(std::error::Error::source(&err).is_some(), "{err}");
 
         std::fs::write(&boot, "CONFIG_LIVEUPDATE=n\n").unwrap();
         let (cfg, src) = load_config_from(&boot, &gz).unwrap();

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use kho_proto::keys::{KeyError, KeyId, NodeKey, PUBLIC_KEY_LEN, SIGNATURE_LEN, TrustedKeys};
 use serde::{Deserialize, Serialize};
 
-use rollback::Release;
+use rollback::{Release, ReleaseError};
 
 /// Format tag of a manifest.
 pub const MANIFEST_FORMAT: &str = "mk-upgrade-image-manifest/1";
@@ -45,7 +45,36 @@ pub enum SigFileError {
     #[error(
         "{path}: not an mk-upgrade image signature file: {reason}; sign the image again with `mk-upgrade sign`"
     )]
-    Malformed { path: PathBuf, reason: String },
+    Malformed {
+        path: PathBuf,
+        #[source]
+        reason: MalformedSig,
+    },
+}
+
+/// What is wrong with a signature file that is not a valid `IMAGE.sig`.
+#[derive(Debug, thiserror::Error)]
+pub enum MalformedSig {
+    /// Not JSON, or not the expected fields.
+    #[error("{0}")]
+    Json(#[source] serde_json::Error),
+    /// The file's format tag (first 80 characters) is not [`SIGNATURE_FORMAT`].
+    #[error("format {0:?} is not {SIGNATURE_FORMAT:?}")]
+    Format(String),
+    /// The manifest's format tag (first 80 characters) is not [`MANIFEST_FORMAT`].
+    #[error("manifest format {0:?} is not {MANIFEST_FORMAT:?}")]
+    ManifestFormat(String),
+    /// A release field of the manifest does not parse.
+    #[error("{field}: {source}")]
+    Release {
+        /// `kernel_release` or `version_floor`.
+        field: &'static str,
+        #[source]
+        source: ReleaseError,
+    },
+    /// The file is larger than [`MAX_SIG_FILE`].
+    #[error("larger than {MAX_SIG_FILE} bytes")]
+    TooLarge,
 }
 
 /// What a signer vouches for.
@@ -97,16 +126,20 @@ impl ImageManifest {
         out
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), MalformedSig> {
         if self.format != MANIFEST_FORMAT {
-            return Err(format!(
-                "manifest format {:?} is not {MANIFEST_FORMAT:?}",
-                self.format.chars().take(80).collect::<String>()
+            return Err(MalformedSig::ManifestFormat(
+                self.format.chars().take(80).collect(),
             ));
         }
-        Release::parse(&self.kernel_release).map_err(|e| format!("kernel_release: {e}"))?;
+        let release = |field, s: &str| {
+            Release::parse(s)
+                .map(drop)
+                .map_err(|source| MalformedSig::Release { field, source })
+        };
+        release("kernel_release", &self.kernel_release)?;
         if let Some(f) = &self.version_floor {
-            Release::parse(f).map_err(|e| format!("version_floor: {e}"))?;
+            release("version_floor", f)?;
         }
         Ok(())
     }
@@ -163,16 +196,15 @@ impl SignatureFile {
 
     /// Parses and validates JSON bytes (formats, release syntax); `path` is for messages.
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self, SigFileError> {
-        let malformed = |reason: String| SigFileError::Malformed {
+        let malformed = |reason: MalformedSig| SigFileError::Malformed {
             path: path.to_owned(),
             reason,
         };
         let sig: SignatureFile =
-            serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
+            serde_json::from_slice(bytes).map_err(|e| malformed(MalformedSig::Json(e)))?;
         if sig.format != SIGNATURE_FORMAT {
-            return Err(malformed(format!(
-                "format {:?} is not {SIGNATURE_FORMAT:?}",
-                sig.format.chars().take(80).collect::<String>()
+            return Err(malformed(MalformedSig::Format(
+                sig.format.chars().take(80).collect(),
             )));
         }
         sig.manifest.validate().map_err(malformed)?;
@@ -195,7 +227,7 @@ impl SignatureFile {
         if buf.len() as u64 > MAX_SIG_FILE {
             return Err(SigFileError::Malformed {
                 path: path.to_owned(),
-                reason: format!("larger than {MAX_SIG_FILE} bytes"),
+                reason: MalformedSig::TooLarge,
             });
         }
         Self::parse(path, &buf).map(Some)
@@ -292,9 +324,35 @@ mod tests {
         sig.manifest.format = "mk-upgrade-image-manifest/2".into();
         let e = SignatureFile::parse(p, &sig.to_json()).unwrap_err();
         assert!(e.to_string().contains("manifest format"), "{e}");
+        assert!(
+            matches!(
+                e,
+                SigFileError::Malformed {
+                    reason: MalformedSig::ManifestFormat(_),
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let mut sig = SignatureFile::sign(manifest(), &key);
         sig.manifest.kernel_release = "garbage".into();
-        assert!(SignatureFile::parse(p, &sig.to_json()).is_err());
+        let e = SignatureFile::parse(p, &sig.to_json()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SigFileError::Malformed {
+                    reason: MalformedSig::Release {
+                        field: "kernel_release",
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // The chain reaches the release parser's own error.
+        let source = std::error::Error::source(&e).and_then(std::error::Error::source);
+        assert!(matches!(source, Some(s) if s.is::<ReleaseError>()), "{e}");
         let text = String::from_utf8(SignatureFile::sign(manifest(), &key).to_json()).unwrap();
         let short = text.replace(&"ab".repeat(32), "abab");
         assert!(SignatureFile::parse(p, short.as_bytes()).is_err());

@@ -8,11 +8,11 @@
 //! you boot. Nothing re-reads the path afterwards, so replacing the file mid-upgrade changes
 //! nothing.
 //!
-//! Refusals, in the order checked, and their exit codes ([`VerifyError::exit`]):
-//! unreadable file (3); not a kernel (7); unsigned without the insecure override, malformed
-//! signature file, untrusted key, bad signature, image digest differing from the manifest
-//! ("tampered"), manifest release differing from the header (5); downgrade below the running
-//! release, or below the version floor (6).
+//! Refusals, in the order checked ([`VerifyError`]; the `mk-upgrade` binary maps them onto
+//! its exit codes, `docs/cli.md`): unreadable file (3); not a kernel (7); unsigned without
+//! the insecure override, malformed signature file, untrusted key, bad signature, image digest
+//! differing from the manifest ("tampered"), manifest release differing from the header (5);
+//! downgrade below the running release, or below the version floor (6).
 
 pub mod bzimage;
 pub mod manifest;
@@ -26,11 +26,10 @@ use memmap2::Mmap;
 use sha2::{Digest, Sha256};
 
 pub use bzimage::{KernelInfo, NotAKernel, minimal_bzimage};
-pub use manifest::{ImageManifest, SigFileError, SignatureFile};
+pub use manifest::{ImageManifest, MalformedSig, SigFileError, SignatureFile};
 pub use rollback::{Release, ReleaseError};
 
-use crate::exit::Exit;
-use crate::sys::memfd::{self, IMAGE_SEALS, MapError};
+use crate::sys::memfd::{self, IMAGE_SEALS, MapError, SealFlag};
 
 /// Largest kernel image accepted (real bzImages are tens of MiB).
 pub const MAX_KERNEL_IMAGE: u64 = 512 << 20;
@@ -91,13 +90,23 @@ pub enum VerifyError {
         source: std::io::Error,
     },
     #[error("{path} is not a bootable x86-64 kernel: {reason}")]
-    NotAKernel { path: PathBuf, reason: String },
+    NotAKernel {
+        path: PathBuf,
+        #[source]
+        reason: NotAKernelReason,
+    },
     #[error("cannot hold the image in a sealed memfd ({op}): {source}")]
     Memfd {
         op: &'static str,
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot hold the image in a sealed memfd (map): {0}")]
+    MemfdMap(#[source] MapError),
+    #[error(
+        "cannot hold the image in a sealed memfd (F_GET_SEALS): seals {have:?} lack {IMAGE_SEALS:?}"
+    )]
+    MemfdUnsealed { have: SealFlag },
     #[error(
         "{image} is unsigned (no {sig}); sign it with `mk-upgrade sign {image} --key KEY` and \
          put the signer's .pub file in the trusted-keys directory, or pass {INSECURE_FLAG} \
@@ -160,31 +169,24 @@ pub enum VerifyError {
     BelowFloor { candidate: String, floor: String },
 }
 
-impl VerifyError {
-    /// The documented exit code for this refusal.
-    pub fn exit(&self) -> Exit {
-        match self {
-            VerifyError::Io { .. } | VerifyError::SignatureFile(SigFileError::Io { .. }) => {
-                Exit::Io
-            }
-            VerifyError::TrustStore {
-                source: KeyError::Io { .. },
-                ..
-            } => Exit::Io,
-            VerifyError::NotAKernel { .. } => Exit::NotAKernel,
-            VerifyError::Memfd { .. } => Exit::Platform,
-            VerifyError::Unsigned { .. }
-            | VerifyError::SignatureFile(_)
-            | VerifyError::TrustStore { .. }
-            | VerifyError::UntrustedKey { .. }
-            | VerifyError::BadSignature { .. }
-            | VerifyError::Tampered { .. }
-            | VerifyError::ReleaseMismatch { .. } => Exit::Untrusted,
-            VerifyError::BadRelease { .. }
-            | VerifyError::Downgrade { .. }
-            | VerifyError::BelowFloor { .. } => Exit::Incompatible,
-        }
-    }
+/// Why a file is not a kernel image [`verify_kernel_image`] accepts.
+#[derive(Debug, thiserror::Error)]
+pub enum NotAKernelReason {
+    /// The boot setup header does not parse as a bootable x86-64 bzImage.
+    #[error(transparent)]
+    Header(#[from] NotAKernel),
+    /// A directory, FIFO, device...
+    #[error("not a regular file")]
+    NotARegularFile,
+    /// Larger than [`MAX_KERNEL_IMAGE`].
+    #[error("{len} bytes is more than the {MAX_KERNEL_IMAGE}-byte limit for a kernel image")]
+    TooLarge { len: u64 },
+    /// The file grew past [`MAX_KERNEL_IMAGE`] while it was read.
+    #[error("the file grew past the {MAX_KERNEL_IMAGE}-byte limit for a kernel image while read")]
+    GrewWhileRead,
+    /// Zero bytes.
+    #[error("the file is empty")]
+    Empty,
 }
 
 /// The default signature path: `IMAGE.sig` next to the image.
@@ -202,20 +204,11 @@ pub fn verify_kernel_image(
     policy: &VerifyPolicy,
 ) -> Result<VerifiedImage, VerifyError> {
     let (memfd, len) = load_sealed(path)?;
-    let map = memfd::map_sealed(memfd.as_fd()).map_err(|e| VerifyError::Memfd {
-        op: "map",
-        source: match e {
-            MapError::Seals(errno) => std::io::Error::from(errno),
-            MapError::NotSealed { missing } => {
-                std::io::Error::other(format!("seals {missing:?} missing"))
-            }
-            MapError::Map(e) => e,
-        },
-    })?;
+    let map = memfd::map_sealed(memfd.as_fd()).map_err(VerifyError::MemfdMap)?;
     let sha256: [u8; 32] = Sha256::digest(&map[..]).into();
     let info = bzimage::parse(&map).map_err(|e| VerifyError::NotAKernel {
         path: path.to_owned(),
-        reason: e.reason,
+        reason: e.into(),
     })?;
     drop(map);
 
@@ -273,7 +266,7 @@ fn load_sealed(path: &Path) -> Result<(OwnedFd, u64), VerifyError> {
         path: path.to_owned(),
         source,
     };
-    let not_kernel = |reason: String| VerifyError::NotAKernel {
+    let not_kernel = |reason: NotAKernelReason| VerifyError::NotAKernel {
         path: path.to_owned(),
         reason,
     };
@@ -286,13 +279,10 @@ fn load_sealed(path: &Path) -> Result<(OwnedFd, u64), VerifyError> {
         .map_err(io)?;
     let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
-        return Err(not_kernel("not a regular file".to_owned()));
+        return Err(not_kernel(NotAKernelReason::NotARegularFile));
     }
     if meta.len() > MAX_KERNEL_IMAGE {
-        return Err(not_kernel(format!(
-            "{} bytes is more than the {MAX_KERNEL_IMAGE}-byte limit for a kernel image",
-            meta.len()
-        )));
+        return Err(not_kernel(NotAKernelReason::TooLarge { len: meta.len() }));
     }
     let memfd_err = |op| {
         move |e: nix::errno::Errno| VerifyError::Memfd {
@@ -303,20 +293,15 @@ fn load_sealed(path: &Path) -> Result<(OwnedFd, u64), VerifyError> {
     let fd = memfd::create_sealable("mk-upgrade-kernel").map_err(memfd_err("memfd_create"))?;
     let (len, more) = memfd::fill_from(fd.as_fd(), &file, MAX_KERNEL_IMAGE).map_err(io)?;
     if more {
-        return Err(not_kernel(format!(
-            "the file grew past the {MAX_KERNEL_IMAGE}-byte limit for a kernel image while read"
-        )));
+        return Err(not_kernel(NotAKernelReason::GrewWhileRead));
     }
     if len == 0 {
-        return Err(not_kernel("the file is empty".to_owned()));
+        return Err(not_kernel(NotAKernelReason::Empty));
     }
     memfd::seal(fd.as_fd(), IMAGE_SEALS).map_err(memfd_err("F_ADD_SEALS"))?;
     let have = memfd::seals(fd.as_fd()).map_err(memfd_err("F_GET_SEALS"))?;
     if !have.contains(IMAGE_SEALS) {
-        return Err(VerifyError::Memfd {
-            op: "F_GET_SEALS",
-            source: std::io::Error::other(format!("seals {have:?} lack {IMAGE_SEALS:?}")),
-        });
+        return Err(VerifyError::MemfdUnsealed { have });
     }
     Ok((fd, len))
 }
@@ -450,7 +435,6 @@ mod tests {
         p2.floor = Some("7.2.13".into());
         let e = check_versions("7.2.12", None, &p2).unwrap_err();
         assert!(matches!(e, VerifyError::BelowFloor { .. }));
-        assert_eq!(e.exit(), Exit::Incompatible);
         let mut p3 = p;
         p3.running_release = "weird".into();
         assert!(matches!(

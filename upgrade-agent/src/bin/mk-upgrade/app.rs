@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use kho_proto::keys::TrustedKeys;
+use kho_proto::keys::{KeyError, TrustedKeys};
 
 use upgrade_agent::exit::Exit;
 use upgrade_agent::orchestrator::UpgradeError;
@@ -12,6 +12,7 @@ use upgrade_agent::orchestrator::ops::OpError;
 use upgrade_agent::platform::emulated::EmulatedPlatform;
 use upgrade_agent::record::UpgradeRecord;
 use upgrade_agent::statedir::{DEFAULT_STATE_DIR, StateDir, StateDirError};
+use upgrade_agent::verify::{SigFileError, VerifyError};
 use upgrade_agent::workload::WorkloadFile;
 
 /// mk-upgrade: zero-downtime kernel upgrades (verify, hand over, health-gate, roll back).
@@ -128,6 +129,33 @@ pub fn upgrade_exit(e: &UpgradeError) -> Exit {
     }
 }
 
+/// The documented exit code of a refused kernel image (`docs/cli.md`): unreadable input 3,
+/// not a kernel 7, trust refused 5, compatibility refused 6, memfd failure 12.
+pub fn verify_exit(e: &VerifyError) -> Exit {
+    match e {
+        VerifyError::Io { .. }
+        | VerifyError::SignatureFile(SigFileError::Io { .. })
+        | VerifyError::TrustStore {
+            source: KeyError::Io { .. },
+            ..
+        } => Exit::Io,
+        VerifyError::NotAKernel { .. } => Exit::NotAKernel,
+        VerifyError::Memfd { .. }
+        | VerifyError::MemfdMap(_)
+        | VerifyError::MemfdUnsealed { .. } => Exit::Platform,
+        VerifyError::Unsigned { .. }
+        | VerifyError::SignatureFile(SigFileError::Malformed { .. })
+        | VerifyError::TrustStore { .. }
+        | VerifyError::UntrustedKey { .. }
+        | VerifyError::BadSignature { .. }
+        | VerifyError::Tampered { .. }
+        | VerifyError::ReleaseMismatch { .. } => Exit::Untrusted,
+        VerifyError::BadRelease { .. }
+        | VerifyError::Downgrade { .. }
+        | VerifyError::BelowFloor { .. } => Exit::Incompatible,
+    }
+}
+
 /// An operation that could not start.
 pub fn op_error(e: &OpError) -> CliError {
     match e {
@@ -233,6 +261,121 @@ mod tests {
     #[test]
     fn command_line_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn verify_refusals_map_onto_the_documented_exit_codes() {
+        use kho_proto::keys::KeyId;
+        use std::io;
+        use upgrade_agent::verify::{MalformedSig, NotAKernelReason};
+        let p = || PathBuf::from("/k");
+        let io_err = || io::Error::from(io::ErrorKind::NotFound);
+        let key_id = KeyId([1; 8]);
+        let cases = [
+            (
+                VerifyError::Io {
+                    path: p(),
+                    source: io_err(),
+                },
+                Exit::Io,
+            ),
+            (
+                VerifyError::SignatureFile(SigFileError::Io {
+                    path: p(),
+                    source: io_err(),
+                }),
+                Exit::Io,
+            ),
+            (
+                VerifyError::TrustStore {
+                    dir: p(),
+                    source: KeyError::Io {
+                        path: p(),
+                        source: io_err(),
+                    },
+                },
+                Exit::Io,
+            ),
+            (
+                VerifyError::NotAKernel {
+                    path: p(),
+                    reason: NotAKernelReason::Empty,
+                },
+                Exit::NotAKernel,
+            ),
+            (
+                VerifyError::Memfd {
+                    op: "memfd_create",
+                    source: io_err(),
+                },
+                Exit::Platform,
+            ),
+            (
+                VerifyError::Unsigned {
+                    image: p(),
+                    sig: p(),
+                },
+                Exit::Untrusted,
+            ),
+            (
+                VerifyError::SignatureFile(SigFileError::Malformed {
+                    path: p(),
+                    reason: MalformedSig::TooLarge,
+                }),
+                Exit::Untrusted,
+            ),
+            (
+                VerifyError::TrustStore {
+                    dir: p(),
+                    source: KeyError::NoTrustedKeys { dir: p() },
+                },
+                Exit::Untrusted,
+            ),
+            (
+                VerifyError::UntrustedKey {
+                    sig: p(),
+                    key_id,
+                    dir: p(),
+                },
+                Exit::Untrusted,
+            ),
+            (
+                VerifyError::BadSignature { sig: p(), key_id },
+                Exit::Untrusted,
+            ),
+            (
+                VerifyError::Tampered {
+                    image: p(),
+                    expected: "a".into(),
+                    actual: "b".into(),
+                },
+                Exit::Untrusted,
+            ),
+            (
+                VerifyError::ReleaseMismatch {
+                    signed: "7.2".into(),
+                    header: "7.3".into(),
+                },
+                Exit::Untrusted,
+            ),
+            (
+                VerifyError::Downgrade {
+                    candidate: "7.1".into(),
+                    running: "7.2".into(),
+                },
+                Exit::Incompatible,
+            ),
+            (
+                VerifyError::BelowFloor {
+                    candidate: "7.1".into(),
+                    floor: "7.2".into(),
+                },
+                Exit::Incompatible,
+            ),
+        ];
+        for (e, want) in &cases {
+            assert_eq!(verify_exit(e), *want, "{e}");
+        }
     }
 
     #[test]

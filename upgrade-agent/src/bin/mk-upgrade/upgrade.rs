@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::app::{CliError, Global, op_error, upgrade_exit};
+use crate::app::{CliError, Global, op_error, upgrade_exit, verify_exit};
 use upgrade_agent::exit::Exit;
 use upgrade_agent::fault::Faults;
 use upgrade_agent::orchestrator::{self, Observer, Promotion, SystemEnv, UpgradeError, ops};
@@ -74,7 +74,7 @@ pub fn verify_for_apply(
         &policy,
     ) {
         Ok(i) => i,
-        Err(e) => return Err(refuse(a.json, e.exit(), e.to_string(), None)),
+        Err(e) => return Err(refuse(a.json, verify_exit(&e), e.to_string(), None)),
     };
     let mark = match rollback::TrialBoots::open(&g.state_dir)
         .and_then(|t| t.is_bad(&image.info.release))

@@ -5,32 +5,56 @@
 //! stands for on a real multikernel host.
 
 use std::collections::BTreeMap;
+use std::io;
 use std::os::unix::net::UnixListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::{EmulatedPlatform, instance_dir};
 use crate::host::supervisor::{
     CtlHandler, Instance, Shared, emulated_handler, pin_self, serve_ctl_listener,
 };
-use crate::platform::InstanceId;
+use crate::platform::{InstanceId, PlatformError};
 use crate::sys::cgroup::Freezer;
 
+/// Why an emulated instance could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    /// The emulator's state (its pool of instances) could not be read.
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
+    /// The instance exists but no kernel was loaded into it.
+    #[error("instance {0} has no kernel loaded")]
+    NoKernel(InstanceId),
+    /// Pinning this process to the instance's cpus failed.
+    #[error("pinning to cpus {cpus:?}: {source}")]
+    Pin {
+        cpus: Vec<u32>,
+        #[source]
+        source: io::Error,
+    },
+    /// Binding `ctl.sock` or `chan.sock` failed.
+    #[error("binding {}: {source}", .path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// Runs the supervisor of instance `id` until it is halted. Never returns on success.
-pub fn run(state_dir: &Path, id: InstanceId) -> Result<(), String> {
-    let platform = EmulatedPlatform::new(state_dir).map_err(|e| e.to_string())?;
-    let entry = platform
-        .store()
-        .read()
-        .and_then(|p| p.get(id).cloned())
-        .map_err(|e| e.to_string())?;
+pub fn run(state_dir: &Path, id: InstanceId) -> Result<(), InstanceError> {
+    let platform = EmulatedPlatform::new(state_dir)?;
+    let entry = platform.store().read().and_then(|p| p.get(id).cloned())?;
     let dir = instance_dir(platform.store().dir(), id);
     let kernel_release = entry
         .kernel_release
         .clone()
-        .ok_or_else(|| format!("instance {id} has no kernel loaded"))?;
-    pin_self(&entry.resources.cpus)
-        .map_err(|e| format!("pinning to cpus {:?}: {e}", entry.resources.cpus))?;
+        .ok_or(InstanceError::NoKernel(id))?;
+    pin_self(&entry.resources.cpus).map_err(|source| InstanceError::Pin {
+        cpus: entry.resources.cpus.clone(),
+        source,
+    })?;
     let tag = format!(
         "mk-upgrade-emulated/{}/instance-{id}",
         super::state_tag(state_dir)
@@ -47,10 +71,10 @@ pub fn run(state_dir: &Path, id: InstanceId) -> Result<(), String> {
         halting: false,
         expected_upgrade: None,
     }));
-    let bind = |name: &str| -> Result<UnixListener, String> {
+    let bind = |name: &str| -> Result<UnixListener, InstanceError> {
         let path = dir.join(name);
         let _ = std::fs::remove_file(&path);
-        UnixListener::bind(&path).map_err(|e| format!("binding {}: {e}", path.display()))
+        UnixListener::bind(&path).map_err(|source| InstanceError::Bind { path, source })
     };
     let chan = bind("chan.sock")?;
     let ctl = bind("ctl.sock")?;

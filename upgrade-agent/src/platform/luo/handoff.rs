@@ -93,16 +93,25 @@ pub struct Handoff {
     pub workloads: Vec<HandoffWorkload>,
 }
 
+/// Why the preserved handoff record cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    /// Not JSON, or not the fields of a handoff record.
+    #[error("the preserved handoff record does not parse: {0}")]
+    Parse(#[source] serde_json::Error),
+    /// Written by an agent with another record format.
+    #[error(
+        "the preserved handoff record has format {found:?}, this agent reads {HANDOFF_FORMAT:?}"
+    )]
+    Format { found: String },
+}
+
 impl Handoff {
     /// Parses and checks the format tag.
-    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        let h: Handoff = serde_json::from_slice(bytes)
-            .map_err(|e| format!("the preserved handoff record does not parse: {e}"))?;
+    pub fn parse(bytes: &[u8]) -> Result<Self, HandoffError> {
+        let h: Handoff = serde_json::from_slice(bytes).map_err(HandoffError::Parse)?;
         if h.format != HANDOFF_FORMAT {
-            return Err(format!(
-                "the preserved handoff record has format {:?}, this agent reads {HANDOFF_FORMAT:?}",
-                h.format
-            ));
+            return Err(HandoffError::Format { found: h.format });
         }
         Ok(h)
     }
@@ -130,7 +139,10 @@ mod tests {
 
     #[test]
     fn parse_rejects_other_formats_and_garbage() {
-        assert!(Handoff::parse(b"not json").is_err());
-        assert!(Handoff::parse(b"{}").is_err());
+        let e = Handoff::parse(b"not json").unwrap_err();
+        assert!(matches!(e, HandoffError::Parse(_)), "{e}");
+        assert!(e.to_string().contains("does not parse"), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+        assert!(matches!(Handoff::parse(b"{}"), Err(HandoffError::Parse(_))));
     }
 }

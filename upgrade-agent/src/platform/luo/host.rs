@@ -236,7 +236,7 @@ impl LuoPlatform {
             .retrieve_fd(TOKEN_HANDOFF)
             .map_err(|e| luo(&e))?;
         let handoff = Handoff::parse(&read_memfd(hfd.as_fd(), MAX_HANDOFF, "handoff record")?)
-            .map_err(err)?;
+            .map_err(|e| err(e.to_string()))?;
         let source = agent_session
             .retrieve_fd(TOKEN_SOURCE_KERNEL)
             .map_err(|e| luo(&e))?;
@@ -672,7 +672,7 @@ impl Platform for LuoPlatform {
                 sha256: hex::encode(d.sha256),
             })
             .collect();
-        let sname = workload_session(workload).map_err(err)?;
+        let sname = workload_session(workload).map_err(|e| err(e.to_string()))?;
         let session = self.dev()?.create_session(&sname).map_err(|e| luo(&e))?;
         session
             .preserve_fd(out.image.as_fd(), TOKEN_IMAGE)
@@ -887,7 +887,7 @@ impl Platform for LuoPlatform {
             &extra,
             false,
         )
-        .map_err(start_err)?;
+        .map_err(|e| start_err(e.to_string()))?;
         let start_ms = t0.elapsed().as_secs_f64() * 1000.0 - verify_ms;
         let started_at_ns = realtime_ns();
         let t1 = Instant::now();

@@ -69,19 +69,32 @@ pub fn ctl_socket(state_dir: &Path) -> PathBuf {
     agent_dir(state_dir).join("ctl.sock")
 }
 
+/// A workload name that does not fit in a LUO session name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "workload name {name:?} is too long for a LUO session name ({session:?} is {} bytes, the \
+     limit is {}): use a name of at most {} bytes",
+    .session.len(),
+    crate::sys::luo::MAX_SESSION_NAME_BYTES,
+    crate::sys::luo::MAX_SESSION_NAME_BYTES - WORKLOAD_SESSION_PREFIX.len()
+)]
+pub struct SessionNameTooLong {
+    /// The workload name.
+    pub name: String,
+    /// The session name it would need (`mk-w-<name>`).
+    pub session: String,
+}
+
 /// The LUO session name of workload `name` (`mk-w-<name>`, at most 63 bytes).
-pub fn workload_session(name: &str) -> Result<String, String> {
-    let s = format!("{WORKLOAD_SESSION_PREFIX}{name}");
-    if s.len() > crate::sys::luo::MAX_SESSION_NAME_BYTES {
-        return Err(format!(
-            "workload name {name:?} is too long for a LUO session name ({s:?} is {} bytes, \
-             the limit is {}): use a name of at most {} bytes",
-            s.len(),
-            crate::sys::luo::MAX_SESSION_NAME_BYTES,
-            crate::sys::luo::MAX_SESSION_NAME_BYTES - WORKLOAD_SESSION_PREFIX.len()
-        ));
+pub fn workload_session(name: &str) -> Result<String, SessionNameTooLong> {
+    let session = format!("{WORKLOAD_SESSION_PREFIX}{name}");
+    if session.len() > crate::sys::luo::MAX_SESSION_NAME_BYTES {
+        return Err(SessionNameTooLong {
+            name: name.to_owned(),
+            session,
+        });
     }
-    Ok(s)
+    Ok(session)
 }
 
 /// Returns `cmdline` with `liveupdate=on` appended unless it already sets `liveupdate=`.
@@ -137,6 +150,12 @@ mod tests {
         assert_eq!(workload_session("kv-1").unwrap(), "mk-w-kv-1");
         assert!(workload_session(&"a".repeat(58)).is_ok());
         let e = workload_session(&"a".repeat(59)).unwrap_err();
-        assert!(e.contains("at most 58 bytes"), "{e}");
+        assert_eq!(e.name, "a".repeat(59));
+        let text = e.to_string();
+        assert!(
+            text.contains("is too long for a LUO session name")
+                && text.contains("at most 58 bytes"),
+            "{text}"
+        );
     }
 }
