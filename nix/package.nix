@@ -38,7 +38,7 @@ rustPlatform.buildRustPackage {
 
   cargoBuildFlags = [
     "--package"
-    "upgrade-agent"
+    "upgrade-agent" "--package" "mk-demo-kv"
     "--bin"
     "mk-upgrade"
     "--bin"
