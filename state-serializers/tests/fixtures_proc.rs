@@ -360,6 +360,13 @@ fn refused_writes_are_not_applied_items() {
     )
     .unwrap();
     let r = tmp.path().join("root");
+    // Read-only whatever the checkout's umask (a group-writable copy is writable by fsgid 0)
+    // and whoever runs the test (without root, setfsuid below fails and the file is ours).
+    std::fs::set_permissions(
+        r.join("proc/sys/vm/swappiness"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o444),
+    )
+    .unwrap();
     let mut want = memory::capture_memory(&r, &[]).unwrap();
     want.vm.swappiness = Some(1);
     // As uid 65534 (setfsuid on a fresh thread), the root-owned sysctl file is not writable.
