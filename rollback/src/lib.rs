@@ -3,9 +3,11 @@
 //!
 //! Everything lives under one state directory (by default `/var/lib/mk-upgrade`); the layout,
 //! file formats and the crash-safety argument are in `docs/rollback.md`. Every file is JSON
-//! (auditable with `jq`) and every write goes through [`atomic_write`]: write a temporary file
-//! in the same directory, fsync it, rename it over the target, fsync the directory. A reader
-//! therefore sees either the old or the new content of a file, never a mix.
+//! (auditable with `jq`) whose last member is a CRC-32 over every byte before it, so any
+//! damaged byte is detected; every write goes through [`atomic_write`]: write a temporary file
+//! (mode 0600) in the same directory, fsync it, rename it over the target, fsync the
+//! directory. A reader therefore sees either the old or the new content of a file, never a
+//! mix. Directories are created with mode 0700.
 //!
 //! The journal, slots and trial-boot records are single-writer: hold a [`LockGuard`] (from
 //! [`Lock::acquire`]) while changing them.
@@ -14,13 +16,17 @@ mod atomic;
 pub mod journal;
 pub mod lock;
 pub mod release;
+mod seal;
 pub mod slots;
 pub mod time;
 pub mod trial;
 
-pub use atomic::{TMP_SUFFIX, atomic_write, fsync_dir, remove_stale_temps};
+pub use atomic::{
+    DIR_MODE, FILE_MODE, TMP_SUFFIX, atomic_write, atomic_write_with_mode, ensure_private_dir,
+    fsync_dir, remove_stale_temps,
+};
 pub use journal::{HISTORY_LIMIT, Journal, JournalError};
-pub use lock::{Lock, LockError, LockGuard};
+pub use lock::{Holder, HolderError, Lock, LockError, LockGuard};
 pub use release::{Release, ReleaseError};
 pub use slots::{Slot, SlotError, SlotInfo, Slots};
 pub use trial::{BadMark, BootVerdict, TrialAttempt, TrialBoots, TrialError};

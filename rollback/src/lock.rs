@@ -3,8 +3,10 @@
 //! `flock(LOCK_EX | LOCK_NB)` on `STATE_DIR/lock`. The kernel releases the lock when the
 //! holder's file descriptor closes, including when the process dies, so a crashed upgrade
 //! never leaves a stale lock behind. The file also records the holder's pid and start time,
-//! only to make the refusal message useful; the flock, not the content, is the lock. The
-//! file is never deleted (deleting a lock file lets two processes lock different inodes).
+//! only to make the refusal message useful; the flock, not the content, is the lock. That
+//! record is sealed (`crate::seal`, format [`LOCK_FORMAT`]) so that a damaged one is reported
+//! as damaged, never shown as another pid. The file is never deleted (deleting a lock file
+//! lets two processes lock different inodes) and has mode 0600.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -15,18 +17,23 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::atomic::ensure_dir;
+use crate::atomic::{FILE_MODE, StateFile, ensure_dir, read_state};
+use crate::seal::{self, Read as SealRead, Refusal};
 use crate::{IoError, time};
 
 /// Name of the lock file inside the state directory.
 pub const LOCK_FILE: &str = "lock";
+/// Format tag of the holder record in the lock file (sealed).
+pub const LOCK_FORMAT: &str = "mk-upgrade-lock/1";
+/// Largest holder record read.
+const MAX_RECORD: u64 = 4096;
 
 /// Why the lock was not acquired.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(
         "another upgrade ({}) holds {path}; wait for it or check `mk-upgrade status`",
-        describe_holder(*.pid, *.since)
+        describe_holder(*.pid, *.since, .damaged.as_deref())
     )]
     Busy {
         path: PathBuf,
@@ -34,23 +41,83 @@ pub enum LockError {
         pid: Option<u32>,
         /// When the holder acquired the lock (Unix seconds), if recorded.
         since: Option<u64>,
+        /// The holder record is damaged (why); `pid` and `since` are then unknown.
+        damaged: Option<String>,
     },
     #[error(transparent)]
     Io(#[from] IoError),
 }
 
-fn describe_holder(pid: Option<u32>, since: Option<u64>) -> String {
-    match (pid, since) {
-        (Some(pid), Some(s)) => format!("pid {pid}, started {}", time::fmt_utc(s)),
-        (Some(pid), None) => format!("pid {pid}"),
+fn describe_holder(pid: Option<u32>, since: Option<u64>, damaged: Option<&str>) -> String {
+    match (pid, since, damaged) {
+        (_, _, Some(why)) => format!(
+            "holder unknown: its record in the lock file is damaged ({why}); `fuser -v` on the \
+             lock file names the process"
+        ),
+        (Some(pid), Some(s), None) => format!("pid {pid}, started {}", time::fmt_utc(s)),
+        (Some(pid), None, None) => format!("pid {pid}"),
         _ => "holder not yet recorded".to_owned(),
     }
 }
 
+/// Who holds the lock, as its holder recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    /// The holder's pid.
+    pub pid: u32,
+    /// When it acquired the lock (Unix seconds).
+    pub started_at: u64,
+}
+
 #[derive(Serialize, Deserialize)]
-struct Holder {
+struct HolderRecord {
+    format: String,
     pid: u32,
     started_at: u64,
+}
+
+/// Why the holder record could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HolderError {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// The record is damaged; the lock itself (the flock) is unaffected.
+    #[error(
+        "the holder record in {} is damaged ({reason}); the lock itself (an flock) is not \
+         affected: `fuser -v {}` names the process holding it",
+        path.display(), path.display()
+    )]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+impl HolderError {
+    /// Whether the record is damaged.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, HolderError::Corrupt { .. })
+    }
+}
+
+/// Decodes a holder record: `None` for an empty file (not recorded yet, or released).
+fn parse_holder(path: &Path, bytes: &[u8]) -> Result<Option<Holder>, HolderError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let corrupt = |reason: String| HolderError::Corrupt {
+        path: path.to_owned(),
+        reason,
+    };
+    match seal::read::<HolderRecord, HolderRecord>(bytes, LOCK_FORMAT, LOCK_FORMAT) {
+        Ok(SealRead::Current(r)) => Ok(Some(Holder {
+            pid: r.pid,
+            started_at: r.started_at,
+        })),
+        // Never: the legacy format named is the current one, which must be sealed.
+        Ok(SealRead::Legacy(_)) => Err(corrupt("unsealed".into())),
+        Err(Refusal::Corrupt(reason)) => Err(corrupt(reason)),
+        Err(Refusal::Foreign(found)) => {
+            Err(corrupt(format!("format {found:?} is not {LOCK_FORMAT:?}")))
+        }
+    }
 }
 
 /// Namespace for acquiring the lock.
@@ -72,7 +139,23 @@ impl LockGuard {
 }
 
 impl Lock {
-    /// Takes the lock of state directory `dir` (created if missing) without waiting.
+    /// The holder recorded in the lock file of state directory `dir`: `None` when the lock
+    /// is free or its holder has not recorded itself yet; a damaged record is
+    /// [`HolderError::Corrupt`], never another pid.
+    pub fn holder(dir: &Path) -> Result<Option<Holder>, HolderError> {
+        let path = dir.join(LOCK_FILE);
+        match read_state(&path, MAX_RECORD)? {
+            StateFile::Missing => Ok(None),
+            StateFile::TooLarge { limit } => Err(HolderError::Corrupt {
+                path,
+                reason: format!("larger than the {limit}-byte limit"),
+            }),
+            StateFile::Contents(bytes) => parse_holder(&path, &bytes),
+        }
+    }
+
+    /// Takes the lock of state directory `dir` (created if missing, mode 0700) without
+    /// waiting.
     pub fn acquire(dir: &Path) -> Result<LockGuard, LockError> {
         ensure_dir(dir)?;
         let path = dir.join(LOCK_FILE);
@@ -81,43 +164,62 @@ impl Lock {
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o600)
+            .mode(FILE_MODE)
             .open(&path)
             .map_err(|e| IoError::new("open", &path, e))?;
         let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(f) => f,
             Err((mut file, Errno::EWOULDBLOCK)) => {
-                let holder = read_holder(&mut file);
+                let (holder, damaged) = match read_holder(&path, &mut file) {
+                    Ok(h) => (h, None),
+                    Err(HolderError::Corrupt { reason, .. }) => (None, Some(reason)),
+                    Err(HolderError::Io(_)) => (None, None),
+                };
                 return Err(LockError::Busy {
                     path,
                     pid: holder.as_ref().map(|h| h.pid),
                     since: holder.map(|h| h.started_at),
+                    damaged,
                 });
             }
             Err((_, errno)) => {
                 return Err(IoError::new("flock", &path, std::io::Error::from(errno)).into());
             }
         };
-        let holder = Holder {
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Explicitly: a lock file created by an older version may have a wider mode.
+            let f: &File = &file;
+            f.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))
+                .map_err(|e| IoError::new("set the mode of", &path, e))?;
+        }
+        let record = HolderRecord {
+            format: LOCK_FORMAT.to_owned(),
             pid: std::process::id(),
             started_at: time::now_unix(),
         };
-        let mut text = serde_json::to_string(&holder).unwrap_or_default();
-        text.push('\n');
+        let bytes = seal::seal(&record).expect("holder record serializes");
         let f: &mut File = &mut file;
         f.set_len(0)
             .and_then(|()| f.seek(SeekFrom::Start(0)))
-            .and_then(|_| f.write_all(text.as_bytes()))
+            .and_then(|_| f.write_all(&bytes))
             .map_err(|e| IoError::new("record holder in", &path, e))?;
         Ok(LockGuard { file, path })
     }
 }
 
-fn read_holder(file: &mut File) -> Option<Holder> {
+fn read_holder(path: &Path, file: &mut File) -> Result<Option<Holder>, HolderError> {
     let mut buf = Vec::new();
-    file.seek(SeekFrom::Start(0)).ok()?;
-    file.take(4096).read_to_end(&mut buf).ok()?;
-    serde_json::from_slice(&buf).ok()
+    file.seek(SeekFrom::Start(0))
+        .and_then(|_| file.take(MAX_RECORD + 1).read_to_end(&mut buf))
+        .map_err(|e| IoError::new("read", path, e))?;
+    if buf.len() as u64 > MAX_RECORD {
+        return Err(HolderError::Corrupt {
+            path: path.to_owned(),
+            reason: format!("larger than the {MAX_RECORD}-byte limit"),
+        });
+    }
+    parse_holder(path, &buf)
 }
 
 impl Drop for LockGuard {
@@ -141,10 +243,16 @@ mod tests {
         let g = Lock::acquire(dir.path()).unwrap();
         let e = Lock::acquire(dir.path()).unwrap_err();
         match &e {
-            LockError::Busy { pid, since, path } => {
+            LockError::Busy {
+                pid,
+                since,
+                path,
+                damaged,
+            } => {
                 assert_eq!(*pid, Some(std::process::id()));
                 assert!(since.is_some());
                 assert_eq!(path, g.path());
+                assert_eq!(*damaged, None);
             }
             LockError::Io(e) => panic!("{e}"),
         }

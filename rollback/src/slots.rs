@@ -3,7 +3,14 @@
 //! Layout under `STATE_DIR/slots/`:
 //! * `images/SHA256.bzImage` — stored kernel images, content-addressed and never modified;
 //! * `slots.json` — which image fills which [`Slot`] (current, previous, candidate);
-//! * `floor.json` — the version floor: releases numerically below it are refused.
+//! * `floor.json` — the version floor: releases numerically below it are refused, and
+//!   [`Slots::read`] never hands out an image below it for booting (so a rollback cannot go
+//!   below the floor either).
+//!
+//! Both tables are sealed (`crate::seal`): a CRC-32 over every byte of the file, so a
+//! damaged table is [`SlotError::Corrupt`], never a different valid table. Tables of the
+//! previous, unsealed formats ([`SLOTS_FORMAT_V1`], [`FLOOR_FORMAT_V1`]) are still read and
+//! are rewritten sealed by the next write.
 //!
 //! Storing writes the image first and then the table, each atomically; promotion and
 //! rollback only rewrite the table. A crash therefore leaves either the old or the new table,
@@ -19,14 +26,21 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::atomic::{atomic_write, ensure_dir, fsync_dir, read_optional, remove_stale_temps};
+use crate::atomic::{
+    StateFile, atomic_write, ensure_dir, fsync_dir, read_state, remove_stale_temps,
+};
 use crate::release::{Release, ReleaseError};
+use crate::seal::{self, Read as SealRead, Refusal};
 use crate::{IoError, time};
 
-/// Format tag of `slots.json`.
-pub const SLOTS_FORMAT: &str = "mk-upgrade-slots/1";
-/// Format tag of `floor.json`.
-pub const FLOOR_FORMAT: &str = "mk-upgrade-floor/1";
+/// Format tag of `slots.json` (sealed).
+pub const SLOTS_FORMAT: &str = "mk-upgrade-slots/2";
+/// The previous, unsealed format of `slots.json`; still read, never written.
+pub const SLOTS_FORMAT_V1: &str = "mk-upgrade-slots/1";
+/// Format tag of `floor.json` (sealed).
+pub const FLOOR_FORMAT: &str = "mk-upgrade-floor/2";
+/// The previous, unsealed format of `floor.json`; still read, never written.
+pub const FLOOR_FORMAT_V1: &str = "mk-upgrade-floor/1";
 /// Largest kernel image a slot accepts (bzImages are tens of MiB).
 pub const MAX_IMAGE: u64 = 1 << 30;
 const MAX_TABLE: u64 = 64 << 10;
@@ -85,8 +99,19 @@ impl fmt::Display for Slot {
 pub enum SlotError {
     #[error(transparent)]
     Io(#[from] IoError),
-    #[error("{path}: unreadable slot state ({reason}); move it aside and store the kernels again")]
+    /// `slots.json` or `floor.json` is damaged (kept as is; the message says what to do).
+    #[error("{}", corrupt_message(.path, .reason))]
     Corrupt { path: PathBuf, reason: String },
+    /// The image asked for is below the version floor: it is not handed out for booting.
+    #[error(
+        "the {role} kernel {release} is below the version floor {floor}: refusing to boot it \
+         (the floor is never bypassed); to go back, apply a signed kernel at or above {floor}"
+    )]
+    BelowFloor {
+        role: Slot,
+        release: String,
+        floor: String,
+    },
     #[error(
         "the {role} kernel image {path} has SHA-256 {actual}, but {expected} was stored: the \
          stored kernel is damaged and must not be booted; store it again from a verified image"
@@ -107,6 +132,38 @@ pub enum SlotError {
     Empty { role: Slot },
     #[error(transparent)]
     Release(#[from] ReleaseError),
+}
+
+impl SlotError {
+    /// Whether this is damaged state: a damaged table ([`SlotError::Corrupt`]) or a damaged
+    /// stored image ([`SlotError::ImageCorrupt`]).
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self,
+            SlotError::Corrupt { .. } | SlotError::ImageCorrupt { .. }
+        )
+    }
+}
+
+fn corrupt_message(path: &Path, reason: &str) -> String {
+    let p = path.display();
+    if path.file_name().is_some_and(|n| n == "floor.json") {
+        format!(
+            "the version floor {p} is damaged ({reason}); it is kept as is, and no kernel is \
+             accepted or rolled back to while the floor is unknown. Inspect it: `jq . {p}` \
+             (`cat -v {p}` if jq cannot parse it). Resolve: restore it from a backup or, knowing \
+             the floor your signed images carry, move it aside (`mv {p} {p}.damaged`): the next \
+             applied image that carries a floor raises it again"
+        )
+    } else {
+        format!(
+            "the kernel slot table {p} is damaged ({reason}); it is kept as is, and nothing \
+             that needs the kernel slots (apply, rollback) proceeds until it is resolved. \
+             Inspect it: `jq . {p}` (`cat -v {p}` if jq cannot parse it). Resolve: restore it \
+             from a backup, or move it aside (`mv {p} {p}.damaged`): the next apply starts a new \
+             table, with no previous kernel to roll back to until the upgrade after it"
+        )
+    }
 }
 
 /// One filled slot.
@@ -187,32 +244,46 @@ impl Slots {
 
     fn read_table(&self) -> Result<Table, SlotError> {
         let path = self.table_path();
-        let Some(bytes) = read_optional(&path, MAX_TABLE)? else {
-            return Ok(Table {
-                format: SLOTS_FORMAT.to_owned(),
-                current: None,
-                previous: None,
-                candidate: None,
-            });
+        let bytes = match read_state(&path, MAX_TABLE)? {
+            StateFile::Missing => {
+                return Ok(Table {
+                    format: SLOTS_FORMAT.to_owned(),
+                    current: None,
+                    previous: None,
+                    candidate: None,
+                });
+            }
+            StateFile::TooLarge { limit } => {
+                return Err(SlotError::Corrupt {
+                    path,
+                    reason: format!("larger than the {limit}-byte limit"),
+                });
+            }
+            StateFile::Contents(b) => b,
         };
-        let table: Table = serde_json::from_slice(&bytes).map_err(|e| SlotError::Corrupt {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        if table.format != SLOTS_FORMAT {
-            return Err(SlotError::Corrupt {
-                path,
-                reason: format!("format {:?} is not {SLOTS_FORMAT:?}", table.format),
-            });
+        let table = match seal::read::<Table, Table>(&bytes, SLOTS_FORMAT, SLOTS_FORMAT_V1) {
+            Ok(SealRead::Current(t) | SealRead::Legacy(t)) => t,
+            Err(r) => return Err(refused(&path, r, SLOTS_FORMAT)),
+        };
+        for e in [&table.current, &table.previous, &table.candidate]
+            .into_iter()
+            .flatten()
+        {
+            Release::parse(&e.release).map_err(|e| SlotError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         }
         Ok(table)
     }
 
     fn write_table(&self, table: &Table) -> Result<(), SlotError> {
-        let mut bytes = serde_json::to_vec_pretty(table).expect("slot table serializes");
-        bytes.push(b'\n');
+        let mut table = table.clone();
+        // A legacy table read earlier is written in the current format.
+        SLOTS_FORMAT.clone_into(&mut table.format);
+        let bytes = seal::seal(&table).expect("slot table serializes");
         atomic_write(&self.table_path(), &bytes)?;
-        self.collect_garbage(table)
+        self.collect_garbage(&table)
     }
 
     /// Removes images no slot refers to (left by a crash or by promotion).
@@ -269,6 +340,8 @@ impl Slots {
                 actual: hex::encode(actual),
             });
         }
+        // The table first: a damaged one refuses the store before anything is written.
+        let mut table = self.read_table()?;
         atomic_write(&self.image_path(sha256), image)?;
         let entry = Entry {
             release: release.to_owned(),
@@ -277,7 +350,6 @@ impl Slots {
             len: image.len() as u64,
         };
         let info = self.info(&entry);
-        let mut table = self.read_table()?;
         *table.slot(role) = Some(entry);
         self.write_table(&table)?;
         Ok(info)
@@ -325,13 +397,24 @@ impl Slots {
         Ok(Some(info))
     }
 
-    /// Reads the slot's image once and checks the SHA-256 of exactly the bytes returned, so
-    /// the caller boots what was verified (use this, not [`Slots::get`] followed by a
-    /// second read of [`SlotInfo::path`]).
+    /// Reads the slot's image for booting it: once, checking the SHA-256 of exactly the bytes
+    /// returned, so the caller boots what was verified (use this, not [`Slots::get`]
+    /// followed by a second read of [`SlotInfo::path`]). An image below the version floor is
+    /// [`SlotError::BelowFloor`]: the slots never hand out a kernel below the floor, so a
+    /// rollback to the previous kernel cannot bypass it; an unreadable floor is an error too.
     pub fn read(&self, role: Slot) -> Result<Option<(SlotInfo, Vec<u8>)>, SlotError> {
         let Some(info) = self.peek(role)? else {
             return Ok(None);
         };
+        if let Some(floor) = self.floor()? {
+            if Release::parse(&info.release)?.is_below(&Release::parse(&floor)?) {
+                return Err(SlotError::BelowFloor {
+                    role,
+                    release: info.release,
+                    floor,
+                });
+            }
+        }
         let mut bytes = Vec::new();
         open_image(role, &info)?
             .take(info.len.min(MAX_IMAGE) + 1)
@@ -367,6 +450,10 @@ impl Slots {
     /// For a rollback: previous and current trade places, so the known-good kernel is
     /// current again and the abandoned one is kept as previous (a later rollback of the
     /// rollback can return to it). Returns the new current.
+    ///
+    /// This records a rollback that happened (a journaled step of it, repeated by recovery),
+    /// so it does not judge the floor: the floor is enforced before the rollback starts, by
+    /// [`Slots::read`] handing out the previous kernel's image.
     pub fn swap_for_rollback(&mut self) -> Result<SlotInfo, SlotError> {
         let mut table = self.read_table()?;
         let previous = table.previous.take().ok_or(SlotError::Empty {
@@ -379,22 +466,23 @@ impl Slots {
         Ok(info)
     }
 
-    /// The version floor, if one was raised.
+    /// The version floor, if one was raised. A damaged floor is [`SlotError::Corrupt`].
     pub fn floor(&self) -> Result<Option<String>, SlotError> {
         let path = self.dir.join("floor.json");
-        let Some(bytes) = read_optional(&path, MAX_TABLE)? else {
-            return Ok(None);
+        let bytes = match read_state(&path, MAX_TABLE)? {
+            StateFile::Missing => return Ok(None),
+            StateFile::TooLarge { limit } => {
+                return Err(SlotError::Corrupt {
+                    path,
+                    reason: format!("larger than the {limit}-byte limit"),
+                });
+            }
+            StateFile::Contents(b) => b,
         };
-        let floor: Floor = serde_json::from_slice(&bytes).map_err(|e| SlotError::Corrupt {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        if floor.format != FLOOR_FORMAT {
-            return Err(SlotError::Corrupt {
-                path,
-                reason: format!("format {:?} is not {FLOOR_FORMAT:?}", floor.format),
-            });
-        }
+        let floor = match seal::read::<Floor, Floor>(&bytes, FLOOR_FORMAT, FLOOR_FORMAT_V1) {
+            Ok(SealRead::Current(f) | SealRead::Legacy(f)) => f,
+            Err(r) => return Err(refused(&path, r, FLOOR_FORMAT)),
+        };
         Release::parse(&floor.release).map_err(|e| SlotError::Corrupt {
             path,
             reason: e.to_string(),
@@ -403,7 +491,8 @@ impl Slots {
     }
 
     /// Raises the floor to `release`; never lowers it. Returns whether it changed (a release
-    /// numerically equal to the floor does not change it).
+    /// numerically equal to the floor does not change it). Refused while the floor is
+    /// damaged.
     pub fn raise_floor(&mut self, release: &str) -> Result<bool, SlotError> {
         let new = Release::parse(release)?;
         if let Some(old) = self.floor()? {
@@ -416,10 +505,22 @@ impl Slots {
             release: release.to_owned(),
             raised_at: time::now_unix(),
         };
-        let mut bytes = serde_json::to_vec_pretty(&floor).expect("floor serializes");
-        bytes.push(b'\n');
+        let bytes = seal::seal(&floor).expect("floor serializes");
         atomic_write(&self.dir.join("floor.json"), &bytes)?;
         Ok(true)
+    }
+}
+
+/// The error for a table `seal::read` refused.
+fn refused(path: &Path, r: Refusal, format: &str) -> SlotError {
+    SlotError::Corrupt {
+        path: path.to_owned(),
+        reason: match r {
+            Refusal::Corrupt(reason) => reason,
+            Refusal::Foreign(found) => format!(
+                "format {found:?} is not {format:?} (written by another mk-upgrade version?)"
+            ),
+        },
     }
 }
 
@@ -561,6 +662,95 @@ mod tests {
         fs::write(s.table_path(), b"{\"format\":").unwrap();
         let e = s.peek(Slot::Current).unwrap_err();
         assert!(e.to_string().contains("slots.json"), "{e}");
+    }
+
+    #[test]
+    fn no_kernel_below_the_floor_is_handed_out_for_booting() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Slots::open(dir.path()).unwrap();
+        let (a, da) = img(b'a');
+        let (b, db) = img(b'b');
+        s.store(Slot::Current, &a, "7.2.14", &da).unwrap();
+        s.store(Slot::Candidate, &b, "7.2.17-mk", &db).unwrap();
+        s.promote_candidate().unwrap();
+        // The previous kernel is a fine rollback target until the floor rises past it.
+        assert_eq!(s.read(Slot::Previous).unwrap().unwrap().0.release, "7.2.14");
+        assert!(s.raise_floor("7.2.17").unwrap());
+        let e = s.read(Slot::Previous).unwrap_err();
+        assert!(
+            matches!(&e, SlotError::BelowFloor { role: Slot::Previous, release, floor }
+                if release == "7.2.14" && floor == "7.2.17"),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("below the version floor 7.2.17"),
+            "{e}"
+        );
+        // Nothing changed.
+        assert_eq!(s.peek(Slot::Previous).unwrap().unwrap().release, "7.2.14");
+        assert_eq!(s.peek(Slot::Current).unwrap().unwrap().release, "7.2.17-mk");
+        assert_eq!(s.read(Slot::Current).unwrap().unwrap().1, b);
+        // A damaged floor hands out nothing.
+        fs::write(dir.path().join("slots/floor.json"), b"{}").unwrap();
+        assert!(matches!(
+            s.read(Slot::Current),
+            Err(SlotError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn legacy_tables_are_read_and_rewritten_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Slots::open(dir.path()).unwrap();
+        let (a, da) = img(b'a');
+        s.store(Slot::Current, &a, "7.2.13-mkA", &da).unwrap();
+        // As the previous version wrote them.
+        let legacy = format!(
+            "{{\"format\":\"{SLOTS_FORMAT_V1}\",\"current\":{{\"release\":\"7.2.13-mkA\",\
+             \"sha256\":\"{}\",\"stored_at\":1,\"len\":4096}},\"previous\":null,\
+             \"candidate\":null}}",
+            hex::encode(da)
+        );
+        fs::write(s.table_path(), legacy).unwrap();
+        fs::write(
+            dir.path().join("slots/floor.json"),
+            format!("{{\"format\":\"{FLOOR_FORMAT_V1}\",\"release\":\"7.2.10\",\"raised_at\":1}}"),
+        )
+        .unwrap();
+        assert_eq!(s.get(Slot::Current).unwrap().unwrap().release, "7.2.13-mkA");
+        assert_eq!(s.floor().unwrap().as_deref(), Some("7.2.10"));
+        s.clear(Slot::Candidate).unwrap();
+        s.clear(Slot::Current).unwrap();
+        s.raise_floor("7.3").unwrap();
+        for f in ["slots.json", "floor.json"] {
+            let v: serde_json::Value =
+                serde_json::from_slice(&fs::read(dir.path().join("slots").join(f)).unwrap())
+                    .unwrap();
+            assert!(v["format"].as_str().unwrap().ends_with("/2"), "{f}: {v}");
+            assert_eq!(v["crc32"].as_str().unwrap().len(), 8, "{f}: {v}");
+        }
+    }
+
+    #[test]
+    fn corrupt_tables_say_how_to_inspect_and_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Slots::open(dir.path()).unwrap();
+        s.raise_floor("7.2.10").unwrap();
+        let floor = dir.path().join("slots/floor.json");
+        let mut bytes = fs::read(&floor).unwrap();
+        let i = bytes.iter().position(|&b| b == b'1').unwrap();
+        bytes[i] = b'0';
+        fs::write(&floor, &bytes).unwrap();
+        let e = s.floor().unwrap_err();
+        assert!(e.is_corrupt());
+        let msg = e.to_string();
+        assert!(
+            msg.contains("jq .") && msg.contains("version floor"),
+            "{msg}"
+        );
+        // Never overwritten while damaged.
+        assert!(s.raise_floor("7.3").is_err());
+        assert_eq!(fs::read(&floor).unwrap(), bytes);
     }
 
     #[test]

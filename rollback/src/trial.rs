@@ -7,18 +7,24 @@
 //! for a release that is not the running one, marks B bad and reports it. A bad release is
 //! refused by [`TrialBoots::begin`] until [`TrialBoots::clear_bad`] ("until told otherwise").
 //!
-//! State is `STATE_DIR/trial.json`, written atomically.
+//! State is `STATE_DIR/trial.json`, written atomically and sealed (`crate::seal`: a CRC-32
+//! over every byte, so a damaged file is [`TrialError::Corrupt`], never a different valid
+//! record). A file of the previous, unsealed format ([`TRIAL_FORMAT_V1`]) is still read and
+//! is rewritten sealed by the next write.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::atomic::{atomic_write, ensure_dir, read_optional};
+use crate::atomic::{StateFile, atomic_write, ensure_dir, read_state};
+use crate::seal::{self, Read as SealRead, Refusal};
 use crate::{IoError, time};
 
-/// Format tag of `trial.json`.
-pub const TRIAL_FORMAT: &str = "mk-upgrade-trial/1";
+/// Format tag of `trial.json` (sealed).
+pub const TRIAL_FORMAT: &str = "mk-upgrade-trial/2";
+/// The previous, unsealed format; still read, never written.
+pub const TRIAL_FORMAT_V1: &str = "mk-upgrade-trial/1";
 const MAX_FILE: u64 = 1 << 20;
 
 /// Why a trial-boot operation failed.
@@ -26,7 +32,13 @@ const MAX_FILE: u64 = 1 << 20;
 pub enum TrialError {
     #[error(transparent)]
     Io(#[from] IoError),
-    #[error("{path}: unreadable trial-boot state ({reason}); move it aside to reset trial boots")]
+    #[error(
+        "the trial-boot record {} is damaged ({reason}); it is kept as is, and trial boots are \
+         refused until it is resolved. Inspect it: `jq . {}` (`cat -v` if jq cannot parse \
+         it). Resolve: restore it from a backup, or move it aside (`mv {} {}.damaged`), which \
+         forgets the pending boot attempt and the kernels marked bad (mark them again)",
+        path.display(), path.display(), path.display(), path.display()
+    )]
     Corrupt { path: PathBuf, reason: String },
     #[error(
         "kernel {release} is marked bad since {} ({reason}); refusing to boot it until the mark \
@@ -45,6 +57,13 @@ pub enum TrialError {
     OtherPending { pending: String, requested: String },
     #[error("no boot attempt of {release} is pending, so there is nothing to confirm")]
     NotPending { release: String },
+}
+
+impl TrialError {
+    /// Whether this is damaged state ([`TrialError::Corrupt`]).
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, TrialError::Corrupt { .. })
+    }
 }
 
 /// A recorded, not yet confirmed, boot of a new kernel.
@@ -109,31 +128,39 @@ impl TrialBoots {
     }
 
     fn load(&self) -> Result<State, TrialError> {
-        let Some(bytes) = read_optional(&self.path, MAX_FILE)? else {
-            return Ok(State {
-                format: TRIAL_FORMAT.to_owned(),
-                pending: None,
-                bad: BTreeMap::new(),
-                last_confirmed: None,
-            });
-        };
         let corrupt = |reason: String| TrialError::Corrupt {
             path: self.path.clone(),
             reason,
         };
-        let state: State = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if state.format != TRIAL_FORMAT {
-            return Err(corrupt(format!(
-                "format {:?} is not {TRIAL_FORMAT:?}",
-                state.format
-            )));
+        let bytes = match read_state(&self.path, MAX_FILE)? {
+            StateFile::Missing => {
+                return Ok(State {
+                    format: TRIAL_FORMAT.to_owned(),
+                    pending: None,
+                    bad: BTreeMap::new(),
+                    last_confirmed: None,
+                });
+            }
+            StateFile::TooLarge { limit } => {
+                return Err(corrupt(format!("larger than the {limit}-byte limit")));
+            }
+            StateFile::Contents(b) => b,
+        };
+        match seal::read::<State, State>(&bytes, TRIAL_FORMAT, TRIAL_FORMAT_V1) {
+            Ok(SealRead::Current(s) | SealRead::Legacy(s)) => Ok(s),
+            Err(Refusal::Corrupt(reason)) => Err(corrupt(reason)),
+            Err(Refusal::Foreign(found)) => Err(corrupt(format!(
+                "format {found:?} is not {TRIAL_FORMAT:?} (written by another mk-upgrade \
+                 version?)"
+            ))),
         }
-        Ok(state)
     }
 
     fn save(&self, state: &State) -> Result<(), TrialError> {
-        let mut bytes = serde_json::to_vec_pretty(state).expect("trial state serializes");
-        bytes.push(b'\n');
+        let mut state = state.clone();
+        // A legacy record read earlier is written in the current format.
+        TRIAL_FORMAT.clone_into(&mut state.format);
+        let bytes = seal::seal(&state).expect("trial state serializes");
         atomic_write(&self.path, &bytes)?;
         Ok(())
     }

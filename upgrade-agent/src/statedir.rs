@@ -47,6 +47,19 @@ pub struct StateDir {
     trusted_keys: Option<PathBuf>,
 }
 
+impl StateDirError {
+    /// Whether this is damaged state (a damaged journal, slot table, floor, stored image or
+    /// trial-boot record): the commands report it with exit code 4 (`Exit::Corrupt`).
+    pub fn is_corrupt_state(&self) -> bool {
+        match self {
+            StateDirError::Journal(e) => e.is_corrupt(),
+            StateDirError::Slots(e) => e.is_corrupt(),
+            StateDirError::Trial(e) => e.is_corrupt(),
+            _ => false,
+        }
+    }
+}
+
 impl StateDir {
     /// The state directory at `root`, with the workload file and trusted keys inside it.
     pub fn new(root: impl Into<PathBuf>) -> Self {
@@ -93,11 +106,13 @@ impl StateDir {
         self.root.join("node-keys")
     }
 
-    /// Creates the directory.
+    /// Creates the directory (and missing parents) with mode 0700, set explicitly whatever
+    /// the umask: it holds the workload file (with its environment values), the journal and
+    /// the kernel images. An existing directory is left as it is.
     pub fn ensure(&self) -> Result<(), StateDirError> {
-        std::fs::create_dir_all(&self.root).map_err(|source| StateDirError::Create {
+        rollback::ensure_private_dir(&self.root).map_err(|e| StateDirError::Create {
             path: self.root.clone(),
-            source,
+            source: e.source,
         })
     }
 
@@ -136,10 +151,10 @@ impl StateDir {
             source,
         };
         if !key.exists() {
-            std::fs::create_dir_all(&dir).map_err(|source| {
+            rollback::ensure_private_dir(&dir).map_err(|e| {
                 err(KeyError::Io {
-                    path: dir.clone(),
-                    source,
+                    path: e.path,
+                    source: e.source,
                 })
             })?;
             let k = NodeKey::generate().map_err(err)?;
@@ -159,5 +174,44 @@ impl StateDir {
     /// The trusted release keys.
     pub fn trusted_release_keys(&self) -> Result<TrustedKeys, StateDirError> {
         TrustedKeys::load_dir(&self.trusted_keys_dir()).map_err(StateDirError::Trusted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn ensure_creates_a_private_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(tmp.path().join("var/lib/mk-upgrade"));
+        state.ensure().unwrap();
+        for d in ["var", "var/lib", "var/lib/mk-upgrade"] {
+            let mode = std::fs::metadata(tmp.path().join(d))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700, "{d}");
+        }
+        state.node_key().unwrap();
+        let mode = std::fs::metadata(state.node_keys_dir())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn damaged_state_is_told_apart_from_other_failures() {
+        let corrupt = StateDirError::Slots(rollback::SlotError::Corrupt {
+            path: "slots.json".into(),
+            reason: "x".into(),
+        });
+        assert!(corrupt.is_corrupt_state());
+        let missing = StateDirError::Slots(rollback::SlotError::Empty {
+            role: rollback::Slot::Previous,
+        });
+        assert!(!missing.is_corrupt_state());
     }
 }

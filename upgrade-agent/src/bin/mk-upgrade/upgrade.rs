@@ -680,10 +680,13 @@ pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
     }
     let slots =
         rollback::Slots::open(&g.state_dir).map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
-    let Some((prev, bytes)) = slots
-        .read(rollback::Slot::Previous)
-        .map_err(|e| CliError::new(Exit::Corrupt, e.to_string()))?
-    else {
+    // The slots never hand out a kernel below the version floor (refused with the exit code
+    // of `apply`'s floor refusal, 6, before anything changed).
+    let previous = match slots.read(rollback::Slot::Previous) {
+        Ok(p) => p,
+        Err(e) => return refuse(a.json, slot_exit(&e), e.to_string(), None),
+    };
+    let Some((prev, bytes)) = previous else {
         return refuse(
             a.json,
             Exit::NothingToDo,
@@ -716,9 +719,19 @@ pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
 /// `mk-upgrade recover` (and mk-agentd at start).
 pub fn recover(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
     if g.resolved_platform() == crate::app::PlatformChoice::Luo {
+        {
+            let _guard = lock(g)?;
+            if let Some(refusal) = journal_gate(g, a.json) {
+                return refusal;
+            }
+        }
         return crate::luo::recover(g, a);
     }
     let _guard = lock(g)?;
+    // A damaged (quarantined) journal is reported, never taken for "nothing to recover".
+    if let Some(refusal) = journal_gate(g, a.json) {
+        return refusal;
+    }
     let mut platform = g.open_emulated()?;
     let observer = CliObserver::new(a.json);
     let slots = g.state().slots().map_err(|e| CliError::state(&e))?;
@@ -748,8 +761,60 @@ pub fn recover(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
             }
             Ok(if failed { Exit::Platform } else { Exit::Ok }.into())
         }
-        Err(e) => Err(op_error(&e)),
+        Err(e) => Err(op_failure(&e)),
     }
+}
+
+/// The documented exit code of a journal failure: damaged (or quarantined) 4, another
+/// version's format 6, anything else 3.
+fn journal_exit(e: &rollback::JournalError) -> Exit {
+    match e {
+        rollback::JournalError::Corrupt { .. } => Exit::Corrupt,
+        rollback::JournalError::UnsupportedFormat { .. } => Exit::Incompatible,
+        rollback::JournalError::Io(_) | rollback::JournalError::Serialize(_) => Exit::Io,
+    }
+}
+
+/// The documented exit code of a kernel-slot failure: damaged table, floor or image 4, a
+/// kernel below the version floor 6 (as `apply`), no such kernel 14, I/O 3.
+fn slot_exit(e: &rollback::SlotError) -> Exit {
+    use rollback::SlotError as E;
+    match e {
+        E::Corrupt { .. } | E::ImageCorrupt { .. } | E::ImageMissing { .. } | E::Release(_) => {
+            Exit::Corrupt
+        }
+        E::BelowFloor { .. } => Exit::Incompatible,
+        E::Empty { .. } => Exit::NothingToDo,
+        E::Io(_) => Exit::Io,
+        E::DigestMismatch { .. } | E::TooLarge { .. } => Exit::Internal,
+    }
+}
+
+/// `op_error`, except that damaged state met by the operation is exit 4 (not 1).
+fn op_failure(e: &ops::OpError) -> CliError {
+    match e {
+        ops::OpError::State(s) if s.is_corrupt_state() => {
+            CliError::new(Exit::Corrupt, e.to_string())
+        }
+        ops::OpError::Upgrade(UpgradeError::Journal(j)) => {
+            CliError::new(journal_exit(j), e.to_string())
+        }
+        ops::OpError::Upgrade(UpgradeError::Slots(s)) if s.is_corrupt() => {
+            CliError::new(Exit::Corrupt, e.to_string())
+        }
+        _ => op_error(e),
+    }
+}
+
+/// The refusal while the journal is damaged, or a quarantined journal is unresolved
+/// (exit 4; 6 for another version's journal); `None` when it is readable.
+fn journal_gate(g: &Global, json_out: bool) -> Option<Result<ExitCode, CliError>> {
+    let journal = match g.journal() {
+        Ok(j) => j,
+        Err(e) => return Some(Err(e)),
+    };
+    let e = journal.current().err()?;
+    Some(refuse(json_out, journal_exit(&e), e.to_string(), None))
 }
 
 /// `mk-upgrade status`.
@@ -766,18 +831,40 @@ pub fn status(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
             .map_err(|e| CliError::new(Exit::Platform, e.to_string()))?;
         (caps, instances)
     };
+    // Damaged state files are reported (and make the exit code), never shown as empty.
+    let mut damaged: Vec<(Exit, String)> = Vec::new();
     let journal = g.journal()?;
-    let in_flight = journal
-        .current()
-        .map_err(|e| CliError::new(Exit::Corrupt, e.to_string()))?;
+    let in_flight = match journal.current() {
+        Ok(r) => r,
+        Err(e) => {
+            damaged.push((journal_exit(&e), e.to_string()));
+            None
+        }
+    };
+    let journal_ok = damaged.is_empty();
     let slots =
         rollback::Slots::open(&g.state_dir).map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
-    let slot = |s| {
-        slots
-            .peek(s)
-            .ok()
-            .flatten()
-            .map(|i| json!({"release": i.release, "sha256": hex::encode(i.sha256)}))
+    let mut slot = |s| match slots.peek(s) {
+        Ok(i) => i.map(|i| json!({"release": i.release, "sha256": hex::encode(i.sha256)})),
+        Err(e) => {
+            let msg = e.to_string();
+            // The same table fails for every slot: report it once.
+            if !damaged.iter().any(|(_, m)| *m == msg) {
+                damaged.push((slot_exit(&e), msg));
+            }
+            None
+        }
+    };
+    let slot_docs = json!({
+        "current": slot(rollback::Slot::Current),
+        "previous": slot(rollback::Slot::Previous),
+    });
+    let floor = match slots.floor() {
+        Ok(f) => f,
+        Err(e) => {
+            damaged.push((slot_exit(&e), e.to_string()));
+            None
+        }
     };
     let doc = json!({
         "platform": caps.kind,
@@ -786,8 +873,12 @@ pub fn status(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
         "spare_cpus": caps.spare_cpus,
         "instances": instances,
         "upgrade_in_flight": in_flight.as_ref().map(record_json),
-        "slots": { "current": slot(rollback::Slot::Current), "previous": slot(rollback::Slot::Previous) },
-        "version_floor": slots.floor().ok().flatten(),
+        // false: the journal is damaged or quarantined, so whether an upgrade is in flight is
+        // unknown (see "errors").
+        "journal_ok": journal_ok,
+        "slots": slot_docs,
+        "version_floor": floor,
+        "errors": damaged.iter().map(|(_, m)| m).collect::<Vec<_>>(),
     });
     if a.json {
         println!("{doc}");
@@ -815,14 +906,27 @@ pub fn status(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
                 "upgrade in flight: {} phase {:?} (run `mk-upgrade recover`)",
                 r.upgrade_id, r.phase
             ),
+            None if !journal_ok => {
+                println!("upgrade in flight: UNKNOWN: the journal is damaged (see below)");
+            }
             None => println!("no upgrade in flight"),
         }
         println!(
             "kernel slots: current {} / previous {}",
             doc["slots"]["current"]["release"], doc["slots"]["previous"]["release"]
         );
+        for (_, m) in &damaged {
+            eprintln!("mk-upgrade: {m}");
+        }
     }
-    Ok(Exit::Ok.into())
+    // Damaged state first: it is what the operator must act on.
+    let exit = damaged
+        .iter()
+        .map(|(e, _)| *e)
+        .find(|e| *e == Exit::Corrupt)
+        .or_else(|| damaged.first().map(|(e, _)| *e))
+        .unwrap_or(Exit::Ok);
+    Ok(exit.into())
 }
 
 /// `mk-upgrade history`.
