@@ -30,6 +30,7 @@ rustPlatform.buildRustPackage {
       ../state-serializers
       ../rollback
       ../upgrade-agent
+      ../demo-kv
       ../tests
     ]) ../kho-proto/fuzz;
   };

@@ -187,6 +187,14 @@ fn a_second_apply_is_refused_while_one_holds_the_lock() {
             .iter()
             .any(|c| c["name"] == "lock" && c["ok"] == false)
     );
+    // Every verb that changes the machine refuses while an upgrade holds the lock, and
+    // changes nothing: `emu down` during an apply must not halt the instances under it.
+    for verb in [&["emu", "down"][..], &["rollback"], &["recover"]] {
+        let r = m.run(verb);
+        assert_eq!(r.code, 9, "{verb:?}: {r:?}");
+    }
+    let (id, kernel, names) = active(&m.status());
+    assert_eq!((id, kernel.as_str(), names.len()), (1, "7.2.13-mkA", 1));
     drop(guard);
     assert_eq!(m.run(&["check"]).code, 0);
 }

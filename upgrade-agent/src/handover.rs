@@ -7,7 +7,6 @@
 //! |------------------------|-----------------|------|--------|------------------------------------------|
 //! | workload spec          | `AgentManifest` | 0    | 1      | JSON of [`WorkloadSpec`]                  |
 //! | task state             | `TaskState`     | 0    | (state-serializers) | postcard `TaskState`        |
-//! | memory state           | `MemoryState`   | 0    | (state-serializers) | postcard `MemoryState`      |
 //! | preserved memfd *i*    | `WorkloadBlob`  | *i*  | 1      | external: token *i* = fd index in offer  |
 //! | memfd identities       | `MemoryState`   | 1    | 1      | postcard `Vec<FdIdentity>` (`integrity = "identity"` only) |
 //!

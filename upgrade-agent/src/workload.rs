@@ -39,6 +39,19 @@ pub const MAX_NAME_LEN: usize = 63;
 pub const MAX_WORKLOADS: usize = 512;
 /// Most preserved descriptors per workload (LUO preserves at most 128 files a session).
 pub const MAX_FDS: usize = 64;
+/// Largest workload file read (it is read whole).
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+/// Longest health-check timeout: a move waits for the check, with the workload frozen
+/// until the check passes or fails, so this bounds the blackout of a failing move.
+pub const MAX_HEALTH_TIMEOUT_MS: u64 = 600_000;
+/// Largest initial size of a declared memfd (1 TiB).
+pub const MAX_MEMFD_BYTES: u64 = 1 << 40;
+/// Most arguments and environment variables of one workload.
+pub const MAX_ARGS: usize = 1024;
+/// Longest single argument, environment key or value, health command word (bytes).
+pub const MAX_STRING_BYTES: usize = 64 * 1024;
+/// Environment variables the agent sets itself (a workload file may not set them).
+pub const RESERVED_ENV: &[&str] = &["MK_STATE_FDS"];
 
 /// The whole workload file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,11 +222,40 @@ pub fn valid_name(name: &str) -> bool {
 
 impl WorkloadFile {
     /// Reads and validates a workload file.
+    /// Reads and validates a workload file: a regular file of at most
+    /// [`MAX_FILE_BYTES`] (a FIFO or a device is refused, never read).
     pub fn load(path: &Path) -> Result<Self, WorkloadError> {
-        let text = std::fs::read_to_string(path).map_err(|source| WorkloadError::Io {
+        use std::io::Read;
+        let io = |source| WorkloadError::Io {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+                .map_err(io)?
+        };
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(WorkloadError::Parse {
+                path: path.to_owned(),
+                message: "not a regular file".to_owned(),
+            });
+        }
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(WorkloadError::Parse {
+                path: path.to_owned(),
+                message: format!("{} bytes, more than {MAX_FILE_BYTES}", meta.len()),
+            });
+        }
+        let mut text = String::new();
+        file.take(MAX_FILE_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(io)?;
         Self::parse(&text, path)
     }
 
@@ -239,6 +281,7 @@ impl WorkloadFile {
             });
         }
         let mut seen = std::collections::BTreeSet::new();
+        let mut addrs: BTreeMap<SocketAddr, String> = BTreeMap::new();
         for (index, w) in self.workloads.iter().enumerate() {
             let bad = |problem: String| WorkloadError::Invalid {
                 path: path.to_owned(),
@@ -282,6 +325,33 @@ impl WorkloadFile {
                     return Err(bad(format!("descriptor name {n:?} is used twice")));
                 }
             }
+            for l in &w.listeners {
+                if let Some(other) = addrs.insert(l.addr, w.name.clone()) {
+                    return Err(bad(format!(
+                        "listen address {} is also declared by workload {other:?}",
+                        l.addr
+                    )));
+                }
+            }
+            check_strings(w).map_err(bad)?;
+            for m in &w.memfds {
+                if m.size > MAX_MEMFD_BYTES {
+                    return Err(bad(format!(
+                        "memfd {:?} size {} is more than {MAX_MEMFD_BYTES}",
+                        m.name, m.size
+                    )));
+                }
+            }
+            if let Some(c) = &w.cpu_max {
+                check_cpu_max(c).map_err(bad)?;
+            }
+            if let Some(t) = w.health.timeout_ms()
+                && !(1..=MAX_HEALTH_TIMEOUT_MS).contains(&t)
+            {
+                return Err(bad(format!(
+                    "health timeout_ms {t} must be 1..={MAX_HEALTH_TIMEOUT_MS}"
+                )));
+            }
             if let HealthCheck::Exec { command, .. } = &w.health
                 && command.is_empty()
             {
@@ -302,6 +372,90 @@ impl WorkloadFile {
     pub fn get(&self, name: &str) -> Option<&WorkloadSpec> {
         self.workloads.iter().find(|w| w.name == name)
     }
+}
+
+impl HealthCheck {
+    /// The check's timeout, if it has one.
+    pub fn timeout_ms(&self) -> Option<u64> {
+        match self {
+            HealthCheck::None => None,
+            HealthCheck::Tcp { timeout_ms, .. }
+            | HealthCheck::Http { timeout_ms, .. }
+            | HealthCheck::Exec { timeout_ms, .. } => Some(*timeout_ms),
+        }
+    }
+}
+
+/// Arguments, environment and health command: bounded counts and lengths, no NUL byte (it
+/// cannot reach `execve`), environment keys without `=` and not reserved by the agent.
+fn check_strings(w: &WorkloadSpec) -> Result<(), String> {
+    let word = |what: &str, s: &str| -> Result<(), String> {
+        if s.len() > MAX_STRING_BYTES {
+            return Err(format!(
+                "{what} is {} bytes; at most {MAX_STRING_BYTES}",
+                s.len()
+            ));
+        }
+        if s.contains('\0') {
+            return Err(format!("{what} {s:?} holds a NUL byte"));
+        }
+        Ok(())
+    };
+    if w.args.len() > MAX_ARGS || w.env.len() > MAX_ARGS {
+        return Err(format!(
+            "{} arguments and {} environment variables; at most {MAX_ARGS} each",
+            w.args.len(),
+            w.env.len()
+        ));
+    }
+    for a in &w.args {
+        word("argument", a)?;
+    }
+    for (k, v) in &w.env {
+        word("environment key", k)?;
+        word("environment value", v)?;
+        if k.is_empty() || k.contains('=') {
+            return Err(format!(
+                "environment key {k:?} must be non-empty and hold no '='"
+            ));
+        }
+        if RESERVED_ENV.contains(&k.as_str()) {
+            return Err(format!("environment key {k} is set by the agent itself"));
+        }
+    }
+    if let HealthCheck::Exec { command, .. } = &w.health {
+        for c in command {
+            word("health command word", c)?;
+        }
+    }
+    Ok(())
+}
+
+/// cgroup v2 `cpu.max`: `max` or a quota in microseconds, optionally followed by one space
+/// and a period of 1000..=1000000 microseconds (the kernel's limits).
+fn check_cpu_max(c: &str) -> Result<(), String> {
+    let bad = || {
+        format!(
+            "cpu_max {c:?} must be \"max\" or \"QUOTA\" or \"QUOTA PERIOD\" (microseconds, \
+             period 1000..=1000000)"
+        )
+    };
+    let mut parts = c.split(' ');
+    let quota = parts.next().ok_or_else(bad)?;
+    if quota != "max" && !quota.parse::<u64>().is_ok_and(|q| q >= 1000) {
+        return Err(bad());
+    }
+    if let Some(period) = parts.next()
+        && !period
+            .parse::<u64>()
+            .is_ok_and(|p| (1000..=1_000_000).contains(&p))
+    {
+        return Err(bad());
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -390,6 +544,88 @@ command = ["/bin/true"]
             WorkloadFile::load(Path::new("/nonexistent/w.toml")),
             Err(WorkloadError::Io { .. })
         ));
+    }
+
+    #[test]
+    fn every_number_and_string_is_bounded() {
+        let batch_env = |env: &str| {
+            GOOD.replace(
+                "args = [\"1000\"]",
+                &format!("args = [\"1000\"]\nenv = {{ {env} }}"),
+            )
+        };
+        let cases = [
+            (
+                GOOD.replace(
+                    "kind = \"exec\"",
+                    "kind = \"exec\"\ntimeout_ms = 18446744073709551615",
+                ),
+                "timeout_ms",
+            ),
+            (
+                GOOD.replace("kind = \"exec\"", "kind = \"exec\"\ntimeout_ms = 0"),
+                "timeout_ms",
+            ),
+            (
+                GOOD.replace(
+                    "name = \"kv-data\"",
+                    "name = \"kv-data\"\nsize = 18446744073709551615",
+                ),
+                "size",
+            ),
+            (batch_env("\"A=B\" = \"1\""), "no '='"),
+            (batch_env("\"\" = \"1\""), "non-empty"),
+            (batch_env("MK_STATE_FDS = \"x\""), "set by the agent"),
+            (batch_env("A = \"x\\u0000y\""), "NUL"),
+            (
+                GOOD.replace(
+                    "args = [\"1000\"]",
+                    "args = [\"1000\"]\ncpu_max = \"max\\nfoo\"",
+                ),
+                "cpu_max",
+            ),
+            (
+                GOOD.replace(
+                    "args = [\"1000\"]",
+                    "args = [\"1000\"]\ncpu_max = \"50000 10\"",
+                ),
+                "cpu_max",
+            ),
+            (
+                format!(
+                    "{GOOD}\n[[workload]]\nname = \"dup\"\nexec = \"/bin/true\"\n[[workload.listen]]\nname = \"l\"\naddr = \"127.0.0.1:7001\"\n"
+                ),
+                "also declared by workload \"kv-1\"",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{e} should contain {want}");
+        }
+        for ok in ["max", "50000", "50000 100000", "max 100000"] {
+            assert!(check_cpu_max(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn only_bounded_regular_files_are_read() {
+        assert!(matches!(
+            WorkloadFile::load(Path::new("/dev/zero")),
+            Err(WorkloadError::Parse { .. })
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        std::fs::write(
+            &big,
+            vec![b'#'; usize::try_from(MAX_FILE_BYTES).unwrap() + 1],
+        )
+        .unwrap();
+        let e = WorkloadFile::load(&big).unwrap_err().to_string();
+        assert!(e.contains("more than"), "{e}");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = WorkloadFile::load(&fifo).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
     }
 
     #[test]

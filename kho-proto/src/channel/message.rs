@@ -192,8 +192,8 @@ pub struct Heartbeat {
 pub struct PrepareMigration {
     /// Stable workload identifier (unique within the upgrade).
     pub workload_id: String,
-    /// Opaque postcard blob produced by the state serializers; the channel does not look
-    /// inside.
+    /// The workload's spec, opaque to the channel (the agent sends the JSON of its
+    /// `WorkloadSpec`; see docs/protocol.md).
     #[serde(with = "wire::bytes")]
     pub spec: Vec<u8>,
 }

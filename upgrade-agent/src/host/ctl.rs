@@ -86,6 +86,10 @@ pub enum Response {
     Error {
         message: String,
     },
+    /// `LuoApply`: there is nothing to do (a rollback with no previous kernel kept).
+    NothingToDo {
+        message: String,
+    },
     /// `LuoApply`: the upgrade ended in this kernel (refused, rolled back, failed).
     Finished {
         record: Box<UpgradeRecord>,

@@ -349,7 +349,7 @@ pub fn fresh_fds(spec: &WorkloadSpec) -> io::Result<Vec<PreservedFd>> {
     Ok(out)
 }
 
-/// Serves one control request of the common protocol (every request but `LuoUpgrade`,
+/// Serves one control request of the common protocol (every request but `LuoApply`,
 /// which only the host agent of a LUO kernel serves, see [`crate::platform::luo`]).
 pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
     let mut inst = lock(shared);

@@ -673,7 +673,56 @@ impl<'a> Orchestrator<'a> {
         self.platform.disconnect(Some(&old_res));
         self.converge_forward(old, new)?;
         self.promote()?;
-        self.finish(Outcome::Upgraded, None)
+        self.end_verified(new, Outcome::Upgraded, None)
+    }
+
+    /// Finishes the record with `outcome` only if it is true: instance `on` is active and
+    /// runs every workload of the upgrade, thawed and committed. Otherwise the record
+    /// finishes as failed, naming what was found, and that is the error.
+    fn end_verified(
+        &mut self,
+        on: InstanceId,
+        outcome: Outcome,
+        error: Option<String>,
+    ) -> Result<(), UpgradeError> {
+        let seen = self.platform.instances();
+        let problem = match &seen {
+            Err(e) => Some(format!("the final check could not list the instances: {e}")),
+            Ok(insts) => match insts
+                .iter()
+                .find(|i| i.id == on && i.state == InstanceState::Active)
+            {
+                None => Some(format!("instance {on} is not active")),
+                Some(inst) => {
+                    let bad: Vec<String> = self
+                        .record
+                        .workloads
+                        .iter()
+                        .filter_map(|w| match inst.workloads.iter().find(|x| x.name == w.name) {
+                            None => Some(format!("{} does not run there", w.name)),
+                            Some(x) if x.frozen => Some(format!("{} is frozen", w.name)),
+                            Some(x) if x.pending_commit => {
+                                Some(format!("{} is not committed", w.name))
+                            }
+                            Some(_) => None,
+                        })
+                        .collect();
+                    (!bad.is_empty()).then(|| bad.join(", "))
+                }
+            },
+        };
+        match problem {
+            None => self.finish(outcome, error),
+            Some(p) => {
+                let msg = format!(
+                    "the upgrade would have ended {outcome:?}, but the final check on instance \
+                     {on} found: {p}{}",
+                    error.map(|e| format!(" (after: {e})")).unwrap_or_default()
+                );
+                self.finish(Outcome::Failed, Some(msg.clone()))?;
+                Err(UpgradeError::Failed(msg))
+            }
+        }
     }
 
     /// Halts `old` (if still active), gives its resources to `new`, removes it.
@@ -804,7 +853,7 @@ impl<'a> Orchestrator<'a> {
             return Err(UpgradeError::Failed(msg));
         }
         self.restore_old_resources()?;
-        self.finish(Outcome::RolledBack, Some(reason.clone()))?;
+        self.end_verified(old, Outcome::RolledBack, Some(reason.clone()))?;
         Err(UpgradeError::RolledBack { reason })
     }
 

@@ -80,18 +80,32 @@ pub fn recover(
     Ok(super::recover(platform, setup)?)
 }
 
+/// What [`recover_journal_only`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JournalOnly {
+    /// No upgrade in flight.
+    Nothing,
+    /// The upgrade never reached its kexec: finished as the planner decided.
+    Finished(UpgradeRecord),
+    /// The upgrade reached its kexec: only the host agent can tell whether the new kernel
+    /// carried it over (it resumes it) or the machine cold-booted (its trial-boot check
+    /// finishes it); it is left to the agent (`mk-agentd serve`).
+    LeftToAgent(UpgradeRecord),
+}
+
 /// Recovery where the platform is not driven from this process (on LUO the host agent owns
-/// the kernel side and carries on with whatever a kexec carried over): an upgrade still
-/// journaled here was never carried over, so it is finished as the planner decides for a
-/// record that nothing but the journal kept (`running` names the running kernel).
-pub fn recover_journal_only(
-    state: &StateDir,
-    running: &str,
-) -> Result<Option<UpgradeRecord>, OpError> {
+/// `/dev/liveupdate` and carries on with whatever a kexec carried over): an upgrade still
+/// journaled here that never reached its kexec is finished as the planner decides for a
+/// record that nothing but the journal kept (`running` names the running kernel); one that
+/// reached it is left to the host agent.
+pub fn recover_journal_only(state: &StateDir, running: &str) -> Result<JournalOnly, OpError> {
     let mut journal = state.journal()?;
     let Some(mut record) = journal.current().map_err(UpgradeError::from)? else {
-        return Ok(None);
+        return Ok(JournalOnly::Nothing);
     };
+    if record.phase >= crate::record::Phase::Booted && record.phase != crate::record::Phase::Done {
+        return Ok(JournalOnly::LeftToAgent(record));
+    }
     let seen = super::plan::Observed {
         replace: true,
         carried_over: false,
@@ -101,7 +115,7 @@ pub fn recover_journal_only(
         super::plan::Plan::Abandon { outcome, reason } => {
             super::abandon(&mut record);
             record.events.push(crate::record::Event {
-                t_ms: 0,
+                t_ms: record.events.last().map_or(0, |e| e.t_ms),
                 what: format!("recovered: {reason}"),
                 journaled: None,
             });
@@ -121,5 +135,5 @@ pub fn recover_journal_only(
         }
     }
     journal.finish(&record).map_err(UpgradeError::from)?;
-    Ok(Some(record))
+    Ok(JournalOnly::Finished(record))
 }

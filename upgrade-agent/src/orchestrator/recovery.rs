@@ -56,7 +56,7 @@ pub fn recover<'a>(
             );
             o.converge_forward(old, new)
                 .and_then(|()| o.promote())
-                .and_then(|()| o.finish(Outcome::Upgraded, None))
+                .and_then(|()| o.end_verified(new, Outcome::Upgraded, None))
         }
         Plan::Reconcile => {
             o.step(phase, format!("recovery: resuming from phase {phase:?}"))?;

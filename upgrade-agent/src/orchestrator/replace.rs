@@ -114,7 +114,7 @@ impl Orchestrator<'_> {
         )?;
         self.platform.confirm()?;
         self.promote()?;
-        self.finish(Outcome::Upgraded, None)
+        self.end_verified(new, Outcome::Upgraded, None)
     }
 
     /// Back in the previous kernel after a failure: claims every returned workload.
@@ -141,7 +141,8 @@ impl Orchestrator<'_> {
         }
         if stuck.is_empty() {
             self.note("back on the previous kernel: every workload restarted and healthy".into());
-            self.finish(Outcome::RolledBack, Some(reason.clone()))?;
+            let old = self.record.old_instance;
+            self.end_verified(old, Outcome::RolledBack, Some(reason.clone()))?;
             Err(UpgradeError::RolledBack { reason })
         } else {
             let msg = format!(

@@ -106,7 +106,18 @@ fn recover(state_dir: &std::path::Path, json: bool) -> ExitCode {
         // The LUO host agent (mk-agentd serve) carries on with what a kexec carried over;
         // what is still journaled here never reached its kexec.
         let release = upgrade_agent::platform::luo::running_release();
-        ops::recover_journal_only(&state, &release)
+        ops::recover_journal_only(&state, &release).map(|r| match r {
+            ops::JournalOnly::Finished(rec) => Some(rec),
+            ops::JournalOnly::Nothing => None,
+            ops::JournalOnly::LeftToAgent(rec) => {
+                eprintln!(
+                    "mk-agentd: upgrade {} reached its kexec (phase {:?}): left to the host \
+                     agent (mk-agentd serve)",
+                    rec.upgrade_id, rec.phase
+                );
+                None
+            }
+        })
     } else {
         let mut platform = match upgrade_agent::platform::emulated::EmulatedPlatform::new(state_dir)
         {

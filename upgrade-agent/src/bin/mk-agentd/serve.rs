@@ -315,9 +315,9 @@ fn apply(state: &StateDir, platform: &mut LuoPlatform, ask: Ask, fds: Vec<OwnedF
         }
     } else {
         let Some(p) = platform.previous() else {
-            return error(
-                "no previous kernel is kept by this agent: nothing to roll back to".into(),
-            );
+            return Response::NothingToDo {
+                message: "no previous kernel is kept by this agent: nothing to roll back to".into(),
+            };
         };
         previous = (
             p.image.as_fd().try_clone_to_owned(),
@@ -333,6 +333,11 @@ fn apply(state: &StateDir, platform: &mut LuoPlatform, ask: Ask, fds: Vec<OwnedF
             Some(Err(e)) => return error(format!("duplicating the previous initramfs: {e}")),
             None => None,
         };
+        // The record names the image it boots, as for an apply.
+        match state_serializers::digest_fd(image.as_fd()) {
+            Ok(d) => sha256 = d.sha256,
+            Err(e) => return error(format!("digesting the previous kernel's image: {e}")),
+        }
         LoadableKernel {
             image: image.as_fd(),
             release: previous.2.clone(),

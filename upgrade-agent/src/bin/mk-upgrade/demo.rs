@@ -136,6 +136,16 @@ struct DemoRun {
 
 /// Runs the demo.
 pub fn run(_g: &Global, a: DemoArgs) -> Result<ExitCode, CliError> {
+    // bad-signature is an operator's mistake any build refuses; the others are test-only
+    // faults, refused up front by a build without them (before anything is set up).
+    if a.inject.is_some_and(|f| f != DemoFault::BadSignature) && !upgrade_agent::fault::ENABLED {
+        return Err(CliError::new(
+            Exit::Usage,
+            "--inject corrupt-region|health-fail|crash-agent needs a build with fault \
+             injection (cargo build --features upgrade-agent/fault-injection); release \
+             builds never carry it",
+        ));
+    }
     let started = Instant::now();
     let tmp = tempfile::Builder::new()
         .prefix("mk-upgrade-demo.")
@@ -286,13 +296,6 @@ fn upgrade(
 ) -> Result<(Option<UpgradeRecord>, Option<String>), CliError> {
     if inject == Some(DemoFault::CrashAgent) {
         return crash_and_recover(g, kernel_b, observer);
-    }
-    if inject.is_some() && !upgrade_agent::fault::ENABLED {
-        return Err(CliError::new(
-            Exit::Usage,
-            "--inject needs a build with fault injection (cargo build --features \
-             upgrade-agent/fault-injection); release builds never carry it",
-        ));
     }
     let mut platform = g.open_emulated()?;
     let current =

@@ -71,6 +71,9 @@ pub fn down(platform: &mut dyn Platform) -> Result<usize, CliError> {
 pub fn run(g: &Global, a: EmuArgs) -> Result<ExitCode, CliError> {
     match a.command {
         EmuCommand::Init { kernel, cpus, json } => {
+            // Every verb that changes the machine takes the upgrade lock (or refuses,
+            // naming the holder): an upgrade in flight is never pulled from under it.
+            let _guard = crate::upgrade::lock(g)?;
             let doc = init(g, &kernel, &cpus)?;
             if json {
                 println!("{doc}");
@@ -103,6 +106,7 @@ pub fn run(g: &Global, a: EmuArgs) -> Result<ExitCode, CliError> {
             }
         }
         EmuCommand::Down => {
+            let _guard = crate::upgrade::lock(g)?;
             let mut p = g.open_emulated()?;
             let n = down(&mut p)?;
             println!("{n} instance(s) halted and removed");

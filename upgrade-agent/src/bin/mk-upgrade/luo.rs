@@ -176,6 +176,14 @@ fn report(handed: Handed, json_out: bool, kernel_after: &str) -> ExitCode {
             }
             Exit::Ok.into()
         }
+        Handed::NothingToDo(message) => {
+            if json_out {
+                println!("{}", json!({"result": "nothing-to-do", "error": message}));
+            } else {
+                eprintln!("mk-upgrade: {message}");
+            }
+            Exit::NothingToDo.into()
+        }
         Handed::Finished { record, error } => {
             if json_out {
                 println!("{}", record.report_json());
@@ -289,7 +297,7 @@ pub fn recover(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
     let _guard = lock(g)?;
     let release = upgrade_agent::platform::luo::running_release();
     match ops::recover_journal_only(&g.state(), &release) {
-        Ok(None) => {
+        Ok(ops::JournalOnly::Nothing) => {
             if a.json {
                 println!("{}", json!({ "result": "nothing-to-recover" }));
             } else {
@@ -297,13 +305,25 @@ pub fn recover(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
             }
             Ok(Exit::Ok.into())
         }
-        Ok(Some(rec)) => {
+        Ok(ops::JournalOnly::Finished(rec)) => {
             if a.json {
                 println!("{}", rec.report_json());
             } else {
                 println!(
                     "finished an interrupted upgrade: {}",
                     rec.error.as_deref().unwrap_or_default()
+                );
+            }
+            Ok(Exit::Ok.into())
+        }
+        Ok(ops::JournalOnly::LeftToAgent(rec)) => {
+            if a.json {
+                println!("{}", rec.report_json());
+            } else {
+                println!(
+                    "upgrade {} reached its kexec (phase {:?}): the host agent (mk-agentd \
+                     serve) finishes it",
+                    rec.upgrade_id, rec.phase
                 );
             }
             Ok(Exit::Ok.into())

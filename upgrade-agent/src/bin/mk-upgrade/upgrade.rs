@@ -577,6 +577,8 @@ pub(crate) fn refuse(
 
 /// `mk-upgrade apply`.
 pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
+    // A fault this build does not carry is refused before anything is checked or stored.
+    faults(a.inject)?;
     if g.resolved_platform() == crate::app::PlatformChoice::Luo {
         return crate::luo::apply(g, a);
     }

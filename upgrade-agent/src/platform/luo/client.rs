@@ -29,6 +29,8 @@ pub enum Handed {
     /// The agent kexeced (the control socket closed without an answer): the next kernel's
     /// agent reports the result.
     Kexeced,
+    /// Nothing to do (a rollback with no previous kernel kept); nothing changed.
+    NothingToDo(String),
     /// The upgrade ended in this kernel (refused, rolled back before the kexec, failed).
     Finished {
         record: Box<UpgradeRecord>,
@@ -113,6 +115,7 @@ impl AgentClient {
         let fds: Vec<BorrowedFd<'_>> = kernel.into_iter().chain(initrd).collect();
         match ctl::call_with_fds(0, &self.socket(), &req, &fds, UPGRADE_TIMEOUT) {
             Ok((Response::Finished { record, error }, _)) => Ok(Handed::Finished { record, error }),
+            Ok((Response::NothingToDo { message }, _)) => Ok(Handed::NothingToDo(message)),
             Ok((other, _)) => Err(PlatformError::Instance {
                 id: 0,
                 what: format!("unexpected answer to LuoApply: {other:?}"),
