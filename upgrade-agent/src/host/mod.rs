@@ -3,5 +3,6 @@
 //! ([`ctl`]), and the receiving end of the inter-instance channel ([`receiver`]).
 
 pub mod ctl;
+pub mod peer;
 pub mod receiver;
 pub mod supervisor;

@@ -561,9 +561,17 @@ fn halt_now(shared: &Shared) -> ! {
 /// Serves control connections on `ctl` (one thread each) with `handler`, until the
 /// listener fails; a `Halt` ends the process (see [`handle_ctl`]).
 pub fn serve_ctl_listener(shared: &Shared, ctl: &UnixListener, handler: &Arc<CtlHandler>) {
+    let gate = super::peer::Gate::new(super::peer::MAX_CONTROL_CONNECTIONS);
     for conn in ctl.incoming().flatten() {
+        // Only root or the agent's own user, and at most a few at once (host::peer).
+        let Some(ticket) = super::peer::admit(&gate, &conn, "ctl.sock") else {
+            continue;
+        };
         let shared = Arc::clone(shared);
         let handler = Arc::clone(handler);
-        std::thread::spawn(move || serve_ctl(&shared, &conn, handler.as_ref()));
+        std::thread::spawn(move || {
+            serve_ctl(&shared, &conn, handler.as_ref());
+            drop(ticket);
+        });
     }
 }

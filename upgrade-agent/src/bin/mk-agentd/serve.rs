@@ -13,7 +13,6 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -174,8 +173,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), AgentError> {
         serde_json::to_vec(&report).unwrap_or_default(),
     );
     let path = ctl_socket(&opts.state_dir);
-    let _ = std::fs::remove_file(&path);
-    let ctl = UnixListener::bind(&path).map_err(|source| AgentError::Io {
+    let ctl = upgrade_agent::host::peer::bind_private(&path).map_err(|source| AgentError::Io {
         what: format!("binding {}", path.display()),
         source,
     })?;

@@ -73,17 +73,24 @@ pub fn run(state_dir: &Path, id: InstanceId) -> Result<(), InstanceError> {
     }));
     let bind = |name: &str| -> Result<UnixListener, InstanceError> {
         let path = dir.join(name);
-        let _ = std::fs::remove_file(&path);
-        UnixListener::bind(&path).map_err(|source| InstanceError::Bind { path, source })
+        crate::host::peer::bind_private(&path)
+            .map_err(|source| InstanceError::Bind { path, source })
     };
     let chan = bind("chan.sock")?;
     let ctl = bind("ctl.sock")?;
     {
         let shared = Arc::clone(&shared);
         std::thread::spawn(move || {
+            let gate = crate::host::peer::Gate::new(crate::host::peer::MAX_CHANNEL_CONNECTIONS);
             for conn in chan.incoming().flatten() {
+                let Some(ticket) = crate::host::peer::admit(&gate, &conn, "chan.sock") else {
+                    continue;
+                };
                 let shared = Arc::clone(&shared);
-                std::thread::spawn(move || crate::host::receiver::serve(&shared, conn));
+                std::thread::spawn(move || {
+                    crate::host::receiver::serve(&shared, conn);
+                    drop(ticket);
+                });
             }
         });
     }
