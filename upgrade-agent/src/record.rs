@@ -126,6 +126,11 @@ pub struct UpgradeRecord {
     /// Recovery ran on this record (the agent died mid-upgrade).
     #[serde(default)]
     pub recovered: bool,
+    /// The version floor the verified image's manifest sets, raised when the upgrade ends
+    /// upgraded (kept in the record so that the process or kernel that finishes it, after a
+    /// crash or a kexec, raises it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_floor: Option<String>,
 }
 
 impl UpgradeRecord {

@@ -63,6 +63,7 @@ fn host_agent_serves_ping_and_refuses_upgrades_without_liveupdate() {
             Faults::NONE,
             None,
             None,
+            None,
         )
         .unwrap();
     match handed {
@@ -79,6 +80,7 @@ fn host_agent_serves_ping_and_refuses_upgrades_without_liveupdate() {
             "",
             Faults::NONE,
             Some(std::os::fd::AsFd::as_fd(&kernel)),
+            None,
             None,
         )
         .unwrap();

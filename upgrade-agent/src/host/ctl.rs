@@ -64,6 +64,10 @@ pub enum Request {
         kernel_attached: bool,
         /// Whether an initramfs is attached (after the kernel, if any).
         initrd_attached: bool,
+        /// The version floor the verified image's manifest sets (raised when the upgrade
+        /// ends upgraded, by whichever kernel finishes it).
+        #[serde(default)]
+        floor: Option<String>,
     },
 }
 
@@ -88,6 +92,10 @@ pub enum Response {
     },
     /// `LuoApply`: there is nothing to do (a rollback with no previous kernel kept).
     NothingToDo {
+        message: String,
+    },
+    /// `LuoApply`: refused, the kernel is below the version floor; nothing changed.
+    BelowFloor {
         message: String,
     },
     /// `LuoApply`: the upgrade ended in this kernel (refused, rolled back, failed).

@@ -289,6 +289,7 @@ impl<'a> Orchestrator<'a> {
             outcome: None,
             error: None,
             recovered: false,
+            version_floor: setup.promotion.as_ref().and_then(|p| p.floor.clone()),
         };
         let mut o = Self::with_record(platform, setup, record)?;
         o.t_base_ms = 0;
@@ -747,33 +748,62 @@ impl<'a> Orchestrator<'a> {
         };
         let after = self.record.kernel_after.clone();
         let current = p.slots.peek(rollback::Slot::Current)?.map(|i| i.release);
-        if current.as_deref() == Some(after.as_str()) {
+        let swap = current.as_deref() != Some(after.as_str())
+            && match self.record.kind {
+                UpgradeKind::Apply => {
+                    p.slots.peek(rollback::Slot::Candidate)?.map(|i| i.release)
+                        == Some(after.clone())
+                }
+                UpgradeKind::Rollback => {
+                    p.slots.peek(rollback::Slot::Previous)?.map(|i| i.release)
+                        == Some(after.clone())
+                }
+            };
+        let floor = self.record.version_floor.clone();
+        // The floor only ever rises (rollback::Slots::raise_floor).
+        let raise = match (&floor, p.slots.floor()?) {
+            (Some(_), None) => true,
+            (Some(f), Some(old)) => rollback::Release::parse(&old)
+                .ok()
+                .zip(rollback::Release::parse(f).ok())
+                .is_some_and(|(old, new)| old.is_below(&new)),
+            (None, _) => false,
+        };
+        if !swap && !raise {
             return Ok(());
         }
-        let what = match self.record.kind {
-            UpgradeKind::Apply => format!("kernel slots: {after} becomes current"),
-            UpgradeKind::Rollback => format!("kernel slots: back to {after}"),
-        };
-        self.step(Phase::HandingOver, what)?;
+        let mut what = Vec::new();
+        if swap {
+            what.push(match self.record.kind {
+                UpgradeKind::Apply => format!("kernel slots: {after} becomes current"),
+                UpgradeKind::Rollback => format!("kernel slots: back to {after}"),
+            });
+        }
+        if let Some(f) = &floor
+            && raise
+        {
+            what.push(format!("version floor raised to {f}"));
+        }
+        self.step(Phase::HandingOver, what.join("; "))?;
         let p = self
             .setup
             .promotion
             .as_mut()
             .expect("checked above: promotion is set");
-        match self.record.kind {
-            UpgradeKind::Apply => {
-                if p.slots.peek(rollback::Slot::Candidate)?.map(|i| i.release) == Some(after) {
+        if swap {
+            match self.record.kind {
+                UpgradeKind::Apply => {
                     p.slots.promote_candidate()?;
                 }
-            }
-            UpgradeKind::Rollback => {
-                if p.slots.peek(rollback::Slot::Previous)?.map(|i| i.release) == Some(after) {
+                UpgradeKind::Rollback => {
                     p.slots.swap_for_rollback()?;
                 }
             }
         }
-        if let Some(floor) = p.floor.clone() {
-            p.slots.raise_floor(&floor)?;
+        if let Some(f) = floor
+            && raise
+        {
+            p.slots.raise_floor(&f)?;
         }
         Ok(())
     }

@@ -189,6 +189,7 @@ mod tests {
             outcome: None,
             error: None,
             recovered: false,
+            version_floor: None,
         }
     }
 

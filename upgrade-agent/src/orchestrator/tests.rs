@@ -381,6 +381,40 @@ fn slot_promotion_is_a_journaled_step_of_the_upgrade() {
         "7.2.13-mkA"
     );
     assert_eq!(slots.floor().unwrap().as_deref(), Some("7.2.13"));
+    // The floor travels in the record, so whoever finishes the upgrade raises it.
+    assert_eq!(w.history()[0].version_floor.as_deref(), Some("7.2.13"));
+}
+
+#[test]
+fn the_kernel_that_finishes_a_replace_upgrade_raises_the_floor() {
+    let w = World::new();
+    let mut p = w.platform(true);
+    let mut setup = w.setup();
+    setup.promotion = Some(Promotion {
+        slots: rollback::Slots::open(w.dir.path()).unwrap(),
+        floor: Some("7.2.13".into()),
+    });
+    let fd = kernel_memfd();
+    let kernel = LoadableKernel {
+        image: std::os::fd::AsFd::as_fd(&fd),
+        release: "7.2.13-mkB".into(),
+        sha256: [7; 32],
+        initrd: None,
+        cmdline: "",
+    };
+    let mut o =
+        Orchestrator::begin(&mut p, setup, UpgradeKind::Apply, "7.2.13-mkB", [7; 32]).unwrap();
+    o.run(&kernel).unwrap();
+    assert!(
+        o.record
+            .events
+            .iter()
+            .any(|e| e.what.contains("version floor raised to 7.2.13")),
+        "{:?}",
+        o.record.events
+    );
+    let slots = rollback::Slots::open(w.dir.path()).unwrap();
+    assert_eq!(slots.floor().unwrap().as_deref(), Some("7.2.13"));
 }
 
 #[test]

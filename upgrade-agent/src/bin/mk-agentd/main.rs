@@ -166,7 +166,21 @@ fn recover(state_dir: &std::path::Path, json: bool) -> ExitCode {
         }
         Err(e) => {
             eprintln!("mk-agentd: {e}");
-            Exit::Internal.into()
+            // The same codes as `mk-upgrade recover` (docs/cli.md): a damaged or quarantined
+            // journal is corrupt state, not an internal error.
+            let corrupt = match &e {
+                ops::OpError::State(s) => s.is_corrupt_state(),
+                ops::OpError::Upgrade(upgrade_agent::orchestrator::UpgradeError::Journal(j)) => {
+                    j.is_corrupt()
+                }
+                ops::OpError::Upgrade(_) => false,
+            };
+            if corrupt {
+                Exit::Corrupt
+            } else {
+                Exit::Internal
+            }
+            .into()
         }
     }
 }

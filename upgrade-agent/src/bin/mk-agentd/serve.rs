@@ -21,7 +21,7 @@ use upgrade_agent::handover;
 use upgrade_agent::host::ctl::{Request, Response};
 use upgrade_agent::host::supervisor::{self, CtlHandler, Instance, Shared, lock};
 use upgrade_agent::orchestrator::ops::{self, OpError};
-use upgrade_agent::orchestrator::{Quiet, SystemEnv};
+use upgrade_agent::orchestrator::{Promotion, Quiet, SystemEnv};
 use upgrade_agent::platform::LoadableKernel;
 use upgrade_agent::platform::luo::RESULT_PREFIX;
 use upgrade_agent::platform::luo::host::{KernelRef, LuoPlatform};
@@ -149,7 +149,11 @@ pub fn serve(opts: &ServeOptions) -> Result<(), AgentError> {
         trial_check(&state, &release);
     }
     let env = SystemEnv::default();
-    let result = match ops::recover(&state, &mut platform, None, &Quiet, &env) {
+    let promotion = state
+        .slots()
+        .ok()
+        .map(|slots| Promotion { slots, floor: None });
+    let result = match ops::recover(&state, &mut platform, promotion, &Quiet, &env) {
         Ok(Some(rec)) => Some(print_result(&rec)),
         Ok(None) => None,
         Err(e) => {
@@ -194,6 +198,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), AgentError> {
             faults,
             kernel_attached,
             initrd_attached,
+            floor,
         } => {
             let ask = Ask {
                 kind,
@@ -203,6 +208,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), AgentError> {
                 faults,
                 kernel_attached,
                 initrd_attached,
+                floor,
             };
             let mut p = platform
                 .lock()
@@ -274,6 +280,7 @@ struct Ask {
     faults: Faults,
     kernel_attached: bool,
     initrd_attached: bool,
+    floor: Option<String>,
 }
 
 /// Runs one upgrade on this kernel with the orchestrator. Returns only when it ended here
@@ -317,6 +324,26 @@ fn apply(state: &StateDir, platform: &mut LuoPlatform, ask: Ask, fds: Vec<OwnedF
                 message: "no previous kernel is kept by this agent: nothing to roll back to".into(),
             };
         };
+        // The floor is never bypassed, not by a rollback either (docs/signing.md).
+        match state.slots().and_then(|s| Ok(s.floor()?)) {
+            Ok(Some(floor))
+                if rollback::Release::parse(&p.release)
+                    .ok()
+                    .zip(rollback::Release::parse(&floor).ok())
+                    .is_none_or(|(r, f)| r.is_below(&f)) =>
+            {
+                return Response::BelowFloor {
+                    message: format!(
+                        "the previous kernel {} is below the version floor {floor} (the \
+                         floor is never bypassed); to go back, apply a signed kernel at or \
+                         above {floor}",
+                        p.release
+                    ),
+                };
+            }
+            Ok(_) => {}
+            Err(e) => return error(format!("the version floor: {e}")),
+        }
         previous = (
             p.image.as_fd().try_clone_to_owned(),
             p.initrd.as_ref().map(|i| i.as_fd().try_clone_to_owned()),
@@ -344,11 +371,20 @@ fn apply(state: &StateDir, platform: &mut LuoPlatform, ask: Ask, fds: Vec<OwnedF
             cmdline: &previous.3,
         }
     };
+    let slots = match state.slots() {
+        Ok(s) => s,
+        Err(e) => return error(format!("kernel slots: {e}")),
+    };
     let req = ops::Request {
         kind: ask.kind,
         kernel,
         faults: ask.faults,
-        promotion: None,
+        // LUO keeps its kernels in the agent (not in slots); the version floor is raised
+        // by whichever kernel finishes the upgrade.
+        promotion: Some(Promotion {
+            slots,
+            floor: ask.floor,
+        }),
     };
     let env = SystemEnv::default();
     match ops::execute(state, platform, req, &Quiet, &env) {

@@ -176,6 +176,14 @@ fn report(handed: Handed, json_out: bool, kernel_after: &str) -> ExitCode {
             }
             Exit::Ok.into()
         }
+        Handed::BelowFloor(message) => {
+            if json_out {
+                println!("{}", json!({"result": "refused", "error": message}));
+            } else {
+                eprintln!("mk-upgrade: {message}");
+            }
+            Exit::Incompatible.into()
+        }
         Handed::NothingToDo(message) => {
             if json_out {
                 println!("{}", json!({"result": "nothing-to-do", "error": message}));
@@ -263,6 +271,10 @@ pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
             faults,
             Some(image.memfd.as_fd()),
             initrd.as_ref().map(AsFd::as_fd),
+            image
+                .manifest
+                .as_ref()
+                .and_then(|m| m.version_floor.clone()),
         )
         .map_err(|e| CliError::new(Exit::Platform, e.to_string()))?;
     Ok(report(handed, a.json, &image.info.release))
@@ -283,6 +295,7 @@ pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
             &[0; 32],
             "",
             upgrade_agent::fault::Faults::NONE,
+            None,
             None,
             None,
         )

@@ -31,6 +31,8 @@ pub enum Handed {
     Kexeced,
     /// Nothing to do (a rollback with no previous kernel kept); nothing changed.
     NothingToDo(String),
+    /// Refused: the kernel is below the version floor; nothing changed.
+    BelowFloor(String),
     /// The upgrade ended in this kernel (refused, rolled back before the kexec, failed).
     Finished {
         record: Box<UpgradeRecord>,
@@ -102,6 +104,7 @@ impl AgentClient {
         faults: Faults,
         kernel: Option<BorrowedFd<'_>>,
         initrd: Option<BorrowedFd<'_>>,
+        floor: Option<String>,
     ) -> Result<Handed, PlatformError> {
         let req = Request::LuoApply {
             kind,
@@ -111,11 +114,13 @@ impl AgentClient {
             faults,
             kernel_attached: kernel.is_some(),
             initrd_attached: initrd.is_some(),
+            floor,
         };
         let fds: Vec<BorrowedFd<'_>> = kernel.into_iter().chain(initrd).collect();
         match ctl::call_with_fds(0, &self.socket(), &req, &fds, UPGRADE_TIMEOUT) {
             Ok((Response::Finished { record, error }, _)) => Ok(Handed::Finished { record, error }),
             Ok((Response::NothingToDo { message }, _)) => Ok(Handed::NothingToDo(message)),
+            Ok((Response::BelowFloor { message }, _)) => Ok(Handed::BelowFloor(message)),
             Ok((other, _)) => Err(PlatformError::Instance {
                 id: 0,
                 what: format!("unexpected answer to LuoApply: {other:?}"),
