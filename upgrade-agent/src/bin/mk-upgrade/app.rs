@@ -107,7 +107,7 @@ impl CliError {
             StateDirError::Workloads(upgrade_agent::workload::WorkloadError::Io { .. }) => Exit::Io,
             StateDirError::Workloads(_) => Exit::Usage,
             StateDirError::Trusted(_) => Exit::Untrusted,
-            StateDirError::Journal(rollback::JournalError::Corrupt { .. }) => Exit::Corrupt,
+            s if s.is_corrupt_state() => Exit::Corrupt,
             _ => Exit::Io,
         };
         CliError::new(exit, e.to_string())
@@ -124,6 +124,8 @@ pub fn upgrade_exit(e: &UpgradeError) -> Exit {
     match e {
         UpgradeError::RolledBack { .. } => Exit::RolledBack,
         UpgradeError::Failed(_) | UpgradeError::Platform(_) => Exit::Platform,
+        UpgradeError::Journal(j) if j.is_corrupt() => Exit::Corrupt,
+        UpgradeError::Slots(s) if s.is_corrupt() => Exit::Corrupt,
         UpgradeError::Journal(_) | UpgradeError::Slots(_) => Exit::Internal,
         UpgradeError::Refused(_) => Exit::PreflightFailed,
     }
