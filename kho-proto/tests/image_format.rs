@@ -4,10 +4,10 @@
 mod helpers;
 
 use helpers::*;
-use kho_proto::image::layout::{ENTRY_LEN, HEADER_LEN, MAX_REGIONS};
+use kho_proto::image::layout::{ENTRY_LEN, HEADER_LEN, MAX_REGIONS, SIGNATURE_BLOCK_LEN};
 use kho_proto::image::{
-    BuildError, ExternalRef, FORMAT_MAJOR, FailureClass, ImageBuilder, ImageError, ImageView,
-    RegionData, RegionKind, SignatureStatus, VerifyOptions, verify_external,
+    BuildError, ExternalRef, FORMAT_MAJOR, FORMAT_MINOR, FailureClass, ImageBuilder, ImageError,
+    ImageView, RegionData, RegionKind, SignatureStatus, VerifyOptions, verify_external,
 };
 use kho_proto::keys::{KeyError, NodeKey};
 
@@ -24,7 +24,8 @@ fn round_trip_small_image() {
     let view = ImageView::parse(&bytes).unwrap();
     let h = view.header();
     assert_eq!(h.major, FORMAT_MAJOR);
-    assert_eq!(h.minor, 0);
+    assert_eq!(h.minor, FORMAT_MINOR);
+    assert_eq!(FORMAT_MINOR, 1);
     assert_eq!(h.producer_release, "6.12.0-mk-old");
     assert_eq!(h.upgrade_id, [0x11; 16]);
     assert_eq!(h.generation, 3);
@@ -401,10 +402,11 @@ fn signatures() {
     ));
     assert_eq!(e.class(), FailureClass::Untrusted);
 
-    // A signature over other bytes.
+    // A signature over other bytes (its last byte changed, the block CRC32 recomputed).
     let mut bad = signed.clone();
     let n = bad.len();
-    bad[n - 1] ^= 1;
+    bad[n - 5] ^= 1;
+    reseal_signature_block_crc(&mut bad);
     let e = ImageView::parse(&bad).unwrap().verify(&opts).unwrap_err();
     assert!(matches!(
         e,
@@ -416,7 +418,7 @@ fn signatures() {
 
     // Stripping the signature (clearing the flag, cutting the block, resealing) yields an
     // unsigned image, refused when a signature is required.
-    let mut stripped = signed[..signed.len() - 96].to_vec();
+    let mut stripped = signed[..signed.len() - 100].to_vec();
     put32(&mut stripped, 12, 0);
     let len = stripped.len() as u64;
     put64(&mut stripped, 24, len);
@@ -535,6 +537,128 @@ fn messages_name_field_and_offset() {
     assert!(msg.contains(&format!("offset {}", entry(1) + 2)), "{msg}");
 }
 
+/// Format 1.1: a signed image's block ends with a CRC32 of the signer key and signature,
+/// checked with or without trusted keys. Before 1.1, a damaged block was reported as
+/// "signature present, not checked" and the image passed without keys.
+#[test]
+fn signature_block_crc_is_written_and_checked_without_keys() {
+    let key = test_key();
+    let keys = trusted(&key);
+    let unsigned = small_builder().build().unwrap();
+    let signed = small_builder().build_signed(&key).unwrap();
+    // Layout: digest (32), key (32), signature (64), CRC32 (4) = a 132-byte trailer.
+    assert_eq!(signed.len(), unsigned.len() + 100);
+    let view = ImageView::parse(&signed).unwrap();
+    let block = view.header().manifest_offset as usize + 32;
+    assert_eq!(block + 100, signed.len());
+    let crc = crc32fast::hash(&signed[block..block + 96]);
+    assert_eq!(le32(&signed, block + 96), crc);
+    assert_eq!(view.header().signature_block_crc32, Some(crc));
+    assert_eq!(
+        view.verify(&VerifyOptions::default()).unwrap().signature,
+        SignatureStatus::NotChecked {
+            key_id: key.key_id()
+        }
+    );
+
+    // Every byte of the block, and of the CRC field, flipped: refused without keys, and
+    // with keys too (the CRC is checked first: a damaged block is corrupt, not untrusted).
+    for at in block..signed.len() {
+        let mut bad = signed.clone();
+        bad[at] ^= 0x10;
+        let view = ImageView::parse(&bad).unwrap();
+        for opts in [
+            VerifyOptions::default(),
+            VerifyOptions {
+                trusted_keys: Some(&keys),
+                require_signature: true,
+            },
+        ] {
+            let e = view.verify(&opts).unwrap_err();
+            assert!(
+                matches!(e, ImageError::SignatureBlockCrc { offset, crc_offset, .. }
+                    if offset == block as u64 && crc_offset == (block + 96) as u64),
+                "byte {at}: {e}"
+            );
+            assert_eq!(e.class(), FailureClass::Corrupt);
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("offset {}", block + 96)), "{msg}");
+        }
+    }
+
+    // A forged block with a matching CRC is still a bad signature for a key holder.
+    let mut forged = signed.clone();
+    forged[block + 40] ^= 1;
+    reseal_signature_block_crc(&mut forged);
+    let e = ImageView::parse(&forged)
+        .unwrap()
+        .verify(&VerifyOptions {
+            trusted_keys: Some(&keys),
+            require_signature: true,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ImageError::Signature {
+                source: KeyError::BadSignature { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+/// A signed 1.0 image (no block CRC) still decodes and verifies with trusted keys; without
+/// them its signature status says that nothing checked the block.
+#[test]
+fn signed_1_0_images_still_decode_and_say_the_block_is_unchecked() {
+    let key = test_key();
+    let keys = trusted(&key);
+    let mut b = small_builder();
+    b.format_minor(0);
+    let signed = b.build_signed(&key).unwrap();
+    assert_eq!(signed.len(), b.build().unwrap().len() + SIGNATURE_BLOCK_LEN);
+    let view = ImageView::parse(&signed).unwrap();
+    assert_eq!(view.header().minor, 0);
+    assert_eq!(view.header().signature_block_crc32, None);
+    let with_keys = VerifyOptions {
+        trusted_keys: Some(&keys),
+        require_signature: true,
+    };
+    assert_eq!(
+        view.verify(&with_keys).unwrap().signature,
+        SignatureStatus::Verified {
+            key_id: key.key_id()
+        }
+    );
+    let status = view.verify(&VerifyOptions::default()).unwrap().signature;
+    assert_eq!(
+        status,
+        SignatureStatus::NotCheckedNoChecksum {
+            key_id: key.key_id()
+        }
+    );
+    assert!(!status.block_integrity_checked());
+    let json = serde_json::to_value(status).unwrap();
+    assert_eq!(json["status"], "not-checked-no-checksum");
+
+    // The limitation 1.1 removes: without keys, a damaged 1.0 block goes unnoticed...
+    let mut bad = signed.clone();
+    let n = bad.len();
+    bad[n - 1] ^= 1;
+    let view = ImageView::parse(&bad).unwrap();
+    assert!(matches!(
+        view.verify(&VerifyOptions::default()).unwrap().signature,
+        SignatureStatus::NotCheckedNoChecksum { .. }
+    ));
+    // ...and only a key holder catches it.
+    assert!(matches!(
+        view.verify(&with_keys),
+        Err(ImageError::Signature { .. })
+    ));
+}
+
 #[test]
 fn newer_minor_may_grow_the_header_and_the_entries() {
     let mut b = ImageBuilder::new("r", [0; 16], 0).unwrap();
@@ -543,7 +667,7 @@ fn newer_minor_may_grow_the_header_and_the_entries() {
     let old = b.build().unwrap();
     // 1.0 layout: header [0,128), entry [128,208), payload [208,216), manifest [216,248).
     assert_eq!(old.len(), 248);
-    // A "1.1" image: 8 more header bytes and 8 more bytes per entry, which a 1.0 reader
+    // A "1.2" image: 8 more header bytes and 8 more bytes per entry, which a 1.1 reader
     // must skip: header [0,136), entry [136,224), payload [224,232), manifest [232,264).
     let mut new = Vec::new();
     new.extend_from_slice(&old[..128]);
@@ -552,7 +676,7 @@ fn newer_minor_may_grow_the_header_and_the_entries() {
     new.extend_from_slice(&[0xdd; 8]);
     new.extend_from_slice(&old[208..216]);
     new.extend_from_slice(&[0; 32]);
-    put16(&mut new, 10, 1);
+    put16(&mut new, 10, 2);
     put32(&mut new, 16, 136);
     put16(&mut new, 120, 88);
     let len = new.len() as u64;
@@ -570,8 +694,10 @@ fn newer_minor_may_grow_the_header_and_the_entries() {
         verify(&tampered),
         Err(ImageError::ManifestDigest { .. })
     ));
-    // The same layout claiming minor 0 is refused.
-    put16(&mut new, 10, 0);
-    reseal(&mut new, None);
-    assert_eq!(header_field_err(&new), ("header_len", 16));
+    // The same layout claiming this reader's minor (or an older one) is refused.
+    for minor in [1, 0] {
+        put16(&mut new, 10, minor);
+        reseal(&mut new, None);
+        assert_eq!(header_field_err(&new), ("header_len", 16));
+    }
 }

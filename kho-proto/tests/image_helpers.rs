@@ -3,6 +3,7 @@
 
 use kho_proto::image::layout::{
     DIGEST_LEN, HEADER_CRC_COVERAGE, HEADER_FLAG_SIGNED, SIGNATURE_BLOCK_LEN,
+    has_signature_block_crc, trailer_len,
 };
 use kho_proto::image::{ExternalRef, ImageBuilder, RegionKind, signing_message};
 use kho_proto::keys::{NodeKey, TrustedKeys};
@@ -24,27 +25,49 @@ pub fn put64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
-/// After editing header or table bytes, recomputes the header CRC32, the manifest digest
-/// and (with `key`) the signature, so that a test reaches the check after them. Reads the
-/// layout fields from the (edited) bytes themselves, like an attacker would write them.
+/// After editing header or table bytes, recomputes the header CRC32, the manifest digest,
+/// (with `key`) the signature, and (minor 1 or later) the signature block's CRC32, so that
+/// a test reaches the check after them. Reads the layout fields from the (edited) bytes
+/// themselves, like an attacker would write them.
 pub fn reseal(b: &mut [u8], key: Option<&NodeKey>) {
     let crc = crc32fast::hash(&b[..HEADER_CRC_COVERAGE]);
     put32(b, HEADER_CRC_COVERAGE, crc);
+    let minor = le16(b, 10);
     let signed = le32(b, 12) & HEADER_FLAG_SIGNED != 0;
     let header_len = le32(b, 16) as usize;
     let count = le32(b, 20) as usize;
     let entry_len = le16(b, 120) as usize;
     let table_end = header_len + count * entry_len;
-    let manifest = b.len() - DIGEST_LEN - if signed { SIGNATURE_BLOCK_LEN } else { 0 };
+    // An input too short for its trailer cannot be sealed beyond the header CRC; the reader
+    // refuses it as truncated.
+    let Some(manifest) = b.len().checked_sub(trailer_len(minor, signed)) else {
+        return;
+    };
     // Edits that make the table overrun the input cannot be sealed; the reader refuses
     // them before it looks at the digest.
     let digest: [u8; 32] = Sha256::digest(&b[..table_end.min(manifest)]).into();
     b[manifest..manifest + DIGEST_LEN].copy_from_slice(&digest);
+    let at = manifest + DIGEST_LEN;
     if let (true, Some(key)) = (signed, key) {
-        let at = manifest + DIGEST_LEN;
         b[at..at + 32].copy_from_slice(&key.public());
         b[at + 32..at + 96].copy_from_slice(&key.sign(&signing_message(&digest)));
     }
+    if signed && has_signature_block_crc(minor) {
+        reseal_signature_block_crc(b);
+    }
+}
+
+/// Offset of the signature block (signer public key) of a signed image, placed by the
+/// minor in its header.
+pub fn signature_block_at(b: &[u8]) -> usize {
+    b.len() - trailer_len(le16(b, 10), true) + DIGEST_LEN
+}
+
+/// Recomputes the CRC32 at the end of a signed 1.1+ image's signature block.
+pub fn reseal_signature_block_crc(b: &mut [u8]) {
+    let at = signature_block_at(b);
+    let crc = crc32fast::hash(&b[at..at + SIGNATURE_BLOCK_LEN]);
+    put32(b, at + SIGNATURE_BLOCK_LEN, crc);
 }
 
 pub fn test_key() -> NodeKey {

@@ -1,5 +1,6 @@
 //! Property tests of the handover image: round trip, single-bit-flip mutation (every bit
-//! of a small signed image), arbitrary bytes, and replay of fuzz-found inputs.
+//! of a small signed image, with and without trusted keys), arbitrary bytes, and replay of
+//! fuzz-found inputs.
 
 #[path = "image_helpers.rs"]
 mod helpers;
@@ -151,8 +152,26 @@ proptest! {
     }
 }
 
+/// Flips every bit of `good` (which `opts` accepts) in turn: each must be refused.
+fn every_single_bit_flip_is_rejected(good: &[u8], opts: &VerifyOptions<'_>) {
+    check(good, opts).unwrap();
+    let mut bad = good.to_vec();
+    for byte in 0..good.len() {
+        for bit in 0..8 {
+            bad[byte] ^= 1 << bit;
+            assert!(
+                check(&bad, opts).is_err(),
+                "flip of byte {byte} bit {bit} (of {}) was accepted",
+                good.len()
+            );
+            bad[byte] ^= 1 << bit;
+        }
+    }
+}
+
 /// Every single-bit flip of a small signed image (all of its bits, not a sample) is
-/// rejected with an error: never accepted, never a panic.
+/// rejected with an error: never accepted, never a panic. For the current format (1.1)
+/// and for 1.0, verified with trusted keys.
 #[test]
 fn every_single_bit_flip_of_a_signed_image_is_rejected() {
     let key = test_key();
@@ -161,39 +180,27 @@ fn every_single_bit_flip_of_a_signed_image_is_rejected() {
         trusted_keys: Some(&keys),
         require_signature: true,
     };
-    let good = small_builder().build_signed(&key).unwrap();
-    check(&good, &opts).unwrap();
-    let mut bad = good.clone();
-    for byte in 0..good.len() {
-        for bit in 0..8 {
-            bad[byte] ^= 1 << bit;
-            assert!(
-                check(&bad, &opts).is_err(),
-                "flip of byte {byte} bit {bit} was accepted"
-            );
-            bad[byte] ^= 1 << bit;
-        }
-    }
+    every_single_bit_flip_is_rejected(&small_builder().build_signed(&key).unwrap(), &opts);
+    let mut b = small_builder();
+    b.format_minor(0);
+    every_single_bit_flip_is_rejected(&b.build_signed(&key).unwrap(), &opts);
+}
+
+/// A signed 1.1 image verified WITHOUT trusted keys: integrity alone (header CRC, region
+/// CRC/SHA-256, zero padding, manifest digest, and the signature block's CRC32) catches
+/// every single-bit flip of the whole file, the 100-byte signature block included.
+#[test]
+fn every_single_bit_flip_of_a_signed_1_1_image_is_rejected_without_keys() {
+    let good = small_builder().build_signed(&test_key()).unwrap();
+    assert_eq!(ImageView::parse(&good).unwrap().header().minor, 1);
+    every_single_bit_flip_is_rejected(&good, &VerifyOptions::default());
 }
 
 /// The same for an unsigned image verified without keys: integrity alone (header CRC,
 /// region CRC/SHA-256, zero padding, manifest digest) catches every single-bit flip.
 #[test]
 fn every_single_bit_flip_of_an_unsigned_image_is_rejected() {
-    let good = small_builder().build().unwrap();
-    let opts = VerifyOptions::default();
-    check(&good, &opts).unwrap();
-    let mut bad = good.clone();
-    for byte in 0..good.len() {
-        for bit in 0..8 {
-            bad[byte] ^= 1 << bit;
-            assert!(
-                check(&bad, &opts).is_err(),
-                "flip of byte {byte} bit {bit} was accepted"
-            );
-            bad[byte] ^= 1 << bit;
-        }
-    }
+    every_single_bit_flip_is_rejected(&small_builder().build().unwrap(), &VerifyOptions::default());
 }
 
 /// Every truncation of a valid image is rejected.

@@ -1,11 +1,15 @@
-//! Golden vectors of handover image format 1.0, committed under `tests/vectors/`.
+//! Golden vectors of handover image formats 1.0, 1.1 (and a 1.2 stand-in), committed under
+//! `tests/vectors/`.
 //!
 //! `golden_vectors_decode_forever` reads the committed files and must keep passing for as
 //! long as format 1.x exists: a reader change that breaks it breaks compatibility with
 //! images already written by deployed agents. The files are never rewritten by a normal
-//! test run; `regenerate` (ignored) writes them, and is only for adding a new vector.
+//! test run; `regenerate` (ignored) writes the missing ones, and is only for adding a new
+//! vector.
 
 use std::path::{Path, PathBuf};
+
+use std::os::unix::fs::PermissionsExt;
 
 use kho_proto::image::{
     ExternalRef, ImageBuilder, ImageError, ImageView, RegionKind, SignatureStatus, VerifyOptions,
@@ -43,18 +47,12 @@ fn key() -> NodeKey {
     NodeKey::from_seed(KEY_SEED)
 }
 
-/// The generators: (file name, bytes).
-fn generate() -> Vec<(&'static str, Vec<u8>)> {
-    let mut out = Vec::new();
-
-    let mut b = ImageBuilder::new("6.12.0-mk", UPGRADE_ID, 1).unwrap();
-    b.region(RegionKind::WorkloadBlob, 1, 1, false, &b"hello, kho"[..])
-        .unwrap();
-    out.push(("v1.0-unsigned-minimal.bin", b.build().unwrap()));
-
+/// The three-region image of `v1.0-signed-3-regions.bin`, in format 1.`minor`.
+fn three_regions(minor: u16) -> ImageBuilder<'static> {
     let mut b = ImageBuilder::new("6.12.0-mk", UPGRADE_ID, 42).unwrap();
     let device: Vec<u8> = (0u8..16).collect();
-    b.structured(RegionKind::AgentManifest, 0, 1, true, &golden_manifest())
+    b.format_minor(minor)
+        .structured(RegionKind::AgentManifest, 0, 1, true, &golden_manifest())
         .unwrap()
         .region(RegionKind::DeviceState, 3, 2, true, device)
         .unwrap()
@@ -66,10 +64,28 @@ fn generate() -> Vec<(&'static str, Vec<u8>)> {
             ExternalRef::of(EXTERNAL_TOKEN, EXTERNAL_CONTENTS),
         )
         .unwrap();
-    out.push(("v1.0-signed-3-regions.bin", b.build_signed(&key()).unwrap()));
+    b
+}
+
+/// The generators: (file name, bytes). The 1.0 vectors are written with
+/// `format_minor(0)`: the builder writes 1.1 by default.
+fn generate() -> Vec<(&'static str, Vec<u8>)> {
+    let mut out = Vec::new();
+
+    let mut b = ImageBuilder::new("6.12.0-mk", UPGRADE_ID, 1).unwrap();
+    b.format_minor(0)
+        .region(RegionKind::WorkloadBlob, 1, 1, false, &b"hello, kho"[..])
+        .unwrap();
+    out.push(("v1.0-unsigned-minimal.bin", b.build().unwrap()));
+
+    out.push((
+        "v1.0-signed-3-regions.bin",
+        three_regions(0).build_signed(&key()).unwrap(),
+    ));
 
     let mut b = ImageBuilder::new("6.12.0-mk", UPGRADE_ID, 2).unwrap();
-    b.region(RegionKind::Journal, 0, 1, true, &b"journal"[..])
+    b.format_minor(0)
+        .region(RegionKind::Journal, 0, 1, true, &b"journal"[..])
         .unwrap()
         .region(
             RegionKind::Unknown(0x7f01),
@@ -82,7 +98,8 @@ fn generate() -> Vec<(&'static str, Vec<u8>)> {
     out.push(("v1.0-unknown-optional.bin", b.build().unwrap()));
 
     let mut b = ImageBuilder::new("6.12.0-mk", UPGRADE_ID, 3).unwrap();
-    b.region(RegionKind::Journal, 0, 1, true, &b"journal"[..])
+    b.format_minor(0)
+        .region(RegionKind::Journal, 0, 1, true, &b"journal"[..])
         .unwrap()
         .region(
             RegionKind::Unknown(0x7f02),
@@ -106,6 +123,30 @@ fn generate() -> Vec<(&'static str, Vec<u8>)> {
         .unwrap();
     out.push(("v1.1-newer-minor.bin", b.build().unwrap()));
 
+    // Format 1.1 as this builder writes it by default: the signature block ends with the
+    // CRC32 of the signer key and signature.
+    out.push((
+        "v1.1-signed-3-regions.bin",
+        three_regions(1).build_signed(&key()).unwrap(),
+    ));
+
+    // A minor newer than this reader's, signed: the 1.1 signature block (with CRC32) is
+    // kept by every later minor.
+    let mut b = ImageBuilder::new("6.12.0-mk", UPGRADE_ID, 5).unwrap();
+    b.format_minor(2)
+        .region(
+            RegionKind::Journal,
+            0,
+            1,
+            true,
+            &b"written by a 1.2 agent"[..],
+        )
+        .unwrap();
+    out.push((
+        "v1.2-newer-minor-signed.bin",
+        b.build_signed(&key()).unwrap(),
+    ));
+
     out
 }
 
@@ -114,15 +155,26 @@ fn read(name: &str) -> Vec<u8> {
     std::fs::read(&p).unwrap_or_else(|e| panic!("golden vector {} missing: {e}", p.display()))
 }
 
+/// `golden.pub` in a private trusted-keys directory: the checkout's own directory is not
+/// a safe trust store for `TrustedKeys::load_dir` (its owner and modes are the
+/// checkout's), so the key is copied into a fresh 0700 directory with mode 0644.
 fn trusted() -> TrustedKeys {
-    TrustedKeys::load_dir(&dir()).unwrap()
+    let store = tempfile::tempdir().unwrap();
+    let p = store.path().join("golden.pub");
+    std::fs::write(&p, read("golden.pub")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    TrustedKeys::load_dir(store.path()).unwrap()
 }
 
 #[test]
 #[ignore = "writes tests/vectors/; run only to add a new vector, never to 'fix' a failing one"]
 fn regenerate() {
     for (name, bytes) in generate() {
-        std::fs::write(dir().join(name), bytes).unwrap();
+        let p = dir().join(name);
+        // Never rewrite a committed vector: only add the missing ones.
+        if !p.exists() {
+            std::fs::write(p, bytes).unwrap();
+        }
     }
     std::fs::write(
         dir().join(format!(
@@ -224,11 +276,97 @@ fn golden_vectors_decode_forever() {
         }
     ));
 
-    // A newer minor is read by this (1.0) reader.
+    // Written by a 1.0 reader's test as "a newer minor": an unsigned 1.1 image (1.1
+    // changed only the signature block, so an unsigned 1.1 image is a 1.0 one with minor 1).
     let bytes = read("v1.1-newer-minor.bin");
     let view = ImageView::parse(&bytes).unwrap();
     assert_eq!(view.header().minor, 1);
     view.verify(&strict).unwrap();
+
+    // A signed 1.0 image read without trusted keys: nothing checked its signature block.
+    let bytes = read("v1.0-signed-3-regions.bin");
+    let view = ImageView::parse(&bytes).unwrap();
+    assert_eq!(view.header().signature_block_crc32, None);
+    assert_eq!(
+        view.verify(&VerifyOptions::default()).unwrap().signature,
+        SignatureStatus::NotCheckedNoChecksum {
+            key_id: key().key_id()
+        }
+    );
+
+    // Format 1.1, signed: the same three regions, and a CRC32 after the signature.
+    let bytes = read("v1.1-signed-3-regions.bin");
+    assert_eq!(bytes.len(), read("v1.0-signed-3-regions.bin").len() + 4);
+    let view = ImageView::parse(&bytes).unwrap();
+    let h = view.header();
+    assert_eq!((h.major, h.minor, h.generation), (1, 1, 42));
+    let block = h.manifest_offset as usize + 32;
+    assert_eq!(block + 100, bytes.len());
+    assert_eq!(
+        h.signature_block_crc32,
+        Some(crc32fast::hash(&bytes[block..block + 96]))
+    );
+    let report = view
+        .verify(&VerifyOptions {
+            trusted_keys: Some(&keys),
+            require_signature: true,
+        })
+        .unwrap();
+    assert_eq!(
+        report.signature,
+        SignatureStatus::Verified {
+            key_id: key().key_id()
+        }
+    );
+    assert_eq!(
+        view.verify(&VerifyOptions::default()).unwrap().signature,
+        SignatureStatus::NotChecked {
+            key_id: key().key_id()
+        }
+    );
+    let regions = view.regions();
+    assert_eq!(
+        view.decode::<GoldenManifest>(&regions[0]).unwrap(),
+        golden_manifest()
+    );
+    verify_external(&regions[2].external().unwrap(), &contents).unwrap();
+
+    // A newer minor (1.2) is read by this (1.1) reader, its 1.1 signature block included.
+    let bytes = read("v1.2-newer-minor-signed.bin");
+    let view = ImageView::parse(&bytes).unwrap();
+    assert_eq!(view.header().minor, 2);
+    assert!(view.header().signature_block_crc32.is_some());
+    let report = view
+        .verify(&VerifyOptions {
+            trusted_keys: Some(&keys),
+            require_signature: true,
+        })
+        .unwrap();
+    assert!(matches!(report.signature, SignatureStatus::Verified { .. }));
+}
+
+/// The audit's case: every one of the 768 bits of the signature block (and the 32 of its
+/// CRC32) of the signed 1.1 vector, flipped, is refused WITHOUT trusted keys. (The same
+/// flips in the 1.0 vector go unnoticed without keys: `NotCheckedNoChecksum` above.)
+#[test]
+fn every_bit_of_the_1_1_signature_block_is_checked_without_keys() {
+    let good = read("v1.1-signed-3-regions.bin");
+    let block = good.len() - 100;
+    let mut bad = good.clone();
+    for byte in block..good.len() {
+        for bit in 0..8 {
+            bad[byte] ^= 1 << bit;
+            let e = ImageView::parse(&bad)
+                .unwrap()
+                .verify(&VerifyOptions::default())
+                .unwrap_err();
+            assert!(
+                matches!(e, ImageError::SignatureBlockCrc { .. }),
+                "byte {byte} bit {bit}: {e}"
+            );
+            bad[byte] ^= 1 << bit;
+        }
+    }
 }
 
 /// The writer still produces the committed bytes (ed25519 signatures are deterministic):

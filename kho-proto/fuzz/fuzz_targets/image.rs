@@ -1,14 +1,17 @@
 //! Fuzz target: the handover image reader on arbitrary bytes.
 //!
 //! Runs what the agent runs on an image from another kernel: parse, full verification
-//! (region CRC32/SHA-256, padding, manifest digest, signature against a trusted key,
-//! compatibility rule), then decoding of every inline region. It must never panic,
-//! whatever the bytes. The input is also tried with a freshly computed header CRC, so
-//! the fuzzer gets past the CRC and explores the table and region checks, and once more
-//! with a recomputed manifest digest, to reach the signature and compatibility checks.
+//! (region CRC32/SHA-256, padding, manifest digest, signature block CRC32, signature
+//! against a trusted key, compatibility rule), then decoding of every inline region. It
+//! must never panic, whatever the bytes. The input is also tried with a freshly computed
+//! header CRC, so the fuzzer gets past the CRC and explores the table and region checks,
+//! and once more with a recomputed manifest digest and (signed images of format 1.1 and
+//! later) signature block CRC32, to reach the signature and compatibility checks.
 #![no_main]
 
-use kho_proto::image::layout::{DIGEST_LEN, HEADER_CRC_COVERAGE, HEADER_LEN};
+use kho_proto::image::layout::{
+    DIGEST_LEN, HEADER_CRC_COVERAGE, HEADER_LEN, SIGNATURE_BLOCK_LEN, trailer_offset,
+};
 use kho_proto::image::{ImageView, VerifyOptions, verify_external};
 use kho_proto::keys::{NodeKey, TrustedKeys};
 use libfuzzer_sys::fuzz_target;
@@ -42,19 +45,27 @@ fuzz_target!(|data: &[u8]| {
     let _ = keys.add(NodeKey::from_seed([0x5a; 32]).public(), "fuzz.pub".into());
     run(data, &keys);
     if data.len() >= HEADER_LEN {
-        // Reseal: fix the header CRC, then the manifest digest, so mutations reach the
-        // checks behind them (table, padding, signature, compatibility).
+        // Reseal: fix the header CRC, then the manifest digest and the signature block's
+        // CRC32, so mutations reach the checks behind them (table, padding, signature,
+        // compatibility).
         let mut fixed = data.to_vec();
         let crc = crc32fast::hash(&fixed[..HEADER_CRC_COVERAGE]);
         fixed[HEADER_CRC_COVERAGE..HEADER_CRC_COVERAGE + 4].copy_from_slice(&crc.to_le_bytes());
         run(&fixed, &keys);
         if let Ok(view) = ImageView::parse(&fixed) {
-            let (end, at) = (
+            let (end, at, block_crc) = (
                 view.header().table_end as usize,
                 view.header().manifest_offset as usize,
+                view.header().signature_block_crc32.is_some(),
             );
             let digest = Sha256::digest(&fixed[..end]);
             fixed[at..at + DIGEST_LEN].copy_from_slice(&digest);
+            if block_crc {
+                let block = at + trailer_offset::PUBLIC_KEY;
+                let crc = crc32fast::hash(&fixed[block..block + SIGNATURE_BLOCK_LEN]);
+                let c = at + trailer_offset::SIGNATURE_BLOCK_CRC;
+                fixed[c..c + 4].copy_from_slice(&crc.to_le_bytes());
+            }
             run(&fixed, &keys);
         }
     }

@@ -11,7 +11,7 @@ use zerocopy::{FromZeros, IntoBytes};
 
 use super::layout::{
     self, DIGEST_LEN, ENTRY_LEN, FORMAT_MAJOR, FORMAT_MINOR, HEADER_CRC_COVERAGE, HEADER_LEN,
-    MAGIC, MAX_REGIONS, PAYLOAD_ALIGN, RELEASE_LEN, RawEntry, RawHeader, SIGNATURE_BLOCK_LEN,
+    MAGIC, MAX_REGIONS, PAYLOAD_ALIGN, RELEASE_LEN, RawEntry, RawHeader,
 };
 use super::{BuildError, ExternalRef, RegionKind, digest_payload, signing_message};
 use crate::keys::NodeKey;
@@ -31,7 +31,8 @@ struct Pending<'a> {
     payload: Payload<'a>,
 }
 
-/// Builds a format 1.0 image. Payloads are borrowed where possible (`&[u8]`), so building
+/// Builds a format 1.1 image (a signed one ends with the signature block's CRC32).
+/// Payloads are borrowed where possible (`&[u8]`), so building
 /// an image over large buffers copies each payload once, into the output.
 ///
 /// ```
@@ -99,8 +100,9 @@ impl<'a> ImageBuilder<'a> {
         })
     }
 
-    /// Writes a different minor version into the header. Only for producing test images
-    /// of a newer minor (compatibility tests, golden vectors); real writers use
+    /// Writes a different minor version into the header, with that minor's layout (minor 0:
+    /// a signature block without CRC32; 1 and later: with). Only for producing test images
+    /// of an older or newer minor (compatibility tests, golden vectors); real writers use
     /// [`FORMAT_MINOR`].
     #[doc(hidden)]
     pub fn format_minor(&mut self, minor: u16) -> &mut Self {
@@ -302,14 +304,18 @@ impl<'a> ImageBuilder<'a> {
                     .ok_or(BuildError::TooLarge)?;
             }
         }
-        trailer_end(align_up(cursor).ok_or(BuildError::TooLarge)?, signed)
+        trailer_end(
+            align_up(cursor).ok_or(BuildError::TooLarge)?,
+            self.minor,
+            signed,
+        )
     }
 
     /// Streams the image to `out` (e.g. a memfd), signing it with `key` if given.
     /// Returns the number of bytes written (the image's `total_len`).
     pub fn write_to<W: Write>(&self, mut out: W, key: Option<&NodeKey>) -> Result<u64, BuildError> {
         let (placed, manifest_offset) = self.place()?;
-        let total_len = trailer_end(manifest_offset, key.is_some())?;
+        let total_len = trailer_end(manifest_offset, self.minor, key.is_some())?;
         let (head, digest) = self.header_and_table(&placed, total_len, key.is_some());
         out.write_all(&head)?;
         let mut pos = head.len() as u64;
@@ -325,8 +331,16 @@ impl<'a> ImageBuilder<'a> {
         out.write_all(&ZEROS[..(manifest_offset - pos) as usize])?;
         out.write_all(&digest)?;
         if let Some(key) = key {
-            out.write_all(&key.public())?;
-            out.write_all(&key.sign(&signing_message(&digest)))?;
+            let public = key.public();
+            let signature = key.sign(&signing_message(&digest));
+            out.write_all(&public)?;
+            out.write_all(&signature)?;
+            if layout::has_signature_block_crc(self.minor) {
+                let mut crc = crc32fast::Hasher::new();
+                crc.update(&public);
+                crc.update(&signature);
+                out.write_all(&crc.finalize().to_le_bytes())?;
+            }
         }
         out.flush()?;
         Ok(total_len)
@@ -352,9 +366,8 @@ impl<'a> ImageBuilder<'a> {
     }
 }
 
-fn trailer_end(manifest_offset: u64, signed: bool) -> Result<u64, BuildError> {
-    let trailer = DIGEST_LEN + if signed { SIGNATURE_BLOCK_LEN } else { 0 };
+fn trailer_end(manifest_offset: u64, minor: u16, signed: bool) -> Result<u64, BuildError> {
     manifest_offset
-        .checked_add(trailer as u64)
+        .checked_add(layout::trailer_len(minor, signed) as u64)
         .ok_or(BuildError::TooLarge)
 }

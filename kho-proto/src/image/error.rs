@@ -111,6 +111,17 @@ pub enum ImageError {
         "region {index} ({kind}) is marked required but its kind is unknown to this reader (format {FORMAT_MAJOR}.{FORMAT_MINOR}): the image cannot be used; roll back"
     )]
     UnknownRequiredRegion { index: usize, kind: RegionKind },
+    #[error(
+        "signature block CRC32 mismatch: field at offset {crc_offset} says {expected:#010x}, the signer key and signature at [{offset}, {crc_offset}) give {computed:#010x}; the signature block is damaged"
+    )]
+    SignatureBlockCrc {
+        /// Start of the signature block (the signer public key).
+        offset: u64,
+        /// Offset of the CRC32 field (the end of the 96 covered bytes).
+        crc_offset: u64,
+        expected: u32,
+        computed: u32,
+    },
     #[error("the image is not signed but a signature is required")]
     Unsigned,
     #[error(

@@ -1,4 +1,4 @@
-//! The on-media layout of format 1.0: fixed-size records of typed little-endian fields.
+//! The on-media layout of format 1.1: fixed-size records of typed little-endian fields.
 //!
 //! These structs are the byte-level specification of `docs/protocol.md` §1.3–§1.4 written
 //! as code. Every multi-byte integer is a `zerocopy` little-endian wrapper (`U16`, `U32`,
@@ -13,11 +13,12 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const MAGIC: [u8; 8] = *b"MKKHOIMG";
 /// Format major version written and accepted by this implementation.
 pub const FORMAT_MAJOR: u16 = 1;
-/// Format minor version written by this implementation (readers accept any minor).
-pub const FORMAT_MINOR: u16 = 0;
-/// Size of the 1.0 header in bytes (`header_len` of a 1.0 image).
+/// Format minor version written by this implementation (readers accept any minor of
+/// [`FORMAT_MAJOR`]). 1.1 added the signature block's CRC32 ([`SIGNATURE_BLOCK_CRC_MINOR`]).
+pub const FORMAT_MINOR: u16 = 1;
+/// Size of the 1.0 and 1.1 header in bytes (`header_len` of such an image).
 pub const HEADER_LEN: usize = 128;
-/// Size of a 1.0 region table entry in bytes (`entry_len` of a 1.0 image).
+/// Size of a 1.0 and 1.1 region table entry in bytes (`entry_len` of such an image).
 pub const ENTRY_LEN: usize = 80;
 /// Bytes of the header covered by `header_crc32` (everything before the CRC field).
 pub const HEADER_CRC_COVERAGE: usize = 124;
@@ -25,8 +26,54 @@ pub const HEADER_CRC_COVERAGE: usize = 124;
 pub const RELEASE_LEN: usize = 64;
 /// Size of a SHA-256 digest.
 pub const DIGEST_LEN: usize = 32;
-/// Size of the signature block: signer public key (32) + ed25519 signature (64).
+/// Size of the signed part of the signature block: signer public key (32) + ed25519
+/// signature (64). This is the whole block in format 1.0; from 1.1 on a CRC32 of these 96
+/// bytes follows them ([`signature_block_len`]).
 pub const SIGNATURE_BLOCK_LEN: usize = 96;
+/// Size of the signature block's CRC32 field (format 1.1 and later).
+pub const SIGNATURE_BLOCK_CRC_LEN: usize = 4;
+/// The first minor whose signature block ends with a CRC32 of its first 96 bytes. Every
+/// later minor of major 1 keeps it.
+pub const SIGNATURE_BLOCK_CRC_MINOR: u16 = 1;
+
+/// Whether a signed image of `minor` carries the signature block CRC32.
+pub const fn has_signature_block_crc(minor: u16) -> bool {
+    minor >= SIGNATURE_BLOCK_CRC_MINOR
+}
+
+/// Length of the signature block of a signed image of `minor`: 96 bytes in 1.0, 100 (the
+/// 96 bytes and their CRC32) from 1.1 on.
+pub const fn signature_block_len(minor: u16) -> usize {
+    if has_signature_block_crc(minor) {
+        SIGNATURE_BLOCK_LEN + SIGNATURE_BLOCK_CRC_LEN
+    } else {
+        SIGNATURE_BLOCK_LEN
+    }
+}
+
+/// Length of the trailer (manifest digest, then the signature block if signed) of an
+/// image of `minor`: 32 unsigned; 128 signed 1.0; 132 signed 1.1 and later.
+pub const fn trailer_len(minor: u16, signed: bool) -> usize {
+    DIGEST_LEN
+        + if signed {
+            signature_block_len(minor)
+        } else {
+            0
+        }
+}
+
+/// Byte offsets inside the trailer, from the manifest digest (`manifest_offset`).
+pub mod trailer_offset {
+    /// The manifest digest (32 bytes).
+    pub const MANIFEST_DIGEST: usize = 0;
+    /// The signer's ed25519 public key (32 bytes), if signed.
+    pub const PUBLIC_KEY: usize = 32;
+    /// The ed25519 signature (64 bytes), if signed.
+    pub const SIGNATURE: usize = 64;
+    /// The CRC32 of bytes `[PUBLIC_KEY, SIGNATURE_BLOCK_CRC)` (4 bytes), if signed and
+    /// the minor is 1 or later.
+    pub const SIGNATURE_BLOCK_CRC: usize = 128;
+}
 /// Inline payload offsets are multiples of this.
 pub const PAYLOAD_ALIGN: u64 = 8;
 /// Largest region count a reader accepts.
@@ -36,14 +83,14 @@ pub const SIGNING_CONTEXT: &[u8; 24] = b"mk-upgrade kho image v1\0";
 
 /// Header flag: a signature block follows the manifest digest.
 pub const HEADER_FLAG_SIGNED: u32 = 1 << 0;
-/// Header flags defined in 1.0.
+/// Header flags defined in 1.0 (and 1.1, which added none).
 pub const HEADER_FLAGS_KNOWN: u32 = HEADER_FLAG_SIGNED;
 
 /// Region flag: a reader that does not know the region's kind must refuse the image.
 pub const REGION_FLAG_REQUIRED: u16 = 1 << 0;
 /// Region flag: the payload lives in a separately preserved memfd, not in the image.
 pub const REGION_FLAG_EXTERNAL: u16 = 1 << 1;
-/// Region flags defined in 1.0.
+/// Region flags defined in 1.0 (and 1.1, which added none).
 pub const REGION_FLAGS_KNOWN: u16 = REGION_FLAG_REQUIRED | REGION_FLAG_EXTERNAL;
 
 /// The fixed header, image bytes `[0, 128)`.
@@ -58,7 +105,7 @@ pub struct RawHeader {
     pub minor: U16,
     /// 12: header flags ([`HEADER_FLAG_SIGNED`]).
     pub flags: U32,
-    /// 16: header length; the region table starts here. 128 in 1.0.
+    /// 16: header length; the region table starts here. 128 in 1.0 and 1.1.
     pub header_len: U32,
     /// 20: number of region table entries.
     pub region_count: U32,
@@ -70,15 +117,15 @@ pub struct RawHeader {
     pub upgrade_id: [u8; 16],
     /// 56: producer kernel release (`uname -r`), UTF-8, NUL-padded.
     pub producer_release: [u8; RELEASE_LEN],
-    /// 120: length of one region table entry. 80 in 1.0.
+    /// 120: length of one region table entry. 80 in 1.0 and 1.1.
     pub entry_len: U16,
-    /// 122: reserved, zero in 1.0.
+    /// 122: reserved, zero in 1.0 and 1.1.
     pub reserved: [u8; 2],
     /// 124: CRC32 (IEEE, as `crc32fast`) of bytes `[0, 124)`.
     pub header_crc32: U32,
 }
 
-/// One region table entry (80 bytes in 1.0).
+/// One region table entry (80 bytes in 1.0 and 1.1).
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]
 #[repr(C)]
 pub struct RawEntry {
@@ -88,7 +135,7 @@ pub struct RawEntry {
     pub flags: U16,
     /// 4: schema version of the payload, interpreted per kind.
     pub schema_version: U16,
-    /// 6: reserved, zero in 1.0.
+    /// 6: reserved, zero in 1.0 and 1.1.
     pub reserved0: [u8; 2],
     /// 8: region id, unique per kind within an image.
     pub region_id: U32,
@@ -100,7 +147,7 @@ pub struct RawEntry {
     pub length: U64,
     /// 32: external: the preserved memfd's token; inline: 0.
     pub token: U64,
-    /// 40: reserved, zero in 1.0.
+    /// 40: reserved, zero in 1.0 and 1.1.
     pub reserved1: [u8; 8],
     /// 48: SHA-256 of the payload bytes (the memfd contents for an external region).
     pub sha256: [u8; DIGEST_LEN],
@@ -112,6 +159,12 @@ const _: () = assert!(std::mem::offset_of!(RawHeader, header_crc32) == HEADER_CR
 const _: () = assert!(std::mem::offset_of!(RawHeader, producer_release) == 56);
 const _: () = assert!(std::mem::offset_of!(RawHeader, entry_len) == 120);
 const _: () = assert!(std::mem::offset_of!(RawEntry, sha256) == 48);
+const _: () = assert!(trailer_len(0, true) == 128 && trailer_len(1, true) == 132);
+const _: () = assert!(trailer_len(0, false) == 32 && trailer_len(7, false) == 32);
+const _: () = assert!(
+    trailer_offset::SIGNATURE_BLOCK_CRC == DIGEST_LEN + SIGNATURE_BLOCK_LEN
+        && trailer_offset::SIGNATURE == trailer_offset::PUBLIC_KEY + 32
+);
 
 /// Byte offsets of header fields, for error messages (kept equal to the struct by tests).
 pub mod header_offset {

@@ -2,8 +2,8 @@
 //!
 //! This is what the outgoing kernel's agent writes into KHO-preserved memory (a LUO memfd
 //! on mainline, a shared region on the emulated multikernel platform) and what the incoming
-//! kernel's agent reads back. Format 1.0 is specified byte for byte in `docs/protocol.md`
-//! Part 1; [`layout`] is that specification as code.
+//! kernel's agent reads back. Format 1.1 (and the 1.0 it extends) is specified byte for
+//! byte in `docs/protocol.md` Part 1; [`layout`] is that specification as code.
 //!
 //! ```text
 //! +--------------------+ 0
@@ -12,16 +12,18 @@
 //! | region table       |  region_count x 80 B: kind, flags, offset, length, CRC32, SHA-256
 //! +--------------------+ table_end
 //! | payloads           |  inline payloads, 8-byte aligned, in table order, zero padding
-//! +--------------------+ manifest_offset = total_len - 32 (- 96 if signed)
+//! +--------------------+ manifest_offset = total_len - 32 (- 100 if signed; 1.0: - 96)
 //! | manifest digest    |  SHA-256 of bytes [0, table_end)
 //! | [signature block]  |  signer public key (32) + ed25519 signature (64)
+//! |                    |  + CRC32 of those 96 bytes (4; since 1.1)
 //! +--------------------+ total_len
 //! ```
 //!
 //! * Writing: [`ImageBuilder`].
 //! * Reading: [`ImageView::parse`] (cheap: header, table and bounds, zero copy), then
 //!   [`ImageView::verify`] (every region's CRC32 and SHA-256 in parallel, padding,
-//!   manifest digest, signature, compatibility rule), then [`ImageView::decode`].
+//!   manifest digest, signature block CRC32, signature, compatibility rule), then
+//!   [`ImageView::decode`].
 //! * External regions (gigabytes of workload memory in their own preserved memfds) are
 //!   checked with [`verify_external`] / [`ExternalRef::verify_reader`].
 //!

@@ -9,7 +9,7 @@ use zerocopy::FromBytes;
 use super::layout::{
     self, DIGEST_LEN, ENTRY_LEN, FORMAT_MAJOR, FORMAT_MINOR, HEADER_CRC_COVERAGE, HEADER_LEN,
     MAGIC, MAX_REGIONS, PAYLOAD_ALIGN, RawEntry, RawHeader, SIGNATURE_BLOCK_LEN, entry_offset,
-    header_offset,
+    header_offset, trailer_offset,
 };
 use super::{ExternalRef, ImageError, RegionFlags, RegionKind, digest_payload, signing_message};
 use crate::keys::{KeyId, PUBLIC_KEY_LEN, SIGNATURE_LEN, TrustedKeys};
@@ -43,6 +43,10 @@ pub struct Header<'a> {
     pub header_crc32: u32,
     /// Offset of the manifest digest.
     pub manifest_offset: u64,
+    /// The stored CRC32 of the signature block (signed images of minor 1 or later;
+    /// checked by [`ImageView::verify`]). `None`: unsigned, or a signed 1.0 image, whose
+    /// block has no checksum.
+    pub signature_block_crc32: Option<u32>,
     /// End of the region table (= start of the payload area).
     pub table_end: u64,
 }
@@ -139,8 +143,22 @@ pub enum SignatureStatus {
     Unsigned,
     /// Signed by `key_id`, and that key is trusted and the signature verified.
     Verified { key_id: KeyId },
-    /// Signed by `key_id`; no trusted keys were given, so it was not checked.
+    /// Signed by `key_id` (format 1.1 or later); no trusted keys were given, so the
+    /// signature was not checked, but the block's CRC32 was: the block is intact.
     NotChecked { key_id: KeyId },
+    /// Signed by `key_id` in format 1.0, and no trusted keys were given: the signature was
+    /// not checked, and since 1.0 has no checksum over the signature block, neither was
+    /// the block's integrity. Nothing vouches for those 96 bytes (`key_id` is read from
+    /// them): a damaged block is not detected.
+    NotCheckedNoChecksum { key_id: KeyId },
+}
+
+impl SignatureStatus {
+    /// Whether every byte of the signature block (if any) was checked, by the signature
+    /// or by its CRC32: false only for [`SignatureStatus::NotCheckedNoChecksum`].
+    pub fn block_integrity_checked(&self) -> bool {
+        !matches!(self, SignatureStatus::NotCheckedNoChecksum { .. })
+    }
 }
 
 /// What a successful [`ImageView::verify`] established.
@@ -243,7 +261,8 @@ impl<'a> ImageView<'a> {
         }
         let minor = raw.minor.get();
         // A newer minor may use reserved fields, new flags and longer records; a reader of
-        // this minor ignores them. At or below our minor they must be exactly 1.0's.
+        // this minor ignores them. At or below our minor they must be exactly 1.1's (the
+        // same as 1.0's: 1.1 changed only the signature block).
         let newer = minor > FORMAT_MINOR;
 
         let flags = raw.flags.get();
@@ -290,7 +309,7 @@ impl<'a> ImageView<'a> {
             return Err(header_field(
                 "reserved",
                 header_offset::RESERVED,
-                "must be zero in format 1.0",
+                "must be zero in formats 1.0 and 1.1",
             ));
         }
 
@@ -311,7 +330,9 @@ impl<'a> ImageView<'a> {
                 format!("{region_count} exceeds the limit of {MAX_REGIONS}"),
             ));
         }
-        let trailer = (DIGEST_LEN + if signed { SIGNATURE_BLOCK_LEN } else { 0 }) as u64;
+        // The signature block has a CRC32 from minor 1 on (a 1.0 reader could not read a
+        // signed image of a later minor, see docs/protocol.md §1.9).
+        let trailer = layout::trailer_len(minor, signed) as u64;
         let table_end = u64::from(header_len) + u64::from(region_count) * u64::from(entry_len);
         let needed = table_end + trailer; // no overflow: both terms < 2^40
         if needed > have {
@@ -322,6 +343,10 @@ impl<'a> ImageView<'a> {
             });
         }
         let manifest_offset = have - trailer;
+        let signature_block_crc32 = (signed && layout::has_signature_block_crc(minor)).then(|| {
+            let at = manifest_offset as usize + trailer_offset::SIGNATURE_BLOCK_CRC;
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        });
 
         let header = Header {
             major,
@@ -337,6 +362,7 @@ impl<'a> ImageView<'a> {
             producer_release,
             header_crc32: expected,
             manifest_offset,
+            signature_block_crc32,
             table_end,
         };
 
@@ -384,14 +410,14 @@ impl<'a> ImageView<'a> {
                 return Err(field(
                     "reserved0",
                     entry_offset::RESERVED0,
-                    "must be zero in format 1.0".into(),
+                    "must be zero in formats 1.0 and 1.1".into(),
                 ));
             }
             if !newer && e.reserved1 != [0; 8] {
                 return Err(field(
                     "reserved1",
                     entry_offset::RESERVED1,
-                    "must be zero in format 1.0".into(),
+                    "must be zero in formats 1.0 and 1.1".into(),
                 ));
             }
             let region_id = e.region_id.get();
@@ -511,7 +537,7 @@ impl<'a> ImageView<'a> {
         if !self.header.signed {
             return None;
         }
-        let at = self.header.manifest_offset as usize + DIGEST_LEN;
+        let at = self.header.manifest_offset as usize + trailer_offset::PUBLIC_KEY;
         let mut public = [0u8; PUBLIC_KEY_LEN];
         let mut sig = [0u8; SIGNATURE_LEN];
         public.copy_from_slice(&self.bytes[at..at + PUBLIC_KEY_LEN]);
@@ -524,8 +550,10 @@ impl<'a> ImageView<'a> {
     ///    index is reported),
     /// 2. all padding bytes of the payload area are zero,
     /// 3. the manifest digest (SHA-256 of bytes `[0, table_end)`),
-    /// 4. the signature (see [`VerifyOptions`]),
-    /// 5. the compatibility rule: an unknown-kind region marked required is refused,
+    /// 4. the signature block's CRC32 (signed images of minor 1 or later), whether or not
+    ///    trusted keys are given,
+    /// 5. the signature (see [`VerifyOptions`]),
+    /// 6. the compatibility rule: an unknown-kind region marked required is refused,
     ///    an unknown optional one is skipped.
     pub fn verify(&self, opts: &VerifyOptions<'_>) -> Result<VerifyReport, ImageError> {
         let results: Vec<Result<(), ImageError>> = self
@@ -548,6 +576,7 @@ impl<'a> ImageView<'a> {
             });
         }
 
+        self.check_signature_block_crc()?;
         let signature = match self.signature_block() {
             None if opts.require_signature => return Err(ImageError::Unsigned),
             None => SignatureStatus::Unsigned,
@@ -558,7 +587,7 @@ impl<'a> ImageView<'a> {
                         let message = signing_message(&manifest_digest);
                         let key_id = keys.verify(&public, &message, &sig).map_err(|source| {
                             ImageError::Signature {
-                                offset: self.header.manifest_offset + DIGEST_LEN as u64,
+                                offset: self.signature_block_offset(),
                                 source,
                             }
                         })?;
@@ -567,7 +596,10 @@ impl<'a> ImageView<'a> {
                     None if opts.require_signature => {
                         return Err(ImageError::SignatureNotChecked { key_id });
                     }
-                    None => SignatureStatus::NotChecked { key_id },
+                    None if self.header.signature_block_crc32.is_some() => {
+                        SignatureStatus::NotChecked { key_id }
+                    }
+                    None => SignatureStatus::NotCheckedNoChecksum { key_id },
                 }
             }
         };
@@ -602,6 +634,29 @@ impl<'a> ImageView<'a> {
             external,
             skipped_unknown,
         })
+    }
+
+    /// Offset of the signature block (the signer public key), meaningful if signed.
+    fn signature_block_offset(&self) -> u64 {
+        self.header.manifest_offset + trailer_offset::PUBLIC_KEY as u64
+    }
+
+    /// The signature block's CRC32 (minor 1 or later): over the signer key and signature.
+    fn check_signature_block_crc(&self) -> Result<(), ImageError> {
+        let Some(expected) = self.header.signature_block_crc32 else {
+            return Ok(());
+        };
+        let start = self.signature_block_offset() as usize;
+        let computed = crc32fast::hash(&self.bytes[start..start + SIGNATURE_BLOCK_LEN]);
+        if computed != expected {
+            return Err(ImageError::SignatureBlockCrc {
+                offset: start as u64,
+                crc_offset: (start + SIGNATURE_BLOCK_LEN) as u64,
+                expected,
+                computed,
+            });
+        }
+        Ok(())
     }
 
     fn check_padding(&self) -> Result<(), ImageError> {
