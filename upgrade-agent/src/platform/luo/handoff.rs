@@ -104,6 +104,61 @@ pub enum HandoffError {
         "the preserved handoff record has format {found:?}, this agent reads {HANDOFF_FORMAT:?}"
     )]
     Format { found: String },
+    /// The envelope is not signed by a trusted node key (or the bytes changed).
+    #[error("the preserved handoff record is not signed by a trusted node key: {0}")]
+    Signature(#[source] kho_proto::keys::KeyError),
+    /// The envelope's key or signature is not hex of the right length.
+    #[error("the preserved handoff record's signature envelope is malformed: {0}")]
+    Envelope(String),
+}
+
+/// Format tag of the signed envelope around a handoff record.
+pub const ENVELOPE_FORMAT: &str = "mk-luo-handoff-signed/1";
+
+/// What token 0 of the `mk-agent` session holds: the handoff record's bytes and an ed25519
+/// signature over exactly those bytes by the node key (both directions of a kexec are
+/// signed; the receiving kernel checks it against `STATE_DIR/node-keys/` before it acts on
+/// anything the record says).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Envelope {
+    format: String,
+    /// The handoff record, JSON text.
+    handoff: String,
+    /// Hex of the signer's public key.
+    public: String,
+    /// Hex of the signature over `handoff`'s bytes.
+    signature: String,
+}
+
+/// Signs `h` with `key` into the bytes preserved at token 0.
+pub fn seal(h: &Handoff, key: &kho_proto::keys::NodeKey) -> Result<Vec<u8>, HandoffError> {
+    let text = serde_json::to_string(h).map_err(HandoffError::Parse)?;
+    let sig = key.sign(text.as_bytes());
+    serde_json::to_vec(&Envelope {
+        format: ENVELOPE_FORMAT.to_owned(),
+        public: hex::encode(key.public()),
+        signature: hex::encode(sig),
+        handoff: text,
+    })
+    .map_err(HandoffError::Parse)
+}
+
+/// Checks the signature of preserved bytes against `trusted` and parses the record.
+pub fn open(bytes: &[u8], trusted: &kho_proto::keys::TrustedKeys) -> Result<Handoff, HandoffError> {
+    let env: Envelope = serde_json::from_slice(bytes).map_err(HandoffError::Parse)?;
+    if env.format != ENVELOPE_FORMAT {
+        return Err(HandoffError::Format { found: env.format });
+    }
+    let mut public = [0u8; kho_proto::keys::PUBLIC_KEY_LEN];
+    hex::decode_to_slice(&env.public, &mut public)
+        .map_err(|e| HandoffError::Envelope(format!("public key: {e}")))?;
+    let mut signature = [0u8; kho_proto::keys::SIGNATURE_LEN];
+    hex::decode_to_slice(&env.signature, &mut signature)
+        .map_err(|e| HandoffError::Envelope(format!("signature: {e}")))?;
+    trusted
+        .verify(&public, env.handoff.as_bytes(), &signature)
+        .map_err(HandoffError::Signature)?;
+    Handoff::parse(env.handoff.as_bytes())
 }
 
 impl Handoff {
@@ -120,6 +175,61 @@ impl Handoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record() -> Handoff {
+        let rec: crate::record::UpgradeRecord = serde_json::from_value(serde_json::json!({
+            "upgrade_id": "00", "kind": "apply", "platform": "luo", "started_at": 0,
+            "kernel_before": "A", "kernel_after": "B", "image_sha256": "", "old_instance": 0,
+            "old_resources": {"cpus": [], "memory_bytes": 0}, "new_instance": 1,
+            "phase": "booted", "workloads": [], "events": [], "outcome": null, "error": null
+        }))
+        .unwrap();
+        Handoff {
+            format: HANDOFF_FORMAT.to_owned(),
+            direction: Direction::Return,
+            record: rec,
+            source_release: "B".into(),
+            source_cmdline: String::new(),
+            source_initrd: false,
+            target_release: "A".into(),
+            target_cmdline: String::new(),
+            target_initrd: false,
+            workloads: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_signed_handoff_opens_only_with_the_trusted_key_and_unchanged() {
+        let key = kho_proto::keys::NodeKey::from_seed([5; 32]);
+        let other = kho_proto::keys::NodeKey::from_seed([6; 32]);
+        let mut trusted = kho_proto::keys::TrustedKeys::default();
+        trusted
+            .add(key.public(), std::path::PathBuf::from("node.pub"))
+            .unwrap();
+        let bytes = seal(&record(), &key).unwrap();
+        assert_eq!(open(&bytes, &trusted).unwrap(), record());
+        // Signed by a key the receiving kernel does not trust.
+        let foreign = seal(&record(), &other).unwrap();
+        assert!(matches!(
+            open(&foreign, &trusted),
+            Err(HandoffError::Signature(_))
+        ));
+        // One changed byte of the record (the target kernel) is refused.
+        let text = String::from_utf8(bytes).unwrap();
+        let forged = text.replacen(
+            "\\\"target_release\\\":\\\"A\\\"",
+            "\\\"target_release\\\":\\\"Z\\\"",
+            1,
+        );
+        assert_ne!(forged, text, "the test did not change the record");
+        assert!(matches!(
+            open(forged.as_bytes(), &trusted),
+            Err(HandoffError::Signature(_))
+        ));
+        // An unsigned record (the old format) is refused.
+        let plain = serde_json::to_vec(&record()).unwrap();
+        assert!(open(&plain, &trusted).is_err());
+    }
 
     #[test]
     fn digest_round_trips_and_bad_hex_never_matches() {

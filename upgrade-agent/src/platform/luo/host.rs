@@ -235,8 +235,16 @@ impl LuoPlatform {
         let hfd = agent_session
             .retrieve_fd(TOKEN_HANDOFF)
             .map_err(|e| luo(&e))?;
-        let handoff = Handoff::parse(&read_memfd(hfd.as_fd(), MAX_HANDOFF, "handoff record")?)
-            .map_err(|e| err(e.to_string()))?;
+        // Nothing the record says is acted on before its signature checks out.
+        let trusted = self
+            .state
+            .trusted_node_keys()
+            .map_err(|e| err(format!("the handoff record cannot be checked: {e}")))?;
+        let handoff = super::handoff::open(
+            &read_memfd(hfd.as_fd(), MAX_HANDOFF, "handoff record")?,
+            &trusted,
+        )
+        .map_err(|e| err(e.to_string()))?;
         let source = agent_session
             .retrieve_fd(TOKEN_SOURCE_KERNEL)
             .map_err(|e| luo(&e))?;
@@ -360,7 +368,11 @@ impl LuoPlatform {
         target: &KernelRef,
     ) -> Result<(Session, OwnedFd), PlatformError> {
         let dev = self.dev()?;
-        let bytes = serde_json::to_vec(handoff).map_err(|e| err(e.to_string()))?;
+        let key = self
+            .state
+            .node_key()
+            .map_err(|e| err(format!("the node key signs the handoff record: {e}")))?;
+        let bytes = super::handoff::seal(handoff, &key).map_err(|e| err(e.to_string()))?;
         let hfd = handover::sealed_memfd("mk-luo-handoff", &bytes)
             .map_err(|e| PlatformError::io("sealing the handoff record", e))?;
         let s = dev.create_session(AGENT_SESSION).map_err(|e| luo(&e))?;
