@@ -332,14 +332,21 @@ fn common_checks(
                 "trusted-keys",
                 format!("{} key(s) in {}", k.len(), g.trusted_keys_dir().display()),
             )),
-            Err(e) => out.push(bad(
-                "trusted-keys",
-                e.message,
-                format!(
-                    "put the release signer's NAME.pub in {} (`mk-upgrade keys generate`)",
-                    g.trusted_keys_dir().display()
-                ),
-            )),
+            Err(e) => {
+                // No key at all: say where one goes. A refused key (modes, owner, symlink)
+                // names its own fix in the message.
+                let fix = if e.message.contains("no trusted keys") {
+                    format!(
+                        "put the release signer's NAME.pub in {} (`mk-upgrade keys generate`)",
+                        g.trusted_keys_dir().display()
+                    )
+                } else {
+                    "fix what the message names; only root may be able to change a trusted \
+                     key or its directory"
+                        .to_owned()
+                };
+                out.push(bad("trusted-keys", e.message, fix));
+            }
         }
     }
     match g.journal().map(|j| j.current()) {
