@@ -4,14 +4,18 @@
 use std::fs;
 use std::io::Write;
 use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use kho_proto::keys::{KeyError, NodeKey};
 use sha2::{Digest, Sha256};
 use upgrade_agent::sys::memfd::{self, IMAGE_SEALS};
 use upgrade_agent::verify::{
-    NotAKernelReason, SigFileError, VerifyError, VerifyPolicy, default_sig_path, minimal_bzimage,
-    sign_image, verify_kernel_image,
+    MAX_KERNEL_IMAGE, MAX_SIG_FILE, MalformedSig, NotAKernelReason, SigFileError, VerifiedImage,
+    VerifyError, VerifyPolicy, default_sig_path, minimal_bzimage, sign_image, verify_kernel_image,
 };
 
 struct Fixture {
@@ -311,7 +315,9 @@ fn non_kernels_are_refused() {
         matches!(
             e,
             VerifyError::NotAKernel {
-                reason: NotAKernelReason::NotARegularFile,
+                reason: NotAKernelReason::NotARegularFile {
+                    kind: "a directory"
+                },
                 ..
             }
         ),
@@ -358,4 +364,305 @@ fn manifest_for_another_release_is_refused() {
     .unwrap();
     let e = refused(&p, &fx.policy());
     assert!(matches!(e, VerifyError::ReleaseMismatch { .. }), "{e}");
+}
+
+// --- Inputs that are not regular files, or too large: refused before they are opened. ---
+//
+// A FIFO used to block verification (the signature file was opened with a plain `open`,
+// which waits for a writer) while `apply` held the upgrade lock. Every check below runs on
+// another thread with a timeout, so a regression fails instead of hanging the suite.
+
+/// How long a refusal may take (it takes microseconds; a blocked open takes forever).
+const QUICK: Duration = Duration::from_secs(10);
+
+/// Runs `verify_kernel_image(image, sig, policy)` on another thread; `None` if it did not
+/// end within [`QUICK`] (then `unblock` runs, so the stuck thread can end).
+fn verify_within(
+    image: &Path,
+    sig: Option<&Path>,
+    policy: &VerifyPolicy,
+    unblock: impl FnOnce(),
+) -> Option<Result<VerifiedImage, VerifyError>> {
+    let (tx, rx) = mpsc::channel();
+    let (image, sig, policy) = (image.to_owned(), sig.map(Path::to_owned), policy.clone());
+    std::thread::spawn(move || {
+        let _ = tx.send(verify_kernel_image(&image, sig.as_deref(), &policy));
+    });
+    let started = Instant::now();
+    let r = rx.recv_timeout(QUICK).ok();
+    if r.is_none() {
+        unblock();
+    } else {
+        assert!(started.elapsed() < QUICK);
+    }
+    r
+}
+
+/// The refusal of `image` (with `sig`), which must come within [`QUICK`].
+fn refused_quickly(
+    image: &Path,
+    sig: Option<&Path>,
+    policy: &VerifyPolicy,
+    fifo: Option<&Path>,
+) -> VerifyError {
+    match verify_within(image, sig, policy, || {
+        if let Some(f) = fifo {
+            release_fifo(f);
+        }
+    }) {
+        Some(Ok(_)) => panic!("{} was accepted", image.display()),
+        Some(Err(e)) => e,
+        None => panic!(
+            "verifying {} (signature {:?}) did not end within {QUICK:?}: it blocked",
+            image.display(),
+            sig
+        ),
+    }
+}
+
+/// Opens `fifo` for writing without blocking and closes it: a reader blocked in `open`
+/// then proceeds and reads end of file (this releases a thread of a failed test).
+fn release_fifo(fifo: &Path) {
+    let _ = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo);
+}
+
+fn mkfifo(p: &Path) {
+    nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+}
+
+fn is_not_regular_image(e: &VerifyError, want: &str) -> bool {
+    matches!(
+        e,
+        VerifyError::NotAKernel {
+            reason: NotAKernelReason::NotARegularFile { kind },
+            ..
+        } if *kind == want
+    )
+}
+
+fn is_not_regular_sig(e: &VerifyError, want: &str) -> bool {
+    matches!(
+        e,
+        VerifyError::SignatureFile(SigFileError::NotARegularFile { kind, .. }) if *kind == want
+    )
+}
+
+#[test]
+fn a_fifo_as_the_image_is_refused_at_once() {
+    let fx = Fixture::new();
+    let fifo = fx.path("image.fifo");
+    mkfifo(&fifo);
+    let e = refused_quickly(&fifo, None, &fx.policy(), Some(&fifo));
+    assert!(is_not_regular_image(&e, "a FIFO"), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("image.fifo") && msg.contains("a FIFO, not a regular file"),
+        "{msg}"
+    );
+    // Whatever the policy: the insecure flag does not make a FIFO readable.
+    let mut policy = fx.policy();
+    policy.allow_unsigned_insecure = true;
+    let e = refused_quickly(&fifo, None, &policy, Some(&fifo));
+    assert!(is_not_regular_image(&e, "a FIFO"), "{e}");
+    // Through a symbolic link too (the check follows it, as the open would).
+    let link = fx.path("image.link");
+    std::os::unix::fs::symlink(&fifo, &link).unwrap();
+    let e = refused_quickly(&link, None, &policy, Some(&fifo));
+    assert!(is_not_regular_image(&e, "a FIFO"), "{e}");
+}
+
+#[test]
+fn dev_zero_as_the_image_is_refused_unread() {
+    let fx = Fixture::new();
+    let mut policy = fx.policy();
+    policy.allow_unsigned_insecure = true;
+    let e = refused_quickly(Path::new("/dev/zero"), None, &policy, None);
+    assert!(is_not_regular_image(&e, "a character device"), "{e}");
+    assert!(e.to_string().contains("/dev/zero"), "{e}");
+}
+
+#[test]
+fn an_image_over_the_cap_is_refused_by_its_size_unread() {
+    let fx = Fixture::new();
+    // Sparse: no disk space, and never read (the size decides before the open).
+    let big = fx.path("big.bzImage");
+    fs::File::create(&big)
+        .unwrap()
+        .set_len(MAX_KERNEL_IMAGE + 1)
+        .unwrap();
+    let e = refused_quickly(&big, None, &fx.policy(), None);
+    assert!(
+        matches!(
+            e,
+            VerifyError::NotAKernel {
+                reason: NotAKernelReason::TooLarge { len },
+                ..
+            } if len == MAX_KERNEL_IMAGE + 1
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_fifo_as_the_signature_file_is_refused_at_once() {
+    let fx = Fixture::new();
+    let p = fx.signed("s.bzImage", "7.2.13-mkB");
+    // `apply --signature FIFO`.
+    let fifo = fx.path("sig.fifo");
+    mkfifo(&fifo);
+    let e = refused_quickly(&p, Some(&fifo), &fx.policy(), Some(&fifo));
+    assert!(is_not_regular_sig(&e, "a FIFO"), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("sig.fifo") && msg.contains("not a regular file"),
+        "{msg}"
+    );
+    // Not taken for "unsigned" by the insecure flag either: it is refused.
+    let mut insecure = fx.policy();
+    insecure.allow_unsigned_insecure = true;
+    let e = refused_quickly(&p, Some(&fifo), &insecure, Some(&fifo));
+    assert!(is_not_regular_sig(&e, "a FIFO"), "{e}");
+    // IMAGE.sig itself a FIFO (the default signature path).
+    let sig = default_sig_path(&p);
+    fs::remove_file(&sig).unwrap();
+    mkfifo(&sig);
+    let e = refused_quickly(&p, None, &fx.policy(), Some(&sig));
+    assert!(is_not_regular_sig(&e, "a FIFO"), "{e}");
+    let e = refused_quickly(&p, None, &insecure, Some(&sig));
+    assert!(is_not_regular_sig(&e, "a FIFO"), "{e}");
+}
+
+#[test]
+fn a_device_directory_or_oversized_file_as_the_signature_is_refused_unread() {
+    let fx = Fixture::new();
+    let p = fx.signed("d.bzImage", "7.2.13-mkB");
+    let e = refused_quickly(&p, Some(Path::new("/dev/zero")), &fx.policy(), None);
+    assert!(is_not_regular_sig(&e, "a character device"), "{e}");
+    let e = refused_quickly(&p, Some(fx.dir.path()), &fx.policy(), None);
+    assert!(is_not_regular_sig(&e, "a directory"), "{e}");
+    // A (sparse) file one byte over the cap: malformed, refused by its size.
+    let big = fx.path("big.sig");
+    fs::File::create(&big)
+        .unwrap()
+        .set_len(MAX_SIG_FILE + 1)
+        .unwrap();
+    let e = refused_quickly(&p, Some(&big), &fx.policy(), None);
+    assert!(
+        matches!(
+            e,
+            VerifyError::SignatureFile(SigFileError::Malformed {
+                reason: MalformedSig::TooLarge,
+                ..
+            })
+        ),
+        "{e}"
+    );
+    // The real signature still verifies, through a symbolic link too.
+    let link = fx.path("link.sig");
+    std::os::unix::fs::symlink(default_sig_path(&p), &link).unwrap();
+    match verify_within(&p, Some(&link), &fx.policy(), || ()) {
+        Some(Ok(v)) => assert_eq!(v.signer, Some(fx.key.key_id())),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `mk-upgrade apply --signature FIFO` on a running (emulated) machine: exit 3 at once,
+/// and the upgrade lock is free afterwards (a dry run of the same image with its real
+/// signature passes). It used to block forever holding the lock.
+#[test]
+fn apply_with_a_fifo_signature_exits_3_at_once_and_frees_the_lock() {
+    let fx = Fixture::new();
+    let state = fx.path("state");
+    fs::create_dir_all(state.join("trusted-keys")).unwrap();
+    fs::copy(
+        fx.path("trusted/release.pub"),
+        state.join("trusted-keys/release.pub"),
+    )
+    .unwrap();
+    let a = fx.unsigned("a.bzImage", &minimal_bzimage("7.2.13-mkA"));
+    let b = fx.signed("b.bzImage", "7.2.13-mkB");
+    let mk = |args: &[&std::ffi::OsStr]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_mk-upgrade"));
+        c.arg("--state-dir")
+            .arg(&state)
+            .args(["--platform", "emulated"])
+            .args(args)
+            .env("MK_AGENTD", env!("CARGO_BIN_EXE_mk-agentd"))
+            .env_remove("MK_STATE_DIR")
+            .env_remove("MK_WORKLOADS")
+            .env_remove("MK_TRUSTED_KEYS")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let init = run_within(
+        mk(&[
+            "emu".as_ref(),
+            "init".as_ref(),
+            "--kernel".as_ref(),
+            a.as_os_str(),
+        ]),
+        QUICK,
+    )
+    .expect("emu init did not end");
+    struct Down<F: Fn()>(F);
+    impl<F: Fn()> Drop for Down<F> {
+        fn drop(&mut self) {
+            (self.0)();
+        }
+    }
+    let _down = Down(|| {
+        let _ = run_within(mk(&["emu".as_ref(), "down".as_ref()]), QUICK);
+    });
+    assert!(init.status.success(), "emu init: {init:?}");
+
+    let fifo = fx.path("b.sig.fifo");
+    mkfifo(&fifo);
+    let apply = |sig: &Path| {
+        mk(&[
+            "apply".as_ref(),
+            "--kernel".as_ref(),
+            b.as_os_str(),
+            "--signature".as_ref(),
+            sig.as_os_str(),
+            "--dry-run".as_ref(),
+        ])
+    };
+    let started = Instant::now();
+    let o = run_within(apply(&fifo), QUICK);
+    release_fifo(&fifo);
+    let o = o.unwrap_or_else(|| panic!("apply --signature FIFO blocked for {QUICK:?}"));
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    assert!(started.elapsed() < QUICK);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("b.sig.fifo") && stderr.contains("a FIFO, not a regular file"),
+        "{stderr}"
+    );
+    // /dev/zero as the signature: the same refusal, nothing read.
+    let o = run_within(apply(Path::new("/dev/zero")), QUICK).expect("apply blocked");
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    // The lock was released: the real signature passes the same dry run.
+    let o = run_within(apply(&default_sig_path(&b)), QUICK).expect("apply blocked");
+    assert!(o.status.success(), "{o:?}");
+}
+
+/// Runs `cmd`; `None` (after killing it) if it has not exited within `limit`.
+fn run_within(mut cmd: Command, limit: Duration) -> Option<std::process::Output> {
+    let mut child = cmd.spawn().expect("spawning mk-upgrade");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("waiting").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Some(child.wait_with_output().expect("collecting output"))
 }

@@ -4,6 +4,13 @@
 //! `/sys/fs/cgroup` or the hybrid layout's `/sys/fs/cgroup/unified`). Where no v2 hierarchy
 //! is writable (no root, no delegation), [`Freezer::Signal`] stops the workload's processes
 //! with SIGSTOP instead, which callers report.
+//!
+//! Groups are removed as they were created, leaf first and only when empty: `rmdir(2)` of a
+//! cgroup fails (`EBUSY`) while it holds a process or a child group, so removal can never
+//! take a running process's group away; a group whose processes are still exiting (after
+//! `cgroup.kill`) is retried for a short while. [`remove_tree`] removes a group with every
+//! group below it; [`Freezer::remove`] a workload's, [`Freezer::remove_base`] an instance's
+//! (and its parents up to the mount, each only once empty).
 
 use std::fs;
 use std::io;
@@ -15,6 +22,8 @@ use nix::unistd::Pid;
 
 /// How long a freeze may take to be reported complete by the kernel.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long removing a group may wait for its killed processes to leave it.
+pub const REMOVE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Where the cgroup v2 hierarchy is mounted, if anywhere.
 pub fn cgroup2_mount() -> Option<PathBuf> {
@@ -64,11 +73,25 @@ impl Freezer {
     pub fn detect(tag: &str) -> Freezer {
         if let Some(mount) = cgroup2_mount() {
             let base = mount.join(tag);
-            if fs::create_dir_all(&base).is_ok() && base.join("cgroup.procs").exists() {
+            // A few attempts: another instance removing a shared, empty parent group at the
+            // same moment (remove_base) can make one attempt fail with ENOENT.
+            let created = (0..3).any(|_| fs::create_dir_all(&base).is_ok());
+            if created && base.join("cgroup.procs").exists() {
                 return Freezer::Cgroup { mount, base };
             }
         }
         Freezer::Signal
+    }
+
+    /// The cgroup freezer [`Freezer::detect`] picks for `tag`, without creating anything:
+    /// for removing the groups of an instance that is gone. `None` without a cgroup v2
+    /// mount.
+    pub fn of_tag(tag: &str) -> Option<Freezer> {
+        let mount = cgroup2_mount()?;
+        Some(Freezer::Cgroup {
+            base: mount.join(tag),
+            mount,
+        })
     }
 
     /// Short name for reports.
@@ -146,26 +169,91 @@ impl Freezer {
         }
     }
 
-    /// Removes the workload's (empty) group; missing groups are fine.
-    pub fn remove(&self, workload: &str) {
-        if let Some(g) = self.group(workload) {
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while fs::remove_dir(&g).is_err() && g.exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
+    /// Removes the workload's group and any group below it, once empty (waiting up to
+    /// [`REMOVE_PATIENCE`] for killed processes to leave); missing groups are fine.
+    /// Returns whether the group is gone (always true for the signal freezer).
+    pub fn remove(&self, workload: &str) -> bool {
+        self.group(workload)
+            .is_none_or(|g| remove_tree(&g, Instant::now() + REMOVE_PATIENCE))
+    }
+
+    /// Removes the base group of this freezer with every group still below it (the
+    /// workloads' groups, including those prepared for workloads that never arrived), leaf
+    /// first and each only if empty, waiting up to [`REMOVE_PATIENCE`] in all for
+    /// processes still exiting; then its parent groups up to the mount, each only while it
+    /// is empty (for the emulated platform: the machine's group once no instance is left).
+    /// Returns whether the base group is gone.
+    pub fn remove_base(&self) -> bool {
+        self.remove_base_within(REMOVE_PATIENCE)
+    }
+
+    /// [`Freezer::remove_base`], waiting at most `patience` for busy groups.
+    pub fn remove_base_within(&self, patience: Duration) -> bool {
+        let Freezer::Cgroup { mount, base } = self else {
+            return true;
+        };
+        if !remove_tree(base, Instant::now() + patience) {
+            return false;
+        }
+        remove_empty_parents(base, mount);
+        true
+    }
+}
+
+/// Removes the cgroup `group` and every cgroup below it, deepest first, each with
+/// `rmdir(2)`, which the kernel refuses while a group holds a process or a child group: a
+/// populated group is never removed, and neither is any group above it. A group that is
+/// busy (its processes still exiting after `cgroup.kill`) is retried until `deadline`.
+/// A directory that is not a cgroup (no `cgroup.procs`) is left alone. Returns whether
+/// `group` is gone (a missing group is gone).
+pub fn remove_tree(group: &Path, deadline: Instant) -> bool {
+    match fs::symlink_metadata(group) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return true,
+        Err(_) => return false,
+        Ok(m) if !m.is_dir() => return false,
+        Ok(_) => {}
+    }
+    if !group.join("cgroup.procs").exists() {
+        return false;
+    }
+    let mut children_gone = true;
+    if let Ok(entries) = fs::read_dir(group) {
+        for e in entries.flatten() {
+            // cgroupfs has directories (child groups) and control files, no links.
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                children_gone &= remove_tree(&e.path(), deadline);
             }
         }
     }
-
-    /// Removes the base group of this freezer (after its workloads are gone), and its
-    /// parent when no other instance uses it any more.
-    pub fn remove_base(&self) {
-        if let Freezer::Cgroup { base, .. } = self {
-            let _ = fs::remove_dir(base);
-            if let Some(parent) = base.parent() {
-                // Fails (harmlessly) while a sibling instance still has its group there.
-                let _ = fs::remove_dir(parent);
+    if !children_gone {
+        return false;
+    }
+    loop {
+        match fs::remove_dir(group) {
+            Ok(()) => return true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return true,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
             }
+            Err(_) => return false,
         }
+    }
+}
+
+/// Removes the parents of `group` below `mount`, nearest first, stopping at the first one
+/// that is not empty (another instance's or machine's group is still in it).
+fn remove_empty_parents(group: &Path, mount: &Path) {
+    let mut dir = group.parent();
+    while let Some(d) = dir {
+        if d == mount || !d.starts_with(mount) || !d.join("cgroup.procs").exists() {
+            return;
+        }
+        match fs::remove_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(_) => return,
+        }
+        dir = d.parent();
     }
 }
 

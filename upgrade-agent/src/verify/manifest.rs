@@ -15,7 +15,6 @@
 //!   "signer_public_key": "<64 hex>", "signature": "<128 hex>" }
 //! ```
 
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -50,6 +49,12 @@ pub enum SigFileError {
         #[source]
         reason: MalformedSig,
     },
+    /// A FIFO, a device, a socket or a directory: refused before it is opened (a FIFO
+    /// would block the read until some writer appeared, a device might never end).
+    #[error(
+        "cannot use {path} as the image signature file: it is {kind}, not a regular file; save the signature to a file first"
+    )]
+    NotARegularFile { path: PathBuf, kind: &'static str },
 }
 
 /// What is wrong with a signature file that is not a valid `IMAGE.sig`.
@@ -72,7 +77,8 @@ pub enum MalformedSig {
         #[source]
         source: ReleaseError,
     },
-    /// The file is larger than [`MAX_SIG_FILE`].
+    /// The file is larger than [`MAX_SIG_FILE`] (refused by its size before it is opened,
+    /// or when it grew past the cap while read).
     #[error("larger than {MAX_SIG_FILE} bytes")]
     TooLarge,
 }
@@ -211,24 +217,38 @@ impl SignatureFile {
         Ok(sig)
     }
 
-    /// Reads `path`; `Ok(None)` if it does not exist.
+    /// Reads `path`; `Ok(None)` if it does not exist. Only a regular file of at most
+    /// [`MAX_SIG_FILE`] bytes is read: anything else is refused before it is opened
+    /// ([`super::open_regular`]), so a FIFO never blocks verification.
     pub fn read(path: &Path) -> Result<Option<Self>, SigFileError> {
+        use super::OpenRefusal;
         let io = |source| SigFileError::Io {
             path: path.to_owned(),
             source,
         };
-        let f = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(e)),
+        let too_large = || SigFileError::Malformed {
+            path: path.to_owned(),
+            reason: MalformedSig::TooLarge,
         };
-        let mut buf = Vec::new();
+        let (f, len) = match super::open_regular(path, MAX_SIG_FILE) {
+            Ok(f) => f,
+            Err(OpenRefusal::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(None);
+            }
+            Err(OpenRefusal::Io(e)) => return Err(io(e)),
+            Err(OpenRefusal::Kind(kind)) => {
+                return Err(SigFileError::NotARegularFile {
+                    path: path.to_owned(),
+                    kind,
+                });
+            }
+            Err(OpenRefusal::TooLarge { .. }) => return Err(too_large()),
+        };
+        // Sized from the file, which is at most the cap.
+        let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
         f.take(MAX_SIG_FILE + 1).read_to_end(&mut buf).map_err(io)?;
         if buf.len() as u64 > MAX_SIG_FILE {
-            return Err(SigFileError::Malformed {
-                path: path.to_owned(),
-                reason: MalformedSig::TooLarge,
-            });
+            return Err(too_large());
         }
         Self::parse(path, &buf).map(Some)
     }

@@ -9,16 +9,25 @@
 //! nothing.
 //!
 //! Refusals, in the order checked ([`VerifyError`]; the `mk-upgrade` binary maps them onto
-//! its exit codes, `docs/cli.md`): unreadable file (3); not a kernel (7); unsigned without
-//! the insecure override, malformed signature file, untrusted key, bad signature, image digest
+//! its exit codes, `docs/cli.md`): unreadable file (3); not a kernel (7), which includes an
+//! image that is not a regular file or is over [`MAX_KERNEL_IMAGE`]; a signature file that
+//! is not a regular file (3); unsigned without the insecure override, malformed signature
+//! file (including one over [`MAX_SIG_FILE`]), untrusted key, bad signature, image digest
 //! differing from the manifest ("tampered"), manifest release differing from the header (5);
 //! downgrade below the running release, or below the version floor (6).
+//!
+//! Both files are read only if they are regular files within their cap ([`open_regular`]):
+//! the type and size are checked with `stat` before the file is opened, so a FIFO is never
+//! opened (nothing waits for a writer while `apply` holds the upgrade lock) and a device
+//! such as `/dev/zero` is never read; they are checked again on the open descriptor, and
+//! the read stops one byte past the cap.
 
 pub mod bzimage;
 pub mod manifest;
 
+use std::fs::{File, FileType, Metadata};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use kho_proto::keys::{KeyError, KeyId, NodeKey, TrustedKeys};
@@ -26,7 +35,7 @@ use memmap2::Mmap;
 use sha2::{Digest, Sha256};
 
 pub use bzimage::{KernelInfo, NotAKernel, minimal_bzimage};
-pub use manifest::{ImageManifest, MalformedSig, SigFileError, SignatureFile};
+pub use manifest::{ImageManifest, MAX_SIG_FILE, MalformedSig, SigFileError, SignatureFile};
 pub use rollback::{Release, ReleaseError};
 
 use crate::sys::memfd::{self, IMAGE_SEALS, MapError, SealFlag};
@@ -175,9 +184,10 @@ pub enum NotAKernelReason {
     /// The boot setup header does not parse as a bootable x86-64 bzImage.
     #[error(transparent)]
     Header(#[from] NotAKernel),
-    /// A directory, FIFO, device...
-    #[error("not a regular file")]
-    NotARegularFile,
+    /// A directory, FIFO, device... (`kind` says which: [`file_kind`]); refused before it
+    /// is opened.
+    #[error("{kind}, not a regular file")]
+    NotARegularFile { kind: &'static str },
     /// Larger than [`MAX_KERNEL_IMAGE`].
     #[error("{len} bytes is more than the {MAX_KERNEL_IMAGE}-byte limit for a kernel image")]
     TooLarge { len: u64 },
@@ -270,20 +280,11 @@ fn load_sealed(path: &Path) -> Result<(OwnedFd, u64), VerifyError> {
         path: path.to_owned(),
         reason,
     };
-    // O_NONBLOCK: opening a FIFO must not hang waiting for a writer; it is refused below.
-    // (The flag has no effect on reads of regular files.)
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(not_kernel(NotAKernelReason::NotARegularFile));
-    }
-    if meta.len() > MAX_KERNEL_IMAGE {
-        return Err(not_kernel(NotAKernelReason::TooLarge { len: meta.len() }));
-    }
+    let (file, _) = open_regular(path, MAX_KERNEL_IMAGE).map_err(|e| match e {
+        OpenRefusal::Io(e) => io(e),
+        OpenRefusal::Kind(kind) => not_kernel(NotAKernelReason::NotARegularFile { kind }),
+        OpenRefusal::TooLarge { len } => not_kernel(NotAKernelReason::TooLarge { len }),
+    })?;
     let memfd_err = |op| {
         move |e: nix::errno::Errno| VerifyError::Memfd {
             op,
@@ -304,6 +305,66 @@ fn load_sealed(path: &Path) -> Result<(OwnedFd, u64), VerifyError> {
         return Err(VerifyError::MemfdUnsealed { have });
     }
     Ok((fd, len))
+}
+
+/// What a file that is not a regular file is, for refusals: `a FIFO`, `a character
+/// device`, `a block device`, `a socket`, `a directory`.
+pub fn file_kind(t: FileType) -> &'static str {
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Why [`open_regular`] refused a file.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenRefusal {
+    /// Missing, unreadable (`stat` or `open` failed).
+    #[error(transparent)]
+    Io(std::io::Error),
+    /// Not a regular file ([`file_kind`]).
+    #[error("{0}, not a regular file")]
+    Kind(&'static str),
+    /// A regular file over the cap.
+    #[error("{len} bytes, over the cap")]
+    TooLarge { len: u64 },
+}
+
+fn check_regular(meta: &Metadata, cap: u64) -> Result<u64, OpenRefusal> {
+    if !meta.is_file() {
+        return Err(OpenRefusal::Kind(file_kind(meta.file_type())));
+    }
+    if meta.len() > cap {
+        return Err(OpenRefusal::TooLarge { len: meta.len() });
+    }
+    Ok(meta.len())
+}
+
+/// Opens `path` for reading only if it is a regular file of at most `cap` bytes; returns it
+/// with its size. The type and size are checked with `stat` (following symbolic links)
+/// **before** the file is opened, so a FIFO is never opened and a device never read; then
+/// again with `fstat` on the descriptor, in case the path was replaced in between (that
+/// open uses `O_NONBLOCK | O_NOCTTY`, so even a FIFO swapped in does not make it wait for a
+/// writer; the flag changes nothing for a regular file). The caller still bounds its read
+/// (the file may grow).
+pub fn open_regular(path: &Path, cap: u64) -> Result<(File, u64), OpenRefusal> {
+    check_regular(&std::fs::metadata(path).map_err(OpenRefusal::Io)?, cap)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(OpenRefusal::Io)?;
+    let len = check_regular(&file.metadata().map_err(OpenRefusal::Io)?, cap)?;
+    Ok((file, len))
 }
 
 fn check_signature(

@@ -136,7 +136,9 @@ pub fn upgrade_exit(e: &UpgradeError) -> Exit {
 pub fn verify_exit(e: &VerifyError) -> Exit {
     match e {
         VerifyError::Io { .. }
-        | VerifyError::SignatureFile(SigFileError::Io { .. })
+        | VerifyError::SignatureFile(
+            SigFileError::Io { .. } | SigFileError::NotARegularFile { .. },
+        )
         | VerifyError::TrustStore {
             source: KeyError::Io { .. },
             ..

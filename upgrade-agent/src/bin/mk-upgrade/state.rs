@@ -8,9 +8,18 @@
 //! * `state diff A.json B.json [--json]` compares two `--json` captures (schema version 1
 //!   captures are migrated first); exit code 13 when they differ.
 //!
-//! Exit codes (`upgrade_agent::exit::Exit`): 0 ok/identical, 3 unreadable file, 4 malformed
+//! Exit codes (`upgrade_agent::exit::Exit`): 0 ok/identical, 3 unreadable file (also one
+//! refused unread: not a regular file, or larger than [`MAX_CAPTURE_BYTES`]), 4 malformed
 //! capture file, 11 capture failed, 13 captures differ.
+//!
+//! `state diff` reads only regular files of at most [`MAX_CAPTURE_BYTES`]: the type and size
+//! are checked before the file is opened (a FIFO is never opened, so nothing waits for a
+//! writer; `/dev/zero` is never read), and again on the open descriptor, and the read
+//! itself stops one byte past the cap. `state capture` reads no file given to it (only
+//! `/proc`, `/sys` and netlink).
 
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -22,6 +31,13 @@ use state_serializers::task::{self, CaptureOptions, FdKind, TaskState};
 use state_serializers::{SCHEMA_VERSION, StateError};
 
 use upgrade_agent::exit::Exit;
+
+/// Largest capture file `state diff` reads: 64 MiB. A `state capture --json` of a few
+/// processes with device and memory state weighs about 60 KB (4-9 KB per task, ~200 bytes per
+/// fd, ~500 per memfd region, ~160 per route, ~210 per mount), so this is three orders of
+/// magnitude of headroom (about 400 000 routes, or thousands of tasks), and it bounds what
+/// one input costs in memory (the text, then its parse).
+pub const MAX_CAPTURE_BYTES: u64 = 64 << 20;
 
 /// Arguments of `mk-upgrade state`.
 #[derive(Debug, clap::Args)]
@@ -303,8 +319,89 @@ fn render_device(s: &mut String, d: &DeviceState) {
     }
 }
 
+/// What a file that is not a regular file is, for the refusal.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Why a capture file was not read.
+#[derive(Debug)]
+enum ReadRefusal {
+    /// Missing, unreadable, or the read failed.
+    Io(std::io::Error),
+    /// A FIFO, device, socket or directory: refused before it is opened.
+    NotRegular(&'static str),
+    /// Larger than [`MAX_CAPTURE_BYTES`] (`len` bytes, or more).
+    TooLarge(u64),
+}
+
+impl std::fmt::Display for ReadRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadRefusal::Io(e) => write!(f, "{e}"),
+            ReadRefusal::NotRegular(kind) => write!(
+                f,
+                "{kind}, not a regular file; state diff reads only regular files (save the capture to a file first)"
+            ),
+            ReadRefusal::TooLarge(len) => write!(
+                f,
+                "{len} bytes, more than the {MAX_CAPTURE_BYTES} bytes ({} MiB) state diff reads (docs/cli.md); refused unread",
+                MAX_CAPTURE_BYTES >> 20
+            ),
+        }
+    }
+}
+
+/// Checks a capture file's metadata: a regular file of at most [`MAX_CAPTURE_BYTES`].
+fn check_capture_meta(meta: &std::fs::Metadata) -> Result<u64, ReadRefusal> {
+    if !meta.is_file() {
+        return Err(ReadRefusal::NotRegular(file_kind(meta.file_type())));
+    }
+    if meta.len() > MAX_CAPTURE_BYTES {
+        return Err(ReadRefusal::TooLarge(meta.len()));
+    }
+    Ok(meta.len())
+}
+
+/// Reads a capture file: a regular file of at most [`MAX_CAPTURE_BYTES`], checked before it
+/// is opened (`stat`: a FIFO or a device is never opened) and again on the open descriptor
+/// (the path may have been replaced in between; `O_NONBLOCK` keeps even that open from
+/// waiting on a FIFO); the read stops one byte past the cap (a file growing meanwhile).
+fn read_capture(path: &Path) -> Result<String, ReadRefusal> {
+    use std::os::unix::fs::OpenOptionsExt;
+    check_capture_meta(&std::fs::metadata(path).map_err(ReadRefusal::Io)?)?;
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(ReadRefusal::Io)?;
+    let len = check_capture_meta(&file.metadata().map_err(ReadRefusal::Io)?)?;
+    // Sized from the file, which is at most the cap.
+    let mut text = String::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.take(MAX_CAPTURE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(ReadRefusal::Io)?;
+    if text.len() as u64 > MAX_CAPTURE_BYTES {
+        return Err(ReadRefusal::TooLarge(text.len() as u64));
+    }
+    Ok(text)
+}
+
 fn load(path: &Path) -> Result<Capture, Exit> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = read_capture(path).map_err(|e| {
         eprintln!("mk-upgrade state diff: {}: {e}", path.display());
         Exit::Io
     })?;
@@ -403,5 +500,89 @@ mod tests {
         let v1 = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../state-serializers/tests/fixtures/capture-v1.json");
         assert_eq!(diff_files(&v1, &v1, false), Exit::Ok);
+    }
+
+    /// Runs `diff_files(a, b)` on another thread; `None` if it did not end within 10 s
+    /// (then `unblock` is called, so a thread stuck on a FIFO ends, and the test fails
+    /// instead of hanging).
+    fn diff_within(a: &Path, b: &Path, unblock: impl FnOnce()) -> Option<Exit> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (a2, b2) = (a.to_owned(), b.to_owned());
+        std::thread::spawn(move || {
+            let _ = tx.send(diff_files(&a2, &b2, false));
+        });
+        let r = rx.recv_timeout(std::time::Duration::from_secs(10)).ok();
+        if r.is_none() {
+            unblock();
+        }
+        r
+    }
+
+    /// Opens `fifo` for writing without blocking and closes it: a reader blocked in its
+    /// open (or read) then sees end of file.
+    fn release_fifo(fifo: &Path) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo);
+    }
+
+    #[test]
+    fn diff_refuses_fifos_devices_directories_and_oversized_files_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("a.json");
+        let c = capture_at(&fixture_root(), &[], false, true).unwrap();
+        std::fs::write(&good, codec::to_json(&c).unwrap()).unwrap();
+        assert_eq!(diff_files(&good, &good, false), Exit::Ok);
+
+        // A FIFO with no writer: refused at once (it used to wait for a writer forever).
+        let fifo = dir.path().join("b.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let started = std::time::Instant::now();
+        let r = diff_within(&good, &fifo, || release_fifo(&fifo));
+        assert_eq!(r, Some(Exit::Io), "a FIFO is refused, not waited on");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let r = diff_within(&fifo, &good, || release_fifo(&fifo));
+        assert_eq!(r, Some(Exit::Io), "as either input");
+        let e = read_capture(&fifo).unwrap_err();
+        assert!(matches!(e, ReadRefusal::NotRegular("a FIFO")), "{e}");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+
+        // A device that never ends: refused without reading a byte (it used to grow
+        // without bound: 11 GB of RSS for `state diff a.json /dev/zero`).
+        let zero = Path::new("/dev/zero");
+        assert_eq!(diff_within(&good, zero, || ()), Some(Exit::Io));
+        let e = read_capture(zero).unwrap_err();
+        assert!(
+            matches!(e, ReadRefusal::NotRegular("a character device")),
+            "{e}"
+        );
+        // A directory.
+        assert_eq!(diff_files(&good, dir.path(), false), Exit::Io);
+        assert!(matches!(
+            read_capture(dir.path()),
+            Err(ReadRefusal::NotRegular("a directory"))
+        ));
+
+        // A (sparse) file one byte over the cap: refused by its size, unread; it would
+        // otherwise be read and then refused as malformed (exit 4).
+        let big = dir.path().join("big.json");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_CAPTURE_BYTES + 1)
+            .unwrap();
+        assert_eq!(diff_files(&good, &big, false), Exit::Io);
+        let e = read_capture(&big).unwrap_err();
+        assert!(
+            matches!(e, ReadRefusal::TooLarge(n) if n == MAX_CAPTURE_BYTES + 1),
+            "{e}"
+        );
+        assert!(e.to_string().contains("64 MiB"), "{e}");
+
+        // A symbolic link to a regular capture is read (the check follows it).
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        assert_eq!(diff_files(&good, &link, false), Exit::Ok);
     }
 }

@@ -596,7 +596,12 @@ impl Platform for EmulatedPlatform {
             e.state = InstanceState::Loaded;
             e.supervisor_pid = None;
             Ok(())
-        })
+        })?;
+        // The supervisor removes its groups as it halts; one that crashed or was killed
+        // above could not: remove what is left of them (only empty groups), and the
+        // machine's group when no other instance has one.
+        remove_instance_groups(&self.state_dir, id);
+        Ok(())
     }
 
     fn transfer_resources(
@@ -630,7 +635,7 @@ impl Platform for EmulatedPlatform {
     }
 
     fn destroy(&mut self, id: InstanceId) -> Result<(), PlatformError> {
-        self.store.update(|pool| {
+        let last = self.store.update(|pool| {
             pool.expect(
                 id,
                 "destroy",
@@ -642,9 +647,56 @@ impl Platform for EmulatedPlatform {
                 "not active (halt it first)",
             )?;
             pool.instances.retain(|e| e.id != id);
-            Ok(())
+            Ok(pool.instances.is_empty())
         })?;
         let _ = fs::remove_dir_all(self.dir(id));
+        // Its groups (a supervisor that never came up, or died, left them), then, once no
+        // instance is left, whatever remains empty of the machine's groups.
+        remove_instance_groups(&self.state_dir, id);
+        if last {
+            remove_machine_groups(&self.state_dir);
+        }
         Ok(())
+    }
+}
+
+/// How long halt and destroy wait for processes still leaving a group they remove (the
+/// supervisor has already waited for its own workloads' processes).
+const GROUP_REMOVE_PATIENCE: Duration = Duration::from_millis(500);
+
+/// The cgroup of the emulated machine whose state is in `state_dir`, relative to the
+/// cgroup2 mount: `mk-upgrade-emulated/<state_tag>`. Its instance `id` uses
+/// `<that>/instance-<id>` (created by [`instance::run`]), each workload a group below that.
+fn machine_cgroup_tag(state_dir: &Path) -> String {
+    format!("mk-upgrade-emulated/{}", state_tag(state_dir))
+}
+
+/// Removes instance `id`'s groups that are empty, leaf first, then its machine's group and
+/// `mk-upgrade-emulated` while they are empty. A group still holding a process stays.
+fn remove_instance_groups(state_dir: &Path, id: InstanceId) {
+    let tag = format!("{}/instance-{id}", machine_cgroup_tag(state_dir));
+    if let Some(f) = crate::sys::cgroup::Freezer::of_tag(&tag)
+        && !f.remove_base_within(GROUP_REMOVE_PATIENCE)
+    {
+        tracing::warn!(
+            instance = id,
+            tag,
+            "a cgroup of the instance still holds processes; left in place"
+        );
+    }
+}
+
+/// Removes every empty group of the machine (stale groups of instances that are gone),
+/// leaf first, then the machine's group and `mk-upgrade-emulated` while empty: for when no
+/// instance is left.
+fn remove_machine_groups(state_dir: &Path) {
+    let tag = machine_cgroup_tag(state_dir);
+    if let Some(f) = crate::sys::cgroup::Freezer::of_tag(&tag)
+        && !f.remove_base_within(GROUP_REMOVE_PATIENCE)
+    {
+        tracing::warn!(
+            tag,
+            "a cgroup of the machine still holds processes; left in place"
+        );
     }
 }
