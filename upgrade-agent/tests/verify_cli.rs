@@ -128,3 +128,34 @@ fn sign_refusals() {
     assert_eq!(code(&o), Exit::Ok as i32, "{o:?}");
     assert!(custom.is_file());
 }
+
+#[test]
+fn sign_reads_only_a_bounded_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(code(&generate(dir.path(), "k")), Exit::Ok as i32);
+    let secret = dir.path().join("k.key");
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // Run with a deadline: a regression would block on the FIFO forever.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let f = fifo.clone();
+    let s = secret.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(sign(&f, &s, &[]));
+    });
+    let o = match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+        Ok(o) => o,
+        Err(_) => {
+            // Unblock the reader before failing.
+            let _ = fs::write(&fifo, b"x");
+            panic!("sign blocked on a FIFO");
+        }
+    };
+    assert_eq!(code(&o), Exit::Io as i32, "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not a regular file"),
+        "{o:?}"
+    );
+    let o = sign(Path::new("/dev/zero"), &secret, &[]);
+    assert_eq!(code(&o), Exit::Io as i32, "{o:?}");
+}

@@ -1,6 +1,5 @@
 //! `mk-upgrade sign IMAGE --key K`: write the signed manifest `IMAGE.sig`.
 
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,12 +38,27 @@ pub fn run(args: SignArgs) -> ExitCode {
 }
 
 fn read_image(path: &Path) -> Result<Vec<u8>, (Exit, String)> {
-    let io = |e: std::io::Error| (Exit::Io, format!("cannot read {}: {e}", path.display()));
-    let f = File::open(path).map_err(io)?;
+    use upgrade_agent::verify::{OpenRefusal, open_regular};
+    // Only a regular file of at most the kernel-image cap is read (a FIFO would block,
+    // /dev/zero would never end).
+    let (f, _) = open_regular(path, MAX_KERNEL_IMAGE).map_err(|e| match e {
+        OpenRefusal::Io(e) => (Exit::Io, format!("cannot read {}: {e}", path.display())),
+        OpenRefusal::Kind(k) => (
+            Exit::Io,
+            format!("{} is {k}, not a regular file: sign the image file itself", path.display()),
+        ),
+        OpenRefusal::TooLarge { len } => (
+            Exit::NotAKernel,
+            format!(
+                "{} is {len} bytes, larger than the {MAX_KERNEL_IMAGE}-byte limit for a kernel image",
+                path.display()
+            ),
+        ),
+    })?;
     let mut buf = Vec::new();
     f.take(MAX_KERNEL_IMAGE + 1)
         .read_to_end(&mut buf)
-        .map_err(io)?;
+        .map_err(|e| (Exit::Io, format!("cannot read {}: {e}", path.display())))?;
     if buf.len() as u64 > MAX_KERNEL_IMAGE {
         return Err((
             Exit::NotAKernel,
