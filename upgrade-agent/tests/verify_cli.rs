@@ -143,13 +143,10 @@ fn sign_reads_only_a_bounded_regular_file() {
     std::thread::spawn(move || {
         let _ = tx.send(sign(&f, &s, &[]));
     });
-    let o = match rx.recv_timeout(std::time::Duration::from_secs(10)) {
-        Ok(o) => o,
-        Err(_) => {
-            // Unblock the reader before failing.
-            let _ = fs::write(&fifo, b"x");
-            panic!("sign blocked on a FIFO");
-        }
+    let Ok(o) = rx.recv_timeout(std::time::Duration::from_secs(10)) else {
+        // Unblock the reader before failing.
+        let _ = fs::write(&fifo, b"x");
+        panic!("sign blocked on a FIFO");
     };
     assert_eq!(code(&o), Exit::Io as i32, "{o:?}");
     assert!(
