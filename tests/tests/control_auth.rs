@@ -89,3 +89,39 @@ fn control_and_channel_sockets_refuse_other_users() {
     let answer = poke(&inst.join("ctl.sock"), 0, r#""Ping""#);
     assert!(answer.contains("Pong"), "{answer}");
 }
+
+#[test]
+fn a_state_directory_open_to_others_fails_the_check() {
+    let m = Machine::new(1);
+    m.init();
+    let state = m.path("state");
+    // (The test harness made the directory; the agent does not change an existing one.)
+    open_up(&state, 0o700);
+    assert_eq!(m.run(&["check"]).code, 0);
+    // Readable by others: reported, not a failure.
+    open_up(&state, 0o755);
+    let c = m.run(&["check", "--json"]);
+    assert_eq!(c.code, 0, "{c:?}");
+    assert!(c.stdout.contains("chmod 700"), "{c:?}");
+    // Writable by others: the check fails.
+    open_up(&state, 0o777);
+    let c = m.run(&["check", "--json"]);
+    assert_eq!(c.code, 8, "{c:?}");
+    let checks = c.json()["checks"].clone();
+    let sd = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "state-dir")
+        .unwrap()
+        .clone();
+    assert_eq!(sd["ok"], false, "{sd}");
+    assert!(sd["detail"].as_str().unwrap().contains("0777"), "{sd}");
+    assert!(sd["fix"].as_str().unwrap().contains("chmod 700"), "{sd}");
+    // Reported, not changed behind the operator's back.
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+        0o777
+    );
+    open_up(&state, 0o700);
+}

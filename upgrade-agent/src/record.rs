@@ -141,6 +141,15 @@ impl UpgradeRecord {
 }
 
 impl UpgradeRecord {
+    /// Whether the step that boots the new kernel by replacing this one (the kexec, phase
+    /// `Booted`) was journaled: from then on only the next kernel, or a cold boot, can
+    /// tell how the upgrade went.
+    pub fn kexec_journaled(&self) -> bool {
+        self.events
+            .iter()
+            .any(|e| e.journaled == Some(Phase::Booted))
+    }
+
     /// The report of this record: one JSON document (`mk-upgrade apply --json`, `history
     /// --json`, the LUO agent's `MK-UPGRADE-RESULT` line). docs/cli.md documents its fields.
     pub fn report_json(&self) -> serde_json::Value {

@@ -1,6 +1,6 @@
 //! The workload file: which workloads mk-upgrade manages and how it checks their health.
 //!
-//! A TOML file (default `/etc/mk-upgrade/workloads.toml`, `--workloads FILE`), one
+//! A TOML file (default `STATE_DIR/workloads.toml`, `--workloads FILE`), one
 //! `[[workload]]` table each; documented in `docs/workloads.md`:
 //!
 //! ```toml

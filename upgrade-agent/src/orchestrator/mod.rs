@@ -611,7 +611,7 @@ impl<'a> Orchestrator<'a> {
             format!("instance {new} created on spare cpus {:?}", res.cpus),
         )?;
         if let Err(e) = self.boot_beside(new, kernel) {
-            return self.roll_back(e);
+            return self.roll_back(e.to_string());
         }
         for name in self.names() {
             match self.move_workload(old, new, &name, Phase::Migrating) {
@@ -640,20 +640,20 @@ impl<'a> Orchestrator<'a> {
         Err(UpgradeError::Refused(reason))
     }
 
-    fn boot_beside(&mut self, new: InstanceId, kernel: &LoadableKernel<'_>) -> Result<(), String> {
-        self.platform.load(new, kernel).map_err(|e| e.to_string())?;
+    fn boot_beside(
+        &mut self,
+        new: InstanceId,
+        kernel: &LoadableKernel<'_>,
+    ) -> Result<(), UpgradeError> {
+        self.platform.load(new, kernel)?;
         self.step(
             Phase::KernelLoaded,
             format!("kernel {} loaded into instance {new}", kernel.release),
-        )
-        .map_err(|e| e.to_string())?;
-        self.step(Phase::Booted, format!("instance {new} booted"))
-            .map_err(|e| e.to_string())?;
+        )?;
+        self.step(Phase::Booted, format!("instance {new} booted"))?;
         let record = self.record.clone();
-        self.platform
-            .boot(new, Some(&record))
-            .map_err(|e| e.to_string())?;
-        self.platform.ping(new).map_err(|e| e.to_string())?;
+        self.platform.boot(new, Some(&record))?;
+        self.platform.ping(new)?;
         Ok(())
     }
 
@@ -673,13 +673,13 @@ impl<'a> Orchestrator<'a> {
         // operation is what counts).
         self.platform.disconnect(Some(&old_res));
         self.converge_forward(old, new)?;
-        self.promote()?;
         self.end_verified(new, Outcome::Upgraded, None)
     }
 
     /// Finishes the record with `outcome` only if it is true: instance `on` is active and
     /// runs every workload of the upgrade, thawed and committed. Otherwise the record
-    /// finishes as failed, naming what was found, and that is the error.
+    /// finishes as failed, naming what was found, and that is the error. An upgrade that
+    /// ends upgraded promotes the kernel slots and raises the floor only after this check.
     fn end_verified(
         &mut self,
         on: InstanceId,
@@ -713,7 +713,12 @@ impl<'a> Orchestrator<'a> {
             },
         };
         match problem {
-            None => self.finish(outcome, error),
+            None => {
+                if outcome == Outcome::Upgraded {
+                    self.promote()?;
+                }
+                self.finish(outcome, error)
+            }
             Some(p) => {
                 let msg = format!(
                     "the upgrade would have ended {outcome:?}, but the final check on instance \

@@ -103,7 +103,7 @@ pub fn recover_journal_only(state: &StateDir, running: &str) -> Result<JournalOn
     let Some(mut record) = journal.current().map_err(UpgradeError::from)? else {
         return Ok(JournalOnly::Nothing);
     };
-    if record.phase >= crate::record::Phase::Booted && record.phase != crate::record::Phase::Done {
+    if record.kexec_journaled() && record.phase != crate::record::Phase::Done {
         return Ok(JournalOnly::LeftToAgent(record));
     }
     let seen = super::plan::Observed {

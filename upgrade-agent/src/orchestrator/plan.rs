@@ -8,8 +8,8 @@
 //! | phase `Done` | — | [`Plan::Finish`]: write the finished record to history |
 //! | replace platform, carried over by a kexec, phase `Booted` | the new kernel | [`Plan::ClaimForward`]: verify, restore, health-check every staged workload; commit, or return to the previous kernel |
 //! | replace platform, carried over by a kexec, phase `RollingBack` | the previous kernel again | [`Plan::ClaimReturn`]: restore every returned workload; rolled back |
-//! | replace platform, not carried over, phase before `Booted` | the old kernel (the agent restarted) | [`Plan::Abandon`] as rolled back: nothing but the journal survived |
-//! | replace platform, not carried over, phase `Booted` or later | the old kernel (cold boot) | [`Plan::Abandon`] as failed: the new kernel never took over; what lived only in memory is lost |
+//! | replace platform, not carried over, the kexec step (`Booted`) never journaled | the old kernel (the agent restarted) | [`Plan::Abandon`] as rolled back: nothing but the journal survived |
+//! | replace platform, not carried over, the kexec step journaled | the old kernel (cold boot), or the new one after its agent restarted | [`Plan::Abandon`] as failed: the new kernel did not take over or its agent stopped; what lived only in memory is lost |
 //! | side by side, phase `HandingOver` | — | [`Plan::ConvergeForward`]: every workload moved; halt the old instance, give its resources to the new one |
 //! | side by side, any other phase | — | [`Plan::Reconcile`]: settle each workload with [`reconcile`], then roll back |
 
@@ -69,7 +69,7 @@ pub fn plan(record: Option<&UpgradeRecord>, seen: &Observed) -> Plan {
             Plan::ClaimForward
         };
     }
-    if r.phase < Phase::Booted {
+    if !r.kexec_journaled() {
         Plan::Abandon {
             outcome: Outcome::RolledBack,
             reason: format!(
@@ -82,9 +82,9 @@ pub fn plan(record: Option<&UpgradeRecord>, seen: &Observed) -> Plan {
         Plan::Abandon {
             outcome: Outcome::Failed,
             reason: format!(
-                "kernel {} did not come up (phase {:?}); the machine runs {} after a cold \
-                 boot. The workloads restart from the workload file; state kept only in \
-                 memory is lost",
+                "kernel {} did not come up, or its agent stopped before finishing (phase \
+                 {:?}); the machine runs {}. The workloads restart from the workload file; \
+                 state kept only in memory is lost",
                 r.kernel_after, r.phase, seen.running_release
             ),
         }
@@ -261,22 +261,33 @@ mod tests {
 
     #[test]
     fn replace_without_a_carried_record_abandons_the_upgrade() {
+        // Whatever the phase (staging journals `migrating`, an unwinding rollback
+        // `rolling-back`), what decides is whether the kexec step was journaled.
         for phase in ALL_PHASES {
             if phase == Phase::Done {
                 continue;
             }
-            let r = record(phase, Some(2));
-            match plan(Some(&r), &seen(true, false, "A")) {
-                Plan::Abandon { outcome, reason } => {
-                    if phase < Phase::Booted {
-                        assert_eq!(outcome, Outcome::RolledBack, "phase {phase:?}");
-                        assert!(reason.contains("before the kexec"), "{reason}");
-                    } else {
-                        assert_eq!(outcome, Outcome::Failed, "phase {phase:?}");
-                        assert!(reason.contains("did not come up"), "{reason}");
-                    }
+            for kexec in [false, true] {
+                let mut r = record(phase, Some(2));
+                if kexec {
+                    r.events.push(crate::record::Event {
+                        t_ms: 1,
+                        what: "booting B (kexec)".into(),
+                        journaled: Some(Phase::Booted),
+                    });
                 }
-                other => panic!("phase {phase:?}: {other:?}"),
+                match plan(Some(&r), &seen(true, false, "A")) {
+                    Plan::Abandon { outcome, reason } => {
+                        if kexec {
+                            assert_eq!(outcome, Outcome::Failed, "phase {phase:?}");
+                            assert!(reason.contains("did not come up"), "{reason}");
+                        } else {
+                            assert_eq!(outcome, Outcome::RolledBack, "phase {phase:?}");
+                            assert!(reason.contains("before the kexec"), "{reason}");
+                        }
+                    }
+                    other => panic!("phase {phase:?} kexec {kexec}: {other:?}"),
+                }
             }
         }
     }

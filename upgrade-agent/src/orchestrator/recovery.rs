@@ -55,7 +55,6 @@ pub fn recover<'a>(
                     .expect("planned only with a new instance"),
             );
             o.converge_forward(old, new)
-                .and_then(|()| o.promote())
                 .and_then(|()| o.end_verified(new, Outcome::Upgraded, None))
         }
         Plan::Reconcile => {

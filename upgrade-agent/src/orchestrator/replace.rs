@@ -113,7 +113,6 @@ impl Orchestrator<'_> {
             format!("every workload verified, restored and healthy on instance {new}: committed"),
         )?;
         self.platform.confirm()?;
-        self.promote()?;
         self.end_verified(new, Outcome::Upgraded, None)
     }
 

@@ -168,19 +168,20 @@ fn recover(state_dir: &std::path::Path, json: bool) -> ExitCode {
             eprintln!("mk-agentd: {e}");
             // The same codes as `mk-upgrade recover` (docs/cli.md): a damaged or quarantined
             // journal is corrupt state, not an internal error.
-            let corrupt = match &e {
-                ops::OpError::State(s) => s.is_corrupt_state(),
-                ops::OpError::Upgrade(upgrade_agent::orchestrator::UpgradeError::Journal(j)) => {
-                    j.is_corrupt()
-                }
-                ops::OpError::Upgrade(_) => false,
+            use upgrade_agent::orchestrator::UpgradeError;
+            let exit = match &e {
+                ops::OpError::State(s) if s.is_corrupt_state() => Exit::Corrupt,
+                ops::OpError::State(upgrade_agent::statedir::StateDirError::Journal(
+                    rollback::JournalError::UnsupportedFormat { .. },
+                ))
+                | ops::OpError::Upgrade(UpgradeError::Journal(
+                    rollback::JournalError::UnsupportedFormat { .. },
+                )) => Exit::Incompatible,
+                ops::OpError::Upgrade(UpgradeError::Journal(j)) if j.is_corrupt() => Exit::Corrupt,
+                ops::OpError::Upgrade(UpgradeError::Slots(s)) if s.is_corrupt() => Exit::Corrupt,
+                _ => Exit::Internal,
             };
-            if corrupt {
-                Exit::Corrupt
-            } else {
-                Exit::Internal
-            }
-            .into()
+            exit.into()
         }
     }
 }

@@ -189,11 +189,63 @@ fn bad(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) ->
     }
 }
 
+/// The state directory holds the journal, node keys and workload environment. One that
+/// other users can write to fails the check; one they can read is reported (the files in it
+/// are 0600 whatever the umask, but their names and the sockets' paths show). An existing
+/// directory is reported, never changed.
+fn state_dir_mode(dir: &std::path::Path) -> CheckResult {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mode = |m: &std::fs::Metadata| m.permissions().mode() & 0o7777;
+    match std::fs::metadata(dir) {
+        Ok(m) if mode(&m) & 0o022 != 0 => bad(
+            "state-dir",
+            format!(
+                "{} is mode {:04o}: other users can change the journal, the node keys and the \
+                 workload file",
+                dir.display(),
+                mode(&m)
+            ),
+            format!("chmod 700 {}", dir.display()),
+        ),
+        Ok(m) if mode(&m) & 0o077 != 0 => ok(
+            "state-dir",
+            format!(
+                "{} is mode {:04o}: other users can list it (advice: chmod 700 {})",
+                dir.display(),
+                mode(&m),
+                dir.display()
+            ),
+        ),
+        Ok(m) if m.uid() != 0 && m.uid() != nix::unistd::geteuid().as_raw() => bad(
+            "state-dir",
+            format!(
+                "{} is owned by uid {}, not by root or this user",
+                dir.display(),
+                m.uid()
+            ),
+            format!("chown root {}", dir.display()),
+        ),
+        Ok(m) => ok(
+            "state-dir",
+            format!(
+                "{} ({:04o})",
+                dir.display(),
+                m.permissions().mode() & 0o7777
+            ),
+        ),
+        Err(e) => bad(
+            "state-dir",
+            format!("{}: {e}", dir.display()),
+            "run as root",
+        ),
+    }
+}
+
 /// Runs every pre-flight check (they do not change anything).
 pub fn preflight(g: &Global, need_keys: bool, lock_held: bool) -> Vec<CheckResult> {
     let mut out = Vec::new();
     match g.ensure_state_dir() {
-        Ok(()) => out.push(ok("state-dir", g.state_dir.display().to_string())),
+        Ok(()) => out.push(state_dir_mode(&g.state_dir)),
         Err(e) => out.push(bad(
             "state-dir",
             e.message,

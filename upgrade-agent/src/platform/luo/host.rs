@@ -145,7 +145,7 @@ fn read_memfd(fd: BorrowedFd<'_>, limit: u64, what: &str) -> Result<Vec<u8>, Pla
 }
 
 /// Binds the listeners a spec declares (LUO cannot preserve sockets).
-fn bind_listeners(spec: &WorkloadSpec) -> Result<Vec<PreservedFd>, String> {
+fn bind_listeners(spec: &WorkloadSpec) -> Result<Vec<PreservedFd>, PlatformError> {
     spec.listeners
         .iter()
         .map(|l| {
@@ -154,7 +154,12 @@ fn bind_listeners(spec: &WorkloadSpec) -> Result<Vec<PreservedFd>, String> {
                     name: l.name.clone(),
                     fd: OwnedFd::from(s),
                 })
-                .map_err(|e| format!("{}: binding {} for {}: {e}", spec.name, l.addr, l.name))
+                .map_err(|e| {
+                    PlatformError::io(
+                        format!("{}: binding {} for {}", spec.name, l.addr, l.name),
+                        e,
+                    )
+                })
         })
         .collect()
 }
@@ -884,7 +889,7 @@ impl Platform for LuoPlatform {
         };
         let verify_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let start_err = |what: String| PlatformError::Instance { id: here, what };
-        fds.extend(bind_listeners(&spec).map_err(start_err)?);
+        fds.extend(bind_listeners(&spec)?);
         let extra: Vec<String> = if crate::fault::wants_health_fail(&spec.env) {
             vec![crate::fault::HEALTH_FAIL_ARG.to_owned()]
         } else {
