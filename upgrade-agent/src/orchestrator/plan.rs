@@ -69,16 +69,7 @@ pub fn plan(record: Option<&UpgradeRecord>, seen: &Observed) -> Plan {
             Plan::ClaimForward
         };
     }
-    if !r.kexec_journaled() {
-        Plan::Abandon {
-            outcome: Outcome::RolledBack,
-            reason: format!(
-                "interrupted before the kexec (phase {:?}): the machine restarted on {}; the \
-                 workloads restart from the workload file",
-                r.phase, seen.running_release
-            ),
-        }
-    } else {
+    if r.kexec_journaled() {
         Plan::Abandon {
             outcome: Outcome::Failed,
             reason: format!(
@@ -86,6 +77,15 @@ pub fn plan(record: Option<&UpgradeRecord>, seen: &Observed) -> Plan {
                  {:?}); the machine runs {}. The workloads restart from the workload file; \
                  state kept only in memory is lost",
                 r.kernel_after, r.phase, seen.running_release
+            ),
+        }
+    } else {
+        Plan::Abandon {
+            outcome: Outcome::RolledBack,
+            reason: format!(
+                "interrupted before the kexec (phase {:?}): the machine restarted on {}; the \
+                 workloads restart from the workload file",
+                r.phase, seen.running_release
             ),
         }
     }
