@@ -230,6 +230,17 @@ pub fn current_instance(platform: &mut dyn Platform) -> Result<InstanceInfo, Upg
     }
 }
 
+/// How long a target may take to verify a delivered workload and start it (digests of a
+/// large state included).
+pub const MOVE_VERIFY_ALLOWANCE: Duration = Duration::from_secs(120);
+
+/// The deadline of one move, from its delivery: verification and start, plus the
+/// workload's own health-check timeout. Past it the move is aborted and the workload thawed
+/// on the old instance (its blackout is bounded by this).
+pub fn move_deadline(spec: &crate::workload::WorkloadSpec) -> Duration {
+    MOVE_VERIFY_ALLOWANCE + Duration::from_millis(spec.health.timeout_ms().unwrap_or(0))
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -538,7 +549,8 @@ impl<'a> Orchestrator<'a> {
             out.offer.fds.len()
         ));
         let t_deliver = self.setup.env.now();
-        match self.platform.deliver(to, name, out)? {
+        let deadline = std::time::Instant::now() + move_deadline(spec);
+        match self.platform.deliver(to, name, out, deadline)? {
             Delivered::Staged => Ok(None),
             Delivered::Healthy { verified_us } => {
                 let handover =

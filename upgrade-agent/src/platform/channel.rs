@@ -142,14 +142,18 @@ impl ChannelLink {
     }
 
     fn recv(&mut self, id: InstanceId) -> Result<Message, PlatformError> {
+        self.recv_within(id, REPLY_TIMEOUT)
+    }
+
+    fn recv_within(&mut self, id: InstanceId, wait: Duration) -> Result<Message, PlatformError> {
         let rt = &self.rt;
         let chan = self
             .channels
             .get_mut(&id)
             .ok_or_else(|| chan_err(id, "no channel"))?;
         let (frame, _fds) = rt
-            .block_on(async { tokio::time::timeout(REPLY_TIMEOUT, chan.recv()).await })
-            .map_err(|_| chan_err(id, format!("no reply within {REPLY_TIMEOUT:?}")))?
+            .block_on(async { tokio::time::timeout(wait, chan.recv()).await })
+            .map_err(|_| chan_err(id, format!("no reply within {wait:?}")))?
             .map_err(|e| chan_err(id, format!("receive: {e}")))?;
         Ok(frame.message)
     }
@@ -196,14 +200,26 @@ impl ChannelLink {
     }
 
     /// `RegionOffer` with the image and fds attached; waits for `RegionVerified` and
-    /// `HealthReport`.
+    /// `HealthReport`, both before `deadline`.
     pub fn offer(
         &mut self,
         to: InstanceId,
         name: &str,
         out: Outgoing,
+        deadline: Instant,
         connect: &mut Connector<'_>,
     ) -> Result<Delivered, PlatformError> {
+        let left = |what: &str| {
+            let now = Instant::now();
+            if now >= deadline {
+                Err(chan_err(
+                    to,
+                    format!("{name}: the move's deadline passed before {what}"),
+                ))
+            } else {
+                Ok(deadline - now)
+            }
+        };
         let t0 = Instant::now();
         self.channel(to, connect)?;
         let frame_fds = out.frame_fds();
@@ -211,7 +227,8 @@ impl ChannelLink {
         drop(frame_fds);
         drop(out);
         let verified_us;
-        match self.recv(to)? {
+        let wait = left("RegionVerified")?;
+        match self.recv_within(to, wait)? {
             Message::RegionVerified(v) if v.workload_id == name => match v.result {
                 Verification::Ok => {
                     verified_us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -235,7 +252,8 @@ impl ChannelLink {
                 ));
             }
         }
-        match self.recv(to)? {
+        let wait = left("HealthReport")?;
+        match self.recv_within(to, wait)? {
             Message::HealthReport(h) if h.workload_id == name => {
                 if h.healthy {
                     Ok(Delivered::Healthy { verified_us })
@@ -314,5 +332,70 @@ impl ChannelLink {
     /// Closes the channel to `id` (its receiver stops every uncommitted copy).
     pub fn close(&mut self, id: InstanceId) {
         self.channels.remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kho_proto::channel::UnixTransport;
+
+    /// A target that negotiates, then never answers an offer: the delivery fails when the
+    /// move's deadline passes, not after the generic reply timeout.
+    #[test]
+    fn an_offer_fails_at_the_moves_deadline() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let upgrade = UpgradeId([9; 16]);
+        let peer = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let t = UnixTransport::from_std(b).unwrap();
+                let local = PeerInfo {
+                    instance_id: 2,
+                    role: Role::New,
+                    kernel_release: "B".into(),
+                    agent_version: "test".into(),
+                };
+                let mut chan = Channel::new(t, upgrade, local);
+                chan.negotiate_as_responder().await.unwrap();
+                // Read the offer, answer nothing, keep the connection open.
+                let _ = chan.recv().await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            });
+        });
+        let mut link = ChannelLink::new(1, "A".into()).unwrap();
+        link.set_upgrade(upgrade);
+        let mut a = Some(a);
+        let mut connect =
+            |_: InstanceId, _: UpgradeId| -> Result<Box<dyn Transport>, PlatformError> {
+                let s = a.take().expect("one connection");
+                Ok(Box::new(
+                    UnixTransport::from_std(s).map_err(|e| chan_err(2, e.to_string()))?,
+                ))
+            };
+        let image = crate::handover::sealed_memfd("img", b"image").unwrap();
+        let out = Outgoing {
+            image,
+            offer: kho_proto::channel::RegionOffer {
+                workload_id: "kv".into(),
+                image_len: 5,
+                image_sha256: [0; 32],
+                fds: Vec::new(),
+            },
+            fds: Vec::new(),
+        };
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_millis(300);
+        let e = link
+            .offer(2, "kv", out, deadline, &mut connect)
+            .unwrap_err();
+        let took = t0.elapsed();
+        assert!(matches!(e, PlatformError::Channel { id: 2, .. }), "{e}");
+        assert!(took < Duration::from_secs(3), "waited {took:?}");
+        drop(link);
+        peer.join().unwrap();
     }
 }

@@ -302,8 +302,15 @@ impl Platform for FakePlatform {
         to: InstanceId,
         workload: &str,
         out: Outgoing,
+        deadline: std::time::Instant,
     ) -> Result<Delivered, PlatformError> {
         self.call("deliver", to, workload)?;
+        if std::time::Instant::now() > deadline {
+            return Err(PlatformError::Channel {
+                id: to,
+                what: "the move's deadline passed".into(),
+            });
+        }
         // The image is real: it must parse.
         let len = crate::sys::memfd::size(out.image.as_fd()).map_err(|e| {
             PlatformError::io("fake: sizing the delivered image", std::io::Error::from(e))

@@ -139,11 +139,16 @@ pub trait Platform {
     /// it: `Ok(Delivered::Healthy)`, or [`PlatformError::Refused`] /
     /// [`PlatformError::Unhealthy`]. Replace, it is preserved for the next kernel:
     /// `Ok(Delivered::Staged)`; [`Platform::claim`] finishes it there.
+    ///
+    /// `deadline` bounds the whole delivery (verification, start and health check): past
+    /// it the delivery fails with [`PlatformError::Channel`], so a frozen workload is never
+    /// left waiting on a target that does not answer.
     fn deliver(
         &mut self,
         to: InstanceId,
         workload: &str,
         out: Outgoing,
+        deadline: std::time::Instant,
     ) -> Result<Delivered, PlatformError>;
 
     /// Makes a delivered copy the target's own (side by side: `Commit`, then a round trip

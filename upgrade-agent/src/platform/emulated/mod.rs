@@ -449,8 +449,9 @@ impl Platform for EmulatedPlatform {
         to: InstanceId,
         workload: &str,
         out: Outgoing,
+        deadline: std::time::Instant,
     ) -> Result<Delivered, PlatformError> {
-        self.with_link(|l, c| l.offer(to, workload, out, c))
+        self.with_link(|l, c| l.offer(to, workload, out, deadline, c))
     }
 
     fn commit(&mut self, to: InstanceId, workload: &str) -> Result<(), PlatformError> {
