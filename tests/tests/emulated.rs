@@ -193,6 +193,19 @@ fn a_second_apply_is_refused_while_one_holds_the_lock() {
         let r = m.run(verb);
         assert_eq!(r.code, 9, "{verb:?}: {r:?}");
     }
+    // With --json, a refusal is still one JSON document on stdout.
+    for verb in [
+        &["recover", "--json"][..],
+        &["rollback", "--json"],
+        &["apply", "--kernel", b.to_str().unwrap(), "--json"],
+    ] {
+        let r = m.run(verb);
+        assert_eq!(r.code, 9, "{verb:?}: {r:?}");
+        let doc = r.json();
+        assert_eq!(doc["result"], "error", "{verb:?}: {doc}");
+        assert_eq!(doc["exit"], 9, "{verb:?}: {doc}");
+        assert!(doc["error"].as_str().unwrap().contains("lock"), "{doc}");
+    }
     let (id, kernel, names) = active(&m.status());
     assert_eq!((id, kernel.as_str(), names.len()), (1, "7.2.13-mkA", 1));
     drop(guard);

@@ -233,6 +233,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     upgrade_agent::telemetry::init_tracing();
     let g = cli.global;
+    let json = wants_json(&cli.command);
     let result: Result<ExitCode, CliError> = match cli.command {
         Command::Check(a) => Ok(crate::upgrade::check(&g, &a)),
         Command::Apply(a) => crate::upgrade::apply(&g, &a),
@@ -252,8 +253,38 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("mk-upgrade: {}", e.message);
+            if json {
+                // With --json every path prints one JSON document on stdout.
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "result": "error",
+                        "error": e.message,
+                        "exit": e.exit as u8,
+                    })
+                );
+            }
             e.exit.into()
         }
+    }
+}
+
+/// Whether the command was asked for one JSON document (`--json`).
+fn wants_json(c: &Command) -> bool {
+    use crate::emu::EmuCommand;
+    match c {
+        Command::Check(a) => a.json,
+        Command::Apply(a) => a.json,
+        Command::Status(a) | Command::History(a) | Command::Recover(a) => a.json,
+        Command::Rollback(a) => a.json,
+        Command::Emu(a) => match &a.command {
+            EmuCommand::Init { json, .. } | EmuCommand::Ls { json } => *json,
+            EmuCommand::Down => false,
+        },
+        Command::Demo(a) => a.json,
+        Command::Load(a) => a.json,
+        // These report every outcome themselves (exit codes and documents of their own).
+        Command::Inspect(_) | Command::State(_) | Command::Keys(_) | Command::Sign(_) => false,
     }
 }
 
