@@ -366,3 +366,83 @@ fn a_fresh_machine_names_what_is_missing() {
         "{r:?}"
     );
 }
+
+/// kill -9 of the OLD instance's supervisor in the middle of a migration (after the first
+/// workload moved, as the second is about to freeze), with the apply killed too: recovery
+/// must converge on the new instance. Nothing is left frozen, orphaned or running twice,
+/// the moved workload keeps every write, the other is restarted (its state died with its
+/// instance, and the record says so), `emu down` stops everything and a new `emu init`
+/// succeeds (no port held by an orphan), and `recover --json` prints one JSON document.
+#[test]
+fn the_old_supervisor_dying_mid_migration_converges_on_the_new_instance() {
+    let writes = journal_writes();
+    // The write that journals the second workload's freeze: after it, kv-1 runs on
+    // instance 2 and kv-2 still on instance 1.
+    let n = writes
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.as_str() == "migrating")
+        .nth(3)
+        .map(|(i, _)| i + 1)
+        .expect("four migrating writes for two workloads");
+    let m = Machine::new(2);
+    m.init();
+    put(&m, 5);
+    let b = m.path("bzImage-7.2.13-mkB");
+    m.sign(&b);
+    let nstr = n.to_string();
+    let r = m.run_env(
+        &["apply", "--kernel", b.to_str().unwrap()],
+        &[("MK_FAULT_CRASH_AFTER_WRITE", &nstr)],
+    );
+    assert_eq!(r.code, -1, "the agent must have been killed: {r:?}");
+    // Kill the old instance's supervisor (its workloads are left running, orphaned).
+    let pool: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(m.path("state/emulated/pool.json")).unwrap())
+            .unwrap();
+    let pid = pool["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == 1)
+        .and_then(|i| i["supervisor_pid"].as_i64())
+        .expect("instance 1's supervisor pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let rec = m.run(&["recover", "--json"]);
+    let doc = rec.json();
+    assert_eq!(doc["result"], "failed", "{rec:?}");
+    assert_eq!(rec.code, 12, "{rec:?}");
+    assert!(
+        doc["error"].as_str().unwrap().contains("kv-2"),
+        "the record names the restarted workload: {doc}"
+    );
+    // Converged on instance 2: both workloads there, thawed, instance 1 gone.
+    let st = m.status();
+    let (id, kernel, names) = active(&st);
+    assert_eq!((id, kernel.as_str()), (2, "7.2.13-mkB"), "{st}");
+    assert_eq!(names.len(), 2, "{st}");
+    assert!(st["upgrade_in_flight"].is_null());
+    let insts = st["instances"].as_array().unwrap();
+    assert_eq!(insts.len(), 1, "{st}");
+    for w in insts[0]["workloads"].as_array().unwrap() {
+        assert_eq!(w["frozen"], false, "{w}");
+    }
+    // The moved workload kept its writes; the restarted one answers (empty).
+    for i in 0..5 {
+        assert_eq!(
+            kv(m.addrs[0], &format!("GET k0-{i}")).unwrap(),
+            format!("VALUE v0-{i}"),
+            "kv-1 kept its data"
+        );
+    }
+    assert!(kv(m.addrs[1], "PING").is_ok());
+    // Nothing is left behind: a full stop and a fresh start work.
+    assert_eq!(m.run(&["emu", "down"]).code, 0);
+    m.init();
+    assert_eq!(active(&m.status()).2.len(), 2);
+}

@@ -830,6 +830,9 @@ impl<'a> Orchestrator<'a> {
     /// staged workload and drops what was staged (replace, before the boot).
     fn roll_back(&mut self, reason: String) -> Result<(), UpgradeError> {
         let old = self.record.old_instance;
+        if let Some(new) = self.old_died()? {
+            return self.survive_old_crash(new, &reason);
+        }
         self.step(Phase::RollingBack, format!("rolling back: {reason}"))?;
         let mut stuck = Vec::new();
         if let Some(new) = self.record.new_instance {
@@ -913,6 +916,108 @@ impl<'a> Orchestrator<'a> {
             self.platform.destroy(new)?;
         }
         Ok(())
+    }
+
+    /// Side by side: the new instance, when the old one is gone (crashed: its agent died)
+    /// while the new one runs. Nothing can move back then.
+    fn old_died(&mut self) -> Result<Option<InstanceId>, UpgradeError> {
+        let Some(new) = self.record.new_instance else {
+            return Ok(None);
+        };
+        if !self.platform.probe()?.side_by_side {
+            return Ok(None);
+        }
+        let insts = self.platform.instances()?;
+        let active = |id| {
+            insts
+                .iter()
+                .any(|i| i.id == id && i.state == InstanceState::Active)
+        };
+        Ok((!active(self.record.old_instance) && active(new)).then_some(new))
+    }
+
+    /// The old instance died mid-upgrade: every workload converges on the new one. A copy
+    /// received but not committed is the only one left: it is committed. A workload with no
+    /// copy there is restarted from its spec (its state died with the old instance, and the
+    /// record says so). The dead instance is then halted (what it left running is killed),
+    /// its resources go to the new one, and it is removed. Ends upgraded only if nothing
+    /// was restarted.
+    fn survive_old_crash(&mut self, new: InstanceId, reason: &str) -> Result<(), UpgradeError> {
+        let old = self.record.old_instance;
+        self.step(
+            Phase::RollingBack,
+            format!(
+                "instance {old} is gone ({reason}): nothing can move back; every workload \
+                 converges on instance {new}"
+            ),
+        )?;
+        let on_new: Vec<crate::model::WorkloadInfo> = self
+            .platform
+            .instances()?
+            .into_iter()
+            .find(|i| i.id == new)
+            .map(|i| i.workloads)
+            .unwrap_or_default();
+        for w in on_new.iter().filter(|w| w.pending_commit) {
+            if self.platform.commit(new, &w.name).is_ok() {
+                self.set_status(&w.name, MoveStatus::Committed, None);
+            }
+        }
+        self.platform.disconnect(None);
+        // Halting the dead instance kills whatever its workloads left running (an orphan
+        // would keep its ports and a second copy of its state) before anything restarts.
+        if self.platform.instances()?.iter().any(|i| {
+            i.id == old && matches!(i.state, InstanceState::Active | InstanceState::Failed)
+        }) {
+            self.platform.halt(old)?;
+        }
+        let running: Vec<String> = self
+            .platform
+            .instances()?
+            .into_iter()
+            .find(|i| i.id == new)
+            .map(|i| i.workloads.into_iter().map(|w| w.name).collect())
+            .unwrap_or_default();
+        let mut restarted = Vec::new();
+        for name in self.names() {
+            if running.contains(&name) {
+                self.set_status(&name, MoveStatus::Committed, None);
+                continue;
+            }
+            let Some(spec) = self.setup.specs.get(&name).cloned() else {
+                continue;
+            };
+            let detail = format!(
+                "restarted from its spec on instance {new}: its state on instance {old} was \
+                 lost when that instance died"
+            );
+            match self.platform.start_workload(new, &spec) {
+                Ok(_) => {
+                    self.set_status(&name, MoveStatus::Aborted, Some(detail));
+                    restarted.push(name);
+                }
+                Err(e) => {
+                    self.set_status(
+                        &name,
+                        MoveStatus::Aborted,
+                        Some(format!("{detail}; the restart failed: {e}")),
+                    );
+                    restarted.push(format!("{name} (restart failed: {e})"));
+                }
+            }
+        }
+        self.converge_forward(old, new)?;
+        if restarted.is_empty() {
+            return self.end_verified(new, Outcome::Upgraded, None);
+        }
+        let msg = format!(
+            "instance {old} died mid-upgrade ({reason}); every workload now runs on instance \
+             {new}, but {} had to be restarted from its spec and lost its state: {}",
+            restarted.len(),
+            restarted.join(", ")
+        );
+        self.end_verified(new, Outcome::Failed, Some(msg.clone()))?;
+        Err(UpgradeError::Failed(msg))
     }
 
     fn restore_old_resources(&mut self) -> Result<(), UpgradeError> {

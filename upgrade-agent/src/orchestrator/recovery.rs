@@ -90,6 +90,9 @@ impl Orchestrator<'_> {
     /// back.
     fn reconcile(&mut self) -> Result<(), UpgradeError> {
         let old = self.record.old_instance;
+        if let Some(new) = self.old_died()? {
+            return self.survive_old_crash(new, "found dead at recovery");
+        }
         let insts = self.platform.instances()?;
         // Instances this upgrade created but never journaled (crash between create and
         // journal write) are removed; so is anything not old and not the journaled new one.

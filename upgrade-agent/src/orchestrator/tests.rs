@@ -429,6 +429,108 @@ fn a_workload_not_in_the_file_is_refused_before_anything_is_journaled() {
     assert_settled(&p, "7.2.13-mkA", "nothing changed");
 }
 
+#[test]
+fn the_old_instance_dying_mid_move_converges_on_the_new_one() {
+    let w = World::new();
+    let mut p = w.platform(false);
+    // kv-1 has moved; instance 1 dies as kv-2 is frozen.
+    p.crash_on = Some(("freeze", 2, 1));
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    assert!(matches!(r, Err(UpgradeError::Failed(_))), "{r:?}");
+    assert_eq!(rec.outcome, Some(Outcome::Failed));
+    // Nothing frozen, nothing twice, everything on instance 2, instance 1 gone.
+    assert_eq!(p.active(), vec![2]);
+    assert!(!p.instances.contains_key(&1));
+    for name in ["kv-1", "kv-2"] {
+        assert_eq!(placement(&p, name), vec![(2, false, false)], "{name}");
+    }
+    let kv1 = rec.workloads.iter().find(|m| m.name == "kv-1").unwrap();
+    assert_eq!(kv1.status, MoveStatus::Committed);
+    let kv2 = rec.workloads.iter().find(|m| m.name == "kv-2").unwrap();
+    assert!(
+        kv2.detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("lost when that instance died"),
+        "{kv2:?}"
+    );
+    assert!(w.in_flight().is_none());
+}
+
+#[test]
+fn the_old_instance_dying_after_every_move_still_ends_upgraded() {
+    let w = World::new();
+    let mut p = w.platform(false);
+    // Both workloads committed on instance 2; instance 1 dies as its last copy is stopped.
+    p.crash_on = Some(("stop", 2, 1));
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    r.unwrap();
+    assert_eq!(rec.outcome, Some(Outcome::Upgraded));
+    assert_settled(&p, "7.2.13-mkB", "after the old instance died");
+}
+
+#[test]
+fn recovery_finds_the_old_instance_dead_and_converges_forward() {
+    // The orchestrator and instance 1 both died mid-upgrade: the journal says kv-1 moved
+    // and kv-2 was being frozen; instance 1 shows failed with nothing on it, instance 2
+    // runs kv-1.
+    let w = World::new();
+    let mut p = w.platform(false);
+    let mut rec: UpgradeRecord = serde_json::from_value(serde_json::json!({
+        "upgrade_id": "07".repeat(16), "kind": "apply", "platform": "emulated",
+        "started_at": 0, "kernel_before": "7.2.13-mkA", "kernel_after": "7.2.13-mkB",
+        "image_sha256": "", "old_instance": 1,
+        "old_resources": {"cpus": [0, 1, 2, 3], "memory_bytes": 1073741824},
+        "new_instance": 2, "phase": "migrating",
+        "workloads": [
+            {"name": "kv-1", "status": "committed", "blackout_us": 5, "detail": null},
+            {"name": "kv-2", "status": "freezing", "blackout_us": null, "detail": null}
+        ],
+        "events": [], "outcome": null, "error": null
+    }))
+    .unwrap();
+    rec.events.push(crate::record::Event {
+        t_ms: 1,
+        what: "kv-2: freeze on instance 1".into(),
+        journaled: Some(Phase::Migrating),
+    });
+    rollback::Journal::<UpgradeRecord>::open(w.dir.path())
+        .unwrap()
+        .write(&rec)
+        .unwrap();
+    let i1 = p.instances.get_mut(&1).unwrap();
+    i1.state = InstanceState::Failed;
+    i1.workloads.clear();
+    i1.resources.cpus = vec![0, 1];
+    let id = p
+        .create_instance(&Resources {
+            cpus: vec![2, 3],
+            memory_bytes: 0,
+        })
+        .unwrap();
+    assert_eq!(id, 2);
+    p.instances.get_mut(&2).unwrap().state = InstanceState::Active;
+    p.start_workload(2, &w.specs.workloads[0]).unwrap();
+    p.calls.clear();
+
+    let done = recover(&mut p, w.setup()).unwrap().expect("a record");
+    assert!(w.in_flight().is_none());
+    assert_eq!(done.outcome, Some(Outcome::Failed), "{:?}", done.error);
+    assert!(done.recovered);
+    assert!(
+        done.error.as_deref().unwrap_or("").contains("kv-2"),
+        "{:?}",
+        done.error
+    );
+    // Converged: instance 1 removed, its cpus given to 2, both workloads serve there.
+    assert_eq!(p.active(), vec![2], "{:?}", p.calls);
+    assert!(!p.instances.contains_key(&1));
+    assert_eq!(p.instances[&2].resources.cpus, vec![0, 1, 2, 3]);
+    for name in ["kv-1", "kv-2"] {
+        assert_eq!(placement(&p, name), vec![(2, false, false)], "{name}");
+    }
+}
+
 /// Fails every call of a whole upgrade in turn (the N-th platform call of the run), then
 /// runs recovery on the same machine: the end state is always fully old or fully new, with
 /// every workload running once, thawed and committed, and nothing left in flight.

@@ -51,6 +51,9 @@ pub struct FakePlatform {
     pub fail_call: Option<usize>,
     /// Fail the N-th (1-based) call of the named operation.
     pub fail_op: Option<(&'static str, usize)>,
+    /// On the N-th call of the named operation, instance `id` crashes (its agent dies: it
+    /// shows as failed and its workloads are gone) and the call fails.
+    pub crash_on: Option<(&'static str, usize, InstanceId)>,
     /// Workloads whose delivered or claimed copy is unhealthy.
     pub unhealthy: BTreeSet<String>,
     /// Workloads whose hand-over the target refuses (a failed check).
@@ -79,6 +82,7 @@ impl FakePlatform {
             calls: Vec::new(),
             fail_call: None,
             fail_op: None,
+            crash_on: None,
             unhealthy: BTreeSet::new(),
             refused: BTreeSet::new(),
             staged: BTreeSet::new(),
@@ -134,6 +138,19 @@ impl FakePlatform {
         let nth = self.count(op);
         if self.fail_call == Some(n) || self.fail_op == Some((op, nth)) {
             return Err(PlatformError::Injected(format!("{op} #{nth} (call {n})")));
+        }
+        if let Some((cop, cn, victim)) = self.crash_on
+            && cop == op
+            && cn == nth
+        {
+            if let Some(i) = self.instances.get_mut(&victim) {
+                i.state = InstanceState::Failed;
+                i.workloads.clear();
+            }
+            return Err(PlatformError::Instance {
+                id: victim,
+                what: "its agent died".into(),
+            });
         }
         Ok(())
     }
@@ -436,6 +453,7 @@ impl Platform for FakePlatform {
 
     fn halt(&mut self, id: InstanceId) -> Result<(), PlatformError> {
         self.call("halt", id, "")?;
+        // (A crashed instance is halted too: what it left is gone.)
         let i = self.inst(id)?;
         i.workloads.clear();
         i.state = InstanceState::Loaded;

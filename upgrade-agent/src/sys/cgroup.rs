@@ -187,6 +187,20 @@ impl Freezer {
         self.remove_base_within(REMOVE_PATIENCE)
     }
 
+    /// Kills every process left anywhere under the base group (`cgroup.kill` is
+    /// recursive): what an instance that crashed leaves behind. Frozen processes die too.
+    /// Without cgroup v2 (or `cgroup.kill`, Linux < 5.14) nothing can be found this way.
+    pub fn kill_base(&self) -> io::Result<()> {
+        let Freezer::Cgroup { base, .. } = self else {
+            return Ok(());
+        };
+        let k = base.join("cgroup.kill");
+        if k.exists() {
+            fs::write(k, "1")?;
+        }
+        Ok(())
+    }
+
     /// [`Freezer::remove_base`], waiting at most `patience` for busy groups.
     pub fn remove_base_within(&self, patience: Duration) -> bool {
         let Freezer::Cgroup { mount, base } = self else {

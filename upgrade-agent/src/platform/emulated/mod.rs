@@ -587,7 +587,13 @@ impl Platform for EmulatedPlatform {
             .read()?
             .expect(id, "halt", &[InstanceState::Active], "active")?
             .supervisor_pid;
-        // A supervisor that already died only needs its table entry fixed.
+        // A supervisor that already died only needs its table entry fixed, and whatever
+        // its workloads left running killed (an instance that crashes takes its processes
+        // with it: no orphan may keep a port, a frozen group or a second copy alive).
+        let crashed = !pid.is_some_and(pid_alive);
+        if crashed {
+            kill_instance_groups(&self.state_dir, id);
+        }
         if pid.is_some_and(pid_alive) {
             self.expect_done(id, &Request::Halt)?;
             let deadline = Instant::now() + HALT_TIMEOUT;
@@ -599,6 +605,7 @@ impl Platform for EmulatedPlatform {
                     nix::unistd::Pid::from_raw(p),
                     nix::sys::signal::Signal::SIGKILL,
                 );
+                kill_instance_groups(&self.state_dir, id);
             }
         }
         self.store.update(|pool| {
@@ -683,6 +690,15 @@ fn machine_cgroup_tag(state_dir: &Path) -> String {
 
 /// Removes instance `id`'s groups that are empty, leaf first, then its machine's group and
 /// `mk-upgrade-emulated` while they are empty. A group still holding a process stays.
+fn kill_instance_groups(state_dir: &Path, id: InstanceId) {
+    let tag = format!("{}/instance-{id}", machine_cgroup_tag(state_dir));
+    if let Some(f) = crate::sys::cgroup::Freezer::of_tag(&tag)
+        && let Err(e) = f.kill_base()
+    {
+        tracing::warn!(instance = id, error = %e, "killing what a crashed instance left");
+    }
+}
+
 fn remove_instance_groups(state_dir: &Path, id: InstanceId) {
     let tag = format!("{}/instance-{id}", machine_cgroup_tag(state_dir));
     if let Some(f) = crate::sys::cgroup::Freezer::of_tag(&tag)
