@@ -397,18 +397,8 @@ fn the_old_supervisor_dying_mid_migration_converges_on_the_new_instance() {
     );
     assert_eq!(r.code, -1, "the agent must have been killed: {r:?}");
     // Kill the old instance's supervisor (its workloads are left running, orphaned).
-    let pool: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(m.path("state/emulated/pool.json")).unwrap())
-            .unwrap();
-    let pid = pool["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["id"] == 1)
-        .and_then(|i| i["supervisor_pid"].as_i64())
-        .expect("instance 1's supervisor pid");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::unistd::Pid::from_raw(supervisor_pid(&m, 1)),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
@@ -442,6 +432,72 @@ fn the_old_supervisor_dying_mid_migration_converges_on_the_new_instance() {
     }
     assert!(kv(m.addrs[1], "PING").is_ok());
     // Nothing is left behind: a full stop and a fresh start work.
+    assert_eq!(m.run(&["emu", "down"]).code, 0);
+    m.init();
+    assert_eq!(active(&m.status()).2.len(), 2);
+}
+
+fn supervisor_pid(m: &Machine, instance: u64) -> i32 {
+    let pool: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(m.path("state/emulated/pool.json")).unwrap())
+            .unwrap();
+    let pid = pool["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == instance)
+        .and_then(|i| i["supervisor_pid"].as_i64())
+        .expect("the instance's supervisor pid");
+    i32::try_from(pid).unwrap()
+}
+
+/// kill -9 of the NEW instance's supervisor mid-migration (the apply killed too): recovery
+/// converges on the old instance; the workload that had not moved keeps every write, the
+/// one whose only copy died with the new instance is restarted (and the record says so).
+#[test]
+fn the_new_supervisor_dying_mid_migration_converges_on_the_old_instance() {
+    let writes = journal_writes();
+    let n = writes
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.as_str() == "migrating")
+        .nth(3)
+        .map(|(i, _)| i + 1)
+        .expect("four migrating writes for two workloads");
+    let m = Machine::new(2);
+    m.init();
+    put(&m, 5);
+    let b = m.path("bzImage-7.2.13-mkB");
+    m.sign(&b);
+    let nstr = n.to_string();
+    let r = m.run_env(
+        &["apply", "--kernel", b.to_str().unwrap()],
+        &[("MK_FAULT_CRASH_AFTER_WRITE", &nstr)],
+    );
+    assert_eq!(r.code, -1, "the agent must have been killed: {r:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor_pid(&m, 2)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let rec = m.run(&["recover", "--json"]);
+    let doc = rec.json();
+    assert_eq!(doc["result"], "failed", "{rec:?}");
+    assert!(doc["error"].as_str().unwrap().contains("kv-1"), "{doc}");
+    let st = m.status();
+    let (id, kernel, names) = active(&st);
+    assert_eq!((id, kernel.as_str()), (1, "7.2.13-mkA"), "{st}");
+    assert_eq!(names.len(), 2, "{st}");
+    assert_eq!(st["instances"].as_array().unwrap().len(), 1, "{st}");
+    // kv-2 never left instance 1: every write is there.
+    for i in 0..5 {
+        assert_eq!(
+            kv(m.addrs[1], &format!("GET k1-{i}")).unwrap(),
+            format!("VALUE v1-{i}")
+        );
+    }
+    assert!(kv(m.addrs[0], "PING").is_ok());
     assert_eq!(m.run(&["emu", "down"]).code, 0);
     m.init();
     assert_eq!(active(&m.status()).2.len(), 2);

@@ -833,6 +833,9 @@ impl<'a> Orchestrator<'a> {
         if let Some(new) = self.old_died()? {
             return self.survive_old_crash(new, &reason);
         }
+        if let Some(new) = self.new_died()? {
+            return self.survive_new_crash(new, &reason);
+        }
         self.step(Phase::RollingBack, format!("rolling back: {reason}"))?;
         let mut stuck = Vec::new();
         if let Some(new) = self.record.new_instance {
@@ -934,6 +937,99 @@ impl<'a> Orchestrator<'a> {
                 .any(|i| i.id == id && i.state == InstanceState::Active)
         };
         Ok((!active(self.record.old_instance) && active(new)).then_some(new))
+    }
+
+    /// Side by side: the new instance, when it is gone (crashed) while the old one runs.
+    fn new_died(&mut self) -> Result<Option<InstanceId>, UpgradeError> {
+        let Some(new) = self.record.new_instance else {
+            return Ok(None);
+        };
+        if !self.platform.probe()?.side_by_side {
+            return Ok(None);
+        }
+        let insts = self.platform.instances()?;
+        let state = |id| insts.iter().find(|i| i.id == id).map(|i| i.state);
+        let old_active = state(self.record.old_instance) == Some(InstanceState::Active);
+        // Only a new instance that was booted and died counts (not one never booted).
+        let new_dead = state(new) == Some(InstanceState::Failed);
+        Ok((old_active && new_dead).then_some(new))
+    }
+
+    /// The new instance died mid-upgrade: every workload converges on the old one. Copies
+    /// still there are thawed; a workload whose only copy was on the new instance is
+    /// restarted from its spec (its state died with that instance, and the record says
+    /// so). The dead instance is halted (what it left running is killed) and removed, and
+    /// the old one gets its resources back. Ends rolled back only if nothing was restarted.
+    fn survive_new_crash(&mut self, new: InstanceId, reason: &str) -> Result<(), UpgradeError> {
+        let old = self.record.old_instance;
+        self.step(
+            Phase::RollingBack,
+            format!(
+                "instance {new} is gone ({reason}): every workload converges on instance {old}"
+            ),
+        )?;
+        self.platform.disconnect(None);
+        self.platform.halt(new)?;
+        let on_old: Vec<crate::model::WorkloadInfo> = self
+            .platform
+            .instances()?
+            .into_iter()
+            .find(|i| i.id == old)
+            .map(|i| i.workloads)
+            .unwrap_or_default();
+        let mut restarted = Vec::new();
+        for name in self.names() {
+            if let Some(w) = on_old.iter().find(|w| w.name == name) {
+                if w.frozen {
+                    self.platform.thaw(old, &name)?;
+                }
+                if self
+                    .record
+                    .workloads
+                    .iter()
+                    .any(|m| m.name == name && m.status != MoveStatus::Pending)
+                {
+                    self.set_status(&name, MoveStatus::MovedBack, None);
+                }
+                continue;
+            }
+            let Some(spec) = self.setup.specs.get(&name).cloned() else {
+                continue;
+            };
+            let detail = format!(
+                "restarted from its spec on instance {old}: its state on instance {new} was \
+                 lost when that instance died"
+            );
+            match self.platform.start_workload(old, &spec) {
+                Ok(_) => {
+                    self.set_status(&name, MoveStatus::Aborted, Some(detail));
+                    restarted.push(name);
+                }
+                Err(e) => {
+                    self.set_status(
+                        &name,
+                        MoveStatus::Aborted,
+                        Some(format!("{detail}; the restart failed: {e}")),
+                    );
+                    restarted.push(format!("{name} (restart failed: {e})"));
+                }
+            }
+        }
+        self.platform.destroy(new)?;
+        self.restore_old_resources()?;
+        if restarted.is_empty() {
+            let r = format!("instance {new} died: {reason}");
+            self.end_verified(old, Outcome::RolledBack, Some(r.clone()))?;
+            return Err(UpgradeError::RolledBack { reason: r });
+        }
+        let msg = format!(
+            "instance {new} died mid-upgrade ({reason}); every workload now runs on instance \
+             {old}, but {} had to be restarted from its spec and lost its state: {}",
+            restarted.len(),
+            restarted.join(", ")
+        );
+        self.end_verified(old, Outcome::Failed, Some(msg.clone()))?;
+        Err(UpgradeError::Failed(msg))
     }
 
     /// The old instance died mid-upgrade: every workload converges on the new one. A copy

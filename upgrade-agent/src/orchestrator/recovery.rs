@@ -93,6 +93,9 @@ impl Orchestrator<'_> {
         if let Some(new) = self.old_died()? {
             return self.survive_old_crash(new, "found dead at recovery");
         }
+        if let Some(new) = self.new_died()? {
+            return self.survive_new_crash(new, "found dead at recovery");
+        }
         let insts = self.platform.instances()?;
         // Instances this upgrade created but never journaled (crash between create and
         // journal write) are removed; so is anything not old and not the journaled new one.

@@ -458,6 +458,43 @@ fn the_old_instance_dying_mid_move_converges_on_the_new_one() {
 }
 
 #[test]
+fn the_new_instance_dying_mid_upgrade_converges_on_the_old_one() {
+    let w = World::new();
+    let mut p = w.platform(false);
+    // kv-1 moved to instance 2; instance 2 dies as kv-2 is delivered.
+    p.crash_on = Some(("deliver", 2, 2));
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    assert!(matches!(r, Err(UpgradeError::Failed(_))), "{r:?}");
+    assert_eq!(rec.outcome, Some(Outcome::Failed));
+    assert_eq!(p.active(), vec![1]);
+    assert!(!p.instances.contains_key(&2));
+    for name in ["kv-1", "kv-2"] {
+        assert_eq!(placement(&p, name), vec![(1, false, false)], "{name}");
+    }
+    // kv-1's only copy was on instance 2: restarted, and the record says its state is lost.
+    let kv1 = rec.workloads.iter().find(|m| m.name == "kv-1").unwrap();
+    assert!(
+        kv1.detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("lost when that instance died"),
+        "{kv1:?}"
+    );
+    assert_eq!(p.instances[&1].resources.cpus, vec![0, 1, 2, 3]);
+}
+
+#[test]
+fn the_new_instance_dying_before_anything_moved_rolls_back() {
+    let w = World::new();
+    let mut p = w.platform(false);
+    p.crash_on = Some(("deliver", 1, 2));
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    assert!(matches!(r, Err(UpgradeError::RolledBack { .. })), "{r:?}");
+    assert_eq!(rec.outcome, Some(Outcome::RolledBack));
+    assert_settled(&p, "7.2.13-mkA", "after the new instance died");
+}
+
+#[test]
 fn the_old_instance_dying_after_every_move_still_ends_upgraded() {
     let w = World::new();
     let mut p = w.platform(false);
