@@ -24,6 +24,36 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Fails, saying why, when the `mk-upgrade` under test was built without fault injection
+/// (the tests that force failure paths need it; `cargo test --workspace` builds the agent
+/// with the feature, a plain `cargo build` of the agent overwrites it without).
+pub fn require_fault_injection() {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *OK.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let o = Command::new(bin("mk-upgrade"))
+            .arg("--state-dir")
+            .arg(dir.path())
+            .args([
+                "apply",
+                "--kernel",
+                "/nonexistent",
+                "--inject",
+                "health-fail",
+            ])
+            .output()
+            .expect("running mk-upgrade");
+        !String::from_utf8_lossy(&o.stderr).contains("needs a build with fault injection")
+    });
+    assert!(
+        ok,
+        "{} was built without the fault-injection feature: run the tests with `cargo test \
+         --workspace` (a plain `cargo build -p upgrade-agent` after it rebuilds the agent \
+         without the feature)",
+        bin("mk-upgrade").display()
+    );
+}
+
 /// A fresh emulated machine: state dir, a trusted release key, kernels A and B.
 #[derive(Debug)]
 pub struct Machine {
@@ -136,6 +166,9 @@ impl Machine {
 
     /// Runs `mk-upgrade` with extra environment variables.
     pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        if args.contains(&"--inject") || env.iter().any(|(k, _)| k.starts_with("MK_FAULT_")) {
+            require_fault_injection();
+        }
         let mut c = Command::new(bin("mk-upgrade"));
         c.arg("--state-dir")
             .arg(self.path("state"))

@@ -836,6 +836,10 @@ impl<'a> Orchestrator<'a> {
         if let Some(new) = self.new_died()? {
             return self.survive_new_crash(new, &reason);
         }
+        if self.only_instance_died()? {
+            let old = self.record.old_instance;
+            return self.reboot(old, &reason);
+        }
         self.step(Phase::RollingBack, format!("rolling back: {reason}"))?;
         let mut stuck = Vec::new();
         if let Some(new) = self.record.new_instance {
@@ -937,6 +941,88 @@ impl<'a> Orchestrator<'a> {
                 .any(|i| i.id == id && i.state == InstanceState::Active)
         };
         Ok((!active(self.record.old_instance) && active(new)).then_some(new))
+    }
+
+    /// Side by side: whether the old instance crashed and no new instance runs (none was
+    /// booted yet): nothing is left to serve.
+    fn only_instance_died(&mut self) -> Result<bool, UpgradeError> {
+        if !self.platform.probe()?.side_by_side {
+            return Ok(false);
+        }
+        let insts = self.platform.instances()?;
+        let state = |id| insts.iter().find(|i| i.id == id).map(|i| i.state);
+        let new_active = self
+            .record
+            .new_instance
+            .is_some_and(|n| state(n) == Some(InstanceState::Active));
+        Ok(state(self.record.old_instance) == Some(InstanceState::Failed) && !new_active)
+    }
+
+    /// The instance that must serve (`id`) crashed and no other instance runs: the machine
+    /// boots its kernel again (as a watchdog would), and every workload restarts from its
+    /// spec there (its state died with the instance; the record says so). Any other
+    /// instance of the upgrade is removed. Ends failed: state was lost.
+    fn reboot(&mut self, id: InstanceId, reason: &str) -> Result<(), UpgradeError> {
+        let old = id;
+        self.step(
+            Phase::RollingBack,
+            format!("instance {id} is gone ({reason}) and no other instance runs: booting it again"),
+        )?;
+        self.platform.disconnect(None);
+        for other in [Some(self.record.old_instance), self.record.new_instance]
+            .into_iter()
+            .flatten()
+            .filter(|o| *o != id)
+        {
+            if let Some(i) = self.platform.instances()?.into_iter().find(|i| i.id == other) {
+                if matches!(i.state, InstanceState::Active | InstanceState::Failed) {
+                    self.platform.halt(other)?;
+                }
+                if other == self.record.old_instance && !i.resources.cpus.is_empty() {
+                    // Its cpus go to the instance booted again.
+                    self.platform.transfer_resources(other, id)?;
+                }
+                self.platform.destroy(other)?;
+            }
+        }
+        if self
+            .platform
+            .instances()?
+            .iter()
+            .any(|i| i.id == id && matches!(i.state, InstanceState::Active | InstanceState::Failed))
+        {
+            self.platform.halt(id)?;
+        }
+        self.platform.boot(id, None)?;
+        if id == self.record.old_instance {
+            self.restore_old_resources()?;
+        }
+        let mut restarted = Vec::new();
+        for name in self.names() {
+            let Some(spec) = self.setup.specs.get(&name).cloned() else {
+                continue;
+            };
+            let detail = format!(
+                "restarted from its spec when instance {old} was booted again: its state was \
+                 lost when that instance died"
+            );
+            match self.platform.start_workload(old, &spec) {
+                Ok(_) => self.set_status(&name, MoveStatus::Aborted, Some(detail)),
+                Err(e) => self.set_status(
+                    &name,
+                    MoveStatus::Aborted,
+                    Some(format!("{detail}; the restart failed: {e}")),
+                ),
+            }
+            restarted.push(name);
+        }
+        let msg = format!(
+            "instance {old} died mid-upgrade ({reason}) with no other instance running; it \
+             was booted again and every workload restarted from its spec, losing its state: {}",
+            restarted.join(", ")
+        );
+        self.end_verified(old, Outcome::Failed, Some(msg.clone()))?;
+        Err(UpgradeError::Failed(msg))
     }
 
     /// Side by side: the new instance, when it is gone (crashed) while the old one runs.

@@ -54,8 +54,21 @@ pub fn recover<'a>(
                     .new_instance
                     .expect("planned only with a new instance"),
             );
-            o.converge_forward(old, new)
-                .and_then(|()| o.end_verified(new, Outcome::Upgraded, None))
+            let new_active = o
+                .platform
+                .instances()?
+                .iter()
+                .any(|i| i.id == new && i.state == InstanceState::Active);
+            if new_active {
+                o.converge_forward(old, new)
+                    .and_then(|()| o.end_verified(new, Outcome::Upgraded, None))
+            } else if let Some(n) = o.new_died()? {
+                // Every workload had moved, and the new instance died: back to the old one.
+                o.survive_new_crash(n, "found dead at recovery")
+            } else {
+                // The old instance was halted already: boot the new kernel again.
+                o.reboot(new, "the new instance was found dead at recovery")
+            }
         }
         Plan::Reconcile => {
             o.step(phase, format!("recovery: resuming from phase {phase:?}"))?;
@@ -95,6 +108,10 @@ impl Orchestrator<'_> {
         }
         if let Some(new) = self.new_died()? {
             return self.survive_new_crash(new, "found dead at recovery");
+        }
+        if self.only_instance_died()? {
+            let old = self.record.old_instance;
+            return self.reboot(old, "found dead at recovery");
         }
         let insts = self.platform.instances()?;
         // Instances this upgrade created but never journaled (crash between create and
