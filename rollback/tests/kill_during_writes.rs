@@ -55,7 +55,12 @@ fn killed_writer_leaves_a_consistent_journal() {
     let mut last_seen = 0u64;
     for (run, kill_after) in [5usize, 37, 120].into_iter().enumerate() {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "journal_writer_child", "--nocapture", "--ignored"])
+            .args([
+                "--exact",
+                "journal_writer_child",
+                "--nocapture",
+                "--ignored",
+            ])
             .env(CHILD_ENV, dir.path())
             .env("ROLLBACK_KILL_TEST_RUN", run.to_string())
             .stdout(Stdio::piped())

@@ -966,7 +966,9 @@ impl<'a> Orchestrator<'a> {
         let old = id;
         self.step(
             Phase::RollingBack,
-            format!("instance {id} is gone ({reason}) and no other instance runs: booting it again"),
+            format!(
+                "instance {id} is gone ({reason}) and no other instance runs: booting it again"
+            ),
         )?;
         self.platform.disconnect(None);
         for other in [Some(self.record.old_instance), self.record.new_instance]
@@ -974,7 +976,12 @@ impl<'a> Orchestrator<'a> {
             .flatten()
             .filter(|o| *o != id)
         {
-            if let Some(i) = self.platform.instances()?.into_iter().find(|i| i.id == other) {
+            if let Some(i) = self
+                .platform
+                .instances()?
+                .into_iter()
+                .find(|i| i.id == other)
+            {
                 if matches!(i.state, InstanceState::Active | InstanceState::Failed) {
                     self.platform.halt(other)?;
                 }
