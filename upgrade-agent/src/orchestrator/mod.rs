@@ -985,10 +985,7 @@ impl<'a> Orchestrator<'a> {
                 if matches!(i.state, InstanceState::Active | InstanceState::Failed) {
                     self.platform.halt(other)?;
                 }
-                if other == self.record.old_instance && !i.resources.cpus.is_empty() {
-                    // Its cpus go to the instance booted again.
-                    self.platform.transfer_resources(other, id)?;
-                }
+                // Removing it frees its cpus (the instance booted again takes them below).
                 self.platform.destroy(other)?;
             }
         }
@@ -1003,6 +1000,24 @@ impl<'a> Orchestrator<'a> {
         self.platform.boot(id, None)?;
         if id == self.record.old_instance {
             self.restore_old_resources()?;
+        } else {
+            // The new kernel serves alone: it takes every spare cpu and the spare memory
+            // (what the removed old instance held).
+            let caps = self.platform.probe()?;
+            let mut all = self
+                .platform
+                .instances()?
+                .into_iter()
+                .find(|i| i.id == id)
+                .map(|i| i.resources)
+                .unwrap_or_default();
+            if !caps.spare_cpus.is_empty() {
+                all.cpus.extend(caps.spare_cpus.iter().copied());
+                all.cpus.sort_unstable();
+                all.cpus.dedup();
+                all.memory_bytes += caps.spare_memory_bytes;
+                self.platform.resize(id, &all)?;
+            }
         }
         let mut restarted = Vec::new();
         for name in self.names() {

@@ -568,6 +568,58 @@ fn recovery_finds_the_old_instance_dead_and_converges_forward() {
     }
 }
 
+#[test]
+fn recovery_boots_the_new_kernel_again_when_it_died_while_handing_over() {
+    // Every workload had moved, the old instance was halted and gave its cpus away, then
+    // the orchestrator and the new instance both died.
+    let w = World::new();
+    let mut p = w.platform(false);
+    let mut rec: UpgradeRecord = serde_json::from_value(serde_json::json!({
+        "upgrade_id": "08".repeat(16), "kind": "apply", "platform": "emulated",
+        "started_at": 0, "kernel_before": "7.2.13-mkA", "kernel_after": "7.2.13-mkB",
+        "image_sha256": "", "old_instance": 1,
+        "old_resources": {"cpus": [0, 1, 2, 3], "memory_bytes": 1073741824},
+        "new_instance": 2, "phase": "handing-over",
+        "workloads": [
+            {"name": "kv-1", "status": "committed", "blackout_us": 5, "detail": null},
+            {"name": "kv-2", "status": "committed", "blackout_us": 5, "detail": null}
+        ],
+        "events": [], "outcome": null, "error": null
+    }))
+    .unwrap();
+    rec.events.push(crate::record::Event {
+        t_ms: 1,
+        what: "every workload moved".into(),
+        journaled: Some(Phase::HandingOver),
+    });
+    rollback::Journal::<UpgradeRecord>::open(w.dir.path())
+        .unwrap()
+        .write(&rec)
+        .unwrap();
+    let i1 = p.instances.get_mut(&1).unwrap();
+    i1.state = InstanceState::Loaded;
+    i1.workloads.clear();
+    i1.resources.cpus.clear();
+    p.create_instance(&Resources {
+        cpus: vec![0, 1, 2, 3],
+        memory_bytes: 0,
+    })
+    .unwrap();
+    let i2 = p.instances.get_mut(&2).unwrap();
+    i2.state = InstanceState::Failed;
+    i2.release = Some("7.2.13-mkB".into());
+
+    let done = recover(&mut p, w.setup()).unwrap().expect("a record");
+    assert_eq!(done.outcome, Some(Outcome::Failed), "{:?}", done.error);
+    assert!(w.in_flight().is_none());
+    assert_eq!(p.active(), vec![2], "{:?}", p.calls);
+    assert!(!p.instances.contains_key(&1));
+    assert_eq!(p.instances[&2].resources.cpus, vec![0, 1, 2, 3]);
+    for name in ["kv-1", "kv-2"] {
+        assert_eq!(placement(&p, name), vec![(2, false, false)], "{name}");
+    }
+}
+
 /// Fails every call of a whole upgrade in turn (the N-th platform call of the run), then
 /// runs recovery on the same machine: the end state is always fully old or fully new, with
 /// every workload running once, thawed and committed, and nothing left in flight.

@@ -215,6 +215,21 @@ impl LuoPlatform {
         };
         if let Some(s) = session {
             p.retrieve_all(&s)?;
+        } else {
+            // A normal boot: the kernels kept on disk (after an upgrade this agent
+            // committed) make a rollback possible, and stand in for --kernel-image.
+            let store = super::store::KernelStore::new(p.state.root());
+            match store.load(super::store::Role::Previous) {
+                Ok(k) => p.previous = k,
+                Err(e) => tracing::warn!(error = %e, "the kept previous kernel is not usable"),
+            }
+            if p.running.is_none() {
+                match store.load(super::store::Role::Current) {
+                    Ok(Some(k)) if k.release == running_release() => p.running = Some(k),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "the kept running kernel is not usable"),
+                }
+            }
         }
         Ok(p)
     }
@@ -1040,6 +1055,18 @@ impl Platform for LuoPlatform {
             let _ = t.begin(&release, 1);
         }
         t.confirm(&release).map_err(|e| err(e.to_string()))?;
+        // Keep both kernels on disk: a rollback must not depend on this agent staying up.
+        let store = super::store::KernelStore::new(self.state.root());
+        for (role, k) in [
+            (super::store::Role::Current, self.running.as_ref()),
+            (super::store::Role::Previous, self.previous.as_ref()),
+        ] {
+            if let Some(k) = k
+                && let Err(e) = store.save(role, k)
+            {
+                tracing::warn!(error = %e, "keeping the {role:?} kernel on disk");
+            }
+        }
         Ok(())
     }
 }

@@ -35,6 +35,7 @@
 pub mod client;
 pub mod handoff;
 pub mod host;
+pub mod store;
 
 use std::path::{Path, PathBuf};
 
