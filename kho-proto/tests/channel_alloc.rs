@@ -2,6 +2,7 @@
 //! input claims. Measured with a counting global allocator (this test binary only).
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -12,10 +13,22 @@ struct Counting;
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
 static SERIAL: Mutex<()> = Mutex::new(());
 
+thread_local! {
+    /// Only the measuring thread's allocations count: the test harness's own threads
+    /// (other tests, output capture) allocate concurrently and made the test flaky.
+    static MEASURING: Cell<bool> = const { Cell::new(false) };
+}
+
+fn record(size: usize) {
+    if MEASURING.with(Cell::get) {
+        LARGEST.fetch_max(size, Ordering::Relaxed);
+    }
+}
+
 // SAFETY: forwards every call unchanged to the system allocator; only records sizes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        record(layout.size());
         // SAFETY: same contract as our caller's.
         unsafe { System.alloc(layout) }
     }
@@ -24,7 +37,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        record(new_size);
         // SAFETY: same contract as our caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -68,7 +81,9 @@ fn varint(mut v: u64) -> Vec<u8> {
 fn largest_alloc_decoding(bytes: &[u8]) -> (usize, Result<(), FrameError>) {
     let _guard = SERIAL.lock().unwrap();
     LARGEST.store(0, Ordering::SeqCst);
+    MEASURING.with(|m| m.set(true));
     let r = decode_frame(bytes).map(|_| ());
+    MEASURING.with(|m| m.set(false));
     (LARGEST.load(Ordering::SeqCst), r)
 }
 
