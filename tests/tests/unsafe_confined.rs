@@ -1,15 +1,40 @@
-//! Every `unsafe` of this crate sits in its syscall module, `src/sys.rs`, each block with a
+//! Every `unsafe` of the library crates sits in their syscall module, each block with a
 //! `// SAFETY:` comment (clippy's `undocumented_unsafe_blocks`) behind a safe function. This
-//! test reads every file under `src/` and fails on the word `unsafe` in code (comments and
-//! string literals do not count) anywhere else, and checks that the crate root has
-//! `#![deny(unsafe_code)]`, lifted by `#[allow(unsafe_code)]` on that module only.
-//! (Test code is not library code: tests may use `unsafe` themselves.)
+//! test reads every file under each crate's `src/` and fails on the word `unsafe` in code
+//! (comments and string literals do not count) anywhere else, and checks that each crate
+//! root has `#![deny(unsafe_code)]`, lifted by `#[allow(unsafe_code)]` on that module only.
+//! (Test code is not library code: tests may use `unsafe` themselves. upgrade-agent, whose
+//! syscall layer is a directory, is checked by its own upgrade-agent/tests/layers.rs.)
 
-/// The syscall module, below `src/`.
-const SYS: &str = "sys.rs";
-/// The file declaring it, and the declarations that may follow its `#[allow(unsafe_code)]`.
-const SYS_DECLARED_IN: &str = "lib.rs";
-const SYS_DECLARATIONS: &[&str] = &["pub mod sys;"];
+/// A crate: its directory, its syscall module below `src/`, the file declaring it and the
+/// declarations that may follow its `#[allow(unsafe_code)]`.
+struct Krate {
+    dir: &'static str,
+    sys: &'static str,
+    declared_in: &'static str,
+    declarations: &'static [&'static str],
+}
+
+const CRATES: &[Krate] = &[
+    Krate {
+        dir: "kho-proto",
+        sys: "channel/sys.rs",
+        declared_in: "channel/mod.rs",
+        declarations: &["mod sys;"],
+    },
+    Krate {
+        dir: "state-serializers",
+        sys: "sys.rs",
+        declared_in: "lib.rs",
+        declarations: &["pub mod sys;"],
+    },
+    Krate {
+        dir: "demo-kv",
+        sys: "sys.rs",
+        declared_in: "lib.rs",
+        declarations: &["pub mod sys;"],
+    },
+];
 
 use std::path::{Path, PathBuf};
 
@@ -24,9 +49,12 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Every file under `src/`, as (path below `src/`, text).
-fn library_files() -> Vec<(String, String)> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+/// Every file under the crate's `src/`, as (path below `src/`, text).
+fn library_files(k: &Krate) -> Vec<(String, String)> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(k.dir)
+        .join("src");
     let mut files = Vec::new();
     sources(&src, &mut files);
     files.sort();
@@ -186,63 +214,73 @@ fn the_scanner_sees_code_only() {
 
 #[test]
 fn unsafe_only_in_the_syscall_module() {
-    let files = library_files();
-    assert!(
-        files.iter().any(|(rel, _)| rel == SYS),
-        "{SYS} is gone: update this test"
-    );
-    let mut bad = Vec::new();
-    for (rel, text) in &files {
-        let c = code(text);
-        if rel == SYS {
-            assert!(
-                !unsafe_words(&c).is_empty(),
-                "{SYS} has no unsafe left: update this test"
-            );
-            continue;
+    for k in CRATES {
+        let (dir, sys) = (k.dir, k.sys);
+        let files = library_files(k);
+        assert!(
+            files.iter().any(|(rel, _)| rel == sys),
+            "{dir}: {sys} is gone: update this test"
+        );
+        let mut bad = Vec::new();
+        for (rel, text) in &files {
+            let c = code(text);
+            if rel == sys {
+                assert!(
+                    !unsafe_words(&c).is_empty(),
+                    "{dir}: {sys} has no unsafe left: update this test"
+                );
+                continue;
+            }
+            for n in unsafe_words(&c) {
+                bad.push(format!("{dir}/src/{rel}:{n}"));
+            }
         }
-        for n in unsafe_words(&c) {
-            bad.push(format!("src/{rel}:{n}"));
-        }
+        assert!(
+            bad.is_empty(),
+            "`unsafe` outside {dir}/src/{sys} (move it there behind a safe function): {bad:?}"
+        );
     }
-    assert!(
-        bad.is_empty(),
-        "`unsafe` outside src/{SYS} (move it there behind a safe function): {bad:?}"
-    );
 }
 
 #[test]
-fn the_root_denies_unsafe_and_only_the_syscall_module_is_exempt() {
-    let mut denied = false;
-    let mut exempt = 0;
-    let mut bad = Vec::new();
-    for (rel, text) in library_files() {
-        if rel == SYS {
-            continue;
-        }
-        let c = code(&text);
-        let lines: Vec<&str> = c.lines().map(str::trim).collect();
-        for (n, line) in lines.iter().enumerate() {
-            if !line.contains("unsafe_code") {
+fn each_root_denies_unsafe_and_only_the_syscall_module_is_exempt() {
+    for k in CRATES {
+        let dir = k.dir;
+        let mut denied = false;
+        let mut exempt = 0;
+        let mut bad = Vec::new();
+        for (rel, text) in library_files(k) {
+            if rel == k.sys {
                 continue;
             }
-            let next = lines[n + 1..].iter().find(|l| !l.is_empty());
-            if rel == "lib.rs" && *line == "#![deny(unsafe_code)]" {
-                denied = true;
-            } else if rel == SYS_DECLARED_IN
-                && *line == "#[allow(unsafe_code)]"
-                && next.is_some_and(|l| SYS_DECLARATIONS.contains(l))
-            {
-                exempt += 1;
-            } else {
-                bad.push(format!("src/{rel}:{}: {line}", n + 1));
+            let c = code(&text);
+            let lines: Vec<&str> = c.lines().map(str::trim).collect();
+            for (n, line) in lines.iter().enumerate() {
+                if !line.contains("unsafe_code") {
+                    continue;
+                }
+                let next = lines[n + 1..].iter().find(|l| !l.is_empty());
+                if rel == "lib.rs" && *line == "#![deny(unsafe_code)]" {
+                    denied = true;
+                } else if rel == k.declared_in
+                    && *line == "#[allow(unsafe_code)]"
+                    && next.is_some_and(|l| k.declarations.contains(l))
+                {
+                    exempt += 1;
+                } else {
+                    bad.push(format!("{dir}/src/{rel}:{}: {line}", n + 1));
+                }
             }
         }
+        assert!(denied, "{dir}/src/lib.rs lacks #![deny(unsafe_code)]");
+        assert_eq!(
+            exempt, 1,
+            "{dir}: expected one #[allow(unsafe_code)] on the syscall module in src/{}",
+            k.declared_in
+        );
+        assert!(
+            bad.is_empty(),
+            "{dir}: other unsafe_code lint attributes: {bad:?}"
+        );
     }
-    assert!(denied, "src/lib.rs lacks #![deny(unsafe_code)]");
-    assert_eq!(
-        exempt, 1,
-        "expected one #[allow(unsafe_code)] on the syscall module in src/{SYS_DECLARED_IN}"
-    );
-    assert!(bad.is_empty(), "other unsafe_code lint attributes: {bad:?}");
 }
