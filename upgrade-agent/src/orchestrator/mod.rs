@@ -943,6 +943,33 @@ impl<'a> Orchestrator<'a> {
         Ok((!active(self.record.old_instance) && active(new)).then_some(new))
     }
 
+    /// Starts `name` afresh from its spec on `on` (its state was lost), recording `detail`
+    /// (and the restart's failure, if any) in its move. Returns how it is named in the
+    /// record's error.
+    fn restart_from_spec(&mut self, on: InstanceId, name: &str, detail: &str) -> String {
+        let started = match self.setup.specs.get(name).cloned() {
+            Some(spec) => self.platform.start_workload(on, &spec).map(drop),
+            None => Err(PlatformError::NoSuchWorkload {
+                instance: on,
+                workload: name.to_owned(),
+            }),
+        };
+        match started {
+            Ok(()) => {
+                self.set_status(name, MoveStatus::Aborted, Some(detail.to_owned()));
+                name.to_owned()
+            }
+            Err(e) => {
+                self.set_status(
+                    name,
+                    MoveStatus::Aborted,
+                    Some(format!("{detail}; the restart failed: {e}")),
+                );
+                format!("{name} (restart failed: {e})")
+            }
+        }
+    }
+
     /// Side by side: whether the old instance crashed and no new instance runs (none was
     /// booted yet): nothing is left to serve.
     fn only_instance_died(&mut self) -> Result<bool, UpgradeError> {
@@ -1021,22 +1048,11 @@ impl<'a> Orchestrator<'a> {
         }
         let mut restarted = Vec::new();
         for name in self.names() {
-            let Some(spec) = self.setup.specs.get(&name).cloned() else {
-                continue;
-            };
             let detail = format!(
                 "restarted from its spec when instance {old} was booted again: its state was \
                  lost when that instance died"
             );
-            match self.platform.start_workload(old, &spec) {
-                Ok(_) => self.set_status(&name, MoveStatus::Aborted, Some(detail)),
-                Err(e) => self.set_status(
-                    &name,
-                    MoveStatus::Aborted,
-                    Some(format!("{detail}; the restart failed: {e}")),
-                ),
-            }
-            restarted.push(name);
+            restarted.push(self.restart_from_spec(old, &name, &detail));
         }
         let msg = format!(
             "instance {old} died mid-upgrade ({reason}) with no other instance running; it \
@@ -1101,27 +1117,11 @@ impl<'a> Orchestrator<'a> {
                 }
                 continue;
             }
-            let Some(spec) = self.setup.specs.get(&name).cloned() else {
-                continue;
-            };
             let detail = format!(
                 "restarted from its spec on instance {old}: its state on instance {new} was \
                  lost when that instance died"
             );
-            match self.platform.start_workload(old, &spec) {
-                Ok(_) => {
-                    self.set_status(&name, MoveStatus::Aborted, Some(detail));
-                    restarted.push(name);
-                }
-                Err(e) => {
-                    self.set_status(
-                        &name,
-                        MoveStatus::Aborted,
-                        Some(format!("{detail}; the restart failed: {e}")),
-                    );
-                    restarted.push(format!("{name} (restart failed: {e})"));
-                }
-            }
+            restarted.push(self.restart_from_spec(old, &name, &detail));
         }
         self.platform.destroy(new)?;
         self.restore_old_resources()?;
@@ -1188,27 +1188,11 @@ impl<'a> Orchestrator<'a> {
                 self.set_status(&name, MoveStatus::Committed, None);
                 continue;
             }
-            let Some(spec) = self.setup.specs.get(&name).cloned() else {
-                continue;
-            };
             let detail = format!(
                 "restarted from its spec on instance {new}: its state on instance {old} was \
                  lost when that instance died"
             );
-            match self.platform.start_workload(new, &spec) {
-                Ok(_) => {
-                    self.set_status(&name, MoveStatus::Aborted, Some(detail));
-                    restarted.push(name);
-                }
-                Err(e) => {
-                    self.set_status(
-                        &name,
-                        MoveStatus::Aborted,
-                        Some(format!("{detail}; the restart failed: {e}")),
-                    );
-                    restarted.push(format!("{name} (restart failed: {e})"));
-                }
-            }
+            restarted.push(self.restart_from_spec(new, &name, &detail));
         }
         self.converge_forward(old, new)?;
         if restarted.is_empty() {
