@@ -26,9 +26,8 @@
 //! with the file's size before a byte is read), each key file 128 bytes and at most
 //! [`kho_proto::keys::MAX_TRUSTED_KEYS`] of them.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -183,23 +182,6 @@ fn load_keys(dir: &Path) -> Result<TrustedKeys, InspectError> {
     })
 }
 
-/// What a file that is not a regular file is, for the refusal.
-fn file_kind(t: std::fs::FileType) -> &'static str {
-    if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_dir() {
-        "a directory"
-    } else {
-        "not a regular file"
-    }
-}
-
 /// Opens `path` (the `what` of the command line) and accepts only a regular file, without
 /// reading it. Anything else is refused by `stat` before it is opened (opening a device
 /// can have effects of its own); the type is checked again with `fstat` on the opened
@@ -207,33 +189,21 @@ fn file_kind(t: std::fs::FileType) -> &'static str {
 /// FIFO that slipped in return at once instead of waiting for a writer (it has no effect
 /// on reads of a regular file). Returns the file and its size.
 fn open_regular(path: &Path, what: &str) -> Result<(File, u64), InspectError> {
-    let io = |e: std::io::Error| {
-        InspectError::new(Exit::Io, format!("cannot read {}: {e}", path.display()))
-    };
-    let refuse = |meta: &std::fs::Metadata| {
-        InspectError::new(
+    use upgrade_agent::verify::OpenRefusal;
+    // Sizes are checked by the caller against each input's own cap.
+    upgrade_agent::verify::open_regular(path, u64::MAX).map_err(|e| match e {
+        OpenRefusal::Io(e) => {
+            InspectError::new(Exit::Io, format!("cannot read {}: {e}", path.display()))
+        }
+        OpenRefusal::Kind(kind) => InspectError::new(
             Exit::Io,
             format!(
-                "{}: the {what} is {}, not a regular file; inspect reads only regular files (save the contents to a file first)",
-                path.display(),
-                file_kind(meta.file_type())
+                "{}: the {what} is {kind}, not a regular file; inspect reads only regular files (save the contents to a file first)",
+                path.display()
             ),
-        )
-    };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    if !meta.is_file() {
-        return Err(refuse(&meta));
-    }
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(refuse(&meta));
-    }
-    Ok((file, meta.len()))
+        ),
+        OpenRefusal::TooLarge { len } => too_large(path, what, len, u64::MAX),
+    })
 }
 
 fn too_large(path: &Path, what: &str, size: u64, cap: u64) -> InspectError {

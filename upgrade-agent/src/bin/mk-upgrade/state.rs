@@ -18,7 +18,6 @@
 //! itself stops one byte past the cap. `state capture` reads no file given to it (only
 //! `/proc`, `/sys` and netlink).
 
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -319,24 +318,6 @@ fn render_device(s: &mut String, d: &DeviceState) {
     }
 }
 
-/// What a file that is not a regular file is, for the refusal.
-fn file_kind(t: std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_dir() {
-        "a directory"
-    } else {
-        "not a regular file"
-    }
-}
-
 /// Why a capture file was not read.
 #[derive(Debug)]
 enum ReadRefusal {
@@ -365,30 +346,17 @@ impl std::fmt::Display for ReadRefusal {
     }
 }
 
-/// Checks a capture file's metadata: a regular file of at most [`MAX_CAPTURE_BYTES`].
-fn check_capture_meta(meta: &std::fs::Metadata) -> Result<u64, ReadRefusal> {
-    if !meta.is_file() {
-        return Err(ReadRefusal::NotRegular(file_kind(meta.file_type())));
-    }
-    if meta.len() > MAX_CAPTURE_BYTES {
-        return Err(ReadRefusal::TooLarge(meta.len()));
-    }
-    Ok(meta.len())
-}
-
 /// Reads a capture file: a regular file of at most [`MAX_CAPTURE_BYTES`], checked before it
-/// is opened (`stat`: a FIFO or a device is never opened) and again on the open descriptor
-/// (the path may have been replaced in between; `O_NONBLOCK` keeps even that open from
-/// waiting on a FIFO); the read stops one byte past the cap (a file growing meanwhile).
+/// is opened and again on the open descriptor (`upgrade_agent::verify::open_regular`: a
+/// FIFO or a device is never read); the read stops one byte past the cap (a file growing
+/// meanwhile).
 fn read_capture(path: &Path) -> Result<String, ReadRefusal> {
-    use std::os::unix::fs::OpenOptionsExt;
-    check_capture_meta(&std::fs::metadata(path).map_err(ReadRefusal::Io)?)?;
-    let file = File::options()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(ReadRefusal::Io)?;
-    let len = check_capture_meta(&file.metadata().map_err(ReadRefusal::Io)?)?;
+    use upgrade_agent::verify::{OpenRefusal, open_regular};
+    let (file, len) = open_regular(path, MAX_CAPTURE_BYTES).map_err(|e| match e {
+        OpenRefusal::Io(e) => ReadRefusal::Io(e),
+        OpenRefusal::Kind(kind) => ReadRefusal::NotRegular(kind),
+        OpenRefusal::TooLarge { len } => ReadRefusal::TooLarge(len),
+    })?;
     // Sized from the file, which is at most the cap.
     let mut text = String::with_capacity(usize::try_from(len).unwrap_or(0));
     file.take(MAX_CAPTURE_BYTES + 1)
