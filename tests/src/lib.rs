@@ -90,10 +90,22 @@ impl Run {
     }
 }
 
+/// `n` free loopback ports, never one handed out before in this process: the machines of
+/// tests running in parallel reserve ports, close them, and bind them later, so without
+/// this two machines could be given the same port (a flaky EADDRINUSE at `emu init`).
 fn free_ports(n: usize) -> Vec<SocketAddr> {
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut held = Vec::new();
+    while held.len() < n {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        if given.insert(l.local_addr().unwrap().port()) {
+            held.push(l);
+        }
+    }
     held.iter().map(|l| l.local_addr().unwrap()).collect()
 }
 
