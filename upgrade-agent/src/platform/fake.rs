@@ -62,7 +62,7 @@ pub struct FakePlatform {
     pub staged: BTreeSet<String>,
     /// Replace: the record the last boot carried, until taken by `handed_over`.
     pub carried: Option<UpgradeRecord>,
-    /// Replace: whether `boot` "kexecs" (returns `Ok`) or fails.
+    /// The upgrade the platform was told to carry (`set_upgrade`).
     pub upgrade_id: Option<UpgradeId>,
     /// Specs of the workloads, for `preserved_fds`.
     pub specs: BTreeMap<String, WorkloadSpec>,

@@ -4,15 +4,20 @@
 //! same state machine drives:
 //!
 //! * [`emulated`]: an **emulation** of the multikernel interface that runs on any Linux
-//!   machine (instances are supervisor processes pinned to their cpus);
-//! * the real multikernel interface (sysfs overlays, `kexec_file_load` with
-//!   `KEXEC_MULTIKERNEL`, vsock) when such a host exists;
-//! * mainline LUO, where "booting the new instance" replaces the running kernel.
+//!   machine (instances are supervisor processes pinned to their cpus), side by side;
+//! * [`luo`]: mainline LUO, where "booting the new instance" replaces the running kernel
+//!   (the platform lives in the host agent; the CLI talks to it through
+//!   [`luo::client`]);
+//! * room for the real multikernel interface (sysfs overlays, `kexec_file_load` with
+//!   `KEXEC_MULTIKERNEL`, vsock), which would reuse [`channel`] like the emulation;
+//! * a fake for the orchestrator's unit tests (`fake`, test builds only).
 //!
-//! The trait is deliberately small: instance lifecycle (`create`, `load`, `boot`, `halt`,
-//! `transfer_resources`), workload control on an instance (`freeze`, `thaw`, `stop`,
-//! `preserved_fds`), and the channel to an instance (`connect`). See
-//! `docs/architecture.md` for the diagram and the state machine built on top.
+//! The trait: instance lifecycle (`create_instance`, `load`, `boot`, `halt`,
+//! `transfer_resources`, `destroy`), workload control on an instance (`freeze`, `thaw`,
+//! `stop_workload`, `preserved_fds`), and moves (`prepare`, `deliver` with a deadline,
+//! `commit`, `abort`, `disconnect`; on replace platforms `claim`, `return_to_previous`,
+//! `handed_over`, `confirm`). See `docs/architecture.md` for the diagram and the state
+//! machine built on top.
 
 pub mod channel;
 pub mod emulated;
@@ -21,7 +26,6 @@ pub mod fake;
 pub mod luo;
 
 use std::os::fd::BorrowedFd;
-use std::path::PathBuf;
 
 use kho_proto::channel::UpgradeId;
 use serde::{Deserialize, Serialize};
@@ -92,12 +96,6 @@ pub struct Claimed {
     pub verify_ms: f64,
     pub start_ms: f64,
     pub health_ms: f64,
-}
-
-/// Where a platform keeps its state (emulated instances, sockets).
-#[derive(Debug, Clone)]
-pub struct PlatformConfig {
-    pub state_dir: PathBuf,
 }
 
 /// The operations the orchestrator needs. See the module documentation.

@@ -1,7 +1,7 @@
 //! `--platform emulated`: an **emulation** of the multikernel interface for any Linux
-//! machine. No kernel is booted: each "instance" is a supervisor process
-//! (`mk-agentd --instance ID`, see [`supervisor`]) pinned to the cpus the instance owns,
-//! reporting the release of the bzImage it was loaded with.
+//! machine. No kernel is booted: each "instance" is a supervisor process (`mk-agentd
+//! --instance ID`, see [`instance`] and [`crate::host::supervisor`]) pinned to the cpus the
+//! instance owns, reporting the release of the bzImage it was loaded with.
 //!
 //! What it enforces, because the real interface does (`/work`'s multikernel reference):
 //! instance ids 1..=511; states `empty → ready → loaded → active`; no boot without a loaded
