@@ -157,6 +157,17 @@ pub enum UpgradeError {
     Slots(#[from] rollback::SlotError),
 }
 
+/// Which instance of a side-by-side upgrade died.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Death {
+    /// The old instance; the new one runs.
+    Old { new: InstanceId },
+    /// The new instance (it had been booted); the old one runs.
+    New { new: InstanceId },
+    /// The old instance, and no new one runs.
+    Only,
+}
+
 /// Kernel slots to update when the upgrade ends upgraded (a journaled step): the candidate
 /// becomes current (apply) or current and previous swap (rollback), and the image's version
 /// floor is raised.
@@ -830,15 +841,8 @@ impl<'a> Orchestrator<'a> {
     /// staged workload and drops what was staged (replace, before the boot).
     fn roll_back(&mut self, reason: String) -> Result<(), UpgradeError> {
         let old = self.record.old_instance;
-        if let Some(new) = self.old_died()? {
-            return self.survive_old_crash(new, &reason);
-        }
-        if let Some(new) = self.new_died()? {
-            return self.survive_new_crash(new, &reason);
-        }
-        if self.only_instance_died()? {
-            let old = self.record.old_instance;
-            return self.reboot(old, &reason);
+        if let Some(death) = self.who_died()? {
+            return self.survive(death, &reason);
         }
         self.step(Phase::RollingBack, format!("rolling back: {reason}"))?;
         let mut stuck = Vec::new();
@@ -925,24 +929,6 @@ impl<'a> Orchestrator<'a> {
         Ok(())
     }
 
-    /// Side by side: the new instance, when the old one is gone (crashed: its agent died)
-    /// while the new one runs. Nothing can move back then.
-    fn old_died(&mut self) -> Result<Option<InstanceId>, UpgradeError> {
-        let Some(new) = self.record.new_instance else {
-            return Ok(None);
-        };
-        if !self.platform.probe()?.side_by_side {
-            return Ok(None);
-        }
-        let insts = self.platform.instances()?;
-        let active = |id| {
-            insts
-                .iter()
-                .any(|i| i.id == id && i.state == InstanceState::Active)
-        };
-        Ok((!active(self.record.old_instance) && active(new)).then_some(new))
-    }
-
     /// Starts `name` afresh from its spec on `on` (its state was lost), recording `detail`
     /// (and the restart's failure, if any) in its move. Returns how it is named in the
     /// record's error.
@@ -968,21 +954,6 @@ impl<'a> Orchestrator<'a> {
                 format!("{name} (restart failed: {e})")
             }
         }
-    }
-
-    /// Side by side: whether the old instance crashed and no new instance runs (none was
-    /// booted yet): nothing is left to serve.
-    fn only_instance_died(&mut self) -> Result<bool, UpgradeError> {
-        if !self.platform.probe()?.side_by_side {
-            return Ok(false);
-        }
-        let insts = self.platform.instances()?;
-        let state = |id| insts.iter().find(|i| i.id == id).map(|i| i.state);
-        let new_active = self
-            .record
-            .new_instance
-            .is_some_and(|n| state(n) == Some(InstanceState::Active));
-        Ok(state(self.record.old_instance) == Some(InstanceState::Failed) && !new_active)
     }
 
     /// The instance that must serve (`id`) crashed and no other instance runs: the machine
@@ -1063,20 +1034,42 @@ impl<'a> Orchestrator<'a> {
         Err(UpgradeError::Failed(msg))
     }
 
-    /// Side by side: the new instance, when it is gone (crashed) while the old one runs.
-    fn new_died(&mut self) -> Result<Option<InstanceId>, UpgradeError> {
-        let Some(new) = self.record.new_instance else {
-            return Ok(None);
-        };
+    /// Side by side: which instance of the upgrade died (its agent is gone), read from one
+    /// look at the instances. `None` when both that should run do (or on a replace
+    /// platform, where a kernel does not die beside another).
+    fn who_died(&mut self) -> Result<Option<Death>, UpgradeError> {
         if !self.platform.probe()?.side_by_side {
             return Ok(None);
         }
         let insts = self.platform.instances()?;
         let state = |id| insts.iter().find(|i| i.id == id).map(|i| i.state);
-        let old_active = state(self.record.old_instance) == Some(InstanceState::Active);
-        // Only a new instance that was booted and died counts (not one never booted).
-        let new_dead = state(new) == Some(InstanceState::Failed);
-        Ok((old_active && new_dead).then_some(new))
+        let old = state(self.record.old_instance);
+        let new = self.record.new_instance.map(|n| (n, state(n)));
+        Ok(match new {
+            // The old one is gone while the new one runs: nothing can move back.
+            Some((n, Some(InstanceState::Active))) if old != Some(InstanceState::Active) => {
+                Some(Death::Old { new: n })
+            }
+            // The new one was booted and died while the old one runs.
+            Some((n, Some(InstanceState::Failed))) if old == Some(InstanceState::Active) => {
+                Some(Death::New { new: n })
+            }
+            // The old one crashed and no new one runs: nothing is left to serve.
+            _ if old == Some(InstanceState::Failed) => Some(Death::Only),
+            _ => None,
+        })
+    }
+
+    /// Converges after `death` (see [`Orchestrator::who_died`]).
+    fn survive(&mut self, death: Death, reason: &str) -> Result<(), UpgradeError> {
+        match death {
+            Death::Old { new } => self.survive_old_crash(new, reason),
+            Death::New { new } => self.survive_new_crash(new, reason),
+            Death::Only => {
+                let old = self.record.old_instance;
+                self.reboot(old, reason)
+            }
+        }
     }
 
     /// The new instance died mid-upgrade: every workload converges on the old one. Copies

@@ -62,7 +62,7 @@ pub fn recover<'a>(
             if new_active {
                 o.converge_forward(old, new)
                     .and_then(|()| o.end_verified(new, Outcome::Upgraded, None))
-            } else if let Some(n) = o.new_died()? {
+            } else if let Some(super::Death::New { new: n }) = o.who_died()? {
                 // Every workload had moved, and the new instance died: back to the old one.
                 o.survive_new_crash(n, "found dead at recovery")
             } else {
@@ -103,15 +103,8 @@ impl Orchestrator<'_> {
     /// back.
     fn reconcile(&mut self) -> Result<(), UpgradeError> {
         let old = self.record.old_instance;
-        if let Some(new) = self.old_died()? {
-            return self.survive_old_crash(new, "found dead at recovery");
-        }
-        if let Some(new) = self.new_died()? {
-            return self.survive_new_crash(new, "found dead at recovery");
-        }
-        if self.only_instance_died()? {
-            let old = self.record.old_instance;
-            return self.reboot(old, "found dead at recovery");
+        if let Some(death) = self.who_died()? {
+            return self.survive(death, "found dead at recovery");
         }
         let insts = self.platform.instances()?;
         // Instances this upgrade created but never journaled (crash between create and
