@@ -252,6 +252,35 @@ fn injected_faults_roll_back_and_lose_nothing() {
     }
 }
 
+/// A two-workload machine with `keys` writes each, whose apply to kernel B was killed
+/// (SIGKILL, as kill -9) right after journal write `n`; `ctx` names the case.
+fn machine_killed_after_write(n: usize, keys: usize, ctx: &str) -> Machine {
+    let m = Machine::new(2);
+    m.init();
+    put(&m, keys);
+    let b = m.path("bzImage-7.2.13-mkB");
+    m.sign(&b);
+    let nstr = n.to_string();
+    let r = m.run_env(
+        &["apply", "--kernel", b.to_str().unwrap()],
+        &[("MK_FAULT_CRASH_AFTER_WRITE", &nstr)],
+    );
+    assert_eq!(r.code, -1, "{ctx}: the agent must have been killed: {r:?}");
+    m
+}
+
+/// The journal write (1-based) that journals the second workload's freeze: after it kv-1
+/// runs on instance 2 and kv-2 still on instance 1.
+fn second_freeze_write(writes: &[String]) -> usize {
+    writes
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.as_str() == "migrating")
+        .nth(3)
+        .map(|(i, _)| i + 1)
+        .expect("four migrating writes for two workloads")
+}
+
 /// The journal writes of a clean two-workload upgrade, as its record lists them: the phase
 /// journaled by each write, in order.
 fn journal_writes() -> Vec<String> {
@@ -283,20 +312,7 @@ fn crash_at_every_journal_step_converges() {
     );
     for (i, phase) in writes.iter().enumerate() {
         let n = i + 1;
-        let m = Machine::new(2);
-        m.init();
-        put(&m, 5);
-        let b = m.path("bzImage-7.2.13-mkB");
-        m.sign(&b);
-        let nstr = n.to_string();
-        let r = m.run_env(
-            &["apply", "--kernel", b.to_str().unwrap()],
-            &[("MK_FAULT_CRASH_AFTER_WRITE", &nstr)],
-        );
-        assert_eq!(
-            r.code, -1,
-            "step {n} ({phase}): the agent must have been killed: {r:?}"
-        );
+        let m = machine_killed_after_write(n, 5, &format!("step {n} ({phase})"));
         let st = m.status();
         assert!(
             !st["upgrade_in_flight"].is_null(),
@@ -376,26 +392,8 @@ fn a_fresh_machine_names_what_is_missing() {
 #[test]
 fn the_old_supervisor_dying_mid_migration_converges_on_the_new_instance() {
     let writes = journal_writes();
-    // The write that journals the second workload's freeze: after it, kv-1 runs on
-    // instance 2 and kv-2 still on instance 1.
-    let n = writes
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.as_str() == "migrating")
-        .nth(3)
-        .map(|(i, _)| i + 1)
-        .expect("four migrating writes for two workloads");
-    let m = Machine::new(2);
-    m.init();
-    put(&m, 5);
-    let b = m.path("bzImage-7.2.13-mkB");
-    m.sign(&b);
-    let nstr = n.to_string();
-    let r = m.run_env(
-        &["apply", "--kernel", b.to_str().unwrap()],
-        &[("MK_FAULT_CRASH_AFTER_WRITE", &nstr)],
-    );
-    assert_eq!(r.code, -1, "the agent must have been killed: {r:?}");
+    let n = second_freeze_write(&writes);
+    let m = machine_killed_after_write(n, 5, "mid-migration");
     // Kill the old instance's supervisor (its workloads are left running, orphaned).
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(supervisor_pid(&m, 1)),
@@ -457,24 +455,8 @@ fn supervisor_pid(m: &Machine, instance: u64) -> i32 {
 #[test]
 fn the_new_supervisor_dying_mid_migration_converges_on_the_old_instance() {
     let writes = journal_writes();
-    let n = writes
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.as_str() == "migrating")
-        .nth(3)
-        .map(|(i, _)| i + 1)
-        .expect("four migrating writes for two workloads");
-    let m = Machine::new(2);
-    m.init();
-    put(&m, 5);
-    let b = m.path("bzImage-7.2.13-mkB");
-    m.sign(&b);
-    let nstr = n.to_string();
-    let r = m.run_env(
-        &["apply", "--kernel", b.to_str().unwrap()],
-        &[("MK_FAULT_CRASH_AFTER_WRITE", &nstr)],
-    );
-    assert_eq!(r.code, -1, "the agent must have been killed: {r:?}");
+    let n = second_freeze_write(&writes);
+    let m = machine_killed_after_write(n, 5, "mid-migration");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(supervisor_pid(&m, 2)),
         nix::sys::signal::Signal::SIGKILL,
@@ -516,17 +498,7 @@ fn crash_matrix_apply_and_a_supervisor_die_at_each_journal_write() {
         let n = i + 1;
         for victim in [1u64, 2] {
             let ctx = format!("write {n} ({phase}), supervisor of instance {victim} killed");
-            let m = Machine::new(2);
-            m.init();
-            put(&m, 3);
-            let b = m.path("bzImage-7.2.13-mkB");
-            m.sign(&b);
-            let nstr = n.to_string();
-            let r = m.run_env(
-                &["apply", "--kernel", b.to_str().unwrap()],
-                &[("MK_FAULT_CRASH_AFTER_WRITE", &nstr)],
-            );
-            assert_eq!(r.code, -1, "{ctx}: {r:?}");
+            let m = machine_killed_after_write(n, 3, &ctx);
             let pool: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(m.path("state/emulated/pool.json")).unwrap())
                     .unwrap();
