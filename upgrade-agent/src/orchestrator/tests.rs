@@ -140,6 +140,14 @@ fn upgrade(
     w: &World,
     p: &mut FakePlatform,
 ) -> Result<(UpgradeRecord, Result<(), UpgradeError>), UpgradeError> {
+    upgrade_with(p, w.setup())
+}
+
+/// An upgrade to kernel B with `setup`: the finished record and how the run ended.
+fn upgrade_with(
+    p: &mut FakePlatform,
+    setup: Setup<'_>,
+) -> Result<(UpgradeRecord, Result<(), UpgradeError>), UpgradeError> {
     let fd = kernel_memfd();
     let kernel = LoadableKernel {
         image: std::os::fd::AsFd::as_fd(&fd),
@@ -148,7 +156,7 @@ fn upgrade(
         initrd: None,
         cmdline: "",
     };
-    let mut o = Orchestrator::begin(p, w.setup(), UpgradeKind::Apply, "7.2.13-mkB", [7; 32])?;
+    let mut o = Orchestrator::begin(p, setup, UpgradeKind::Apply, "7.2.13-mkB", [7; 32])?;
     let r = o.run(&kernel);
     Ok((o.record.clone(), r))
 }
@@ -344,24 +352,14 @@ fn slot_promotion_is_a_journaled_step_of_the_upgrade() {
         slots,
         floor: Some("7.2.13".into()),
     });
-    let fd = kernel_memfd();
-    let kernel = LoadableKernel {
-        image: std::os::fd::AsFd::as_fd(&fd),
-        release: "7.2.13-mkB".into(),
-        sha256: [7; 32],
-        initrd: None,
-        cmdline: "",
-    };
-    let mut o =
-        Orchestrator::begin(&mut p, setup, UpgradeKind::Apply, "7.2.13-mkB", [7; 32]).unwrap();
-    o.run(&kernel).unwrap();
+    let (rec, r) = upgrade_with(&mut p, setup).unwrap();
+    r.unwrap();
     assert!(
-        o.record
-            .events
+        rec.events
             .iter()
             .any(|e| e.what.contains("kernel slots: 7.2.13-mkB becomes current")),
         "{:?}",
-        o.record.events
+        rec.events
     );
     let slots = rollback::Slots::open(w.dir.path()).unwrap();
     assert_eq!(
@@ -394,24 +392,14 @@ fn the_kernel_that_finishes_a_replace_upgrade_raises_the_floor() {
         slots: rollback::Slots::open(w.dir.path()).unwrap(),
         floor: Some("7.2.13".into()),
     });
-    let fd = kernel_memfd();
-    let kernel = LoadableKernel {
-        image: std::os::fd::AsFd::as_fd(&fd),
-        release: "7.2.13-mkB".into(),
-        sha256: [7; 32],
-        initrd: None,
-        cmdline: "",
-    };
-    let mut o =
-        Orchestrator::begin(&mut p, setup, UpgradeKind::Apply, "7.2.13-mkB", [7; 32]).unwrap();
-    o.run(&kernel).unwrap();
+    let (rec, r) = upgrade_with(&mut p, setup).unwrap();
+    r.unwrap();
     assert!(
-        o.record
-            .events
+        rec.events
             .iter()
             .any(|e| e.what.contains("version floor raised to 7.2.13")),
         "{:?}",
-        o.record.events
+        rec.events
     );
     let slots = rollback::Slots::open(w.dir.path()).unwrap();
     assert_eq!(slots.floor().unwrap().as_deref(), Some("7.2.13"));
