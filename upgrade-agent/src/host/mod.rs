@@ -3,6 +3,7 @@
 //! ([`ctl`]), and the receiving end of the inter-instance channel ([`receiver`]).
 
 pub mod ctl;
+pub mod notify;
 pub mod peer;
 pub mod receiver;
 pub mod supervisor;
