@@ -303,10 +303,35 @@ fn assert_runs(pid: i32, exec: &str) {
 }
 
 /// The window during which a restart-mode workload's port was closed, in milliseconds, as
-/// the upgrade record reports it for one workload (`closed_us`: from the old copy's exit to
-/// the new copy passing its health check).
+/// the upgrade record reports it for one workload (`closed_ms` in `apply --json` and
+/// `history --json`: from the old copy's exit to the new copy passing its health check).
 fn closed_window_ms(w: &Value) -> Option<f64> {
-    w["closed_us"].as_f64().map(|us| us / 1000.0)
+    w["closed_ms"].as_f64()
+}
+
+/// Asserts that the record reports a plausible closed window for the restart-mode workload
+/// `w` (more than 0, less than 10 s) and that every refused connection the load saw falls
+/// within one window of that length (50 ms of slack for the measurement); returns it.
+fn assert_closed_window(w: &Value, counts: &Counts) -> f64 {
+    let closed =
+        closed_window_ms(w).unwrap_or_else(|| panic!("the record reports the closed window: {w}"));
+    let measured = counts
+        .refused_span
+        .map_or(0.0, |(a, b)| b.saturating_sub(a).as_secs_f64() * 1000.0);
+    println!(
+        "reported closed window: {closed:.1} ms; refused connections measured: {} over {measured:.1} ms",
+        counts.refused
+    );
+    assert!(
+        closed > 0.0 && closed < 10_000.0,
+        "closed window {closed} ms is plausible: {w}"
+    );
+    assert!(
+        measured <= closed + 50.0,
+        "connections were refused over {measured:.1} ms, longer than the reported closed window \
+         ({closed:.1} ms): {w}"
+    );
+    closed
 }
 
 // ---------------------------------------------------------------------------------------
@@ -849,16 +874,7 @@ fn python_http_server_restart_mode_reports_its_closed_window() {
         "serves after the move"
     );
     assert!(counts.ok > 0, "the load ran");
-    let closed = closed_window_ms(w)
-        .unwrap_or_else(|| panic!("the record reports the closed window of pyhttp: {w}"));
-    println!(
-        "reported closed window: {closed:.1} ms; refused connections measured: {}",
-        counts.refused
-    );
-    assert!(
-        closed > 0.0 && closed < 10_000.0,
-        "closed window {closed} ms is plausible"
-    );
+    let closed = assert_closed_window(w, &counts);
     // The same record is kept in the history.
     let h = m.run(&["history", "--json"]).json();
     let last = h
@@ -912,9 +928,7 @@ fn redis_restart_mode_loses_no_acknowledged_write() {
     );
     assert!(writes.counts.ok > 0, "the writers ran");
     assert_eq!(lost, 0, "no acknowledged write is lost: {examples:?}");
-    if let Some(closed) = closed_window_ms(w) {
-        println!("reported closed window: {closed:.1} ms");
-    }
+    assert_closed_window(w, &writes.counts);
 }
 
 /// Regression: redis rewrites its process title ("redis-server 127.0.0.1:PORT"), so a copy
