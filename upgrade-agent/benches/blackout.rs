@@ -91,6 +91,10 @@ fn spec(
         },
         transfer,
         integrity,
+        mode: upgrade_agent::workload::Mode::Handover,
+        restart: upgrade_agent::workload::RestartPolicy::OnFailure,
+        stop_signal: upgrade_agent::workload::StopSignal::default(),
+        stop_timeout_ms: upgrade_agent::workload::DEFAULT_STOP_TIMEOUT_MS,
     }
 }
 

@@ -513,6 +513,7 @@ pub const MAX_PRESERVED_IMAGE: u64 = 16 << 20;
 pub fn verify_preserved(
     workload: &str,
     image: &OwnedFd,
+    names: &[String],
     memfds: Vec<OwnedFd>,
     trusted: &TrustedKeys,
     expect_upgrade: [u8; 16],
@@ -528,29 +529,36 @@ pub fn verify_preserved(
     let bytes = read_all(image.as_fd(), size)?;
     let checked = check_image(&bytes, workload, "session", trusted, expect_upgrade)?;
     let (view, spec, task) = (checked.view, checked.spec, checked.task);
-    if memfds.len() != spec.memfds.len() {
+    // The declared memfds first, in the spec's order; then the workload's fd store.
+    let declared = spec.memfds.iter().map(|m| &m.name);
+    if memfds.len() != names.len()
+        || names.len() < spec.memfds.len()
+        || names.len() > crate::workload::MAX_FDS
+        || !declared.eq(names.iter().take(spec.memfds.len()))
+    {
         return Err(fail(
             "fd_count",
             format!(
-                "the spec declares {} memfds, the session holds {}",
-                spec.memfds.len(),
+                "the spec declares memfds {:?} and the hand-off names {names:?}; the session \
+                 holds {}",
+                spec.memfds.iter().map(|m| &m.name).collect::<Vec<_>>(),
                 memfds.len()
             ),
         ));
     }
     let mut out = Vec::with_capacity(memfds.len());
-    for (i, (fd, m)) in memfds.into_iter().zip(&spec.memfds).enumerate() {
+    for (i, (fd, name)) in memfds.into_iter().zip(names).enumerate() {
         let token = u64::try_from(i + 1).map_err(|e| fail("token", e.to_string()))?;
         let expected = external_digest(&view, token).ok_or_else(|| {
             fail(
                 format!("token[{token}]"),
-                format!("no external region describes memfd {}", m.name),
+                format!("no external region describes memfd {name}"),
             )
         })?;
-        state_serializers::verify_fd(&m.name, fd.as_fd(), &expected)
+        state_serializers::verify_fd(name, fd.as_fd(), &expected)
             .map_err(|err| fail(format!("token[{token}].digest"), err.to_string()))?;
         out.push(PreservedFd {
-            name: m.name.clone(),
+            name: name.clone(),
             fd,
         });
     }
@@ -653,10 +661,15 @@ size = 0
         assert!(e.to_string().contains("producer release"), "{e}");
     }
 
+    fn kv_names() -> Vec<String> {
+        vec!["kv-data".to_owned()]
+    }
+
     #[test]
     fn preserved_handover_verifies_and_names_the_memfds() {
         let (out, trusted, data) = setup(SendFaults::default());
-        let inc = verify_preserved("kv", &out.image, vec![data], &trusted, [7; 16]).unwrap();
+        let inc =
+            verify_preserved("kv", &out.image, &kv_names(), vec![data], &trusted, [7; 16]).unwrap();
         assert_eq!(inc.spec.name, "kv");
         assert_eq!(inc.fds.len(), 1);
         assert_eq!(inc.fds[0].name, "kv-data");
@@ -667,13 +680,15 @@ size = 0
         let (out, trusted, data) = setup(SendFaults {
             corrupt_region: true,
         });
-        let e = verify_preserved("kv", &out.image, vec![data], &trusted, [7; 16]).unwrap_err();
+        let e = verify_preserved("kv", &out.image, &kv_names(), vec![data], &trusted, [7; 16])
+            .unwrap_err();
         assert_eq!(e.check, "image", "{e}");
 
         let (out, trusted, data) = setup(SendFaults::default());
         let e = verify_preserved(
             "kv",
             &out.image,
+            &kv_names(),
             vec![data.try_clone().unwrap()],
             &trusted,
             [8; 16],
@@ -683,23 +698,34 @@ size = 0
         let e = verify_preserved(
             "other",
             &out.image,
+            &kv_names(),
             vec![data.try_clone().unwrap()],
             &trusted,
             [7; 16],
         )
         .unwrap_err();
         assert_eq!(e.check, "spec");
-        let e = verify_preserved("kv", &out.image, vec![], &trusted, [7; 16]).unwrap_err();
+        let e =
+            verify_preserved("kv", &out.image, &kv_names(), vec![], &trusted, [7; 16]).unwrap_err();
         assert_eq!(e.check, "fd_count");
         let changed = memfd(b"hello preserved worlD");
-        let e = verify_preserved("kv", &out.image, vec![changed], &trusted, [7; 16]).unwrap_err();
+        let e = verify_preserved(
+            "kv",
+            &out.image,
+            &kv_names(),
+            vec![changed],
+            &trusted,
+            [7; 16],
+        )
+        .unwrap_err();
         assert_eq!(e.check, "token[1].digest", "{e}");
         let stranger = NodeKey::generate().unwrap();
         let mut other = TrustedKeys::default();
         other
             .add(stranger.public(), PathBuf::from("x.pub"))
             .unwrap();
-        let e = verify_preserved("kv", &out.image, vec![data], &other, [7; 16]).unwrap_err();
+        let e = verify_preserved("kv", &out.image, &kv_names(), vec![data], &other, [7; 16])
+            .unwrap_err();
         assert_eq!(e.check, "image", "{e}");
     }
 }

@@ -86,6 +86,16 @@ pub fn run(check: &HealthCheck) -> HealthOutcome {
                 attempts: 0,
             };
         }
+        HealthCheck::Notify { .. } => {
+            return HealthOutcome {
+                healthy: false,
+                detail: "a notify check is decided by the workload's supervisor (READY=1 on \
+                         its notify socket), not by a probe"
+                    .to_owned(),
+                elapsed_us: 0,
+                attempts: 0,
+            };
+        }
         HealthCheck::Tcp { addr, timeout_ms } => {
             let addr = *addr;
             (*timeout_ms, Box::new(move |left| tcp(addr, left)))

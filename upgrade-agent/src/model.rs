@@ -80,7 +80,7 @@ pub struct InstanceInfo {
 }
 
 /// A workload as an instance sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkloadInfo {
     pub name: String,
     pub pid: i32,
@@ -88,6 +88,46 @@ pub struct WorkloadInfo {
     /// Received by a move that was not committed yet (stopped if the move's channel drops).
     #[serde(default)]
     pub pending_commit: bool,
+    /// What its process is doing.
+    #[serde(default)]
+    pub state: WorkloadState,
+    /// How its process last ended (`exit status 1`, `killed by signal 9`), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<String>,
+    /// How often the supervisor restarted it after it exited on its own.
+    #[serde(default)]
+    pub restarts: u32,
+    /// The last `STATUS=` it sent on its notify socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_text: Option<String>,
+}
+
+/// The life of a workload's process on an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkloadState {
+    #[default]
+    Running,
+    /// Frozen for a move.
+    Frozen,
+    /// Stopped for a move (restart mode): the process is gone, its fd store kept.
+    Stopped,
+    /// Exited on its own; restarted after a back-off (`restart = "on-failure"`).
+    Restarting,
+    /// Exited on its own and not restarted (`restart = "no"`, or a clean exit).
+    Exited,
+}
+
+impl WorkloadState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadState::Running => "running",
+            WorkloadState::Frozen => "frozen",
+            WorkloadState::Stopped => "stopped",
+            WorkloadState::Restarting => "restarting",
+            WorkloadState::Exited => "exited",
+        }
+    }
 }
 
 /// A named preserved descriptor of a workload (its memfds and listening sockets).

@@ -74,6 +74,16 @@ pub struct WorkloadMove {
     #[serde(default)]
     pub handover_us: Option<u64>,
     pub detail: Option<String>,
+    /// How it moved (`handover`, `socket-activation`, `restart`).
+    #[serde(default)]
+    pub mode: crate::workload::Mode,
+    /// Restart mode: from the old copy's exit (its ports closed) to the new copy passing its
+    /// health check, in microseconds: connections in this window are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_us: Option<u64>,
+    /// Restart mode: from the stop signal to the old copy's exit, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_us: Option<u64>,
 }
 
 /// How an upgrade ended.
@@ -178,6 +188,9 @@ impl UpgradeRecord {
                 "moved": w.status == MoveStatus::Committed,
                 "status": w.status,
                 "blackout_ms": w.blackout_us.map(|u| u as f64 / 1000.0),
+                "mode": w.mode,
+                "closed_ms": w.closed_us.map(|u| u as f64 / 1000.0),
+                "stop_ms": w.stop_us.map(|u| u as f64 / 1000.0),
                 "detail": w.detail,
             })).collect::<Vec<_>>(),
             "events": self.events,

@@ -11,6 +11,10 @@
 //! env = { RUST_LOG = "info" }         # optional
 //! cpu_max = "50000 100000"            # optional cgroup v2 cpu.max
 //! memory_max = 268435456              # optional cgroup v2 memory.max, bytes
+//! mode = "handover"                   # handover | socket-activation | restart | checkpoint
+//! restart = "on-failure"              # on-failure | no
+//! stop_signal = "SIGTERM"
+//! stop_timeout_ms = 10000
 //!
 //! [[workload.memfd]]                  # state the kernel preserves (LUO memfd / handed over)
 //! name = "kv-data"
@@ -20,8 +24,8 @@
 //! name = "listen"
 //! addr = "127.0.0.1:7001"
 //!
-//! [workload.health]                   # tcp | http | exec | none
-//! kind = "tcp"
+//! [workload.health]                   # http | exec | notify | tcp | none
+//! kind = "http"
 //! addr = "127.0.0.1:7001"
 //! timeout_ms = 2000
 //! ```
@@ -51,7 +55,13 @@ pub const MAX_ARGS: usize = 1024;
 /// Longest single argument, environment key or value, health command word (bytes).
 pub const MAX_STRING_BYTES: usize = 64 * 1024;
 /// Environment variables the agent sets itself (a workload file may not set them).
-pub const RESERVED_ENV: &[&str] = &["MK_STATE_FDS"];
+pub const RESERVED_ENV: &[&str] = &[
+    "MK_STATE_FDS",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "LISTEN_PID",
+    "NOTIFY_SOCKET",
+];
 
 /// The whole workload file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +97,169 @@ pub struct WorkloadSpec {
     /// How the new instance checks them before the workload may touch them.
     #[serde(default)]
     pub integrity: Integrity,
+    /// How the workload moves to the new instance (see [`Mode`]). Fields at their default
+    /// are not serialized, so a spec that uses none of them reads the same to an older agent.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub mode: Mode,
+    /// What the supervisor does when the workload exits on its own.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub restart: RestartPolicy,
+    /// The signal that asks the workload to stop (restart mode's move, and every stop).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub stop_signal: StopSignal,
+    /// How long the workload has to exit after `stop_signal` before it is killed.
+    #[serde(
+        default = "default_stop_timeout",
+        skip_serializing_if = "is_default_stop_timeout"
+    )]
+    pub stop_timeout_ms: u64,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// Default `stop_timeout_ms` (systemd's `TimeoutStopSec` default is 90 s; a move waits for
+/// it, so the default here is shorter).
+pub const DEFAULT_STOP_TIMEOUT_MS: u64 = 10_000;
+/// Longest `stop_timeout_ms`.
+pub const MAX_STOP_TIMEOUT_MS: u64 = 600_000;
+
+fn default_stop_timeout() -> u64 {
+    DEFAULT_STOP_TIMEOUT_MS
+}
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_default_stop_timeout(v: &u64) -> bool {
+    *v == DEFAULT_STOP_TIMEOUT_MS
+}
+
+/// How a workload moves to the new instance; what survives each is tabled in
+/// `docs/workloads.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Frozen; its memfds and listening sockets are handed to a new copy started on the new
+    /// instance, named in `MK_STATE_FDS`.
+    #[default]
+    Handover,
+    /// As `handover`, but the descriptors are passed the systemd way (`LISTEN_FDS`,
+    /// `LISTEN_FDNAMES`, `LISTEN_PID`), so socket-activatable services need no change.
+    SocketActivation,
+    /// The service binds its own ports and keeps its state on disk: the old copy is stopped
+    /// (`stop_signal`, then `SIGKILL` after `stop_timeout_ms`), then a new copy is started
+    /// on the new instance. Its ports are closed in between (measured per move).
+    Restart,
+    /// Reserved for checkpoint/restore of the process tree (CRIU): refused by this build.
+    Checkpoint,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Handover => "handover",
+            Mode::SocketActivation => "socket-activation",
+            Mode::Restart => "restart",
+            Mode::Checkpoint => "checkpoint",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the supervisor does when a workload exits on its own (systemd's `Restart=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Restarted (from the declared spec, with its preserved descriptors) when it exits
+    /// with a non-zero status or is killed by a signal, after a back-off that doubles from
+    /// [`RESTART_BACKOFF_MIN_MS`] up to [`RESTART_BACKOFF_MAX_MS`].
+    #[default]
+    OnFailure,
+    /// Left exited; `status` shows it.
+    No,
+}
+
+/// First restart delay after a failure.
+pub const RESTART_BACKOFF_MIN_MS: u64 = 100;
+/// Longest restart delay (the back-off resets after a run of [`RESTART_RESET_MS`]).
+pub const RESTART_BACKOFF_MAX_MS: u64 = 30_000;
+/// A run at least this long resets the back-off.
+pub const RESTART_RESET_MS: u64 = 60_000;
+
+/// A stop signal, written as a name (`"SIGTERM"`, `"TERM"`) or a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopSignal(pub i32);
+
+impl Default for StopSignal {
+    fn default() -> Self {
+        StopSignal(libc::SIGTERM)
+    }
+}
+
+/// Signals a workload may name as its stop signal.
+const SIGNALS: &[(&str, i32)] = &[
+    ("HUP", libc::SIGHUP),
+    ("INT", libc::SIGINT),
+    ("QUIT", libc::SIGQUIT),
+    ("KILL", libc::SIGKILL),
+    ("USR1", libc::SIGUSR1),
+    ("USR2", libc::SIGUSR2),
+    ("TERM", libc::SIGTERM),
+    ("WINCH", libc::SIGWINCH),
+];
+
+impl StopSignal {
+    pub fn name(self) -> String {
+        SIGNALS
+            .iter()
+            .find(|(_, n)| *n == self.0)
+            .map_or_else(|| self.0.to_string(), |(s, _)| format!("SIG{s}"))
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let bare = t.strip_prefix("SIG").unwrap_or(t);
+        if let Some((_, n)) = SIGNALS.iter().find(|(s, _)| *s == bare) {
+            return Ok(StopSignal(*n));
+        }
+        match t.parse::<i32>() {
+            Ok(n) if (1..=64).contains(&n) && n != libc::SIGSTOP => Ok(StopSignal(n)),
+            _ => Err(format!(
+                "stop_signal {text:?} must be one of {} (with or without SIG) or a number                  1..=64 other than SIGSTOP",
+                SIGNALS
+                    .iter()
+                    .map(|(s, _)| *s)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+}
+
+impl Serialize for StopSignal {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for StopSignal {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Name(String),
+            Number(i64),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Name(s) => s,
+            Raw::Number(n) => n.to_string(),
+        };
+        StopSignal::parse(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// How a workload's memfds travel to the new instance.
@@ -161,6 +334,12 @@ pub enum HealthCheck {
         #[serde(default = "default_timeout")]
         timeout_ms: u64,
     },
+    /// The workload sends `READY=1` to `$NOTIFY_SOCKET` (systemd's `Type=notify`) within
+    /// `timeout_ms` of its start.
+    Notify {
+        #[serde(default = "default_timeout")]
+        timeout_ms: u64,
+    },
 }
 
 fn default_timeout() -> u64 {
@@ -185,6 +364,7 @@ impl fmt::Display for HealthCheck {
                 ..
             } => write!(f, "http GET {addr}{path} expecting {expect_status}"),
             HealthCheck::Exec { command, .. } => write!(f, "exec {}", command.join(" ")),
+            HealthCheck::Notify { .. } => f.write_str("READY=1 on the notify socket"),
         }
     }
 }
@@ -352,6 +532,13 @@ impl WorkloadFile {
                     "health timeout_ms {t} must be 1..={MAX_HEALTH_TIMEOUT_MS}"
                 )));
             }
+            check_mode(w).map_err(bad)?;
+            if !(1..=MAX_STOP_TIMEOUT_MS).contains(&w.stop_timeout_ms) {
+                return Err(bad(format!(
+                    "stop_timeout_ms {} must be 1..={MAX_STOP_TIMEOUT_MS}",
+                    w.stop_timeout_ms
+                )));
+            }
             if let HealthCheck::Exec { command, .. } = &w.health
                 && command.is_empty()
             {
@@ -381,9 +568,70 @@ impl HealthCheck {
             HealthCheck::None => None,
             HealthCheck::Tcp { timeout_ms, .. }
             | HealthCheck::Http { timeout_ms, .. }
-            | HealthCheck::Exec { timeout_ms, .. } => Some(*timeout_ms),
+            | HealthCheck::Exec { timeout_ms, .. }
+            | HealthCheck::Notify { timeout_ms } => Some(*timeout_ms),
         }
     }
+}
+
+/// The mode's rules: what it can move, and which health checks prove that the NEW copy
+/// serves (docs/workloads.md, "Which health check proves what").
+fn check_mode(w: &WorkloadSpec) -> Result<(), String> {
+    match w.mode {
+        Mode::Checkpoint => {
+            return Err(
+                "mode \"checkpoint\" (CRIU checkpoint/restore) is reserved: this build cannot \
+                 checkpoint a process; use \"handover\", \"socket-activation\" or \"restart\""
+                    .to_owned(),
+            );
+        }
+        Mode::Restart => {
+            if !w.listeners.is_empty() {
+                return Err(
+                    "mode \"restart\" starts a copy that binds its own ports: declare no \
+                     [[workload.listen]] (use \"socket-activation\" to have them passed)"
+                        .to_owned(),
+                );
+            }
+            if !w.memfds.is_empty() {
+                return Err(
+                    "mode \"restart\" keeps state on disk: declare no [[workload.memfd]] (use \
+                     \"handover\" or \"socket-activation\" to hand memfds over, or push them to \
+                     the fd store with FDSTORE=1)"
+                        .to_owned(),
+                );
+            }
+            if w.health == HealthCheck::None {
+                return Err(
+                    "mode \"restart\" needs a health check that proves the new copy serves \
+                     (kind = \"tcp\", \"http\", \"exec\" or \"notify\"): with none, a copy \
+                     that failed to bind its port would count as moved"
+                        .to_owned(),
+                );
+            }
+        }
+        Mode::Handover | Mode::SocketActivation => {
+            if let HealthCheck::Tcp { .. } = w.health {
+                return Err(format!(
+                    "health kind \"tcp\" cannot prove that the new copy serves in mode \"{}\": \
+                     the old copy stays frozen while the check runs, and the kernel completes a \
+                     TCP handshake into any listening socket's backlog, whoever holds it; use \
+                     \"http\", \"exec\" or \"notify\" (tcp is accepted in mode \"restart\", where the \
+                     old copy is gone before the new one starts)",
+                    w.mode
+                ));
+            }
+            if w.health == HealthCheck::None && !w.listeners.is_empty() {
+                return Err(format!(
+                    "health kind \"none\" cannot prove that the new copy serves its listening \
+                     sockets in mode \"{}\": use \"http\", \"exec\" or \"notify\" (\"none\" is for \
+                     workloads that serve nothing: alive is all it checks)",
+                    w.mode
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Arguments, environment and health command: bounded counts and lengths, no NUL byte (it
@@ -626,6 +874,113 @@ command = ["/bin/true"]
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let e = WorkloadFile::load(&fifo).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    const ONE: &str = "[[workload]]\nname = \"w\"\nexec = \"/usr/bin/redis-server\"\n";
+
+    #[test]
+    fn modes_and_their_defaults() {
+        let w = parse(ONE).unwrap().workloads.remove(0);
+        assert_eq!(w.mode, Mode::Handover);
+        assert_eq!(w.restart, RestartPolicy::OnFailure);
+        assert_eq!(w.stop_signal, StopSignal(libc::SIGTERM));
+        assert_eq!(w.stop_timeout_ms, DEFAULT_STOP_TIMEOUT_MS);
+        // Defaults are not serialized: a spec that uses none reads the same to an older agent.
+        let json = serde_json::to_string(&w).unwrap();
+        for k in ["mode", "restart", "stop_signal", "stop_timeout_ms"] {
+            assert!(!json.contains(k), "{json}");
+        }
+        let text = format!(
+            "{ONE}mode = \"restart\"\nrestart = \"no\"\nstop_signal = \"SIGINT\"\n\
+             stop_timeout_ms = 500\n[workload.health]\nkind = \"tcp\"\naddr = \"127.0.0.1:6379\"\n"
+        );
+        let w = parse(&text).unwrap().workloads.remove(0);
+        assert_eq!(w.mode, Mode::Restart);
+        assert_eq!(w.restart, RestartPolicy::No);
+        assert_eq!(w.stop_signal, StopSignal(libc::SIGINT));
+        assert_eq!(w.stop_timeout_ms, 500);
+        let back: WorkloadSpec = serde_json::from_str(&serde_json::to_string(&w).unwrap()).unwrap();
+        assert_eq!(back, w);
+        for (sig, n) in [
+            ("TERM", libc::SIGTERM),
+            ("\"SIGHUP\"", libc::SIGHUP),
+            ("3", 3),
+        ] {
+            let v = if sig.starts_with('"') || sig.parse::<i32>().is_ok() {
+                sig.to_owned()
+            } else {
+                format!("\"{sig}\"")
+            };
+            let w = parse(&format!("{ONE}stop_signal = {v}\n")).unwrap();
+            assert_eq!(w.workloads[0].stop_signal, StopSignal(n), "{sig}");
+        }
+        let notify = format!("{ONE}[workload.health]\nkind = \"notify\"\ntimeout_ms = 3000\n");
+        assert_eq!(
+            parse(&notify).unwrap().workloads[0].health,
+            HealthCheck::Notify { timeout_ms: 3000 }
+        );
+    }
+
+    #[test]
+    fn modes_refuse_what_they_cannot_honour_or_prove() {
+        let listen = "[[workload.listen]]\nname = \"l\"\naddr = \"127.0.0.1:6379\"\n";
+        let tcp = "[workload.health]\nkind = \"tcp\"\naddr = \"127.0.0.1:6379\"\n";
+        let http = "[workload.health]\nkind = \"http\"\naddr = \"127.0.0.1:6379\"\n";
+        let cases = [
+            (format!("{ONE}mode = \"checkpoint\"\n{http}"), "reserved"),
+            (
+                format!("{ONE}mode = \"restart\"\n{listen}{tcp}"),
+                "binds its own ports",
+            ),
+            (
+                format!("{ONE}mode = \"restart\"\n[[workload.memfd]]\nname = \"m\"\n{tcp}"),
+                "keeps state on disk",
+            ),
+            (format!("{ONE}mode = \"restart\"\n"), "needs a health check"),
+            (
+                format!("{ONE}{listen}{tcp}"),
+                "kernel completes a TCP handshake",
+            ),
+            (format!("{ONE}{tcp}"), "cannot prove"),
+            (
+                format!("{ONE}mode = \"socket-activation\"\n{listen}{tcp}"),
+                "cannot prove",
+            ),
+            (format!("{ONE}{listen}"), "kind \"none\" cannot prove"),
+            (format!("{ONE}stop_timeout_ms = 0\n"), "stop_timeout_ms"),
+            (
+                format!("{ONE}stop_timeout_ms = 600001\n"),
+                "stop_timeout_ms",
+            ),
+            (format!("{ONE}stop_signal = \"STOP\"\n"), "stop_signal"),
+            (format!("{ONE}stop_signal = 19\n"), "stop_signal"),
+            (format!("{ONE}stop_signal = 0\n"), "stop_signal"),
+            (format!("{ONE}mode = \"sideways\"\n"), "mode"),
+            (format!("{ONE}restart = \"always\"\n"), "restart"),
+            (
+                format!("{ONE}env = {{ LISTEN_FDS = \"1\" }}\n"),
+                "set by the agent",
+            ),
+            (
+                format!("{ONE}env = {{ NOTIFY_SOCKET = \"/x\" }}\n"),
+                "set by the agent",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}\n=> {e}\nshould contain {want}");
+        }
+        // What each mode accepts.
+        for ok in [
+            format!("{ONE}mode = \"restart\"\n{tcp}"),
+            format!("{ONE}mode = \"socket-activation\"\n{listen}{http}"),
+            format!(
+                "{ONE}mode = \"socket-activation\"\n{listen}[workload.health]\nkind = \"notify\"\n"
+            ),
+            ONE.to_owned(),
+        ] {
+            parse(&ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
     }
 
     #[test]

@@ -20,8 +20,24 @@ use crate::sys::fdpass;
 use crate::workload::WorkloadSpec;
 
 /// How long a control request may take (freezing and starting are quick; a stop may wait
-/// for the process to die).
+/// for the process to die). A `Freeze` of a restart-mode workload waits for its graceful
+/// stop and a `Health` for its check: each gets its workload file's longest bound on top.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Request {
+    /// How long the answer may take.
+    pub fn timeout(&self) -> Duration {
+        match self {
+            Request::Freeze { .. } => {
+                REQUEST_TIMEOUT + Duration::from_millis(crate::workload::MAX_STOP_TIMEOUT_MS)
+            }
+            Request::Health { .. } => {
+                REQUEST_TIMEOUT + Duration::from_millis(crate::workload::MAX_HEALTH_TIMEOUT_MS)
+            }
+            _ => REQUEST_TIMEOUT,
+        }
+    }
+}
 
 /// A request to an instance supervisor.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,10 +46,14 @@ pub enum Request {
     Ping,
     /// First start of a workload (fresh preserved fds).
     Start { spec: Box<WorkloadSpec> },
-    /// Freeze a workload.
+    /// Freeze a workload for a move: `cgroup.freeze` (handover, socket-activation); for a
+    /// restart-mode workload, stop its process gracefully (`stop_signal`, then `SIGKILL`
+    /// after `stop_timeout_ms`), keeping its fd store.
     Freeze { name: String },
-    /// Thaw a workload.
+    /// Undo `Freeze`: thaw it, or start a stopped restart-mode workload again.
     Thaw { name: String },
+    /// Run the workload's health check now (and check that its process is alive).
+    Health { name: String },
     /// Duplicates of the workload's preserved fds (attached to the response).
     Fds { name: String },
     /// Stop a workload for good and drop its preserved fds.
@@ -87,6 +107,11 @@ pub enum Response {
         names: Vec<String>,
     },
     Done,
+    /// `Health`: the verdict and what was seen.
+    Health {
+        healthy: bool,
+        detail: String,
+    },
     Error {
         message: String,
     },
@@ -111,7 +136,7 @@ pub fn call(
     socket: &Path,
     req: &Request,
 ) -> Result<(Response, Vec<OwnedFd>), PlatformError> {
-    call_with_fds(id, socket, req, &[], REQUEST_TIMEOUT)
+    call_with_fds(id, socket, req, &[], req.timeout())
 }
 
 /// [`call`] with `fds` attached to the request and a read timeout of `timeout`.

@@ -3,7 +3,9 @@
 //! ([`ctl`]), and the receiving end of the inter-instance channel ([`receiver`]).
 
 pub mod ctl;
+pub mod launch;
 pub mod notify;
 pub mod peer;
 pub mod receiver;
 pub mod supervisor;
+pub mod watch;

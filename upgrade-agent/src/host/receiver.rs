@@ -149,18 +149,11 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                             Vec::new()
                         };
                         let spec = incoming.spec;
-                        let start = supervisor::admit(
-                            shared,
-                            &name,
-                            &spec,
-                            Some(&incoming.task),
-                            incoming.fds,
-                            &extra,
-                            true,
-                        );
+                        let start =
+                            supervisor::admit(shared, &name, &spec, incoming.fds, &extra, true);
                         tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, "workload restored");
                         let verdict = match &start {
-                            Ok(()) => Verification::Ok,
+                            Ok(_) => Verification::Ok,
                             Err(e) => Verification::Failed {
                                 check: "restore".into(),
                                 detail: e.to_string(),

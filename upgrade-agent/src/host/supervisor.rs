@@ -17,17 +17,19 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::host::ctl::{Request, Response};
-use crate::model::{InstanceId, PreservedFd, WorkloadInfo};
+use crate::host::launch;
+use crate::model::{InstanceId, PreservedFd, WorkloadInfo, WorkloadState};
 use crate::sys::cgroup::Freezer;
 use crate::sys::fdpass;
-use crate::workload::WorkloadSpec;
+use crate::sys::spawn::Process;
+use crate::workload::{HealthCheck, Mode, WorkloadSpec};
 
 /// Why the supervisor could not do what was asked of it.
 #[derive(Debug, thiserror::Error)]
@@ -38,25 +40,12 @@ pub enum SupervisorError {
     /// No workload of that name runs here.
     #[error("workload {0:?} does not run on this instance")]
     NotRunning(String),
-    /// A received task state without any process in it.
-    #[error("the task state holds no process")]
-    EmptyTaskState,
-    /// Duplicating the preserved fds for the restored process failed.
-    #[error("duplicating preserved fds: {0}")]
-    DupFds(#[source] io::Error),
     /// Duplicating one preserved fd (to hand it to a client) failed.
     #[error("duplicating {name}: {source}")]
     DupFd {
         name: String,
         #[source]
         source: io::Error,
-    },
-    /// state-serializers could not restore the captured process.
-    #[error("restoring {name}: {source}")]
-    Restore {
-        name: String,
-        #[source]
-        source: state_serializers::StateError,
     },
     /// Creating a fresh workload's memfds or listening sockets failed.
     #[error("preparing fds: {0}")]
@@ -95,26 +84,153 @@ pub enum SupervisorError {
     NotServedHere,
 }
 
-/// A workload running on this instance.
+/// A workload managed by this instance.
 #[derive(Debug)]
 pub struct Running {
     pub spec: WorkloadSpec,
-    pub child: Child,
-    /// The preserved descriptors, in `MK_STATE_FDS` order.
+    /// Its process; `None` once it exited (see `exit`) or while it is stopped for a
+    /// restart-mode move.
+    pub process: Option<Process>,
+    /// The pid of its current or last process.
+    pub pid: i32,
+    /// The preserved descriptors: the declared ones (memfds, listeners), then `stored`
+    /// entries of its fd store (`FDSTORE=1`).
     pub fds: Vec<PreservedFd>,
+    pub stored: usize,
+    /// Frozen (or, restart mode, stopped) for a move.
     pub frozen: bool,
     /// Received over the channel and not yet committed: killed if the channel drops.
     pub pending_commit: bool,
+    /// How its last process ended, if it did.
+    pub exit: Option<String>,
+    pub restarts: u32,
+    /// When its current process started.
+    pub started: Instant,
+    /// A pending restart (`restart = "on-failure"`).
+    pub restart_at: Option<Instant>,
+    pub backoff: Duration,
+    /// `READY=1` of its current process.
+    pub readiness: Arc<Readiness>,
+    /// Its last `STATUS=`.
+    pub status_text: Option<String>,
+    /// Appended to its arguments at every start (fault injection only).
+    pub extra_args: Vec<String>,
 }
 
 impl Running {
+    pub fn state(&self) -> WorkloadState {
+        match (&self.process, self.frozen) {
+            (None, true) => WorkloadState::Stopped,
+            (Some(_), true) => WorkloadState::Frozen,
+            (Some(_), false) => WorkloadState::Running,
+            (None, false) if self.restart_at.is_some() => WorkloadState::Restarting,
+            (None, false) => WorkloadState::Exited,
+        }
+    }
+
     fn info(&self) -> WorkloadInfo {
         WorkloadInfo {
             name: self.spec.name.clone(),
-            pid: i32::try_from(self.child.id()).unwrap_or(-1),
+            pid: self.pid,
             frozen: self.frozen,
             pending_commit: self.pending_commit,
+            state: self.state(),
+            exit: self.exit.clone(),
+            restarts: self.restarts,
+            status_text: self.status_text.clone(),
         }
+    }
+
+    /// Whether its process is alive (reaping it if it exited).
+    pub fn alive(&mut self) -> bool {
+        let Some(p) = self.process.as_mut() else {
+            return false;
+        };
+        match p.try_wait() {
+            Ok(None) => true,
+            Ok(Some(status)) => {
+                self.exited(status, Instant::now());
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Records that its process ended with `status` and, unless it is in a move (whose
+    /// outcome decides), schedules a restart per its `restart` policy with a back-off.
+    fn exited(&mut self, status: std::process::ExitStatus, now: Instant) {
+        use crate::workload::{
+            RESTART_BACKOFF_MAX_MS, RESTART_BACKOFF_MIN_MS, RESTART_RESET_MS, RestartPolicy,
+        };
+        self.process = None;
+        let exit = describe_exit(status);
+        let in_move = self.frozen || self.pending_commit;
+        if now.saturating_duration_since(self.started) >= Duration::from_millis(RESTART_RESET_MS) {
+            self.backoff = Duration::from_millis(RESTART_BACKOFF_MIN_MS);
+        }
+        if !in_move && self.spec.restart == RestartPolicy::OnFailure && !status.success() {
+            tracing::warn!(workload = %self.spec.name, %exit, backoff_ms = u64::try_from(self.backoff.as_millis()).unwrap_or(u64::MAX), "workload exited; restarting after the back-off");
+            self.restart_at = Some(now + self.backoff);
+            self.backoff = (self.backoff * 2).min(Duration::from_millis(RESTART_BACKOFF_MAX_MS));
+        } else if !in_move {
+            tracing::warn!(workload = %self.spec.name, %exit, policy = ?self.spec.restart, "workload exited; not restarted");
+        }
+        self.exit = Some(exit);
+    }
+
+    /// A failed restart: tried again after the back-off.
+    pub(crate) fn retry_later(&mut self, now: Instant) {
+        self.restart_at = Some(now + self.backoff);
+        self.backoff = (self.backoff * 2).min(Duration::from_millis(
+            crate::workload::RESTART_BACKOFF_MAX_MS,
+        ));
+    }
+}
+
+/// `READY=1` of one process of a workload, waited for without polling.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    ready: Mutex<bool>,
+    changed: Condvar,
+}
+
+impl Readiness {
+    pub fn set(&self) {
+        *self
+            .ready
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        self.changed.notify_all();
+    }
+
+    pub fn is_set(&self) -> bool {
+        *self
+            .ready
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits up to `timeout` for `READY=1`; whether it came.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let guard = self
+            .ready
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |ready| !*ready)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *guard
+    }
+}
+
+/// `exit status 3`, `killed by signal 9`.
+pub fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => status.to_string(),
     }
 }
 
@@ -131,6 +247,32 @@ pub struct Instance {
     pub halting: bool,
     /// The upgrade whose channel frames this instance accepts.
     pub expected_upgrade: Option<kho_proto::channel::UpgradeId>,
+    /// The notify socket every workload gets as `NOTIFY_SOCKET` (see [`start_background`]).
+    pub notify_path: Option<PathBuf>,
+}
+
+impl Instance {
+    pub fn new(
+        id: InstanceId,
+        kernel_release: String,
+        cpus: Vec<u32>,
+        freezer: Freezer,
+        dir: PathBuf,
+        state_dir: PathBuf,
+    ) -> Self {
+        Instance {
+            id,
+            kernel_release,
+            cpus,
+            freezer,
+            workloads: BTreeMap::new(),
+            dir,
+            state_dir,
+            halting: false,
+            expected_upgrade: None,
+            notify_path: None,
+        }
+    }
 }
 
 /// Shared handle to the instance.
@@ -161,156 +303,144 @@ fn pin_pid(pid: u32, cpus: &[u32]) -> io::Result<()> {
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(pid), &set).map_err(io::Error::from)
 }
 
-/// Starts `spec` as a child of this instance with `fds` at 3, 4, ... and `MK_STATE_FDS`
-/// naming them, pinned to `cpus`, inside the workload's group when the freezer has one.
-pub fn spawn_workload(
-    spec: &WorkloadSpec,
-    fds: &[PreservedFd],
-    cpus: &[u32],
-    freezer: &Freezer,
-    extra_args: &[String],
-) -> io::Result<Child> {
-    use state_serializers::{fdenv, sys};
-    let named: Vec<fdenv::NamedFd> = fds
+/// Puts the declared descriptors first, in the spec's order (memfds, then listeners), then
+/// the fd store's entries in the order they came; returns how many are stored ones.
+fn order_fds(spec: &WorkloadSpec, mut fds: Vec<PreservedFd>) -> (Vec<PreservedFd>, usize) {
+    let declared: Vec<&str> = spec
+        .memfds
         .iter()
-        .zip(3..)
-        .map(|(f, fd)| fdenv::NamedFd {
-            name: f.name.clone(),
-            fd,
-        })
+        .map(|m| m.name.as_str())
+        .chain(spec.listeners.iter().map(|l| l.name.as_str()))
         .collect();
-    let env_value = fdenv::format(&named).map_err(io::Error::other)?;
-    // Move every source above the target range first, so no dup2 clobbers a later source.
-    let floor = 3 + i32::try_from(fds.len()).unwrap_or(i32::MAX - 3) + 16;
-    let sources: Vec<OwnedFd> = fds
-        .iter()
-        .map(|f| sys::dup_at_least(f.fd.as_fd(), floor))
-        .collect::<io::Result<_>>()?;
-    let raw_sources: Vec<i32> = sources.iter().map(AsRawFd::as_raw_fd).collect();
-    let set = sys::cpu_set(cpus)?;
-    let procs: Option<File> = match freezer.prepare(&spec.name)? {
-        Some(p) => Some(File::options().write(true).open(p)?),
-        None => None,
+    let rank = |p: &PreservedFd| {
+        declared
+            .iter()
+            .position(|n| *n == p.name)
+            .unwrap_or(declared.len())
     };
-    let procs_fd = procs.as_ref().map(AsRawFd::as_raw_fd);
-
-    let mut cmd = Command::new(&spec.exec);
-    cmd.args(&spec.args)
-        .args(extra_args)
-        .envs(&spec.env)
-        .env(fdenv::ENV_VAR, env_value)
-        .stdin(Stdio::null());
-    crate::sys::spawn::place_before_exec(&mut cmd, procs_fd, set, raw_sources);
-    let child = cmd.spawn();
-    drop(sources);
-    let child = child?;
-    Ok(child)
+    fds.sort_by_key(rank);
+    let stored = fds
+        .iter()
+        .filter(|p| !declared.contains(&p.name.as_str()))
+        .count();
+    (fds, stored)
 }
 
-/// Restarts a received workload from its captured task record (state-serializers'
-/// restore): the same executable, arguments, environment, working directory, credentials,
-/// rlimits and scheduling as on the old instance; pinned to this instance's cpus; in this
-/// instance's group for it; its preserved fds at 3, 4, ... named in `MK_STATE_FDS`. What
-/// could not be re-applied is logged (best-effort policy).
-pub fn restore_workload(
-    inst: &Instance,
-    name: &str,
-    task: &state_serializers::task::TaskState,
-    fds: &[PreservedFd],
-    extra_args: &[String],
-) -> Result<Child, SupervisorError> {
-    use state_serializers::restore::{self, SpawnOptions};
-    let mut rec = task
-        .tasks
-        .first()
-        .cloned()
-        .ok_or(SupervisorError::EmptyTaskState)?;
-    rec.affinity.clone_from(&inst.cpus);
-    rec.cmdline.extend(extra_args.iter().cloned());
-    let cgroup_root = match inst.freezer.hierarchy_path(name) {
-        Some((mount, path)) => {
-            rec.cgroup.path = path;
-            Some(mount)
-        }
-        None => None,
-    };
-    // The old instance's cpuset does not describe this one.
-    rec.cgroup.cpuset_cpus = None;
-    let dup = fds
-        .iter()
-        .map(|p| p.fd.try_clone().map(|fd| (p.name.clone(), fd)))
-        .collect::<io::Result<Vec<_>>>()
-        .map_err(SupervisorError::DupFds)?;
-    let spawned = restore::spawn(
-        &rec,
-        dup,
-        SpawnOptions {
-            cgroup_root,
-            ..SpawnOptions::default()
-        },
-    )
-    .map_err(|source| SupervisorError::Restore {
-        name: name.to_owned(),
+/// Starts a process of workload `w` on this instance (from its spec, with its fds), resets
+/// its readiness. Does not touch its restart counters.
+fn launch(inst: &Instance, w: &mut Running) -> Result<(), SupervisorError> {
+    let start = |source| SupervisorError::Start {
+        exec: w.spec.exec.clone(),
         source,
-    })?;
-    for w in &spawned.report.not_applied {
-        tracing::warn!(workload = name, item = %w.item, reason = %w.reason, "not re-applied");
-    }
-    Ok(spawned.child)
+    };
+    let group = inst.freezer.prepare(&w.spec.name).map_err(start)?;
+    let dir: Option<File> = match group.as_ref().and_then(|procs| procs.parent()) {
+        Some(d) => Some(File::open(d).map_err(start)?),
+        None => None,
+    };
+    let process = launch::start(&launch::Launch {
+        spec: &w.spec,
+        fds: &w.fds,
+        stored: w.stored,
+        cpus: &inst.cpus,
+        cgroup_dir: dir.as_ref().map(AsFd::as_fd),
+        notify: inst.notify_path.as_deref(),
+        extra_args: &w.extra_args,
+    })
+    .map_err(start)?;
+    w.pid = i32::try_from(process.id()).unwrap_or(-1);
+    w.process = Some(process);
+    w.frozen = false;
+    w.started = Instant::now();
+    w.restart_at = None;
+    w.readiness = Arc::new(Readiness::default());
+    Ok(())
 }
 
-/// Starts a received workload on this instance: restored from its task state when one
-/// arrived (same exe, args, env, limits, with its preserved fds), else started from its spec;
-/// `pending_commit` marks a copy that is stopped unless a commit follows.
+/// Starts workload `w`'s process again (supervision's restart), from its spec and fds.
+pub(crate) fn relaunch(inst: &Instance, w: &mut Running) -> Result<(), SupervisorError> {
+    launch(inst, w)
+}
+
+/// Starts a workload on this instance from its spec with `fds` (fresh ones for a first
+/// start, received ones after a move: declared, then its fd store). The new copy is always
+/// started from the declared spec (`exec`, `args`, `env`), never from a captured
+/// `/proc/PID/cmdline`, which a process may rewrite. `pending_commit` marks a copy that is
+/// stopped unless a commit follows.
 pub fn admit(
     shared: &Shared,
     name: &str,
     spec: &WorkloadSpec,
-    task: Option<&state_serializers::task::TaskState>,
     fds: Vec<PreservedFd>,
     extra_args: &[String],
     pending_commit: bool,
-) -> Result<(), SupervisorError> {
+) -> Result<WorkloadInfo, SupervisorError> {
     let mut inst = lock(shared);
     if inst.workloads.contains_key(name) {
         return Err(SupervisorError::AlreadyRunning(name.to_owned()));
     }
-    let child =
-        match task {
-            Some(task) => restore_workload(&inst, name, task, &fds, extra_args)?,
-            None => spawn_workload(spec, &fds, &inst.cpus, &inst.freezer, extra_args).map_err(
-                |source| SupervisorError::Start {
-                    exec: spec.exec.clone(),
-                    source,
-                },
-            )?,
-        };
-    inst.workloads.insert(
-        name.to_owned(),
-        Running {
-            spec: spec.clone(),
-            child,
-            fds,
-            frozen: false,
-            pending_commit,
-        },
-    );
-    Ok(())
+    let (fds, stored) = order_fds(spec, fds);
+    let mut w = Running {
+        spec: spec.clone(),
+        process: None,
+        pid: -1,
+        fds,
+        stored,
+        frozen: false,
+        pending_commit,
+        exit: None,
+        restarts: 0,
+        started: Instant::now(),
+        restart_at: None,
+        backoff: Duration::from_millis(crate::workload::RESTART_BACKOFF_MIN_MS),
+        readiness: Arc::new(Readiness::default()),
+        status_text: None,
+        extra_args: extra_args.to_vec(),
+    };
+    launch(&inst, &mut w)?;
+    let info = w.info();
+    inst.workloads.insert(name.to_owned(), w);
+    Ok(info)
 }
 
 /// Runs `spec`'s health check against workload `name` and checks that its process is still
 /// alive afterwards (a process that died after passing the check is not healthy). Returns
-/// whether it is healthy and what was seen.
+/// whether it is healthy and what was seen. A `notify` check waits (without polling) for
+/// `READY=1` from the workload's current process.
 pub fn check_health(shared: &Shared, name: &str, spec: &WorkloadSpec) -> (bool, String) {
-    let outcome = crate::health::run(&spec.health);
-    let alive = lock(shared)
-        .workloads
-        .get_mut(name)
-        .is_some_and(|w| matches!(w.child.try_wait(), Ok(None)));
-    if !alive {
+    let outcome = match &spec.health {
+        HealthCheck::Notify { timeout_ms } => {
+            let readiness = lock(shared)
+                .workloads
+                .get(name)
+                .map(|w| Arc::clone(&w.readiness));
+            let t0 = Instant::now();
+            let ready = readiness.is_some_and(|r| r.wait(Duration::from_millis(*timeout_ms)));
+            crate::health::HealthOutcome {
+                healthy: ready,
+                detail: if ready {
+                    format!("READY=1 after {} ms", t0.elapsed().as_millis())
+                } else {
+                    format!("no READY=1 on the notify socket within {timeout_ms} ms")
+                },
+                elapsed_us: u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
+                attempts: 1,
+            }
+        }
+        check => crate::health::run(check),
+    };
+    let mut inst = lock(shared);
+    let Some(w) = inst.workloads.get_mut(name) else {
+        return (false, format!("{name} is not managed here"));
+    };
+    if !w.alive() {
         (
             false,
-            format!("the restored process exited ({})", outcome.detail),
+            format!(
+                "its process is not running ({}; {})",
+                w.exit.as_deref().unwrap_or("no process"),
+                outcome.detail
+            ),
         )
     } else if outcome.healthy {
         (true, outcome.detail)
@@ -352,11 +482,28 @@ pub fn fresh_fds(spec: &WorkloadSpec) -> io::Result<Vec<PreservedFd>> {
 /// Serves one control request of the common protocol (every request but `LuoApply`,
 /// which only the host agent of a LUO kernel serves, see [`crate::platform::luo`]).
 pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
+    // Requests that wait (a graceful stop, a health check) run without the instance lock.
+    match req {
+        Request::Freeze { name } => return reply(freeze(shared, &name).map(|()| Response::Done)),
+        Request::Health { name } => {
+            let spec = lock(shared).workloads.get(&name).map(|w| w.spec.clone());
+            return match spec {
+                None => reply::<Response>(Err(SupervisorError::NotRunning(name))),
+                Some(spec) => {
+                    let (healthy, detail) = check_health(shared, &name, &spec);
+                    (Response::Health { healthy, detail }, vec![])
+                }
+            };
+        }
+        _ => {}
+    }
     let mut inst = lock(shared);
     let result: Result<(Response, Vec<OwnedFd>), SupervisorError> = (|| {
         match req {
             Request::Ping => {
-                reap(&mut inst);
+                for w in inst.workloads.values_mut() {
+                    w.alive();
+                }
                 Ok((
                     Response::Pong {
                         id: inst.id,
@@ -373,47 +520,30 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                     return Err(SupervisorError::AlreadyRunning(spec.name.clone()));
                 }
                 let fds = fresh_fds(&spec).map_err(SupervisorError::PrepareFds)?;
-                let child = spawn_workload(&spec, &fds, &inst.cpus, &inst.freezer, &[]).map_err(
-                    |source| SupervisorError::Start {
-                        exec: spec.exec.clone(),
-                        source,
-                    },
-                )?;
-                let running = Running {
-                    spec: *spec,
-                    child,
-                    fds,
-                    frozen: false,
-                    pending_commit: false,
-                };
-                let info = running.info();
-                inst.workloads.insert(info.name.clone(), running);
+                drop(inst);
+                let info = admit(shared, &spec.name.clone(), &spec, fds, &[], false)?;
                 Ok((Response::Started(info), vec![]))
             }
-            Request::Freeze { name } => {
-                let inst = &mut *inst;
-                let w = get(&mut inst.workloads, &name)?;
-                inst.freezer.freeze(&name, w.info().pid).map_err(|source| {
-                    SupervisorError::Freezer {
-                        op: "freezing",
-                        name: name.clone(),
-                        source,
-                    }
-                })?;
-                w.frozen = true;
-                Ok((Response::Done, vec![]))
-            }
             Request::Thaw { name } => {
-                let inst = &mut *inst;
-                let w = get(&mut inst.workloads, &name)?;
-                inst.freezer.thaw(&name, w.info().pid).map_err(|source| {
-                    SupervisorError::Freezer {
-                        op: "thawing",
-                        name: name.clone(),
-                        source,
-                    }
-                })?;
-                w.frozen = false;
+                let mut w = inst
+                    .workloads
+                    .remove(&name)
+                    .ok_or_else(|| SupervisorError::NotRunning(name.clone()))?;
+                let thawed = if w.process.is_none() && w.frozen {
+                    // Restart mode: stopped for the move, so started again.
+                    launch(&inst, &mut w)
+                } else {
+                    inst.freezer
+                        .thaw(&name, w.pid)
+                        .map(|()| w.frozen = false)
+                        .map_err(|source| SupervisorError::Freezer {
+                            op: "thawing",
+                            name: name.clone(),
+                            source,
+                        })
+                };
+                inst.workloads.insert(name, w);
+                thawed?;
                 Ok((Response::Done, vec![]))
             }
             Request::Fds { name } => {
@@ -439,8 +569,10 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                     source,
                 })?;
                 for w in inst.workloads.values() {
-                    // A workload may have exited; the next ping reports that.
-                    let _ = pin_pid(w.child.id(), &cpus);
+                    if let Some(p) = &w.process {
+                        // A workload may have exited; the next ping reports that.
+                        let _ = pin_pid(p.id(), &cpus);
+                    }
                 }
                 inst.cpus = cpus;
                 Ok((Response::Done, vec![]))
@@ -458,17 +590,130 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                 inst.halting = true;
                 Ok((Response::Done, vec![]))
             }
+            Request::Freeze { .. } | Request::Health { .. } => {
+                unreachable!("served above without the lock")
+            }
             Request::LuoApply { .. } => Err(SupervisorError::NotServedHere),
         }
     })();
-    result.unwrap_or_else(|e| {
-        (
+    reply(result)
+}
+
+fn reply<T: Into<(Response, Vec<OwnedFd>)>>(
+    result: Result<T, SupervisorError>,
+) -> (Response, Vec<OwnedFd>) {
+    match result {
+        Ok(r) => r.into(),
+        Err(e) => (
             Response::Error {
                 message: e.to_string(),
             },
             vec![],
+        ),
+    }
+}
+
+impl From<Response> for (Response, Vec<OwnedFd>) {
+    fn from(r: Response) -> Self {
+        (r, vec![])
+    }
+}
+
+/// Freezes workload `name` for a move. Handover and socket-activation: `cgroup.freeze`
+/// (SIGSTOP without cgroups). Restart: its process is asked to stop with its
+/// `stop_signal`, given `stop_timeout_ms`, then killed with every process of its group;
+/// returns once the group is empty (its ports closed, its files written), keeping its fd
+/// store. The wait runs without the instance lock.
+pub fn freeze(shared: &Shared, name: &str) -> Result<(), SupervisorError> {
+    let (process, spec) = {
+        let mut inst = lock(shared);
+        let inst = &mut *inst;
+        let w = get(&mut inst.workloads, name)?;
+        if w.spec.mode != Mode::Restart {
+            inst.freezer
+                .freeze(name, w.pid)
+                .map_err(|source| SupervisorError::Freezer {
+                    op: "freezing",
+                    name: name.to_owned(),
+                    source,
+                })?;
+            w.frozen = true;
+            return Ok(());
+        }
+        w.frozen = true;
+        w.restart_at = None;
+        (w.process.take(), w.spec.clone())
+    };
+    let Some(mut process) = process else {
+        return Ok(());
+    };
+    let stopped = stop_gracefully(shared, &spec, &mut process);
+    let mut inst = lock(shared);
+    if let Some(w) = inst.workloads.get_mut(name) {
+        w.exit = stopped.as_ref().ok().cloned();
+    }
+    stopped
+        .map(|_| ())
+        .map_err(|source| SupervisorError::Freezer {
+            op: "stopping",
+            name: name.to_owned(),
+            source,
+        })
+}
+
+/// `stop_signal`, up to `stop_timeout_ms` for the process to exit, then `SIGKILL` of its
+/// whole group; waits until no process of the group is left. Returns how it ended.
+fn stop_gracefully(
+    shared: &Shared,
+    spec: &WorkloadSpec,
+    process: &mut Process,
+) -> io::Result<String> {
+    process.signal(spec.stop_signal.0)?;
+    let timeout = Duration::from_millis(spec.stop_timeout_ms);
+    let status = if let Some(s) = process.wait_timeout(timeout)? {
+        describe_exit(s)
+    } else {
+        tracing::warn!(
+            workload = %spec.name,
+            timeout_ms = spec.stop_timeout_ms,
+            "did not exit after {}: killed", spec.stop_signal.name()
+        );
+        process.kill()?;
+        format!(
+            "{} (killed after {} ms)",
+            describe_exit(process.wait()?),
+            spec.stop_timeout_ms
         )
-    })
+    };
+    // Children it left behind (a forked saver, a worker) die with the group.
+    let group = lock(shared).freezer.group(&spec.name);
+    if let Some(g) = group {
+        empty_group(&g, Duration::from_millis(spec.stop_timeout_ms))?;
+    }
+    Ok(status)
+}
+
+/// Kills what is left in cgroup `g` and waits (up to `patience`) until it is empty.
+fn empty_group(g: &std::path::Path, patience: Duration) -> io::Result<()> {
+    let populated = || {
+        std::fs::read_to_string(g.join("cgroup.events"))
+            .is_ok_and(|e| e.lines().any(|l| l == "populated 1"))
+    };
+    if !populated() {
+        return Ok(());
+    }
+    let _ = std::fs::write(g.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + patience;
+    while populated() {
+        if Instant::now() >= deadline {
+            return Err(io::Error::other(format!(
+                "{} still holds processes after cgroup.kill",
+                g.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
 }
 
 fn get<'a>(
@@ -486,32 +731,27 @@ pub fn stop(inst: &mut Instance, name: &str) -> Result<(), SupervisorError> {
         .workloads
         .remove(name)
         .ok_or_else(|| SupervisorError::NotRunning(name.to_owned()))?;
-    let pid = w.info().pid;
-    inst.freezer
-        .kill(name, pid)
-        .map_err(|source| SupervisorError::Freezer {
-            op: "killing",
-            name: name.to_owned(),
-            source,
-        })?;
-    // A frozen group dies on cgroup.kill; a SIGSTOPped process dies on SIGKILL.
-    let _ = w.child.kill();
-    let _ = w.child.wait();
+    let killing = |source| SupervisorError::Freezer {
+        op: "killing",
+        name: name.to_owned(),
+        source,
+    };
+    match w.process.as_mut() {
+        // Its pid is not reused while the process is unreaped: a kill by pid is safe.
+        Some(p) => {
+            inst.freezer.kill(name, w.pid).map_err(killing)?;
+            // A frozen group dies on cgroup.kill; a SIGSTOPped process dies on SIGKILL.
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+        None => {
+            if let Some(g) = inst.freezer.group(name) {
+                empty_group(&g, Duration::from_secs(5)).map_err(killing)?;
+            }
+        }
+    }
     inst.freezer.remove(name);
     Ok(())
-}
-
-/// Forgets workloads whose process exited on its own.
-fn reap(inst: &mut Instance) {
-    let dead: Vec<String> = inst
-        .workloads
-        .iter_mut()
-        .filter_map(|(n, w)| matches!(w.child.try_wait(), Ok(Some(_))).then(|| n.clone()))
-        .collect();
-    for n in dead {
-        tracing::warn!(workload = %n, "workload exited on its own");
-        let _ = stop(inst, &n);
-    }
 }
 
 /// A control-request handler: the request, the fds attached to it; the response and the

@@ -241,6 +241,74 @@ pub fn current_instance(platform: &mut dyn Platform) -> Result<InstanceInfo, Upg
     }
 }
 
+/// Why a workload cannot move as declared (the upgrade is refused before anything changes): one whose
+/// process is not running (a dead service cannot be "upgraded"), or one in a mode that
+/// hands listening sockets over (handover, socket-activation) holding a listening or
+/// bound socket the workload file does not declare (its new copy could not bind that
+/// address while the frozen old copy holds it; declare it in `[[workload.listen]]` or use
+/// mode "restart").
+pub fn unmovable(
+    specs: &crate::workload::WorkloadFile,
+    env: &dyn Env,
+    on: InstanceId,
+    w: &crate::model::WorkloadInfo,
+) -> Option<String> {
+    use crate::model::WorkloadState;
+    use crate::workload::Mode;
+    if w.state != WorkloadState::Running {
+        return Some(format!(
+            "workload {} is {} on instance {on}{}: only running, healthy workloads are moved; \
+             see `mk-upgrade status`, fix it and let it restart (restart = \"on-failure\") \
+             before upgrading",
+            w.name,
+            w.state.as_str(),
+            w.exit
+                .as_ref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        ));
+    }
+    let spec = specs.get(&w.name)?;
+    if !matches!(spec.mode, Mode::Handover | Mode::SocketActivation) {
+        return None;
+    }
+    // A busy service opens and closes descriptors all the time: a capture that saw one
+    // change is tried again.
+    let mut attempt = env.capture_task(w.pid);
+    for _ in 0..4 {
+        if attempt.is_ok() {
+            break;
+        }
+        attempt = env.capture_task(w.pid);
+    }
+    let task = match attempt {
+        Ok(t) => t,
+        Err(e) => {
+            return Some(format!(
+                "workload {}: capturing its process (pid {}) to check its sockets: {e}",
+                w.name, w.pid
+            ));
+        }
+    };
+    let declared: Vec<String> = spec.listeners.iter().map(|l| l.addr.to_string()).collect();
+    for t in &task.tasks {
+        for f in &t.fds {
+            if let state_serializers::task::FdKind::ListeningSocket { proto, address } = &f.kind
+                && !declared.contains(address)
+            {
+                return Some(format!(
+                    "workload {} (mode \"{}\") holds a listening socket it was not given: {proto:?} \
+                     {address} (pid {}, fd {}); its new copy could not bind it while the frozen old \
+                     copy holds it. Declare it in [[workload.listen]] so it is handed over, or \
+                     use mode = \"restart\"",
+                    w.name, spec.mode, t.pid, f.fd
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// How long a target may take to verify a delivered workload and start it (digests of a
 /// large state included).
 pub const MOVE_VERIFY_ALLOWANCE: Duration = Duration::from_secs(120);
@@ -280,6 +348,9 @@ impl<'a> Orchestrator<'a> {
                     w.name, current.id
                 )));
             }
+            if let Some(why) = unmovable(&setup.specs, setup.env, current.id, w) {
+                return Err(UpgradeError::Refused(why));
+            }
             names.push(w.name.clone());
         }
         // Move in workload-file order, so operators can put the least critical first.
@@ -300,11 +371,14 @@ impl<'a> Orchestrator<'a> {
             workloads: names
                 .into_iter()
                 .map(|name| WorkloadMove {
+                    mode: setup.specs.get(&name).map(|s| s.mode).unwrap_or_default(),
                     name,
                     status: MoveStatus::Pending,
                     blackout_us: None,
                     handover_us: None,
                     detail: None,
+                    closed_us: None,
+                    stop_us: None,
                 })
                 .collect(),
             events: Vec::new(),
@@ -469,27 +543,34 @@ impl<'a> Orchestrator<'a> {
                     workload: name.to_owned(),
                 })?;
         // Task state is captured before the freeze, outside the blackout: it describes the
-        // process (exe, args, env, limits, fds), which a handover does not change; the
-        // capture itself refuses a process that changed while it was read.
-        let pid = self
+        // process (exe, args, env, limits, fds) for inspection and `state diff`; the new copy
+        // is started from the spec. The capture itself refuses a process that changed while
+        // it was read. A workload whose process is gone (it died on the new instance and a
+        // rollback moves it back) has no task state: its descriptors still move.
+        let info = self
             .platform
             .instances()?
             .into_iter()
             .find(|i| i.id == from)
             .and_then(|i| i.workloads.into_iter().find(|w| w.name == name))
-            .map(|w| w.pid)
             .ok_or_else(|| PlatformError::NoSuchWorkload {
                 instance: from,
                 workload: name.to_owned(),
             })?;
-        let task = self
-            .setup
-            .env
-            .capture_task(pid)
-            .map_err(|e| PlatformError::Instance {
-                id: from,
-                what: format!("{name}: capturing task state: {e}"),
-            })?;
+        let has_process = matches!(
+            info.state,
+            crate::model::WorkloadState::Running | crate::model::WorkloadState::Frozen
+        );
+        // A busy service opens and closes descriptors all the time (one per connection):
+        // a capture that saw it change is tried again, and else taken once it is frozen.
+        let mut task = if has_process {
+            (0..2).find_map(|_| self.setup.env.capture_task(info.pid).ok())
+        } else {
+            Some(state_serializers::task::TaskState {
+                schema_version: state_serializers::SCHEMA_VERSION,
+                tasks: Vec::new(),
+            })
+        };
         if std::mem::take(&mut self.faults_left.health_fail) {
             spec.env
                 .insert(crate::fault::HEALTH_FAIL_ENV.to_owned(), "1".to_owned());
@@ -505,7 +586,32 @@ impl<'a> Orchestrator<'a> {
             })?;
         let t0 = self.setup.env.now();
         self.platform.freeze(from, name)?;
-        let attempt = self.offer(from, to, name, &spec, &task, t0);
+        // Restart mode: the freeze returned once the old copy exited (its ports closed).
+        let t_stopped = self.setup.env.now();
+        if spec.mode == crate::workload::Mode::Restart
+            && let Some(w) = self.record.workload_mut(name)
+        {
+            w.stop_us = Some(us(t_stopped.saturating_duration_since(t0)));
+        }
+        let task = match task.take() {
+            Some(t) => Ok(t),
+            // Frozen now (or, restart mode, gone: then there is nothing left to describe).
+            None if spec.mode == crate::workload::Mode::Restart => {
+                Ok(state_serializers::task::TaskState {
+                    schema_version: state_serializers::SCHEMA_VERSION,
+                    tasks: Vec::new(),
+                })
+            }
+            None => self
+                .setup
+                .env
+                .capture_task(info.pid)
+                .map_err(|e| PlatformError::Instance {
+                    id: from,
+                    what: format!("{name}: capturing task state: {e}"),
+                }),
+        };
+        let attempt = task.and_then(|task| self.offer(from, to, name, &spec, &task, t0, t_stopped));
         match attempt {
             Ok(b) => Ok(b),
             Err(e) => {
@@ -516,6 +622,7 @@ impl<'a> Orchestrator<'a> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // the move's parts and its two instants
     fn offer(
         &mut self,
         from: InstanceId,
@@ -524,6 +631,7 @@ impl<'a> Orchestrator<'a> {
         spec: &crate::workload::WorkloadSpec,
         task: &state_serializers::task::TaskState,
         t0: Instant,
+        t_stopped: Instant,
     ) -> Result<Option<u64>, PlatformError> {
         let io = |what: String| PlatformError::Instance { id: from, what };
         let mut fds = self.platform.preserved_fds(from, name)?;
@@ -567,9 +675,13 @@ impl<'a> Orchestrator<'a> {
                 let handover =
                     us(t_deliver.saturating_duration_since(t0)).saturating_add(verified_us);
                 let blackout = us(self.setup.env.now().saturating_duration_since(t0));
+                let closed = us(self.setup.env.now().saturating_duration_since(t_stopped));
                 if let Some(w) = self.record.workload_mut(name) {
                     w.handover_us = Some(handover.min(blackout));
                     w.blackout_us = Some(blackout);
+                    if spec.mode == crate::workload::Mode::Restart {
+                        w.closed_us = Some(closed);
+                    }
                 }
                 self.set_status(name, MoveStatus::Committing, None);
                 self.step(
@@ -655,6 +767,14 @@ impl<'a> Orchestrator<'a> {
                 }
             }
         }
+        // Every workload again, now that all moved: one may have died or stopped serving
+        // after its own move passed. Still reversible here: the old instance runs.
+        let sick = self.unhealthy(new);
+        if !sick.is_empty() {
+            let reason = format!("final check on instance {new}: {}", sick.join("; "));
+            self.step(Phase::Migrating, reason.clone())?;
+            return self.roll_back(reason);
+        }
         self.hand_over(old, new)
     }
 
@@ -728,10 +848,26 @@ impl<'a> Orchestrator<'a> {
                             Some(x) if x.pending_commit => {
                                 Some(format!("{} is not committed", w.name))
                             }
+                            Some(x) if x.state != crate::model::WorkloadState::Running => {
+                                Some(format!(
+                                    "{} is {}{}",
+                                    w.name,
+                                    x.state.as_str(),
+                                    x.exit
+                                        .as_ref()
+                                        .map(|e| format!(" ({e})"))
+                                        .unwrap_or_default()
+                                ))
+                            }
                             Some(_) => None,
                         })
                         .collect();
-                    (!bad.is_empty()).then(|| bad.join(", "))
+                    if bad.is_empty() {
+                        let sick = self.unhealthy(on);
+                        (!sick.is_empty()).then(|| sick.join(", "))
+                    } else {
+                        Some(bad.join(", "))
+                    }
                 }
             },
         };
@@ -752,6 +888,21 @@ impl<'a> Orchestrator<'a> {
                 Err(UpgradeError::Failed(msg))
             }
         }
+    }
+
+    /// Runs every workload's health check on instance `on` again (the final check: each
+    /// must be alive and healthy after the whole hand-over, not only right after its own
+    /// move); what failed, one entry per workload.
+    fn unhealthy(&mut self, on: InstanceId) -> Vec<String> {
+        let mut sick = Vec::new();
+        for name in self.names() {
+            match self.platform.health(on, &name) {
+                Ok((true, _)) => {}
+                Ok((false, detail)) => sick.push(format!("{name} is unhealthy: {detail}")),
+                Err(e) => sick.push(format!("{name}: the health check could not run: {e}")),
+            }
+        }
+        sick
     }
 
     /// Halts `old` (if still active), gives its resources to `new`, removes it.

@@ -184,6 +184,9 @@ mod tests {
                 blackout_us: None,
                 handover_us: None,
                 detail: None,
+                mode: crate::workload::Mode::Handover,
+                closed_us: None,
+                stop_us: None,
             }],
             events: Vec::new(),
             outcome: None,
@@ -298,6 +301,7 @@ mod tests {
             pid: 1,
             frozen,
             pending_commit: pending,
+            ..WorkloadInfo::default()
         }
     }
 

@@ -87,6 +87,15 @@ impl Orchestrator<'_> {
                 }
             }
         }
+        if failure.is_none() {
+            // Every workload again, now that all are claimed: one may have died or stopped
+            // serving after its own claim passed. Still reversible: the previous kernel is
+            // kept loaded for the way back.
+            let sick = self.unhealthy(new);
+            if !sick.is_empty() {
+                failure = Some(format!("final check in {release}: {}", sick.join("; ")));
+            }
+        }
         if let Some(reason) = failure {
             self.record.error = Some(reason.clone());
             self.step(

@@ -13,11 +13,20 @@ use crate::record::{MoveStatus, Outcome, Phase, UpgradeKind};
 use crate::workload::{WorkloadFile, WorkloadSpec};
 
 /// A clock that advances 1 ms per reading, ids from a counter, task state from the
-/// state-serializers fixture tree.
+/// state-serializers fixture tree (whose process holds listening sockets, 127.0.0.1:8080 at
+/// fd 4 and /run/app.sock at fd 5: kept only as `sockets` says; the fake workloads hold none).
 struct FakeEnv {
     t0: Instant,
     ticks: Cell<u64>,
     ids: Cell<u8>,
+    sockets: Sockets,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Sockets {
+    None,
+    All,
+    TcpOnly,
 }
 
 impl FakeEnv {
@@ -26,6 +35,7 @@ impl FakeEnv {
             t0: Instant::now(),
             ticks: Cell::new(0),
             ids: Cell::new(0),
+            sockets: Sockets::None,
         }
     }
 }
@@ -48,11 +58,26 @@ impl Env for FakeEnv {
     ) -> Result<state_serializers::task::TaskState, state_serializers::StateError> {
         let root =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../state-serializers/tests/fixtures/root");
-        state_serializers::task::capture_tasks(
+        let mut t = state_serializers::task::capture_tasks(
             &root,
             &[4242],
             &state_serializers::task::CaptureOptions::default(),
-        )
+        )?;
+        for task in &mut t.tasks {
+            task.fds.retain(|f| match &f.kind {
+                state_serializers::task::FdKind::ListeningSocket { proto, .. } => {
+                    match self.sockets {
+                        Sockets::None => false,
+                        Sockets::All => true,
+                        Sockets::TcpOnly => {
+                            matches!(proto, state_serializers::task::SocketProto::Tcp)
+                        }
+                    }
+                }
+                _ => true,
+            });
+        }
+        Ok(t)
     }
 }
 
@@ -658,4 +683,100 @@ fn every_failure_point_side_by_side_converges() {
 #[test]
 fn every_failure_point_replace_converges() {
     every_failure_point(true);
+}
+
+#[test]
+fn an_undeclared_listening_socket_is_refused_before_anything_changes() {
+    let mut w = World::new();
+    w.env.sockets = Sockets::TcpOnly;
+    for replace in [false, true] {
+        let mut p = w.platform(replace);
+        let e = upgrade(&w, &mut p).unwrap_err();
+        let UpgradeError::Refused(msg) = &e else {
+            panic!("{e:?}");
+        };
+        assert!(
+            msg.contains("kv-1") && msg.contains("127.0.0.1:8080"),
+            "{msg}"
+        );
+        assert!(msg.contains("[[workload.listen]]"), "{msg}");
+        assert_eq!(p.active(), vec![1], "nothing changed");
+        assert!(
+            !p.calls.iter().any(|c| c.starts_with("freeze")),
+            "{:?}",
+            p.calls
+        );
+        assert!(w.in_flight().is_none());
+    }
+    // A Unix socket cannot be handed over at all.
+    let mut w = World::new();
+    w.env.sockets = Sockets::All;
+    w.specs.workloads[0]
+        .listeners
+        .push(crate::workload::ListenSpec {
+            name: "http".into(),
+            addr: "127.0.0.1:8080".parse().unwrap(),
+        });
+    let mut p = w.platform(false);
+    let e = upgrade(&w, &mut p).unwrap_err();
+    assert!(e.to_string().contains("/run/app.sock"), "{e}");
+    // Declared, it moves.
+    let mut w = World::new();
+    w.env.sockets = Sockets::TcpOnly;
+    w.specs.workloads[0]
+        .listeners
+        .push(crate::workload::ListenSpec {
+            name: "http".into(),
+            addr: "127.0.0.1:8080".parse().unwrap(),
+        });
+    w.specs.workloads[1].mode = crate::workload::Mode::Restart;
+    let mut p = w.platform(false);
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    r.unwrap();
+    assert_eq!(rec.outcome, Some(Outcome::Upgraded));
+    assert!(rec.workloads[1].closed_us.is_some(), "{rec:?}");
+    assert!(rec.workloads[0].closed_us.is_none(), "{rec:?}");
+}
+
+#[test]
+fn a_workload_that_is_not_running_is_refused() {
+    let w = World::new();
+    let mut p = w.platform(false);
+    p.exited.insert("kv-2".into());
+    let e = upgrade(&w, &mut p).unwrap_err();
+    let UpgradeError::Refused(msg) = &e else {
+        panic!("{e:?}");
+    };
+    assert!(msg.contains("kv-2 is exited"), "{msg}");
+}
+
+#[test]
+fn a_workload_sick_in_the_final_check_rolls_back_side_by_side() {
+    let w = World::new();
+    let mut p = w.platform(false);
+    p.sick.insert("kv-1".into());
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    assert!(matches!(r, Err(UpgradeError::RolledBack { .. })), "{r:?}");
+    assert_eq!(rec.outcome, Some(Outcome::RolledBack));
+    assert!(
+        rec.error.as_deref().unwrap_or("").contains("final check"),
+        "{rec:?}"
+    );
+    p.sick.clear();
+    assert_settled(&p, "7.2.13-mkA", "after the rollback");
+}
+
+#[test]
+fn a_workload_sick_in_the_final_check_returns_a_replace_upgrade() {
+    let w = World::new();
+    let mut p = w.platform(true);
+    p.sick.insert("kv-2".into());
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    assert!(matches!(r, Err(UpgradeError::RolledBack { .. })), "{r:?}");
+    assert_eq!(rec.outcome, Some(Outcome::RolledBack));
+    assert!(!p.confirmed, "the new kernel was not confirmed");
+    assert!(
+        rec.error.as_deref().unwrap_or("").contains("final check"),
+        "{rec:?}"
+    );
 }

@@ -56,6 +56,11 @@ pub struct FakePlatform {
     pub crash_on: Option<(&'static str, usize, InstanceId)>,
     /// Workloads whose delivered or claimed copy is unhealthy.
     pub unhealthy: BTreeSet<String>,
+    /// Workloads that fail the final health check after the hand-over (they died later) on
+    /// any instance but the original one (1).
+    pub sick: BTreeSet<String>,
+    /// Workloads whose process exited (shown as `exited`).
+    pub exited: BTreeSet<String>,
     /// Workloads whose hand-over the target refuses (a failed check).
     pub refused: BTreeSet<String>,
     /// Replace: what was staged for the next kernel.
@@ -84,6 +89,8 @@ impl FakePlatform {
             fail_op: None,
             crash_on: None,
             unhealthy: BTreeSet::new(),
+            sick: BTreeSet::new(),
+            exited: BTreeSet::new(),
             refused: BTreeSet::new(),
             staged: BTreeSet::new(),
             carried: None,
@@ -244,6 +251,14 @@ impl Platform for FakePlatform {
                         pid: w.pid,
                         frozen: w.frozen,
                         pending_commit: w.pending_commit,
+                        state: if self.exited.contains(n) {
+                            crate::model::WorkloadState::Exited
+                        } else if w.frozen {
+                            crate::model::WorkloadState::Frozen
+                        } else {
+                            crate::model::WorkloadState::Running
+                        },
+                        ..WorkloadInfo::default()
                     })
                     .collect(),
             })
@@ -400,6 +415,7 @@ impl Platform for FakePlatform {
             pid: w.pid,
             frozen: false,
             pending_commit: false,
+            ..WorkloadInfo::default()
         };
         self.inst(id)?.workloads.insert(spec.name.clone(), w);
         Ok(info)
@@ -415,6 +431,16 @@ impl Platform for FakePlatform {
         self.call("thaw", id, workload)?;
         self.workload(id, workload)?.frozen = false;
         Ok(())
+    }
+
+    fn health(&mut self, id: InstanceId, workload: &str) -> Result<(bool, String), PlatformError> {
+        self.call("health", id, workload)?;
+        self.workload(id, workload)?;
+        Ok(if id != 1 && self.sick.contains(workload) {
+            (false, "health check failed: injected".to_owned())
+        } else {
+            (true, "healthy".to_owned())
+        })
     }
 
     fn preserved_fds(

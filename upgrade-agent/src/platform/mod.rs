@@ -206,6 +206,10 @@ pub trait Platform {
     /// Thaws a frozen workload.
     fn thaw(&mut self, id: InstanceId, workload: &str) -> Result<(), PlatformError>;
 
+    /// Runs the workload's health check on instance `id` now, and checks that its process
+    /// is alive: whether it is healthy, and what was seen (the final check of an upgrade).
+    fn health(&mut self, id: InstanceId, workload: &str) -> Result<(bool, String), PlatformError>;
+
     /// Duplicates of the workload's preserved descriptors (memfds, listening sockets).
     fn preserved_fds(
         &mut self,

@@ -10,7 +10,6 @@
 //! then starts every workload of the workload file. Then it serves `D/luo/ctl.sock` with the
 //! instance host's protocol plus `LuoApply`, which runs the orchestrator on this platform.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
@@ -132,17 +131,18 @@ pub fn serve(opts: &ServeOptions) -> Result<(), AgentError> {
         }),
         _ => None,
     };
-    let shared: Shared = Arc::new(Mutex::new(Instance {
-        id: 0,
-        kernel_release: release.clone(),
-        cpus: online_cpus(),
-        freezer: upgrade_agent::sys::cgroup::Freezer::detect("mk-upgrade-luo"),
-        workloads: BTreeMap::new(),
-        dir: dir.clone(),
-        state_dir: opts.state_dir.clone(),
-        halting: false,
-        expected_upgrade: None,
-    }));
+    let shared: Shared = Arc::new(Mutex::new(Instance::new(
+        0,
+        release.clone(),
+        online_cpus(),
+        upgrade_agent::sys::cgroup::Freezer::detect("mk-upgrade-luo"),
+        dir.clone(),
+        opts.state_dir.clone(),
+    )));
+    upgrade_agent::host::watch::start_background(&shared).map_err(|source| AgentError::Io {
+        what: format!("binding {}", dir.join("notify.sock").display()),
+        source,
+    })?;
     let mut platform = LuoPlatform::open(state.clone(), dev, Arc::clone(&shared), running)?;
     let resumed = platform.resumed();
     if !resumed {

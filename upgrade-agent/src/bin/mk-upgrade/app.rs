@@ -258,7 +258,8 @@ pub fn main() -> ExitCode {
                 println!(
                     "{}",
                     serde_json::json!({
-                        "result": "error",
+                        // A pre-flight refusal changed nothing, like every "refused".
+                        "result": if e.exit == Exit::PreflightFailed { "refused" } else { "error" },
                         "error": e.message,
                         "exit": e.exit as u8,
                     })

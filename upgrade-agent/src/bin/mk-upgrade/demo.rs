@@ -230,6 +230,10 @@ pub fn run(_g: &Global, a: DemoArgs) -> Result<ExitCode, CliError> {
             },
             transfer: upgrade_agent::workload::Transfer::Share,
             integrity: upgrade_agent::workload::Integrity::Digest,
+            mode: upgrade_agent::workload::Mode::Handover,
+            restart: upgrade_agent::workload::RestartPolicy::OnFailure,
+            stop_signal: upgrade_agent::workload::StopSignal::default(),
+            stop_timeout_ms: upgrade_agent::workload::DEFAULT_STOP_TIMEOUT_MS,
         });
         targets.push((name, addr));
     }

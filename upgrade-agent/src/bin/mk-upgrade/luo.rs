@@ -106,7 +106,7 @@ pub fn platform_checks(g: &Global, out: &mut Vec<CheckResult>) {
                 ),
                 None,
             ));
-            crate::upgrade::workload_checks(g, &st.workloads, out);
+            crate::upgrade::workload_checks(g, 0, &st.workloads, out);
         }
         Err(e) => out.push(check(
             "platform",

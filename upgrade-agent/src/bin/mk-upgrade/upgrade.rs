@@ -318,7 +318,7 @@ pub fn preflight(g: &Global, need_keys: bool, lock_held: bool) -> Vec<CheckResul
                                 cur.workloads.len()
                             ),
                         ));
-                        workload_checks(g, &cur.workloads, &mut out);
+                        workload_checks(g, cur.id, &cur.workloads, &mut out);
                     }
                     Err(e) => out.push(bad(
                         "instance",
@@ -340,6 +340,7 @@ pub fn preflight(g: &Global, need_keys: bool, lock_held: bool) -> Vec<CheckResul
 /// Whether every running workload is declared in the workload file.
 pub fn workload_checks(
     g: &Global,
+    instance: upgrade_agent::platform::InstanceId,
     running: &[upgrade_agent::platform::WorkloadInfo],
     out: &mut Vec<CheckResult>,
 ) {
@@ -359,6 +360,27 @@ pub fn workload_checks(
                         g.workloads_path().display()
                     ),
                 ));
+                let env = SystemEnv::default();
+                let problems: Vec<String> = running
+                    .iter()
+                    .filter_map(|w| orchestrator::unmovable(&f, &env, instance, w))
+                    .collect();
+                if problems.is_empty() {
+                    out.push(ok(
+                        "movable",
+                        format!(
+                            "every workload runs and holds only the sockets it was given \
+                             ({} running)",
+                            running.len()
+                        ),
+                    ));
+                } else {
+                    out.push(bad(
+                        "movable",
+                        problems.join("; "),
+                        "see each workload's message (docs/workloads.md, \"Modes\")",
+                    ));
+                }
             } else {
                 out.push(bad(
                     "workloads",
@@ -544,8 +566,16 @@ pub fn print_record(rec: &UpgradeRecord) {
             .blackout_us
             .map(|u| format!("blackout {:.3} ms", u as f64 / 1000.0))
             .unwrap_or_default();
+        let closed = match (w.closed_us, w.stop_us) {
+            (Some(c), Some(s)) => format!(
+                " (restart: stopped in {:.1} ms, port closed {:.1} ms)",
+                s as f64 / 1000.0,
+                c as f64 / 1000.0
+            ),
+            _ => String::new(),
+        };
         println!(
-            "  {:<16} {:<11} {blackout} {}",
+            "  {:<16} {:<11} {blackout}{closed} {}",
             w.name,
             format!("{:?}", w.status),
             w.detail.as_deref().unwrap_or("")
@@ -955,10 +985,19 @@ pub fn status(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
             );
             for w in &i.workloads {
                 println!(
-                    "  {:<16} pid {:<7}{}",
+                    "  {:<16} {:<10} pid {:<7} restarts {}{}{}",
                     w.name,
+                    w.state.as_str(),
                     w.pid,
-                    if w.frozen { " FROZEN" } else { "" }
+                    w.restarts,
+                    w.exit
+                        .as_ref()
+                        .map(|e| format!(" (last exit: {e})"))
+                        .unwrap_or_default(),
+                    w.status_text
+                        .as_ref()
+                        .map(|t| format!(" status: {t}"))
+                        .unwrap_or_default()
                 );
             }
         }

@@ -4,7 +4,6 @@
 //! ([`crate::host::receiver`]: `chan.sock`). See [`crate::host::supervisor`] for what it
 //! stands for on a real multikernel host.
 
-use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -60,17 +59,18 @@ pub fn run(state_dir: &Path, id: InstanceId) -> Result<(), InstanceError> {
         super::state_tag(state_dir)
     );
     let freezer = Freezer::detect(&tag);
-    let shared: Shared = Arc::new(Mutex::new(Instance {
+    let shared: Shared = Arc::new(Mutex::new(Instance::new(
         id,
         kernel_release,
-        cpus: entry.resources.cpus.clone(),
+        entry.resources.cpus.clone(),
         freezer,
-        workloads: BTreeMap::new(),
-        dir: dir.clone(),
-        state_dir: state_dir.to_owned(),
-        halting: false,
-        expected_upgrade: None,
-    }));
+        dir.clone(),
+        state_dir.to_owned(),
+    )));
+    crate::host::watch::start_background(&shared).map_err(|source| InstanceError::Bind {
+        path: dir.join("notify.sock"),
+        source,
+    })?;
     let bind = |name: &str| -> Result<UnixListener, InstanceError> {
         let path = dir.join(name);
         crate::host::peer::bind_private(&path)

@@ -542,6 +542,24 @@ impl Platform for EmulatedPlatform {
         )
     }
 
+    fn health(&mut self, id: InstanceId, workload: &str) -> Result<(bool, String), PlatformError> {
+        match self
+            .ctl(
+                id,
+                &Request::Health {
+                    name: workload.to_owned(),
+                },
+            )?
+            .0
+        {
+            Response::Health { healthy, detail } => Ok((healthy, detail)),
+            other => Err(PlatformError::Instance {
+                id,
+                what: format!("unexpected control response {other:?}"),
+            }),
+        }
+    }
+
     fn preserved_fds(
         &mut self,
         id: InstanceId,

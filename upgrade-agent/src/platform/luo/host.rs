@@ -424,19 +424,13 @@ impl LuoPlatform {
     /// Starts `spec` again from its kept fds after a failed kexec.
     fn restart(&self, name: &str) {
         let mut inst = lock(&self.shared);
-        let cpus = inst.cpus.clone();
-        let inst_ref = &mut *inst;
-        if let Some(w) = inst_ref.workloads.get_mut(name) {
-            match supervisor::spawn_workload(&w.spec, &w.fds, &cpus, &inst_ref.freezer, &[]) {
-                Ok(child) => {
-                    w.child = child;
-                    w.frozen = false;
-                }
-                Err(e) => {
-                    tracing::error!(workload = %name, error = %e, "restart after a failed kexec");
-                }
-            }
+        let Some(mut w) = inst.workloads.remove(name) else {
+            return;
+        };
+        if let Err(e) = supervisor::relaunch(&inst, &mut w) {
+            tracing::error!(workload = %name, error = %e, "restart after a failed kexec");
         }
+        inst.workloads.insert(name.to_owned(), w);
     }
 
     /// Kills every workload's process (keeping its fds), kexecs, and on failure restarts
@@ -447,10 +441,14 @@ impl LuoPlatform {
             let inst_ref = &mut *inst;
             let names: Vec<String> = inst_ref.workloads.keys().cloned().collect();
             for (name, w) in &mut inst_ref.workloads {
-                let pid = i32::try_from(w.child.id()).unwrap_or(-1);
-                let _ = inst_ref.freezer.kill(name, pid);
-                let _ = w.child.kill();
-                let _ = w.child.wait();
+                // Marked as in a move, so supervision does not restart it meanwhile.
+                w.frozen = true;
+                if let Some(p) = w.process.as_mut() {
+                    let _ = inst_ref.freezer.kill(name, w.pid);
+                    let _ = p.kill();
+                    let _ = p.wait();
+                }
+                w.process = None;
             }
             names
         };
@@ -793,6 +791,19 @@ impl Platform for LuoPlatform {
         Ok(())
     }
 
+    fn health(&mut self, id: InstanceId, workload: &str) -> Result<(bool, String), PlatformError> {
+        self.check_self(id, "health")?;
+        match self
+            .ctl(Request::Health {
+                name: workload.to_owned(),
+            })?
+            .0
+        {
+            Response::Health { healthy, detail } => Ok((healthy, detail)),
+            other => Err(err(format!("unexpected control response {other:?}"))),
+        }
+    }
+
     fn preserved_fds(
         &mut self,
         id: InstanceId,
@@ -884,16 +895,19 @@ impl Platform for LuoPlatform {
             detail,
         };
         let t0 = Instant::now();
-        let (spec, task, mut fds) = if forward {
+        let (spec, mut fds) = if forward {
             let trusted: TrustedKeys = self
                 .state
                 .trusted_node_keys()
                 .map_err(|e| refused(format!("verification failed: trusted node keys: {e}")))?;
             let image = a.image.ok_or_else(|| refused("no handover image".into()))?;
             let upgrade_id = self.upgrade_id.map(|u| u.0).unwrap_or_default();
-            let inc = handover::verify_preserved(workload, &image, a.memfds, &trusted, upgrade_id)
-                .map_err(|e| refused(format!("verification failed: {e}")))?;
-            (inc.spec, Some(inc.task), inc.fds)
+            let names: Vec<String> = a.handoff.memfds.iter().map(|m| m.name.clone()).collect();
+            let inc = handover::verify_preserved(
+                workload, &image, &names, a.memfds, &trusted, upgrade_id,
+            )
+            .map_err(|e| refused(format!("verification failed: {e}")))?;
+            (inc.spec, inc.fds)
         } else {
             let mut fds = Vec::new();
             for (fd, d) in a.memfds.into_iter().zip(&a.handoff.memfds) {
@@ -904,7 +918,7 @@ impl Platform for LuoPlatform {
                     fd,
                 });
             }
-            (a.handoff.spec.clone(), None, fds)
+            (a.handoff.spec.clone(), fds)
         };
         let verify_ms = t0.elapsed().as_secs_f64() * 1000.0;
         let start_err = |what: String| PlatformError::Instance { id: here, what };
@@ -914,16 +928,8 @@ impl Platform for LuoPlatform {
         } else {
             Vec::new()
         };
-        supervisor::admit(
-            &self.shared,
-            workload,
-            &spec,
-            task.as_ref(),
-            fds,
-            &extra,
-            false,
-        )
-        .map_err(|e| start_err(e.to_string()))?;
+        supervisor::admit(&self.shared, workload, &spec, fds, &extra, false)
+            .map_err(|e| start_err(e.to_string()))?;
         let start_ms = t0.elapsed().as_secs_f64() * 1000.0 - verify_ms;
         let started_at_ns = realtime_ns();
         let t1 = Instant::now();
