@@ -103,13 +103,20 @@ fn main() {
             supervision_restarts_on_failure_and_leaves_restart_no_exited,
         ),
     ];
+    // Each skip is printed after the run ("SKIP <test>: <reason>"): printed from inside the
+    // trial it would split libtest's own "test <name> ... ignored (<reason>)" line, which
+    // tests/run-all.sh lists in its summary.
+    let skipped: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
     let trials = tests
         .into_iter()
         .map(|(name, needs, f)| {
+            let skipped = skipped.clone();
             Trial::ignorable_test(name, move || {
                 if let Some(reason) = missing(needs) {
-                    let line = format!("SKIP {name}: {reason}\n");
-                    let _ = std::io::stderr().write_all(line.as_bytes());
+                    skipped
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(format!("SKIP {name}: {reason}"));
                     return Ok(Completion::ignored_with(reason));
                 }
                 f();
@@ -117,7 +124,15 @@ fn main() {
             })
         })
         .collect();
-    libtest_mimic::run(&args, trials).exit();
+    let conclusion = libtest_mimic::run(&args, trials);
+    for line in skipped
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+    {
+        println!("{line}");
+    }
+    conclusion.exit();
 }
 
 /// Why this host cannot run a test that needs `needs`, or `None`.
