@@ -554,3 +554,77 @@ fn crash_matrix_apply_and_a_supervisor_die_at_each_journal_write() {
         }
     }
 }
+
+/// The crash matrix's workload role: the apply is killed after each journal write in turn
+/// and then every process of kv-1 is killed (SIGKILL, on whichever instances run a copy:
+/// frozen, pending or committed); then `recover`. The supervisor, which holds kv-1's
+/// memfds, restarts it (restart = "on-failure", the default) once the move no longer holds
+/// it: always one instance left, both workloads running and thawed, every acknowledged
+/// write present (mk-demo-kv keeps its data in its memfd, which outlives its process).
+#[test]
+fn crash_matrix_a_workload_dies_at_each_journal_write() {
+    let writes = journal_writes();
+    assert!(
+        writes.len() >= 11,
+        "a clean upgrade journals its steps: {writes:?}"
+    );
+    for (i, phase) in writes.iter().enumerate() {
+        let n = i + 1;
+        let ctx = format!("write {n} ({phase}), kv-1 killed");
+        let m = machine_killed_after_write(n, 3, &ctx);
+        let st = m.status();
+        for inst in st["instances"].as_array().unwrap() {
+            for w in inst["workloads"].as_array().unwrap() {
+                if w["name"] == "kv-1"
+                    && let Some(pid) = w["pid"].as_i64().filter(|p| *p > 0)
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        let rec = m.run(&["recover", "--json"]);
+        let doc = rec.json();
+        let result = doc["result"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            ["upgraded", "rolled-back", "failed", ""].contains(&result.as_str()),
+            "{ctx}: {doc}"
+        );
+        // The restart follows its back-off (100 ms first).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let st = loop {
+            let st = m.status();
+            let insts = st["instances"].as_array().unwrap().clone();
+            let settled = insts.len() == 1
+                && insts[0]["workloads"].as_array().unwrap().len() == 2
+                && insts[0]["workloads"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|w| w["state"] == "running" && w["frozen"] == false);
+            if settled || std::time::Instant::now() > deadline {
+                break st;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert!(st["upgrade_in_flight"].is_null(), "{ctx}: {st}");
+        let insts = st["instances"].as_array().unwrap();
+        assert_eq!(insts.len(), 1, "{ctx}: {st} (recover: {doc})");
+        for w in insts[0]["workloads"].as_array().unwrap() {
+            assert_eq!(w["state"], "running", "{ctx}: {w} (recover: {doc})");
+            assert_eq!(w["frozen"], false, "{ctx}: {w}");
+        }
+        for k in 0..2 {
+            for j in 0..3 {
+                assert_eq!(
+                    kv(m.addrs[k], &format!("GET k{k}-{j}")).unwrap(),
+                    format!("VALUE v{k}-{j}"),
+                    "{ctx} ({result}: {doc})"
+                );
+            }
+        }
+        assert_eq!(m.run(&["emu", "down"]).code, 0, "{ctx}");
+    }
+}

@@ -334,6 +334,13 @@ fn launch(inst: &Instance, w: &mut Running) -> Result<(), SupervisorError> {
         source,
     };
     let group = inst.freezer.prepare(&w.spec.name).map_err(start)?;
+    if let Some(g) = inst.freezer.group(&w.spec.name)
+        && std::fs::read_to_string(g.join("cgroup.freeze")).is_ok_and(|f| f.trim() == "1")
+    {
+        // A process that died while frozen leaves its group frozen: a child started into
+        // it would never reach exec.
+        inst.freezer.thaw(&w.spec.name, -1).map_err(start)?;
+    }
     let dir: Option<File> = match group.as_ref().and_then(|procs| procs.parent()) {
         Some(d) => Some(File::open(d).map_err(start)?),
         None => None,
@@ -529,8 +536,9 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                     .workloads
                     .remove(&name)
                     .ok_or_else(|| SupervisorError::NotRunning(name.clone()))?;
-                let thawed = if w.process.is_none() && w.frozen {
-                    // Restart mode: stopped for the move, so started again.
+                let thawed = if w.process.is_none() {
+                    // Stopped for a restart-mode move, or it died while frozen: started
+                    // again (launch thaws its group first).
                     launch(&inst, &mut w)
                 } else {
                     inst.freezer
