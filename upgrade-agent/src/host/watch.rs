@@ -190,3 +190,119 @@ fn store(w: &mut Running, m: &Message) -> Result<(), String> {
     tracing::info!(workload = %w.spec.name, fdname = %name, "fd store: kept");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::supervisor::Readiness;
+    use std::os::fd::OwnedFd;
+
+    fn running(declared: &[&str]) -> Running {
+        let text = "[[workload]]\nname = \"w\"\nexec = \"/bin/true\"\n";
+        let spec = crate::workload::WorkloadFile::parse(text, std::path::Path::new("t"))
+            .unwrap()
+            .workloads
+            .remove(0);
+        Running {
+            spec,
+            process: None,
+            pid: -1,
+            fds: declared
+                .iter()
+                .map(|n| PreservedFd {
+                    name: (*n).to_owned(),
+                    fd: memfd(),
+                })
+                .collect(),
+            stored: 0,
+            frozen: false,
+            pending_commit: false,
+            exit: None,
+            restarts: 0,
+            started: Instant::now(),
+            restart_at: None,
+            backoff: Duration::from_millis(100),
+            readiness: Arc::new(Readiness::default()),
+            status_text: None,
+            extra_args: Vec::new(),
+        }
+    }
+
+    fn memfd() -> OwnedFd {
+        crate::sys::memfd::create_sealable("t").unwrap()
+    }
+
+    fn message(name: Option<&str>, fds: Vec<OwnedFd>) -> Message {
+        Message {
+            pid: 1,
+            uid: 0,
+            gid: 0,
+            ready: false,
+            stopping: false,
+            reloading: false,
+            watchdog: false,
+            status: None,
+            errno: None,
+            mainpid: None,
+            fdstore: true,
+            fdstore_remove: false,
+            fdname: name.map(str::to_owned),
+            fds,
+            unknown: Vec::new(),
+            fdpoll_disabled: false,
+        }
+    }
+
+    #[test]
+    fn the_fd_store_keeps_memfds_by_name_and_refuses_the_rest() {
+        let mut w = running(&["data"]);
+        store(&mut w, &message(Some("cache"), vec![memfd()])).unwrap();
+        assert_eq!((w.fds.len(), w.stored), (2, 1));
+        // Same name: replaced, not added.
+        store(&mut w, &message(Some("cache"), vec![memfd()])).unwrap();
+        assert_eq!((w.fds.len(), w.stored), (2, 1));
+        // Default name.
+        store(&mut w, &message(None, vec![memfd()])).unwrap();
+        assert_eq!(w.fds[2].name, "stored");
+        let refusals = [
+            (message(Some("data"), vec![memfd()]), "declared"),
+            (message(Some("bad name"), vec![memfd()]), "FDNAME"),
+            (
+                message(Some("two"), vec![memfd(), memfd()]),
+                "one per message",
+            ),
+            (
+                message(
+                    Some("file"),
+                    vec![std::fs::File::open("/dev/null").unwrap().into()],
+                ),
+                "not a memfd",
+            ),
+        ];
+        for (m, want) in refusals {
+            let e = store(&mut w, &m).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        assert_eq!((w.fds.len(), w.stored), (3, 2));
+        for i in 0..MAX_FDS {
+            let _ = store(&mut w, &message(Some(&format!("s{i}")), vec![memfd()]));
+        }
+        assert_eq!(w.fds.len(), MAX_FDS, "capped");
+        let e = store(&mut w, &message(Some("more"), vec![memfd()])).unwrap_err();
+        assert!(e.contains("descriptors already"), "{e}");
+    }
+
+    #[test]
+    fn readiness_wakes_a_waiter_without_polling() {
+        let r = Arc::new(Readiness::default());
+        assert!(!r.wait(Duration::from_millis(5)));
+        let r2 = Arc::clone(&r);
+        let t = std::thread::spawn(move || r2.wait(Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(20));
+        let t0 = Instant::now();
+        r.set();
+        assert!(t.join().unwrap());
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        assert!(r.is_set());
+    }
+}
