@@ -26,33 +26,28 @@
 //!   handles each message before it calls `recv` again.
 //! * [`parse`] is the text part alone (no socket), with the rules listed on it.
 //!
-//! Received descriptors are close-on-exec (MSG_CMSG_CLOEXEC) and owned ([`OwnedFd`]).
-//! nix hands SCM_RIGHTS descriptors over as bare numbers, and turning a number into an
-//! `OwnedFd` needs `unsafe`, which this crate confines to `sys/` (`tests/layers.rs`). So
-//! the numbers are sent once more over a private socketpair to [`fdpass::recv`], which takes
-//! ownership in the audited layer, and the first copies are closed. Only messages that
-//! carry descriptors pay for it (three extra system calls); a `sys` function returning
-//! `OwnedFd`s straight from the datagram would replace `Installed::into_owned`.
+//! Received descriptors are close-on-exec (MSG_CMSG_CLOEXEC) and owned ([`OwnedFd`]) from
+//! the moment `recvmsg` returns ([`fdpass::recv_datagram`], one system call per datagram).
 //!
 //! [`send`] is a minimal `sd_pid_notify_with_fds` for tests and test services.
 
 use std::fmt;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{
-    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
-    UnixCredentials, recvmsg, sendmsg, setsockopt, socket, sockopt,
+    AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr, sendmsg, setsockopt,
+    socket, sockopt,
 };
 use nix::sys::stat::{Mode, fchmod};
 
-use crate::sys::fdpass;
+use crate::sys::fdpass::{self, Creds, Datagram};
 
 /// Largest datagram accepted (bytes); longer ones are truncated by the kernel -> refused (MSG_TRUNC).
 pub const MAX_DATAGRAM: usize = 4096;
@@ -66,7 +61,8 @@ pub const MAX_FDNAME: usize = 255;
 /// The mode of the socket file: only the supervisor's user may send to it.
 const SOCKET_MODE: u32 = 0o600;
 
-/// The supervisor's notify socket: a datagram socket bound at a path, SO_PASSCRED on.
+/// The supervisor's notify socket: a non-blocking datagram socket bound at a path,
+/// SO_PASSCRED on.
 ///
 /// The socket file stays when this is dropped (a later [`bind`](Self::bind) at the same
 /// path replaces it).
@@ -144,24 +140,6 @@ pub struct Parsed {
     pub unknown: Vec<String>,
 }
 
-/// Sender credentials from SCM_CREDENTIALS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Creds {
-    pid: i32,
-    uid: u32,
-    gid: u32,
-}
-
-impl From<UnixCredentials> for Creds {
-    fn from(c: UnixCredentials) -> Self {
-        Self {
-            pid: c.pid(),
-            uid: c.uid(),
-            gid: c.gid(),
-        }
-    }
-}
-
 fn with_path(path: &Path, what: &str, e: impl Into<io::Error>) -> io::Error {
     let e = e.into();
     io::Error::new(
@@ -213,10 +191,12 @@ impl NotifySocket {
             ));
         }
         remove_stale(path)?;
+        // Non-blocking: `recv` waits in poll, and a datagram another thread took in between
+        // must not leave it stuck in recvmsg.
         let fd = socket(
             AddressFamily::Unix,
             SockType::Datagram,
-            SockFlag::SOCK_CLOEXEC,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
             None,
         )
         .map_err(|e| with_path(path, "socket", e))?;
@@ -282,69 +262,31 @@ impl NotifySocket {
         }
     }
 
-    /// One non-blocking `recvmsg`; `Ok(None)` if nothing is queued or the datagram was a
-    /// barrier (answered).
+    /// One `recvmsg` on the non-blocking socket; `Ok(None)` if nothing is queued or the
+    /// datagram was a barrier (answered).
     fn try_recv(&self) -> io::Result<Option<Received>> {
         let mut buf = vec![0u8; MAX_DATAGRAM];
-        let mut cmsg = nix::cmsg_space!(UnixCredentials, [RawFd; MAX_FDS_PER_MESSAGE]);
-        let (len, truncated, ctrunc, creds, installed) = loop {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            match recvmsg::<()>(
-                self.sock.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => return Ok(None),
-                Err(e) => return Err(with_path(&self.path, "recvmsg", e)),
-                Ok(msg) => {
-                    let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
-                    let mut creds = None;
-                    let mut installed = Installed::default();
-                    // nix will not walk truncated control data; that case is read below.
-                    let ctrunc = match msg.cmsgs() {
-                        Ok(iter) => {
-                            for c in iter {
-                                match c {
-                                    ControlMessageOwned::ScmCredentials(c) => {
-                                        creds = Some(Creds::from(c));
-                                    }
-                                    ControlMessageOwned::ScmRights(raw) => installed.0.extend(raw),
-                                    _ => {}
-                                }
-                            }
-                            false
-                        }
-                        Err(_) => true,
-                    };
-                    break (msg.bytes, truncated, ctrunc, creds, installed);
-                }
-            }
-        };
-        let (creds, installed) = if ctrunc {
-            // More descriptors than the buffer holds (or the kernel could not install them
-            // all): the ones it did install are listed in the buffer and must be closed.
-            walk_control(&cmsg)
-        } else {
-            (creds, installed)
-        };
-        Ok(judge(&buf[..len], truncated, ctrunc, creds, installed))
+        match fdpass::recv_datagram(self.sock.as_fd(), &mut buf, MAX_FDS_PER_MESSAGE) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(with_path(&self.path, "recvmsg", e)),
+            Ok(d) => Ok(judge(&buf[..d.len], d)),
+        }
     }
 }
 
-/// Decides what one received datagram is (`None`: a barrier, answered). Every descriptor
-/// in `installed` is either handed over in the [`Message`] or closed.
-fn judge(
-    bytes: &[u8],
-    truncated: bool,
-    ctrunc: bool,
-    creds: Option<Creds>,
-    installed: Installed,
-) -> Option<Received> {
+/// Decides what one received datagram (its text `bytes`) is (`None`: a barrier, answered).
+/// Every descriptor in `d.fds` is either handed over in the [`Message`] or closed.
+fn judge(bytes: &[u8], d: Datagram) -> Option<Received> {
+    let Datagram {
+        truncated,
+        ctrunc,
+        creds,
+        fds,
+        ..
+    } = d;
     let pid = creds.map(|c| c.pid);
     let refuse = |reason: String| Some(Received::Refused { pid, reason });
-    let n_fds = installed.0.len();
+    let n_fds = fds.len();
     if truncated {
         return refuse(format!(
             "datagram longer than {MAX_DATAGRAM} bytes (truncated by the kernel)"
@@ -382,17 +324,13 @@ fn judge(
                 "BARRIER=1 needs exactly one fd, got {n_fds} (closed)"
             ));
         }
-        drop(installed);
+        drop(fds);
         tracing::debug!(pid = creds.pid, "notify barrier answered");
         return None;
     }
     if n_fds > 0 && !parsed.fdstore {
         return refuse(format!("{n_fds} fds sent without FDSTORE=1 (closed)"));
     }
-    let fds = match installed.into_owned() {
-        Ok(fds) => fds,
-        Err(e) => return refuse(format!("taking the {n_fds} attached fds failed: {e}")),
-    };
     Some(Received::Message(Message::new(parsed, creds, fds)))
 }
 
@@ -478,100 +416,6 @@ fn bind_with_mode(fd: &OwnedFd, path: &Path) -> io::Result<()> {
         .map_err(|e| with_path(path, "fchmod 0600 before bind", e))?;
     let addr = UnixAddr::new(path).map_err(|e| with_path(path, "address", e))?;
     nix::sys::socket::bind(fd.as_raw_fd(), &addr).map_err(|e| with_path(path, "bind", e))
-}
-
-/// Descriptors the kernel installed in this process for one message, held as numbers
-/// until [`into_owned`](Self::into_owned): closed on drop, so a refused message leaks none.
-#[derive(Debug, Default)]
-struct Installed(Vec<RawFd>);
-
-impl Drop for Installed {
-    fn drop(&mut self) {
-        for fd in self.0.drain(..) {
-            // The kernel installed this number for us alone and nothing else refers to it.
-            let _ = nix::unistd::close(fd);
-        }
-    }
-}
-
-impl Installed {
-    /// Owned copies of the descriptors (close-on-exec); the numbers are closed either way.
-    ///
-    /// The copies are made by sending the numbers over a fresh socketpair and receiving
-    /// them with [`fdpass::recv`] (the audited `sys` code that owns received descriptors):
-    /// a `4-byte zero length` message in that module's framing, with the fds attached.
-    fn into_owned(self) -> io::Result<Vec<OwnedFd>> {
-        if self.0.is_empty() {
-            return Ok(Vec::new());
-        }
-        let n = self.0.len();
-        let (tx, rx) = UnixStream::pair()?;
-        let prefix = 0u32.to_le_bytes();
-        let iov = [IoSlice::new(&prefix)];
-        let cmsg = [ControlMessage::ScmRights(&self.0)];
-        loop {
-            match sendmsg::<()>(tx.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
-                Err(Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-                Ok(sent) if sent == prefix.len() => break,
-                Ok(sent) => {
-                    return Err(io::Error::other(format!(
-                        "socketpair took {sent} of 4 bytes"
-                    )));
-                }
-            }
-        }
-        // The copies in flight keep the files open; the numbers are no longer needed.
-        drop(self);
-        match fdpass::recv(&rx)? {
-            Some((body, fds)) if body.is_empty() && fds.len() == n => Ok(fds),
-            Some((_, fds)) => Err(io::Error::other(format!(
-                "{} of {n} fds came back through the socketpair",
-                fds.len()
-            ))),
-            None => Err(io::Error::other("the socketpair closed")),
-        }
-    }
-}
-
-/// Reads control data that nix will not iterate (MSG_CTRUNC): the credentials and the
-/// descriptors the kernel did install. Plain byte parsing over a buffer that was zeroed
-/// before `recvmsg`, so a header the kernel did not write reads as the end.
-fn walk_control(cmsg: &[u8]) -> (Option<Creds>, Installed) {
-    const WORD: usize = std::mem::size_of::<usize>();
-    let hdr = std::mem::size_of::<libc::cmsghdr>();
-    // CMSG_LEN(0): the header rounded up to the alignment of size_t.
-    let data_off = hdr.next_multiple_of(WORD);
-    let int = |b: &[u8]| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
-    let mut creds = None;
-    let mut installed = Installed::default();
-    let mut off = 0;
-    while off + data_off <= cmsg.len() {
-        let mut len_bytes = [0u8; WORD];
-        len_bytes.copy_from_slice(&cmsg[off..off + WORD]);
-        let len = usize::from_ne_bytes(len_bytes);
-        if len < data_off {
-            break;
-        }
-        let end = off.saturating_add(len).min(cmsg.len());
-        let level = int(&cmsg[off + WORD..]);
-        let kind = int(&cmsg[off + WORD + 4..]);
-        let data = &cmsg[off + data_off..end];
-        if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
-            installed.0.extend(data.chunks_exact(4).map(int));
-        } else if level == libc::SOL_SOCKET && kind == libc::SCM_CREDENTIALS && data.len() >= 12 {
-            creds = Some(Creds {
-                pid: int(&data[0..]),
-                uid: int(&data[4..]) as u32,
-                gid: int(&data[8..]) as u32,
-            });
-        }
-        match off.checked_add(len.next_multiple_of(WORD)) {
-            Some(next) => off = next,
-            None => break,
-        }
-    }
-    (creds, installed)
 }
 
 /// `line` for a refusal reason: escaped, and cut after 64 bytes.
@@ -1052,7 +896,7 @@ mod tests {
         assert_eq!(crate::sys::memfd::size(m.fds[0].as_fd()).unwrap(), 10);
         let flags = FdFlag::from_bits_truncate(fcntl(&m.fds[0], FcntlArg::F_GETFD).unwrap());
         assert!(flags.contains(FdFlag::FD_CLOEXEC));
-        // Exactly one extra descriptor: the intermediate copies are closed.
+        // Exactly one extra descriptor: the one received, owned by the message.
         assert_eq!(open_copies(&name), 2);
         drop(m);
         assert_eq!(open_copies(&name), 1);

@@ -7,13 +7,13 @@
 //!   exec, where nothing may allocate: the entry is a buffer prepared in the parent
 //!   (`LISTEN_PID=` followed by 21 NUL bytes, already in the `envp` array) into which the
 //!   child writes the decimal digits of `getpid()`.
-//! * **Born inside the cgroup.** Writing the pid to `cgroup.procs` after the fork (what
-//!   [`place_before_exec`] does) takes `cgroup_threadgroup_rwsem` for writing, which can wait
-//!   for an RCU grace period on a stock (non-`favordynmods`) mount: up to ~13 ms on this
-//!   machine, on every workload start (an idle micro-benchmark of `/bin/true` here: ~1.3 ms
-//!   per spawn more than with `CLONE_INTO_CGROUP`). `clone3(CLONE_INTO_CGROUP)` creates the
-//!   child directly in the group instead, with no migration at all; the child also never
-//!   runs a single instruction, nor charges a single page, outside its group.
+//! * **Born inside the cgroup.** Writing the pid to `cgroup.procs` after the fork (all a
+//!   `Command::pre_exec` hook could do) takes `cgroup_threadgroup_rwsem` for writing, which
+//!   can wait for an RCU grace period on a stock (non-`favordynmods`) mount: up to ~13 ms
+//!   on this machine, on every workload start (an idle micro-benchmark of `/bin/true` here:
+//!   ~1.3 ms per spawn more than with `CLONE_INTO_CGROUP`). `clone3(CLONE_INTO_CGROUP)`
+//!   creates the child directly in the group instead, with no migration at all; the child
+//!   also never runs a single instruction, nor charges a single page, outside its group.
 //! * **A pidfd.** `clone3(CLONE_PIDFD)` returns a descriptor for the child together with its
 //!   pid, so waiting (`waitid(P_PIDFD)`), polling and signalling (`pidfd_send_signal`) can
 //!   never hit another process that reused a recycled pid.
@@ -49,40 +49,12 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use state_serializers::sys;
-
-/// Arranges for the child of `cmd` to write "0" to `procs_fd` (the workload group's
-/// `cgroup.procs`, moving itself in), pin itself to `cpus`, and `dup2` each of `sources` to
-/// 3, 4, ... in order, all after `fork` and before `exec`. The raw fds must stay open until
-/// `cmd` has been spawned.
-pub fn place_before_exec(
-    cmd: &mut Command,
-    procs_fd: Option<RawFd>,
-    cpus: libc::cpu_set_t,
-    sources: Vec<RawFd>,
-) {
-    // SAFETY: the hook runs between fork and exec; it only makes single system calls
-    // (write, dup2, sched_setaffinity) on values prepared before the fork, allocates nothing
-    // and takes no lock, so it is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(fd) = procs_fd {
-                // "0" moves the writing process itself into the group.
-                sys::write_raw(fd, b"0")?;
-            }
-            sys::set_affinity_raw(&cpus)?;
-            for (target, src) in (3..).zip(sources.iter()) {
-                sys::dup2_raw(*src, target)?;
-            }
-            Ok(())
-        });
-    }
-}
 
 /// What the child's stdin is. stdout and stderr are always inherited from the caller (the
 /// supervisor redirects its own where it wants the workloads' output to go).
