@@ -674,8 +674,9 @@ impl<'a> Orchestrator<'a> {
             Delivered::Healthy { verified_us } => {
                 let handover =
                     us(t_deliver.saturating_duration_since(t0)).saturating_add(verified_us);
-                let blackout = us(self.setup.env.now().saturating_duration_since(t0));
-                let closed = us(self.setup.env.now().saturating_duration_since(t_stopped));
+                let healthy_at = self.setup.env.now();
+                let blackout = us(healthy_at.saturating_duration_since(t0));
+                let closed = us(healthy_at.saturating_duration_since(t_stopped));
                 if let Some(w) = self.record.workload_mut(name) {
                     w.handover_us = Some(handover.min(blackout));
                     w.blackout_us = Some(blackout);

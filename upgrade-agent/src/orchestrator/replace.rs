@@ -71,8 +71,17 @@ impl Orchestrator<'_> {
             match self.platform.claim(&name) {
                 Ok(c) => {
                     if let Some(w) = self.record.workload_mut(&name) {
-                        w.blackout_us = Some(c.blackout_us);
                         w.handover_us = Some(c.handover_us);
+                        if w.mode == crate::workload::Mode::Restart {
+                            // The claim counts from the old copy's exit (the staged freeze
+                            // returned then): that is the port-closed window; the blackout
+                            // starts at the stop signal, as on every platform.
+                            w.closed_us = Some(c.blackout_us);
+                            w.blackout_us =
+                                Some(c.blackout_us.saturating_add(w.stop_us.unwrap_or(0)));
+                        } else {
+                            w.blackout_us = Some(c.blackout_us);
+                        }
                     }
                     self.set_status(&name, MoveStatus::Committed, None);
                     self.note(format!(

@@ -780,3 +780,30 @@ fn a_workload_sick_in_the_final_check_returns_a_replace_upgrade() {
         "{rec:?}"
     );
 }
+
+#[test]
+fn a_restart_mode_move_reports_its_closed_window_on_both_flows() {
+    for replace in [false, true] {
+        let mut w = World::new();
+        w.specs.workloads[1].mode = crate::workload::Mode::Restart;
+        let mut p = w.platform(replace);
+        let (rec, r) = upgrade(&w, &mut p).unwrap();
+        r.unwrap();
+        let m = &rec.workloads[1];
+        assert_eq!(m.mode, crate::workload::Mode::Restart);
+        let (closed, stop, blackout) = (
+            m.closed_us.expect("closed"),
+            m.stop_us.expect("stop"),
+            m.blackout_us.expect("blackout"),
+        );
+        assert!(blackout >= closed + stop, "replace={replace}: {m:?}");
+        assert!(
+            rec.workloads[0].closed_us.is_none(),
+            "{:?}",
+            rec.workloads[0]
+        );
+        let doc = rec.report_json();
+        assert!(doc["workloads"][1]["closed_ms"].is_number(), "{doc}");
+        assert_eq!(doc["workloads"][1]["mode"], "restart");
+    }
+}

@@ -928,7 +928,9 @@ impl Platform for LuoPlatform {
         } else {
             Vec::new()
         };
-        supervisor::admit(&self.shared, workload, &spec, fds, &extra, false)
+        // Pending until healthy: supervision does not restart a copy that is still on
+        // trial (a copy that fails its check is the claim's failure, not a crash to retry).
+        supervisor::admit(&self.shared, workload, &spec, fds, &extra, true)
             .map_err(|e| start_err(e.to_string()))?;
         let start_ms = t0.elapsed().as_secs_f64() * 1000.0 - verify_ms;
         let started_at_ns = realtime_ns();
@@ -941,6 +943,9 @@ impl Platform for LuoPlatform {
                 instance: here,
                 detail,
             });
+        }
+        if let Some(w) = lock(&self.shared).workloads.get_mut(workload) {
+            w.pending_commit = false;
         }
         let frozen = a.handoff.frozen_at_ns;
         let blackout_us = realtime_ns().saturating_sub(frozen) / 1000;
