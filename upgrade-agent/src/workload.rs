@@ -369,6 +369,22 @@ impl fmt::Display for HealthCheck {
     }
 }
 
+impl WorkloadSpec {
+    /// The names of its declared descriptors: memfds, then listeners (the order in which
+    /// they are placed at 3, 4, ...).
+    pub fn declared_fds(&self) -> impl Iterator<Item = &str> {
+        self.memfds
+            .iter()
+            .map(|m| m.name.as_str())
+            .chain(self.listeners.iter().map(|l| l.name.as_str()))
+    }
+
+    /// Whether `name` is one of its declared descriptors.
+    pub fn declares(&self, name: &str) -> bool {
+        self.declared_fds().any(|n| n == name)
+    }
+}
+
 /// Why a workload file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {

@@ -30,8 +30,8 @@ pub const MANAGED_ENV: &[&str] = &[
     "NOTIFY_SOCKET",
 ];
 
-/// The order in which a workload's descriptors are placed at 3, 4, ...: indexes into `fds`.
-/// `declared` names the spec's listeners (socket-activation puts them first).
+/// The order in which a workload's descriptors are placed at 3, 4, ...: indexes into `fds`
+/// (socket-activation puts the spec's listeners first).
 fn placement(spec: &WorkloadSpec, fds: &[PreservedFd]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..fds.len()).collect();
     if spec.mode == Mode::SocketActivation {

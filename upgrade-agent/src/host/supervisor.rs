@@ -93,10 +93,9 @@ pub struct Running {
     pub process: Option<Process>,
     /// The pid of its current or last process.
     pub pid: i32,
-    /// The preserved descriptors: the declared ones (memfds, listeners), then `stored`
-    /// entries of its fd store (`FDSTORE=1`).
+    /// The preserved descriptors: the declared ones (memfds, listeners), then the entries
+    /// of its fd store (`FDSTORE=1`, names the spec does not declare).
     pub fds: Vec<PreservedFd>,
-    pub stored: usize,
     /// Frozen (or, restart mode, stopped) for a move.
     pub frozen: bool,
     /// Received over the channel and not yet committed: killed if the channel drops.
@@ -118,6 +117,14 @@ pub struct Running {
 }
 
 impl Running {
+    /// How many of its descriptors (at the end) came from its fd store.
+    pub fn stored(&self) -> usize {
+        self.fds
+            .iter()
+            .filter(|p| !self.spec.declares(&p.name))
+            .count()
+    }
+
     pub fn state(&self) -> WorkloadState {
         match (&self.process, self.frozen) {
             (None, true) => WorkloadState::Stopped,
@@ -159,9 +166,7 @@ impl Running {
     /// Records that its process ended with `status` and, unless it is in a move (whose
     /// outcome decides), schedules a restart per its `restart` policy with a back-off.
     fn exited(&mut self, status: std::process::ExitStatus, now: Instant) {
-        use crate::workload::{
-            RESTART_BACKOFF_MAX_MS, RESTART_BACKOFF_MIN_MS, RESTART_RESET_MS, RestartPolicy,
-        };
+        use crate::workload::{RESTART_BACKOFF_MIN_MS, RESTART_RESET_MS, RestartPolicy};
         self.process = None;
         let exit = describe_exit(status);
         let in_move = self.frozen || self.pending_commit;
@@ -170,15 +175,14 @@ impl Running {
         }
         if !in_move && self.spec.restart == RestartPolicy::OnFailure && !status.success() {
             tracing::warn!(workload = %self.spec.name, %exit, backoff_ms = u64::try_from(self.backoff.as_millis()).unwrap_or(u64::MAX), "workload exited; restarting after the back-off");
-            self.restart_at = Some(now + self.backoff);
-            self.backoff = (self.backoff * 2).min(Duration::from_millis(RESTART_BACKOFF_MAX_MS));
+            self.retry_later(now);
         } else if !in_move {
             tracing::warn!(workload = %self.spec.name, %exit, policy = ?self.spec.restart, "workload exited; not restarted");
         }
         self.exit = Some(exit);
     }
 
-    /// A failed restart: tried again after the back-off.
+    /// Schedules a (re)start after the back-off, and doubles the back-off.
     pub(crate) fn retry_later(&mut self, now: Instant) {
         self.restart_at = Some(now + self.backoff);
         self.backoff = (self.backoff * 2).min(Duration::from_millis(
@@ -304,26 +308,15 @@ fn pin_pid(pid: u32, cpus: &[u32]) -> io::Result<()> {
 }
 
 /// Puts the declared descriptors first, in the spec's order (memfds, then listeners), then
-/// the fd store's entries in the order they came; returns how many are stored ones.
-fn order_fds(spec: &WorkloadSpec, mut fds: Vec<PreservedFd>) -> (Vec<PreservedFd>, usize) {
-    let declared: Vec<&str> = spec
-        .memfds
-        .iter()
-        .map(|m| m.name.as_str())
-        .chain(spec.listeners.iter().map(|l| l.name.as_str()))
-        .collect();
-    let rank = |p: &PreservedFd| {
-        declared
-            .iter()
-            .position(|n| *n == p.name)
-            .unwrap_or(declared.len())
-    };
-    fds.sort_by_key(rank);
-    let stored = fds
-        .iter()
-        .filter(|p| !declared.contains(&p.name.as_str()))
-        .count();
-    (fds, stored)
+/// the fd store's entries in the order they came.
+fn order_fds(spec: &WorkloadSpec, mut fds: Vec<PreservedFd>) -> Vec<PreservedFd> {
+    // A stable sort: the store's entries keep their order.
+    fds.sort_by_key(|p| {
+        spec.declared_fds()
+            .position(|n| n == p.name)
+            .unwrap_or(usize::MAX)
+    });
+    fds
 }
 
 /// Starts a process of workload `w` on this instance (from its spec, with its fds), resets
@@ -333,22 +326,22 @@ fn launch(inst: &Instance, w: &mut Running) -> Result<(), SupervisorError> {
         exec: w.spec.exec.clone(),
         source,
     };
-    let group = inst.freezer.prepare(&w.spec.name).map_err(start)?;
-    if let Some(g) = inst.freezer.group(&w.spec.name)
-        && std::fs::read_to_string(g.join("cgroup.freeze")).is_ok_and(|f| f.trim() == "1")
-    {
-        // A process that died while frozen leaves its group frozen: a child started into
-        // it would never reach exec.
-        inst.freezer.thaw(&w.spec.name, -1).map_err(start)?;
-    }
-    let dir: Option<File> = match group.as_ref().and_then(|procs| procs.parent()) {
-        Some(d) => Some(File::open(d).map_err(start)?),
+    inst.freezer.prepare(&w.spec.name).map_err(start)?;
+    let dir: Option<File> = match inst.freezer.group(&w.spec.name) {
+        Some(g) => {
+            if std::fs::read_to_string(g.join("cgroup.freeze")).is_ok_and(|f| f.trim() == "1") {
+                // A process that died while frozen leaves its group frozen: a child started
+                // into it would never reach exec.
+                inst.freezer.thaw(&w.spec.name, -1).map_err(start)?;
+            }
+            Some(File::open(&g).map_err(start)?)
+        }
         None => None,
     };
     let process = launch::start(&launch::Launch {
         spec: &w.spec,
         fds: &w.fds,
-        stored: w.stored,
+        stored: w.stored(),
         cpus: &inst.cpus,
         cgroup_dir: dir.as_ref().map(AsFd::as_fd),
         notify: inst.notify_path.as_deref(),
@@ -386,13 +379,12 @@ pub fn admit(
     if inst.workloads.contains_key(name) {
         return Err(SupervisorError::AlreadyRunning(name.to_owned()));
     }
-    let (fds, stored) = order_fds(spec, fds);
+    let fds = order_fds(spec, fds);
     let mut w = Running {
         spec: spec.clone(),
         process: None,
         pid: -1,
         fds,
-        stored,
         frozen: false,
         pending_commit,
         exit: None,

@@ -126,14 +126,10 @@ fn on_message(shared: &Shared, m: Message) {
     }
     if m.fdstore_remove {
         let fdname = m.fdname.clone().unwrap_or_else(|| "stored".to_owned());
-        let declared = w.fds.len() - w.stored;
         let before = w.fds.len();
-        let mut i = 0;
-        w.fds.retain(|p| {
-            i += 1;
-            i <= declared || p.name != fdname
-        });
-        w.stored -= before - w.fds.len();
+        // Only the store's entries: a declared descriptor is never dropped.
+        let spec = &w.spec;
+        w.fds.retain(|p| p.name != fdname || spec.declares(&p.name));
         tracing::info!(workload = %name, fdname, removed = before - w.fds.len(), "fd store: FDSTOREREMOVE");
     }
     if m.fdstore {
@@ -157,8 +153,7 @@ fn store(w: &mut Running, m: &Message) -> Result<(), String> {
             "FDNAME={name:?}: the fd store takes names of 1..=63 bytes of A-Z a-z 0-9 . _ -"
         ));
     }
-    let declared = w.fds.len() - w.stored;
-    if w.fds[..declared].iter().any(|p| p.name == name) {
+    if w.spec.declares(&name) {
         return Err(format!("FDNAME={name} is a declared descriptor's name"));
     }
     let [fd] = m.fds.as_slice() else {
@@ -173,7 +168,7 @@ fn store(w: &mut Running, m: &Message) -> Result<(), String> {
         ));
     }
     let fd = fd.try_clone().map_err(|e| format!("dup: {e}"))?;
-    if let Some(p) = w.fds[declared..].iter_mut().find(|p| p.name == name) {
+    if let Some(p) = w.fds.iter_mut().find(|p| p.name == name) {
         p.fd = fd;
     } else {
         if w.fds.len() >= MAX_FDS {
@@ -185,7 +180,6 @@ fn store(w: &mut Running, m: &Message) -> Result<(), String> {
             name: name.clone(),
             fd,
         });
-        w.stored += 1;
     }
     tracing::info!(workload = %w.spec.name, fdname = %name, "fd store: kept");
     Ok(())
@@ -199,10 +193,17 @@ mod tests {
 
     fn running(declared: &[&str]) -> Running {
         let text = "[[workload]]\nname = \"w\"\nexec = \"/bin/true\"\n";
-        let spec = crate::workload::WorkloadFile::parse(text, std::path::Path::new("t"))
+        let mut spec = crate::workload::WorkloadFile::parse(text, std::path::Path::new("t"))
             .unwrap()
             .workloads
             .remove(0);
+        spec.memfds = declared
+            .iter()
+            .map(|n| crate::workload::MemfdSpec {
+                name: (*n).to_owned(),
+                size: 0,
+            })
+            .collect();
         Running {
             spec,
             process: None,
@@ -214,7 +215,6 @@ mod tests {
                     fd: memfd(),
                 })
                 .collect(),
-            stored: 0,
             frozen: false,
             pending_commit: false,
             exit: None,
@@ -257,10 +257,10 @@ mod tests {
     fn the_fd_store_keeps_memfds_by_name_and_refuses_the_rest() {
         let mut w = running(&["data"]);
         store(&mut w, &message(Some("cache"), vec![memfd()])).unwrap();
-        assert_eq!((w.fds.len(), w.stored), (2, 1));
+        assert_eq!((w.fds.len(), w.stored()), (2, 1));
         // Same name: replaced, not added.
         store(&mut w, &message(Some("cache"), vec![memfd()])).unwrap();
-        assert_eq!((w.fds.len(), w.stored), (2, 1));
+        assert_eq!((w.fds.len(), w.stored()), (2, 1));
         // Default name.
         store(&mut w, &message(None, vec![memfd()])).unwrap();
         assert_eq!(w.fds[2].name, "stored");
@@ -283,7 +283,7 @@ mod tests {
             let e = store(&mut w, &m).unwrap_err();
             assert!(e.contains(want), "{e}");
         }
-        assert_eq!((w.fds.len(), w.stored), (3, 2));
+        assert_eq!((w.fds.len(), w.stored()), (3, 2));
         for i in 0..MAX_FDS {
             let _ = store(&mut w, &message(Some(&format!("s{i}")), vec![memfd()]));
         }

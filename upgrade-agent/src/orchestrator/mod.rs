@@ -272,16 +272,7 @@ pub fn unmovable(
     if !matches!(spec.mode, Mode::Handover | Mode::SocketActivation) {
         return None;
     }
-    // A busy service opens and closes descriptors all the time: a capture that saw one
-    // change is tried again.
-    let mut attempt = env.capture_task(w.pid);
-    for _ in 0..4 {
-        if attempt.is_ok() {
-            break;
-        }
-        attempt = env.capture_task(w.pid);
-    }
-    let task = match attempt {
+    let task = match capture_retrying(env, w.pid, 5) {
         Ok(t) => t,
         Err(e) => {
             return Some(format!(
@@ -307,6 +298,31 @@ pub fn unmovable(
         }
     }
     None
+}
+
+/// Captures the task state of `pid`, up to `attempts` times: a busy service opens and closes
+/// descriptors all the time (one per connection), and a capture that saw one change fails.
+fn capture_retrying(
+    env: &dyn Env,
+    pid: i32,
+    attempts: u32,
+) -> Result<state_serializers::task::TaskState, state_serializers::StateError> {
+    let mut result = env.capture_task(pid);
+    for _ in 1..attempts {
+        if result.is_ok() {
+            break;
+        }
+        result = env.capture_task(pid);
+    }
+    result
+}
+
+/// The task state of a workload whose process is gone: its descriptors still move.
+fn no_task() -> state_serializers::task::TaskState {
+    state_serializers::task::TaskState {
+        schema_version: state_serializers::SCHEMA_VERSION,
+        tasks: Vec::new(),
+    }
 }
 
 /// How long a target may take to verify a delivered workload and start it (digests of a
@@ -561,15 +577,11 @@ impl<'a> Orchestrator<'a> {
             info.state,
             crate::model::WorkloadState::Running | crate::model::WorkloadState::Frozen
         );
-        // A busy service opens and closes descriptors all the time (one per connection):
-        // a capture that saw it change is tried again, and else taken once it is frozen.
-        let mut task = if has_process {
-            (0..2).find_map(|_| self.setup.env.capture_task(info.pid).ok())
+        // A capture that keeps seeing a busy process change is taken again once it is frozen.
+        let task = if has_process {
+            capture_retrying(self.setup.env, info.pid, 2).ok()
         } else {
-            Some(state_serializers::task::TaskState {
-                schema_version: state_serializers::SCHEMA_VERSION,
-                tasks: Vec::new(),
-            })
+            Some(no_task())
         };
         if std::mem::take(&mut self.faults_left.health_fail) {
             spec.env
@@ -593,15 +605,10 @@ impl<'a> Orchestrator<'a> {
         {
             w.stop_us = Some(us(t_stopped.saturating_duration_since(t0)));
         }
-        let task = match task.take() {
+        let task = match task {
             Some(t) => Ok(t),
             // Frozen now (or, restart mode, gone: then there is nothing left to describe).
-            None if spec.mode == crate::workload::Mode::Restart => {
-                Ok(state_serializers::task::TaskState {
-                    schema_version: state_serializers::SCHEMA_VERSION,
-                    tasks: Vec::new(),
-                })
-            }
+            None if spec.mode == crate::workload::Mode::Restart => Ok(no_task()),
             None => self
                 .setup
                 .env
