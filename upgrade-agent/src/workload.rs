@@ -506,12 +506,7 @@ impl WorkloadFile {
                 )));
             }
             let mut fd_names = std::collections::BTreeSet::new();
-            for n in w
-                .memfds
-                .iter()
-                .map(|m| &m.name)
-                .chain(w.listeners.iter().map(|l| &l.name))
-            {
+            for n in w.declared_fds() {
                 if !valid_name(n) {
                     return Err(bad(format!(
                         "descriptor name {n:?} must be 1..=63 bytes of A-Z a-z 0-9 . _ -"

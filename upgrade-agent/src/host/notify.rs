@@ -91,6 +91,16 @@ pub struct Message {
     pub pid: i32,
     pub uid: u32,
     pub gid: u32,
+    /// What it says (`BARRIER=1` never reaches here: [`NotifySocket::recv`] answers it).
+    pub text: Parsed,
+    /// The descriptors (only with `FDSTORE=1`; at most [`MAX_FDS_PER_MESSAGE`]),
+    /// close-on-exec.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// The text of a notification, parsed ([`parse`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parsed {
     /// `READY=1`.
     pub ready: bool,
     /// `STOPPING=1`.
@@ -105,7 +115,7 @@ pub struct Message {
     pub errno: Option<i32>,
     /// `MAINPID=` (positive; the caller checks it names one of the workload's processes).
     pub mainpid: Option<i32>,
-    /// `FDSTORE=1`: keep [`fds`](Self::fds) (under [`fdname`](Self::fdname)).
+    /// `FDSTORE=1`: keep the message's fds (under [`fdname`](Self::fdname)).
     pub fdstore: bool,
     /// `FDSTOREREMOVE=1`: drop the stored fds named [`fdname`](Self::fdname) (always set then).
     pub fdstore_remove: bool,
@@ -113,30 +123,10 @@ pub struct Message {
     pub fdname: Option<String>,
     /// `FDPOLL=0`: do not watch these stored fds for POLLHUP/POLLERR to drop them.
     pub fdpoll_disabled: bool,
-    /// The descriptors (only with `FDSTORE=1`; at most [`MAX_FDS_PER_MESSAGE`]),
-    /// close-on-exec.
-    pub fds: Vec<OwnedFd>,
+    /// `BARRIER=1` (answered inside [`NotifySocket::recv`]).
+    pub barrier: bool,
     /// Assignments not understood, as sent (systemd ignores them; kept for logging, which
     /// should escape them: they are the workload's text).
-    pub unknown: Vec<String>,
-}
-
-/// The text of a notification, parsed ([`parse`]). The fields are those of [`Message`],
-/// plus `barrier` (`BARRIER=1`, answered inside [`NotifySocket::recv`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Parsed {
-    pub ready: bool,
-    pub stopping: bool,
-    pub reloading: bool,
-    pub watchdog: bool,
-    pub status: Option<String>,
-    pub errno: Option<i32>,
-    pub mainpid: Option<i32>,
-    pub fdstore: bool,
-    pub fdstore_remove: bool,
-    pub fdname: Option<String>,
-    pub fdpoll_disabled: bool,
-    pub barrier: bool,
     pub unknown: Vec<String>,
 }
 
@@ -335,24 +325,13 @@ fn judge(bytes: &[u8], d: Datagram) -> Option<Received> {
 }
 
 impl Message {
-    fn new(p: Parsed, creds: Creds, fds: Vec<OwnedFd>) -> Self {
+    fn new(text: Parsed, creds: Creds, fds: Vec<OwnedFd>) -> Self {
         Self {
             pid: creds.pid,
             uid: creds.uid,
             gid: creds.gid,
-            ready: p.ready,
-            stopping: p.stopping,
-            reloading: p.reloading,
-            watchdog: p.watchdog,
-            status: p.status,
-            errno: p.errno,
-            mainpid: p.mainpid,
-            fdstore: p.fdstore,
-            fdstore_remove: p.fdstore_remove,
-            fdname: p.fdname,
-            fdpoll_disabled: p.fdpoll_disabled,
+            text,
             fds,
-            unknown: p.unknown,
         }
     }
 }
@@ -867,16 +846,16 @@ mod tests {
         assert_eq!(m.pid, own_pid());
         assert_eq!(m.uid, nix::unistd::getuid().as_raw());
         assert_eq!(m.gid, nix::unistd::getgid().as_raw());
-        assert!(m.ready && !m.stopping && !m.fdstore);
-        assert_eq!(m.status.as_deref(), Some("up and running"));
-        assert!(m.fds.is_empty() && m.unknown.is_empty());
+        assert!(m.text.ready && !m.text.stopping && !m.text.fdstore);
+        assert_eq!(m.text.status.as_deref(), Some("up and running"));
+        assert!(m.fds.is_empty() && m.text.unknown.is_empty());
         // From another thread: still this process's pid (the thread group id).
         let path = s.path().to_owned();
         std::thread::spawn(move || send(&path, "WATCHDOG=1", &[]).unwrap())
             .join()
             .unwrap();
         let m = message(&s);
-        assert!(m.watchdog);
+        assert!(m.text.watchdog);
         assert_eq!(m.pid, own_pid());
     }
 
@@ -888,8 +867,8 @@ mod tests {
         crate::sys::memfd::write_all(memfd.as_fd(), b"kept state").unwrap();
         send(s.path(), "FDSTORE=1\nFDNAME=x", &[memfd.as_fd()]).unwrap();
         let m = message(&s);
-        assert!(m.fdstore);
-        assert_eq!(m.fdname.as_deref(), Some("x"));
+        assert!(m.text.fdstore);
+        assert_eq!(m.text.fdname.as_deref(), Some("x"));
         assert_eq!(m.fds.len(), 1);
         let (a, b) = (fstat(&memfd).unwrap(), fstat(&m.fds[0]).unwrap());
         assert_eq!((a.st_dev, a.st_ino), (b.st_dev, b.st_ino));
@@ -948,7 +927,7 @@ mod tests {
         assert_eq!(open_copies(&name), 1);
         // The socket goes on working.
         send(s.path(), "READY=1", &[]).unwrap();
-        assert!(message(&s).ready);
+        assert!(message(&s).text.ready);
     }
 
     #[test]
@@ -968,7 +947,7 @@ mod tests {
         // Exactly the limit is fine.
         let max = format!("STATUS={}", "y".repeat(MAX_DATAGRAM - 7));
         send(s.path(), &max, &[]).unwrap();
-        assert_eq!(message(&s).status.unwrap().len(), MAX_DATAGRAM - 7);
+        assert_eq!(message(&s).text.status.unwrap().len(), MAX_DATAGRAM - 7);
     }
 
     #[test]
@@ -994,7 +973,7 @@ mod tests {
         send(s.path(), "BARRIER=1", &[wr.as_fd()]).unwrap();
         drop(wr);
         // The earlier message comes out; the barrier is not handed to the caller.
-        assert!(message(&s).ready);
+        assert!(message(&s).text.ready);
         let mut fds = [PollFd::new(rd.as_fd(), PollFlags::POLLIN)];
         assert_eq!(
             poll(&mut fds, PollTimeout::ZERO).unwrap(),
@@ -1009,7 +988,7 @@ mod tests {
         let (_rd2, wr2) = nix::unistd::pipe().unwrap();
         send(s.path(), "BARRIER=1", &[wr2.as_fd()]).unwrap();
         send(s.path(), "STATUS=after", &[]).unwrap();
-        assert_eq!(message(&s).status.as_deref(), Some("after"));
+        assert_eq!(message(&s).text.status.as_deref(), Some("after"));
         // Without exactly one fd it is refused (and closed).
         send(s.path(), "BARRIER=1", &[]).unwrap();
         assert!(
@@ -1050,7 +1029,7 @@ mod tests {
         });
         let got = s.recv(None).unwrap().unwrap();
         assert!(
-            matches!(got, Received::Message(ref m) if m.stopping),
+            matches!(got, Received::Message(ref m) if m.text.stopping),
             "{got}"
         );
         sender.join().unwrap();
@@ -1064,7 +1043,7 @@ mod tests {
         assert!(path.exists());
         let s = NotifySocket::bind(&path).unwrap();
         send(&path, "READY=1", &[]).unwrap();
-        assert!(message(&s).ready);
+        assert!(message(&s).text.ready);
         // A stale stream socket too.
         drop(s);
         std::fs::remove_file(&path).unwrap();
@@ -1105,7 +1084,7 @@ mod tests {
         let e = NotifySocket::bind(&live).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
         send(&live, "READY=1", &[]).unwrap();
-        assert!(message(&first).ready);
+        assert!(message(&first).text.ready);
         let stream = dir.path().join("stream.sock");
         let _listener = std::os::unix::net::UnixListener::bind(&stream).unwrap();
         assert_eq!(
@@ -1123,7 +1102,7 @@ mod tests {
         assert_eq!(exact.as_os_str().len(), MAX_SOCKET_PATH);
         let s = NotifySocket::bind(&exact).unwrap();
         send(&exact, "READY=1", &[]).unwrap();
-        assert!(message(&s).ready);
+        assert!(message(&s).text.ready);
 
         let long = dir.path().join("s".repeat(MAX_SOCKET_PATH + 1 - base));
         let e = NotifySocket::bind(&long).unwrap_err();

@@ -121,23 +121,23 @@ fn on_message(shared: &Shared, m: Message) {
     let Some(w) = inst.workloads.get_mut(&name) else {
         return;
     };
-    if let Some(s) = &m.status {
+    if let Some(s) = &m.text.status {
         w.status_text = Some(s.clone());
     }
-    if m.fdstore_remove {
-        let fdname = m.fdname.clone().unwrap_or_else(|| "stored".to_owned());
+    if m.text.fdstore_remove {
+        let fdname = m.text.fdname.clone().unwrap_or_else(|| "stored".to_owned());
         let before = w.fds.len();
         // Only the store's entries: a declared descriptor is never dropped.
         let spec = &w.spec;
         w.fds.retain(|p| p.name != fdname || spec.declares(&p.name));
         tracing::info!(workload = %name, fdname, removed = before - w.fds.len(), "fd store: FDSTOREREMOVE");
     }
-    if m.fdstore {
+    if m.text.fdstore {
         if let Err(why) = store(w, &m) {
             tracing::warn!(workload = %name, %why, "fd store: refused");
         }
     }
-    if m.ready {
+    if m.text.ready {
         w.readiness.set();
     }
 }
@@ -147,7 +147,7 @@ fn on_message(shared: &Shared, m: Message) {
 /// per message, a name that is not one of the declared descriptors', at most
 /// [`MAX_FDS`] descriptors in all.
 fn store(w: &mut Running, m: &Message) -> Result<(), String> {
-    let name = m.fdname.clone().unwrap_or_else(|| "stored".to_owned());
+    let name = m.text.fdname.clone().unwrap_or_else(|| "stored".to_owned());
     if !valid_name(&name) {
         return Err(format!(
             "FDNAME={name:?}: the fd store takes names of 1..=63 bytes of A-Z a-z 0-9 . _ -"
@@ -188,6 +188,7 @@ fn store(w: &mut Running, m: &Message) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::notify::Parsed;
     use crate::host::supervisor::Readiness;
     use std::os::fd::OwnedFd;
 
@@ -237,19 +238,12 @@ mod tests {
             pid: 1,
             uid: 0,
             gid: 0,
-            ready: false,
-            stopping: false,
-            reloading: false,
-            watchdog: false,
-            status: None,
-            errno: None,
-            mainpid: None,
-            fdstore: true,
-            fdstore_remove: false,
-            fdname: name.map(str::to_owned),
+            text: Parsed {
+                fdstore: true,
+                fdname: name.map(str::to_owned),
+                ..Parsed::default()
+            },
             fds,
-            unknown: Vec::new(),
-            fdpoll_disabled: false,
         }
     }
 
