@@ -9,7 +9,6 @@
 //! Prints a Markdown table (copied into docs/performance.md) and writes
 //! `target/blackout.json`.
 
-use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -62,8 +61,6 @@ fn spec(
     integrity: Integrity,
 ) -> WorkloadSpec {
     WorkloadSpec {
-        name: name.to_owned(),
-        exec: demo_kv_bin(),
         args: vec![
             "--capacity".into(),
             format!("{}MiB", mib + 2),
@@ -72,9 +69,6 @@ fn spec(
             "--preload-mib".into(),
             mib.to_string(),
         ],
-        env: BTreeMap::new(),
-        cpu_max: None,
-        memory_max: None,
         memfds: vec![MemfdSpec {
             name: "kv-data".into(),
             size: 0,
@@ -91,10 +85,7 @@ fn spec(
         },
         transfer,
         integrity,
-        mode: upgrade_agent::workload::Mode::Handover,
-        restart: upgrade_agent::workload::RestartPolicy::OnFailure,
-        stop_signal: upgrade_agent::workload::StopSignal::default(),
-        stop_timeout_ms: upgrade_agent::workload::DEFAULT_STOP_TIMEOUT_MS,
+        ..WorkloadSpec::new(name, demo_kv_bin())
     }
 }
 

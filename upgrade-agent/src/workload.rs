@@ -370,6 +370,28 @@ impl fmt::Display for HealthCheck {
 }
 
 impl WorkloadSpec {
+    /// A workload running `exec` with every other setting at the workload file's default
+    /// (no arguments, descriptors or limits; health `none`; mode `handover`).
+    pub fn new(name: impl Into<String>, exec: impl Into<PathBuf>) -> Self {
+        WorkloadSpec {
+            name: name.into(),
+            exec: exec.into(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            cpu_max: None,
+            memory_max: None,
+            memfds: Vec::new(),
+            listeners: Vec::new(),
+            health: HealthCheck::default(),
+            transfer: Transfer::default(),
+            integrity: Integrity::default(),
+            mode: Mode::default(),
+            restart: RestartPolicy::default(),
+            stop_signal: StopSignal::default(),
+            stop_timeout_ms: DEFAULT_STOP_TIMEOUT_MS,
+        }
+    }
+
     /// The names of its declared descriptors: memfds, then listeners (the order in which
     /// they are placed at 3, 4, ...).
     pub fn declared_fds(&self) -> impl Iterator<Item = &str> {

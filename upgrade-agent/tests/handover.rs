@@ -1,6 +1,5 @@
 //! The receiving side refuses every way a handover can be wrong, naming the failed check.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::TcpListener;
 use std::os::fd::{AsFd, OwnedFd};
@@ -8,20 +7,12 @@ use std::os::fd::{AsFd, OwnedFd};
 use kho_proto::keys::{NodeKey, TrustedKeys};
 use upgrade_agent::handover::{self, SendFaults};
 use upgrade_agent::platform::PreservedFd;
-use upgrade_agent::workload::{
-    HealthCheck, Integrity, ListenSpec, MemfdSpec, Transfer, WorkloadSpec,
-};
+use upgrade_agent::workload::{Integrity, ListenSpec, MemfdSpec, WorkloadSpec};
 
 const UPGRADE: [u8; 16] = [7; 16];
 
 fn spec(integrity: Integrity) -> WorkloadSpec {
     WorkloadSpec {
-        name: "kv-1".into(),
-        exec: "/bin/true".into(),
-        args: vec![],
-        env: BTreeMap::new(),
-        cpu_max: None,
-        memory_max: None,
         memfds: vec![MemfdSpec {
             name: "kv-data".into(),
             size: 0,
@@ -30,13 +21,8 @@ fn spec(integrity: Integrity) -> WorkloadSpec {
             name: "listen".into(),
             addr: "127.0.0.1:1".parse().unwrap(),
         }],
-        health: HealthCheck::None,
-        transfer: Transfer::Share,
         integrity,
-        mode: upgrade_agent::workload::Mode::Handover,
-        restart: upgrade_agent::workload::RestartPolicy::OnFailure,
-        stop_signal: upgrade_agent::workload::StopSignal::default(),
-        stop_timeout_ms: upgrade_agent::workload::DEFAULT_STOP_TIMEOUT_MS,
+        ..WorkloadSpec::new("kv-1", "/bin/true")
     }
 }
 

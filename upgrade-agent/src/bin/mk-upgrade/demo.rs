@@ -203,17 +203,12 @@ pub fn run(_g: &Global, a: DemoArgs) -> Result<ExitCode, CliError> {
     for (i, addr) in (1..=a.count).zip(free_ports(usize::from(a.count))?) {
         let name = format!("kv-{i}");
         specs.push(WorkloadSpec {
-            name: name.clone(),
-            exec: kv.clone(),
             args: vec![
                 "--capacity".into(),
                 format!("{}MiB", a.state_mib + 8),
                 "--preload-mib".into(),
                 a.state_mib.to_string(),
             ],
-            env: std::collections::BTreeMap::new(),
-            cpu_max: None,
-            memory_max: None,
             memfds: vec![MemfdSpec {
                 name: "kv-data".into(),
                 size: 0,
@@ -228,12 +223,7 @@ pub fn run(_g: &Global, a: DemoArgs) -> Result<ExitCode, CliError> {
                 expect_status: 200,
                 timeout_ms: 3000,
             },
-            transfer: upgrade_agent::workload::Transfer::Share,
-            integrity: upgrade_agent::workload::Integrity::Digest,
-            mode: upgrade_agent::workload::Mode::Handover,
-            restart: upgrade_agent::workload::RestartPolicy::OnFailure,
-            stop_signal: upgrade_agent::workload::StopSignal::default(),
-            stop_timeout_ms: upgrade_agent::workload::DEFAULT_STOP_TIMEOUT_MS,
+            ..WorkloadSpec::new(name.clone(), kv.clone())
         });
         targets.push((name, addr));
     }
