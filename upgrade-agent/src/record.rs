@@ -141,6 +141,11 @@ pub struct UpgradeRecord {
     /// crash or a kexec, raises it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version_floor: Option<String>,
+    /// The boot the upgrade started in (`/proc/sys/kernel/random/boot_id`): recovery on a
+    /// replace platform that finds itself in the same boot knows the kexec never happened
+    /// and everything still runs on the old kernel (its agent restarted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 impl UpgradeRecord {

@@ -2,6 +2,7 @@
 //! supervisor ([`supervisor`]: start, freeze, restore, stop), its local control protocol
 //! ([`ctl`]), and the receiving end of the inter-instance channel ([`receiver`]).
 
+pub mod adopt;
 pub mod ctl;
 pub mod launch;
 pub mod notify;

@@ -28,7 +28,7 @@ use crate::host::launch;
 use crate::model::{InstanceId, PreservedFd, WorkloadInfo, WorkloadState};
 use crate::sys::cgroup::Freezer;
 use crate::sys::fdpass;
-use crate::sys::spawn::Process;
+use crate::sys::spawn::{Ended, Process};
 use crate::workload::{HealthCheck, Mode, WorkloadSpec};
 
 /// Why the supervisor could not do what was asked of it.
@@ -165,7 +165,7 @@ impl Running {
 
     /// Records that its process ended with `status` and, unless it is in a move (whose
     /// outcome decides), schedules a restart per its `restart` policy with a back-off.
-    fn exited(&mut self, status: std::process::ExitStatus, now: Instant) {
+    fn exited(&mut self, status: Ended, now: Instant) {
         use crate::workload::{RESTART_BACKOFF_MIN_MS, RESTART_RESET_MS, RestartPolicy};
         self.process = None;
         let exit = describe_exit(status);
@@ -228,14 +228,9 @@ impl Readiness {
     }
 }
 
-/// `exit status 3`, `killed by signal 9`.
-pub fn describe_exit(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => format!("exit status {c}"),
-        (None, Some(s)) => format!("killed by signal {s}"),
-        _ => status.to_string(),
-    }
+/// `exit status 3`, `killed by signal 9` (an adopted process's status is unknown).
+pub fn describe_exit(status: Ended) -> String {
+    status.to_string()
 }
 
 /// The state of this instance.
@@ -253,6 +248,9 @@ pub struct Instance {
     pub expected_upgrade: Option<kho_proto::channel::UpgradeId>,
     /// The notify socket every workload gets as `NOTIFY_SOCKET` (see [`start_background`]).
     pub notify_path: Option<PathBuf>,
+    /// Where each start of a workload's process is recorded for a restarted supervisor to
+    /// adopt it ([`super::adopt`]); `None`: not recorded (emulated instances).
+    pub records: Option<PathBuf>,
 }
 
 impl Instance {
@@ -275,6 +273,7 @@ impl Instance {
             halting: false,
             expected_upgrade: None,
             notify_path: None,
+            records: None,
         }
     }
 }
@@ -354,6 +353,12 @@ fn launch(inst: &Instance, w: &mut Running) -> Result<(), SupervisorError> {
     w.started = Instant::now();
     w.restart_at = None;
     w.readiness = Arc::new(Readiness::default());
+    if let Some(dir) = &inst.records
+        && let Err(e) = super::adopt::write_record(dir, w)
+    {
+        // The workload runs; only an adoption after a restart of this supervisor is lost.
+        tracing::warn!(workload = %w.spec.name, error = %e, "recording the process for adoption failed");
+    }
     Ok(())
 }
 
@@ -694,7 +699,7 @@ fn stop_gracefully(
 }
 
 /// Kills what is left in cgroup `g` and waits (up to `patience`) until it is empty.
-fn empty_group(g: &std::path::Path, patience: Duration) -> io::Result<()> {
+pub(crate) fn empty_group(g: &std::path::Path, patience: Duration) -> io::Result<()> {
     let populated = || {
         std::fs::read_to_string(g.join("cgroup.events"))
             .is_ok_and(|e| e.lines().any(|l| l == "populated 1"))
@@ -751,6 +756,9 @@ pub fn stop(inst: &mut Instance, name: &str) -> Result<(), SupervisorError> {
         }
     }
     inst.freezer.remove(name);
+    if let Some(dir) = &inst.records {
+        super::adopt::remove_record(dir, name);
+    }
     Ok(())
 }
 

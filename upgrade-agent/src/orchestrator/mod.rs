@@ -65,6 +65,10 @@ pub trait Env {
     fn now(&self) -> Instant;
     /// A fresh random upgrade id.
     fn random_id(&self) -> [u8; 16];
+    /// This boot's id (`/proc/sys/kernel/random/boot_id`), if it can be read.
+    fn boot_id(&self) -> Option<String> {
+        None
+    }
     /// The task state of process `pid` (read from `/proc`).
     fn capture_task(
         &self,
@@ -110,6 +114,13 @@ impl Env for SystemEnv {
             id = t.to_le_bytes();
         }
         id
+    }
+
+    fn boot_id(&self) -> Option<String> {
+        let id =
+            std::fs::read_to_string(self.proc_root.join("proc/sys/kernel/random/boot_id")).ok()?;
+        let id = id.trim();
+        (id.len() == 36).then(|| id.to_owned())
     }
 
     fn capture_task(
@@ -402,6 +413,7 @@ impl<'a> Orchestrator<'a> {
             error: None,
             recovered: false,
             version_floor: setup.promotion.as_ref().and_then(|p| p.floor.clone()),
+            boot_id: setup.env.boot_id(),
         };
         let mut o = Self::with_record(platform, setup, record)?;
         o.t_base_ms = 0;

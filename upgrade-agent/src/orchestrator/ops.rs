@@ -68,15 +68,22 @@ pub fn execute(
 }
 
 /// Start-up recovery: finishes or undoes an interrupted upgrade (or, on a replace platform,
-/// carries on with what a kexec carried over). `None` when nothing was in flight.
+/// carries on with what a kexec carried over). `None` when nothing was in flight. Of
+/// `faults`, only `crash_after_write` applies (counting recovery's own journal writes; the
+/// LUO agent's crash matrix), and only in fault-injection builds.
 pub fn recover(
     state: &StateDir,
     platform: &mut dyn Platform,
     promotion: Option<Promotion>,
     observer: &dyn Observer,
     env: &dyn Env,
+    faults: Faults,
 ) -> Result<Option<UpgradeRecord>, OpError> {
-    let setup = setup(state, Faults::NONE, promotion, observer, env)?;
+    let faults = Faults {
+        crash_after_write: faults.crash_after_write,
+        ..Faults::NONE
+    };
+    let setup = setup(state, faults, promotion, observer, env)?;
     Ok(super::recover(platform, setup)?)
 }
 
@@ -110,6 +117,8 @@ pub fn recover_journal_only(state: &StateDir, running: &str) -> Result<JournalOn
         replace: true,
         carried_over: false,
         running_release: running.to_owned(),
+        // Journal-only: whether the workloads still run is not seen from here.
+        same_boot: false,
     };
     match super::plan::plan(Some(&record), &seen) {
         super::plan::Plan::Abandon { outcome, reason } => {

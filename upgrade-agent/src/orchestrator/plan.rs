@@ -8,8 +8,10 @@
 //! | phase `Done` | — | [`Plan::Finish`]: write the finished record to history |
 //! | replace platform, carried over by a kexec, phase `Booted` | the new kernel | [`Plan::ClaimForward`]: verify, restore, health-check every staged workload; commit, or return to the previous kernel |
 //! | replace platform, carried over by a kexec, phase `RollingBack` | the previous kernel again | [`Plan::ClaimReturn`]: restore every returned workload; rolled back |
-//! | replace platform, not carried over, the kexec step (`Booted`) never journaled | the old kernel (the agent restarted) | [`Plan::Abandon`] as rolled back: nothing but the journal survived |
-//! | replace platform, not carried over, the kexec step journaled | the old kernel (cold boot), or the new one after its agent restarted | [`Plan::Abandon`] as failed: the new kernel did not take over or its agent stopped; what lived only in memory is lost |
+//! | replace platform, not carried over, same boot as the upgrade started in | the old kernel (its agent restarted; no kexec happened) | [`Plan::Settle`] as rolled back: the running copies were adopted and thawed; every workload must be running and healthy |
+//! | replace platform, not carried over, another boot, phase `HandingOver` (the commit) | the new kernel (its agent restarted after the commit) | [`Plan::Settle`] as upgraded: the committed copies were adopted; confirm the kernel once every workload is running and healthy |
+//! | replace platform, not carried over, another boot, the kexec step (`Booted`) never journaled | the old kernel (cold boot) | [`Plan::Abandon`] as rolled back: nothing but the journal survived |
+//! | replace platform, not carried over, another boot, the kexec step journaled | the old kernel (cold boot), or the new one after its agent restarted | [`Plan::Abandon`] as failed: the new kernel did not take over or its agent stopped; what lived only in memory is lost |
 //! | side by side, phase `HandingOver` | — | [`Plan::ConvergeForward`]: every workload moved; halt the old instance, give its resources to the new one |
 //! | side by side, any other phase | — | [`Plan::Reconcile`]: settle each workload with [`reconcile`], then roll back |
 
@@ -34,6 +36,10 @@ pub enum Plan {
     /// Replace, nothing was carried over: finish the record with this outcome and reason;
     /// the workloads start from the workload file.
     Abandon { outcome: Outcome, reason: String },
+    /// Replace, the agent restarted in a kernel whose workloads still run (adopted): finish
+    /// with this outcome once every workload is seen running and healthy on it (else
+    /// failed); an upgraded one also confirms the kernel.
+    Settle { outcome: Outcome, reason: String },
 }
 
 /// What the platform shows at recovery time.
@@ -45,6 +51,9 @@ pub struct Observed {
     pub carried_over: bool,
     /// The release of the running kernel.
     pub running_release: String,
+    /// Replace platforms: this is the boot the upgrade started in (the record's `boot_id`),
+    /// so no kexec happened: the agent itself restarted.
+    pub same_boot: bool,
 }
 
 /// Decides what recovery does with `record`.
@@ -69,13 +78,31 @@ pub fn plan(record: Option<&UpgradeRecord>, seen: &Observed) -> Plan {
             Plan::ClaimForward
         };
     }
-    if r.kexec_journaled() {
+    if seen.same_boot {
+        Plan::Settle {
+            outcome: Outcome::RolledBack,
+            reason: format!(
+                "the agent stopped mid-upgrade (phase {:?}) and restarted; no kexec happened: \
+                 {} still runs, and the workloads' running copies were adopted and thawed",
+                r.phase, seen.running_release
+            ),
+        }
+    } else if r.phase == Phase::HandingOver && seen.running_release == r.kernel_after {
+        Plan::Settle {
+            outcome: Outcome::Upgraded,
+            reason: format!(
+                "the agent of {} stopped after the commit and restarted: the committed \
+                 workloads' running copies were adopted",
+                r.kernel_after
+            ),
+        }
+    } else if r.kexec_journaled() {
         Plan::Abandon {
             outcome: Outcome::Failed,
             reason: format!(
                 "kernel {} did not come up, or its agent stopped before finishing (phase \
-                 {:?}); the machine runs {}. The workloads restart from the workload file; \
-                 state kept only in memory is lost",
+                 {:?}); the machine runs {}. Workloads not running any more restart from the \
+                 workload file; state they kept only in memory is lost",
                 r.kernel_after, r.phase, seen.running_release
             ),
         }
@@ -193,6 +220,7 @@ mod tests {
             error: None,
             recovered: false,
             version_floor: None,
+            boot_id: None,
         }
     }
 
@@ -201,6 +229,7 @@ mod tests {
             replace,
             carried_over,
             running_release: running.into(),
+            same_boot: false,
         }
     }
 
@@ -293,6 +322,61 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn replace_in_the_same_boot_settles_as_rolled_back_whatever_the_phase() {
+        // The agent restarted and no kexec happened, even with the kexec step journaled:
+        // the running copies are adopted and must be verified.
+        for phase in ALL_PHASES {
+            if phase == Phase::Done {
+                continue;
+            }
+            let r = record(phase, Some(2));
+            let mut s = seen(true, false, "A");
+            s.same_boot = true;
+            match plan(Some(&r), &s) {
+                Plan::Settle { outcome, reason } => {
+                    assert_eq!(outcome, Outcome::RolledBack, "phase {phase:?}");
+                    assert!(reason.contains("no kexec happened"), "{reason}");
+                }
+                other => panic!("phase {phase:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn replace_after_the_commit_settles_as_upgraded_only_in_the_new_kernel() {
+        let mut r = record(Phase::HandingOver, Some(2));
+        r.events.push(crate::record::Event {
+            t_ms: 1,
+            what: "booting B (kexec)".into(),
+            journaled: Some(Phase::Booted),
+        });
+        match plan(Some(&r), &seen(true, false, "B")) {
+            Plan::Settle { outcome, reason } => {
+                assert_eq!(outcome, Outcome::Upgraded);
+                assert!(reason.contains("after the commit"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A cold boot back to A after the commit: B's copies are gone.
+        assert!(matches!(
+            plan(Some(&r), &seen(true, false, "A")),
+            Plan::Abandon {
+                outcome: Outcome::Failed,
+                ..
+            }
+        ));
+        // Before the commit (still claiming): what was not claimed is lost.
+        r.phase = Phase::Migrating;
+        assert!(matches!(
+            plan(Some(&r), &seen(true, false, "B")),
+            Plan::Abandon {
+                outcome: Outcome::Failed,
+                ..
+            }
+        ));
     }
 
     fn info(frozen: bool, pending: bool) -> WorkloadInfo {

@@ -26,10 +26,17 @@ pub fn recover<'a>(
         .ok()
         .and_then(|i| i.kernel_release)
         .unwrap_or_default();
+    let same_boot = !caps.side_by_side
+        && carried.is_none()
+        && record
+            .as_ref()
+            .and_then(|r| r.boot_id.as_ref())
+            .is_some_and(|b| Some(b) == setup.env.boot_id().as_ref());
     let seen = Observed {
         replace: !caps.side_by_side,
         carried_over: carried.is_some(),
         running_release: running,
+        same_boot,
     };
     let decision = plan::plan(record.as_ref(), &seen);
     let Some(mut record) = record else {
@@ -39,6 +46,7 @@ pub fn recover<'a>(
         record.recovered = true;
     }
     let mut o = Orchestrator::with_record(platform, setup, record)?;
+    o.faults_left = o.setup.faults.effective();
     let phase = o.record.phase;
     let result = match decision {
         Plan::Nothing => return Ok(None),
@@ -76,6 +84,25 @@ pub fn recover<'a>(
         }
         Plan::ClaimForward => o.claim_forward(),
         Plan::ClaimReturn => o.claim_return(),
+        Plan::Settle { outcome, reason } => {
+            // The workloads run here (adopted after the agent's restart): the outcome holds
+            // only once every one of them is seen running and healthy.
+            o.note(format!("recovered after an agent restart: {reason}"));
+            let on = current_instance(o.platform)?.id;
+            if outcome == Outcome::Upgraded {
+                o.platform.confirm()?;
+                o.end_verified(on, outcome, None)
+            } else {
+                abandon(&mut o.record);
+                // A next kernel the stopped run loaded stays loaded otherwise.
+                if let Some(new) = o.record.new_instance.filter(|n| *n != on)
+                    && let Err(e) = o.platform.destroy(new)
+                {
+                    o.note(format!("undoing instance {new}: {e}"));
+                }
+                o.end_verified(on, outcome, Some(reason))
+            }
+        }
         Plan::Abandon { outcome, reason } => {
             abandon(&mut o.record);
             o.note(format!("recovered at boot: {reason}"));

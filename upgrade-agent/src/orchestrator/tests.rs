@@ -20,6 +20,7 @@ struct FakeEnv {
     ticks: Cell<u64>,
     ids: Cell<u8>,
     sockets: Sockets,
+    boot_id: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -36,6 +37,7 @@ impl FakeEnv {
             ticks: Cell::new(0),
             ids: Cell::new(0),
             sockets: Sockets::None,
+            boot_id: None,
         }
     }
 }
@@ -51,6 +53,9 @@ impl Env for FakeEnv {
     fn random_id(&self) -> [u8; 16] {
         self.ids.set(self.ids.get() + 1);
         [self.ids.get(); 16]
+    }
+    fn boot_id(&self) -> Option<String> {
+        self.boot_id.clone()
     }
     fn capture_task(
         &self,
@@ -579,6 +584,82 @@ fn recovery_finds_the_old_instance_dead_and_converges_forward() {
     for name in ["kv-1", "kv-2"] {
         assert_eq!(placement(&p, name), vec![(2, false, false)], "{name}");
     }
+}
+
+/// A replace (LUO) upgrade whose agent died before the kexec, as its restarted agent finds
+/// it: the journal's record (begun in boot `boot`), the workloads still on instance 1 (the
+/// agent adopted and thawed them before recovery).
+fn replace_record_of_a_dead_agent(w: &World, boot: &str) {
+    let rec: UpgradeRecord = serde_json::from_value(serde_json::json!({
+        "upgrade_id": "09".repeat(16), "kind": "apply", "platform": "luo",
+        "started_at": 0, "kernel_before": "7.2.13-mkA", "kernel_after": "7.2.13-mkB",
+        "image_sha256": "", "old_instance": 1,
+        "old_resources": {"cpus": [0, 1, 2, 3], "memory_bytes": 0},
+        "new_instance": 2, "phase": "booted",
+        "workloads": [
+            {"name": "kv-1", "status": "offered", "blackout_us": null, "detail": null},
+            {"name": "kv-2", "status": "offered", "blackout_us": null, "detail": null}
+        ],
+        "events": [{"t_ms": 1, "what": "booting 7.2.13-mkB (kexec)", "journaled": "booted"}],
+        "outcome": null, "error": null, "boot_id": boot
+    }))
+    .unwrap();
+    rollback::Journal::<UpgradeRecord>::open(w.dir.path())
+        .unwrap()
+        .write(&rec)
+        .unwrap();
+}
+
+#[test]
+fn recovery_in_the_same_boot_verifies_the_adopted_workloads_before_rolled_back() {
+    let boot = "0f8e3c2a-5b7d-4e1f-9a6c-3d2b1e0f4a5b";
+    // Same boot, everything healthy: rolled back (the kexec step was journaled, but the
+    // kexec never happened).
+    let mut w = World::new();
+    w.env.boot_id = Some(boot.into());
+    let mut p = w.platform(true);
+    replace_record_of_a_dead_agent(&w, boot);
+    let done = recover(&mut p, w.setup()).unwrap().expect("a record");
+    assert_eq!(done.outcome, Some(Outcome::RolledBack), "{:?}", done.error);
+    assert!(done.recovered);
+    assert!(
+        done.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no kexec happened"),
+        "{:?}",
+        done.error
+    );
+    assert!(w.in_flight().is_none());
+    // Same boot, one workload not running (it died with the agent's restart): not
+    // "rolled back".
+    let mut w = World::new();
+    w.env.boot_id = Some(boot.into());
+    let mut p = w.platform(true);
+    p.exited.insert("kv-2".into());
+    replace_record_of_a_dead_agent(&w, boot);
+    let done = recover(&mut p, w.setup()).unwrap().expect("a record");
+    assert_eq!(done.outcome, Some(Outcome::Failed), "{:?}", done.error);
+    assert!(
+        done.error.as_deref().unwrap_or("").contains("kv-2"),
+        "{:?}",
+        done.error
+    );
+    // Another boot (a cold boot after the kexec step): failed, as before.
+    let mut w = World::new();
+    w.env.boot_id = Some("another-boot".into());
+    let mut p = w.platform(true);
+    replace_record_of_a_dead_agent(&w, boot);
+    let done = recover(&mut p, w.setup()).unwrap().expect("a record");
+    assert_eq!(done.outcome, Some(Outcome::Failed), "{:?}", done.error);
+    assert!(
+        done.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("did not come up"),
+        "{:?}",
+        done.error
+    );
 }
 
 #[test]

@@ -223,8 +223,61 @@ impl ChildError {
 pub struct Process {
     pid: i32,
     pidfd: OwnedFd,
-    status: Option<ExitStatus>,
+    status: Option<Ended>,
     placed_by_clone3: bool,
+    /// Started by this process (its parent), so `waitid` can reap it; false for one
+    /// [`Process::adopt`]ed after the supervisor restarted.
+    child: bool,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// A child of ours: its wait status.
+    Status(ExitStatus),
+    /// An adopted process (not our child): it exited, but only its parent can collect the
+    /// status.
+    Unknown,
+}
+
+impl Ended {
+    /// Exited with status 0.
+    pub fn success(&self) -> bool {
+        matches!(self, Ended::Status(s) if s.success())
+    }
+
+    /// The exit code, if it exited normally and the status is known.
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            Ended::Status(s) => s.code(),
+            Ended::Unknown => None,
+        }
+    }
+
+    /// The signal that killed it, if one did and the status is known.
+    pub fn signal(&self) -> Option<i32> {
+        match self {
+            Ended::Status(s) => s.signal(),
+            Ended::Unknown => None,
+        }
+    }
+}
+
+impl fmt::Display for Ended {
+    /// `exit status 3`, `killed by signal 9`, `exited (status unknown: ...)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ended::Status(s) => match (s.code(), s.signal()) {
+                (Some(c), _) => write!(f, "exit status {c}"),
+                (None, Some(sig)) => write!(f, "killed by signal {sig}"),
+                _ => write!(f, "{s}"),
+            },
+            Ended::Unknown => write!(
+                f,
+                "exited (status unknown: adopted after a supervisor restart, not its child)"
+            ),
+        }
+    }
 }
 
 impl Process {
@@ -247,12 +300,12 @@ impl Process {
 
     /// The exit status if the process has exited (reaping it), `None` if it still runs.
     /// The status is cached: later calls return it again.
-    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+    pub fn try_wait(&mut self) -> io::Result<Option<Ended>> {
         self.waitid(false)
     }
 
     /// Waits for the process to exit and reaps it.
-    pub fn wait(&mut self) -> io::Result<ExitStatus> {
+    pub fn wait(&mut self) -> io::Result<Ended> {
         match self.waitid(true)? {
             Some(status) => Ok(status),
             None => Err(io::Error::other("waitid returned without a status")),
@@ -261,7 +314,7 @@ impl Process {
 
     /// Waits at most `d` for the process to exit (`poll` on the pidfd, then `waitid`);
     /// `None` if it still runs after that.
-    pub fn wait_timeout(&mut self, d: Duration) -> io::Result<Option<ExitStatus>> {
+    pub fn wait_timeout(&mut self, d: Duration) -> io::Result<Option<Ended>> {
         let deadline = Instant::now().checked_add(d);
         loop {
             if let Some(status) = self.try_wait()? {
@@ -279,19 +332,7 @@ impl Process {
                     c_int::try_from(ms).unwrap_or(c_int::MAX)
                 }
             };
-            let mut pfd = libc::pollfd {
-                fd: self.pidfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is one live pollfd on the stack, and 1 is the count passed.
-            let r = unsafe { libc::poll(&raw mut pfd, 1, timeout_ms) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
+            poll_pidfd(self.pidfd.as_fd(), timeout_ms)?;
         }
     }
 
@@ -327,15 +368,112 @@ impl Process {
         self.signal(libc::SIGKILL)
     }
 
-    fn waitid(&mut self, block: bool) -> io::Result<Option<ExitStatus>> {
+    fn waitid(&mut self, block: bool) -> io::Result<Option<Ended>> {
         if let Some(status) = self.status {
             return Ok(Some(status));
         }
-        let status = waitid_pidfd(self.pidfd.as_fd(), block)?;
+        let status = if self.child {
+            waitid_pidfd(self.pidfd.as_fd(), block)?.map(Ended::Status)
+        } else {
+            // Not our child: waitid would fail with ECHILD. The pidfd turns readable when
+            // the process exits.
+            poll_pidfd(self.pidfd.as_fd(), if block { -1 } else { 0 })?.then_some(Ended::Unknown)
+        };
         if status.is_some() {
             self.status = status;
         }
         Ok(status)
+    }
+
+    /// Adopts the running process `pid` (not a child of ours: its supervisor restarted),
+    /// if it is still the process that started at `start_time` (`/proc/PID/stat` field 22,
+    /// clock ticks since boot; see [`start_time`]): the pidfd is opened first, then the
+    /// start time checked, so a pid recycled in between is refused. Its exit is seen (by
+    /// polling the pidfd) but its status is not ([`Ended::Unknown`]).
+    pub fn adopt(pid: i32, start_time: u64) -> io::Result<Process> {
+        if pid <= 0 {
+            return Err(invalid(format!("adopt: pid {pid}")));
+        }
+        // SAFETY: pidfd_open(pid, 0) creates a descriptor and touches no memory of ours.
+        let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor the kernel just created, owned by nobody else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(r as RawFd) };
+        let seen = self::start_time(pid)?;
+        if seen != start_time {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("pid {pid} is another process now (started at {seen}, not {start_time})"),
+            ));
+        }
+        Ok(Process {
+            pid,
+            pidfd,
+            status: None,
+            placed_by_clone3: false,
+            child: false,
+        })
+    }
+
+    /// Whether this process was adopted (see [`Process::adopt`]) rather than started here.
+    pub fn adopted(&self) -> bool {
+        !self.child
+    }
+
+    /// A duplicate of the process's descriptor `target` (`pidfd_getfd(2)`, Linux 5.6; the
+    /// caller needs ptrace access to it: root, or the same user without restrictions). The
+    /// new descriptor is close-on-exec.
+    pub fn take_fd(&self, target: RawFd) -> io::Result<OwnedFd> {
+        // SAFETY: pidfd_getfd(pidfd, targetfd, 0) creates a descriptor in this process and
+        // touches no memory of ours.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_getfd,
+                self.pidfd.as_raw_fd(),
+                target,
+                0 as libc::c_uint,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor the kernel just created, owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+    }
+}
+
+/// When process `pid` started: field 22 of `/proc/PID/stat` (clock ticks since boot). With
+/// the pid, it names one process for the life of the boot.
+pub fn start_time(pid: i32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold spaces or ')': the fields
+    // after the last ')' start with field 3.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("/proc/{pid}/stat: no start time")))
+}
+
+/// Polls `pidfd` for up to `timeout_ms` (-1: forever); whether the process has exited.
+fn poll_pidfd(pidfd: BorrowedFd<'_>, timeout_ms: c_int) -> io::Result<bool> {
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one live pollfd on the stack, and 1 is the count passed.
+        let r = unsafe { libc::poll(&raw mut pfd, 1, timeout_ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(r > 0);
     }
 }
 
@@ -973,6 +1111,7 @@ fn spawn_with(req: &SpawnRequest<'_>, route: Route) -> io::Result<Process> {
         pidfd,
         status: None,
         placed_by_clone3,
+        child: true,
     };
     match read_report(report_read.as_fd()) {
         Ok(None) => Ok(process),

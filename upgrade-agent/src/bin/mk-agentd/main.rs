@@ -137,6 +137,7 @@ fn recover(state_dir: &std::path::Path, json: bool) -> ExitCode {
             promotion,
             &Quiet,
             &SystemEnv::default(),
+            upgrade_agent::fault::Faults::NONE,
         )
     };
     match result {

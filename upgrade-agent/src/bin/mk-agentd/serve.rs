@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use upgrade_agent::fault::Faults;
 use upgrade_agent::handover;
+use upgrade_agent::host::adopt;
 use upgrade_agent::host::ctl::{Request, Response};
 use upgrade_agent::host::supervisor::{self, CtlHandler, Instance, Shared, lock};
 use upgrade_agent::orchestrator::ops::{self, OpError};
@@ -28,6 +29,10 @@ use upgrade_agent::platform::luo::{agent_dir, ctl_socket, running_release};
 use upgrade_agent::record::{UpgradeKind, UpgradeRecord};
 use upgrade_agent::statedir::StateDir;
 use upgrade_agent::sys::luo::{LiveUpdate, LuoError};
+
+/// Names the journal write of the start-up recovery after which the agent kills itself
+/// (fault-injection builds only; the VM suite's crash matrix).
+pub const RECOVERY_CRASH_ENV: &str = "MK_FAULT_RECOVERY_CRASH_AFTER_WRITE";
 
 /// Options of `mk-agentd serve`.
 #[derive(Debug, Clone)]
@@ -100,9 +105,10 @@ fn memfd_of(path: &PathBuf, name: &str) -> Result<OwnedFd, AgentError> {
 /// Runs the host agent. Returns only on a set-up error.
 pub fn serve(opts: &ServeOptions) -> Result<(), AgentError> {
     let dir = agent_dir(&opts.state_dir);
-    std::fs::create_dir_all(&dir).map_err(|source| AgentError::Io {
-        what: format!("creating {}", dir.display()),
-        source,
+    let records = dir.join("running");
+    rollback::ensure_private_dir(&records).map_err(|e| AgentError::Io {
+        what: format!("creating {}", records.display()),
+        source: std::io::Error::other(e.to_string()),
     })?;
     let state = StateDir::new(&opts.state_dir).with_workloads(opts.workloads.clone());
     let release = running_release();
@@ -131,14 +137,16 @@ pub fn serve(opts: &ServeOptions) -> Result<(), AgentError> {
         }),
         _ => None,
     };
-    let shared: Shared = Arc::new(Mutex::new(Instance::new(
+    let mut instance = Instance::new(
         0,
         release.clone(),
         online_cpus(),
         upgrade_agent::sys::cgroup::Freezer::detect("mk-upgrade-luo"),
         dir.clone(),
         opts.state_dir.clone(),
-    )));
+    );
+    instance.records = Some(records);
+    let shared: Shared = Arc::new(Mutex::new(instance));
     upgrade_agent::host::watch::start_background(&shared).map_err(|source| AgentError::Io {
         what: format!("binding {}", dir.join("notify.sock").display()),
         source,
@@ -147,13 +155,25 @@ pub fn serve(opts: &ServeOptions) -> Result<(), AgentError> {
     let resumed = platform.resumed();
     if !resumed {
         trial_check(&state, &release);
+        // Before recovery: after a restart of this agent (same boot) its workloads still
+        // run, and recovery checks that they do; at a cold boot they start afresh.
+        start_workloads(&shared, &state);
     }
     let env = SystemEnv::default();
     let promotion = state
         .slots()
         .ok()
         .map(|slots| Promotion { slots, floor: None });
-    let result = match ops::recover(&state, &mut platform, promotion, &Quiet, &env) {
+    // Test-only (fault-injection builds): the crash matrix kills this agent after the
+    // N-th journal write of its recovery.
+    let faults = Faults {
+        crash_after_write: std::env::var(RECOVERY_CRASH_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok()),
+        ..Faults::NONE
+    }
+    .effective();
+    let result = match ops::recover(&state, &mut platform, promotion, &Quiet, &env, faults) {
         Ok(Some(rec)) => Some(print_result(&rec)),
         Ok(None) => None,
         Err(e) => {
@@ -163,9 +183,6 @@ pub fn serve(opts: &ServeOptions) -> Result<(), AgentError> {
             Some(doc)
         }
     };
-    if !resumed {
-        start_workloads(&shared, &state);
-    }
     let report = BootReport {
         release,
         luo,
@@ -223,7 +240,24 @@ pub fn serve(opts: &ServeOptions) -> Result<(), AgentError> {
 
 /// A normal boot: a kernel that was booted for a trial and never confirmed did not come up;
 /// the trial record marks it bad (the orchestrator's recovery then finishes its record).
+///
+/// An attempt that began in this very boot (after the kernel's boot time, `btime` of
+/// `/proc/stat`) never booted anything: this agent stopped between recording it and the
+/// kexec, and was started again. It is cancelled, not held against the kernel.
 fn trial_check(state: &StateDir, release: &str) {
+    if let Ok(mut t) = state.trials()
+        && let Ok(Some(p)) = t.pending()
+        && p.release != release
+        && boot_time().is_some_and(|b| p.started_at >= b)
+        && t.cancel().is_ok()
+    {
+        say(&format!(
+            "MK-AGENT-TRIAL-CANCELLED release={} attempt={}: recorded in this boot, no kexec \
+             happened (the agent restarted)",
+            p.release, p.attempt
+        ));
+        return;
+    }
     match state
         .trials()
         .map_err(|e| e.to_string())
@@ -242,7 +276,18 @@ fn trial_check(state: &StateDir, release: &str) {
     }
 }
 
-/// A normal boot: every workload of the workload file, with fresh fds.
+/// When this boot began (Unix seconds): `btime` of `/proc/stat`.
+fn boot_time() -> Option<u64> {
+    std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A normal boot, or a restart of this agent: every workload of the workload file; a copy
+/// still running from before the restart is adopted (`upgrade_agent::host::adopt`), the
+/// others start with fresh fds.
 fn start_workloads(shared: &Shared, state: &StateDir) {
     if !state.workloads_path().exists() {
         return;
@@ -255,6 +300,31 @@ fn start_workloads(shared: &Shared, state: &StateDir) {
         }
     };
     for spec in &file.workloads {
+        match adopt::adopt_into(shared, spec) {
+            Ok(adopt::Adoption::Adopted { pid, fds }) => {
+                say(&format!(
+                    "MK-AGENT-ADOPTED {} pid={pid} fds={fds}: its running copy is managed again",
+                    spec.name
+                ));
+                continue;
+            }
+            Ok(adopt::Adoption::Nothing { killed_leftovers }) => {
+                if killed_leftovers {
+                    say(&format!(
+                        "MK-AGENT-LEFTOVERS-KILLED {}: processes without a record in its group",
+                        spec.name
+                    ));
+                }
+            }
+            Err(e) => {
+                say(&format!(
+                    "MK-AGENT-WORKLOAD-FAILED {}: its running copy cannot be adopted ({e}); it \
+                     is left running, unmanaged: stop it, then restart the agent",
+                    spec.name
+                ));
+                continue;
+            }
+        }
         let (resp, _) = supervisor::handle_ctl(
             shared,
             Request::Start {

@@ -374,6 +374,7 @@ fn crash_and_recover(
         None,
         observer,
         &SystemEnv::default(),
+        upgrade_agent::fault::Faults::NONE,
     )
     .map_err(|e| crate::app::op_error(&e))?;
     Ok((rec, None))

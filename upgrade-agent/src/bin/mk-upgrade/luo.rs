@@ -161,20 +161,22 @@ pub fn caps_and_instances(g: &Global) -> Result<(Capabilities, Vec<InstanceInfo>
 /// Reports what the agent answered.
 fn report(handed: Handed, json_out: bool, kernel_after: &str) -> ExitCode {
     match handed {
-        Handed::Kexeced => {
+        Handed::AgentStopped => {
+            let msg = format!(
+                "the host agent stopped without an answer (killed or crashed) during the \
+                 upgrade to {kernel_after}; no kexec happened. Restart it (mk-agentd serve): at \
+                 start it adopts the running workloads, settles the upgrade and prints the \
+                 result (then see `mk-upgrade history`)"
+            );
             if json_out {
                 println!(
                     "{}",
-                    json!({"result": "kexec", "kernel_after": kernel_after,
-                        "note": "the next kernel's agent reports the result (MK-UPGRADE-RESULT, `mk-upgrade history`)"})
+                    json!({"result": "interrupted", "kernel_after": kernel_after, "error": msg})
                 );
             } else {
-                eprintln!(
-                    "mk-upgrade: the host agent kexeced into {kernel_after}; its agent reports \
-                     the result (`mk-upgrade history` there)"
-                );
+                eprintln!("mk-upgrade: {msg}");
             }
-            Exit::Ok.into()
+            Exit::Platform.into()
         }
         Handed::BelowFloor(message) => {
             if json_out {

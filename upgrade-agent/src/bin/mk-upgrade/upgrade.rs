@@ -832,6 +832,7 @@ pub fn recover(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
         Some(Promotion { slots, floor: None }),
         &observer,
         &SystemEnv::default(),
+        upgrade_agent::fault::Faults::NONE,
     );
     observer.done();
     match result {

@@ -26,9 +26,10 @@ pub struct AgentStatus {
 /// How an upgrade handed to the agent ended, as far as this kernel saw it.
 #[derive(Debug)]
 pub enum Handed {
-    /// The agent kexeced (the control socket closed without an answer): the next kernel's
-    /// agent reports the result.
-    Kexeced,
+    /// The control socket closed without an answer: the agent stopped (killed or crashed)
+    /// mid-upgrade. (A kexec never gets here: it ends this process with the old kernel, with
+    /// the agent still in the `reboot` call.) Its restart settles the upgrade.
+    AgentStopped,
     /// Nothing to do (a rollback with no previous kernel kept); nothing changed.
     NothingToDo(String),
     /// Refused: the kernel is below the version floor; nothing changed.
@@ -125,7 +126,9 @@ impl AgentClient {
                 id: 0,
                 what: format!("unexpected answer to LuoApply: {other:?}"),
             }),
-            Err(e) if e.to_string().contains("closed the control socket") => Ok(Handed::Kexeced),
+            Err(e) if e.to_string().contains("closed the control socket") => {
+                Ok(Handed::AgentStopped)
+            }
             Err(e) => Err(e),
         }
     }
@@ -146,5 +149,32 @@ mod tests {
             e.contains("ctl.sock") && e.contains("mk-agentd serve"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_agent_that_dies_mid_upgrade_is_reported_as_stopped_not_as_a_kexec() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(super::super::agent_dir(dir.path())).unwrap();
+        let listener =
+            std::os::unix::net::UnixListener::bind(super::super::ctl_socket(dir.path())).unwrap();
+        // The "agent": reads the request, then dies without answering.
+        let agent = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let _ = crate::sys::fdpass::recv(&stream);
+        });
+        let handed = AgentClient::new(dir.path())
+            .apply(
+                UpgradeKind::Apply,
+                "7.3.4-mkB",
+                &[0; 32],
+                "",
+                Faults::NONE,
+                None,
+                None,
+                None,
+            )
+            .unwrap();
+        agent.join().unwrap();
+        assert!(matches!(handed, Handed::AgentStopped), "{handed:?}");
     }
 }

@@ -864,6 +864,13 @@ impl Platform for LuoPlatform {
             self.next = None;
             self.staged.clear();
             Ok(())
+        } else if self.next.is_none() && id != self.self_id {
+            // The next kernel of an upgrade a previous run of this agent began (it stopped
+            // mid-upgrade, the recovery undoes it): whatever that run loaded for kexec goes.
+            if std::fs::read_to_string("/sys/kernel/kexec_loaded").is_ok_and(|s| s.trim() == "1") {
+                kexec::kexec_unload().map_err(|e| err(format!("unloading the kernel: {e}")))?;
+            }
+            Ok(())
         } else {
             Err(PlatformError::NoSuchInstance(id))
         }
