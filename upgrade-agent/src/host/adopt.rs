@@ -8,9 +8,10 @@
 //!
 //! For that, every start of a workload's process leaves a record in the supervisor's
 //! records directory (`STATE_DIR/luo/running/NAME.json`, 0600 in a 0700 directory; written
-//! with a rename, not synced: it only matters within one boot): the pid, the process's start
-//! time (field 22 of `/proc/PID/stat`, so a recycled pid is never taken for it) and the
-//! identity (`st_dev`, `st_ino`) of every descriptor handed to it. Adoption reads the record
+//! with a rename, not synced: it only matters within one boot): the boot id, the pid, the
+//! process's start time (field 22 of `/proc/PID/stat`, so a recycled pid is never taken for
+//! it) and the identity (`st_dev`, `st_ino`) of every descriptor handed to it. Adoption
+//! reads the record
 //! (a regular file of at most [`MAX_RECORD_BYTES`]), opens a pidfd for the pid and checks
 //! the start time, finds each descriptor among the process's own (`/proc/PID/fd`, by
 //! identity, wherever the process moved it) and duplicates it with `pidfd_getfd(2)`, then
@@ -57,6 +58,9 @@ pub struct FdIdentity {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Record {
+    /// The boot the process started in (`/proc/sys/kernel/random/boot_id`): a record of
+    /// another boot names no live process, whatever its pid.
+    pub boot_id: String,
     pub pid: i32,
     /// Field 22 of `/proc/PID/stat` at the start.
     pub start_time: u64,
@@ -100,13 +104,24 @@ pub fn write_record(dir: &Path, w: &Running) -> io::Result<()> {
         });
     }
     let record = Record {
+        boot_id: crate::sys::boot_id()
+            .ok_or_else(|| io::Error::other("no boot id in /proc/sys/kernel/random/boot_id"))?,
         pid: w.pid,
         start_time: spawn::start_time(w.pid)?,
         fds,
     };
     let bytes = serde_json::to_vec(&record).map_err(io::Error::other)?;
-    let path = record_path(dir, &w.spec.name);
-    let tmp = dir.join(format!(".{}.json.tmp", w.spec.name));
+    write_private(&record_path(dir, &w.spec.name), &bytes)
+}
+
+/// Writes `bytes` to `path` (mode 0600, whatever the umask) through a temporary file and a
+/// rename, without syncing: for files that matter only within one boot.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::other(format!("{}: no file name", path.display())))?;
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
     {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -115,9 +130,11 @@ pub fn write_record(dir: &Path, w: &Running) -> io::Result<()> {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
-        io::Write::write_all(&mut f, &bytes)?;
+        // A temporary file left by an earlier run keeps its mode: set it.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        io::Write::write_all(&mut f, bytes)?;
     }
-    std::fs::rename(&tmp, &path)
+    std::fs::rename(&tmp, path)
 }
 
 /// Removes workload `name`'s record (a missing one is fine).
@@ -198,6 +215,11 @@ pub fn adopt(
     let Some(record) = read_record(&path)? else {
         return Ok(None);
     };
+    if Some(&record.boot_id) != crate::sys::boot_id().as_ref() {
+        tracing::info!(workload = %spec.name, "record of another boot: nothing to adopt");
+        remove_record(dir, &spec.name);
+        return Ok(None);
+    }
     let process = match Process::adopt(record.pid, record.start_time) {
         Ok(p) => p,
         Err(e) => {
@@ -465,6 +487,19 @@ mod tests {
             }
         );
         kill(pid);
+        // A record of another boot, whatever its pid and start time: nothing, and removed.
+        let pid = start_and_forget(dir.path(), &s);
+        let mut rec = read_record(&path).unwrap().unwrap();
+        rec.boot_id = "00000000-0000-0000-0000-000000000000".into();
+        std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+        assert_eq!(
+            adopt_into(&second, &s).unwrap(),
+            Adoption::Nothing {
+                killed_leftovers: false
+            }
+        );
+        assert!(!path.exists());
+        kill(pid);
     }
 
     #[test]
@@ -515,6 +550,7 @@ mod tests {
         assert!(read_record(&path).is_err());
         std::fs::remove_file(&path).unwrap();
         let many = Record {
+            boot_id: String::new(),
             pid: 1,
             start_time: 1,
             fds: (0..=MAX_RECORD_FDS)

@@ -117,10 +117,7 @@ impl Env for SystemEnv {
     }
 
     fn boot_id(&self) -> Option<String> {
-        let id =
-            std::fs::read_to_string(self.proc_root.join("proc/sys/kernel/random/boot_id")).ok()?;
-        let id = id.trim();
-        (id.len() == 36).then(|| id.to_owned())
+        crate::sys::boot_id_at(&self.proc_root)
     }
 
     fn capture_task(

@@ -94,23 +94,27 @@ pub enum JournalOnly {
     Nothing,
     /// The upgrade never reached its kexec: finished as the planner decided.
     Finished(UpgradeRecord),
-    /// The upgrade reached its kexec: only the host agent can tell whether the new kernel
-    /// carried it over (it resumes it) or the machine cold-booted (its trial-boot check
-    /// finishes it); it is left to the agent (`mk-agentd serve`).
+    /// The upgrade reached its kexec, or began in this very boot: only the host agent can
+    /// tell whether the new kernel carried it over (it resumes it) or the machine
+    /// cold-booted (its trial-boot check finishes it), and only it can adopt and check the
+    /// workloads still running after its own restart; it is left to the agent
+    /// (`mk-agentd serve`).
     LeftToAgent(UpgradeRecord),
 }
 
 /// Recovery where the platform is not driven from this process (on LUO the host agent owns
 /// `/dev/liveupdate` and carries on with whatever a kexec carried over): an upgrade still
-/// journaled here that never reached its kexec is finished as the planner decides for a
-/// record that nothing but the journal kept (`running` names the running kernel); one that
-/// reached it is left to the host agent.
+/// journaled here that never reached its kexec and began in another boot is finished as the
+/// planner decides for a record that nothing but the journal kept (`running` names the
+/// running kernel); one that reached it, or began in this boot (its workloads may still run,
+/// frozen, waiting for the agent to adopt them), is left to the host agent.
 pub fn recover_journal_only(state: &StateDir, running: &str) -> Result<JournalOnly, OpError> {
     let mut journal = state.journal()?;
     let Some(mut record) = journal.current().map_err(UpgradeError::from)? else {
         return Ok(JournalOnly::Nothing);
     };
-    if record.kexec_journaled() && record.phase != crate::record::Phase::Done {
+    let this_boot = record.boot_id.is_some() && record.boot_id == crate::sys::boot_id();
+    if (record.kexec_journaled() || this_boot) && record.phase != crate::record::Phase::Done {
         return Ok(JournalOnly::LeftToAgent(record));
     }
     let seen = super::plan::Observed {
@@ -145,4 +149,66 @@ pub fn recover_journal_only(state: &StateDir, running: &str) -> Result<JournalOn
     }
     journal.finish(&record).map_err(UpgradeError::from)?;
     Ok(JournalOnly::Finished(record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Event, Outcome, Phase};
+
+    fn journaled(dir: &std::path::Path, boot_id: Option<String>, kexec: bool) -> StateDir {
+        let mut rec: UpgradeRecord = serde_json::from_value(serde_json::json!({
+            "upgrade_id": "0a".repeat(16), "kind": "apply", "platform": "luo",
+            "started_at": 0, "kernel_before": "A", "kernel_after": "B",
+            "image_sha256": "", "old_instance": 0,
+            "old_resources": {"cpus": [0], "memory_bytes": 0},
+            "new_instance": 1, "phase": "migrating",
+            "workloads": [{"name": "kv", "status": "freezing", "blackout_us": null, "detail": null}],
+            "events": [], "outcome": null, "error": null
+        }))
+        .unwrap();
+        rec.boot_id = boot_id;
+        if kexec {
+            rec.events.push(Event {
+                t_ms: 1,
+                what: "booting B (kexec)".into(),
+                journaled: Some(Phase::Booted),
+            });
+        }
+        let state = StateDir::new(dir);
+        state.journal().unwrap().write(&rec).unwrap();
+        state
+    }
+
+    #[test]
+    fn journal_only_recovery_leaves_this_boots_and_kexeced_upgrades_to_the_agent() {
+        // Begun in this boot: the workloads may still run frozen; only the agent can adopt
+        // and check them.
+        let dir = tempfile::tempdir().unwrap();
+        let state = journaled(dir.path(), crate::sys::boot_id(), false);
+        assert!(
+            crate::sys::boot_id().is_some(),
+            "no boot id on this machine"
+        );
+        assert!(matches!(
+            recover_journal_only(&state, "A").unwrap(),
+            JournalOnly::LeftToAgent(_)
+        ));
+        assert!(state.journal().unwrap().current().unwrap().is_some());
+        // Past the kexec step, whatever the boot.
+        let dir = tempfile::tempdir().unwrap();
+        let state = journaled(dir.path(), Some("another".into()), true);
+        assert!(matches!(
+            recover_journal_only(&state, "A").unwrap(),
+            JournalOnly::LeftToAgent(_)
+        ));
+        // Another boot, before the kexec step: nothing but the journal survived.
+        let dir = tempfile::tempdir().unwrap();
+        let state = journaled(dir.path(), Some("another".into()), false);
+        match recover_journal_only(&state, "A").unwrap() {
+            JournalOnly::Finished(rec) => assert_eq!(rec.outcome, Some(Outcome::RolledBack)),
+            other => panic!("{other:?}"),
+        }
+        assert!(state.journal().unwrap().current().unwrap().is_none());
+    }
 }

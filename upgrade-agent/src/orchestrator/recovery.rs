@@ -20,8 +20,18 @@ pub fn recover<'a>(
         platform.handed_over()
     };
     let journaled = setup.journal.current()?;
-    // The record a kexec carried is newer than anything this kernel's journal holds.
-    let record = carried.clone().or(journaled);
+    // The record a kexec carried is newer than anything this kernel's journal holds, unless
+    // this kernel's agent journaled that same upgrade further before it restarted.
+    let record = match (carried.clone(), journaled) {
+        (Some(c), Some(j)) if j.upgrade_id == c.upgrade_id && j.events.len() > c.events.len() => {
+            // The agent restarted mid-claim: say so in the record.
+            Some(UpgradeRecord {
+                recovered: true,
+                ..j
+            })
+        }
+        (c, j) => c.or(j),
+    };
     let running = current_instance(platform)
         .ok()
         .and_then(|i| i.kernel_release)

@@ -69,6 +69,13 @@ impl Orchestrator<'_> {
         let mut failure = None;
         for name in self.names() {
             match self.platform.claim(&name) {
+                Ok(c) if c.adopted => {
+                    // Claimed by the agent's previous run; its numbers went with it.
+                    self.set_status(&name, MoveStatus::Committed, None);
+                    self.note(format!(
+                        "{name}: claimed before the agent restarted; its adopted copy is healthy"
+                    ));
+                }
                 Ok(c) => {
                     if let Some(w) = self.record.workload_mut(&name) {
                         w.handover_us = Some(c.handover_us);
@@ -145,7 +152,7 @@ impl Orchestrator<'_> {
         for name in self.names() {
             match self.platform.claim(&name) {
                 Ok(c) => {
-                    if let Some(w) = self.record.workload_mut(&name) {
+                    if let Some(w) = self.record.workload_mut(&name).filter(|_| !c.adopted) {
                         w.blackout_us = Some(c.blackout_us);
                     }
                     self.set_status(&name, MoveStatus::MovedBack, None);

@@ -531,6 +531,7 @@ impl Platform for FakePlatform {
             verify_ms: 0.1,
             start_ms: 0.1,
             health_ms: 0.1,
+            adopted: false,
         })
     }
 

@@ -83,7 +83,7 @@ pub enum Delivered {
 }
 
 /// What [`Platform::claim`] did with a staged workload.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Claimed {
     /// From the freeze in the previous kernel to healthy here (wall clock, across the
     /// kexec).
@@ -96,6 +96,9 @@ pub struct Claimed {
     pub verify_ms: f64,
     pub start_ms: f64,
     pub health_ms: f64,
+    /// Claimed by a previous run of the agent, which then stopped; its copy was adopted
+    /// after the restart and is healthy. The numbers above went with that run (zero here).
+    pub adopted: bool,
 }
 
 /// The operations the orchestrator needs. See the module documentation.

@@ -153,11 +153,15 @@ pub fn serve(opts: &ServeOptions) -> Result<(), AgentError> {
     })?;
     let mut platform = LuoPlatform::open(state.clone(), dev, Arc::clone(&shared), running)?;
     let resumed = platform.resumed();
-    if !resumed {
+    if resumed {
+        // After a kexec nothing runs yet, unless this agent restarted mid-claim: the copies
+        // it had claimed are adopted; the claims start the others.
+        start_workloads(&shared, &state, false);
+    } else {
         trial_check(&state, &release);
         // Before recovery: after a restart of this agent (same boot) its workloads still
         // run, and recovery checks that they do; at a cold boot they start afresh.
-        start_workloads(&shared, &state);
+        start_workloads(&shared, &state, true);
     }
     let env = SystemEnv::default();
     let promotion = state
@@ -288,7 +292,7 @@ fn boot_time() -> Option<u64> {
 /// A normal boot, or a restart of this agent: every workload of the workload file; a copy
 /// still running from before the restart is adopted (`upgrade_agent::host::adopt`), the
 /// others start with fresh fds.
-fn start_workloads(shared: &Shared, state: &StateDir) {
+fn start_workloads(shared: &Shared, state: &StateDir, start_fresh: bool) {
     if !state.workloads_path().exists() {
         return;
     }
@@ -314,6 +318,9 @@ fn start_workloads(shared: &Shared, state: &StateDir) {
                         "MK-AGENT-LEFTOVERS-KILLED {}: processes without a record in its group",
                         spec.name
                     ));
+                }
+                if !start_fresh {
+                    continue;
                 }
             }
             Err(e) => {

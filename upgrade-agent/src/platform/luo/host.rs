@@ -6,8 +6,10 @@
 //! ([`Platform::deliver`]) preserves its signed hand-over image and memfds in a
 //! `mk-w-<name>` session; [`Platform::load`] runs `kexec_file_load`; [`Platform::boot`]
 //! preserves the agent session (the journal record, both kernels, their initramfs images)
-//! and kexecs. In the next kernel [`LuoPlatform::open`] retrieves everything and
-//! [`Platform::claim`] verifies, restores and health-checks one workload;
+//! and kexecs. In the next kernel [`LuoPlatform::open`] retrieves the agent session (and
+//! keeps the signed handoff on disk for an agent restarted in the same boot), and
+//! [`Platform::claim`] retrieves one workload's session, verifies, restores and
+//! health-checks it;
 //! [`Platform::return_to_previous`] re-preserves every workload's memfds with fresh
 //! digests and kexecs the previous kernel with its own initramfs and command line.
 
@@ -84,12 +86,27 @@ struct Arrived {
 struct Carried {
     direction: Direction,
     record: Option<UpgradeRecord>,
-    workloads: BTreeMap<String, Arrived>,
-    /// Copies of every arrived workload's memfds, for the way back.
+    /// The workloads not claimed yet. Their sessions are retrieved only when they are
+    /// claimed (or taken back), so that until then LUO, not this process, holds their
+    /// memfds: an agent that dies meanwhile loses nothing.
+    arrived: BTreeMap<String, HandoffWorkload>,
+    /// Copies of every retrieved workload's memfds, for the way back.
     kept: BTreeMap<String, Vec<OwnedFd>>,
     /// Handoff entries of the workloads claimed so far.
     claimed: BTreeMap<String, HandoffWorkload>,
+    /// Retrieving the agent session (the handoff record and the kernels).
     retrieve_ms: f64,
+}
+
+/// The handoff a kexec carried, kept on disk for an agent restarted in the same boot
+/// (`STATE_DIR/luo/carried.json`, 0600): the agent session is gone once retrieved (LUO
+/// finishes a retrieved session when its fd closes), the workload sessions are not.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CarriedFile {
+    boot_id: String,
+    /// The signed handoff record as retrieved (hex).
+    handoff: String,
 }
 
 /// The next kernel of an upgrade in progress.
@@ -184,8 +201,10 @@ impl LuoPlatform {
     /// The platform of this boot: `dev` is `/dev/liveupdate` (none: upgrades are refused),
     /// `shared` the agent's workloads, `running` the running kernel as far as the agent
     /// knows it. If a kexec carried an `mk-agent` session, everything in it is retrieved and
-    /// every session finished (the fds stay valid memfds of this kernel); the previous
-    /// kernel is then known too.
+    /// the session finished (the fds stay valid memfds of this kernel); the previous kernel
+    /// is then known too. The workloads' sessions are retrieved as they are claimed. Without
+    /// an agent session, the handoff this agent kept on disk in this boot before it was
+    /// restarted carries the upgrade on.
     pub fn open(
         state: StateDir,
         dev: Option<LiveUpdate>,
@@ -215,6 +234,9 @@ impl LuoPlatform {
         };
         if let Some(s) = session {
             p.retrieve_all(&s)?;
+        } else if p.dev.is_some() && p.resume_from_disk()? {
+            // This agent restarted after a kexec, before the upgrade ended: the handoff
+            // kept on disk, and the workload sessions not claimed yet, carry it on.
         } else {
             // A normal boot: the kernels kept on disk (after an upgrade this agent
             // committed) make a rollback possible, and stand in for --kernel-image.
@@ -251,7 +273,6 @@ impl LuoPlatform {
 
     fn retrieve_all(&mut self, agent_session: &Session) -> Result<(), PlatformError> {
         let t0 = Instant::now();
-        let dev = self.dev.as_ref().ok_or_else(|| err("no /dev/liveupdate"))?;
         let hfd = agent_session
             .retrieve_fd(TOKEN_HANDOFF)
             .map_err(|e| luo(&e))?;
@@ -260,11 +281,8 @@ impl LuoPlatform {
             .state
             .trusted_node_keys()
             .map_err(|e| err(format!("the handoff record cannot be checked: {e}")))?;
-        let handoff = super::handoff::open(
-            &read_memfd(hfd.as_fd(), MAX_HANDOFF, "handoff record")?,
-            &trusted,
-        )
-        .map_err(|e| err(e.to_string()))?;
+        let hbytes = read_memfd(hfd.as_fd(), MAX_HANDOFF, "handoff record")?;
+        let handoff = super::handoff::open(&hbytes, &trusted).map_err(|e| err(e.to_string()))?;
         let source = agent_session
             .retrieve_fd(TOKEN_SOURCE_KERNEL)
             .map_err(|e| luo(&e))?;
@@ -281,41 +299,11 @@ impl LuoPlatform {
             .then(|| agent_session.retrieve_fd(TOKEN_SOURCE_INITRD))
             .transpose()
             .map_err(|e| luo(&e))?;
-        let mut workloads = BTreeMap::new();
-        let mut kept = BTreeMap::new();
-        let mut sessions = Vec::new();
-        for w in &handoff.workloads {
-            let s = dev.retrieve_session(&w.session).map_err(|e| luo(&e))?;
-            let image = if handoff.direction == Direction::Forward {
-                Some(s.retrieve_fd(TOKEN_IMAGE).map_err(|e| luo(&e))?)
-            } else {
-                None
-            };
-            let memfds = (1..=w.memfds.len() as u64)
-                .map(|t| s.retrieve_fd(t).map_err(|e| luo(&e)))
-                .collect::<Result<Vec<_>, _>>()?;
-            let copies = memfds
-                .iter()
-                .map(OwnedFd::try_clone)
-                .collect::<std::io::Result<Vec<_>>>()
-                .map_err(|e| PlatformError::io("duplicating retrieved memfds", e))?;
-            kept.insert(w.name.clone(), copies);
-            workloads.insert(
-                w.name.clone(),
-                Arrived {
-                    handoff: w.clone(),
-                    image,
-                    memfds,
-                },
-            );
-            sessions.push(s);
+        // The workload sessions stay in LUO until each is claimed (see `Carried::arrived`).
+        if let Err(e) = agent_session.finish() {
+            tracing::warn!(session = agent_session.name(), error = %e, "FINISH");
         }
-        // Everything is retrieved: FINISH (the fds stay valid memfds of this kernel).
-        for s in sessions.iter().chain(std::iter::once(agent_session)) {
-            if let Err(e) = s.finish() {
-                tracing::warn!(session = s.name(), error = %e, "FINISH");
-            }
-        }
+        self.keep_on_disk(&hbytes);
         // The kernel we came from, and the one we run.
         self.previous = Some(KernelRef {
             image: source,
@@ -340,12 +328,193 @@ impl LuoPlatform {
         self.carried = Some(Carried {
             direction: handoff.direction,
             record: Some(handoff.record),
-            workloads,
-            kept,
+            arrived: handoff
+                .workloads
+                .into_iter()
+                .map(|w| (w.name.clone(), w))
+                .collect(),
+            kept: BTreeMap::new(),
             claimed: BTreeMap::new(),
             retrieve_ms: t0.elapsed().as_secs_f64() * 1000.0,
         });
         Ok(())
+    }
+
+    fn carried_path(&self) -> std::path::PathBuf {
+        super::agent_dir(self.state.root()).join("carried.json")
+    }
+
+    /// Keeps the signed handoff on disk for an agent restarted in this boot (best effort:
+    /// without it, such an agent cannot carry the upgrade on).
+    fn keep_on_disk(&self, handoff: &[u8]) {
+        let Some(boot_id) = crate::sys::boot_id() else {
+            return;
+        };
+        let file = CarriedFile {
+            boot_id,
+            handoff: hex::encode(handoff),
+        };
+        let written = serde_json::to_vec(&file)
+            .map_err(std::io::Error::other)
+            .and_then(|b| crate::host::adopt::write_private(&self.carried_path(), &b));
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "keeping the handoff on disk for an agent restart");
+        }
+    }
+
+    /// Drops the handoff kept on disk (the upgrade ended in this kernel, or it leaves).
+    fn forget_on_disk(&self) {
+        let _ = std::fs::remove_file(self.carried_path());
+    }
+
+    /// An agent restarted after a kexec, before the upgrade ended: takes the handoff kept
+    /// on disk if it was kept in this boot and the journal still holds that upgrade,
+    /// unfinished and not turning back. The kernels it named are gone with the agent
+    /// session: after such a restart there is no way back to the previous kernel. Whether
+    /// it did.
+    fn resume_from_disk(&mut self) -> Result<bool, PlatformError> {
+        let path = self.carried_path();
+        let Ok(f) = std::fs::File::open(&path) else {
+            return Ok(false);
+        };
+        let limit = 2 * MAX_HANDOFF + 4096;
+        let mut bytes = Vec::new();
+        let read = std::io::Read::read_to_end(&mut std::io::Read::take(f, limit + 1), &mut bytes);
+        let file: Option<CarriedFile> = read
+            .ok()
+            .filter(|_| (bytes.len() as u64) <= limit)
+            .and_then(|_| serde_json::from_slice(&bytes).ok());
+        let journaled = self
+            .state
+            .journal()
+            .ok()
+            .and_then(|j| j.current().ok().flatten());
+        let Some(file) = file.filter(|f| Some(&f.boot_id) == crate::sys::boot_id().as_ref()) else {
+            self.forget_on_disk();
+            return Ok(false);
+        };
+        let trusted = self
+            .state
+            .trusted_node_keys()
+            .map_err(|e| err(format!("the kept handoff record cannot be checked: {e}")))?;
+        let handoff = hex::decode(&file.handoff)
+            .map_err(|e| e.to_string())
+            .and_then(|b| super::handoff::open(&b, &trusted).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                err(format!(
+                    "the handoff record kept in {}: {e}",
+                    path.display()
+                ))
+            })?;
+        let live = journaled.as_ref().is_some_and(|j| {
+            j.upgrade_id == handoff.record.upgrade_id
+                && !(handoff.direction == Direction::Forward && j.phase == Phase::RollingBack)
+        });
+        if !live {
+            self.forget_on_disk();
+            return Ok(false);
+        }
+        say(&format!(
+            "MK-LUO-RESUMED-FROM-DISK upgrade={} direction={:?}: the agent restarted after \
+             the kexec; the workloads not claimed yet are still in LUO",
+            handoff.record.upgrade_id, handoff.direction
+        ));
+        self.self_id = match handoff.direction {
+            Direction::Forward => handoff.record.new_instance.unwrap_or(1),
+            Direction::Return => handoff.record.old_instance,
+        };
+        self.carried = Some(Carried {
+            direction: handoff.direction,
+            record: Some(handoff.record),
+            arrived: handoff
+                .workloads
+                .into_iter()
+                .map(|w| (w.name.clone(), w))
+                .collect(),
+            kept: BTreeMap::new(),
+            claimed: BTreeMap::new(),
+            retrieve_ms: 0.0,
+        });
+        Ok(true)
+    }
+
+    /// Retrieves one carried workload's session: its image (forward) and memfds, kept
+    /// copies of the memfds for the way back, then FINISH. `None` when the session is not
+    /// there (`ENOENT`: a previous run of this agent retrieved it).
+    fn retrieve_workload(
+        &mut self,
+        hw: &HandoffWorkload,
+    ) -> Result<Option<Arrived>, PlatformError> {
+        let forward = self
+            .carried
+            .as_ref()
+            .is_some_and(|c| c.direction == Direction::Forward);
+        let dev = self.dev()?;
+        let s = match dev.retrieve_session(&hw.session) {
+            Ok(s) => s,
+            Err(e) if e.errno() == Some(nix::errno::Errno::ENOENT) => return Ok(None),
+            Err(e) => return Err(luo(&e)),
+        };
+        let image = if forward {
+            Some(s.retrieve_fd(TOKEN_IMAGE).map_err(|e| luo(&e))?)
+        } else {
+            None
+        };
+        let memfds = (1..=hw.memfds.len() as u64)
+            .map(|t| s.retrieve_fd(t).map_err(|e| luo(&e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let copies = memfds
+            .iter()
+            .map(OwnedFd::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| PlatformError::io("duplicating retrieved memfds", e))?;
+        // Everything is retrieved: FINISH (the fds stay valid memfds of this kernel).
+        if let Err(e) = s.finish() {
+            tracing::warn!(session = s.name(), error = %e, "FINISH");
+        }
+        if let Some(c) = self.carried.as_mut() {
+            c.kept.insert(hw.name.clone(), copies);
+        }
+        Ok(Some(Arrived {
+            handoff: hw.clone(),
+            image,
+            memfds,
+        }))
+    }
+
+    /// A workload whose session a previous run of this agent retrieved: it claimed it and
+    /// then stopped, so the copy it started is the one to keep, if this agent adopted it
+    /// and it is healthy. Its timings went with that run.
+    fn claimed_before_restart(&mut self, workload: &str) -> Result<Claimed, PlatformError> {
+        let here = self.self_id;
+        let spec = lock(&self.shared)
+            .workloads
+            .get(workload)
+            .map(|w| w.spec.clone())
+            .ok_or_else(|| PlatformError::Refused {
+                workload: workload.to_owned(),
+                instance: here,
+                check: "verification".into(),
+                detail: "its session was retrieved by a previous run of the agent, and no \
+                         copy of it runs here to adopt: its state is lost"
+                    .into(),
+            })?;
+        let (healthy, detail) = supervisor::check_health(&self.shared, workload, &spec);
+        if !healthy {
+            return Err(PlatformError::Unhealthy {
+                workload: workload.to_owned(),
+                instance: here,
+                detail,
+            });
+        }
+        say(&format!(
+            "MK-LUO-ADOPTED-CLAIM workload={workload}: claimed before the agent restarted; its \
+             adopted copy is healthy"
+        ));
+        Ok(Claimed {
+            adopted: true,
+            ..Claimed::default()
+        })
     }
 
     fn dev(&self) -> Result<&LiveUpdate, PlatformError> {
@@ -883,18 +1052,20 @@ impl Platform for LuoPlatform {
             .as_mut()
             .ok_or_else(|| err("nothing was carried over by a kexec"))?;
         let forward = carried.direction == Direction::Forward;
-        let retrieve_ms = carried.retrieve_ms;
-        let a =
-            carried
-                .workloads
-                .remove(workload)
-                .ok_or_else(|| PlatformError::NoSuchWorkload {
-                    instance: here,
-                    workload: workload.to_owned(),
-                })?;
-        carried
-            .claimed
-            .insert(workload.to_owned(), a.handoff.clone());
+        let hw = carried
+            .arrived
+            .remove(workload)
+            .ok_or_else(|| PlatformError::NoSuchWorkload {
+                instance: here,
+                workload: workload.to_owned(),
+            })?;
+        carried.claimed.insert(workload.to_owned(), hw.clone());
+        let t_retrieve = Instant::now();
+        let Some(a) = self.retrieve_workload(&hw)? else {
+            return self.claimed_before_restart(workload);
+        };
+        let retrieve_ms = self.carried.as_ref().map_or(0.0, |c| c.retrieve_ms)
+            + t_retrieve.elapsed().as_secs_f64() * 1000.0;
         let refused = |detail: String| PlatformError::Refused {
             workload: workload.to_owned(),
             instance: here,
@@ -970,6 +1141,7 @@ impl Platform for LuoPlatform {
             verify_ms,
             start_ms,
             health_ms,
+            adopted: false,
         })
     }
 
@@ -986,6 +1158,15 @@ impl Platform for LuoPlatform {
             .ok_or_else(|| err("this kernel's image was not handed over"))?
             .try_clone()
             .map_err(|e| PlatformError::io("duplicating the kernel", e))?;
+        // The workloads not claimed yet are still in LUO: retrieve them to take them back.
+        let unclaimed: Vec<HandoffWorkload> = self
+            .carried
+            .as_ref()
+            .map(|c| c.arrived.values().cloned().collect())
+            .unwrap_or_default();
+        for hw in &unclaimed {
+            self.retrieve_workload(hw)?;
+        }
         let carried = self
             .carried
             .as_ref()
@@ -1000,9 +1181,9 @@ impl Platform for LuoPlatform {
                 .get(&w.name)
                 .ok_or_else(|| err(format!("{}: its memfds were not kept", w.name)))?;
             let hw = carried
-                .workloads
+                .arrived
                 .get(&w.name)
-                .map(|a| a.handoff.clone())
+                .cloned()
                 .or_else(|| carried.claimed.get(&w.name).cloned())
                 .ok_or_else(|| err(format!("{}: nothing of it arrived with the kexec", w.name)))?;
             if fds.len() != hw.memfds.len() {
@@ -1042,6 +1223,7 @@ impl Platform for LuoPlatform {
             workloads,
         };
         let (s, hfd) = self.preserve_agent_session(&back, &running, &previous)?;
+        self.forget_on_disk();
         let cmdline = with_liveupdate(&previous.cmdline);
         kexec::kexec_file_load(
             previous.image.as_fd(),
@@ -1065,6 +1247,7 @@ impl Platform for LuoPlatform {
     }
 
     fn confirm(&mut self) -> Result<(), PlatformError> {
+        self.forget_on_disk();
         let release = running_release();
         let mut t = self.state.trials().map_err(|e| err(e.to_string()))?;
         // On a host whose state directory did not survive the kexec (tmpfs), the attempt
