@@ -8,7 +8,8 @@ MK_REPO_ROOT="$(cd "$MK_KP_DIR/.." && pwd)"
 MK_SHARED_KERNELS="${MK_SHARED_KERNELS:-$MK_REPO_ROOT/../shared/kernels}"
 MK_KERNEL_CACHE="${MK_KERNEL_CACHE:-/var/cache/mk-upgrade/kernels}"
 # Fragments are merged in this order (later wins).
-MK_FRAGMENTS=("$MK_KP_DIR/configs/kho-luo.config" "$MK_KP_DIR/configs/test-vm.config")
+MK_FRAGMENTS=("$MK_KP_DIR/configs/kho-luo.config" "$MK_KP_DIR/configs/test-vm.config"
+    "$MK_KP_DIR/configs/criu.config")
 # The lowest kernel with LUO (/dev/liveupdate) in mainline.
 MK_MIN_KERNEL="6.19"
 

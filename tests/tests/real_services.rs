@@ -41,6 +41,8 @@ enum Need {
     Lighttpd,
     Redis,
     Python,
+    /// CRIU >= 4.2 that passes `criu check` on this kernel (deploy/install-criu.sh).
+    Criu,
 }
 
 const LIGHTTPD: &str = "/usr/sbin/lighttpd";
@@ -100,6 +102,21 @@ fn main() {
             notify_counter_keeps_its_memfd_in_the_fd_store,
         ),
         (
+            "redis_checkpoint_mode_keeps_its_memory_and_a_held_connection",
+            &[Need::Redis, Need::Criu],
+            redis_checkpoint_mode_keeps_its_memory_and_a_held_connection,
+        ),
+        (
+            "redis_checkpoint_mode_a_failed_restore_rolls_back_to_the_checkpoint",
+            &[Need::Redis, Need::Criu],
+            redis_checkpoint_mode_a_failed_restore_rolls_back_to_the_checkpoint,
+        ),
+        (
+            "redis_checkpoint_mode_a_failed_dump_leaves_the_old_copy_serving",
+            &[Need::Redis],
+            redis_checkpoint_mode_a_failed_dump_leaves_the_old_copy_serving,
+        ),
+        (
             "supervision_restarts_on_failure_and_leaves_restart_no_exited",
             &[Need::Python],
             supervision_restarts_on_failure_and_leaves_restart_no_exited,
@@ -151,6 +168,32 @@ fn missing(needs: &[Need]) -> Option<String> {
             Need::Lighttpd => &[LIGHTTPD],
             Need::Redis => &[REDIS_SERVER, REDIS_CLI],
             Need::Python => &[PYTHON],
+            Need::Criu => {
+                use upgrade_agent::host::checkpoint;
+                let Some(criu) = checkpoint::criu_path() else {
+                    return Some(
+                        "CRIU is not installed (run `bash deploy/install-criu.sh` as root)".into(),
+                    );
+                };
+                match checkpoint::criu_version(&criu) {
+                    Some(v) if v >= checkpoint::MIN_VERSION => {}
+                    v => {
+                        return Some(format!(
+                            "{} is version {v:?}, older than {:?} (run `bash deploy/install-criu.sh`)",
+                            criu.display(),
+                            checkpoint::MIN_VERSION
+                        ));
+                    }
+                }
+                let ok = std::process::Command::new(&criu)
+                    .arg("check")
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if !ok {
+                    return Some(format!("`{} check` fails on this kernel", criu.display()));
+                }
+                continue;
+            }
         };
         for f in files {
             if !Path::new(f).is_file() {
@@ -202,10 +245,15 @@ fn boot(m: &Machine) {
 
 /// `apply --kernel B --json` (signed); prints and returns the run and its record.
 fn apply(m: &Machine) -> (Run, Value) {
+    apply_env(m, &[])
+}
+
+/// [`apply`] with more environment (which the instance it creates inherits).
+fn apply_env(m: &Machine, env: &[(&str, &str)]) -> (Run, Value) {
     let b = m.path("bzImage-7.2.13-mkB");
     m.sign(&b);
     let t = Instant::now();
-    let r = m.run(&["apply", "--kernel", b.to_str().unwrap(), "--json"]);
+    let r = m.run_env(&["apply", "--kernel", b.to_str().unwrap(), "--json"], env);
     println!(
         "apply: exit {} after {:.2} s\n{}",
         r.code,
@@ -981,6 +1029,191 @@ fn redis_restart_mode_loses_no_acknowledged_write() {
     assert!(writes.counts.ok > 0, "the writers ran");
     assert_eq!(lost, 0, "no acknowledged write is lost: {examples:?}");
     assert_closed_window(w, &writes.counts);
+}
+
+/// The arguments of a redis that keeps its data in memory only, on `port`.
+fn redis_memory_args(port: u16) -> Vec<String> {
+    [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+fn redis_checkpoint_toml(port: u16) -> String {
+    format!(
+        "[[workload]]\nname = \"redis\"\nexec = {REDIS_SERVER:?}\nargs = {args}\n\
+         mode = \"checkpoint\"\n\
+         [workload.health]\nkind = \"exec\"\ncommand = {check}\ntimeout_ms = {HEALTH_TIMEOUT_MS}\n",
+        args = q_list(&redis_memory_args(port)),
+        check = redis_pong_check(port)
+    )
+}
+
+/// redis-server with its data in memory only (no RDB, no AOF), unmodified, in checkpoint
+/// mode: CRIU moves the process itself. Every key is there afterwards, served by a process
+/// on the new instance, and a client connection opened before the move still answers after
+/// it (`--tcp-established`).
+fn redis_checkpoint_mode_keeps_its_memory_and_a_held_connection() {
+    let m = machine(1, |m| redis_checkpoint_toml(m.addrs[0].port()));
+    let a = m.addrs[0];
+    boot(&m);
+    wait_for("redis to answer PING", || redis_ping(a).then_some(()));
+    let before = running_on_active(&m, "redis", "7.2.13-mkA");
+    let acked = redis_fill(a, "mem", 2000);
+    let mut held = Resp::connect(a).unwrap();
+    assert_eq!(
+        held.cmd(&["SET", "held", "before"]).unwrap(),
+        Reply::Simple("OK".into())
+    );
+
+    let (r, doc) = apply(&m);
+    assert_upgraded(&r, &doc);
+    let w = record_workload(&doc, "redis");
+    println!("record: {w}");
+    assert_eq!(w["mode"], "checkpoint", "{w}");
+    let after = running_on_active(&m, "redis", "7.2.13-mkB");
+    assert_runs(after, REDIS_SERVER);
+    println!("redis pid {before} on instance 1, {after} on instance 2 (restored by CRIU)");
+    // The same connection, on the restored process.
+    let got = held.cmd(&["GET", "held"]);
+    assert!(
+        matches!(got, Ok(Reply::Bulk(Some(ref v))) if v == b"before"),
+        "the connection opened before the move: {got:?}"
+    );
+    let (lost, examples) = redis_lost(a, &acked);
+    println!(
+        "keys written before the move: {}, lost: {lost} {examples:?}",
+        acked.len()
+    );
+    assert_eq!(
+        lost, 0,
+        "memory-only keys survive the checkpoint: {examples:?}"
+    );
+}
+
+/// Checkpoint mode when the restore on the new instance fails (a wrapper around the real
+/// CRIU, through MK_CRIU, fails the first `restore`): the upgrade rolls back, and the old
+/// instance restores the same checkpoint: every key and the held connection are back there.
+fn redis_checkpoint_mode_a_failed_restore_rolls_back_to_the_checkpoint() {
+    let m = machine(1, |m| redis_checkpoint_toml(m.addrs[0].port()));
+    let real = upgrade_agent::host::checkpoint::criu_path().expect("CRIU (checked by Need::Criu)");
+    let flag = m.path("restore-failed-once");
+    let wrapper = m.path("criu-wrapper");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = restore ] && [ ! -e {flag} ]; then touch {flag}; exit 1; fi\nexec {real} \"$@\"\n",
+            flag = flag.display(),
+            real = real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let env = [("MK_CRIU", wrapper.to_str().unwrap())];
+    let a = m.addrs[0];
+    let r = m.run_env(
+        &[
+            "emu",
+            "init",
+            "--kernel",
+            m.path("bzImage-7.2.13-mkA").to_str().unwrap(),
+        ],
+        &env,
+    );
+    assert_eq!(r.code, 0, "emu init: {r:?}");
+    wait_for("redis to answer PING", || redis_ping(a).then_some(()));
+    let acked = redis_fill(a, "mem", 1000);
+    let mut held = Resp::connect(a).unwrap();
+    assert_eq!(
+        held.cmd(&["SET", "held", "before"]).unwrap(),
+        Reply::Simple("OK".into())
+    );
+    let (r, doc) = apply_env(&m, &env);
+    assert_eq!(r.code, 10, "rolled back: {doc}");
+    assert_eq!(doc["result"], "rolled-back", "{doc}");
+    assert!(flag.exists(), "the failing restore ran");
+    let error = doc["error"].as_str().unwrap_or_default();
+    assert!(error.contains("criu restore failed"), "{error}");
+    let back = running_on_active(&m, "redis", "7.2.13-mkA");
+    assert_runs(back, REDIS_SERVER);
+    let got = held.cmd(&["GET", "held"]);
+    assert!(
+        matches!(got, Ok(Reply::Bulk(Some(ref v))) if v == b"before"),
+        "the connection opened before the move, after the rollback: {got:?}"
+    );
+    let (lost, examples) = redis_lost(a, &acked);
+    assert_eq!(lost, 0, "{examples:?}");
+}
+
+/// Checkpoint mode when CRIU fails to dump (a stand-in `criu` that exits 1, through
+/// MK_CRIU): the upgrade does not go on; the old copy keeps serving its memory.
+fn redis_checkpoint_mode_a_failed_dump_leaves_the_old_copy_serving() {
+    let m = machine(1, |m| redis_checkpoint_toml(m.addrs[0].port()));
+    let fake = m.path("fake-criu");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho \"Error (fake): no dump today\" >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let a = m.addrs[0];
+    let r = m.run_env(
+        &[
+            "emu",
+            "init",
+            "--kernel",
+            m.path("bzImage-7.2.13-mkA").to_str().unwrap(),
+        ],
+        &[("MK_CRIU", fake.to_str().unwrap())],
+    );
+    assert_eq!(r.code, 0, "emu init: {r:?}");
+    wait_for("redis to answer PING", || redis_ping(a).then_some(()));
+    let before = running_on_active(&m, "redis", "7.2.13-mkA");
+    let acked = redis_fill(a, "mem", 500);
+    // `check` names what checkpoint mode lacks: no CRIU at all, then one that does not run.
+    for (criu, want) in [
+        ("/nonexistent/criu", "CRIU is not installed"),
+        (fake.to_str().unwrap(), "--version does not run"),
+    ] {
+        let r = m.run_env(&["check"], &[("MK_CRIU", criu)]);
+        let out = format!("{}{}", r.stdout, r.stderr);
+        assert_eq!(r.code, 8, "check with MK_CRIU={criu}: {out}");
+        assert!(
+            out.contains("criu") && out.contains(want) && out.contains("deploy/install-criu.sh"),
+            "{out}"
+        );
+    }
+    let (r, doc) = apply(&m);
+    println!("apply: {r:?}\n{doc}");
+    assert_ne!(r.code, 0, "a failed dump cannot end upgraded: {doc}");
+    assert!(
+        doc["result"] == "rolled-back" || doc["result"] == "refused",
+        "{doc}"
+    );
+    let error = doc["error"].as_str().unwrap_or_default();
+    assert!(error.contains("criu dump failed"), "{error}");
+    assert_eq!(
+        running_on_active(&m, "redis", "7.2.13-mkA"),
+        before,
+        "the same process serves"
+    );
+    let (lost, examples) = redis_lost(a, &acked);
+    assert_eq!(lost, 0, "{examples:?}");
 }
 
 /// Regression: redis rewrites its process title ("redis-server 127.0.0.1:PORT"), so a copy

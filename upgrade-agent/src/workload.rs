@@ -149,7 +149,8 @@ pub enum Mode {
     /// (`stop_signal`, then `SIGKILL` after `stop_timeout_ms`), then a new copy is started
     /// on the new instance. Its ports are closed in between (measured per move).
     Restart,
-    /// Reserved for checkpoint/restore of the process tree (CRIU): refused by this build.
+    /// The process tree is checkpointed with CRIU while frozen and restored on the other
+    /// side (memory, sockets, established TCP connections): see `host::checkpoint`.
     Checkpoint,
 }
 
@@ -612,11 +613,22 @@ impl HealthCheck {
 fn check_mode(w: &WorkloadSpec) -> Result<(), String> {
     match w.mode {
         Mode::Checkpoint => {
-            return Err(
-                "mode \"checkpoint\" (CRIU checkpoint/restore) is reserved: this build cannot \
-                 checkpoint a process; use \"handover\", \"socket-activation\" or \"restart\""
-                    .to_owned(),
-            );
+            if !w.listeners.is_empty() || !w.memfds.is_empty() {
+                return Err(
+                    "mode \"checkpoint\" moves the whole process (its memory, its own sockets and \
+                     connections) with CRIU: declare no [[workload.listen]] or \
+                     [[workload.memfd]] (the process binds and allocates its own)"
+                        .to_owned(),
+                );
+            }
+            if matches!(w.health, HealthCheck::None | HealthCheck::Notify { .. }) {
+                return Err(
+                    "mode \"checkpoint\" needs a health check that asks the restored process \
+                     (kind = \"tcp\", \"http\" or \"exec\"): a restored process does not send \
+                     READY=1 again, and \"none\" would only see it alive"
+                        .to_owned(),
+                );
+            }
         }
         Mode::Restart => {
             if !w.listeners.is_empty() {
@@ -960,7 +972,24 @@ command = ["/bin/true"]
         let tcp = "[workload.health]\nkind = \"tcp\"\naddr = \"127.0.0.1:6379\"\n";
         let http = "[workload.health]\nkind = \"http\"\naddr = \"127.0.0.1:6379\"\n";
         let cases = [
-            (format!("{ONE}mode = \"checkpoint\"\n{http}"), "reserved"),
+            (
+                format!("{ONE}mode = \"checkpoint\"\n{listen}{http}"),
+                "declare no [[workload.listen]]",
+            ),
+            (
+                format!("{ONE}mode = \"checkpoint\"\n[[workload.memfd]]\nname = \"m\"\n{http}"),
+                "declare no [[workload.listen]]",
+            ),
+            (
+                format!("{ONE}mode = \"checkpoint\"\n"),
+                "asks the restored process",
+            ),
+            (
+                format!(
+                    "{ONE}mode = \"checkpoint\"\n[workload.health]\nkind = \"notify\"\ntimeout_ms = 1\n"
+                ),
+                "READY=1 again",
+            ),
             (
                 format!("{ONE}mode = \"restart\"\n{listen}{tcp}"),
                 "binds its own ports",
@@ -1006,6 +1035,7 @@ command = ["/bin/true"]
         // What each mode accepts.
         for ok in [
             format!("{ONE}mode = \"restart\"\n{tcp}"),
+            format!("{ONE}mode = \"checkpoint\"\n{tcp}"),
             format!("{ONE}mode = \"socket-activation\"\n{listen}{http}"),
             format!(
                 "{ONE}mode = \"socket-activation\"\n{listen}[workload.health]\nkind = \"notify\"\n"

@@ -37,6 +37,8 @@ fn request<'a>(exec: &'a str, args: &'a [String], env: &'a [(String, String)]) -
         cpus: None,
         new_session: false,
         stdio: Stdio::Null,
+        output: None,
+        new_pid_namespace: false,
     }
 }
 

@@ -73,7 +73,8 @@ pub fn environment(
         env.push(("LISTEN_FDS".to_owned(), fds.len().to_string()));
         env.push(("LISTEN_FDNAMES".to_owned(), names.join(":")));
     }
-    if let Some(p) = notify {
+    // Not in checkpoint mode: a restored process would keep a path of the old instance.
+    if let Some(p) = notify.filter(|_| spec.mode != Mode::Checkpoint) {
         env.push(("NOTIFY_SOCKET".to_owned(), p.display().to_string()));
     }
     Ok((env, listen))
@@ -108,6 +109,20 @@ pub fn start(l: &Launch<'_>) -> std::io::Result<Process> {
         .chain(l.extra_args.iter())
         .cloned()
         .collect();
+    // Checkpoint mode: pid 1 of its own PID namespace, nothing but /dev/null on 0, 1, 2 and
+    // no other descriptor (host::checkpoint: what CRIU can restore anywhere).
+    let checkpoint = l.spec.mode == Mode::Checkpoint;
+    let devnull = if checkpoint {
+        Some(
+            std::fs::File::options()
+                .read(true)
+                .write(true)
+                .open("/dev/null")?,
+        )
+    } else {
+        None
+    };
+    let fds = if checkpoint { Vec::new() } else { fds };
     spawn::spawn(&SpawnRequest {
         exec: &l.spec.exec,
         args: &args,
@@ -118,6 +133,8 @@ pub fn start(l: &Launch<'_>) -> std::io::Result<Process> {
         cpus: (!l.cpus.is_empty()).then_some(&set),
         new_session: true,
         stdio: spawn::Stdio::Null,
+        output: devnull.as_ref().map(AsFd::as_fd),
+        new_pid_namespace: checkpoint,
     })
 }
 

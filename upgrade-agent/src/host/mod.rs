@@ -3,6 +3,7 @@
 //! ([`ctl`]), and the receiving end of the inter-instance channel ([`receiver`]).
 
 pub mod adopt;
+pub mod checkpoint;
 pub mod ctl;
 pub mod launch;
 pub mod notify;

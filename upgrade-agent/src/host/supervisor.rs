@@ -24,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::host::ctl::{Request, Response};
-use crate::host::launch;
+use crate::host::{checkpoint, launch};
 use crate::model::{InstanceId, PreservedFd, WorkloadInfo, WorkloadState};
 use crate::sys::cgroup::Freezer;
 use crate::sys::fdpass;
@@ -76,6 +76,13 @@ pub enum SupervisorError {
     /// An `Expect` request with a malformed upgrade id.
     #[error("bad upgrade id: {0}")]
     BadUpgradeId(#[source] kho_proto::channel::ParseUpgradeIdError),
+    /// Checkpointing or restoring a `mode = "checkpoint"` workload failed.
+    #[error("{name}: {source}")]
+    Checkpoint {
+        name: String,
+        #[source]
+        source: super::checkpoint::CheckpointError,
+    },
     /// A request only the LUO host agent serves.
     #[error(
         "LuoApply is served only by the host agent of a LUO kernel (`mk-agentd serve`), not by \
@@ -337,16 +344,41 @@ fn launch(inst: &Instance, w: &mut Running) -> Result<(), SupervisorError> {
         }
         None => None,
     };
-    let process = launch::start(&launch::Launch {
-        spec: &w.spec,
-        fds: &w.fds,
-        stored: w.stored(),
-        cpus: &inst.cpus,
-        cgroup_dir: dir.as_ref().map(AsFd::as_fd),
-        notify: inst.notify_path.as_deref(),
-        extra_args: &w.extra_args,
-    })
-    .map_err(start)?;
+    let images = (w.spec.mode == Mode::Checkpoint)
+        .then(|| w.fds.iter().position(|p| p.name == checkpoint::IMAGES))
+        .flatten();
+    let process = if let Some(i) = images {
+        // A checkpointed copy (moved here, or kept here for a rollback): restored from its
+        // images, which are then no longer needed.
+        let criu = checkpoint::criu_path().ok_or_else(|| SupervisorError::Checkpoint {
+            name: w.spec.name.clone(),
+            source: checkpoint::CheckpointError::NoCriu,
+        })?;
+        let scratch = inst.dir.join("criu").join(&w.spec.name);
+        let p = checkpoint::restore(
+            &criu,
+            w.fds[i].fd.as_fd(),
+            &scratch,
+            dir.as_ref().map(AsFd::as_fd),
+        )
+        .map_err(|source| SupervisorError::Checkpoint {
+            name: w.spec.name.clone(),
+            source,
+        })?;
+        w.fds.remove(i);
+        p
+    } else {
+        launch::start(&launch::Launch {
+            spec: &w.spec,
+            fds: &w.fds,
+            stored: w.stored(),
+            cpus: &inst.cpus,
+            cgroup_dir: dir.as_ref().map(AsFd::as_fd),
+            notify: inst.notify_path.as_deref(),
+            extra_args: &w.extra_args,
+        })
+        .map_err(start)?
+    };
     w.pid = i32::try_from(process.id()).unwrap_or(-1);
     w.process = Some(process);
     w.frozen = false;
@@ -634,6 +666,9 @@ pub fn freeze(shared: &Shared, name: &str) -> Result<(), SupervisorError> {
         let mut inst = lock(shared);
         let inst = &mut *inst;
         let w = get(&mut inst.workloads, name)?;
+        if w.spec.mode == Mode::Checkpoint {
+            return checkpoint_now(inst, name);
+        }
         if w.spec.mode != Mode::Restart {
             inst.freezer
                 .freeze(name, w.pid)
@@ -664,6 +699,37 @@ pub fn freeze(shared: &Shared, name: &str) -> Result<(), SupervisorError> {
             name: name.to_owned(),
             source,
         })
+}
+
+/// The freeze of a `mode = "checkpoint"` workload: CRIU dumps its process tree (stopping,
+/// then killing it) into the packed images, kept as its preserved descriptor
+/// [`checkpoint::IMAGES`]. On failure CRIU resumed the tree: nothing changed.
+fn checkpoint_now(inst: &mut Instance, name: &str) -> Result<(), SupervisorError> {
+    let scratch = inst.dir.join("criu").join(name);
+    let w = get(&mut inst.workloads, name)?;
+    let failed = |source| SupervisorError::Checkpoint {
+        name: name.to_owned(),
+        source,
+    };
+    let criu =
+        checkpoint::criu_path().ok_or_else(|| failed(checkpoint::CheckpointError::NoCriu))?;
+    if !w.alive() {
+        return Err(SupervisorError::NotRunning(name.to_owned()));
+    }
+    let images = checkpoint::dump(&criu, w.pid, &scratch, name).map_err(failed)?;
+    // CRIU killed the tree after the dump: collect it.
+    if let Some(mut p) = w.process.take() {
+        let _ = p.wait_timeout(Duration::from_secs(5));
+    }
+    w.fds.retain(|p| p.name != checkpoint::IMAGES);
+    w.fds.push(PreservedFd {
+        name: checkpoint::IMAGES.to_owned(),
+        fd: images,
+    });
+    w.frozen = true;
+    w.restart_at = None;
+    w.exit = Some("checkpointed (CRIU dump)".into());
+    Ok(())
 }
 
 /// `stop_signal`, up to `stop_timeout_ms` for the process to exit, then `SIGKILL` of its

@@ -616,8 +616,15 @@ impl<'a> Orchestrator<'a> {
         }
         let task = match task {
             Some(t) => Ok(t),
-            // Frozen now (or, restart mode, gone: then there is nothing left to describe).
-            None if spec.mode == crate::workload::Mode::Restart => Ok(no_task()),
+            // Frozen now (or, restart and checkpoint modes, gone: then there is nothing left
+            // to describe).
+            None if matches!(
+                spec.mode,
+                crate::workload::Mode::Restart | crate::workload::Mode::Checkpoint
+            ) =>
+            {
+                Ok(no_task())
+            }
             None => self
                 .setup
                 .env

@@ -98,8 +98,15 @@ pub struct SpawnRequest<'a> {
     /// `setsid()` in the child: it leads a new session and process group (no
     /// controlling terminal).
     pub new_session: bool,
-    /// The child's stdin. stdout and stderr are inherited.
+    /// The child's stdin.
     pub stdio: Stdio,
+    /// The child's stdout and stderr (both `dup2`ed from this descriptor); `None`:
+    /// inherited.
+    pub output: Option<BorrowedFd<'a>>,
+    /// `CLONE_NEWPID`: the child is the first process (pid 1) of a new PID namespace, so
+    /// its pids are free again after it is checkpointed and restored elsewhere. Needs
+    /// `clone3` (no fallback to `fork`).
+    pub new_pid_namespace: bool,
 }
 
 impl fmt::Debug for SpawnRequest<'_> {
@@ -114,6 +121,8 @@ impl fmt::Debug for SpawnRequest<'_> {
             .field("cpus", &self.cpus.map(|_| "cpu_set_t"))
             .field("new_session", &self.new_session)
             .field("stdio", &self.stdio)
+            .field("output", &self.output)
+            .field("new_pid_namespace", &self.new_pid_namespace)
             .finish()
     }
 }
@@ -130,6 +139,8 @@ pub enum ChildStep {
     Affinity,
     /// `dup2` of `/dev/null` to stdin.
     Stdin,
+    /// `dup2` of the output descriptor to 1 and 2.
+    Output,
     /// `dup2` of a handed-over descriptor to its place.
     Fds,
     /// Marking the other descriptors close-on-exec.
@@ -141,11 +152,12 @@ pub enum ChildStep {
 }
 
 impl ChildStep {
-    const ALL: [ChildStep; 8] = [
+    const ALL: [ChildStep; 9] = [
         ChildStep::CgroupProcs,
         ChildStep::Setsid,
         ChildStep::Affinity,
         ChildStep::Stdin,
+        ChildStep::Output,
         ChildStep::Fds,
         ChildStep::CloseOnExec,
         ChildStep::SignalMask,
@@ -169,6 +181,7 @@ impl ChildStep {
             ChildStep::Setsid => "setsid",
             ChildStep::Affinity => "sched_setaffinity",
             ChildStep::Stdin => "stdin from /dev/null",
+            ChildStep::Output => "stdout and stderr",
             ChildStep::Fds => "placing the descriptors at 3..",
             ChildStep::CloseOnExec => "marking the other descriptors close-on-exec",
             ChildStep::SignalMask => "emptying the signal mask",
@@ -694,6 +707,10 @@ struct ChildPlan<'a> {
     cpus: Option<&'a libc::cpu_set_t>,
     /// `/dev/null` for stdin, or -1 to inherit.
     stdin_fd: RawFd,
+    /// stdout and stderr, or -1 to inherit.
+    output_fd: RawFd,
+    /// Flags added to `clone3`'s (`CLONE_NEWPID`).
+    clone_flags: u64,
     /// The descriptors to `dup2` to 3, 4, ...; each above `cloexec_from`.
     sources: &'a [RawFd],
     /// 3 + the number of `sources`: every descriptor from here on is close-on-exec.
@@ -757,6 +774,10 @@ fn child_steps(plan: &ChildPlan<'_>) -> Result<std::convert::Infallible, (ChildS
     }
     if plan.stdin_fd >= 0 {
         sys::dup2_raw(plan.stdin_fd, 0).map_err(|e| (ChildStep::Stdin, os(&e)))?;
+    }
+    if plan.output_fd >= 0 {
+        sys::dup2_raw(plan.output_fd, 1).map_err(|e| (ChildStep::Output, os(&e)))?;
+        sys::dup2_raw(plan.output_fd, 2).map_err(|e| (ChildStep::Output, os(&e)))?;
     }
     for (target, &src) in (3..).zip(plan.sources) {
         // Every source lies above every target, so no dup2 overwrites a later source;
@@ -936,7 +957,7 @@ fn launch(how: Launch, plan: &ChildPlan<'_>) -> io::Result<(i32, OwnedFd)> {
         Launch::Clone3(cgroup) => {
             let mut pidfd: c_int = -1;
             let mut args = CloneArgs {
-                flags: libc::CLONE_PIDFD as u64,
+                flags: libc::CLONE_PIDFD as u64 | plan.clone_flags,
                 pidfd: (&raw mut pidfd) as u64,
                 exit_signal: libc::SIGCHLD as u64,
                 ..CloneArgs::default()
@@ -968,6 +989,10 @@ fn launch(how: Launch, plan: &ChildPlan<'_>) -> io::Result<(i32, OwnedFd)> {
                 Ok((r as i32, unsafe { OwnedFd::from_raw_fd(pidfd) }))
             }
         }
+        Launch::Fork if plan.clone_flags != 0 => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "a new PID namespace needs clone3 (Linux 5.3), which this kernel lacks",
+        )),
         Launch::Fork => {
             // SAFETY: the child only runs `child`, which never returns (see its contract).
             let pid = unsafe { libc::fork() };
@@ -1032,6 +1057,10 @@ fn spawn_with(req: &SpawnRequest<'_>, route: Route) -> io::Result<Process> {
         }
         Stdio::Inherit => None,
     };
+    let output = req
+        .output
+        .map(|o| sys::dup_at_least(o, floor))
+        .transpose()?;
     let (report_read, report_write) = report_pipe()?;
     let report_write = above(report_write, floor)?;
     let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
@@ -1051,6 +1080,12 @@ fn spawn_with(req: &SpawnRequest<'_>, route: Route) -> io::Result<Process> {
         new_session: req.new_session,
         cpus: req.cpus,
         stdin_fd: devnull.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+        output_fd: output.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+        clone_flags: if req.new_pid_namespace {
+            libc::CLONE_NEWPID as u64
+        } else {
+            0
+        },
         sources: &raw_sources,
         cloexec_from,
         cloexec_loop_end,
@@ -1104,6 +1139,7 @@ fn spawn_with(req: &SpawnRequest<'_>, route: Route) -> io::Result<Process> {
     drop(report_write);
     drop(procs);
     drop(devnull);
+    drop(output);
     drop(sources);
 
     let mut process = Process {
@@ -1226,6 +1262,8 @@ mod tests {
             cpus: None,
             new_session: false,
             stdio: Stdio::Null,
+            output: None,
+            new_pid_namespace: false,
         }
     }
 
@@ -1306,6 +1344,8 @@ mod tests {
                 cpus: None,
                 new_session: false,
                 stdio: Stdio::Null,
+                output: None,
+                new_pid_namespace: false,
             };
             let mut p = spawn_with(&req, route).unwrap();
             assert!(!p.placed_by_clone3(), "{route:?}");

@@ -391,6 +391,24 @@ pub fn workload_checks(
         }
         Err(e) => out.push(bad("workloads", e.message, "fix the workload file")),
     }
+    if let Ok(f) = g.load_workloads()
+        && let Some(w) = f
+            .workloads
+            .iter()
+            .find(|w| w.mode == upgrade_agent::workload::Mode::Checkpoint)
+    {
+        out.push(match upgrade_agent::host::checkpoint::readiness() {
+            Ok(detail) => ok(
+                "criu",
+                format!("{detail} (workload {} is in mode checkpoint)", w.name),
+            ),
+            Err((problem, fix)) => bad(
+                "criu",
+                format!("workload {} is in mode \"checkpoint\": {problem}", w.name),
+                fix,
+            ),
+        });
+    }
 }
 
 /// The checks of every platform: trusted keys, journal, lock.
