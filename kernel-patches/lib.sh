@@ -30,7 +30,18 @@ mk_find_env() {
     printf '%s\n%s\n' "$MK_TEST_KERNEL_A" "$MK_TEST_KERNEL_B"
 }
 
-# Prints "A\nB" from ../shared/kernels when present and its SHA256SUMS verify.
+# mk_config_lacks <config>: prints the fragments' `CONFIG_X=y` options the full kernel config
+# file <config> does not set (none: it covers them all).
+mk_config_lacks() {
+    local opt
+    while IFS= read -r opt; do
+        grep -qx -- "$opt" "$1" || printf '%s\n' "${opt%%=*}"
+    done < <(cat "${MK_FRAGMENTS[@]}" | grep -E '^CONFIG_[A-Z0-9_]+=y$' | sort -u)
+}
+
+# Prints "A\nB" from ../shared/kernels when present, its SHA256SUMS verify and its kernel
+# config (full-mkA.config or config-*-mkA, when there is one) sets every option of the
+# fragments: prebuilt kernels from before an option was added are not used.
 mk_find_shared() {
     local dir="$MK_SHARED_KERNELS" a b
     [[ -f "$dir/SHA256SUMS" ]] || return 1
@@ -40,6 +51,17 @@ mk_find_shared() {
     if ! (cd "$dir" && sha256sum --check --quiet --strict SHA256SUMS >&2); then
         mk_log "shared kernels: SHA256SUMS in $dir do not match; ignoring them"
         return 1
+    fi
+    local cfg lacking
+    cfg="$(ls "$dir"/full-mkA.config "$dir"/config-*-mkA 2>/dev/null | head -n1)"
+    if [[ -n "$cfg" ]]; then
+        lacking="$(mk_config_lacks "$cfg" | tr '\n' ' ')"
+        if [[ -n "$lacking" ]]; then
+            mk_log "shared kernels: $(basename "$cfg") lacks ${lacking}(set by kernel-patches/configs/); not using them"
+            return 1
+        fi
+    else
+        mk_log "shared kernels: no kernel config beside them; the fragments' options are not checked"
     fi
     mk_log "using shared prebuilt kernels from $(cd "$dir" && pwd) (SHA256SUMS ok)"
     printf '%s\n%s\n' "$(cd "$dir" && pwd)/$(basename "$a")" "$(cd "$dir" && pwd)/$(basename "$b")"

@@ -6,6 +6,9 @@
 //! (release build; the workload binary belongs to another package). Environment:
 //! `MK_BENCH_SIZES_MIB` (default `1,64,1024`), `MK_BENCH_MOVES` (moves per configuration,
 //! default 7), `MK_BENCH_MANY` (workloads in the many-workload apply, default 100, 0 skips).
+//! Each size also runs in checkpoint mode (CRIU dumps and restores the same mk-demo-kv, which
+//! then creates its own memfd and binds its own port) when `criu check` passes here; the row
+//! says why it was skipped otherwise.
 //! Prints a Markdown table (copied into docs/performance.md) and writes
 //! `target/blackout.json`.
 
@@ -51,6 +54,17 @@ fn demo_kv_bin() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// The same mk-demo-kv in `mode = "checkpoint"`: no declared memfd or listener (it creates
+/// its own memfd and binds its own port); CRIU moves the process.
+fn checkpoint_spec(name: &str, addr: SocketAddr, mib: u64) -> WorkloadSpec {
+    let mut s = spec(name, addr, mib, Transfer::Share, Integrity::Digest);
+    s.memfds.clear();
+    s.listeners.clear();
+    s.args.extend(["--listen".to_owned(), addr.to_string()]);
+    s.mode = upgrade_agent::workload::Mode::Checkpoint;
+    s
 }
 
 fn spec(
@@ -230,23 +244,27 @@ fn main() {
             .copied()
             .unwrap_or(100)
     };
-    let modes = [
+    // `None`: checkpoint mode (CRIU), when this host can run it.
+    let criu = upgrade_agent::host::checkpoint::readiness();
+    let mut modes = vec![
         (
             "share + identity (zero-copy)",
-            Transfer::Share,
-            Integrity::Identity,
+            Some((Transfer::Share, Integrity::Identity)),
         ),
         (
             "share + digest (default)",
-            Transfer::Share,
-            Integrity::Digest,
+            Some((Transfer::Share, Integrity::Digest)),
         ),
         (
             "copy + digest (copy baseline)",
-            Transfer::Copy,
-            Integrity::Digest,
+            Some((Transfer::Copy, Integrity::Digest)),
         ),
     ];
+    match &criu {
+        Ok(_) if !quick => modes.push(("checkpoint (CRIU dump + restore)", None)),
+        Ok(_) => {}
+        Err((why, _)) => println!("checkpoint mode rows skipped: {why}"),
+    }
     // The many-workload apply runs first, so the agent's peak RSS is not the memcpy
     // baseline's buffers.
     let mut many_row = serde_json::Value::Null;
@@ -297,9 +315,13 @@ fn main() {
     for &mib in &sizes {
         let gbps = memcpy_gbps(mib.min(1024));
         let memcpy_ms = (mib << 20) as f64 / (gbps * 1e9) * 1000.0;
-        for (label, transfer, integrity) in modes {
+        for &(label, how) in &modes {
             let addr = free_ports(1)[0];
-            let m = Machine::new(vec![spec("kv-1", addr, mib, transfer, integrity)]);
+            let s = match how {
+                Some((transfer, integrity)) => spec("kv-1", addr, mib, transfer, integrity),
+                None => checkpoint_spec("kv-1", addr, mib),
+            };
+            let m = Machine::new(vec![s]);
             let mut hand = Vec::new();
             let mut black = Vec::new();
             for i in 0..moves {

@@ -23,6 +23,28 @@ pub const HEALTH_FAIL_ENV: &str = "MK_INJECT_HEALTH_FAIL";
 /// SIGKILL (crash-consistency tests).
 pub const CRASH_AFTER_WRITE_ENV: &str = "MK_FAULT_CRASH_AFTER_WRITE";
 
+/// Environment variable of the LUO host agent naming a file it waits for (at most
+/// [`KEXEC_GATE_WAIT`]) after recording the trial boot and before the kexec: the VM suite
+/// copies the state directory out at that point (its VM has no disk), then opens the gate.
+pub const KEXEC_GATE_ENV: &str = "MK_FAULT_KEXEC_GATE";
+
+/// How long the agent waits at the [`KEXEC_GATE_ENV`] gate.
+pub const KEXEC_GATE_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Test-only (fault-injection builds, with [`KEXEC_GATE_ENV`] set): waits for the gate file.
+pub fn wait_at_kexec_gate() {
+    if !ENABLED {
+        return;
+    }
+    let Some(gate) = std::env::var_os(KEXEC_GATE_ENV) else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + KEXEC_GATE_WAIT;
+    while !std::path::Path::new(&gate).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// The faults of one upgrade.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Faults {

@@ -811,6 +811,7 @@ impl Platform for LuoPlatform {
             .begin(&target.release, 1)
             .map_err(|e| err(e.to_string()))?;
         let kept = self.preserve_agent_session(&handoff, &source, &target);
+        crate::fault::wait_at_kexec_gate();
         let e = match kept {
             Err(e) => e,
             Ok((session, hfd)) => {
