@@ -232,15 +232,23 @@ fn machine(ports: usize, toml: impl FnOnce(&Machine) -> String) -> Machine {
     m
 }
 
+/// `emu init` with kernel A and more environment (which its instance inherits).
+fn boot_env(m: &Machine, env: &[(&str, &str)]) {
+    let r = m.run_env(
+        &[
+            "emu",
+            "init",
+            "--kernel",
+            m.path("bzImage-7.2.13-mkA").to_str().unwrap(),
+        ],
+        env,
+    );
+    assert_eq!(r.code, 0, "emu init: {r:?}");
+}
+
 /// `emu init` with kernel A.
 fn boot(m: &Machine) {
-    let r = m.run(&[
-        "emu",
-        "init",
-        "--kernel",
-        m.path("bzImage-7.2.13-mkA").to_str().unwrap(),
-    ]);
-    assert_eq!(r.code, 0, "emu init: {r:?}");
+    boot_env(m, &[]);
 }
 
 /// `apply --kernel B --json` (signed); prints and returns the run and its record.
@@ -1126,16 +1134,7 @@ fn redis_checkpoint_mode_a_failed_restore_rolls_back_to_the_checkpoint() {
     .unwrap();
     let env = [("MK_CRIU", wrapper.to_str().unwrap())];
     let a = m.addrs[0];
-    let r = m.run_env(
-        &[
-            "emu",
-            "init",
-            "--kernel",
-            m.path("bzImage-7.2.13-mkA").to_str().unwrap(),
-        ],
-        &env,
-    );
-    assert_eq!(r.code, 0, "emu init: {r:?}");
+    boot_env(&m, &env);
     wait_for("redis to answer PING", || redis_ping(a).then_some(()));
     let acked = redis_fill(a, "mem", 1000);
     let mut held = Resp::connect(a).unwrap();
@@ -1172,16 +1171,7 @@ fn redis_checkpoint_mode_a_failed_dump_leaves_the_old_copy_serving() {
     .unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let a = m.addrs[0];
-    let r = m.run_env(
-        &[
-            "emu",
-            "init",
-            "--kernel",
-            m.path("bzImage-7.2.13-mkA").to_str().unwrap(),
-        ],
-        &[("MK_CRIU", fake.to_str().unwrap())],
-    );
-    assert_eq!(r.code, 0, "emu init: {r:?}");
+    boot_env(&m, &[("MK_CRIU", fake.to_str().unwrap())]);
     wait_for("redis to answer PING", || redis_ping(a).then_some(()));
     let before = running_on_active(&m, "redis", "7.2.13-mkA");
     let acked = redis_fill(a, "mem", 500);

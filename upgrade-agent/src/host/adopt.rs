@@ -30,15 +30,14 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::supervisor::{Instance, Readiness, Running};
+use super::supervisor::{Instance, Running};
 use crate::model::PreservedFd;
 use crate::sys::spawn::{self, Process};
-use crate::workload::{RESTART_BACKOFF_MIN_MS, WorkloadSpec};
+use crate::workload::WorkloadSpec;
 
 /// The largest record read (a record names at most 64 + the declared descriptors).
 pub const MAX_RECORD_BYTES: u64 = 64 * 1024;
@@ -266,24 +265,11 @@ pub fn adopt(
     inst.freezer
         .thaw(&spec.name, record.pid)
         .map_err(AdoptError::Thaw)?;
-    let readiness = Arc::new(Readiness::default());
-    readiness.set();
-    Ok(Some(Running {
-        spec: spec.clone(),
-        process: Some(process),
-        pid: record.pid,
-        fds,
-        frozen: false,
-        pending_commit: false,
-        exit: None,
-        restarts: 0,
-        started: Instant::now(),
-        restart_at: None,
-        backoff: Duration::from_millis(RESTART_BACKOFF_MIN_MS),
-        readiness,
-        status_text: None,
-        extra_args: Vec::new(),
-    }))
+    let mut w = Running::new(spec.clone(), fds, false);
+    w.process = Some(process);
+    w.pid = record.pid;
+    w.readiness.set();
+    Ok(Some(w))
 }
 
 /// What [`adopt_into`] did with one workload.
@@ -339,7 +325,7 @@ mod tests {
     use crate::sys::cgroup::Freezer;
     use crate::workload::{ListenSpec, MemfdSpec};
     use std::os::unix::fs::{FileExt, PermissionsExt};
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     fn instance(records: &Path) -> Shared {
         let mut inst = supervisor::Instance::new(

@@ -124,6 +124,26 @@ pub struct Running {
 }
 
 impl Running {
+    /// A workload without a process yet (`launch` starts one; adoption sets one).
+    pub fn new(spec: WorkloadSpec, fds: Vec<PreservedFd>, pending_commit: bool) -> Running {
+        Running {
+            spec,
+            process: None,
+            pid: -1,
+            fds,
+            frozen: false,
+            pending_commit,
+            exit: None,
+            restarts: 0,
+            started: Instant::now(),
+            restart_at: None,
+            backoff: Duration::from_millis(crate::workload::RESTART_BACKOFF_MIN_MS),
+            readiness: Arc::new(Readiness::default()),
+            status_text: None,
+            extra_args: Vec::new(),
+        }
+    }
+
     /// How many of its descriptors (at the end) came from its fd store.
     pub fn stored(&self) -> usize {
         self.fds
@@ -416,23 +436,8 @@ pub fn admit(
     if inst.workloads.contains_key(name) {
         return Err(SupervisorError::AlreadyRunning(name.to_owned()));
     }
-    let fds = order_fds(spec, fds);
-    let mut w = Running {
-        spec: spec.clone(),
-        process: None,
-        pid: -1,
-        fds,
-        frozen: false,
-        pending_commit,
-        exit: None,
-        restarts: 0,
-        started: Instant::now(),
-        restart_at: None,
-        backoff: Duration::from_millis(crate::workload::RESTART_BACKOFF_MIN_MS),
-        readiness: Arc::new(Readiness::default()),
-        status_text: None,
-        extra_args: extra_args.to_vec(),
-    };
+    let mut w = Running::new(spec.clone(), order_fds(spec, fds), pending_commit);
+    w.extra_args = extra_args.to_vec();
     launch(&inst, &mut w)?;
     let info = w.info();
     inst.workloads.insert(name.to_owned(), w);

@@ -321,22 +321,7 @@ impl LuoPlatform {
         if handoff.direction == Direction::Forward && release != handoff.target_release {
             tracing::warn!(expected = %handoff.target_release, running = %release, "running release differs from the target");
         }
-        self.self_id = match handoff.direction {
-            Direction::Forward => handoff.record.new_instance.unwrap_or(1),
-            Direction::Return => handoff.record.old_instance,
-        };
-        self.carried = Some(Carried {
-            direction: handoff.direction,
-            record: Some(handoff.record),
-            arrived: handoff
-                .workloads
-                .into_iter()
-                .map(|w| (w.name.clone(), w))
-                .collect(),
-            kept: BTreeMap::new(),
-            claimed: BTreeMap::new(),
-            retrieve_ms: t0.elapsed().as_secs_f64() * 1000.0,
-        });
+        self.carry(handoff, t0.elapsed().as_secs_f64() * 1000.0);
         Ok(())
     }
 
@@ -419,6 +404,13 @@ impl LuoPlatform {
              the kexec; the workloads not claimed yet are still in LUO",
             handoff.record.upgrade_id, handoff.direction
         ));
+        self.carry(handoff, 0.0);
+        Ok(true)
+    }
+
+    /// This kernel is the one `handoff` went to: its instance id, and what it carried (the
+    /// workloads' sessions still to be claimed).
+    fn carry(&mut self, handoff: Handoff, retrieve_ms: f64) {
         self.self_id = match handoff.direction {
             Direction::Forward => handoff.record.new_instance.unwrap_or(1),
             Direction::Return => handoff.record.old_instance,
@@ -433,9 +425,8 @@ impl LuoPlatform {
                 .collect(),
             kept: BTreeMap::new(),
             claimed: BTreeMap::new(),
-            retrieve_ms: 0.0,
+            retrieve_ms,
         });
-        Ok(true)
     }
 
     /// Retrieves one carried workload's session: its image (forward) and memfds, kept
