@@ -8,7 +8,8 @@
 //!
 //! For that, every start of a workload's process leaves a record in the supervisor's
 //! records directory (`STATE_DIR/luo/running/NAME.json`, 0600 in a 0700 directory; written
-//! with a rename, not synced: it only matters within one boot): the boot id, the pid, the
+//! with a rename, not synced: it only matters within one boot; a first line carries the
+//! CRC32 of the rest, [`write_checked`]): the boot id, the pid, the
 //! process's start time (field 22 of `/proc/PID/stat`, so a recycled pid is never taken for
 //! it) and the identity (`st_dev`, `st_ino`) of every descriptor handed to it. Adoption
 //! reads the record
@@ -110,7 +111,63 @@ pub fn write_record(dir: &Path, w: &Running) -> io::Result<()> {
         fds,
     };
     let bytes = serde_json::to_vec(&record).map_err(io::Error::other)?;
-    write_private(&record_path(dir, &w.spec.name), &bytes)
+    write_checked(&record_path(dir, &w.spec.name), &bytes)
+}
+
+/// The first line of a checked file: this tag, a space, the CRC32 of the rest (8 hex
+/// digits), a newline.
+const CHECKED_TAG: &str = "mk-checked-1";
+
+/// Writes `body` to `path` behind a first line carrying its CRC32 (see [`read_checked`]),
+/// with [`write_private`]: every byte of the file is covered.
+pub fn write_checked(path: &Path, body: &[u8]) -> io::Result<()> {
+    let mut bytes = format!("{CHECKED_TAG} {:08x}\n", crc32fast::hash(body)).into_bytes();
+    bytes.extend_from_slice(body);
+    write_private(path, &bytes)
+}
+
+/// Reads a file [`write_checked`] wrote: a regular file (not followed through a symbolic
+/// link) of at most `cap` bytes whose first line's CRC32 matches the rest; returns the rest.
+/// `Ok(None)` if there is no file.
+pub fn read_checked(path: &Path, cap: u64) -> Result<Option<Vec<u8>>, String> {
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > cap {
+        return Err(format!("{} bytes, over the cap of {cap}", meta.len()));
+    }
+    let mut bytes = Vec::new();
+    f.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    let nl = bytes
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or("no header line (damaged)")?;
+    let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| "header not UTF-8 (damaged)")?;
+    let want = header
+        .strip_prefix(CHECKED_TAG)
+        .and_then(|h| h.strip_prefix(' '))
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .ok_or_else(|| format!("header {header:?} is not \"{CHECKED_TAG} <crc32>\" (damaged)"))?;
+    let body = bytes.split_off(nl + 1);
+    let got = crc32fast::hash(&body);
+    if got != want {
+        return Err(format!(
+            "checksum mismatch (CRC32 {got:08x}, header says {want:08x}): the file is damaged"
+        ));
+    }
+    Ok(Some(body))
 }
 
 /// Writes `bytes` to `path` (mode 0600, whatever the umask) through a temporary file and a
@@ -149,29 +206,9 @@ pub fn read_record(path: &Path) -> Result<Option<Record>, AdoptError> {
         path: path.to_owned(),
         what,
     };
-    let f = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(bad(e.to_string())),
+    let Some(bytes) = read_checked(path, MAX_RECORD_BYTES).map_err(bad)? else {
+        return Ok(None);
     };
-    let meta = f.metadata().map_err(|e| bad(e.to_string()))?;
-    if !meta.is_file() {
-        return Err(bad("not a regular file".into()));
-    }
-    if meta.len() > MAX_RECORD_BYTES {
-        return Err(bad(format!(
-            "{} bytes, over the cap of {MAX_RECORD_BYTES}",
-            meta.len()
-        )));
-    }
-    let mut bytes = Vec::new();
-    f.take(MAX_RECORD_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| bad(e.to_string()))?;
     let record: Record = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
     if record.fds.len() > MAX_RECORD_FDS {
         return Err(bad(format!(
@@ -465,7 +502,7 @@ mod tests {
         let path = record_path(dir.path(), "w");
         let mut rec = read_record(&path).unwrap().unwrap();
         rec.start_time += 1;
-        std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+        write_checked(&path, &serde_json::to_vec(&rec).unwrap()).unwrap();
         assert_eq!(
             adopt_into(&second, &s).unwrap(),
             Adoption::Nothing {
@@ -477,7 +514,7 @@ mod tests {
         let pid = start_and_forget(dir.path(), &s);
         let mut rec = read_record(&path).unwrap().unwrap();
         rec.boot_id = "00000000-0000-0000-0000-000000000000".into();
-        std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+        write_checked(&path, &serde_json::to_vec(&rec).unwrap()).unwrap();
         assert_eq!(
             adopt_into(&second, &s).unwrap(),
             Adoption::Nothing {
@@ -502,14 +539,14 @@ mod tests {
             dev: 1,
             ino: u64::MAX,
         });
-        std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+        write_checked(&path, &serde_json::to_vec(&rec).unwrap()).unwrap();
         let e = adopt_into(&instance(dir.path()), &s).unwrap_err();
         assert!(
             matches!(&e, AdoptError::Missing { name, .. } if name == "data"),
             "{e}"
         );
         rec.fds.remove(0);
-        std::fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+        write_checked(&path, &serde_json::to_vec(&rec).unwrap()).unwrap();
         let mut s1 = s.clone();
         s1.memfds.clear();
         let second = instance(dir.path());
@@ -547,10 +584,33 @@ mod tests {
                 })
                 .collect(),
         };
-        std::fs::write(&path, serde_json::to_vec(&many).unwrap()).unwrap();
+        write_checked(&path, &serde_json::to_vec(&many).unwrap()).unwrap();
         let e = read_record(&path).unwrap_err().to_string();
         assert!(e.contains("descriptors, over the cap"), "{e}");
-        std::fs::write(&path, b"{\"pid\": 1}").unwrap();
+        write_checked(&path, b"{\"pid\": 1}").unwrap();
         assert!(read_record(&path).is_err());
+        // Every byte is covered: a record with one flipped bit is refused as damaged, and
+        // adoption then fails (the copy is left running) instead of finding nothing.
+        let good = Record {
+            boot_id: "b".into(),
+            pid: 1,
+            start_time: 12345,
+            fds: Vec::new(),
+        };
+        write_checked(&path, &serde_json::to_vec(&good).unwrap()).unwrap();
+        assert_eq!(read_record(&path).unwrap().unwrap(), good);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let e = read_record(&path).unwrap_err().to_string();
+        assert!(e.contains("damaged"), "{e}");
+        std::fs::write(&path, b"{}").unwrap();
+        assert!(
+            read_record(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("damaged")
+        );
     }
 }

@@ -341,7 +341,7 @@ impl LuoPlatform {
         };
         let written = serde_json::to_vec(&file)
             .map_err(std::io::Error::other)
-            .and_then(|b| crate::host::adopt::write_private(&self.carried_path(), &b));
+            .and_then(|b| crate::host::adopt::write_checked(&self.carried_path(), &b));
         if let Err(e) = written {
             tracing::warn!(error = %e, "keeping the handoff on disk for an agent restart");
         }
@@ -359,16 +359,17 @@ impl LuoPlatform {
     /// it did.
     fn resume_from_disk(&mut self) -> Result<bool, PlatformError> {
         let path = self.carried_path();
-        let Ok(f) = std::fs::File::open(&path) else {
-            return Ok(false);
+        let file: Option<CarriedFile> = match crate::host::adopt::read_checked(
+            &path,
+            2 * MAX_HANDOFF + 4096,
+        ) {
+            Ok(None) => return Ok(false),
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes).ok(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "the kept handoff is not usable");
+                None
+            }
         };
-        let limit = 2 * MAX_HANDOFF + 4096;
-        let mut bytes = Vec::new();
-        let read = std::io::Read::read_to_end(&mut std::io::Read::take(f, limit + 1), &mut bytes);
-        let file: Option<CarriedFile> = read
-            .ok()
-            .filter(|_| (bytes.len() as u64) <= limit)
-            .and_then(|_| serde_json::from_slice(&bytes).ok());
         let journaled = self
             .state
             .journal()
