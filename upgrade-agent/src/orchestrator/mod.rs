@@ -414,7 +414,6 @@ impl<'a> Orchestrator<'a> {
         };
         let mut o = Self::with_record(platform, setup, record)?;
         o.t_base_ms = 0;
-        o.faults_left = o.setup.faults.effective();
         o.step(
             Phase::Verified,
             "image verified; upgrade journaled".to_owned(),
@@ -444,6 +443,7 @@ impl<'a> Orchestrator<'a> {
             .wall_ms()
             .saturating_sub(record.started_at.saturating_mul(1000));
         let t_base_ms = last.max(wall);
+        let faults_left = setup.faults.effective();
         Ok(Orchestrator {
             platform,
             setup,
@@ -452,7 +452,7 @@ impl<'a> Orchestrator<'a> {
             t_base_ms,
             writes: 0,
             upgrade_id,
-            faults_left: Faults::NONE,
+            faults_left,
         })
     }
 

@@ -56,7 +56,6 @@ pub fn recover<'a>(
         record.recovered = true;
     }
     let mut o = Orchestrator::with_record(platform, setup, record)?;
-    o.faults_left = o.setup.faults.effective();
     let phase = o.record.phase;
     let result = match decision {
         Plan::Nothing => return Ok(None),
