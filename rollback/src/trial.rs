@@ -94,6 +94,10 @@ pub enum BootVerdict {
     /// The running kernel is the one under trial and not yet confirmed: health-check it,
     /// then [`TrialBoots::confirm`] (or roll back).
     TrialRunning(TrialAttempt),
+    /// A trial of another kernel was recorded after this boot began: nothing was booted
+    /// (the agent stopped between recording it and the kexec, and started again). The
+    /// attempt is cancelled; the kernel is not judged.
+    NotBooted(TrialAttempt),
     /// A trial of another kernel never confirmed and we run `running` again: that kernel
     /// did not come up (panic, hang and watchdog, or power loss before confirmation). It is
     /// now marked bad with `reason`.
@@ -225,19 +229,30 @@ impl TrialBoots {
         Ok(p)
     }
 
-    /// Boot-time check, run by the agent at start with the running release (`uname -r`).
+    /// Boot-time check, run by the agent at start with the running release (`uname -r`)
+    /// and when this boot began (Unix seconds, `btime` of `/proc/stat`; `None` if unknown).
     ///
     /// Rules: no pending attempt → [`BootVerdict::NoTrial`]; a pending attempt of the running
     /// release → [`BootVerdict::TrialRunning`] (still pending); a pending attempt of another
-    /// release → that release is marked bad, the attempt is cleared, and
-    /// [`BootVerdict::TrialFailed`] says what happened.
-    pub fn check_on_boot(&mut self, running_release: &str) -> Result<BootVerdict, TrialError> {
+    /// release recorded at or after `booted_at` → cancelled, [`BootVerdict::NotBooted`] (no
+    /// boot happened since); otherwise that release is marked bad, the attempt is cleared,
+    /// and [`BootVerdict::TrialFailed`] says what happened.
+    pub fn check_on_boot(
+        &mut self,
+        running_release: &str,
+        booted_at: Option<u64>,
+    ) -> Result<BootVerdict, TrialError> {
         let mut state = self.load()?;
         let Some(p) = state.pending.clone() else {
             return Ok(BootVerdict::NoTrial);
         };
         if p.release == running_release {
             return Ok(BootVerdict::TrialRunning(p));
+        }
+        if booted_at.is_some_and(|b| p.started_at >= b) {
+            state.pending = None;
+            self.save(&state)?;
+            return Ok(BootVerdict::NotBooted(p));
         }
         let reason = format!(
             "boot attempt {} of {} (started {}) never confirmed; the machine came back up \
@@ -305,18 +320,24 @@ mod tests {
     fn confirmed_trial() {
         let dir = tempfile::tempdir().unwrap();
         let mut t = TrialBoots::open(dir.path()).unwrap();
-        assert_eq!(t.check_on_boot("7.2.13-mkA").unwrap(), BootVerdict::NoTrial);
+        assert_eq!(
+            t.check_on_boot("7.2.13-mkA", None).unwrap(),
+            BootVerdict::NoTrial
+        );
         t.begin("7.2.13-mkB", 1).unwrap();
         // The agent on B (a fresh process) sees its own trial still pending.
         let mut t = TrialBoots::open(dir.path()).unwrap();
-        match t.check_on_boot("7.2.13-mkB").unwrap() {
+        match t.check_on_boot("7.2.13-mkB", None).unwrap() {
             BootVerdict::TrialRunning(a) => {
                 assert_eq!((a.release.as_str(), a.attempt), ("7.2.13-mkB", 1));
             }
             v => panic!("{v:?}"),
         }
         t.confirm("7.2.13-mkB").unwrap();
-        assert_eq!(t.check_on_boot("7.2.13-mkB").unwrap(), BootVerdict::NoTrial);
+        assert_eq!(
+            t.check_on_boot("7.2.13-mkB", None).unwrap(),
+            BootVerdict::NoTrial
+        );
         assert!(t.is_bad("7.2.13-mkB").unwrap().is_none());
         assert!(matches!(
             t.confirm("7.2.13-mkB"),
@@ -331,7 +352,7 @@ mod tests {
         t.begin("7.2.13-mkB", 1).unwrap();
         // B panicked; the machine cold-booted A.
         let mut t = TrialBoots::open(dir.path()).unwrap();
-        let v = t.check_on_boot("7.2.13-mkA").unwrap();
+        let v = t.check_on_boot("7.2.13-mkA", None).unwrap();
         let BootVerdict::TrialFailed {
             attempt,
             running,
@@ -345,7 +366,10 @@ mod tests {
         assert!(reason.contains("never confirmed"), "{reason}");
         assert_eq!(t.is_bad("7.2.13-mkB").unwrap().unwrap().reason, reason);
         // Reported once: the attempt is settled.
-        assert_eq!(t.check_on_boot("7.2.13-mkA").unwrap(), BootVerdict::NoTrial);
+        assert_eq!(
+            t.check_on_boot("7.2.13-mkA", None).unwrap(),
+            BootVerdict::NoTrial
+        );
         let e = t.begin("7.2.13-mkB", 2).unwrap_err();
         assert!(matches!(e, TrialError::MarkedBad { .. }));
         assert!(e.to_string().contains("7.2.13-mkB"), "{e}");
@@ -377,7 +401,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("trial.json"), b"[1,2").unwrap();
         let mut t = TrialBoots::open(dir.path()).unwrap();
-        let e = t.check_on_boot("7.2.13").unwrap_err();
+        let e = t.check_on_boot("7.2.13", None).unwrap_err();
         assert!(e.to_string().contains("trial.json"), "{e}");
+    }
+
+    #[test]
+    fn an_attempt_recorded_in_this_boot_is_cancelled_not_judged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = TrialBoots::open(dir.path()).unwrap();
+        let a = t.begin("7.2.13-mkB", 1).unwrap();
+        // This boot began before the attempt: nothing was booted since.
+        let v = t.check_on_boot("7.2.13-mkA", Some(a.started_at)).unwrap();
+        assert_eq!(v, BootVerdict::NotBooted(a.clone()));
+        assert_eq!(t.pending().unwrap(), None);
+        let b = t.begin("7.2.13-mkB", 1).expect("B is not marked bad");
+        // A boot that began after the attempt: B did not come up.
+        let later = b.started_at + 1;
+        assert!(matches!(
+            t.check_on_boot("7.2.13-mkA", Some(later)).unwrap(),
+            BootVerdict::TrialFailed { .. }
+        ));
     }
 }

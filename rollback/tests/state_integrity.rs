@@ -284,7 +284,7 @@ fn every_flipped_bit_of_the_trial_record_is_reported() {
         corrupt(t.pending().map(drop), &what);
         corrupt(t.is_bad("7.2.9").map(drop), &what);
         corrupt(t.bad_releases().map(drop), &what);
-        corrupt(t.check_on_boot("7.2.13-mkA").map(drop), &what);
+        corrupt(t.check_on_boot("7.2.13-mkA", None).map(drop), &what);
         corrupt(t.begin("7.2.13-mkB", 2).map(drop), &what);
         corrupt(t.confirm("7.2.13-mkB").map(drop), &what);
         corrupt(t.clear_bad("7.2.9").map(drop), &what);

@@ -243,30 +243,15 @@ pub fn serve(opts: &ServeOptions) -> Result<(), AgentError> {
 }
 
 /// A normal boot: a kernel that was booted for a trial and never confirmed did not come up;
-/// the trial record marks it bad (the orchestrator's recovery then finishes its record).
-///
-/// An attempt that began in this very boot (after the kernel's boot time, `btime` of
-/// `/proc/stat`) never booted anything: this agent stopped between recording it and the
-/// kexec, and was started again. It is cancelled, not held against the kernel.
+/// the trial record marks it bad (the orchestrator's recovery then finishes its record). An
+/// attempt recorded in this very boot never booted anything (this agent stopped between
+/// recording it and the kexec, and was started again): it is cancelled, not held against the
+/// kernel (`check_on_boot` with the boot time).
 fn trial_check(state: &StateDir, release: &str) {
-    if let Ok(mut t) = state.trials()
-        && let Ok(Some(p)) = t.pending()
-        && p.release != release
-        && boot_time().is_some_and(|b| p.started_at >= b)
-        && t.cancel().is_ok()
-    {
-        say(&format!(
-            "MK-AGENT-TRIAL-CANCELLED release={} attempt={}: recorded in this boot, no kexec \
-             happened (the agent restarted)",
-            p.release, p.attempt
-        ));
-        return;
-    }
-    match state
-        .trials()
-        .map_err(|e| e.to_string())
-        .and_then(|mut t| t.check_on_boot(release).map_err(|e| e.to_string()))
-    {
+    match state.trials().map_err(|e| e.to_string()).and_then(|mut t| {
+        t.check_on_boot(release, boot_time())
+            .map_err(|e| e.to_string())
+    }) {
         Ok(rollback::BootVerdict::TrialFailed {
             attempt,
             running,
@@ -274,6 +259,11 @@ fn trial_check(state: &StateDir, release: &str) {
         }) => say(&format!(
             "MK-AGENT-TRIAL-FAILED release={} attempt={} running={running}: {reason}",
             attempt.release, attempt.attempt
+        )),
+        Ok(rollback::BootVerdict::NotBooted(p)) => say(&format!(
+            "MK-AGENT-TRIAL-CANCELLED release={} attempt={}: recorded in this boot, no kexec \
+             happened (the agent restarted)",
+            p.release, p.attempt
         )),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "trial-boot check"),
