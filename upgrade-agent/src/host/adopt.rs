@@ -341,16 +341,13 @@ pub fn adopt_into(
         inst.workloads.insert(spec.name.clone(), w);
         return Ok(Adoption::Adopted { pid, fds });
     }
-    let mut killed_leftovers = false;
-    if let Some(g) = inst.freezer.group(&spec.name)
-        && std::fs::read_to_string(g.join("cgroup.events"))
-            .is_ok_and(|e| e.lines().any(|l| l == "populated 1"))
-    {
-        tracing::warn!(workload = %spec.name, group = %g.display(), "processes without a valid record left in the group: killed");
-        let _ = std::fs::write(g.join("cgroup.freeze"), "0");
-        super::supervisor::empty_group(&g, Duration::from_secs(5))
-            .map_err(AdoptError::Leftovers)?;
-        killed_leftovers = true;
+    let killed_leftovers = match inst.freezer.group(&spec.name) {
+        Some(g) => super::supervisor::empty_group(&g, Duration::from_secs(5))
+            .map_err(AdoptError::Leftovers)?,
+        None => false,
+    };
+    if killed_leftovers {
+        tracing::warn!(workload = %spec.name, "processes without a valid record were left in its group: killed");
     }
     Ok(Adoption::Nothing { killed_leftovers })
 }

@@ -769,14 +769,15 @@ fn stop_gracefully(
     Ok(status)
 }
 
-/// Kills what is left in cgroup `g` and waits (up to `patience`) until it is empty.
-pub(crate) fn empty_group(g: &std::path::Path, patience: Duration) -> io::Result<()> {
+/// Kills what is left in cgroup `g` (frozen or not) and waits (up to `patience`) until it
+/// is empty. Returns whether anything was left.
+pub(crate) fn empty_group(g: &std::path::Path, patience: Duration) -> io::Result<bool> {
     let populated = || {
         std::fs::read_to_string(g.join("cgroup.events"))
             .is_ok_and(|e| e.lines().any(|l| l == "populated 1"))
     };
     if !populated() {
-        return Ok(());
+        return Ok(false);
     }
     let _ = std::fs::write(g.join("cgroup.kill"), "1");
     let deadline = Instant::now() + patience;
@@ -789,7 +790,7 @@ pub(crate) fn empty_group(g: &std::path::Path, patience: Duration) -> io::Result
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    Ok(())
+    Ok(true)
 }
 
 fn get<'a>(
