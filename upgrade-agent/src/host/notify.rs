@@ -572,6 +572,7 @@ fn send_bytes(socket_path: &Path, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::memfd::testing::{open_copies, unique_memfd};
     use nix::fcntl::{FcntlArg, FdFlag, fcntl};
     use nix::sys::stat::fstat;
     use std::io::{BufRead, BufReader};
@@ -809,29 +810,6 @@ mod tests {
         std::process::id() as i32
     }
 
-    /// A memfd with a name no other test uses, for counting its descriptors.
-    fn unique_memfd(tag: &str) -> (OwnedFd, String) {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let name = format!(
-            "mk-notify-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        let fd = crate::sys::memfd::create_sealable(&name).unwrap();
-        (fd, name)
-    }
-
-    /// How many descriptors of this process refer to the memfd called `name` (robust
-    /// against the other tests opening and closing descriptors meanwhile).
-    fn open_copies(name: &str) -> usize {
-        let want = format!("/memfd:{name} (deleted)");
-        std::fs::read_dir("/proc/self/fd")
-            .unwrap()
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .filter(|target| target.as_os_str() == want.as_str())
-            .count()
-    }
-
     #[test]
     fn ready_and_status_arrive_with_the_kernels_credentials() {
         let dir = tempfile::tempdir().unwrap();
@@ -863,7 +841,7 @@ mod tests {
     fn fdstore_hands_over_the_same_file_close_on_exec() {
         let dir = tempfile::tempdir().unwrap();
         let s = socket_in(&dir);
-        let (memfd, name) = unique_memfd("store");
+        let (memfd, name) = unique_memfd("notify-store");
         crate::sys::memfd::write_all(memfd.as_fd(), b"kept state").unwrap();
         send(s.path(), "FDSTORE=1\nFDNAME=x", &[memfd.as_fd()]).unwrap();
         let m = message(&s);
@@ -885,7 +863,7 @@ mod tests {
     fn sixteen_fds_are_accepted() {
         let dir = tempfile::tempdir().unwrap();
         let s = socket_in(&dir);
-        let (memfd, name) = unique_memfd("sixteen");
+        let (memfd, name) = unique_memfd("notify-sixteen");
         let fds = vec![memfd.as_fd(); MAX_FDS_PER_MESSAGE];
         send(s.path(), "FDSTORE=1\nFDNAME=many", &fds).unwrap();
         let m = message(&s);
@@ -899,7 +877,7 @@ mod tests {
     fn fds_without_fdstore_are_refused_and_closed() {
         let dir = tempfile::tempdir().unwrap();
         let s = socket_in(&dir);
-        let (memfd, name) = unique_memfd("nostore");
+        let (memfd, name) = unique_memfd("notify-nostore");
         send(s.path(), "READY=1", &[memfd.as_fd(), memfd.as_fd()]).unwrap();
         let (pid, reason) = refusal(&s);
         assert_eq!(pid, Some(own_pid()));
@@ -915,7 +893,7 @@ mod tests {
     fn seventeen_fds_are_refused_and_none_leaks() {
         let dir = tempfile::tempdir().unwrap();
         let s = socket_in(&dir);
-        let (memfd, name) = unique_memfd("seventeen");
+        let (memfd, name) = unique_memfd("notify-seventeen");
         assert_eq!(open_copies(&name), 1);
         let fds = vec![memfd.as_fd(); MAX_FDS_PER_MESSAGE + 1];
         send(s.path(), "FDSTORE=1\nFDNAME=many", &fds).unwrap();
@@ -934,7 +912,7 @@ mod tests {
     fn datagram_size_limit() {
         let dir = tempfile::tempdir().unwrap();
         let s = socket_in(&dir);
-        let (memfd, name) = unique_memfd("oversize");
+        let (memfd, name) = unique_memfd("notify-oversize");
         let big = format!("STATUS={}", "x".repeat(5000 - 7));
         send(s.path(), &big, &[]).unwrap();
         let (pid, reason) = refusal(&s);
@@ -996,7 +974,7 @@ mod tests {
                 .1
                 .contains("BARRIER=1 needs exactly one fd, got 0")
         );
-        let (memfd, name) = unique_memfd("barrier");
+        let (memfd, name) = unique_memfd("notify-barrier");
         send(s.path(), "BARRIER=1", &[memfd.as_fd(), memfd.as_fd()]).unwrap();
         assert!(refusal(&s).1.contains("got 2"));
         assert_eq!(open_copies(&name), 1);

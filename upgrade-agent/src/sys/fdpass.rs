@@ -229,6 +229,7 @@ pub fn borrow_all<T: AsFd>(fds: &[T]) -> Vec<BorrowedFd<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::memfd::testing::{open_copies, unique_memfd};
     use std::io::Seek;
 
     #[test]
@@ -280,27 +281,6 @@ mod tests {
     use nix::sys::socket::{setsockopt, sockopt};
     use std::os::unix::net::UnixDatagram;
 
-    /// A memfd with a name no other test uses, for counting its descriptors.
-    fn unique_memfd(tag: &str) -> (OwnedFd, String) {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let name = format!(
-            "mk-fdpass-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        (crate::sys::memfd::create_sealable(&name).unwrap(), name)
-    }
-
-    /// How many descriptors of this process refer to the memfd called `name`.
-    fn open_copies(name: &str) -> usize {
-        let want = format!("/memfd:{name} (deleted)");
-        std::fs::read_dir("/proc/self/fd")
-            .unwrap()
-            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .filter(|target| target.as_os_str() == want.as_str())
-            .count()
-    }
-
     fn send_dgram(sock: &UnixDatagram, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
         let cmsg = [ControlMessage::ScmRights(&raw)];
@@ -334,7 +314,7 @@ mod tests {
     #[test]
     fn datagram_brings_credentials_and_owned_close_on_exec_fds() {
         let (tx, rx) = passcred_pair();
-        let (memfd, name) = unique_memfd("dgram");
+        let (memfd, name) = unique_memfd("fdpass-dgram");
         crate::sys::memfd::write_all(memfd.as_fd(), b"abc").unwrap();
         let (pipe_rd, _pipe_wr) = nix::unistd::pipe().unwrap();
         send_dgram(&tx, b"READY=1", &[memfd.as_fd(), pipe_rd.as_fd()]);
@@ -370,7 +350,7 @@ mod tests {
     #[test]
     fn datagram_truncation_is_reported_and_nothing_leaks() {
         let (tx, rx) = passcred_pair();
-        let (memfd, name) = unique_memfd("trunc");
+        let (memfd, name) = unique_memfd("fdpass-trunc");
         // Body longer than the buffer: MSG_TRUNC, the fds still arrive.
         send_dgram(&tx, b"0123456789", &[memfd.as_fd()]);
         let mut small = [0u8; 4];
@@ -410,7 +390,7 @@ mod tests {
     #[test]
     fn stream_recv_refuses_too_many_fds_and_closes_them() {
         let (a, b) = UnixStream::pair().unwrap();
-        let (memfd, name) = unique_memfd("stream");
+        let (memfd, name) = unique_memfd("fdpass-stream");
         let fds = vec![memfd.as_fd(); MAX_FDS + 1];
         // Past `send`'s own check: straight sendmsg of a 4-byte zero length.
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();

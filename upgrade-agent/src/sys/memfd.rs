@@ -129,3 +129,31 @@ mod tests {
         assert_eq!(size(fd.as_fd()).unwrap(), 4096);
     }
 }
+
+/// Helpers for tests that count a memfd's descriptors.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::os::fd::OwnedFd;
+
+    /// A memfd with a name no other test of this process uses (`mk-<tag>-<pid>-<n>`).
+    pub(crate) fn unique_memfd(tag: &str) -> (OwnedFd, String) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name = format!(
+            "mk-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        (super::create_sealable(&name).unwrap(), name)
+    }
+
+    /// How many descriptors of this process refer to the memfd called `name` (robust
+    /// against the other tests opening and closing descriptors meanwhile).
+    pub(crate) fn open_copies(name: &str) -> usize {
+        let want = format!("/memfd:{name} (deleted)");
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.as_os_str() == want.as_str())
+            .count()
+    }
+}
