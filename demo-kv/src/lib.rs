@@ -8,15 +8,18 @@
 //! new one. [`loadgen`] drives traffic during an upgrade and reads back every
 //! acknowledged write afterwards to prove nothing was lost.
 //!
-//! What is and is not handed over: the data (the memfd) and the listening socket with its
-//! backlog. Connections the old instance had already accepted are its own descriptors:
-//! they are reset when it is killed, so a request in flight on one of them gets no
+//! What is handed over: the data (the memfd), the listening socket with its backlog, and,
+//! when the supervisor asks for it with its hand-over signal ([`handoff`]), the
+//! established client connections, each at a request boundary, so that no request is in
+//! flight on a connection that dies. Without a hand-over, connections the old instance had
+//! accepted are reset when it is killed: a request in flight on one of them gets no
 //! response (the load generator counts it as failed and re-sends it on a new connection,
 //! where the new instance answers). No acknowledged write is lost either way.
 //!
 //! * [`log`]: the on-memfd format (header, append-only records with CRC32);
 //! * [`store`]: the store over the memfd and its in-memory index;
 //! * [`protocol`]: the line protocol (and the HTTP `/health` check);
+//! * [`handoff`]: handing established connections to the next copy;
 //! * [`server`]: start-up contract (`MK_STATE_FDS`) and connection handling;
 //! * [`kv_client`]: a blocking client and health checks;
 //! * [`loadgen`]: the load generator and its loss report;
@@ -29,6 +32,7 @@
 #![deny(unsafe_code)]
 
 pub mod exit;
+pub mod handoff;
 pub mod kv_client;
 pub mod loadgen;
 pub mod log;

@@ -21,6 +21,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{SockType, getsockopt, sockopt};
 
+use super::handoff::{Handoff, Wake, is_connection};
 use super::protocol::{MAX_LINE, Request, parse_line};
 use super::shm::{self, ShmError};
 use super::store::{Origin, Store, StoreError};
@@ -102,6 +103,9 @@ pub struct Server {
     origin: Origin,
     memfd: RawFd,
     max_connections: usize,
+    /// Connections handed over by the previous copy (`connection-N`), served first.
+    connections: Vec<TcpStream>,
+    handoff: Arc<Handoff>,
 }
 
 impl Server {
@@ -111,8 +115,19 @@ impl Server {
     pub fn from_env(cfg: &ServerConfig) -> Result<Self, ServerError> {
         let mut data = None;
         let mut listen = None;
-        for s in sys::take_state_fds(&[FD_NAME_DATA, FD_NAME_LISTEN])? {
-            if s.name == FD_NAME_DATA {
+        let mut connections = Vec::new();
+        let wanted = |n: &str| n == FD_NAME_DATA || n == FD_NAME_LISTEN || is_connection(n);
+        for s in sys::take_state_fds(wanted)? {
+            if is_connection(&s.name) {
+                match s.fd.map(adopt_connection) {
+                    Some(Ok(c)) => connections.push(c),
+                    // A connection that ended meanwhile, or not one: nothing to serve.
+                    Some(Err(reason)) => {
+                        tracing::warn!(name = %s.name, %reason, "handed-over connection dropped");
+                    }
+                    None => tracing::warn!(name = %s.name, "handed-over connection is not open"),
+                }
+            } else if s.name == FD_NAME_DATA {
                 data = Some(s.fd.ok_or_else(|| StoreError::from(shm::not_open(s.raw)))?);
             } else {
                 listen = Some(s.fd.ok_or_else(|| ServerError::Listener {
@@ -121,7 +136,13 @@ impl Server {
                 })?);
             }
         }
-        Self::with_fds(cfg, data, listen)
+        let mut server = Self::with_fds(cfg, data, listen)?;
+        server.connections = connections;
+        server.handoff = Arc::new(Handoff::from_env().map_err(|source| ServerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?);
+        Ok(server)
     }
 
     /// Starts with the given handed-over descriptors: `data` the `kv-data` memfd, `listen`
@@ -161,7 +182,22 @@ impl Server {
             origin,
             memfd,
             max_connections: cfg.max_connections.max(1),
+            connections: Vec::new(),
+            handoff: Arc::new(Handoff::new(None).map_err(|source| ServerError::Bind {
+                addr: cfg.listen,
+                source,
+            })?),
         })
+    }
+
+    /// The hand-over state, for the signal thread ([`Handoff::begin`], [`Handoff::resume`]).
+    pub fn handoff(&self) -> Arc<Handoff> {
+        Arc::clone(&self.handoff)
+    }
+
+    /// How many connections the previous copy handed over.
+    pub fn adopted_connections(&self) -> usize {
+        self.connections.len()
     }
 
     /// The listening address.
@@ -194,9 +230,14 @@ impl Server {
     }
 
     /// Accepts connections until the listener fails for good.
-    pub fn serve(self) -> io::Result<()> {
+    pub fn serve(mut self) -> io::Result<()> {
         let open = Arc::new(AtomicUsize::new(0));
+        for stream in std::mem::take(&mut self.connections) {
+            let peer = stream.peer_addr().ok();
+            self.spawn_conn(stream, peer, &open);
+        }
         loop {
+            self.handoff.wait_acceptable(self.listener.as_fd())?;
             let (stream, peer) = match self.listener.accept() {
                 Ok(s) => s,
                 // A handed-over listener may be non-blocking (O_NONBLOCK belongs to the
@@ -218,23 +259,48 @@ impl Server {
                 let _ = writeln!(s, "ERR busy: {} connections open", self.max_connections);
                 continue;
             }
-            open.fetch_add(1, Ordering::AcqRel);
-            let store = Arc::clone(&self.store);
-            let open2 = Arc::clone(&open);
-            let spawned = std::thread::Builder::new()
-                .name("kv-conn".into())
-                .spawn(move || {
-                    if let Err(e) = handle(stream, &store) {
-                        tracing::debug!(%peer, error = %e, "connection ended");
-                    }
-                    open2.fetch_sub(1, Ordering::AcqRel);
-                });
-            if let Err(e) = spawned {
-                open.fetch_sub(1, Ordering::AcqRel);
-                tracing::warn!(error = %e, "cannot spawn a connection thread");
-            }
+            self.spawn_conn(stream, Some(peer), &open);
         }
     }
+
+    fn spawn_conn(&self, stream: TcpStream, peer: Option<SocketAddr>, open: &Arc<AtomicUsize>) {
+        open.fetch_add(1, Ordering::AcqRel);
+        self.handoff.conn_started();
+        let store = Arc::clone(&self.store);
+        let open2 = Arc::clone(open);
+        let handoff = Arc::clone(&self.handoff);
+        let spawned = std::thread::Builder::new()
+            .name("kv-conn".into())
+            .spawn(move || {
+                if let Err(e) = handle(stream, &store, &handoff) {
+                    tracing::debug!(?peer, error = %e, "connection ended");
+                }
+                open2.fetch_sub(1, Ordering::AcqRel);
+                handoff.conn_ended();
+            });
+        if let Err(e) = spawned {
+            open.fetch_sub(1, Ordering::AcqRel);
+            self.handoff.conn_ended();
+            tracing::warn!(error = %e, "cannot spawn a connection thread");
+        }
+    }
+}
+
+/// Takes a handed-over connection: a connected stream socket.
+fn adopt_connection(owned: OwnedFd) -> Result<TcpStream, String> {
+    match getsockopt(&owned, sockopt::SockType) {
+        Ok(SockType::Stream) => {}
+        Ok(t) => return Err(format!("socket type {t:?}, expected a stream socket")),
+        Err(e) => return Err(format!("not a socket ({e})")),
+    }
+    if getsockopt(&owned, sockopt::AcceptConn).unwrap_or(true) {
+        return Err("a listening socket, not a connection".into());
+    }
+    let stream = TcpStream::from(owned);
+    stream
+        .peer_addr()
+        .map_err(|e| format!("not connected ({e})"))?;
+    Ok(stream)
 }
 
 fn wait_readable(listener: &TcpListener) -> io::Result<()> {
@@ -339,12 +405,19 @@ fn read_line(reader: &mut impl BufRead, line: &mut Vec<u8>, max: usize) -> io::R
     Ok(Line::Eof)
 }
 
-fn handle(stream: TcpStream, store: &Mutex<Store>) -> io::Result<()> {
+fn handle(stream: TcpStream, store: &Mutex<Store>, handoff: &Handoff) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let mut reader = BufReader::with_capacity(64 << 10, stream.try_clone()?);
-    let mut writer = BufWriter::with_capacity(64 << 10, stream);
+    let mut writer = BufWriter::with_capacity(64 << 10, stream.try_clone()?);
     let mut line = Vec::with_capacity(256);
     loop {
+        // A request boundary when nothing received is buffered here (every request read
+        // is answered and flushed): the one place a connection may be handed over.
+        while reader.buffer().is_empty() {
+            if handoff.wait_readable(&stream)? == Wake::Readable {
+                break;
+            }
+        }
         match read_line(&mut reader, &mut line, MAX_LINE)? {
             Line::Eof => return writer.flush(),
             Line::TooLong => {

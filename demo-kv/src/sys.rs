@@ -46,22 +46,22 @@ pub enum TakeError {
 /// Set by the first [`take_state_fds`] of the process.
 static STATE_FDS_TAKEN: AtomicBool = AtomicBool::new(false);
 
-/// Takes ownership of the descriptors this process inherited under the names `wanted` in
-/// `MK_STATE_FDS` (`docs/state.md`; absent: none). Other names are left alone (not
-/// closed). Only the first call in a process takes anything; later calls fail with
+/// Takes ownership of the descriptors this process inherited under the names `wanted`
+/// accepts in `MK_STATE_FDS` (`docs/state.md`; absent: none). Other names are left alone
+/// (not closed). Only the first call in a process takes anything; later calls fail with
 /// [`TakeError::AlreadyTaken`], so no descriptor is ever owned twice.
 ///
 /// Call it at the start of `main`, before anything else in the process opens or closes
 /// descriptors by number: the contract is that the supervisor handed these numbers to
 /// this process for it alone.
-pub fn take_state_fds(wanted: &[&str]) -> Result<Vec<StateFd>, TakeError> {
+pub fn take_state_fds(wanted: impl Fn(&str) -> bool) -> Result<Vec<StateFd>, TakeError> {
     let named = fdenv::from_env()?.unwrap_or_default();
     if STATE_FDS_TAKEN.swap(true, Ordering::AcqRel) {
         return Err(TakeError::AlreadyTaken);
     }
     Ok(named
         .into_iter()
-        .filter(|n| wanted.contains(&n.name.as_str()))
+        .filter(|n| wanted(&n.name))
         .map(|n| {
             let fd = fd_is_open(n.fd).then(|| {
                 // SAFETY: the descriptor is open (checked above); MK_STATE_FDS names it

@@ -531,3 +531,170 @@ fn loadgen_detects_lost_writes_when_the_data_is_not_handed_over() {
     assert!(!r.lossless());
     assert_eq!(r.totals.lost_writes, t.lost_writes);
 }
+
+/// A notify socket the test listens on (the supervisor's end), in its own directory.
+struct Notify {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    sock: std::os::unix::net::UnixDatagram,
+}
+
+impl Notify {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(T)).unwrap();
+        Self {
+            _dir: dir,
+            path,
+            sock,
+        }
+    }
+
+    /// One datagram: its text and the descriptors attached (left open in this process:
+    /// the test hands them on by number).
+    fn recv(&self) -> (String, Vec<RawFd>) {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        let mut buf = [0u8; 4096];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([RawFd; 16]);
+        let msg = recvmsg::<()>(
+            self.sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::empty(),
+        )
+        .unwrap();
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(r) = c {
+                fds.extend(r);
+            }
+        }
+        let n = msg.bytes;
+        (String::from_utf8_lossy(&buf[..n]).into_owned(), fds)
+    }
+}
+
+/// Starts a server with NOTIFY_SOCKET (the hand-over needs it) and the given descriptors.
+fn spawn_notified(notify: &Notify, fds: &[(&str, RawFd)]) -> Kv {
+    let mut cmd = command(&[], fds);
+    cmd.env("NOTIFY_SOCKET", &notify.path);
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink());
+    });
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    let ["LISTENING", addr, "MEMFD", fd] = parts[..] else {
+        let _ = child.kill();
+        panic!("unexpected first line {line:?}");
+    };
+    Kv {
+        child,
+        addr: addr.parse().unwrap(),
+        memfd: fd.parse().unwrap(),
+    }
+}
+
+/// A client connection that sends one line and reads one answer.
+fn ask(r: &mut BufReader<TcpStream>, line: &str) -> String {
+    r.get_mut().write_all(line.as_bytes()).unwrap();
+    let mut answer = String::new();
+    r.read_line(&mut answer).unwrap();
+    answer
+}
+
+/// SIGUSR2: both established connections (one mid-conversation, one idle) are handed over
+/// at a request boundary, then MK_HANDOFF=1. A request sent after that waits in the
+/// kernel for the next copy, which answers it on the same connection.
+#[test]
+fn sigusr2_hands_established_connections_to_the_next_copy() {
+    let notify = Notify::new();
+    let memfd = test_memfd();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let fds = [
+        ("kv-data", memfd.as_raw_fd()),
+        ("listen", listener.as_raw_fd()),
+    ];
+    let mut old = spawn_notified(&notify, &fds);
+    let mut busy = BufReader::new(TcpStream::connect(old.addr).unwrap());
+    busy.get_ref().set_read_timeout(Some(T)).unwrap();
+    assert_eq!(ask(&mut busy, "SET a 1\n"), "OK 1\n");
+    let idle = TcpStream::connect(old.addr).unwrap();
+    // The idle connection is accepted before the hand-over asks for it.
+    let mut probe = BufReader::new(idle.try_clone().unwrap());
+    probe.get_ref().set_read_timeout(Some(T)).unwrap();
+    assert_eq!(ask(&mut probe, "PING\n"), "PONG\n");
+
+    kill(old.pid(), Signal::SIGUSR2).unwrap();
+    let mut handed = Vec::new();
+    loop {
+        let (text, fds) = notify.recv();
+        if text == "MK_HANDOFF=1\n" {
+            assert!(fds.is_empty());
+            break;
+        }
+        assert_eq!(text, "FDSTORE=1\nFDNAME=connection\n");
+        assert_eq!(fds.len(), 1, "one connection per message");
+        handed.extend(fds);
+    }
+    assert_eq!(handed.len(), 2, "both connections handed over");
+
+    // The old copy reads nothing more: the request waits in the socket.
+    busy.get_mut().write_all(b"GET a\n").unwrap();
+    busy.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut answer = String::new();
+    assert!(busy.read_line(&mut answer).is_err(), "answered: {answer:?}");
+    busy.get_ref().set_read_timeout(Some(T)).unwrap();
+
+    // As the supervisor does: freeze the old copy, start the next with the connections.
+    kill(old.pid(), Signal::SIGSTOP).unwrap();
+    wait_stopped(old.pid());
+    let names: Vec<String> = (1..=handed.len())
+        .map(|i| format!("connection-{i}"))
+        .collect();
+    let mut next_fds: Vec<(&str, RawFd)> = fds.to_vec();
+    next_fds.extend(names.iter().map(String::as_str).zip(handed.iter().copied()));
+    let new = spawn_notified(&notify, &next_fds);
+    old.kill();
+    // The waiting request is answered by the new copy, on the same connection.
+    let mut answer = String::new();
+    busy.read_line(&mut answer).unwrap();
+    assert_eq!(answer, "VALUE 1\n");
+    assert_eq!(ask(&mut busy, "SET b 2\n"), "OK 2\n");
+    assert_eq!(ask(&mut probe, "GET b\n"), "VALUE 2\n");
+    drop(new);
+}
+
+/// SIGCONT after a hand-over (the move was cancelled): the old copy serves its
+/// connections again, the request that waited meanwhile included, and accepts again.
+#[test]
+fn sigcont_takes_the_connections_back() {
+    let notify = Notify::new();
+    let old = spawn_notified(&notify, &[]);
+    let mut c = BufReader::new(TcpStream::connect(old.addr).unwrap());
+    c.get_ref().set_read_timeout(Some(T)).unwrap();
+    assert_eq!(ask(&mut c, "SET k v\n"), "OK 1\n");
+    kill(old.pid(), Signal::SIGUSR2).unwrap();
+    let (text, fds) = notify.recv();
+    assert_eq!(
+        (text.as_str(), fds.len()),
+        ("FDSTORE=1\nFDNAME=connection\n", 1)
+    );
+    assert_eq!(notify.recv().0, "MK_HANDOFF=1\n");
+    c.get_mut().write_all(b"GET k\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    kill(old.pid(), Signal::SIGCONT).unwrap();
+    let mut answer = String::new();
+    c.read_line(&mut answer).unwrap();
+    assert_eq!(answer, "VALUE v\n");
+    // New connections are accepted again.
+    assert_eq!(old.client().get("k").unwrap().as_deref(), Some("v"));
+}

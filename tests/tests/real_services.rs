@@ -1188,6 +1188,18 @@ fn redis_checkpoint_mode_a_failed_dump_leaves_the_old_copy_serving() {
             "{out}"
         );
     }
+    // The real CRIU: its check passes here, and the kernel's options were looked at.
+    let real = upgrade_agent::host::checkpoint::criu_path().expect("CRIU (checked by Need::Criu)");
+    let r = m.run_env(&["check"], &[("MK_CRIU", real.to_str().unwrap())]);
+    let out = format!("{}{}", r.stdout, r.stderr);
+    let line = out
+        .lines()
+        .find(|l| l.contains("] criu"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("[ok") && line.contains("kernel options"),
+        "{out}"
+    );
     let (r, doc) = apply(&m);
     println!("apply: {r:?}\n{doc}");
     assert_ne!(r.code, 0, "a failed dump cannot end upgraded: {doc}");

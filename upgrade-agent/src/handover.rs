@@ -243,9 +243,16 @@ pub fn build(
                 sha256: d.sha256,
             });
         } else {
+            // A handed-over connection (host::watch) is connected; every other socket moved
+            // is a listener. The receiver checks each against its kind.
+            let kind = if crate::model::is_connected_stream(p.fd.as_fd()) {
+                FdKind::ConnectedSocket
+            } else {
+                FdKind::ListenSocket
+            };
             descriptors.push(FdDescriptor {
                 name: p.name.clone(),
-                kind: FdKind::ListenSocket,
+                kind,
                 length: 0,
                 crc32: 0,
                 sha256: [0; 32],
@@ -480,10 +487,24 @@ pub fn verify(
                     ));
                 }
             }
-            other => {
+            FdKind::ConnectedSocket => {
+                if !crate::model::is_connection(&desc.name)
+                    || !crate::model::is_connected_stream(fd.as_fd())
+                {
+                    return Err(fail(
+                        format!("fd[{}]", i + 1),
+                        format!(
+                            "{} is not a handed-over connection (a connected stream socket \
+                             named connection-N)",
+                            desc.name
+                        ),
+                    ));
+                }
+            }
+            FdKind::Other => {
                 return Err(fail(
                     format!("fd[{}]", i + 1),
-                    format!("unexpected descriptor kind {other:?}"),
+                    format!("unexpected descriptor kind {:?}", FdKind::Other),
                 ));
             }
         }

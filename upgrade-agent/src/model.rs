@@ -130,11 +130,31 @@ impl WorkloadState {
     }
 }
 
-/// A named preserved descriptor of a workload (its memfds and listening sockets).
+/// A named preserved descriptor of a workload (its memfds and listening sockets, its fd
+/// store's entries, connections it handed over).
 #[derive(Debug)]
 pub struct PreservedFd {
     pub name: String,
     pub fd: OwnedFd,
+}
+
+/// `FDNAME` under which a workload hands its established connections over (`host::watch`).
+pub const CONNECTION_FDNAME: &str = "connection";
+
+/// Whether a preserved descriptor's name is a handed-over connection's (`connection-N`).
+pub fn is_connection(name: &str) -> bool {
+    name.strip_prefix(CONNECTION_FDNAME)
+        .and_then(|r| r.strip_prefix('-'))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Whether `fd` is a connected stream socket (what a connection hand-over moves).
+pub fn is_connected_stream(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::sys::socket::{SockType, SockaddrStorage, getpeername, getsockopt, sockopt};
+    use std::os::fd::AsRawFd;
+    matches!(getsockopt(&fd, sockopt::SockType), Ok(SockType::Stream))
+        && matches!(getsockopt(&fd, sockopt::AcceptConn), Ok(false))
+        && getpeername::<SockaddrStorage>(fd.as_raw_fd()).is_ok()
 }
 
 /// Errors of a platform operation.

@@ -84,6 +84,9 @@ pub struct WorkloadMove {
     /// Restart mode: from the stop signal to the old copy's exit, in microseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_us: Option<u64>,
+    /// Established connections the old copy handed over with the move (`handoff_signal`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
 }
 
 /// How an upgrade ended.
@@ -196,6 +199,7 @@ impl UpgradeRecord {
                 "mode": w.mode,
                 "closed_ms": w.closed_us.map(|u| u as f64 / 1000.0),
                 "stop_ms": w.stop_us.map(|u| u as f64 / 1000.0),
+                "connections": w.connections,
                 "detail": w.detail,
             })).collect::<Vec<_>>(),
             "events": self.events,

@@ -113,6 +113,31 @@ pub struct WorkloadSpec {
         skip_serializing_if = "is_default_stop_timeout"
     )]
     pub stop_timeout_ms: u64,
+    /// Connection hand-over (modes `handover` and `socket-activation`, emulated platform):
+    /// before the freeze the agent sends this signal, and the workload hands its established
+    /// connections to the new copy through its fd store (`FDSTORE=1`, `FDNAME=connection`,
+    /// then `MK_HANDOFF=1`; docs/workloads.md). Absent: its connections end with the old copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff_signal: Option<StopSignal>,
+    /// How long the agent waits for `MK_HANDOFF=1` before it freezes the workload anyway.
+    #[serde(
+        default = "default_handoff_timeout",
+        skip_serializing_if = "is_default_handoff_timeout"
+    )]
+    pub handoff_timeout_ms: u64,
+}
+
+/// Default `handoff_timeout_ms`.
+pub const DEFAULT_HANDOFF_TIMEOUT_MS: u64 = 1_000;
+/// Longest `handoff_timeout_ms` (the workload serves no connection while it hands over).
+pub const MAX_HANDOFF_TIMEOUT_MS: u64 = 60_000;
+
+fn default_handoff_timeout() -> u64 {
+    DEFAULT_HANDOFF_TIMEOUT_MS
+}
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_default_handoff_timeout(v: &u64) -> bool {
+    *v == DEFAULT_HANDOFF_TIMEOUT_MS
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -230,7 +255,8 @@ impl StopSignal {
         match t.parse::<i32>() {
             Ok(n) if (1..=64).contains(&n) && n != libc::SIGSTOP => Ok(StopSignal(n)),
             _ => Err(format!(
-                "stop_signal {text:?} must be one of {} (with or without SIG) or a number                  1..=64 other than SIGSTOP",
+                "signal {text:?} must be one of {} (with or without SIG) or a number 1..=64 \
+                 other than SIGSTOP",
                 SIGNALS
                     .iter()
                     .map(|(s, _)| *s)
@@ -390,6 +416,8 @@ impl WorkloadSpec {
             restart: RestartPolicy::default(),
             stop_signal: StopSignal::default(),
             stop_timeout_ms: DEFAULT_STOP_TIMEOUT_MS,
+            handoff_signal: None,
+            handoff_timeout_ms: DEFAULT_HANDOFF_TIMEOUT_MS,
         }
     }
 
@@ -567,6 +595,7 @@ impl WorkloadFile {
                 )));
             }
             check_mode(w).map_err(bad)?;
+            check_handoff(w).map_err(bad)?;
             if !(1..=MAX_STOP_TIMEOUT_MS).contains(&w.stop_timeout_ms) {
                 return Err(bad(format!(
                     "stop_timeout_ms {} must be 1..={MAX_STOP_TIMEOUT_MS}",
@@ -675,6 +704,42 @@ fn check_mode(w: &WorkloadSpec) -> Result<(), String> {
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// Connection hand-over: only where the old copy is frozen beside the new one, with a
+/// signal the workload can catch that is not its stop signal.
+fn check_handoff(w: &WorkloadSpec) -> Result<(), String> {
+    let Some(sig) = w.handoff_signal else {
+        return Ok(());
+    };
+    if !matches!(w.mode, Mode::Handover | Mode::SocketActivation) {
+        return Err(format!(
+            "handoff_signal works in mode \"handover\" or \"socket-activation\" (the old copy \
+             hands its connections to a new copy beside it); mode \"{}\" {}",
+            w.mode,
+            if w.mode == Mode::Checkpoint {
+                "keeps established connections through CRIU already"
+            } else {
+                "stops the old copy first"
+            }
+        ));
+    }
+    if sig.0 == libc::SIGKILL {
+        return Err("handoff_signal cannot be SIGKILL (it must be caught)".to_owned());
+    }
+    if sig == w.stop_signal {
+        return Err(format!(
+            "handoff_signal {} is also the stop_signal: use another (SIGUSR2 is usual)",
+            sig.name()
+        ));
+    }
+    if !(1..=MAX_HANDOFF_TIMEOUT_MS).contains(&w.handoff_timeout_ms) {
+        return Err(format!(
+            "handoff_timeout_ms {} must be 1..={MAX_HANDOFF_TIMEOUT_MS}",
+            w.handoff_timeout_ms
+        ));
     }
     Ok(())
 }
@@ -1018,6 +1083,34 @@ command = ["/bin/true"]
             (format!("{ONE}stop_signal = 19\n"), "stop_signal"),
             (format!("{ONE}stop_signal = 0\n"), "stop_signal"),
             (format!("{ONE}mode = \"sideways\"\n"), "mode"),
+            (
+                format!("{ONE}mode = \"restart\"\nhandoff_signal = \"USR2\"\n{tcp}"),
+                "stops the old copy first",
+            ),
+            (
+                format!("{ONE}mode = \"checkpoint\"\nhandoff_signal = \"USR2\"\n{tcp}"),
+                "through CRIU already",
+            ),
+            (
+                format!("{ONE}handoff_signal = \"KILL\"\n"),
+                "must be caught",
+            ),
+            (
+                format!("{ONE}handoff_signal = \"TERM\"\n"),
+                "also the stop_signal",
+            ),
+            (
+                format!("{ONE}handoff_signal = \"STOP\"\n"),
+                "signal \"STOP\"",
+            ),
+            (
+                format!("{ONE}handoff_signal = \"USR2\"\nhandoff_timeout_ms = 0\n"),
+                "handoff_timeout_ms 0",
+            ),
+            (
+                format!("{ONE}handoff_signal = \"USR2\"\nhandoff_timeout_ms = 60001\n"),
+                "handoff_timeout_ms 60001",
+            ),
             (format!("{ONE}restart = \"always\"\n"), "restart"),
             (
                 format!("{ONE}env = {{ LISTEN_FDS = \"1\" }}\n"),
@@ -1040,6 +1133,8 @@ command = ["/bin/true"]
             format!(
                 "{ONE}mode = \"socket-activation\"\n{listen}[workload.health]\nkind = \"notify\"\n"
             ),
+            format!("{ONE}handoff_signal = \"SIGUSR2\"\nhandoff_timeout_ms = 250\n"),
+            format!("{ONE}mode = \"socket-activation\"\nhandoff_signal = 10\n{listen}{http}"),
             ONE.to_owned(),
         ] {
             parse(&ok).unwrap_or_else(|e| panic!("{ok}: {e}"));

@@ -182,3 +182,58 @@ fn copying_a_memfd_keeps_its_contents_and_not_its_position() {
         "source position untouched"
     );
 }
+
+#[test]
+fn handed_over_connections_travel_as_connected_sockets() {
+    let key = NodeKey::from_seed([1; 32]);
+    let build = |conn: PreservedFd| {
+        let (_, mut preserved) = fds();
+        preserved.push(conn);
+        let out = handover::build(
+            &spec(Integrity::Digest),
+            &task(),
+            preserved,
+            "7.2.13-mkA",
+            UPGRADE,
+            1,
+            &key,
+            SendFaults::default(),
+        )
+        .unwrap();
+        let received: Vec<OwnedFd> = out
+            .frame_fds()
+            .iter()
+            .map(|fd| fd.try_clone_to_owned().unwrap())
+            .collect();
+        (out.offer.clone(), received)
+    };
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (server_side, _) = l.accept().unwrap();
+    let conn = || PreservedFd {
+        name: "connection-1".into(),
+        fd: OwnedFd::from(server_side.try_clone().unwrap()),
+    };
+    let (o, received) = build(conn());
+    assert_eq!(
+        o.fds[3].kind,
+        kho_proto::channel::FdKind::ConnectedSocket,
+        "{:?}",
+        o.fds
+    );
+    let inc = handover::verify(&o, received, &trusted(&key), UPGRADE).unwrap();
+    assert_eq!(
+        inc.fds.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+        ["kv-data", "listen", "connection-1"]
+    );
+    // Something else in the connection's place, or a connection under another name.
+    let (o, mut received) = build(conn());
+    received[3] = OwnedFd::from(TcpListener::bind("127.0.0.1:0").unwrap());
+    let e = handover::verify(&o, received, &trusted(&key), UPGRADE).unwrap_err();
+    assert_eq!(e.check, "fd[3]", "{e}");
+    assert!(e.detail.contains("not a handed-over connection"), "{e}");
+    let (mut o, received) = build(conn());
+    o.fds[3].name = "sneaky".into();
+    let e = handover::verify(&o, received, &trusted(&key), UPGRADE).unwrap_err();
+    assert_eq!(e.check, "fd[3]", "{e}");
+}

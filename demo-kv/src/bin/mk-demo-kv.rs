@@ -5,7 +5,8 @@
 //! socket to a new instance (`MK_STATE_FDS=kv-data:<fd>,listen:<fd>`) without losing a
 //! write or a queued connection. Prints `LISTENING <addr> MEMFD <fd>` on stdout once it
 //! accepts connections. SIGTERM or SIGINT exit 0 (nothing to flush: the data lives in the
-//! memfd). Exit codes follow the mk-upgrade table: 2 bad flags or bad `MK_STATE_FDS`
+//! memfd). SIGUSR2 hands the established connections over to the supervisor for the next
+//! copy (`mk_demo_kv::handoff`, with `NOTIFY_SOCKET`); SIGCONT takes them back. Exit codes follow the mk-upgrade table: 2 bad flags or bad `MK_STATE_FDS`
 //! descriptors, 4 the handed-over memfd is corrupt, 12 the system refused an operation
 //! (bind, memfd, mmap).
 
@@ -18,6 +19,9 @@ use mk_demo_kv::exit::Exit;
 use mk_demo_kv::server::{Server, ServerConfig, parse_size};
 use mk_demo_kv::store::Origin;
 use nix::sys::signal::{SigSet, Signal};
+
+/// How long a hand-over waits for every connection to reach a request boundary.
+const HANDOFF_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The mk-upgrade demonstration key-value server (data in a memfd).
 #[derive(Debug, Parser)]
@@ -52,10 +56,16 @@ fn main() -> ExitCode {
     // Block the exit signals before any thread starts, so that every thread inherits the
     // mask and only the waiter below receives them.
     let mut signals = SigSet::empty();
-    signals.add(Signal::SIGTERM);
-    signals.add(Signal::SIGINT);
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGUSR2,
+        Signal::SIGCONT,
+    ] {
+        signals.add(s);
+    }
     if let Err(e) = signals.thread_block() {
-        eprintln!("mk-demo-kv: cannot block SIGTERM/SIGINT: {e}");
+        eprintln!("mk-demo-kv: cannot block SIGTERM/SIGINT/SIGUSR2/SIGCONT: {e}");
         return Exit::Internal.into();
     }
     let cfg = ServerConfig {
@@ -83,9 +93,30 @@ fn main() -> ExitCode {
     if server.listener_adopted() {
         tracing::info!("adopted the listening socket (queued connections are served here)");
     }
+    if server.adopted_connections() > 0 {
+        tracing::info!(
+            connections = server.adopted_connections(),
+            "adopted connections handed over by the previous copy"
+        );
+    }
+    let handoff = server.handoff();
     std::thread::spawn(move || {
-        if let Ok(sig) = signals.wait() {
-            tracing::info!(signal = %sig, "exiting");
+        loop {
+            match signals.wait() {
+                Ok(Signal::SIGUSR2) => {
+                    if let Some(n) = handoff.begin(HANDOFF_BUDGET) {
+                        tracing::info!(connections = n, "connections handed over");
+                    } else {
+                        tracing::warn!("SIGUSR2 without NOTIFY_SOCKET: nothing handed over");
+                    }
+                }
+                Ok(Signal::SIGCONT) => handoff.resume(),
+                Ok(sig) => {
+                    tracing::info!(signal = %sig, "exiting");
+                    break;
+                }
+                Err(_) => break,
+            }
         }
         std::process::exit(0);
     });

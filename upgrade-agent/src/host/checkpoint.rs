@@ -127,6 +127,104 @@ pub fn criu_version(criu: &Path) -> Option<(u32, u32)> {
 /// kernel feature it misses: `CONFIG_CHECKPOINT_RESTORE`, the namespaces, the socket diag
 /// modules, nf_tables for the network lock, ...; `docs/workloads.md`).
 pub fn readiness() -> Result<String, (String, String)> {
+    // The kernel first: each missing option is named with its reason.
+    let kernel_note = match crate::sys::kconfig::load_running_config() {
+        Ok((config, path)) => {
+            let gaps = kernel_gaps(&config);
+            let required: Vec<&KernelOption> = gaps.iter().filter(|o| !o.optional).collect();
+            if !required.is_empty() {
+                return Err((
+                    format!(
+                        "the running kernel ({}) lacks what checkpoint mode needs: {}",
+                        path.display(),
+                        required
+                            .iter()
+                            .map(|o| format!("{} ({})", o.name, o.why))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                    "boot a kernel with the options of kernel-patches/configs/criu.config (each \
+                     one is explained there)"
+                        .into(),
+                ));
+            }
+            let optional: Vec<&str> = gaps.iter().map(|o| o.name.as_str()).collect();
+            if optional.is_empty() {
+                format!(
+                    "; kernel options of criu.config all set ({})",
+                    path.display()
+                )
+            } else {
+                format!(
+                    "; kernel options set, except optional {} (pre-dump, lazy restore: not used yet)",
+                    optional.join(", ")
+                )
+            }
+        }
+        Err(e) => format!("; kernel options not checked ({e})"),
+    };
+    readiness_of_criu().map(|ok| ok + &kernel_note)
+}
+
+/// The fragment `kernel-patches/configs/criu.config`, the list of what checkpoint mode needs.
+const CRIU_FRAGMENT: &str = include_str!("../../../kernel-patches/configs/criu.config");
+
+/// Options of the fragment for features the agent does not use yet (pre-dump, lazy restore).
+const OPTIONAL_OPTIONS: &[&str] = &["CONFIG_MEM_SOFT_DIRTY", "CONFIG_USERFAULTFD"];
+
+/// One option of `criu.config` and why CRIU needs it (the comment above it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelOption {
+    pub name: String,
+    pub why: String,
+    /// For a feature the agent does not use yet.
+    pub optional: bool,
+}
+
+/// The options of a config fragment with the comment that explains each (the comment lines
+/// just above it, or above the run of options it belongs to).
+pub fn fragment_options(fragment: &str) -> Vec<KernelOption> {
+    let mut out = Vec::new();
+    let mut comment: Vec<&str> = Vec::new();
+    let mut in_comment = false;
+    for line in fragment.lines() {
+        let line = line.trim();
+        if let Some(c) = line.strip_prefix('#') {
+            let c = c.trim();
+            if c.starts_with("---") {
+                continue;
+            }
+            if !in_comment {
+                comment.clear();
+                in_comment = true;
+            }
+            comment.push(c);
+        } else if let Some((name, _)) = line.split_once('=') {
+            in_comment = false;
+            if name.starts_with("CONFIG_") {
+                out.push(KernelOption {
+                    name: name.to_owned(),
+                    why: comment.join(" "),
+                    optional: OPTIONAL_OPTIONS.contains(&name),
+                });
+            }
+        } else {
+            in_comment = false;
+        }
+    }
+    out
+}
+
+/// The options of `criu.config` that `config` does not set (built in or as a module).
+pub fn kernel_gaps(config: &crate::sys::kconfig::KernelConfig) -> Vec<KernelOption> {
+    fragment_options(CRIU_FRAGMENT)
+        .into_iter()
+        .filter(|o| !matches!(config.value(&o.name), Some("y" | "m")))
+        .collect()
+}
+
+/// CRIU itself: installed, recent enough, and `criu check` passes.
+fn readiness_of_criu() -> Result<String, (String, String)> {
     let install = "run `bash deploy/install-criu.sh` as root (builds CRIU from Debian's source \
                    package), or set MK_CRIU to a CRIU >= 4.2";
     let Some(criu) = criu_path() else {
@@ -475,6 +573,57 @@ pub fn unpack(bytes: &[u8], dir: &Path) -> Result<(), CheckpointError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::kconfig::KernelConfig;
+
+    #[test]
+    fn every_option_of_the_fragment_is_explained() {
+        let opts = fragment_options(CRIU_FRAGMENT);
+        assert!(opts.len() >= 30, "{opts:?}");
+        for o in &opts {
+            assert!(o.why.len() > 20, "{} has no explanation: {o:?}", o.name);
+        }
+        let optional: Vec<&str> = opts
+            .iter()
+            .filter(|o| o.optional)
+            .map(|o| o.name.as_str())
+            .collect();
+        assert_eq!(
+            optional, OPTIONAL_OPTIONS,
+            "both optional options are in the fragment"
+        );
+        let lock = opts.iter().find(|o| o.name == "CONFIG_NF_TABLES").unwrap();
+        assert!(
+            lock.why.contains("network lock") || lock.why.contains("nftables"),
+            "{lock:?}"
+        );
+    }
+
+    #[test]
+    fn kernel_gaps_name_what_a_config_lacks() {
+        let all = fragment_options(CRIU_FRAGMENT)
+            .iter()
+            .map(|o| format!("{}=y", o.name))
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n";
+        assert!(kernel_gaps(&KernelConfig::parse(&all)).is_empty());
+        // A module counts; "not set" and absent do not.
+        let text = all
+            .replace("CONFIG_UNIX_DIAG=y", "CONFIG_UNIX_DIAG=m")
+            .replace("CONFIG_NF_TABLES=y", "# CONFIG_NF_TABLES is not set")
+            .replace("CONFIG_CHECKPOINT_RESTORE=y\n", "")
+            .replace("CONFIG_MEM_SOFT_DIRTY=y\n", "");
+        let gaps = kernel_gaps(&KernelConfig::parse(&text));
+        let names: Vec<(&str, bool)> = gaps.iter().map(|o| (o.name.as_str(), o.optional)).collect();
+        assert_eq!(
+            names,
+            [
+                ("CONFIG_CHECKPOINT_RESTORE", false),
+                ("CONFIG_NF_TABLES", false),
+                ("CONFIG_MEM_SOFT_DIRTY", true)
+            ]
+        );
+    }
 
     #[test]
     fn pack_and_unpack_round_trip() {

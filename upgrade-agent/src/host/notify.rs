@@ -4,7 +4,8 @@
 //! and sends datagrams of newline-separated `KEY=VALUE` assignments to it: `READY=1`,
 //! `STATUS=...`, `STOPPING=1`, `RELOADING=1`, `WATCHDOG=1`, `ERRNO=...`, `MAINPID=...`,
 //! `FDSTORE=1` with `FDNAME=name` and descriptors attached (SCM_RIGHTS),
-//! `FDSTOREREMOVE=1` with `FDNAME=name`, `FDPOLL=0`. Unmodified systemd clients
+//! `FDSTOREREMOVE=1` with `FDNAME=name`, `FDPOLL=0`, and this project's `MK_HANDOFF=1`
+//! (connection hand-over, `host::watch`). Unmodified systemd clients
 //! (`sd_notify`, `systemd-notify`, the language bindings) work against [`NotifySocket`].
 //!
 //! What arrives, and what this module checks:
@@ -125,6 +126,9 @@ pub struct Parsed {
     pub fdpoll_disabled: bool,
     /// `BARRIER=1` (answered inside [`NotifySocket::recv`]).
     pub barrier: bool,
+    /// `MK_HANDOFF=1`: the workload has handed its connections over (this project's key,
+    /// answering its `handoff_signal`; see `host::watch`).
+    pub handoff: bool,
     /// Assignments not understood, as sent (systemd ignores them; kept for logging, which
     /// should escape them: they are the workload's text).
     pub unknown: Vec<String>,
@@ -432,7 +436,8 @@ pub fn fdname_is_valid(name: &str) -> bool {
 /// * At most [`MAX_DATAGRAM`] bytes of UTF-8 without NUL bytes.
 /// * Lines separated by `\n`; empty lines are ignored; every other line is `KEY=VALUE`
 ///   with a non-empty key (else the message is refused).
-/// * `READY`, `STOPPING`, `RELOADING`, `WATCHDOG`, `FDSTORE`, `FDSTOREREMOVE` count only
+/// * `READY`, `STOPPING`, `RELOADING`, `WATCHDOG`, `FDSTORE`, `FDSTOREREMOVE`, `BARRIER`
+///   and this project's `MK_HANDOFF` count only
 ///   with the value exactly `1`, `FDPOLL` only with `0`; other values are ignored as
 ///   systemd does, and listed in `unknown`.
 /// * `ERRNO` is a non-negative integer, `MAINPID` a positive one, `FDNAME` passes
@@ -473,6 +478,7 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, String> {
             "FDSTOREREMOVE" => Some((&mut p.fdstore_remove, "1")),
             "FDPOLL" => Some((&mut p.fdpoll_disabled, "0")),
             "BARRIER" => Some((&mut p.barrier, "1")),
+            "MK_HANDOFF" => Some((&mut p.handoff, "1")),
             _ => None,
         };
         if let Some((field, wanted)) = flag {
@@ -595,7 +601,7 @@ mod tests {
         let p = ok(
             "READY=1\nSTATUS=serving 3 clients\nSTOPPING=1\nRELOADING=1\nWATCHDOG=1\n\
              ERRNO=5\nMAINPID=4242\nFDSTORE=1\nFDNAME=listen sock~1\nFDPOLL=0\n\
-             MONOTONIC_USEC=123\nX-CUSTOM=a=b\n",
+             MK_HANDOFF=1\nMONOTONIC_USEC=123\nX-CUSTOM=a=b\n",
         );
         assert_eq!(
             p,
@@ -612,6 +618,7 @@ mod tests {
                 fdname: Some("listen sock~1".into()),
                 fdpoll_disabled: true,
                 barrier: false,
+                handoff: true,
                 unknown: vec!["MONOTONIC_USEC=123".into(), "X-CUSTOM=a=b".into()],
             }
         );

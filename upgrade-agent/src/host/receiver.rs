@@ -41,12 +41,8 @@ pub fn serve(shared: &Shared, conn: UnixStream) {
     };
     let received = rt.block_on(serve_async(shared, conn));
     // Whatever ended the conversation, uncommitted copies must not survive it.
-    let mut inst = lock(shared);
     for name in received {
-        if inst.workloads.get(&name).is_some_and(|w| w.pending_commit) {
-            tracing::warn!(workload = %name, "channel closed before commit: stopping the received copy");
-            let _ = supervisor::stop(&mut inst, &name);
-        }
+        supervisor::stop_uncommitted(shared, &name, "channel closed before commit");
     }
 }
 
@@ -204,17 +200,22 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                 None
             }
             Message::Abort(a) => {
-                let mut inst = lock(shared);
                 let names: Vec<String> = match &a.workload_id {
                     Some(n) => vec![n.clone()],
                     None => received.clone(),
                 };
-                for n in names {
-                    if inst.workloads.get(&n).is_some_and(|w| w.pending_commit) {
-                        tracing::info!(workload = %n, reason = %a.reason, "move aborted");
-                        let _ = supervisor::stop(&mut inst, &n);
+                // A connection hand-over back to the old copy waits for the workload.
+                let sh = Arc::clone(shared);
+                let _ = tokio::task::spawn_blocking(move || {
+                    for n in names {
+                        supervisor::stop_uncommitted(
+                            &sh,
+                            &n,
+                            &format!("move aborted: {}", a.reason),
+                        );
                     }
-                }
+                })
+                .await;
                 None
             }
             Message::ReleaseResources(r) => {

@@ -121,6 +121,9 @@ pub struct Running {
     pub status_text: Option<String>,
     /// Appended to its arguments at every start (fault injection only).
     pub extra_args: Vec<String>,
+    /// A connection hand-over asked of its process (its `handoff_signal` sent): set by
+    /// `MK_HANDOFF=1`. While it is `Some`, its fd store takes connections.
+    pub handoff: Option<Arc<Readiness>>,
 }
 
 impl Running {
@@ -141,6 +144,22 @@ impl Running {
             readiness: Arc::new(Readiness::default()),
             status_text: None,
             extra_args: Vec::new(),
+            handoff: None,
+        }
+    }
+
+    /// Ends a connection hand-over of the process that is still running (the move did not
+    /// happen): the handed-over connections are dropped from the store (the process kept
+    /// its own descriptors of them) and `SIGCONT` tells it to serve them and accept again.
+    fn take_back_connections(&mut self) {
+        if self.handoff.take().is_none() {
+            return;
+        }
+        self.fds.retain(|p| !is_connection(&p.name));
+        if let Some(p) = &self.process
+            && let Err(e) = p.signal(libc::SIGCONT)
+        {
+            tracing::warn!(workload = %self.spec.name, error = %e, "SIGCONT after a cancelled hand-over failed");
         }
     }
 
@@ -278,7 +297,13 @@ pub struct Instance {
     /// Where each start of a workload's process is recorded for a restarted supervisor to
     /// adopt it ([`super::adopt`]); `None`: not recorded (emulated instances).
     pub records: Option<PathBuf>,
+    /// Whether a move hands established connections over (`handoff_signal`): true where
+    /// the new copy runs beside the old one (emulated instances); a kexec ends every
+    /// connection, so the LUO host agent leaves it off.
+    pub connection_handoff: bool,
 }
+
+pub use crate::model::{CONNECTION_FDNAME, is_connection};
 
 impl Instance {
     pub fn new(
@@ -301,6 +326,7 @@ impl Instance {
             expected_upgrade: None,
             notify_path: None,
             records: None,
+            connection_handoff: false,
         }
     }
 }
@@ -401,6 +427,9 @@ fn launch(inst: &Instance, w: &mut Running) -> Result<(), SupervisorError> {
     };
     w.pid = i32::try_from(process.id()).unwrap_or(-1);
     w.process = Some(process);
+    // Handed-over connections belong to this process now: never handed to another start.
+    w.fds.retain(|p| !is_connection(&p.name));
+    w.handoff = None;
     w.frozen = false;
     w.started = Instant::now();
     w.restart_at = None;
@@ -577,7 +606,10 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                 } else {
                     inst.freezer
                         .thaw(&name, w.pid)
-                        .map(|()| w.frozen = false)
+                        .map(|()| {
+                            w.frozen = false;
+                            w.take_back_connections();
+                        })
                         .map_err(|source| SupervisorError::Freezer {
                             op: "thawing",
                             name: name.clone(),
@@ -667,6 +699,7 @@ impl From<Response> for (Response, Vec<OwnedFd>) {
 /// returns once the group is empty (its ports closed, its files written), keeping its fd
 /// store. The wait runs without the instance lock.
 pub fn freeze(shared: &Shared, name: &str) -> Result<(), SupervisorError> {
+    hand_off_connections(shared, name)?;
     let (process, spec) = {
         let mut inst = lock(shared);
         let inst = &mut *inst;
@@ -704,6 +737,75 @@ pub fn freeze(shared: &Shared, name: &str) -> Result<(), SupervisorError> {
             name: name.to_owned(),
             source,
         })
+}
+
+/// Before the freeze of a workload with a `handoff_signal` (on an instance that hands
+/// connections over): sends it the signal and waits, without the instance lock, up to its
+/// `handoff_timeout_ms` for `MK_HANDOFF=1`, its established connections arriving in its fd
+/// store meanwhile (`host::watch`). A workload that does not answer in time is frozen
+/// anyway: the connections it kept end with it, as without a hand-over.
+fn hand_off_connections(shared: &Shared, name: &str) -> Result<(), SupervisorError> {
+    let (done, timeout, signal) = {
+        let mut inst = lock(shared);
+        let enabled = inst.connection_handoff;
+        let w = get(&mut inst.workloads, name)?;
+        let Some(signal) = w.spec.handoff_signal.filter(|_| enabled) else {
+            return Ok(());
+        };
+        if w.frozen || w.handoff.is_some() || !w.alive() {
+            return Ok(());
+        }
+        let Some(p) = &w.process else {
+            return Ok(());
+        };
+        if !handles_signal(w.pid, signal.0) {
+            // Its default action would end the process (SIGUSR2 terminates).
+            tracing::warn!(workload = %name, signal = %signal.name(), pid = w.pid, "the workload neither catches nor blocks its handoff_signal: moving without a connection hand-over");
+            return Ok(());
+        }
+        if let Err(e) = p.signal(signal.0) {
+            tracing::warn!(workload = %name, error = %e, "sending the handoff_signal failed; moving without a connection hand-over");
+            return Ok(());
+        }
+        let done = Arc::new(Readiness::default());
+        w.handoff = Some(Arc::clone(&done));
+        (
+            done,
+            Duration::from_millis(w.spec.handoff_timeout_ms),
+            signal,
+        )
+    };
+    let t0 = Instant::now();
+    let handed = done.wait(timeout);
+    let inst = lock(shared);
+    let connections = inst.workloads.get(name).map_or(0, |w| {
+        w.fds.iter().filter(|p| is_connection(&p.name)).count()
+    });
+    let waited_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+    if handed {
+        tracing::info!(workload = %name, connections, waited_ms, "connections handed over");
+    } else {
+        tracing::warn!(workload = %name, connections, waited_ms, signal = %signal.name(), "no MK_HANDOFF=1 within handoff_timeout_ms: frozen anyway (connections it kept end with it)");
+    }
+    Ok(())
+}
+
+/// Whether process `pid` catches or blocks `signal` (`SigCgt`, `SigBlk` of
+/// `/proc/PID/status`): sending a signal it does neither would run its default action.
+pub(crate) fn handles_signal(pid: i32, signal: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let Some(bit) = u32::try_from(signal - 1).ok().filter(|b| *b < 64) else {
+        return false;
+    };
+    status.lines().any(|l| {
+        ["SigCgt:", "SigBlk:"].iter().any(|k| {
+            l.strip_prefix(k)
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                .is_some_and(|mask| mask & (1u64 << bit) != 0)
+        })
+    })
 }
 
 /// The freeze of a `mode = "checkpoint"` workload: CRIU dumps its process tree (stopping,
@@ -834,6 +936,26 @@ pub fn stop(inst: &mut Instance, name: &str) -> Result<(), SupervisorError> {
     Ok(())
 }
 
+/// Stops workload `name` if it is a received copy not yet committed (a move that was
+/// aborted, or whose channel closed), logging `why`. With a `handoff_signal`, the copy first
+/// hands its connections over ([`hand_off_connections`]): it stops reading them at a
+/// request boundary, so the old copy, thawed next, takes them up with no request lost.
+pub fn stop_uncommitted(shared: &Shared, name: &str, why: &str) {
+    if !lock(shared)
+        .workloads
+        .get(name)
+        .is_some_and(|w| w.pending_commit)
+    {
+        return;
+    }
+    let _ = hand_off_connections(shared, name);
+    let mut inst = lock(shared);
+    if inst.workloads.get(name).is_some_and(|w| w.pending_commit) {
+        tracing::warn!(workload = %name, %why, "stopping the received copy");
+        let _ = stop(&mut inst, name);
+    }
+}
+
 /// A control-request handler: the request, the fds attached to it; the response and the
 /// fds to attach to it.
 pub type CtlHandler =
@@ -893,5 +1015,38 @@ pub fn serve_ctl_listener(shared: &Shared, ctl: &UnixListener, handler: &Arc<Ctl
             serve_ctl(&shared, &conn, handler.as_ref());
             drop(ticket);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signal_counts_as_handled_only_when_caught_or_blocked() {
+        let spawn = |script: &str| {
+            std::process::Command::new("bash")
+                .args(["-c", script])
+                .spawn()
+                .unwrap()
+        };
+        let mut plain = spawn("while :; do sleep 0.05; done");
+        let mut trapping = spawn("trap 'echo usr2' USR2; while :; do sleep 0.05; done");
+        // bash installs its trap after start-up: wait for it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let pid = |c: &std::process::Child| i32::try_from(c.id()).unwrap();
+        while !handles_signal(pid(&trapping), libc::SIGUSR2) {
+            assert!(Instant::now() < deadline, "the trap never showed in SigCgt");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!handles_signal(pid(&plain), libc::SIGUSR2));
+        assert!(!handles_signal(pid(&trapping), libc::SIGUSR1));
+        assert!(!handles_signal(-1, libc::SIGUSR2), "no such process");
+        assert!(!handles_signal(pid(&trapping), 0), "no such signal");
+        for c in [&mut plain, &mut trapping] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert!(is_connection("connection-12") && !is_connection("connection-x"));
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::host::notify::{Message, NotifySocket, Received};
-use crate::host::supervisor::{Instance, Running, Shared, lock};
+use crate::host::supervisor::{CONNECTION_FDNAME, Instance, Running, Shared, is_connection, lock};
 use crate::model::PreservedFd;
 use crate::workload::{MAX_FDS, valid_name};
 
@@ -140,14 +140,72 @@ fn on_message(shared: &Shared, m: Message) {
     if m.text.ready {
         w.readiness.set();
     }
+    if m.text.handoff {
+        match &w.handoff {
+            Some(done) => done.set(),
+            None => {
+                tracing::warn!(workload = %name, "MK_HANDOFF=1 but no hand-over was asked: ignored");
+            }
+        }
+    }
+}
+
+/// `FDSTORE=1` with `FDNAME=connection` during a connection hand-over: keeps each attached
+/// descriptor (1..=16 a message), every one a connected stream socket, as `connection-N`
+/// for the next copy (then dropped from the store: see `supervisor::launch`). The whole
+/// message is refused (its descriptors closed here; the workload's own copies stay open)
+/// if any of them is not a connection or the store would exceed [`MAX_FDS`].
+fn store_connections(w: &mut Running, m: &Message) -> Result<(), String> {
+    if w.handoff.is_none() {
+        return Err(format!(
+            "FDNAME={CONNECTION_FDNAME} outside a hand-over (connections are taken only \
+             between the handoff_signal and the freeze)"
+        ));
+    }
+    if m.fds.is_empty() {
+        return Err(format!("FDNAME={CONNECTION_FDNAME} without descriptors"));
+    }
+    for (i, fd) in m.fds.iter().enumerate() {
+        if !crate::model::is_connected_stream(fd.as_fd()) {
+            return Err(format!(
+                "FDNAME={CONNECTION_FDNAME}: descriptor {i} of the message is not a connected \
+                 stream socket"
+            ));
+        }
+    }
+    if w.fds.len() + m.fds.len() > MAX_FDS {
+        return Err(format!(
+            "{} more connections would exceed the {MAX_FDS} descriptors a workload moves",
+            m.fds.len()
+        ));
+    }
+    let mut next = w.fds.iter().filter(|p| is_connection(&p.name)).count();
+    for fd in &m.fds {
+        next += 1;
+        w.fds.push(PreservedFd {
+            name: format!("{CONNECTION_FDNAME}-{next}"),
+            fd: fd.try_clone().map_err(|e| format!("dup: {e}"))?,
+        });
+    }
+    tracing::debug!(workload = %w.spec.name, added = m.fds.len(), total = next, "fd store: connections handed over");
+    Ok(())
 }
 
 /// `FDSTORE=1`: keeps the attached memfd under `FDNAME` (default `stored`), replacing an
 /// earlier entry of that name. Only memfds (LUO preserves nothing else across a kexec), one
 /// per message, a name that is not one of the declared descriptors', at most
-/// [`MAX_FDS`] descriptors in all.
+/// [`MAX_FDS`] descriptors in all. `FDNAME=connection` is the connection hand-over
+/// ([`store_connections`]).
 fn store(w: &mut Running, m: &Message) -> Result<(), String> {
     let name = m.text.fdname.clone().unwrap_or_else(|| "stored".to_owned());
+    if name == CONNECTION_FDNAME {
+        return store_connections(w, m);
+    }
+    if is_connection(&name) {
+        return Err(format!(
+            "FDNAME={name}: names {CONNECTION_FDNAME}-N are the agent's (send FDNAME={CONNECTION_FDNAME})"
+        ));
+    }
     if !valid_name(&name) {
         return Err(format!(
             "FDNAME={name:?}: the fd store takes names of 1..=63 bytes of A-Z a-z 0-9 . _ -"
@@ -226,6 +284,7 @@ mod tests {
             readiness: Arc::new(Readiness::default()),
             status_text: None,
             extra_args: Vec::new(),
+            handoff: None,
         }
     }
 
@@ -284,6 +343,63 @@ mod tests {
         assert_eq!(w.fds.len(), MAX_FDS, "capped");
         let e = store(&mut w, &message(Some("more"), vec![memfd()])).unwrap_err();
         assert!(e.contains("descriptors already"), "{e}");
+    }
+
+    /// A connected TCP pair on loopback: (client, server side).
+    fn connection() -> (std::net::TcpStream, OwnedFd) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        (c, s.into())
+    }
+
+    #[test]
+    fn connections_are_taken_only_during_a_hand_over_and_only_connected() {
+        let mut w = running(&["data"]);
+        let (_c1, s1) = connection();
+        let e = store(&mut w, &message(Some(CONNECTION_FDNAME), vec![s1])).unwrap_err();
+        assert!(e.contains("outside a hand-over"), "{e}");
+        assert_eq!(w.fds.len(), 1);
+
+        w.handoff = Some(Arc::new(Readiness::default()));
+        let (_c1, s1) = connection();
+        let (_c2, s2) = connection();
+        let (_c3, s3) = connection();
+        store(&mut w, &message(Some(CONNECTION_FDNAME), vec![s1, s2])).unwrap();
+        store(&mut w, &message(Some(CONNECTION_FDNAME), vec![s3])).unwrap();
+        let names: Vec<&str> = w.fds.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["data", "connection-1", "connection-2", "connection-3"]
+        );
+        // A listener, a memfd, or a connection among them that is not one: the whole
+        // message is refused.
+        let listener: OwnedFd = std::net::TcpListener::bind("127.0.0.1:0").unwrap().into();
+        let (_c4, s4) = connection();
+        for (fds, want) in [
+            (vec![listener], "not a connected stream socket"),
+            (vec![s4, memfd()], "descriptor 1 of the message"),
+            (vec![], "without descriptors"),
+        ] {
+            let e = store(&mut w, &message(Some(CONNECTION_FDNAME), fds)).unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        assert_eq!(w.fds.len(), 4);
+        // The agent's names are not the workload's to use.
+        let (_c5, s5) = connection();
+        let e = store(&mut w, &message(Some("connection-9"), vec![s5])).unwrap_err();
+        assert!(e.contains("are the agent's"), "{e}");
+        // Capped with everything else the workload moves.
+        let mut kept = Vec::new();
+        loop {
+            let (c, s) = connection();
+            kept.push(c);
+            if let Err(e) = store(&mut w, &message(Some(CONNECTION_FDNAME), vec![s])) {
+                assert!(e.contains("would exceed"), "{e}");
+                break;
+            }
+        }
+        assert_eq!(w.fds.len(), MAX_FDS);
     }
 
     #[test]

@@ -403,6 +403,7 @@ impl<'a> Orchestrator<'a> {
                     detail: None,
                     closed_us: None,
                     stop_us: None,
+                    connections: None,
                 })
                 .collect(),
             events: Vec::new(),
@@ -658,6 +659,15 @@ impl<'a> Orchestrator<'a> {
     ) -> Result<Option<u64>, PlatformError> {
         let io = |what: String| PlatformError::Instance { id: from, what };
         let mut fds = self.platform.preserved_fds(from, name)?;
+        let connections = fds
+            .iter()
+            .filter(|p| crate::model::is_connection(&p.name))
+            .count();
+        if connections > 0
+            && let Some(w) = self.record.workload_mut(name)
+        {
+            w.connections = u32::try_from(connections).ok();
+        }
         if spec.transfer == Transfer::Copy {
             for p in &mut fds {
                 if state_serializers::sys::get_seals(std::os::fd::AsFd::as_fd(&p.fd)).is_ok() {

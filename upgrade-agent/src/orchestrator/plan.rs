@@ -214,6 +214,7 @@ mod tests {
                 mode: crate::workload::Mode::Handover,
                 closed_us: None,
                 stop_us: None,
+                connections: None,
             }],
             events: Vec::new(),
             outcome: None,

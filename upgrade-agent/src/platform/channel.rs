@@ -292,14 +292,34 @@ impl ChannelLink {
         self.heartbeat(to, connect)
     }
 
-    /// `Abort` (best effort: the receiver also stops an uncommitted copy at EOF).
+    /// `Abort`, then a heartbeat round trip proving the copy was stopped (best effort: the
+    /// receiver also stops an uncommitted copy at EOF).
     pub fn abort(&mut self, to: InstanceId, name: &str, reason: &str) {
         let abort = Message::Abort(Abort {
             workload_id: Some(name.to_owned()),
             reason: reason.to_owned(),
         });
-        if self.channels.contains_key(&to) {
-            let _ = self.send(to, abort, &[]);
+        if !self.channels.contains_key(&to) || self.send(to, abort, &[]).is_err() {
+            return;
+        }
+        // The receiver handles messages in order: its answer to a heartbeat sent after the
+        // abort means the copy is stopped (the old copy, thawed next, must not resume
+        // beside it: with a connection hand-over both would read the same connections).
+        // A late answer to an earlier message (a health report past its deadline) is skipped.
+        let hb = Message::Heartbeat(Heartbeat {
+            monotonic_ms: ms(self.started.elapsed()),
+            state: AgentState::Migrating,
+        });
+        if self.send(to, hb, &[]).is_err() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.recv_within(to, left) {
+                Ok(Message::Heartbeat(_)) | Err(_) => return,
+                Ok(_) => {}
+            }
         }
     }
 

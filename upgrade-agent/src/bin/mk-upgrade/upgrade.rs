@@ -592,6 +592,10 @@ pub fn print_record(rec: &UpgradeRecord) {
             ),
             _ => String::new(),
         };
+        let closed = match w.connections {
+            Some(n) => format!("{closed} ({n} connections handed over)"),
+            None => closed,
+        };
         println!(
             "  {:<16} {:<11} {blackout}{closed} {}",
             w.name,

@@ -59,14 +59,17 @@ pub fn run(state_dir: &Path, id: InstanceId) -> Result<(), InstanceError> {
         super::state_tag(state_dir)
     );
     let freezer = Freezer::detect(&tag);
-    let shared: Shared = Arc::new(Mutex::new(Instance::new(
+    let mut instance = Instance::new(
         id,
         kernel_release,
         entry.resources.cpus.clone(),
         freezer,
         dir.clone(),
         state_dir.to_owned(),
-    )));
+    );
+    // The new copy starts beside the old one: established connections can be handed over.
+    instance.connection_handoff = true;
+    let shared: Shared = Arc::new(Mutex::new(instance));
     crate::host::watch::start_background(&shared).map_err(|source| InstanceError::Bind {
         path: dir.join("notify.sock"),
         source,
