@@ -75,6 +75,10 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: io::Error },
     #[error("--preload-mib {mib}: {source}")]
     Preload { mib: u64, source: StoreError },
+    #[error("standby start: {0}")]
+    Standby(String),
+    #[error("standby copy not used: the supervisor closed its socket (the move was cancelled)")]
+    StandbyCancelled,
 }
 
 impl ServerError {
@@ -88,8 +92,10 @@ impl ServerError {
                 StoreError::BadCapacity { .. }
                 | StoreError::Shm(ShmError::NotMemfd { .. } | ShmError::WriteSealed { .. }),
             )
-            | Self::Preload { .. } => Exit::Usage,
+            | Self::Preload { .. }
+            | Self::Standby(_) => Exit::Usage,
             Self::Store(_) | Self::Bind { .. } => Exit::Platform,
+            Self::StandbyCancelled => Exit::Ok,
         }
     }
 }
@@ -117,7 +123,14 @@ impl Server {
         let mut listen = None;
         let mut connections = Vec::new();
         let wanted = |n: &str| n == FD_NAME_DATA || n == FD_NAME_LISTEN || is_connection(n);
-        for s in sys::take_state_fds(wanted)? {
+        let named = match sys::take_standby_fd().map_err(ServerError::Standby)? {
+            Some(sock) => match wait_as_standby(&sock)? {
+                Some(fds) => fds.into_iter().filter(|s| wanted(&s.name)).collect(),
+                None => return Err(ServerError::StandbyCancelled),
+            },
+            None => sys::take_state_fds(wanted)?,
+        };
+        for s in named {
             if is_connection(&s.name) {
                 match s.fd.map(adopt_connection) {
                     Some(Ok(c)) => connections.push(c),
@@ -284,6 +297,51 @@ impl Server {
             tracing::warn!(error = %e, "cannot spawn a connection thread");
         }
     }
+}
+
+/// A standby start (mk-upgrade's `standby = true`, docs/state.md): says `READY` on the
+/// socket, then waits for one packet: the descriptors' names, comma-separated, with the
+/// descriptors attached in that order. `None`: the socket closed first (not used).
+fn wait_as_standby(sock: &OwnedFd) -> Result<Option<Vec<sys::StateFd>>, ServerError> {
+    let bad = |e: String| ServerError::Standby(e);
+    let ready = nix::sys::socket::send(
+        sock.as_raw_fd(),
+        b"READY",
+        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+    );
+    if let Err(e) = ready {
+        return Err(bad(format!("saying READY: {e}")));
+    }
+    tracing::info!("standby: waiting for the descriptors");
+    let mut buf = vec![0u8; 64 << 10];
+    let (n, fds) = sys::recv_with_fds(sock.as_fd(), &mut buf).map_err(|e| bad(e.to_string()))?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let text = std::str::from_utf8(&buf[..n]).map_err(|e| bad(format!("names: {e}")))?;
+    let names: Vec<&str> = if text.is_empty() {
+        Vec::new()
+    } else {
+        text.split(',').collect()
+    };
+    if names.len() != fds.len() {
+        return Err(bad(format!(
+            "{} names for {} descriptors",
+            names.len(),
+            fds.len()
+        )));
+    }
+    Ok(Some(
+        names
+            .into_iter()
+            .zip(fds)
+            .map(|(name, fd)| sys::StateFd {
+                name: name.to_owned(),
+                raw: fd.as_raw_fd(),
+                fd: Some(fd),
+            })
+            .collect(),
+    ))
 }
 
 /// Takes a handed-over connection: a connected stream socket.

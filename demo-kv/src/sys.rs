@@ -79,6 +79,80 @@ pub fn take_state_fds(wanted: impl Fn(&str) -> bool) -> Result<Vec<StateFd>, Tak
         .collect())
 }
 
+/// Name of the variable that names a standby copy's socket (mk-upgrade's `standby = true`).
+pub const STANDBY_ENV: &str = "MK_STANDBY_FD";
+
+/// Set by the first [`take_standby_fd`] of the process.
+static STANDBY_FD_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Takes ownership of the standby socket named by `MK_STANDBY_FD` (absent: `Ok(None)`).
+/// Only the first call in a process takes it.
+pub fn take_standby_fd() -> Result<Option<OwnedFd>, String> {
+    let Some(value) = std::env::var_os(STANDBY_ENV) else {
+        return Ok(None);
+    };
+    let text = value.to_string_lossy();
+    let fd = text
+        .parse::<RawFd>()
+        .ok()
+        .filter(|n| *n >= 3 && n.to_string() == text)
+        .ok_or_else(|| format!("{STANDBY_ENV}={text:?} is not a descriptor number >= 3"))?;
+    if !fd_is_open(fd) {
+        return Err(format!("{STANDBY_ENV}={fd} is not an open descriptor"));
+    }
+    if STANDBY_FD_TAKEN.swap(true, Ordering::AcqRel) {
+        return Err(format!("{STANDBY_ENV} was already taken by this process"));
+    }
+    // SAFETY: the descriptor is open (checked above); the supervisor handed it to this
+    // process for its own use under MK_STANDBY_FD, and the flag above lets this run once per
+    // process, so nothing else owns it; the OwnedFd closes it once.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Receives one packet into `buf` with up to 128 descriptors (close-on-exec); returns the
+/// bytes received (0: the peer closed the socket) and the descriptors, owned.
+pub fn recv_with_fds(
+    sock: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::AsRawFd;
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; 128]);
+    let msg = loop {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::errno::Errno::EINTR) => {}
+            other => break other.map_err(io::Error::from)?,
+        }
+    };
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for fd in raw {
+                // SAFETY: the kernel installed this descriptor in this process for this
+                // recvmsg call; nothing else knows its number yet, so this is its only
+                // owner.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    let truncated = msg
+        .flags
+        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+    let n = msg.bytes;
+    if truncated {
+        return Err(io::Error::other(
+            "the packet or its descriptors were truncated",
+        ));
+    }
+    Ok((n, fds))
+}
+
 /// Makes the command's child inherit `fds` across its exec (clears `FD_CLOEXEC` on them
 /// between fork and exec), as a supervisor handing descriptors under `MK_STATE_FDS` does.
 /// The descriptors must stay open in this process until the child is spawned.

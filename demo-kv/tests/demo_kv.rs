@@ -698,3 +698,70 @@ fn sigcont_takes_the_connections_back() {
     // New connections are accepted again.
     assert_eq!(old.client().get("k").unwrap().as_deref(), Some("v"));
 }
+
+/// Standby start: with MK_STANDBY_FD the server says READY, waits for its descriptors in
+/// one packet (names, comma-separated, fds attached), then serves the handed-over data and
+/// listener; a socket closed first ends it with status 0.
+#[test]
+fn standby_start_waits_for_its_descriptors() {
+    use nix::sys::socket::{
+        AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, recv, sendmsg, socketpair,
+    };
+    let start = || {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let mut cmd = command(&[], &[]);
+        cmd.env("MK_STANDBY_FD", theirs.as_raw_fd().to_string());
+        mk_demo_kv::sys::inherit_fds(&mut cmd, vec![theirs.as_raw_fd()]);
+        let child = cmd.spawn().unwrap();
+        drop(theirs);
+        let mut buf = [0u8; 16];
+        let n = recv(ours.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+        assert_eq!(&buf[..n], b"READY");
+        (child, ours)
+    };
+
+    // Data written by a first server, handed to the standby with the listener.
+    let memfd = test_memfd();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fds = [
+        ("kv-data", memfd.as_raw_fd()),
+        ("listen", listener.as_raw_fd()),
+    ];
+    let mut first = spawn(&[], &fds);
+    first.client().set("kept", "yes").unwrap();
+    first.kill();
+
+    let (mut child, ours) = start();
+    // A client that connects now waits in the backlog: the standby has no listener yet.
+    let mut c = KvClient::connect(addr, T).unwrap();
+    let raw = [memfd.as_raw_fd(), listener.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let iov = [std::io::IoSlice::new(b"kv-data,listen")];
+    sendmsg::<()>(ours.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).unwrap();
+    assert_eq!(c.get("kept").unwrap().as_deref(), Some("yes"));
+    assert_eq!(c.set("after", "1").unwrap(), 2);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // Cancelled: the socket closes before any descriptor came.
+    let (mut child, ours) = start();
+    drop(ours);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status}");
+
+    // Names that do not match the descriptors: refused (exit 2).
+    let (mut child, ours) = start();
+    let iov = [std::io::IoSlice::new(b"kv-data,listen")];
+    let raw = [memfd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    sendmsg::<()>(ours.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(2), "{status}");
+}

@@ -628,3 +628,64 @@ fn crash_matrix_a_workload_dies_at_each_journal_write() {
         assert_eq!(m.run(&["emu", "down"]).code, 0, "{ctx}");
     }
 }
+
+/// `standby = true`: the new copy starts before the freeze and takes its descriptors
+/// from the agent (mk-demo-kv says READY on MK_STANDBY_FD); a copy that cannot stand by
+/// (here a wrapper that exits when MK_STANDBY_FD is set) is started after the freeze as
+/// usual. Both moves keep every write, both ways.
+#[test]
+fn standby_copies_take_over_and_a_failed_standby_falls_back() {
+    let m = Machine::new(2);
+    let kv = mk_integration_tests::bin("mk-demo-kv");
+    let wrapper = m.path("no-standby.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n[ -n \"$MK_STANDBY_FD\" ] && exit 3\nexec {} \"$@\"\n",
+            kv.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let file = m.path("state/workloads.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut blocks: Vec<String> = text
+        .split("[[workload]]\n")
+        .filter(|b| !b.is_empty())
+        .map(|b| b.replacen("args = ", "standby = true\nargs = ", 1))
+        .collect();
+    blocks[1] = blocks[1].replace(&kv.display().to_string(), &wrapper.display().to_string());
+    std::fs::write(
+        &file,
+        format!("[[workload]]\n{}", blocks.join("[[workload]]\n")),
+    )
+    .unwrap();
+    m.init();
+    put(&m, 20);
+    let b = m.path("bzImage-7.2.13-mkB");
+    m.sign(&b);
+    let r = m.run(&["apply", "--kernel", b.to_str().unwrap(), "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["result"], "upgraded", "{r:?}");
+    check(&m, 20);
+    let log = std::fs::read_to_string(m.path("state/emulated/instance-2/supervisor.log"))
+        .unwrap_or_default();
+    assert!(
+        log.contains("standby: waiting for the descriptors"),
+        "kv-1 stood by: {log}"
+    );
+    assert!(
+        log.contains("standby copy failed"),
+        "kv-2's standby exited and was reported: {log}"
+    );
+    put(&m, 30);
+    let back = m.run(&["rollback", "--json"]);
+    assert_eq!(back.code, 0, "{back:?}");
+    check(&m, 30);
+    let (_, kernel, names) = active(&m.status());
+    assert_eq!((kernel.as_str(), names.len()), ("7.2.13-mkA", 2));
+}

@@ -5,12 +5,14 @@
 //! `cargo build --release -p mk-demo-kv && cargo bench -p upgrade-agent --bench blackout`
 //! (release build; the workload binary belongs to another package). Environment:
 //! `MK_BENCH_SIZES_MIB` (default `1,64,1024`), `MK_BENCH_MOVES` (moves per configuration,
-//! default 7), `MK_BENCH_MANY` (workloads in the many-workload apply, default 100, 0 skips).
-//! Each size also runs in checkpoint mode (CRIU dumps and restores the same mk-demo-kv, which
-//! then creates its own memfd and binds its own port) when `criu check` passes here; the row
-//! says why it was skipped otherwise.
-//! Prints a Markdown table (copied into docs/performance.md) and writes
-//! `target/blackout.json`.
+//! default 100), `MK_BENCH_MODES` (default
+//! `share+identity,standby,share+digest,copy+digest,checkpoint`; `standby` is share + identity
+//! with the new copy started before the freeze),
+//! `MK_BENCH_MANY` (workloads in the many-workload apply, default 500, 0 skips).
+//! Checkpoint mode (CRIU dumps and restores the same mk-demo-kv, which then creates its own
+//! memfd and binds its own port) runs when `criu check` passes here; otherwise it prints
+//! `SKIP` with the reason. Prints a Markdown table (copied into docs/performance.md) and
+//! writes the report `target/bench/blackout.json` (`configs`, `many`, `cgroup_favordynmods`).
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsFd;
@@ -190,13 +192,19 @@ fn sha(b: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(b).into()
 }
 
-fn pct(v: &mut [u64], p: f64) -> f64 {
+/// p50, p99 and max of microsecond samples, in milliseconds. The p99 of fewer than 100
+/// samples is their maximum (nearest rank), and says so by equalling it.
+fn stats_ms(v: &mut [u64]) -> serde_json::Value {
     v.sort_unstable();
-    if v.is_empty() {
-        return 0.0;
-    }
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)] as f64 / 1000.0
+    let rank = |p: f64| -> f64 {
+        if v.is_empty() {
+            return 0.0;
+        }
+        // Nearest rank: the smallest sample with at least p of them at or below it.
+        let k = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+        v[k - 1] as f64 / 1000.0
+    };
+    serde_json::json!({ "p50": rank(0.5), "p99": rank(0.99), "max": rank(1.0) })
 }
 
 fn memcpy_gbps(mib: u64) -> f64 {
@@ -204,7 +212,7 @@ fn memcpy_gbps(mib: u64) -> f64 {
     let src = vec![0x5au8; n];
     let mut dst = vec![0u8; n];
     dst.copy_from_slice(&src); // fault the pages in first
-    let reps = (4096 / mib).max(1);
+    let reps = (4096 / mib.max(1)).max(1);
     let t = Instant::now();
     for _ in 0..reps {
         dst.copy_from_slice(std::hint::black_box(&src));
@@ -219,10 +227,45 @@ fn max_rss_mib() -> f64 {
     r.max_rss() as f64 / 1024.0
 }
 
+/// A mode a run may measure: its `MK_BENCH_MODES` name, its label, and how its memfds
+/// move (`None`: checkpoint mode).
+type BenchMode = (&'static str, &'static str, Option<(Transfer, Integrity)>);
+
+/// The modes a run may measure.
+const MODES: &[BenchMode] = &[
+    (
+        "share+identity",
+        "share + identity (zero-copy)",
+        Some((Transfer::Share, Integrity::Identity)),
+    ),
+    (
+        "share+digest",
+        "share + digest (default)",
+        Some((Transfer::Share, Integrity::Digest)),
+    ),
+    (
+        "copy+digest",
+        "copy + digest (copy baseline)",
+        Some((Transfer::Copy, Integrity::Digest)),
+    ),
+    (
+        "standby",
+        "share + identity + standby copy",
+        Some((Transfer::Share, Integrity::Identity)),
+    ),
+    ("checkpoint", "checkpoint (CRIU dump + restore)", None),
+];
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: both run it
     // with tiny sizes under test so the binary stays exercised.
     let quick = !std::env::args().any(|a| a == "--bench");
+    let first = |name: &str, default: u64| {
+        env_list(name, &default.to_string())
+            .first()
+            .copied()
+            .unwrap_or(default)
+    };
     let sizes = if quick {
         vec![1]
     } else {
@@ -231,40 +274,42 @@ fn main() {
     let moves = if quick {
         2
     } else {
-        env_list("MK_BENCH_MOVES", "7")
-            .first()
-            .copied()
-            .unwrap_or(7)
+        first("MK_BENCH_MOVES", 100)
     };
     let many = if quick {
         3
     } else {
-        env_list("MK_BENCH_MANY", "100")
-            .first()
-            .copied()
-            .unwrap_or(100)
+        first("MK_BENCH_MANY", 500)
     };
-    // `None`: checkpoint mode (CRIU), when this host can run it.
-    let criu = upgrade_agent::host::checkpoint::readiness();
-    let mut modes = vec![
-        (
-            "share + identity (zero-copy)",
-            Some((Transfer::Share, Integrity::Identity)),
-        ),
-        (
-            "share + digest (default)",
-            Some((Transfer::Share, Integrity::Digest)),
-        ),
-        (
-            "copy + digest (copy baseline)",
-            Some((Transfer::Copy, Integrity::Digest)),
-        ),
-    ];
-    match &criu {
-        Ok(_) if !quick => modes.push(("checkpoint (CRIU dump + restore)", None)),
-        Ok(_) => {}
-        Err((why, _)) => println!("checkpoint mode rows skipped: {why}"),
+    let wanted = std::env::var("MK_BENCH_MODES")
+        .unwrap_or_else(|_| "share+identity,standby,share+digest,copy+digest,checkpoint".into());
+    let wanted: Vec<&str> = wanted.split(',').map(str::trim).collect();
+    if let Some(bad) = wanted.iter().find(|w| !MODES.iter().any(|m| m.0 == **w)) {
+        panic!(
+            "MK_BENCH_MODES: unknown mode {bad:?}; the modes are {}",
+            MODES.iter().map(|m| m.0).collect::<Vec<_>>().join(", ")
+        );
     }
+    let criu = upgrade_agent::host::checkpoint::readiness();
+    let mut modes = Vec::new();
+    for m in MODES.iter().filter(|m| wanted.contains(&m.0)) {
+        match (&criu, m.2) {
+            (_, Some(_)) => modes.push(*m),
+            (Ok(_), None) if !quick => modes.push(*m),
+            (Ok(_), None) => {}
+            (Err((why, _)), None) => println!("SKIP checkpoint rows: {why}"),
+        }
+    }
+    let favordynmods = upgrade_agent::sys::cgroup::favordynmods();
+    println!(
+        "EMULATED multikernel platform; {} cpus; cgroup2 {}; memcpy baseline measured per size",
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        match favordynmods {
+            Some(true) => "mounted with favordynmods",
+            Some(false) => "stock mount (no favordynmods)",
+            None => "not found (SIGSTOP freezer)",
+        }
+    );
     // The many-workload apply runs first, so the agent's peak RSS is not the memcpy
     // baseline's buffers.
     let mut many_row = serde_json::Value::Null;
@@ -284,43 +329,39 @@ fn main() {
         let m = Machine::new(specs);
         let (w, took) = m.upgrade(1);
         let mut black: Vec<u64> = w.iter().map(|x| x.1).collect();
+        let b = stats_ms(&mut black);
         many_row = serde_json::json!({
-            "workloads": n, "apply_total_ms": took.as_secs_f64() * 1000.0,
-            "per_workload_blackout_p50_ms": pct(&mut black, 0.5),
-            "per_workload_blackout_p99_ms": pct(&mut black, 0.99),
-            "agent_max_rss_mib_before": rss_before, "agent_max_rss_mib_after": max_rss_mib(),
+            "workloads": n,
+            "total_ms": took.as_secs_f64() * 1000.0,
+            "per_workload_ms": took.as_secs_f64() * 1000.0 / n as f64,
+            "rss_mib": max_rss_mib(),
+            "rss_mib_before": rss_before,
+            "blackout_ms": { "p50": b["p50"], "p99": b["p99"] },
         });
         println!(
-            "\n{n} workloads in one apply: {:.0} ms total, blackout p50 {:.3} ms / p99 {:.3} ms per workload, agent max RSS {:.1} MiB (was {:.1} MiB before)",
-            many_row["apply_total_ms"].as_f64().unwrap_or(0.0),
-            many_row["per_workload_blackout_p50_ms"]
-                .as_f64()
-                .unwrap_or(0.0),
-            many_row["per_workload_blackout_p99_ms"]
-                .as_f64()
-                .unwrap_or(0.0),
+            "\n{n} workloads in one apply: {:.0} ms total ({:.1} ms per workload), blackout p50 {} ms / p99 {} ms per workload, agent peak RSS {:.1} MiB ({rss_before:.1} MiB before the apply)",
+            many_row["total_ms"].as_f64().unwrap_or(0.0),
+            many_row["per_workload_ms"].as_f64().unwrap_or(0.0),
+            b["p50"],
+            b["p99"],
             max_rss_mib(),
-            rss_before
         );
     }
-    let mut rows = Vec::new();
+    let mut configs = Vec::new();
     println!(
-        "EMULATED multikernel platform; {} cpus; memcpy baseline measured per size",
-        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+        "\n| state | mode | moves | handover p50 / p99 / max ms | blackout p50 / p99 / max ms | memcpy of the state ms |"
     );
-    println!(
-        "| state | mode | handover p50 ms | handover p99 ms | blackout p50 ms | blackout p99 ms | memcpy of the state ms |"
-    );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for &mib in &sizes {
         let gbps = memcpy_gbps(mib.min(1024));
         let memcpy_ms = (mib << 20) as f64 / (gbps * 1e9) * 1000.0;
-        for &(label, how) in &modes {
+        for &(key, label, how) in &modes {
             let addr = free_ports(1)[0];
-            let s = match how {
+            let mut s = match how {
                 Some((transfer, integrity)) => spec("kv-1", addr, mib, transfer, integrity),
                 None => checkpoint_spec("kv-1", addr, mib),
             };
+            s.standby = key == "standby";
             let m = Machine::new(vec![s]);
             let mut hand = Vec::new();
             let mut black = Vec::new();
@@ -329,23 +370,32 @@ fn main() {
                 hand.push(w[0].0);
                 black.push(w[0].1);
             }
-            let row = serde_json::json!({
-                "state_mib": mib, "mode": label, "moves": moves,
-                "handover_p50_ms": pct(&mut hand, 0.5), "handover_p99_ms": pct(&mut hand, 0.99),
-                "blackout_p50_ms": pct(&mut black, 0.5), "blackout_p99_ms": pct(&mut black, 0.99),
-                "memcpy_ms": memcpy_ms, "memcpy_gbps": gbps,
-            });
+            let (h, b) = (stats_ms(&mut hand), stats_ms(&mut black));
             println!(
-                "| {mib} MiB | {label} | {:.3} | {:.3} | {:.3} | {:.3} | {memcpy_ms:.3} |",
-                row["handover_p50_ms"].as_f64().unwrap_or(0.0),
-                row["handover_p99_ms"].as_f64().unwrap_or(0.0),
-                row["blackout_p50_ms"].as_f64().unwrap_or(0.0),
-                row["blackout_p99_ms"].as_f64().unwrap_or(0.0),
+                "| {mib} MiB | {label} | {moves} | {} / {} / {} | {} / {} / {} | {memcpy_ms:.3} |",
+                h["p50"], h["p99"], h["max"], b["p50"], b["p99"], b["max"]
             );
-            rows.push(row);
+            configs.push(serde_json::json!({
+                "size_mib": mib, "mode": key, "label": label, "moves": moves,
+                "handover_ms": h, "blackout_ms": b,
+                "baseline_memcpy_ms": memcpy_ms, "memcpy_gbps": gbps,
+            }));
         }
     }
-    let out = serde_json::json!({ "quick": quick, "rows": rows, "many": many_row });
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/blackout.json");
-    let _ = std::fs::write(&path, serde_json::to_vec_pretty(&out).unwrap_or_default());
+    let out = serde_json::json!({
+        "quick": quick,
+        "platform": "emulated",
+        "cpus": std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        "cgroup_favordynmods": favordynmods,
+        "configs": configs,
+        "many": many_row,
+    });
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let path = dir.join("blackout.json");
+    match std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&path, serde_json::to_vec_pretty(&out).unwrap_or_default()))
+    {
+        Ok(()) => println!("\nreport: {}", path.display()),
+        Err(e) => println!("\nreport not written to {}: {e}", path.display()),
+    }
 }

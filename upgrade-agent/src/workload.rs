@@ -61,6 +61,7 @@ pub const RESERVED_ENV: &[&str] = &[
     "LISTEN_FDNAMES",
     "LISTEN_PID",
     "NOTIFY_SOCKET",
+    "MK_STANDBY_FD",
 ];
 
 /// The whole workload file.
@@ -125,6 +126,11 @@ pub struct WorkloadSpec {
         skip_serializing_if = "is_default_handoff_timeout"
     )]
     pub handoff_timeout_ms: u64,
+    /// Standby start (mode `handover`, emulated platform): the new copy is started before
+    /// the old one is frozen and waits for its descriptors on `MK_STANDBY_FD`
+    /// (docs/state.md), so its start-up is not part of the blackout.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standby: bool,
 }
 
 /// Default `handoff_timeout_ms`.
@@ -418,6 +424,7 @@ impl WorkloadSpec {
             stop_timeout_ms: DEFAULT_STOP_TIMEOUT_MS,
             handoff_signal: None,
             handoff_timeout_ms: DEFAULT_HANDOFF_TIMEOUT_MS,
+            standby: false,
         }
     }
 
@@ -596,6 +603,7 @@ impl WorkloadFile {
             }
             check_mode(w).map_err(bad)?;
             check_handoff(w).map_err(bad)?;
+            check_standby(w).map_err(bad)?;
             if !(1..=MAX_STOP_TIMEOUT_MS).contains(&w.stop_timeout_ms) {
                 return Err(bad(format!(
                     "stop_timeout_ms {} must be 1..={MAX_STOP_TIMEOUT_MS}",
@@ -704,6 +712,25 @@ fn check_mode(w: &WorkloadSpec) -> Result<(), String> {
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// Standby start: only in mode `handover` (the descriptors come by `MK_STANDBY_FD` in place
+/// of `MK_STATE_FDS`).
+fn check_standby(w: &WorkloadSpec) -> Result<(), String> {
+    if w.standby && w.mode != Mode::Handover {
+        return Err(format!(
+            "standby = true works in mode \"handover\" only (the waiting copy receives its \
+             descriptors the MK_STATE_FDS way, through MK_STANDBY_FD); mode \"{}\" starts \
+             its copy {}",
+            w.mode,
+            match w.mode {
+                Mode::SocketActivation => "with LISTEN_FDS, which cannot arrive later",
+                Mode::Restart => "after the old one stopped",
+                _ => "from a CRIU checkpoint",
+            }
+        ));
     }
     Ok(())
 }
@@ -1084,6 +1111,18 @@ command = ["/bin/true"]
             (format!("{ONE}stop_signal = 0\n"), "stop_signal"),
             (format!("{ONE}mode = \"sideways\"\n"), "mode"),
             (
+                format!("{ONE}mode = \"restart\"\nstandby = true\n{tcp}"),
+                "after the old one stopped",
+            ),
+            (
+                format!("{ONE}mode = \"socket-activation\"\nstandby = true\n{listen}{http}"),
+                "cannot arrive later",
+            ),
+            (
+                format!("{ONE}env = {{ MK_STANDBY_FD = \"3\" }}\n"),
+                "set by the agent",
+            ),
+            (
                 format!("{ONE}mode = \"restart\"\nhandoff_signal = \"USR2\"\n{tcp}"),
                 "stops the old copy first",
             ),
@@ -1134,6 +1173,7 @@ command = ["/bin/true"]
                 "{ONE}mode = \"socket-activation\"\n{listen}[workload.health]\nkind = \"notify\"\n"
             ),
             format!("{ONE}handoff_signal = \"SIGUSR2\"\nhandoff_timeout_ms = 250\n"),
+            format!("{ONE}standby = true\n{listen}{http}"),
             format!("{ONE}mode = \"socket-activation\"\nhandoff_signal = 10\n{listen}{http}"),
             ONE.to_owned(),
         ] {

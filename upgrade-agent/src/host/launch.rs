@@ -28,7 +28,11 @@ pub const MANAGED_ENV: &[&str] = &[
     "LISTEN_FDNAMES",
     "LISTEN_PID",
     "NOTIFY_SOCKET",
+    STANDBY_ENV,
 ];
+
+/// The variable naming a standby copy's socket (docs/state.md, "Standby start").
+pub const STANDBY_ENV: &str = "MK_STANDBY_FD";
 
 /// The order in which a workload's descriptors are placed at 3, 4, ...: indexes into `fds`
 /// (socket-activation puts the spec's listeners first).
@@ -80,11 +84,27 @@ pub fn environment(
     Ok((env, listen))
 }
 
+/// The environment of a standby copy: as a first start (no descriptors named), plus
+/// `MK_STANDBY_FD=3`.
+fn standby_environment(
+    spec: &WorkloadSpec,
+    notify: Option<&Path>,
+) -> (Vec<(String, String)>, bool) {
+    let (mut env, _) = environment(spec, &[], 0, notify).unwrap_or_default();
+    env.retain(|(k, _)| k != state_serializers::fdenv::ENV_VAR);
+    env.push((STANDBY_ENV.to_owned(), "3".to_owned()));
+    (env, false)
+}
+
 /// Where and how to start a workload.
 #[derive(Debug)]
 pub struct Launch<'a> {
     pub spec: &'a WorkloadSpec,
+    /// Its descriptors; for a standby copy, exactly one: its standby socket.
     pub fds: &'a [PreservedFd],
+    /// A standby copy (`standby = true`): `fds` is its socket, named to it only by
+    /// `MK_STANDBY_FD` (no `MK_STATE_FDS`, no `LISTEN_*`: its descriptors come later).
+    pub standby: bool,
     /// How many of `fds` (at the end) came from the workload's fd store.
     pub stored: usize,
     pub cpus: &'a [u32],
@@ -97,8 +117,12 @@ pub struct Launch<'a> {
 
 /// Starts the workload's process as [`Launch`] says.
 pub fn start(l: &Launch<'_>) -> std::io::Result<Process> {
-    let (env, listen_pid) = environment(l.spec, l.fds, l.stored, l.notify)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let (env, listen_pid) = if l.standby {
+        standby_environment(l.spec, l.notify)
+    } else {
+        environment(l.spec, l.fds, l.stored, l.notify)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?
+    };
     let order = placement(l.spec, l.fds);
     let fds: Vec<BorrowedFd<'_>> = order.iter().map(|i| l.fds[*i].fd.as_fd()).collect();
     let set = state_serializers::sys::cpu_set(l.cpus)?;
@@ -208,6 +232,16 @@ mod tests {
         assert_eq!(get(&env, "LISTEN_FDNAMES"), Some("http:data:cache"));
         assert!(listen);
         assert_eq!(placement(&s, &f), vec![1, 0, 2]);
+    }
+
+    #[test]
+    fn a_standby_copy_gets_its_socket_and_no_descriptor_names() {
+        let (env, listen) = standby_environment(&spec(Mode::Handover), Some(Path::new("/n")));
+        assert_eq!(get(&env, STANDBY_ENV), Some("3"));
+        assert_eq!(get(&env, "MK_STATE_FDS"), None);
+        assert_eq!(get(&env, "LISTEN_FDS"), None);
+        assert_eq!(get(&env, "NOTIFY_SOCKET"), Some("/n"));
+        assert!(!listen);
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub fn agent_version() -> String {
     format!("mk-agentd {}", env!("CARGO_PKG_VERSION"))
 }
 
+/// How long a standby copy has to get ready (say `READY` on its socket) before the move
+/// goes on without it.
+pub const STANDBY_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves one channel connection until it closes.
 pub fn serve(shared: &Shared, conn: UnixStream) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -40,7 +44,15 @@ pub fn serve(shared: &Shared, conn: UnixStream) {
         }
     };
     let received = rt.block_on(serve_async(shared, conn));
-    // Whatever ended the conversation, uncommitted copies must not survive it.
+    // Whatever ended the conversation, uncommitted copies must not survive it, nor copies
+    // still waiting as standbys.
+    {
+        let mut inst = lock(shared);
+        let waiting: Vec<String> = inst.standbys.keys().cloned().collect();
+        for n in waiting {
+            supervisor::drop_standby(&mut inst, &n);
+        }
+    }
     for name in received {
         supervisor::stop_uncommitted(shared, &name, "channel closed before commit");
     }
@@ -96,9 +108,37 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                 state: AgentState::Ready,
             })),
             Message::PrepareMigration(p) => {
-                inject_health_fail =
-                    serde_json::from_slice::<crate::workload::WorkloadSpec>(&p.spec)
-                        .is_ok_and(|s| crate::fault::wants_health_fail(&s.env));
+                let spec = serde_json::from_slice::<crate::workload::WorkloadSpec>(&p.spec).ok();
+                inject_health_fail = spec
+                    .as_ref()
+                    .is_some_and(|s| crate::fault::wants_health_fail(&s.env));
+                // A standby copy starts now, while the old copy still serves; the peer's
+                // next heartbeat waits for it (messages are handled in order). It is used
+                // only if the spec in the signed offer is the same (supervisor::admit).
+                if let Some(spec) = spec.filter(|s| {
+                    s.standby && s.name == p.workload_id && crate::workload::valid_name(&s.name)
+                }) {
+                    let extra: Vec<String> = if inject_health_fail {
+                        vec![crate::fault::HEALTH_FAIL_ARG.to_owned()]
+                    } else {
+                        Vec::new()
+                    };
+                    let sh = Arc::clone(shared);
+                    let t0 = Instant::now();
+                    let started = tokio::task::spawn_blocking(move || {
+                        supervisor::start_standby(&sh, &spec, &extra, STANDBY_READY_TIMEOUT)
+                    })
+                    .await;
+                    match started {
+                        Ok(Ok(())) => {
+                            tracing::debug!(us = t0.elapsed().as_micros(), workload = %p.workload_id, "standby copy ready");
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(workload = %p.workload_id, error = %e, "standby copy failed; the move will start the copy after the freeze");
+                        }
+                        Err(e) => tracing::warn!(error = %e, "standby start panicked"),
+                    }
+                }
                 // Get ready while the workload still runs on the old instance: creating
                 // its group is the slowest part of starting it here. The name comes from
                 // the peer: it must be a valid name before it becomes a path.

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -301,6 +301,20 @@ pub struct Instance {
     /// the new copy runs beside the old one (emulated instances); a kexec ends every
     /// connection, so the LUO host agent leaves it off.
     pub connection_handoff: bool,
+    /// Copies started ahead of their move (`standby = true`), waiting for their descriptors.
+    pub standbys: BTreeMap<String, Standby>,
+}
+
+/// A copy started before its move (`standby = true`; docs/state.md, "Standby start"): its
+/// process runs, has done its start-up and waits on its socket for the descriptors.
+#[derive(Debug)]
+pub struct Standby {
+    pub process: Process,
+    /// The agent's end of its `SOCK_SEQPACKET` socket pair.
+    pub socket: OwnedFd,
+    /// The spec it was started from (checked against the verified one before it is used).
+    pub spec: WorkloadSpec,
+    pub extra_args: Vec<String>,
 }
 
 pub use crate::model::{CONNECTION_FDNAME, is_connection};
@@ -327,6 +341,7 @@ impl Instance {
             notify_path: None,
             records: None,
             connection_handoff: false,
+            standbys: BTreeMap::new(),
         }
     }
 }
@@ -378,18 +393,7 @@ fn launch(inst: &Instance, w: &mut Running) -> Result<(), SupervisorError> {
         exec: w.spec.exec.clone(),
         source,
     };
-    inst.freezer.prepare(&w.spec.name).map_err(start)?;
-    let dir: Option<File> = match inst.freezer.group(&w.spec.name) {
-        Some(g) => {
-            if std::fs::read_to_string(g.join("cgroup.freeze")).is_ok_and(|f| f.trim() == "1") {
-                // A process that died while frozen leaves its group frozen: a child started
-                // into it would never reach exec.
-                inst.freezer.thaw(&w.spec.name, -1).map_err(start)?;
-            }
-            Some(File::open(&g).map_err(start)?)
-        }
-        None => None,
-    };
+    let dir = open_group(inst, &w.spec.name).map_err(start)?;
     let images = (w.spec.mode == Mode::Checkpoint)
         .then(|| w.fds.iter().position(|p| p.name == checkpoint::IMAGES))
         .flatten();
@@ -417,6 +421,7 @@ fn launch(inst: &Instance, w: &mut Running) -> Result<(), SupervisorError> {
         launch::start(&launch::Launch {
             spec: &w.spec,
             fds: &w.fds,
+            standby: false,
             stored: w.stored(),
             cpus: &inst.cpus,
             cgroup_dir: dir.as_ref().map(AsFd::as_fd),
@@ -425,6 +430,29 @@ fn launch(inst: &Instance, w: &mut Running) -> Result<(), SupervisorError> {
         })
         .map_err(start)?
     };
+    started(inst, w, process);
+    Ok(())
+}
+
+/// The workload's cgroup directory on this instance (created if needed, thawed if a process
+/// died in it while frozen), `None` without cgroups.
+fn open_group(inst: &Instance, name: &str) -> io::Result<Option<File>> {
+    inst.freezer.prepare(name)?;
+    match inst.freezer.group(name) {
+        Some(g) => {
+            if std::fs::read_to_string(g.join("cgroup.freeze")).is_ok_and(|f| f.trim() == "1") {
+                // A process that died while frozen leaves its group frozen: a child started
+                // into it would never reach exec.
+                inst.freezer.thaw(name, -1)?;
+            }
+            Ok(Some(File::open(&g)?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Records that `process` now serves workload `w`.
+fn started(inst: &Instance, w: &mut Running, process: Process) {
     w.pid = i32::try_from(process.id()).unwrap_or(-1);
     w.process = Some(process);
     // Handed-over connections belong to this process now: never handed to another start.
@@ -440,7 +468,146 @@ fn launch(inst: &Instance, w: &mut Running) -> Result<(), SupervisorError> {
         // The workload runs; only an adoption after a restart of this supervisor is lost.
         tracing::warn!(workload = %w.spec.name, error = %e, "recording the process for adoption failed");
     }
+}
+
+/// The first message of a standby copy on its socket once it waits for its descriptors.
+pub const STANDBY_READY: &[u8] = b"READY";
+
+/// Starts a standby copy of `spec` (`standby = true`): its process starts now, before the
+/// workload is frozen elsewhere, with `MK_STANDBY_FD`, and has `wait` to say `READY` on
+/// its socket. A standby that fails to start or to get ready is killed: the move then
+/// starts the copy the usual way. The wait runs without the instance lock.
+pub fn start_standby(
+    shared: &Shared,
+    spec: &WorkloadSpec,
+    extra_args: &[String],
+    wait: Duration,
+) -> Result<(), SupervisorError> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let name = spec.name.clone();
+    let fail = |source: io::Error| SupervisorError::Start {
+        exec: spec.exec.clone(),
+        source,
+    };
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| fail(e.into()))?;
+    let mut process = {
+        let mut inst = lock(shared);
+        if inst.workloads.contains_key(&name) {
+            return Err(SupervisorError::AlreadyRunning(name));
+        }
+        if let Some(mut old) = inst.standbys.remove(&name) {
+            let _ = old.process.kill();
+            let _ = old.process.wait();
+        }
+        let dir = open_group(&inst, &name).map_err(fail)?;
+        let fds = [PreservedFd {
+            name: "mk-standby".into(),
+            fd: theirs,
+        }];
+        launch::start(&launch::Launch {
+            spec,
+            fds: &fds,
+            standby: true,
+            stored: 0,
+            cpus: &inst.cpus,
+            cgroup_dir: dir.as_ref().map(AsFd::as_fd),
+            notify: inst.notify_path.as_deref(),
+            extra_args,
+        })
+        .map_err(fail)?
+    };
+    let ready = wait_standby_ready(ours.as_fd(), wait);
+    if let Err(e) = ready {
+        let _ = process.kill();
+        let _ = process.wait();
+        return Err(fail(e));
+    }
+    lock(shared).standbys.insert(
+        name,
+        Standby {
+            process,
+            socket: ours,
+            spec: spec.clone(),
+            extra_args: extra_args.to_vec(),
+        },
+    );
     Ok(())
+}
+
+fn wait_standby_ready(sock: BorrowedFd<'_>, wait: Duration) -> io::Result<()> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(sock, PollFlags::POLLIN)];
+    let ms = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, ms) {
+        Ok(0) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the standby copy did not say READY within {wait:?}"),
+            ));
+        }
+        Ok(_) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut buf = [0u8; 64];
+    let got = fdpass::recv_datagram(sock, &mut buf, 0)?;
+    if got.len == 0 {
+        return Err(io::Error::other(
+            "the standby copy exited before it was ready",
+        ));
+    }
+    if &buf[..got.len.min(buf.len())] != STANDBY_READY {
+        return Err(io::Error::other(format!(
+            "the standby copy said {:?}, not READY",
+            String::from_utf8_lossy(&buf[..got.len.min(buf.len())])
+        )));
+    }
+    Ok(())
+}
+
+/// Kills the standby copy of `name`, if any (its move was cancelled).
+pub fn drop_standby(inst: &mut Instance, name: &str) {
+    if let Some(mut sb) = inst.standbys.remove(name) {
+        tracing::info!(workload = %name, "standby copy not used: stopped");
+        let _ = sb.process.kill();
+        let _ = sb.process.wait();
+    }
+}
+
+/// Hands `w`'s descriptors to its standby copy, if one waits that was started from the same
+/// spec; returns whether it took them (then `w` runs on it).
+fn use_standby(inst: &mut Instance, w: &mut Running) -> bool {
+    let Some(mut sb) = inst.standbys.remove(&w.spec.name) else {
+        return false;
+    };
+    let usable = sb.spec == w.spec
+        && sb.extra_args == w.extra_args
+        && matches!(sb.process.try_wait(), Ok(None));
+    let sent = usable
+        && {
+            let names: Vec<&str> = w.fds.iter().map(|p| p.name.as_str()).collect();
+            let fds: Vec<BorrowedFd<'_>> = w.fds.iter().map(|p| p.fd.as_fd()).collect();
+            match fdpass::send_packet(sb.socket.as_fd(), names.join(",").as_bytes(), &fds) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(workload = %w.spec.name, error = %e, "handing the descriptors to the standby copy failed");
+                    false
+                }
+            }
+        };
+    if !sent {
+        tracing::warn!(workload = %w.spec.name, "standby copy not usable (exited, or another spec): starting a new one");
+        let _ = sb.process.kill();
+        let _ = sb.process.wait();
+        return false;
+    }
+    started(inst, w, sb.process);
+    true
 }
 
 /// Starts workload `w`'s process again (supervision's restart), from its spec and fds.
@@ -467,7 +634,9 @@ pub fn admit(
     }
     let mut w = Running::new(spec.clone(), order_fds(spec, fds), pending_commit);
     w.extra_args = extra_args.to_vec();
-    launch(&inst, &mut w)?;
+    if !use_standby(&mut inst, &mut w) {
+        launch(&inst, &mut w)?;
+    }
     let info = w.info();
     inst.workloads.insert(name.to_owned(), w);
     Ok(info)
@@ -657,6 +826,10 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                 Ok((Response::Done, vec![]))
             }
             Request::Halt => {
+                let waiting: Vec<String> = inst.standbys.keys().cloned().collect();
+                for n in waiting {
+                    drop_standby(&mut inst, &n);
+                }
                 let names: Vec<String> = inst.workloads.keys().cloned().collect();
                 for n in names {
                     stop(&mut inst, &n)?;
@@ -941,12 +1114,12 @@ pub fn stop(inst: &mut Instance, name: &str) -> Result<(), SupervisorError> {
 /// hands its connections over ([`hand_off_connections`]): it stops reading them at a
 /// request boundary, so the old copy, thawed next, takes them up with no request lost.
 pub fn stop_uncommitted(shared: &Shared, name: &str, why: &str) {
-    if !lock(shared)
-        .workloads
-        .get(name)
-        .is_some_and(|w| w.pending_commit)
     {
-        return;
+        let mut inst = lock(shared);
+        drop_standby(&mut inst, name);
+        if !inst.workloads.get(name).is_some_and(|w| w.pending_commit) {
+            return;
+        }
     }
     let _ = hand_off_connections(shared, name);
     let mut inst = lock(shared);

@@ -196,7 +196,14 @@ impl ChannelLink {
                 spec: spec_json,
             }),
             &[],
-        )
+        )?;
+        if spec.standby {
+            // The receiver starts the standby copy while handling PrepareMigration; its
+            // answer to this heartbeat means the copy is ready (or given up), before the
+            // freeze.
+            self.heartbeat(to, connect)?;
+        }
+        Ok(())
     }
 
     /// `RegionOffer` with the image and fds attached; waits for `RegionVerified` and

@@ -221,6 +221,31 @@ pub fn recv(stream: &UnixStream) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> 
     Ok(Some((body, fds)))
 }
 
+/// Sends one packet (`body` with `fds` attached) on a `SOCK_SEQPACKET` or datagram socket:
+/// one `sendmsg`, the whole message or an error.
+pub fn send_packet(sock: BorrowedFd<'_>, body: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if fds.len() > MAX_FDS {
+        return Err(invalid(format!("{} fds exceed {MAX_FDS}", fds.len())));
+    }
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let iov = [IoSlice::new(body)];
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Err(nix::errno::Errno::EINTR) => {}
+            Ok(n) if n == body.len() => return Ok(()),
+            Ok(n) => {
+                return Err(io::Error::other(format!(
+                    "sent {n} of {} bytes in one packet",
+                    body.len()
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Borrows a list of owned descriptors for [`send`].
 pub fn borrow_all<T: AsFd>(fds: &[T]) -> Vec<BorrowedFd<'_>> {
     fds.iter().map(AsFd::as_fd).collect()
