@@ -8,11 +8,13 @@
 //! default 100), `MK_BENCH_MODES` (default
 //! `share+identity,standby,share+digest,copy+digest,checkpoint`; `standby` is share + identity
 //! with the new copy started before the freeze),
-//! `MK_BENCH_MANY` (workloads in the many-workload apply, default 500, 0 skips).
+//! `MK_BENCH_MANY` (workload counts of the many-workload applies, default `100,250,500`,
+//! `0` skips; peak RSS is `VmHWM`, this process's own).
 //! Checkpoint mode (CRIU dumps and restores the same mk-demo-kv, which then creates its own
 //! memfd and binds its own port) runs when `criu check` passes here; otherwise it prints
 //! `SKIP` with the reason. Prints a Markdown table (copied into docs/performance.md) and
-//! writes the report `target/bench/blackout.json` (`configs`, `many`, `cgroup_favordynmods`).
+//! writes the report `target/bench/blackout.json` (`configs`, `many` (one entry per count),
+//! `cgroup_favordynmods`).
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsFd;
@@ -221,10 +223,18 @@ fn memcpy_gbps(mib: u64) -> f64 {
     (n as f64 * reps as f64) / t.elapsed().as_secs_f64() / 1e9
 }
 
+/// This process's peak resident set (`VmHWM` of `/proc/self/status`), in MiB. Not
+/// `getrusage`'s `ru_maxrss`: the kernel carries that across `execve` from the address space
+/// the process had before (here cargo's, which forked it), so it reports cargo's peak.
 fn max_rss_mib() -> f64 {
-    let r = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
-        .expect("getrusage");
-    r.max_rss() as f64 / 1024.0
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 /// A mode a run may measure: its `MK_BENCH_MODES` name, its label, and how its memfds
@@ -277,9 +287,9 @@ fn main() {
         first("MK_BENCH_MOVES", 100)
     };
     let many = if quick {
-        3
+        vec![3]
     } else {
-        first("MK_BENCH_MANY", 500)
+        env_list("MK_BENCH_MANY", "100,250,500")
     };
     let wanted = std::env::var("MK_BENCH_MODES")
         .unwrap_or_else(|_| "share+identity,standby,share+digest,copy+digest,checkpoint".into());
@@ -310,11 +320,13 @@ fn main() {
             None => "not found (SIGSTOP freezer)",
         }
     );
-    // The many-workload apply runs first, so the agent's peak RSS is not the memcpy
-    // baseline's buffers.
-    let mut many_row = serde_json::Value::Null;
-    if many > 0 {
-        let n = usize::try_from(many).unwrap_or(100);
+    // The many-workload applies run first, so the agent's peak RSS is not the memcpy
+    // baseline's buffers; smallest first, so each peak is that count's.
+    let mut many_rows = Vec::new();
+    let mut counts: Vec<u64> = many.into_iter().filter(|n| *n > 0).collect();
+    counts.sort_unstable();
+    for n in counts {
+        let n = usize::try_from(n).unwrap_or(100);
         let addrs = free_ports(n);
         let specs = addrs
             .iter()
@@ -328,9 +340,10 @@ fn main() {
         let rss_before = max_rss_mib();
         let m = Machine::new(specs);
         let (w, took) = m.upgrade(1);
+        drop(m);
         let mut black: Vec<u64> = w.iter().map(|x| x.1).collect();
         let b = stats_ms(&mut black);
-        many_row = serde_json::json!({
+        let row = serde_json::json!({
             "workloads": n,
             "total_ms": took.as_secs_f64() * 1000.0,
             "per_workload_ms": took.as_secs_f64() * 1000.0 / n as f64,
@@ -339,13 +352,14 @@ fn main() {
             "blackout_ms": { "p50": b["p50"], "p99": b["p99"] },
         });
         println!(
-            "\n{n} workloads in one apply: {:.0} ms total ({:.1} ms per workload), blackout p50 {} ms / p99 {} ms per workload, agent peak RSS {:.1} MiB ({rss_before:.1} MiB before the apply)",
-            many_row["total_ms"].as_f64().unwrap_or(0.0),
-            many_row["per_workload_ms"].as_f64().unwrap_or(0.0),
+            "{n} workloads in one apply: {:.0} ms total ({:.1} ms per workload), blackout p50 {} ms / p99 {} ms per workload, agent peak RSS {:.1} MiB ({rss_before:.1} MiB before the apply)",
+            row["total_ms"].as_f64().unwrap_or(0.0),
+            row["per_workload_ms"].as_f64().unwrap_or(0.0),
             b["p50"],
             b["p99"],
             max_rss_mib(),
         );
+        many_rows.push(row);
     }
     let mut configs = Vec::new();
     println!(
@@ -388,7 +402,7 @@ fn main() {
         "cpus": std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
         "cgroup_favordynmods": favordynmods,
         "configs": configs,
-        "many": many_row,
+        "many": many_rows,
     });
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let path = dir.join("blackout.json");

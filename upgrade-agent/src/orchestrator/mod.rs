@@ -530,15 +530,6 @@ impl<'a> Orchestrator<'a> {
         Ok(())
     }
 
-    fn release_of(&mut self, id: InstanceId) -> String {
-        self.platform
-            .instances()
-            .ok()
-            .and_then(|v| v.into_iter().find(|i| i.id == id))
-            .and_then(|i| i.kernel_release)
-            .unwrap_or_else(|| "unknown".to_owned())
-    }
-
     fn names(&self) -> Vec<String> {
         self.record
             .workloads
@@ -573,11 +564,18 @@ impl<'a> Orchestrator<'a> {
         // is started from the spec. The capture itself refuses a process that changed while
         // it was read. A workload whose process is gone (it died on the new instance and a
         // rollback moves it back) has no task state: its descriptors still move.
-        let info = self
+        let from_info = self
             .platform
             .instances()?
             .into_iter()
-            .find(|i| i.id == from)
+            .find(|i| i.id == from);
+        // The producer release named in the handover image, read now: asking the instances
+        // again after the freeze would cost a round trip to each inside the blackout.
+        let release = from_info
+            .as_ref()
+            .and_then(|i| i.kernel_release.clone())
+            .unwrap_or_else(|| "unknown".to_owned());
+        let info = from_info
             .and_then(|i| i.workloads.into_iter().find(|w| w.name == name))
             .ok_or_else(|| PlatformError::NoSuchWorkload {
                 instance: from,
@@ -635,7 +633,8 @@ impl<'a> Orchestrator<'a> {
                     what: format!("{name}: capturing task state: {e}"),
                 }),
         };
-        let attempt = task.and_then(|task| self.offer(from, to, name, &spec, &task, t0, t_stopped));
+        let attempt =
+            task.and_then(|task| self.offer(from, to, name, &spec, &task, &release, t0, t_stopped));
         match attempt {
             Ok(b) => Ok(b),
             Err(e) => {
@@ -654,6 +653,7 @@ impl<'a> Orchestrator<'a> {
         name: &str,
         spec: &crate::workload::WorkloadSpec,
         task: &state_serializers::task::TaskState,
+        release: &str,
         t0: Instant,
         t_stopped: Instant,
     ) -> Result<Option<u64>, PlatformError> {
@@ -679,13 +679,12 @@ impl<'a> Orchestrator<'a> {
         let faults = SendFaults {
             corrupt_region: std::mem::take(&mut self.faults_left.corrupt_region),
         };
-        let release = self.release_of(from);
         let generation = u64::from(self.writes);
         let out = handover::build(
             spec,
             task,
             fds,
-            &release,
+            release,
             self.upgrade_id.0,
             generation,
             &self.setup.node_key,

@@ -228,6 +228,8 @@ pub fn run(_g: &Global, a: DemoArgs) -> Result<ExitCode, CliError> {
             // mk-demo-kv hands its established connections to the next copy on SIGUSR2
             // (mk_demo_kv::handoff): no request is in flight on a connection that dies.
             handoff_signal: Some(StopSignal(libc::SIGUSR2)),
+            // The new copy starts before the freeze and waits for its descriptors.
+            standby: true,
             ..WorkloadSpec::new(name.clone(), kv.clone())
         });
         targets.push((name, addr));

@@ -97,6 +97,8 @@ pub fn run(state_dir: &Path, id: InstanceId) -> Result<(), InstanceError> {
             }
         });
     }
+    // Before the instance reports active, so outside any workload's blackout.
+    crate::handover::warm_up();
     tracing::info!(id, cpus = ?entry.resources.cpus, "instance active (emulated)");
     let handler: Arc<CtlHandler> = Arc::new(emulated_handler);
     serve_ctl_listener(&shared, &ctl, &handler);
