@@ -864,19 +864,67 @@ pub fn list_processes(root: &Path) -> Result<Vec<(i32, i32)>> {
     Ok(out)
 }
 
+/// Most processes one tree walk visits through `children` files.
+const MAX_TREE: usize = 65_536;
+
+/// The direct children of `pid`, from `/proc/PID/task/*/children` (one file per thread;
+/// Linux with `CONFIG_PROC_CHILDREN`). `None` when the process has no readable task list or
+/// none of its threads has the file (the caller then scans every process).
+pub fn children_of(root: &Path, pid: i32) -> Option<Vec<i32>> {
+    let dir = under(root, &format!("/proc/{pid}/task"));
+    let mut out = Vec::new();
+    let mut found = false;
+    for ent in fs::read_dir(&dir).ok()?.flatten() {
+        if let Ok(text) = fs::read_to_string(ent.path().join("children")) {
+            found = true;
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|t| t.parse::<i32>().ok()),
+            );
+        }
+    }
+    found.then_some(out)
+}
+
+/// The parent → children map of the trees rooted at `pids`, walked through
+/// [`children_of`]; `None` as soon as one process cannot be walked that way.
+fn trees_from_children_files(root: &Path, pids: &[i32]) -> Option<BTreeMap<i32, Vec<i32>>> {
+    let mut m: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    let mut queue: std::collections::VecDeque<i32> = pids.iter().copied().collect();
+    let mut visited = 0usize;
+    while let Some(p) = queue.pop_front() {
+        if m.contains_key(&p) {
+            continue;
+        }
+        visited += 1;
+        if visited > MAX_TREE {
+            return None;
+        }
+        let c = children_of(root, p)?;
+        queue.extend(c.iter().copied());
+        m.insert(p, c);
+    }
+    Some(m)
+}
+
 /// Captures the given processes (and, with `opts.descendants`, their process trees).
 /// Parents come before children; a pid named twice is captured once.
 pub fn capture_tasks(root: &Path, pids: &[i32], opts: &CaptureOptions) -> Result<TaskState> {
     let mut order: Vec<i32> = Vec::new();
     let mut seen = BTreeSet::new();
-    let children: BTreeMap<i32, Vec<i32>> = if opts.descendants {
+    // The trees from each process's own `children` files when the kernel has them (a
+    // lookup per process of the tree); otherwise from one scan of every process on the
+    // host, which grows with the host's process count.
+    let children: BTreeMap<i32, Vec<i32>> = if !opts.descendants {
+        BTreeMap::new()
+    } else if let Some(m) = trees_from_children_files(root, pids) {
+        m
+    } else {
         let mut m: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
         for (pid, ppid) in list_processes(root)? {
             m.entry(ppid).or_default().push(pid);
         }
         m
-    } else {
-        BTreeMap::new()
     };
     for &pid in pids {
         let mut queue = std::collections::VecDeque::from([pid]);
@@ -903,6 +951,54 @@ pub fn capture_tasks(root: &Path, pids: &[i32], opts: &CaptureOptions) -> Result
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn process_trees_come_from_the_children_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let put = |pid: i32, tid: i32, children: Option<&str>| {
+            let t = dir.path().join(format!("proc/{pid}/task/{tid}"));
+            std::fs::create_dir_all(&t).unwrap();
+            if let Some(c) = children {
+                std::fs::write(t.join("children"), c).unwrap();
+            }
+        };
+        // 10 has two threads: their children files together list 11, 12, 13.
+        put(10, 10, Some("11 12 "));
+        put(10, 15, Some("13"));
+        put(11, 11, Some(""));
+        put(12, 12, Some(""));
+        put(13, 13, Some("14\n"));
+        put(14, 14, Some(""));
+        assert_eq!(children_of(dir.path(), 10), Some(vec![11, 12, 13]));
+        let m = trees_from_children_files(dir.path(), &[10]).unwrap();
+        assert_eq!(m.keys().copied().collect::<Vec<_>>(), [10, 11, 12, 13, 14]);
+        assert_eq!(m[&13], [14]);
+        // No children file (a kernel without CONFIG_PROC_CHILDREN), or no such process:
+        // the caller falls back to scanning every process.
+        put(20, 20, None);
+        assert_eq!(children_of(dir.path(), 20), None);
+        assert_eq!(children_of(dir.path(), 99), None);
+        put(11, 11, Some("20"));
+        assert_eq!(trees_from_children_files(dir.path(), &[10]), None);
+    }
+
+    #[test]
+    fn the_real_children_file_lists_a_child() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let me = i32::try_from(std::process::id()).unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let listed = children_of(Path::new("/"), me);
+        let _ = child.kill();
+        let _ = child.wait();
+        // Every kernel this project targets has CONFIG_PROC_CHILDREN (it comes with
+        // CHECKPOINT_RESTORE, which checkpoint mode needs); report if not.
+        let listed = listed.expect("/proc/self/task/*/children (CONFIG_PROC_CHILDREN)");
+        assert!(listed.contains(&pid), "{listed:?} lacks {pid}");
+    }
+
     use super::*;
     use std::path::PathBuf;
 
