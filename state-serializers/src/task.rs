@@ -24,6 +24,17 @@ pub struct TaskState {
     pub tasks: Vec<TaskRecord>,
 }
 
+impl TaskState {
+    /// No task at this schema version: the state of a workload whose process is gone (or
+    /// not captured), whose descriptors still move.
+    pub fn empty() -> Self {
+        TaskState {
+            schema_version: SCHEMA_VERSION,
+            tasks: Vec::new(),
+        }
+    }
+}
+
 /// One process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskRecord {

@@ -94,6 +94,16 @@ pub fn wants_health_fail(env: &std::collections::BTreeMap<String, String>) -> bo
     ENABLED && env.contains_key(HEALTH_FAIL_ENV)
 }
 
+/// The arguments appended to a received copy's command line: [`HEALTH_FAIL_ARG`] when its
+/// move asked for the health fault ([`wants_health_fail`]), else none.
+pub fn health_fail_args(wanted: bool) -> Vec<String> {
+    if wanted {
+        vec![HEALTH_FAIL_ARG.to_owned()]
+    } else {
+        Vec::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

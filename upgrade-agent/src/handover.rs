@@ -115,10 +115,7 @@ pub fn warm_up() {
         name: "data".into(),
         size: 0,
     }];
-    let task = state_serializers::task::TaskState {
-        schema_version: state_serializers::SCHEMA_VERSION,
-        tasks: Vec::new(),
-    };
+    let task = state_serializers::task::TaskState::empty();
     let fds = vec![PreservedFd {
         name: "data".into(),
         fd: memfd,

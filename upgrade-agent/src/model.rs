@@ -148,6 +148,11 @@ pub fn is_connection(name: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// How many of `fds` are handed-over connections.
+pub fn connections_in(fds: &[PreservedFd]) -> usize {
+    fds.iter().filter(|p| is_connection(&p.name)).count()
+}
+
 /// Whether `fd` is a connected stream socket (what a connection hand-over moves).
 pub fn is_connected_stream(fd: std::os::fd::BorrowedFd<'_>) -> bool {
     use nix::sys::socket::{SockType, SockaddrStorage, getpeername, getsockopt, sockopt};

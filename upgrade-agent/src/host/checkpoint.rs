@@ -326,8 +326,7 @@ fn run_criu(
         .wait_timeout(CRIU_TIMEOUT)
         .map_err(io_err("waiting for criu"))?
     else {
-        let _ = p.kill();
-        let _ = p.wait();
+        p.kill_and_reap();
         return Err(CheckpointError::Criu {
             what,
             status: format!("no answer in {} s: killed", CRIU_TIMEOUT.as_secs()),

@@ -46,13 +46,7 @@ pub fn serve(shared: &Shared, conn: UnixStream) {
     let received = rt.block_on(serve_async(shared, conn));
     // Whatever ended the conversation, uncommitted copies must not survive it, nor copies
     // still waiting as standbys.
-    {
-        let mut inst = lock(shared);
-        let waiting: Vec<String> = inst.standbys.keys().cloned().collect();
-        for n in waiting {
-            supervisor::drop_standby(&mut inst, &n);
-        }
-    }
+    supervisor::drop_all_standbys(&mut lock(shared));
     for name in received {
         supervisor::stop_uncommitted(shared, &name, "channel closed before commit");
     }
@@ -118,11 +112,7 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                 if let Some(spec) = spec.filter(|s| {
                     s.standby && s.name == p.workload_id && crate::workload::valid_name(&s.name)
                 }) {
-                    let extra: Vec<String> = if inject_health_fail {
-                        vec![crate::fault::HEALTH_FAIL_ARG.to_owned()]
-                    } else {
-                        Vec::new()
-                    };
+                    let extra = crate::fault::health_fail_args(inject_health_fail);
                     let sh = Arc::clone(shared);
                     let t0 = Instant::now();
                     let started = tokio::task::spawn_blocking(move || {
@@ -179,11 +169,7 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                     Ok(incoming) => {
                         tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, "offer verified");
                         let t0 = Instant::now();
-                        let extra: Vec<String> = if inject_health_fail {
-                            vec![crate::fault::HEALTH_FAIL_ARG.to_owned()]
-                        } else {
-                            Vec::new()
-                        };
+                        let extra = crate::fault::health_fail_args(inject_health_fail);
                         let spec = incoming.spec;
                         let start =
                             supervisor::admit(shared, &name, &spec, incoming.fds, &extra, true);

@@ -502,8 +502,7 @@ pub fn start_standby(
             return Err(SupervisorError::AlreadyRunning(name));
         }
         if let Some(mut old) = inst.standbys.remove(&name) {
-            let _ = old.process.kill();
-            let _ = old.process.wait();
+            old.process.kill_and_reap();
         }
         let dir = open_group(&inst, &name).map_err(fail)?;
         let fds = [PreservedFd {
@@ -524,8 +523,7 @@ pub fn start_standby(
     };
     let ready = wait_standby_ready(ours.as_fd(), wait);
     if let Err(e) = ready {
-        let _ = process.kill();
-        let _ = process.wait();
+        process.kill_and_reap();
         return Err(fail(e));
     }
     lock(shared).standbys.insert(
@@ -561,10 +559,11 @@ fn wait_standby_ready(sock: BorrowedFd<'_>, wait: Duration) -> io::Result<()> {
             "the standby copy exited before it was ready",
         ));
     }
-    if &buf[..got.len.min(buf.len())] != STANDBY_READY {
+    let said = &buf[..got.len.min(buf.len())];
+    if said != STANDBY_READY {
         return Err(io::Error::other(format!(
             "the standby copy said {:?}, not READY",
-            String::from_utf8_lossy(&buf[..got.len.min(buf.len())])
+            String::from_utf8_lossy(said)
         )));
     }
     Ok(())
@@ -574,8 +573,16 @@ fn wait_standby_ready(sock: BorrowedFd<'_>, wait: Duration) -> io::Result<()> {
 pub fn drop_standby(inst: &mut Instance, name: &str) {
     if let Some(mut sb) = inst.standbys.remove(name) {
         tracing::info!(workload = %name, "standby copy not used: stopped");
-        let _ = sb.process.kill();
-        let _ = sb.process.wait();
+        sb.process.kill_and_reap();
+    }
+}
+
+/// Kills every standby copy still waiting (the channel that announced them ended, or the
+/// instance halts).
+pub fn drop_all_standbys(inst: &mut Instance) {
+    let waiting: Vec<String> = inst.standbys.keys().cloned().collect();
+    for n in waiting {
+        drop_standby(inst, &n);
     }
 }
 
@@ -602,8 +609,7 @@ fn use_standby(inst: &mut Instance, w: &mut Running) -> bool {
         };
     if !sent {
         tracing::warn!(workload = %w.spec.name, "standby copy not usable (exited, or another spec): starting a new one");
-        let _ = sb.process.kill();
-        let _ = sb.process.wait();
+        sb.process.kill_and_reap();
         return false;
     }
     started(inst, w, sb.process);
@@ -826,10 +832,7 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                 Ok((Response::Done, vec![]))
             }
             Request::Halt => {
-                let waiting: Vec<String> = inst.standbys.keys().cloned().collect();
-                for n in waiting {
-                    drop_standby(&mut inst, &n);
-                }
+                drop_all_standbys(&mut inst);
                 let names: Vec<String> = inst.workloads.keys().cloned().collect();
                 for n in names {
                     stop(&mut inst, &n)?;
@@ -951,9 +954,10 @@ fn hand_off_connections(shared: &Shared, name: &str) -> Result<(), SupervisorErr
     let t0 = Instant::now();
     let handed = done.wait(timeout);
     let inst = lock(shared);
-    let connections = inst.workloads.get(name).map_or(0, |w| {
-        w.fds.iter().filter(|p| is_connection(&p.name)).count()
-    });
+    let connections = inst
+        .workloads
+        .get(name)
+        .map_or(0, |w| crate::model::connections_in(&w.fds));
     let waited_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
     if handed {
         tracing::info!(workload = %name, connections, waited_ms, "connections handed over");
@@ -1093,8 +1097,7 @@ pub fn stop(inst: &mut Instance, name: &str) -> Result<(), SupervisorError> {
         Some(p) => {
             inst.freezer.kill(name, w.pid).map_err(killing)?;
             // A frozen group dies on cgroup.kill; a SIGSTOPped process dies on SIGKILL.
-            let _ = p.kill();
-            let _ = p.wait();
+            p.kill_and_reap();
         }
         None => {
             if let Some(g) = inst.freezer.group(name) {

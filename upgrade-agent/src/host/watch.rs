@@ -179,7 +179,7 @@ fn store_connections(w: &mut Running, m: &Message) -> Result<(), String> {
             m.fds.len()
         ));
     }
-    let mut next = w.fds.iter().filter(|p| is_connection(&p.name)).count();
+    let mut next = crate::model::connections_in(&w.fds);
     for fd in &m.fds {
         next += 1;
         w.fds.push(PreservedFd {

@@ -325,14 +325,6 @@ fn capture_retrying(
     result
 }
 
-/// The task state of a workload whose process is gone: its descriptors still move.
-fn no_task() -> state_serializers::task::TaskState {
-    state_serializers::task::TaskState {
-        schema_version: state_serializers::SCHEMA_VERSION,
-        tasks: Vec::new(),
-    }
-}
-
 /// How long a target may take to verify a delivered workload and start it (digests of a
 /// large state included).
 pub const MOVE_VERIFY_ALLOWANCE: Duration = Duration::from_secs(120);
@@ -589,7 +581,7 @@ impl<'a> Orchestrator<'a> {
         let task = if has_process {
             capture_retrying(self.setup.env, info.pid, 2).ok()
         } else {
-            Some(no_task())
+            Some(state_serializers::task::TaskState::empty())
         };
         if std::mem::take(&mut self.faults_left.health_fail) {
             spec.env
@@ -622,7 +614,7 @@ impl<'a> Orchestrator<'a> {
                 crate::workload::Mode::Restart | crate::workload::Mode::Checkpoint
             ) =>
             {
-                Ok(no_task())
+                Ok(state_serializers::task::TaskState::empty())
             }
             None => self
                 .setup
@@ -659,10 +651,7 @@ impl<'a> Orchestrator<'a> {
     ) -> Result<Option<u64>, PlatformError> {
         let io = |what: String| PlatformError::Instance { id: from, what };
         let mut fds = self.platform.preserved_fds(from, name)?;
-        let connections = fds
-            .iter()
-            .filter(|p| crate::model::is_connection(&p.name))
-            .count();
+        let connections = crate::model::connections_in(&fds);
         if connections > 0
             && let Some(w) = self.record.workload_mut(name)
         {

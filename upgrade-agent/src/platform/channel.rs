@@ -158,6 +158,14 @@ impl ChannelLink {
         Ok(frame.message)
     }
 
+    /// This side's heartbeat: its time since the upgrade's channels opened, migrating.
+    fn heartbeat_message(&self) -> Message {
+        Message::Heartbeat(Heartbeat {
+            monotonic_ms: ms(self.started.elapsed()),
+            state: AgentState::Migrating,
+        })
+    }
+
     /// A heartbeat round trip: the peer's agent is alive and answering.
     pub fn heartbeat(
         &mut self,
@@ -165,10 +173,7 @@ impl ChannelLink {
         connect: &mut Connector<'_>,
     ) -> Result<(), PlatformError> {
         self.channel(id, connect)?;
-        let hb = Message::Heartbeat(Heartbeat {
-            monotonic_ms: ms(self.started.elapsed()),
-            state: AgentState::Migrating,
-        });
+        let hb = self.heartbeat_message();
         self.send(id, hb, &[])?;
         match self.recv(id)? {
             Message::Heartbeat(_) => Ok(()),
@@ -313,10 +318,7 @@ impl ChannelLink {
         // abort means the copy is stopped (the old copy, thawed next, must not resume
         // beside it: with a connection hand-over both would read the same connections).
         // A late answer to an earlier message (a health report past its deadline) is skipped.
-        let hb = Message::Heartbeat(Heartbeat {
-            monotonic_ms: ms(self.started.elapsed()),
-            state: AgentState::Migrating,
-        });
+        let hb = self.heartbeat_message();
         if self.send(to, hb, &[]).is_err() {
             return;
         }

@@ -381,6 +381,13 @@ impl Process {
         self.signal(libc::SIGKILL)
     }
 
+    /// Best-effort clean-up of a process that must not run on: `SIGKILL`, then waits for
+    /// its exit. Errors are ignored (one that already exited is fine).
+    pub fn kill_and_reap(&mut self) {
+        let _ = self.kill();
+        let _ = self.wait();
+    }
+
     fn waitid(&mut self, block: bool) -> io::Result<Option<Ended>> {
         if let Some(status) = self.status {
             return Ok(Some(status));
@@ -1164,8 +1171,7 @@ fn spawn_with(req: &SpawnRequest<'_>, route: Route) -> io::Result<Process> {
         }
         Err(e) => {
             // The child's state is unknown: do not leave it running unsupervised.
-            let _ = process.kill();
-            let _ = process.wait();
+            process.kill_and_reap();
             Err(e)
         }
     }

@@ -606,8 +606,7 @@ impl LuoPlatform {
                 w.frozen = true;
                 if let Some(p) = w.process.as_mut() {
                     let _ = inst_ref.freezer.kill(name, w.pid);
-                    let _ = p.kill();
-                    let _ = p.wait();
+                    p.kill_and_reap();
                 }
                 w.process = None;
             }
