@@ -37,7 +37,10 @@ pub use message::{
     ReleaseResources, Role, Shutdown, Verification,
 };
 pub use peer::{Channel, ChannelError, Negotiated, negotiate_version};
-pub use sys::{SO_VM_SOCKETS_TRANSPORT, SOL_VSOCK, VSOCK_TRANSPORT_MULTIKERNEL};
+pub use sys::{
+    SO_VM_SOCKETS_TRANSPORT, SOL_VSOCK, VSOCK_TRANSPORT_MULTIKERNEL,
+    set_vsock_multikernel_transport,
+};
 pub use transport::{BoxFuture, StreamTransport, Transport, TransportError};
 pub use unix::UnixTransport;
 pub use vsock::{

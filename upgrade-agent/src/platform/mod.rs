@@ -19,11 +19,13 @@
 //! `handed_over`, `confirm`). See `docs/architecture.md` for the diagram and the state
 //! machine built on top.
 
+pub mod agents;
 pub mod channel;
 pub mod emulated;
 #[cfg(test)]
 pub mod fake;
 pub mod luo;
+pub mod multikernel;
 
 use std::os::fd::BorrowedFd;
 

@@ -184,6 +184,12 @@ pub fn kexec_unload() -> Result<(), KexecError> {
     raw_kexec_file_load(-1, -1, 0, std::ptr::null(), KexecFlags::UNLOAD)
 }
 
+/// Unload with explicit flags (`KEXEC_FILE_UNLOAD` is added): a multikernel instance's
+/// image is unloaded with `UNLOAD | KEXEC_MULTIKERNEL | id << 5`.
+pub fn kexec_file_unload(flags: KexecFlags) -> Result<(), KexecError> {
+    raw_kexec_file_load(-1, -1, 0, std::ptr::null(), KexecFlags::UNLOAD | flags)
+}
+
 fn raw_kexec_file_load(
     kernel_fd: i32,
     initrd_fd: i32,

@@ -261,9 +261,53 @@ pub fn minimal_bzimage(release: &str) -> Vec<u8> {
     img
 }
 
+/// [`minimal_bzimage`] whose payload is a gzip-compressed minimal x86-64 ELF carrying the
+/// banner `Linux version <release> ` (payload_offset/payload_length set, as the multikernel
+/// loader needs): what [`crate::verify::vmlinux::extract`] turns into a "vmlinux" for the
+/// simulated multikernel kernel. **Not bootable** either.
+pub fn minimal_bzimage_elf(release: &str) -> Vec<u8> {
+    use std::io::Write;
+    const SETUP_LEN: usize = 5 * 512;
+    let mut elf = vec![0u8; 64];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2; // ELFCLASS64
+    elf[5] = 1; // little-endian
+    elf[6] = 1; // EV_CURRENT
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    let rel: String = release.chars().take(200).collect();
+    elf.extend_from_slice(
+        format!("Linux version {rel} (mk-upgrade test vmlinux, not bootable)\0").as_bytes(),
+    );
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let _ = gz.write_all(&elf);
+    let mut payload = gz.finish().unwrap_or_default();
+    payload.extend_from_slice(&u32::try_from(elf.len()).unwrap_or(0).to_le_bytes());
+    let mut img = minimal_bzimage(release);
+    img.truncate(SETUP_LEN);
+    img.extend_from_slice(&payload);
+    img.resize(SETUP_LEN + payload.len().div_ceil(16) * 16, 0);
+    let sys = u32::try_from((img.len() - SETUP_LEN) / 16).unwrap_or(0);
+    img[OFF_SYSSIZE..OFF_SYSSIZE + 4].copy_from_slice(&sys.to_le_bytes());
+    img[0x248..0x24C].copy_from_slice(&0u32.to_le_bytes());
+    img[0x24C..0x250].copy_from_slice(&u32::try_from(payload.len()).unwrap_or(0).to_le_bytes());
+    img
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn minimal_elf_image_parses_and_extracts() {
+        let img = minimal_bzimage_elf("7.4.1-mkB");
+        assert_eq!(parse(&img).unwrap().release, "7.4.1-mkB");
+        let x = crate::verify::vmlinux::extract(&img).unwrap();
+        assert!(crate::verify::vmlinux::is_elf(&x.elf));
+        assert!(x.elf.windows(24).any(|w| w == b"Linux version 7.4.1-mkB "));
+    }
 
     fn reason(img: &[u8]) -> String {
         parse(img).unwrap_err().reason

@@ -24,6 +24,7 @@
 
 pub mod bzimage;
 pub mod manifest;
+pub mod vmlinux;
 
 use std::fs::{File, FileType, Metadata};
 use std::os::fd::{AsFd, OwnedFd};

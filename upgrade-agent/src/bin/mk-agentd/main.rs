@@ -55,6 +55,16 @@ enum Cmd {
         #[arg(long)]
         initrd: Option<PathBuf>,
     },
+    /// The agent of one instance of the SIMULATED multikernel kernel (started by the
+    /// simulated kernel when the instance starts, never by hand).
+    SimInstance {
+        /// The simulated kernel's directory.
+        #[arg(long)]
+        sim_dir: PathBuf,
+        /// The instance id.
+        #[arg(long)]
+        id: u16,
+    },
 }
 
 fn main() -> ExitCode {
@@ -80,6 +90,15 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Cmd::SimInstance { sim_dir, id }) = &args.cmd {
+        return match sim_instance(&args.state_dir, sim_dir, *id) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mk-agentd: SIMULATED multikernel instance {id}: {e}");
+                Exit::Platform.into()
+            }
+        };
+    }
     if let Some(id) = args.instance {
         return match upgrade_agent::platform::emulated::instance::run(&args.state_dir, id) {
             Ok(()) => ExitCode::SUCCESS,
@@ -90,6 +109,33 @@ fn main() -> ExitCode {
         };
     }
     recover(&args.state_dir, args.json)
+}
+
+/// Serves the agent of instance `id` of the simulated multikernel kernel in `sim_dir`.
+fn sim_instance(
+    state_dir: &std::path::Path,
+    sim_dir: &std::path::Path,
+    id: u16,
+) -> Result<(), String> {
+    use upgrade_agent::platform::emulated::instance::{AgentParams, serve};
+    use upgrade_agent::platform::multikernel::sim::{SimKernel, agent_cgroup_tag};
+    let k = SimKernel::open(sim_dir, None).map_err(|e| e.to_string())?;
+    let st = k.state().map_err(|e| e.to_string())?;
+    let inst = st
+        .instances
+        .iter()
+        .find(|i| i.id == id)
+        .ok_or_else(|| format!("no instance {id} in {}", sim_dir.display()))?;
+    serve(&AgentParams {
+        id,
+        kernel_release: inst.release.clone().unwrap_or_else(|| "unknown".into()),
+        cpus: inst.cpus.clone(),
+        dir: SimKernel::agent_dir(sim_dir, id),
+        state_dir: state_dir.to_owned(),
+        cgroup_tag: agent_cgroup_tag(state_dir, id),
+        label: "SIMULATED multikernel",
+    })
+    .map_err(|e| e.to_string())
 }
 
 /// Start-up recovery: finish or undo an interrupted upgrade, print the result, exit.

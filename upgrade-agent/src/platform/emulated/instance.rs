@@ -41,31 +41,60 @@ pub enum InstanceError {
     },
 }
 
-/// Runs the supervisor of instance `id` until it is halted. Never returns on success.
+/// What one instance agent serves: which instance, on which cpus, its kernel's release,
+/// where its sockets go and which cgroup holds its workloads.
+#[derive(Debug, Clone)]
+pub struct AgentParams {
+    pub id: InstanceId,
+    pub kernel_release: String,
+    pub cpus: Vec<u32>,
+    /// Where `ctl.sock`, `chan.sock` and `notify.sock` are bound.
+    pub dir: PathBuf,
+    pub state_dir: PathBuf,
+    /// The instance's cgroup, relative to the cgroup2 mount.
+    pub cgroup_tag: String,
+    /// For its log line (`emulated`, `SIMULATED multikernel`).
+    pub label: &'static str,
+}
+
+/// Runs the supervisor of emulated instance `id` until it is halted. Never returns on
+/// success.
 pub fn run(state_dir: &Path, id: InstanceId) -> Result<(), InstanceError> {
     let platform = EmulatedPlatform::new(state_dir)?;
     let entry = platform.store().read().and_then(|p| p.get(id).cloned())?;
-    let dir = instance_dir(platform.store().dir(), id);
     let kernel_release = entry
         .kernel_release
         .clone()
         .ok_or(InstanceError::NoKernel(id))?;
-    pin_self(&entry.resources.cpus).map_err(|source| InstanceError::Pin {
-        cpus: entry.resources.cpus.clone(),
-        source,
-    })?;
-    let tag = format!(
-        "mk-upgrade-emulated/{}/instance-{id}",
-        super::state_tag(state_dir)
-    );
-    let freezer = Freezer::detect(&tag);
-    let mut instance = Instance::new(
+    serve(&AgentParams {
         id,
         kernel_release,
-        entry.resources.cpus.clone(),
+        cpus: entry.resources.cpus.clone(),
+        dir: instance_dir(platform.store().dir(), id),
+        state_dir: state_dir.to_owned(),
+        cgroup_tag: format!(
+            "mk-upgrade-emulated/{}/instance-{id}",
+            super::state_tag(state_dir)
+        ),
+        label: "emulated",
+    })
+}
+
+/// Serves one instance agent (`ctl.sock`, `chan.sock`) until it is halted.
+pub fn serve(p: &AgentParams) -> Result<(), InstanceError> {
+    let (id, dir) = (p.id, &p.dir);
+    pin_self(&p.cpus).map_err(|source| InstanceError::Pin {
+        cpus: p.cpus.clone(),
+        source,
+    })?;
+    let freezer = Freezer::detect(&p.cgroup_tag);
+    let mut instance = Instance::new(
+        id,
+        p.kernel_release.clone(),
+        p.cpus.clone(),
         freezer,
         dir.clone(),
-        state_dir.to_owned(),
+        p.state_dir.clone(),
     );
     // The new copy starts beside the old one: established connections can be handed over.
     instance.connection_handoff = true;
@@ -99,7 +128,7 @@ pub fn run(state_dir: &Path, id: InstanceId) -> Result<(), InstanceError> {
     }
     // Before the instance reports active, so outside any workload's blackout.
     crate::handover::warm_up();
-    tracing::info!(id, cpus = ?entry.resources.cpus, "instance active (emulated)");
+    tracing::info!(id, cpus = ?p.cpus, label = p.label, "instance active");
     let handler: Arc<CtlHandler> = Arc::new(emulated_handler);
     serve_ctl_listener(&shared, &ctl, &handler);
     Ok(())

@@ -17,19 +17,20 @@ pub mod machine;
 pub mod pool;
 
 use std::fs;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kho_proto::channel::{Transport, UnixTransport, UpgradeId};
+use kho_proto::channel::UpgradeId;
 use sha2::{Digest, Sha256};
 
 use self::pool::{InstanceEntry, PoolStore};
+use super::agents::{Agent, Links};
 use super::channel::ChannelLink;
 use crate::handover::Outgoing;
-use crate::host::ctl::{self, Request, Response};
+use crate::host::ctl::{self, Request};
 use crate::platform::{
     Capabilities, Delivered, InstanceId, InstanceInfo, InstanceState, LoadableKernel, Platform,
     PlatformError, PlatformKind, PreservedFd, Resources, WorkloadInfo,
@@ -48,8 +49,7 @@ pub struct EmulatedPlatform {
     store: PoolStore,
     state_dir: PathBuf,
     /// The channels of the current upgrade (opened on first use).
-    link: Option<ChannelLink>,
-    upgrade: Option<UpgradeId>,
+    links: Links,
 }
 
 /// The directory of instance `id`.
@@ -105,31 +105,22 @@ impl EmulatedPlatform {
         Ok(EmulatedPlatform {
             store: PoolStore::open(&state_dir.join("emulated"))?,
             state_dir: state_dir.to_owned(),
-            link: None,
-            upgrade: None,
+            links: Links::default(),
         })
     }
 
-    /// The channel link, speaking as the active instance with the lowest id (the old
-    /// instance of the upgrade), created on first use.
-    fn take_link(&mut self) -> Result<ChannelLink, PlatformError> {
-        if let Some(l) = self.link.take() {
-            return Ok(l);
-        }
+    /// The active instance with the lowest id (the old instance of the upgrade) and its
+    /// release: who the channel link speaks as.
+    fn speaker(&self) -> Result<(InstanceId, String), PlatformError> {
         let pool = self.store.read()?;
-        let (id, release) = pool
+        Ok(pool
             .instances
             .iter()
             .filter(|e| e.state == InstanceState::Active)
             .min_by_key(|e| e.id)
             .map_or((0, String::new()), |e| {
                 (e.id, e.kernel_release.clone().unwrap_or_default())
-            });
-        let mut link = ChannelLink::new(id, release)?;
-        if let Some(u) = self.upgrade {
-            link.set_upgrade(u);
-        }
-        Ok(link)
+            }))
     }
 
     /// Runs `f` with the channel link and a connector to this machine's instances.
@@ -137,29 +128,11 @@ impl EmulatedPlatform {
         &mut self,
         f: impl FnOnce(&mut ChannelLink, &mut super::channel::Connector<'_>) -> Result<T, PlatformError>,
     ) -> Result<T, PlatformError> {
-        let mut link = self.take_link()?;
+        let mut links = std::mem::take(&mut self.links);
         let this = &*self;
-        let mut connect = |id: InstanceId, upgrade: UpgradeId| this.connect(id, upgrade);
-        let r = f(&mut link, &mut connect);
-        self.link = Some(link);
+        let r = links.with(|| this.speaker(), &|id| this.agent(id), f);
+        self.links = links;
         r
-    }
-
-    /// Opens the channel to instance `id`'s receiver, which is told to expect `upgrade_id`.
-    fn connect(
-        &self,
-        id: InstanceId,
-        upgrade_id: UpgradeId,
-    ) -> Result<Box<dyn Transport>, PlatformError> {
-        self.expect_upgrade(id, upgrade_id)?;
-        let path = self.dir(id).join("chan.sock");
-        let stream = std::os::unix::net::UnixStream::connect(&path)
-            .map_err(|e| PlatformError::io(format!("connecting to {}", path.display()), e))?;
-        let t = UnixTransport::from_std(stream).map_err(|e| PlatformError::Instance {
-            id,
-            what: format!("channel transport: {e}"),
-        })?;
-        Ok(Box::new(t))
     }
 
     /// The instance table.
@@ -171,11 +144,8 @@ impl EmulatedPlatform {
         instance_dir(self.store.dir(), id)
     }
 
-    fn ctl(
-        &self,
-        id: InstanceId,
-        req: &Request,
-    ) -> Result<(Response, Vec<OwnedFd>), PlatformError> {
+    /// The agent (supervisor) of active instance `id`, checked to be alive.
+    fn agent(&self, id: InstanceId) -> Result<Agent, PlatformError> {
         let pool = self.store.read()?;
         let entry = pool.expect(id, "control", &[InstanceState::Active], "active")?;
         if let Some(pid) = entry.supervisor_pid
@@ -189,17 +159,7 @@ impl EmulatedPlatform {
                 ),
             });
         }
-        ctl::call(id, &self.dir(id).join("ctl.sock"), req)
-    }
-
-    fn expect_done(&self, id: InstanceId, req: &Request) -> Result<(), PlatformError> {
-        match self.ctl(id, req)?.0 {
-            Response::Done => Ok(()),
-            other => Err(PlatformError::Instance {
-                id,
-                what: format!("unexpected control response {other:?}"),
-            }),
-        }
+        Ok(Agent::new(id, self.dir(id)))
     }
 
     /// Tells instance `id` to accept channel frames of `upgrade_id`.
@@ -208,20 +168,15 @@ impl EmulatedPlatform {
         id: InstanceId,
         upgrade_id: UpgradeId,
     ) -> Result<(), PlatformError> {
-        self.expect_done(
-            id,
-            &Request::Expect {
-                upgrade_id: upgrade_id.to_string(),
-            },
-        )
+        self.agent(id)?.expect_upgrade(upgrade_id)
     }
 
     fn info(&self, e: &InstanceEntry) -> InstanceInfo {
         let workloads = if e.state == InstanceState::Active {
-            match self.ctl(e.id, &Request::Ping) {
-                Ok((Response::Pong { workloads, .. }, _)) => workloads,
-                _ => Vec::new(),
-            }
+            self.agent(e.id)
+                .ok()
+                .and_then(|a| a.workloads())
+                .unwrap_or_default()
         } else {
             Vec::new()
         };
@@ -430,10 +385,7 @@ impl Platform for EmulatedPlatform {
     }
 
     fn set_upgrade(&mut self, upgrade_id: UpgradeId) {
-        self.upgrade = Some(upgrade_id);
-        if let Some(l) = self.link.as_mut() {
-            l.set_upgrade(upgrade_id);
-        }
+        self.links.set_upgrade(upgrade_id);
     }
 
     fn ping(&mut self, id: InstanceId) -> Result<(), PlatformError> {
@@ -459,15 +411,11 @@ impl Platform for EmulatedPlatform {
     }
 
     fn abort(&mut self, to: InstanceId, workload: &str, reason: &str) {
-        if let Some(l) = self.link.as_mut() {
-            l.abort(to, workload, reason);
-        }
+        self.links.abort(to, workload, reason);
     }
 
     fn disconnect(&mut self, release: Option<&Resources>) {
-        if let Some(l) = self.link.as_mut() {
-            l.close_all(release);
-        }
+        self.links.disconnect(release);
     }
 
     fn resize(&mut self, id: InstanceId, resources: &Resources) -> Result<(), PlatformError> {
@@ -490,12 +438,7 @@ impl Platform for EmulatedPlatform {
             }
             Ok(())
         })?;
-        self.expect_done(
-            id,
-            &Request::Cpus {
-                cpus: resources.cpus.clone(),
-            },
-        )?;
+        self.agent(id)?.set_cpus(&resources.cpus)?;
         self.store.update(|pool| {
             pool.get_mut(id)?.resources = resources.clone();
             Ok(())
@@ -507,57 +450,19 @@ impl Platform for EmulatedPlatform {
         id: InstanceId,
         spec: &WorkloadSpec,
     ) -> Result<WorkloadInfo, PlatformError> {
-        match self
-            .ctl(
-                id,
-                &Request::Start {
-                    spec: Box::new(spec.clone()),
-                },
-            )?
-            .0
-        {
-            Response::Started(info) => Ok(info),
-            other => Err(PlatformError::Instance {
-                id,
-                what: format!("unexpected control response {other:?}"),
-            }),
-        }
+        self.agent(id)?.start_workload(spec)
     }
 
     fn freeze(&mut self, id: InstanceId, workload: &str) -> Result<(), PlatformError> {
-        self.expect_done(
-            id,
-            &Request::Freeze {
-                name: workload.to_owned(),
-            },
-        )
+        self.agent(id)?.freeze(workload)
     }
 
     fn thaw(&mut self, id: InstanceId, workload: &str) -> Result<(), PlatformError> {
-        self.expect_done(
-            id,
-            &Request::Thaw {
-                name: workload.to_owned(),
-            },
-        )
+        self.agent(id)?.thaw(workload)
     }
 
     fn health(&mut self, id: InstanceId, workload: &str) -> Result<(bool, String), PlatformError> {
-        match self
-            .ctl(
-                id,
-                &Request::Health {
-                    name: workload.to_owned(),
-                },
-            )?
-            .0
-        {
-            Response::Health { healthy, detail } => Ok((healthy, detail)),
-            other => Err(PlatformError::Instance {
-                id,
-                what: format!("unexpected control response {other:?}"),
-            }),
-        }
+        self.agent(id)?.health(workload)
     }
 
     fn preserved_fds(
@@ -565,38 +470,11 @@ impl Platform for EmulatedPlatform {
         id: InstanceId,
         workload: &str,
     ) -> Result<Vec<PreservedFd>, PlatformError> {
-        let (resp, fds) = self.ctl(
-            id,
-            &Request::Fds {
-                name: workload.to_owned(),
-            },
-        )?;
-        let Response::Fds { names } = resp else {
-            return Err(PlatformError::Instance {
-                id,
-                what: format!("unexpected control response {resp:?}"),
-            });
-        };
-        if names.len() != fds.len() {
-            return Err(PlatformError::Instance {
-                id,
-                what: format!("{} fd names but {} fds received", names.len(), fds.len()),
-            });
-        }
-        Ok(names
-            .into_iter()
-            .zip(fds)
-            .map(|(name, fd)| PreservedFd { name, fd })
-            .collect())
+        self.agent(id)?.preserved_fds(workload)
     }
 
     fn stop_workload(&mut self, id: InstanceId, workload: &str) -> Result<(), PlatformError> {
-        self.expect_done(
-            id,
-            &Request::Stop {
-                name: workload.to_owned(),
-            },
-        )
+        self.agent(id)?.stop_workload(workload)
     }
 
     fn halt(&mut self, id: InstanceId) -> Result<(), PlatformError> {
@@ -613,7 +491,7 @@ impl Platform for EmulatedPlatform {
             kill_instance_groups(&self.state_dir, id);
         }
         if pid.is_some_and(pid_alive) {
-            self.expect_done(id, &Request::Halt)?;
+            self.agent(id)?.expect_done(&Request::Halt)?;
             let deadline = Instant::now() + HALT_TIMEOUT;
             while pid.is_some_and(pid_alive) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(2));
@@ -660,12 +538,7 @@ impl Platform for EmulatedPlatform {
             t.resources.memory_bytes += moved.memory_bytes;
             Ok((moved, t.resources.clone()))
         })?;
-        self.expect_done(
-            to,
-            &Request::Cpus {
-                cpus: target.cpus.clone(),
-            },
-        )?;
+        self.agent(to)?.set_cpus(&target.cpus)?;
         Ok(moved)
     }
 
