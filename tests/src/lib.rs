@@ -60,6 +60,8 @@ pub struct Machine {
     pub dir: tempfile::TempDir,
     pub key: NodeKey,
     pub addrs: Vec<SocketAddr>,
+    /// `--platform` of every command (`emulated`, or `multikernel` on the simulated kernel).
+    pub platform: &'static str,
 }
 
 /// Result of one command.
@@ -137,10 +139,35 @@ impl Machine {
             );
         }
         std::fs::write(dir.path().join("state/workloads.toml"), toml).unwrap();
-        let m = Machine { dir, key, addrs };
+        let m = Machine {
+            dir,
+            key,
+            addrs,
+            platform: "emulated",
+        };
         m.kernel("7.2.13-mkA");
         m.kernel("7.2.13-mkB");
         m
+    }
+
+    /// A machine on the SIMULATED multikernel kernel (`MK_MULTIKERNEL_SIM` = its `mksim`
+    /// directory), with kernels whose payload is a (minimal, not bootable) ELF vmlinux.
+    pub fn multikernel_sim(workloads: usize) -> Self {
+        let mut m = Machine::new(workloads);
+        m.platform = "multikernel";
+        for r in ["7.2.13-mkA", "7.2.13-mkB"] {
+            std::fs::write(
+                m.path(&format!("bzImage-{r}")),
+                upgrade_agent::verify::bzimage::minimal_bzimage_elf(r),
+            )
+            .unwrap();
+        }
+        m
+    }
+
+    /// The simulated multikernel kernel's directory.
+    pub fn sim_dir(&self) -> PathBuf {
+        self.path("mksim")
     }
 
     /// Path of a file in the machine's directory.
@@ -185,11 +212,16 @@ impl Machine {
         c.arg("--state-dir")
             .arg(self.path("state"))
             .arg("--platform")
-            .arg("emulated")
+            .arg(self.platform)
             .args(args)
             .env("MK_AGENTD", bin("mk-agentd"))
             .env_remove("MK_STATE_DIR")
             .env_remove("RUST_LOG");
+        if self.platform == "multikernel" {
+            c.env("MK_MULTIKERNEL_SIM", self.sim_dir());
+        } else {
+            c.env_remove("MK_MULTIKERNEL_SIM");
+        }
         for (k, v) in env {
             c.env(k, v);
         }
@@ -198,13 +230,24 @@ impl Machine {
 
     /// Boots instance 1 with kernel A and the workloads; waits until they serve.
     pub fn init(&self) {
-        let r = self.run(&[
-            "emu",
-            "init",
-            "--kernel",
-            self.path("bzImage-7.2.13-mkA").to_str().unwrap(),
-        ]);
-        assert_eq!(r.code, 0, "emu init: {r:?}");
+        let kernel = self.path("bzImage-7.2.13-mkA");
+        let kernel = kernel.to_str().unwrap();
+        let r = if self.platform == "multikernel" {
+            // A pool of the first two cpus and 1 GiB: the first instance gets cpu 0.
+            self.run(&[
+                "multikernel",
+                "init",
+                "--kernel",
+                kernel,
+                "--pool-cpus",
+                "0-1",
+                "--pool-memory",
+                "1GiB",
+            ])
+        } else {
+            self.run(&["emu", "init", "--kernel", kernel])
+        };
+        assert_eq!(r.code, 0, "init: {r:?}");
         for a in &self.addrs {
             kv(*a, "PING").unwrap();
         }
@@ -220,7 +263,11 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        let _ = self.run(&["emu", "down"]);
+        if self.platform == "multikernel" {
+            let _ = self.run(&["multikernel", "down"]);
+        } else {
+            let _ = self.run(&["emu", "down"]);
+        }
     }
 }
 

@@ -27,7 +27,11 @@
 //! (lzma-rust2), zstd (ruzstd), the kernel's legacy lz4 frame (parsed here, blocks decoded by
 //! lz4_flex), legacy lzma (lzma-rust2). Refused with [`VmlinuxError::Unsupported`]: bzip2 (the
 //! pure-Rust decoder, libbz2-rs-sys, is under the `bzip2-1.0.6` license, which `deny.toml` does
-//! not allow) and lzo (the `lzop` container; no well-kept Rust decoder).
+//! not allow) and lzo (the `lzop` container; no well-kept Rust decoder). gzip (CRC-32), xz (the
+//! kernel writes CRC-32) and zstd (content checksum, when the frame has one) verify what they
+//! decode; lz4 and lzma carry no checksum, so a corrupted payload could decode to wrong bytes of
+//! the right length. None of that is what makes the result trustworthy: the signature over the
+//! bzImage is (below).
 //!
 //! # Bounds
 //!
@@ -323,8 +327,8 @@ pub enum VmlinuxError {
     },
 }
 
-/// An extracted vmlinux.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An extracted vmlinux. Its `Debug` shows the ELF's length, not its bytes.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Extracted {
     /// The x86-64 ELF vmlinux (followed by the relocation table of a relocatable kernel,
     /// exactly as `scripts/extract-vmlinux` prints it).
@@ -334,6 +338,16 @@ pub struct Extracted {
     /// The compressed payload's length (`payload_length`, size trailer included); for an ELF
     /// input, the input's length.
     pub payload_len: u64,
+}
+
+impl fmt::Debug for Extracted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Extracted")
+            .field("elf", &format_args!("<{} bytes>", self.elf.len()))
+            .field("compression", &self.compression)
+            .field("payload_len", &self.payload_len)
+            .finish()
+    }
 }
 
 /// True if `bytes` start with an ELF64 header for little-endian x86-64: the `\x7fELF` magic,
@@ -500,12 +514,26 @@ fn decompress(
             read_bounded(reader, compression, cap, hint)
         }
         Compression::Zstd => {
-            let reader = ruzstd::decoding::StreamingDecoder::new_with_max_window_size(
+            let mut reader = ruzstd::decoding::StreamingDecoder::new_with_max_window_size(
                 payload,
                 MAX_DECODER_WINDOW,
             )
             .map_err(|e| corrupt(io::Error::new(io::ErrorKind::InvalidData, e.to_string())))?;
-            read_bounded(reader, compression, cap, hint)
+            let out = read_bounded(&mut reader, compression, cap, hint)?;
+            // The decoder reads the frame's content checksum but leaves comparing it to us.
+            let frame = &reader.decoder;
+            if let Some(stored) = frame.get_checksum_from_data()
+                && frame.get_calculated_checksum() != Some(stored)
+            {
+                return Err(corrupt(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "content checksum {stored:08x} does not match the decompressed data's {:08x}",
+                        frame.get_calculated_checksum().unwrap_or(0)
+                    ),
+                )));
+            }
+            Ok(out)
         }
         Compression::Lz4 => lz4_legacy(stream, cap, hint),
         Compression::Bzip2 => Err(VmlinuxError::Unsupported {
@@ -1017,7 +1045,7 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_stream_is_a_decompress_error() {
+    fn corrupt_stream_is_refused_where_the_format_has_a_checksum() {
         let elf = minimal_elf();
         for c in SUPPORTED {
             let mut payload = compress(c, &elf);
@@ -1025,17 +1053,40 @@ mod tests {
             for b in &mut payload[mid..mid + 16] {
                 *b ^= 0x5A;
             }
-            let err = extract(&bzimage(&payload, 0x1F, 0x020F)).unwrap_err();
-            assert!(
-                matches!(
-                    err,
+            match extract(&bzimage(&payload, 0x1F, 0x020F)) {
+                Err(
                     VmlinuxError::Decompress { .. }
-                        | VmlinuxError::SizeMismatch { .. }
-                        | VmlinuxError::NotElf { .. }
-                ),
-                "{c}: {err}"
-            );
+                    | VmlinuxError::SizeMismatch { .. }
+                    | VmlinuxError::NotElf { .. },
+                ) => {}
+                Err(other) => panic!("{c}: unexpected error {other}"),
+                // lz4 and lzma have no checksum: wrong bytes may come out, never the right ones.
+                Ok(out) => {
+                    assert!(
+                        matches!(c, Compression::Lz4 | Compression::Lzma),
+                        "{c}: corruption went unnoticed"
+                    );
+                    assert!(
+                        out.elf != elf,
+                        "{c}: corrupt payload decoded to the original"
+                    );
+                }
+            }
         }
+    }
+
+    #[test]
+    fn zstd_checksum_is_verified() {
+        let elf = minimal_elf();
+        let mut payload = compress(Compression::Zstd, &elf);
+        // The frame's content checksum: the 4 bytes before the size trailer.
+        let n = payload.len();
+        payload[n - 8] ^= 0xFF;
+        let err = extract(&bzimage(&payload, 0x1F, 0x020F)).unwrap_err();
+        assert!(
+            matches!(err, VmlinuxError::Decompress { .. }) && err.to_string().contains("checksum"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@ use kho_proto::keys::{KeyError, TrustedKeys};
 use upgrade_agent::exit::Exit;
 use upgrade_agent::orchestrator::UpgradeError;
 use upgrade_agent::orchestrator::ops::OpError;
+use upgrade_agent::platform::Platform;
 use upgrade_agent::platform::emulated::EmulatedPlatform;
+use upgrade_agent::platform::multikernel::MultikernelPlatform;
 use upgrade_agent::record::UpgradeRecord;
 use upgrade_agent::statedir::{DEFAULT_STATE_DIR, StateDir, StateDirError};
 use upgrade_agent::verify::{SigFileError, VerifyError};
@@ -31,8 +33,9 @@ pub struct Global {
     /// State directory: journal, kernel slots, node keys, emulator state.
     #[arg(long, global = true, env = "MK_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
-    /// Platform: `emulated` (multikernel emulation), `luo` (mainline /dev/liveupdate), or
-    /// `auto` (luo when /dev/liveupdate exists, else emulated).
+    /// Platform: `emulated` (multikernel emulation), `luo` (mainline /dev/liveupdate),
+    /// `multikernel` (the multikernel patch set's interface; with MK_MULTIKERNEL_SIM=DIR its
+    /// simulated kernel), or `auto` (luo when /dev/liveupdate exists, else emulated).
     #[arg(long, global = true, env = "MK_PLATFORM", value_enum, default_value_t = PlatformChoice::Auto)]
     pub platform: PlatformChoice,
     /// Workload file (default: STATE_DIR/workloads.toml).
@@ -49,6 +52,9 @@ pub enum PlatformChoice {
     Auto,
     Emulated,
     Luo,
+    /// The multikernel patch set's interface (`MK_MULTIKERNEL_SIM=DIR`: its SIMULATED
+    /// kernel).
+    Multikernel,
 }
 
 /// The subcommands.
@@ -80,6 +86,8 @@ pub enum Command {
     Keys(crate::keys::KeysArgs),
     /// Sign a kernel image (writes IMAGE.sig).
     Sign(crate::sign::SignArgs),
+    /// The multikernel platform: write its overlays for audit, boot its first instance.
+    Multikernel(crate::multikernel::MultikernelArgs),
 }
 
 /// A command failure: the message for stderr and the documented exit code.
@@ -215,6 +223,17 @@ impl Global {
             .map_err(|e| CliError::new(Exit::Platform, e.to_string()))
     }
 
+    /// The side-by-side platform `--platform` names: multikernel, else emulated.
+    pub fn open_side_by_side(&self) -> Result<Box<dyn Platform>, CliError> {
+        if self.resolved_platform() == PlatformChoice::Multikernel {
+            self.ensure_state_dir()?;
+            return MultikernelPlatform::open(&self.state_dir)
+                .map(|p| Box::new(p) as Box<dyn Platform>)
+                .map_err(|e| CliError::new(Exit::Platform, e.to_string()));
+        }
+        Ok(Box::new(self.open_emulated()?))
+    }
+
     /// The upgrade journal.
     pub fn journal(&self) -> Result<rollback::Journal<UpgradeRecord>, CliError> {
         self.state().journal().map_err(|e| CliError::state(&e))
@@ -248,6 +267,7 @@ pub fn main() -> ExitCode {
         Command::State(a) => Ok(crate::state::run(a)),
         Command::Keys(a) => Ok(crate::keys::run(a)),
         Command::Sign(a) => Ok(crate::sign::run(a)),
+        Command::Multikernel(a) => crate::multikernel::run(&g, a),
     };
     match result {
         Ok(code) => code,
@@ -285,6 +305,7 @@ fn wants_json(c: &Command) -> bool {
         Command::Demo(a) => a.json,
         Command::Load(a) => a.json,
         // These report every outcome themselves (exit codes and documents of their own).
+        Command::Multikernel(a) => a.json(),
         Command::Inspect(_) | Command::State(_) | Command::Keys(_) | Command::Sign(_) => false,
     }
 }

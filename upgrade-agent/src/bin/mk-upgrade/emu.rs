@@ -50,15 +50,18 @@ pub fn init(
 ) -> Result<serde_json::Value, CliError> {
     match machine::init(&g.state(), kernel, cpus) {
         Ok(b) => Ok(serde_json::to_value(&b).unwrap_or_default()),
-        Err(e) => Err(match &e {
-            InitError::AlreadyUp => CliError::new(Exit::PreflightFailed, e.to_string()),
-            InitError::Io { .. } | InitError::Workloads(_) => {
-                CliError::new(Exit::Io, e.to_string())
-            }
-            InitError::NotAKernel { .. } => CliError::new(Exit::NotAKernel, e.to_string()),
-            InitError::Platform(_) => perr(&e),
-            InitError::State(s) => CliError::state(s),
-        }),
+        Err(e) => Err(init_error(&e)),
+    }
+}
+
+/// The documented exit code and message of a machine that could not be booted.
+pub fn init_error(e: &InitError) -> CliError {
+    match e {
+        InitError::AlreadyUp => CliError::new(Exit::PreflightFailed, e.to_string()),
+        InitError::Io { .. } | InitError::Workloads(_) => CliError::new(Exit::Io, e.to_string()),
+        InitError::NotAKernel { .. } => CliError::new(Exit::NotAKernel, e.to_string()),
+        InitError::Platform(_) => perr(e),
+        InitError::State(s) => CliError::state(s),
     }
 }
 

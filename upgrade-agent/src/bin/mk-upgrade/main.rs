@@ -9,6 +9,7 @@ mod inspect;
 mod keys;
 mod load;
 mod luo;
+mod multikernel;
 mod sign;
 mod state;
 mod upgrade;

@@ -256,7 +256,12 @@ pub fn preflight(g: &Global, need_keys: bool, lock_held: bool) -> Vec<CheckResul
         crate::luo::platform_checks(g, &mut out);
         return common_checks(g, need_keys, lock_held, out);
     }
-    let mut platform = match g.open_emulated() {
+    if g.resolved_platform() == crate::app::PlatformChoice::Multikernel
+        && !crate::multikernel::host_checks(g, &mut out)
+    {
+        return common_checks(g, need_keys, lock_held, out);
+    }
+    let mut platform = match g.open_side_by_side() {
         Ok(p) => Some(p),
         Err(e) => {
             out.push(bad("platform", e.message, "pass --platform emulated"));
@@ -287,7 +292,7 @@ pub fn preflight(g: &Global, need_keys: bool, lock_held: bool) -> Vec<CheckResul
                     )),
                     None => {}
                 }
-                match orchestrator::current_instance(p) {
+                match orchestrator::current_instance(p.as_mut()) {
                     Ok(cur) => {
                         let spare = &c.spare_cpus;
                         if spare.is_empty() && cur.resources.cpus.len() < 2 {
@@ -566,10 +571,10 @@ pub fn record_json(rec: &UpgradeRecord) -> serde_json::Value {
 
 /// Prints a finished record for humans.
 pub fn print_record(rec: &UpgradeRecord) {
-    let label = if rec.platform == upgrade_agent::platform::PlatformKind::Emulated {
-        " [EMULATED multikernel]"
-    } else {
-        ""
+    let label = match rec.platform {
+        upgrade_agent::platform::PlatformKind::Emulated => " [EMULATED multikernel]",
+        upgrade_agent::platform::PlatformKind::Multikernel => crate::multikernel::record_label(),
+        upgrade_agent::platform::PlatformKind::Luo => "",
     };
     println!(
         "upgrade {} ({:?}){label}: {} -> {}: {}",
@@ -698,9 +703,9 @@ pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
     if let Some(refusal) = refuse_failed_checks(a.json, &checks) {
         return refusal;
     }
-    let mut platform = g.open_emulated()?;
+    let mut platform = g.open_side_by_side()?;
     let current =
-        orchestrator::current_instance(&mut platform).map_err(|e| CliError::upgrade(&e))?;
+        orchestrator::current_instance(platform.as_mut()).map_err(|e| CliError::upgrade(&e))?;
     let running = current.kernel_release.clone().unwrap_or_default();
     let image = match verify_for_apply(g, a, &running) {
         Ok(i) => i,
@@ -771,7 +776,7 @@ pub fn apply(g: &Global, a: &ApplyArgs) -> Result<ExitCode, CliError> {
                 .and_then(|m| m.version_floor.clone()),
         }),
     };
-    let (rec, err) = execute(g, &mut platform, req, &observer)?;
+    let (rec, err) = execute(g, platform.as_mut(), req, &observer)?;
     observer.done();
     if rec.outcome != Some(Outcome::Upgraded)
         && let Ok(mut s) = g.state().slots()
@@ -816,7 +821,7 @@ pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
         initrd: None,
         cmdline: "",
     };
-    let mut platform = g.open_emulated()?;
+    let mut platform = g.open_side_by_side()?;
     let observer = CliObserver::new(a.json);
     let req = ops::Request {
         kind: UpgradeKind::Rollback,
@@ -824,7 +829,7 @@ pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
         faults: Faults::NONE,
         promotion: Some(Promotion { slots, floor: None }),
     };
-    let (rec, err) = execute(g, &mut platform, req, &observer)?;
+    let (rec, err) = execute(g, platform.as_mut(), req, &observer)?;
     observer.done();
     Ok(finish_report(&rec, err.as_ref(), a.json))
 }
@@ -845,12 +850,12 @@ pub fn recover(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
     if let Some(refusal) = journal_gate(g, a.json) {
         return refusal;
     }
-    let mut platform = g.open_emulated()?;
+    let mut platform = g.open_side_by_side()?;
     let observer = CliObserver::new(a.json);
     let slots = g.state().slots().map_err(|e| CliError::state(&e))?;
     let result = ops::recover(
         &g.state(),
-        &mut platform,
+        platform.as_mut(),
         Some(Promotion { slots, floor: None }),
         &observer,
         &SystemEnv::default(),
@@ -936,7 +941,7 @@ pub fn status(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
     let (caps, instances) = if g.resolved_platform() == crate::app::PlatformChoice::Luo {
         crate::luo::caps_and_instances(g)?
     } else {
-        let mut platform = g.open_emulated()?;
+        let mut platform = g.open_side_by_side()?;
         let caps = platform
             .probe()
             .map_err(|e| CliError::new(Exit::Platform, e.to_string()))?;

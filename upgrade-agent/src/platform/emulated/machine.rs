@@ -16,7 +16,9 @@ use crate::statedir::{StateDir, StateDirError};
 /// Why the machine could not be booted.
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("the emulated machine already has instances; `mk-upgrade emu down` first")]
+    #[error(
+        "the machine already has instances; `mk-upgrade emu down` (emulated) or `mk-upgrade multikernel down` first"
+    )]
     AlreadyUp,
     #[error("{path}: {source}")]
     Io {
@@ -53,6 +55,18 @@ pub struct Booted {
 pub fn init(state: &StateDir, kernel: &Path, cpus: &[u32]) -> Result<Booted, InitError> {
     state.ensure()?;
     let mut platform = EmulatedPlatform::new(state.root())?;
+    init_on(state, &mut platform, kernel, cpus)
+}
+
+/// [`init`] on any side-by-side platform (the multikernel platform's `multikernel init`).
+pub fn init_on(
+    state: &StateDir,
+    platform: &mut dyn Platform,
+    kernel: &Path,
+    cpus: &[u32],
+) -> Result<Booted, InitError> {
+    state.ensure()?;
+    let emulated = platform.probe()?.emulated;
     if !platform.instances()?.is_empty() {
         return Err(InitError::AlreadyUp);
     }
@@ -113,7 +127,7 @@ pub fn init(state: &StateDir, kernel: &Path, cpus: &[u32]) -> Result<Booted, Ini
         kernel_release: info.release,
         cpus: res.cpus,
         workloads: started,
-        emulated: true,
+        emulated,
     })
 }
 

@@ -194,6 +194,27 @@ impl MultikernelPlatform {
         )
     }
 
+    /// Writes the pool baseline (`cpus`, one memory request of `memory_bytes`) unless the
+    /// kernel already has a pool; returns whether it wrote one.
+    pub fn ensure_pool(&mut self, cpus: &[u32], memory_bytes: u64) -> Result<bool, PlatformError> {
+        let dt = self.sys.read(mk::DEVICE_TREE).unwrap_or_default();
+        if fdt::parse(&dt).is_ok_and(|r| r.child("resources").is_some()) {
+            return Ok(false);
+        }
+        let blob = overlay::baseline(cpus, &[(memory_bytes, None)]);
+        self.sys.write_blob(mk::DEVICE_TREE, &blob).map_err(|e| {
+            PlatformError::io(
+                format!(
+                    "writing the pool baseline to {}/{}",
+                    self.sys.root().display(),
+                    mk::DEVICE_TREE
+                ),
+                e,
+            )
+        })?;
+        Ok(true)
+    }
+
     /// Which kernel this drives.
     pub fn kind(&self) -> &KernelKind {
         &self.kind
@@ -725,7 +746,7 @@ impl Platform for MultikernelPlatform {
             .get(&id)
             .map(|e| e.resources.clone())
             .unwrap_or_default();
-        let ops = overlay::UpdateOps {
+        let mut ops = overlay::UpdateOps {
             cpu_remove: old
                 .cpus
                 .iter()
@@ -740,6 +761,23 @@ impl Platform for MultikernelPlatform {
                 .collect(),
             ..overlay::UpdateOps::default()
         };
+        // Memory leaves an instance in whole regions, newest first (the kernel refuses the
+        // region holding the instance's kernel image, so the oldest one always stays): as
+        // many as reach the shrink. Growing is left to `transfer_resources`.
+        let mut memory = old.memory_bytes;
+        if resources.memory_bytes < old.memory_bytes {
+            let want = old.memory_bytes - resources.memory_bytes;
+            let regions = self.regions(id, &name)?;
+            let mut taken = 0u64;
+            for r in regions.iter().skip(1).rev() {
+                if taken >= want {
+                    break;
+                }
+                ops.memory_remove.push(*r);
+                taken += r.1;
+            }
+            memory -= taken.min(memory);
+        }
         if !ops.is_empty() {
             self.apply_overlay(
                 id,
@@ -748,11 +786,11 @@ impl Platform for MultikernelPlatform {
             )?;
         }
         self.agent(id)?.set_cpus(&resources.cpus)?;
-        // Memory stays where it is (it moves in whole blocks with `transfer_resources`).
         let cpus = resources.cpus.clone();
         self.table.update(|t| {
             if let Some(e) = t.get_mut(&id) {
                 e.resources.cpus = cpus;
+                e.resources.memory_bytes = memory;
             }
         })
     }

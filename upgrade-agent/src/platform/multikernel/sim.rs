@@ -807,16 +807,19 @@ impl MultikernelSys for SimKernel {
             return Err(fail(e));
         }
         let image = {
-            use std::io::Read;
+            // From offset 0 whatever the fd's file position (a memfd just written is at
+            // its end), at most MAX_IMAGE_BYTES.
             let f = fs::File::from(
                 kernel
                     .try_clone_to_owned()
                     .map_err(|_| fail(Errno::EBADF))?,
             );
-            let mut v = Vec::new();
-            std::io::BufReader::new(f)
-                .take(MAX_IMAGE_BYTES)
-                .read_to_end(&mut v)
+            let len = f.metadata().map_err(|_| fail(Errno::EBADF))?.len();
+            if len > MAX_IMAGE_BYTES {
+                return Err(fail(Errno::EFBIG));
+            }
+            let mut v = vec![0u8; usize::try_from(len).map_err(|_| fail(Errno::EFBIG))?];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut v, 0)
                 .map_err(|_| fail(Errno::EIO))?;
             v
         };
