@@ -4,7 +4,9 @@
 #   2. clippy  cargo clippy --all-targets -- -D warnings
 #   3. deny    cargo deny check licenses bans sources (deny.toml), when cargo-deny is installed
 #   4. test    cargo test --workspace (unit, property, integration and CLI tests)
-#   5. vm      the end-to-end VM suite tests/vm/run (real kernels under QEMU), unless MK_SKIP_VM=1
+#   5. kerf    tests/multikernel/kerf-compat.sh: the multikernel blobs byte-identical to
+#              kerf 0.4.0's (kerf installed from PyPI into a venv; SKIP if it cannot be)
+#   6. vm      the end-to-end VM suite tests/vm/run (real kernels under QEMU), unless MK_SKIP_VM=1
 # A step that cannot run here prints "SKIP <step>: <reason>" and counts as skipped, never as
 # passed. So do tests inside a step that need something this host lacks: cargo counts them
 # as "ignored" (each one prints "SKIP <test>: <reason>"), the VM suite as "skipped"; their
@@ -72,6 +74,19 @@ test_passed=$(sum_results "$logs/test.log" passed)
 test_skipped=$(sum_results "$logs/test.log" ignored)
 echo "==> test: $test_passed tests passed, $test_skipped skipped (cargo's \"ignored\", listed in the summary)"
 results[-1]+=" ($test_passed tests passed, $test_skipped skipped)"
+
+bash tests/multikernel/kerf-compat.sh 2>&1 | tee "$logs/kerf.log"
+case ${PIPESTATUS[0]} in
+    0)
+        passed=$((passed + 1))
+        results+=("kerf: ok ($(tail -1 "$logs/kerf.log"))")
+        ;;
+    77) skip_step kerf "$(grep -m1 '^SKIP kerf' "$logs/kerf.log" | cut -c11-)" ;;
+    *)
+        failed=$((failed + 1))
+        results+=("kerf: FAILED ($(tail -1 "$logs/kerf.log"))")
+        ;;
+esac
 
 vm_skipped=0
 if [ "${MK_SKIP_VM:-0}" = 1 ]; then

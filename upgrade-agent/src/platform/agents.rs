@@ -166,16 +166,15 @@ impl Links {
         agent: &dyn Fn(InstanceId) -> Result<Agent, PlatformError>,
         f: impl FnOnce(&mut ChannelLink, &mut Connector<'_>) -> Result<T, PlatformError>,
     ) -> Result<T, PlatformError> {
-        let mut link = match self.link.take() {
-            Some(l) => l,
-            None => {
-                let (id, release) = speaker()?;
-                let mut l = ChannelLink::new(id, release)?;
-                if let Some(u) = self.upgrade {
-                    l.set_upgrade(u);
-                }
-                l
+        let mut link = if let Some(l) = self.link.take() {
+            l
+        } else {
+            let (id, release) = speaker()?;
+            let mut l = ChannelLink::new(id, release)?;
+            if let Some(u) = self.upgrade {
+                l.set_upgrade(u);
             }
+            l
         };
         let mut connect = |id: InstanceId, upgrade: UpgradeId| agent(id)?.connect(upgrade);
         let r = f(&mut link, &mut connect);

@@ -325,16 +325,7 @@ pub fn probe_host(
         let (_, dir, ty) = (f.next(), f.next(), f.next());
         dir == Some(&*root.to_string_lossy()) && ty == Some(FS_TYPE)
     });
-    if !root.is_dir() {
-        out.push(Missing {
-            what: "multikernel-fs",
-            detail: format!(
-                "{} does not exist: this kernel lacks the multikernel patch set",
-                root.display()
-            ),
-            fix: "boot a kernel built with the multikernel patch set (multikernel/linux)",
-        });
-    } else {
+    if root.is_dir() {
         if !mounted {
             out.push(Missing {
                 what: "multikernel-fs",
@@ -354,6 +345,15 @@ pub fn probe_host(
                 });
             }
         }
+    } else {
+        out.push(Missing {
+            what: "multikernel-fs",
+            detail: format!(
+                "{} does not exist: this kernel lacks the multikernel patch set",
+                root.display()
+            ),
+            fix: "boot a kernel built with the multikernel patch set (multikernel/linux)",
+        });
     }
     match kexec_flag_in_config(proc_root) {
         Some(true) => {}

@@ -83,7 +83,8 @@ pub enum OverlayCommand {
         /// Pool cpus (APIC ids), e.g. "1-3".
         #[arg(long)]
         cpus: String,
-        /// Pool memory: kerf's spellings (256MB = 256 MiB, 2GB) or MiB/GiB.
+        /// Pool memory: kerf's spellings (256MB = 256 MiB, 2GB) or MiB/GiB, on the NUMA
+        /// node of the first cpu; or per node, "1GB@1,512MB@0".
         #[arg(long)]
         memory: String,
         #[command(flatten)]
@@ -165,8 +166,9 @@ pub fn build(cmd: &OverlayCommand) -> Result<(Vec<u8>, &Output), CliError> {
     Ok(match cmd {
         OverlayCommand::Baseline { cpus, memory, out } => {
             let cpus = overlay::parse_cpus(cpus).map_err(usage)?;
-            let size = overlay::parse_size(memory).map_err(usage)?;
-            (overlay::baseline(&cpus, &[(size, None)]), out)
+            let node = overlay::numa_node_of_cpu(std::path::Path::new("/"), cpus[0]);
+            let mem = overlay::parse_pool_memory(memory, node).map_err(usage)?;
+            (overlay::baseline(&cpus, &mem), out)
         }
         OverlayCommand::Create {
             name,

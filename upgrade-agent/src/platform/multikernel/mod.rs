@@ -201,7 +201,10 @@ impl MultikernelPlatform {
         if fdt::parse(&dt).is_ok_and(|r| r.child("resources").is_some()) {
             return Ok(false);
         }
-        let blob = overlay::baseline(cpus, &[(memory_bytes, None)]);
+        let node = cpus
+            .first()
+            .map_or(0, |c| overlay::numa_node_of_cpu(Path::new("/"), *c));
+        let blob = overlay::baseline(cpus, &[(memory_bytes, Some(node))]);
         self.sys.write_blob(mk::DEVICE_TREE, &blob).map_err(|e| {
             PlatformError::io(
                 format!(
@@ -649,7 +652,7 @@ impl Platform for MultikernelPlatform {
                 "kexec_file_load returned but the instance is not loaded",
             ));
         }
-        let release = kernel.release.to_owned();
+        let release = kernel.release.clone();
         let sha = hex::encode(kernel.sha256);
         self.table.update(|t| {
             if let Some(e) = t.get_mut(&id) {

@@ -162,6 +162,67 @@ pub fn parse_size(spec: &str) -> Result<u64, SpecError> {
     Ok(bytes)
 }
 
+/// Parses a pool memory request as `kerf init --memory` does: `SIZE` (on `default_node`,
+/// the NUMA node of the pool's first cpu, as kerf resolves it) or `SIZE@N,SIZE@M` per node
+/// (the forms are not mixed; a node appears once), in the order given.
+pub fn parse_pool_memory(
+    spec: &str,
+    default_node: u32,
+) -> Result<Vec<(u64, Option<u32>)>, SpecError> {
+    let err = |why: &str| SpecError::Size {
+        spec: spec.to_owned(),
+        why: why.to_owned(),
+    };
+    let parts: Vec<&str> = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if parts.is_empty() {
+        return Err(err("empty memory specification"));
+    }
+    let pinned = parts.iter().filter(|p| p.contains('@')).count();
+    if pinned != 0 && pinned != parts.len() {
+        return Err(err("SIZE and SIZE@NODE cannot be mixed"));
+    }
+    let mut out: Vec<(u64, Option<u32>)> = Vec::new();
+    for p in parts {
+        let (size, node) = match p.split_once('@') {
+            Some((s, n)) => (
+                s,
+                n.trim()
+                    .parse::<u32>()
+                    .map_err(|_| err("invalid NUMA node after @"))?,
+            ),
+            None => (p, default_node),
+        };
+        if out.iter().any(|(_, n)| *n == Some(node)) {
+            return Err(err("a NUMA node is named twice"));
+        }
+        out.push((parse_size(size)?, Some(node)));
+    }
+    if out.len() > 1 && pinned == 0 {
+        return Err(err("several sizes need a node each (SIZE@N)"));
+    }
+    Ok(out)
+}
+
+/// The NUMA node of `cpu` (`<root>/sys/devices/system/cpu/cpuN/nodeM`), 0 when unknown.
+pub fn numa_node_of_cpu(root: &std::path::Path, cpu: u32) -> u32 {
+    std::fs::read_dir(root.join(format!("sys/devices/system/cpu/cpu{cpu}")))
+        .ok()
+        .and_then(|d| {
+            d.flatten().find_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("node")?
+                    .parse::<u32>()
+                    .ok()
+            })
+        })
+        .unwrap_or(0)
+}
+
 /// Checks an instance name (a kernfs directory: no `/`, no NUL, printable).
 pub fn check_name(name: &str) -> Result<(), SpecError> {
     let bad = |why| SpecError::Name {
@@ -472,6 +533,18 @@ mod tests {
         assert_eq!(parse_size("8KB").unwrap(), 8192);
         for bad in ["", "0", "0MB", "100", "MB", "-1GB", "1e400GB", "1XB"] {
             assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pool_memory_parses_like_kerf_init() {
+        assert_eq!(parse_pool_memory("2GB", 0).unwrap(), [(2 << 30, Some(0))]);
+        assert_eq!(
+            parse_pool_memory("1GB@1,512MB@0", 0).unwrap(),
+            [(1 << 30, Some(1)), (512 << 20, Some(0))]
+        );
+        for bad in ["", "1GB,2GB@1", "1GB@1,1GB@1", "1GB@x", "1GB,2GB"] {
+            assert!(parse_pool_memory(bad, 0).is_err(), "{bad}");
         }
     }
 

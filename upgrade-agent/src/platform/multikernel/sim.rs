@@ -29,6 +29,7 @@
 //! because every simulated instance shares this one kernel).
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::fs;
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -189,7 +190,6 @@ fn errno_named(name: &str) -> Errno {
         "ENOENT" => Errno::ENOENT,
         "ENOMEM" => Errno::ENOMEM,
         "ENOEXEC" => Errno::ENOEXEC,
-        "EIO" => Errno::EIO,
         "EKEYREJECTED" => Errno::EKEYREJECTED,
         "EAGAIN" => Errno::EAGAIN,
         _ => Errno::EIO,
@@ -766,16 +766,17 @@ impl MultikernelSys for SimKernel {
         let s = self.state()?;
         let mut out = String::new();
         for (b, sz) in &s.chunks {
-            out.push_str(&format!("{b:x}-{:x} : {IOMEM_POOL_NAME}\n", b + sz - 1));
+            let _ = writeln!(out, "{b:x}-{:x} : {IOMEM_POOL_NAME}", b + sz - 1);
             for i in &s.instances {
                 for (n, (rb, rs)) in i.regions.iter().enumerate() {
                     if *rb >= *b && rb + rs <= b + sz {
-                        out.push_str(&format!(
-                            "  {rb:x}-{:x} : mk-instance-{}-{}-region-{n}\n",
+                        let _ = writeln!(
+                            out,
+                            "  {rb:x}-{:x} : mk-instance-{}-{}-region-{n}",
                             rb + rs - 1,
                             i.id,
                             i.name
-                        ));
+                        );
                     }
                 }
             }
