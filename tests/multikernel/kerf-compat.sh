@@ -27,7 +27,9 @@ if [ "$version" != 0.4.0 ]; then
     echo "kerf-multikernel $version installed in $venv, 0.4.0 needed" >&2
     exit 1
 fi
-cargo build -q -p upgrade-agent --bin mk-upgrade || exit 1
+# With fault injection, as `cargo test --workspace` builds it (the tests that follow in a
+# shared target directory need that build; the overlay code is the same).
+cargo build -q -p upgrade-agent --features fault-injection --bins || exit 1
 mk="${CARGO_TARGET_DIR:-$root/target}/debug/mk-upgrade"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -267,3 +267,61 @@ fn check_names_every_missing_piece_on_a_host_without_the_patch_set() {
         assert!(failed.contains(&piece), "{piece} named: {doc}");
     }
 }
+
+/// The journal writes of a clean one-workload upgrade on the simulated kernel.
+fn journal_writes() -> Vec<String> {
+    let m = Machine::multikernel_sim(1);
+    m.init();
+    let b = m.path("bzImage-7.2.13-mkB");
+    m.sign(&b);
+    let r = m.run(&["apply", "--kernel", b.to_str().unwrap(), "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    r.json()["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["journaled"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The agent killed (SIGKILL) after every journal write of an upgrade in turn; `recover`
+/// (a new process, the same simulated kernel) must end fully old or fully new with the
+/// workload serving all its data, and no instance left behind in the kernel.
+#[test]
+fn a_crash_at_every_journal_write_converges_on_the_simulated_kernel() {
+    need_two_cpus();
+    let writes = journal_writes();
+    assert!(writes.iter().any(|p| p == "handing-over"), "{writes:?}");
+    for (i, phase) in writes.iter().enumerate() {
+        let n = i + 1;
+        let m = Machine::multikernel_sim(1);
+        m.init();
+        put(&m, 5, "a");
+        let b = m.path("bzImage-7.2.13-mkB");
+        m.sign(&b);
+        let nstr = n.to_string();
+        let r = m.run_env(
+            &["apply", "--kernel", b.to_str().unwrap()],
+            &[("MK_FAULT_CRASH_AFTER_WRITE", &nstr)],
+        );
+        assert_eq!(r.code, -1, "step {n} ({phase}): killed: {r:?}");
+        let rec = m.run(&["recover", "--json"]);
+        assert_eq!(rec.code, 0, "step {n} ({phase}): {rec:?}");
+        let doc = rec.json();
+        let (_, kernel, names) = active(&m.status());
+        assert_eq!(names.len(), 1, "step {n}: the workload runs");
+        let want = if phase == "handing-over" {
+            ("upgraded", "7.2.13-mkB")
+        } else {
+            ("rolled-back", "7.2.13-mkA")
+        };
+        assert_eq!(
+            (doc["result"].as_str(), kernel.as_str()),
+            (Some(want.0), want.1),
+            "step {n} ({phase})"
+        );
+        check(&m, 5, "a");
+        let st = sim(&m).state().unwrap();
+        assert_eq!(st.instances.len(), 1, "step {n} ({phase}): {st:?}");
+    }
+}
