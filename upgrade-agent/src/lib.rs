@@ -21,11 +21,13 @@
 
 #![deny(unsafe_code)]
 
+pub mod events;
 pub mod exit;
 pub mod fault;
 pub mod handover;
 pub mod health;
 pub mod host;
+pub mod metrics;
 pub mod model;
 pub mod orchestrator;
 pub mod platform;

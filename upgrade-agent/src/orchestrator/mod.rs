@@ -140,6 +140,14 @@ pub trait Observer {
     fn workload(&self, _name: &str, _status: MoveStatus, _detail: Option<&str>) {}
 }
 
+/// The kebab-case name of a phase or move status (as in the journal).
+fn kebab<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 /// An observer that ignores everything.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Quiet;
@@ -196,6 +204,10 @@ pub struct Setup<'a> {
     pub env: &'a dyn Env,
     /// Slots to promote on success (none: the platform keeps its kernels itself).
     pub promotion: Option<Promotion>,
+    /// The event log every step, move and result is appended to (none: not kept).
+    pub events: Option<crate::events::EventLog>,
+    /// The Prometheus metrics rewritten at every result (none: not kept).
+    pub metrics: Option<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Setup<'_> {
@@ -464,11 +476,21 @@ impl<'a> Orchestrator<'a> {
     }
 
     /// Journals `what` as a step of `phase` (before doing it).
+    /// Appends to the event log, if one is kept.
+    fn event(&self, kind: &str, what: &str, fill: impl FnOnce(&mut crate::events::EventLine)) {
+        if let Some(log) = &self.setup.events {
+            let mut e = crate::events::EventLine::now(&self.record.upgrade_id, kind, what);
+            fill(&mut e);
+            log.record(&e);
+        }
+    }
+
     fn step(&mut self, phase: Phase, what: String) -> Result<(), UpgradeError> {
         self.record.phase = phase;
         let t_ms = self.elapsed_ms();
         tracing::info!(upgrade = %self.record.upgrade_id, ?phase, "{what}");
         self.setup.observer.step(phase, &what);
+        self.event("phase", &what, |e| e.phase = Some(kebab(&phase)));
         self.record.events.push(Event {
             t_ms,
             what,
@@ -487,6 +509,8 @@ impl<'a> Orchestrator<'a> {
     fn note(&mut self, what: String) {
         let t_ms = self.elapsed_ms();
         self.setup.observer.step(self.record.phase, &what);
+        let phase = self.record.phase;
+        self.event("note", &what, |e| e.phase = Some(kebab(&phase)));
         self.record.events.push(Event {
             t_ms,
             what,
@@ -498,6 +522,10 @@ impl<'a> Orchestrator<'a> {
         self.setup
             .observer
             .workload(name, status, detail.as_deref());
+        self.event("workload", detail.as_deref().unwrap_or(""), |e| {
+            e.workload = Some(name.to_owned());
+            e.status = Some(kebab(&status));
+        });
         if let Some(w) = self.record.workload_mut(name) {
             w.status = status;
             if detail.is_some() {
@@ -513,12 +541,21 @@ impl<'a> Orchestrator<'a> {
         let t_ms = self.elapsed_ms();
         let what = format!("finished: {outcome:?}");
         self.setup.observer.step(Phase::Done, &what);
+        let result = self.record.report_json()["result"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned();
+        let detail = self.record.error.clone().unwrap_or_default();
+        self.event("result", &detail, |e| e.result = Some(result));
         self.record.events.push(Event {
             t_ms,
             what,
             journaled: None,
         });
         self.setup.journal.finish(&self.record)?;
+        if let Some(m) = &self.setup.metrics {
+            m.record(&self.record);
+        }
         Ok(())
     }
 

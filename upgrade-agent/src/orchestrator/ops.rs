@@ -43,6 +43,8 @@ fn setup<'a>(
         observer,
         env,
         promotion,
+        events: Some(crate::events::EventLog::new(state.root())),
+        metrics: Some(crate::metrics::Metrics::new(state.root())),
     })
 }
 
@@ -148,6 +150,18 @@ pub fn recover_journal_only(state: &StateDir, running: &str) -> Result<JournalOn
         }
     }
     journal.finish(&record).map_err(UpgradeError::from)?;
+    let result = record.report_json()["result"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned();
+    let mut e = crate::events::EventLine::now(
+        &record.upgrade_id,
+        "result",
+        record.error.clone().unwrap_or_default(),
+    );
+    e.result = Some(result);
+    crate::events::EventLog::new(state.root()).record(&e);
+    crate::metrics::Metrics::new(state.root()).record(&record);
     Ok(JournalOnly::Finished(record))
 }
 

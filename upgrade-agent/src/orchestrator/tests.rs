@@ -136,6 +136,8 @@ impl World {
             observer: &Quiet,
             env: &self.env,
             promotion: None,
+            events: Some(crate::events::EventLog::new(self.dir.path())),
+            metrics: Some(crate::metrics::Metrics::new(self.dir.path())),
         }
     }
 
@@ -253,6 +255,42 @@ fn side_by_side_upgrade_moves_every_workload_and_hands_over() {
     }
     assert!(w.in_flight().is_none());
     assert_eq!(w.history().len(), 1);
+}
+
+#[test]
+fn every_journal_step_move_and_result_reaches_the_event_log() {
+    let w = World::new();
+    let mut p = w.platform(false);
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    r.unwrap();
+    let events = crate::events::EventLog::new(w.dir.path()).read(0).unwrap();
+    assert!(events.iter().all(|e| e.upgrade_id == rec.upgrade_id));
+    // One "phase" line per journaled step, in the record's order.
+    let journaled: Vec<String> = rec
+        .events
+        .iter()
+        .filter_map(|e| e.journaled.map(|p| kebab(&p)))
+        .collect();
+    let phases: Vec<String> = events
+        .iter()
+        .filter(|e| e.kind == "phase")
+        .filter_map(|e| e.phase.clone())
+        .collect();
+    assert_eq!(phases, journaled);
+    for m in &rec.workloads {
+        assert!(
+            events.iter().any(|e| e.kind == "workload"
+                && e.workload.as_deref() == Some(m.name.as_str())
+                && e.status.as_deref() == Some("committed")),
+            "{} committed: {events:?}",
+            m.name
+        );
+    }
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.kind.as_str(), last.result.as_deref()),
+        ("result", Some("upgraded"))
+    );
 }
 
 #[test]

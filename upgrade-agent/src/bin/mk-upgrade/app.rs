@@ -68,6 +68,8 @@ pub enum Command {
     Status(crate::upgrade::JsonArgs),
     /// Past upgrades.
     History(crate::upgrade::JsonArgs),
+    /// The event log: every journal step, workload move and result, in order.
+    Events(crate::events::EventsArgs),
     /// Go back to the previous (known-good) kernel, moving every workload back.
     Rollback(crate::upgrade::RollbackArgs),
     /// Finish or undo an interrupted upgrade (what mk-agentd does at start).
@@ -258,6 +260,7 @@ pub fn main() -> ExitCode {
         Command::Apply(a) => crate::upgrade::apply(&g, &a),
         Command::Status(a) => crate::upgrade::status(&g, &a),
         Command::History(a) => crate::upgrade::history(&g, &a),
+        Command::Events(a) => crate::events::run(&g, &a),
         Command::Rollback(a) => crate::upgrade::rollback(&g, &a),
         Command::Recover(a) => crate::upgrade::recover(&g, &a),
         Command::Emu(a) => crate::emu::run(&g, a),
@@ -297,6 +300,8 @@ fn wants_json(c: &Command) -> bool {
         Command::Check(a) => a.json,
         Command::Apply(a) => a.json,
         Command::Status(a) | Command::History(a) | Command::Recover(a) => a.json,
+        // One JSON object per line, also for errors: the error is reported on stderr.
+        Command::Events(_) => false,
         Command::Rollback(a) => a.json,
         Command::Emu(a) => match &a.command {
             EmuCommand::Init { json, .. } | EmuCommand::Ls { json } => *json,

@@ -5,6 +5,7 @@
 mod app;
 mod demo;
 mod emu;
+mod events;
 mod inspect;
 mod keys;
 mod load;
