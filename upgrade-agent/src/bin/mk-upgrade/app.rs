@@ -300,8 +300,6 @@ fn wants_json(c: &Command) -> bool {
         Command::Check(a) => a.json,
         Command::Apply(a) => a.json,
         Command::Status(a) | Command::History(a) | Command::Recover(a) => a.json,
-        // One JSON object per line, also for errors: the error is reported on stderr.
-        Command::Events(_) => false,
         Command::Rollback(a) => a.json,
         Command::Emu(a) => match &a.command {
             EmuCommand::Init { json, .. } | EmuCommand::Ls { json } => *json,
@@ -311,7 +309,12 @@ fn wants_json(c: &Command) -> bool {
         Command::Load(a) => a.json,
         // These report every outcome themselves (exit codes and documents of their own).
         Command::Multikernel(a) => a.json(),
-        Command::Inspect(_) | Command::State(_) | Command::Keys(_) | Command::Sign(_) => false,
+        // Events: one JSON object per line; an error goes to stderr only.
+        Command::Inspect(_)
+        | Command::State(_)
+        | Command::Keys(_)
+        | Command::Sign(_)
+        | Command::Events(_) => false,
     }
 }
 
