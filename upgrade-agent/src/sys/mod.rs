@@ -9,6 +9,7 @@ pub mod kexec;
 pub mod luo;
 pub mod memfd;
 pub mod multikernel;
+pub mod signals;
 pub mod spawn;
 
 /// The id of this boot (`<root>/proc/sys/kernel/random/boot_id`, a UUID the kernel draws at

@@ -70,6 +70,8 @@ pub enum Command {
     History(crate::upgrade::JsonArgs),
     /// The event log: every journal step, workload move and result, in order.
     Events(crate::events::EventsArgs),
+    /// Roll a kernel out to a fleet in waves (canary, bake, gates, rollback on abort).
+    Rollout(crate::rollout::RolloutArgs),
     /// Go back to the previous (known-good) kernel, moving every workload back.
     Rollback(crate::upgrade::RollbackArgs),
     /// Finish or undo an interrupted upgrade (what mk-agentd does at start).
@@ -261,6 +263,7 @@ pub fn main() -> ExitCode {
         Command::Status(a) => crate::upgrade::status(&g, &a),
         Command::History(a) => crate::upgrade::history(&g, &a),
         Command::Events(a) => crate::events::run(&g, &a),
+        Command::Rollout(a) => crate::rollout::run(&g, &a),
         Command::Rollback(a) => crate::upgrade::rollback(&g, &a),
         Command::Recover(a) => crate::upgrade::recover(&g, &a),
         Command::Emu(a) => crate::emu::run(&g, a),
@@ -300,6 +303,7 @@ fn wants_json(c: &Command) -> bool {
         Command::Check(a) => a.json,
         Command::Apply(a) => a.json,
         Command::Status(a) | Command::History(a) | Command::Recover(a) => a.json,
+        Command::Rollout(a) => a.json,
         Command::Rollback(a) => a.json,
         Command::Emu(a) => match &a.command {
             EmuCommand::Init { json, .. } | EmuCommand::Ls { json } => *json,

@@ -11,6 +11,7 @@ mod keys;
 mod load;
 mod luo;
 mod multikernel;
+mod rollout;
 mod sign;
 mod state;
 mod upgrade;
