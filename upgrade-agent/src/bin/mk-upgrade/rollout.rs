@@ -314,84 +314,8 @@ const SSH_OPTS: [&str; 8] = [
     "ServerAliveCountMax=3",
 ];
 
-impl Host {
-    /// `ssh OPTIONS [-p PORT] [USER@]HOST --` (ssh hosts only).
-    fn ssh(&self, ctx: &Ctx) -> Command {
-        let mut c = Command::new(&ctx.ssh);
-        c.args(SSH_OPTS);
-        if let Target::Ssh { user, host, port } = &self.target {
-            if let Some(p) = port {
-                c.args(["-p", &p.to_string()]);
-            }
-            c.arg(match user {
-                Some(u) => format!("{u}@{host}"),
-                None => host.clone(),
-            });
-        }
-        c.arg("--");
-        c
-    }
-
-    /// Copies `local` to `dst` on an ssh host (through a temporary name, then `mv`).
-    fn push(&self, ctx: &Ctx, local: &Path, dir: &str, dst: &str) -> Result<(), String> {
-        let file = std::fs::File::open(local).map_err(|e| format!("{}: {e}", local.display()))?;
-        let (q, d) = (shell_quote(dst), shell_quote(dir));
-        let out = self
-            .ssh(ctx)
-            .arg(format!("mkdir -p {d} && cat > {q}.tmp && mv {q}.tmp {q}"))
-            .stdin(file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .map_err(|e| format!("{}: {e}", ctx.ssh))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "copying {} to {dst} failed ({}): {}",
-                local.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .last()
-                    .unwrap_or("")
-            ))
-        }
-    }
-
-    fn command(&self, ctx: &Ctx, args: &[String]) -> Command {
-        match &self.target {
-            Target::Local { state_dir } => {
-                let mut c = Command::new(&ctx.exe);
-                c.arg("--state-dir").arg(state_dir);
-                if let Some(p) = &ctx.platform {
-                    c.args(["--platform", p]);
-                }
-                c.args(args);
-                c.envs(&self.env);
-                c
-            }
-            Target::Ssh { .. } => {
-                let mut c = self.ssh(ctx);
-                let mut remote: Vec<String> = self
-                    .env
-                    .iter()
-                    .map(|(k, v)| format!("{k}={}", shell_quote(v)))
-                    .collect();
-                remote.push(shell_quote(&ctx.mk_upgrade));
-                if let Some(p) = &ctx.platform {
-                    remote.push(format!("--platform {}", shell_quote(p)));
-                }
-                remote.extend(args.iter().map(|a| shell_quote(a)));
-                c.arg(remote.join(" "));
-                c
-            }
-        }
-    }
-
-    /// Runs `mk-upgrade ARGS` on the host, killed after `timeout`.
-    fn run(&self, ctx: &Ctx, args: &[String], timeout: Duration, stdin: Option<&Path>) -> Ran {
-        let mut c = self.command(ctx, args);
+fn run_bounded(mut c: Command, timeout: Duration, stdin: Option<&Path>) -> Ran {
+    {
         c.stdout(Stdio::piped()).stderr(Stdio::piped());
         match stdin.map(std::fs::File::open) {
             Some(Ok(f)) => {
@@ -464,6 +388,84 @@ impl Host {
             stderr: t_err.join().unwrap_or_default(),
             timed_out,
         }
+    }
+}
+
+impl Host {
+    /// `ssh OPTIONS [-p PORT] [USER@]HOST --` (ssh hosts only).
+    fn ssh(&self, ctx: &Ctx) -> Command {
+        let mut c = Command::new(&ctx.ssh);
+        c.args(SSH_OPTS);
+        if let Target::Ssh { user, host, port } = &self.target {
+            if let Some(p) = port {
+                c.args(["-p", &p.to_string()]);
+            }
+            c.arg(match user {
+                Some(u) => format!("{u}@{host}"),
+                None => host.clone(),
+            });
+        }
+        c.arg("--");
+        c
+    }
+
+    /// Copies `local` to `dst` on an ssh host (through a temporary name, then `mv`).
+    fn push(&self, ctx: &Ctx, local: &Path, dir: &str, dst: &str) -> Result<(), String> {
+        let (q, d) = (shell_quote(dst), shell_quote(dir));
+        let mut c = self.ssh(ctx);
+        c.arg(format!("mkdir -p {d} && cat > {q}.tmp && mv {q}.tmp {q}"));
+        let r = run_bounded(c, ctx.timeout, Some(local));
+        if r.code == Some(0) {
+            Ok(())
+        } else if r.timed_out {
+            Err(format!(
+                "copying {} to {dst}: no answer within the host timeout ({:?})",
+                local.display(),
+                ctx.timeout
+            ))
+        } else {
+            Err(format!(
+                "copying {} to {dst} failed (exit {:?}): {}",
+                local.display(),
+                r.code,
+                r.stderr.lines().last().unwrap_or("")
+            ))
+        }
+    }
+
+    fn command(&self, ctx: &Ctx, args: &[String]) -> Command {
+        match &self.target {
+            Target::Local { state_dir } => {
+                let mut c = Command::new(&ctx.exe);
+                c.arg("--state-dir").arg(state_dir);
+                if let Some(p) = &ctx.platform {
+                    c.args(["--platform", p]);
+                }
+                c.args(args);
+                c.envs(&self.env);
+                c
+            }
+            Target::Ssh { .. } => {
+                let mut c = self.ssh(ctx);
+                let mut remote: Vec<String> = self
+                    .env
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", shell_quote(v)))
+                    .collect();
+                remote.push(shell_quote(&ctx.mk_upgrade));
+                if let Some(p) = &ctx.platform {
+                    remote.push(format!("--platform {}", shell_quote(p)));
+                }
+                remote.extend(args.iter().map(|a| shell_quote(a)));
+                c.arg(remote.join(" "));
+                c
+            }
+        }
+    }
+
+    /// Runs `mk-upgrade ARGS` on the host, killed after `timeout`.
+    fn run(&self, ctx: &Ctx, args: &[String], timeout: Duration, stdin: Option<&Path>) -> Ran {
+        run_bounded(self.command(ctx, args), timeout, stdin)
     }
 
     fn json(&self, ctx: &Ctx, args: &[&str], timeout: Duration) -> Result<Value, String> {
@@ -1274,6 +1276,13 @@ pub fn run(_g: &Global, a: &RolloutArgs) -> Result<ExitCode, CliError> {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        if interrupted() {
+            abort = Some(
+                "interrupted: hosts already upgraded stay upgraded; run the same plan again to resume"
+                    .into(),
+            );
+            continue;
+        }
         for i in range.clone() {
             let Some(r) = results
                 .iter_mut()
@@ -1362,7 +1371,19 @@ pub fn run(_g: &Global, a: &RolloutArgs) -> Result<ExitCode, CliError> {
     let result = match (&abort, interrupted()) {
         (None, false) => "complete",
         (_, true) => "interrupted",
-        (Some(_), _) if plan.rollback_on_abort && reverted_all => "aborted-rolled-back",
+        // "Rolled back" only when every host touched is known to run the old kernel.
+        (Some(_), _)
+            if plan.rollback_on_abort
+                && reverted_all
+                && results.iter().all(|r| {
+                    matches!(
+                        r.outcome.as_str(),
+                        "reverted" | "rolled-back" | "refused" | "not-started" | "current"
+                    )
+                }) =>
+        {
+            "aborted-rolled-back"
+        }
         (Some(_), _) => "aborted",
     };
     let doc = json!({
