@@ -313,7 +313,7 @@ fn an_interrupted_rollout_resumes_where_it_stopped() {
     let hosts: Vec<String> = (0..3).map(|i| f.local(i)).collect();
     // Waves of one host; the bake after the canary gives time to interrupt.
     let plan = f.plan(&hosts, "canary = 1\nwaves = [1, 1]\nbake = \"20s\"\n");
-    let mut child = Command::new(bin("mk-upgrade"))
+    let child = Command::new(bin("mk-upgrade"))
         .args(["rollout", "--json", "--plan"])
         .arg(&plan)
         .env("MK_AGENTD", bin("mk-agentd"))
