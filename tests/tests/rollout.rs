@@ -370,3 +370,47 @@ fn an_interrupted_rollout_resumes_where_it_stopped() {
     );
     f.data_intact();
 }
+
+#[test]
+fn the_retired_canary_script_is_a_thin_wrapper_over_rollout() {
+    let f = Fleet::new(2);
+    let prefix = f.dir.path().join("hosts");
+    std::fs::create_dir_all(&prefix).unwrap();
+    for (i, h) in f.hosts.iter().enumerate() {
+        std::os::unix::fs::symlink(h.path("state"), prefix.join(format!("h{i}"))).unwrap();
+    }
+    let list = f.dir.path().join("hosts.txt");
+    std::fs::write(&list, "# fleet\nh0\n\nh1 extra words\n").unwrap();
+    let summary = f.dir.path().join("summary.json");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/canary.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("--hosts")
+        .arg(&list)
+        .arg("--kernel")
+        .arg(f.kernel())
+        .arg("--batch")
+        .arg("1")
+        .arg("--local-state-dir-prefix")
+        .arg(&prefix)
+        .arg("--summary-json")
+        .arg(&summary)
+        .env("MK_BIN_DIR", bin("mk-upgrade").parent().unwrap())
+        .env("MK_AGENTD", bin("mk-agentd"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(doc["result"], "complete", "{doc}");
+    assert_eq!(f.kernel_of(0), "7.2.13-mkB");
+    assert_eq!(f.kernel_of(1), "7.2.13-mkB");
+    // A retired option is refused with a pointer to the plan.
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(["--hosts", "/dev/null", "--kernel", "k", "--ssh", "ssh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mk-upgrade rollout"));
+}
