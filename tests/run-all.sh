@@ -6,7 +6,10 @@
 #   4. test    cargo test --workspace (unit, property, integration and CLI tests)
 #   5. kerf    tests/multikernel/kerf-compat.sh: the multikernel blobs byte-identical to
 #              kerf 0.4.0's (kerf installed from PyPI into a venv; SKIP if it cannot be)
-#   6. vm      the end-to-end VM suite tests/vm/run (real kernels under QEMU), unless MK_SKIP_VM=1
+#   6. kured, k8s-validate, ansible: the fleet engines' scripts (deploy/kured/test-reboot-wrapper.sh,
+#              deploy/k8s/validate.sh, deploy/ansible/test-ansible.sh; the last two install
+#              their validators from PyPI, SKIP if they cannot)
+#   7. vm      the end-to-end VM suite tests/vm/run (real kernels under QEMU), unless MK_SKIP_VM=1
 # A step that cannot run here prints "SKIP <step>: <reason>" and counts as skipped, never as
 # passed. So do tests inside a step that need something this host lacks: cargo counts them
 # as "ignored" (each one prints "SKIP <test>: <reason>"), the VM suite as "skipped"; their
@@ -75,18 +78,35 @@ test_skipped=$(sum_results "$logs/test.log" ignored)
 echo "==> test: $test_passed tests passed, $test_skipped skipped (cargo's \"ignored\", listed in the summary)"
 results[-1]+=" ($test_passed tests passed, $test_skipped skipped)"
 
-bash tests/multikernel/kerf-compat.sh 2>&1 | tee "$logs/kerf.log"
-case ${PIPESTATUS[0]} in
+# A script step: exit 0 passed, 77 skipped (its "SKIP <name>: <reason>" line), else failed;
+# its last output line goes to the summary.
+script_step() {
+    local name=$1
+    shift
+    echo "==> $name: $*"
+    "$@" 2>&1 | tee "$logs/$name.log"
+    case ${PIPESTATUS[0]} in
     0)
         passed=$((passed + 1))
-        results+=("kerf: ok ($(tail -1 "$logs/kerf.log"))")
+        results+=("$name: ok ($(tail -1 "$logs/$name.log"))")
+        echo "==> $name: ok"
         ;;
-    77) skip_step kerf "$(grep -m1 '^SKIP kerf' "$logs/kerf.log" | cut -c11-)" ;;
+    77) skip_step "$name" "$(grep -m1 "^SKIP $name" "$logs/$name.log" | cut -c$((8 + ${#name}))-)" ;;
     *)
         failed=$((failed + 1))
-        results+=("kerf: FAILED ($(tail -1 "$logs/kerf.log"))")
+        results+=("$name: FAILED ($(tail -1 "$logs/$name.log"))")
+        echo "==> $name: FAILED"
         ;;
-esac
+    esac
+}
+
+bins=${CARGO_TARGET_DIR:-target}/debug
+script_step kerf bash tests/multikernel/kerf-compat.sh
+script_step kured env MK_BIN_DIR="$bins" bash deploy/kured/test-reboot-wrapper.sh
+script_step k8s-validate bash deploy/k8s/validate.sh
+if [ -f deploy/ansible/test-ansible.sh ]; then
+    script_step ansible env MK_BIN_DIR="$bins" bash deploy/ansible/test-ansible.sh
+fi
 
 vm_skipped=0
 if [ "${MK_SKIP_VM:-0}" = 1 ]; then

@@ -625,7 +625,8 @@ fn crash_matrix_a_workload_dies_at_each_journal_write() {
                 );
             }
         }
-        assert_eq!(m.run(&["emu", "down"]).code, 0, "{ctx}");
+        let down = m.run(&["emu", "down"]);
+        assert_eq!(down.code, 0, "{ctx}: {down:?}");
     }
 }
 

@@ -20,6 +20,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("statedir", 1),
     ("verify", 1),
     ("handover", 1),
+    ("events", 1),
+    ("metrics", 1),
     ("host", 2),
     ("platform", 3),
     ("orchestrator", 4),

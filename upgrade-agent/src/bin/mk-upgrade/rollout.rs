@@ -314,80 +314,79 @@ const SSH_OPTS: [&str; 8] = [
     "ServerAliveCountMax=3",
 ];
 
+/// Runs `c` (its own process group), killed with the group after `timeout`; output capped.
 fn run_bounded(mut c: Command, timeout: Duration, stdin: Option<&Path>) -> Ran {
-    {
-        c.stdout(Stdio::piped()).stderr(Stdio::piped());
-        match stdin.map(std::fs::File::open) {
-            Some(Ok(f)) => {
-                c.stdin(f);
-            }
-            Some(Err(e)) => {
-                return Ran {
-                    code: None,
-                    stdout: String::new(),
-                    stderr: e.to_string(),
-                    timed_out: false,
-                };
-            }
-            None => {
-                c.stdin(Stdio::null());
-            }
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    match stdin.map(std::fs::File::open) {
+        Some(Ok(f)) => {
+            c.stdin(f);
         }
-        // Its own process group: a timeout kills ssh and whatever it started locally.
-        std::os::unix::process::CommandExt::process_group(&mut c, 0);
-        let mut child = match c.spawn() {
-            Ok(ch) => ch,
-            Err(e) => {
-                return Ran {
-                    code: None,
-                    stdout: String::new(),
-                    stderr: format!("cannot start: {e}"),
-                    timed_out: false,
-                };
-            }
-        };
-        let mut out = child.stdout.take();
-        let mut err = child.stderr.take();
-        let t_out = std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(o) = out.as_mut() {
-                let _ = o.take(16 << 20).read_to_string(&mut s);
-            }
-            s
-        });
-        let t_err = std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(e) = err.as_mut() {
-                let _ = e.take(1 << 20).read_to_string(&mut s);
-            }
-            s
-        });
-        let deadline = Instant::now() + timeout;
-        let mut timed_out = false;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(s)) => break Some(s),
-                Ok(None) if Instant::now() >= deadline => {
-                    timed_out = true;
-                    if let Ok(pid) = i32::try_from(child.id()) {
-                        let _ = nix::sys::signal::killpg(
-                            nix::unistd::Pid::from_raw(pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                    let _ = child.kill();
-                    break child.wait().ok();
+        Some(Err(e)) => {
+            return Ran {
+                code: None,
+                stdout: String::new(),
+                stderr: e.to_string(),
+                timed_out: false,
+            };
+        }
+        None => {
+            c.stdin(Stdio::null());
+        }
+    }
+    // Its own process group: a timeout kills ssh and whatever it started locally.
+    std::os::unix::process::CommandExt::process_group(&mut c, 0);
+    let mut child = match c.spawn() {
+        Ok(ch) => ch,
+        Err(e) => {
+            return Ran {
+                code: None,
+                stdout: String::new(),
+                stderr: format!("cannot start: {e}"),
+                timed_out: false,
+            };
+        }
+    };
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(o) = out.as_mut() {
+            let _ = o.take(16 << 20).read_to_string(&mut s);
+        }
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(e) = err.as_mut() {
+            let _ = e.take(1 << 20).read_to_string(&mut s);
+        }
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let mut timed_out = false;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if Instant::now() >= deadline => {
+                timed_out = true;
+                if let Ok(pid) = i32::try_from(child.id()) {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                Err(_) => break None,
+                let _ = child.kill();
+                break child.wait().ok();
             }
-        };
-        Ran {
-            code: status.and_then(|s| s.code()),
-            stdout: t_out.join().unwrap_or_default(),
-            stderr: t_err.join().unwrap_or_default(),
-            timed_out,
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => break None,
         }
+    };
+    Ran {
+        code: status.and_then(|s| s.code()),
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+        timed_out,
     }
 }
 
