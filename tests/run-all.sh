@@ -102,11 +102,7 @@ script_step() {
 
 bins=${CARGO_TARGET_DIR:-target}/debug
 script_step kerf bash tests/multikernel/kerf-compat.sh
-script_step kured env MK_BIN_DIR="$bins" bash deploy/kured/test-reboot-wrapper.sh
 script_step k8s-validate bash deploy/k8s/validate.sh
-if [ -f deploy/ansible/test-ansible.sh ]; then
-    script_step ansible env MK_BIN_DIR="$bins" bash deploy/ansible/test-ansible.sh
-fi
 
 vm_skipped=0
 if [ "${MK_SKIP_VM:-0}" = 1 ]; then
@@ -120,6 +116,25 @@ else
         tail -n1 | awk '{ print $5 + 0 }')
     vm_skipped=${vm_skipped:-0}
     results[-1]+=" ($vm_skipped scenarios skipped)"
+fi
+
+# The fleet engines' scripts run emulated hosts on a pair of bzImages (any pair: no kernel
+# boots there): MK_TEST_KERNEL_A/B, else ../shared/kernels, else the kernels the VM suite
+# built or found (the local cache). After the VM step, so a fresh machine has them.
+newest_kernel() {
+    for d in "${MK_SHARED_KERNELS:-../shared/kernels}" "${MK_KERNEL_CACHE:-/var/cache/mk-upgrade/kernels}"/*; do
+        find "$d" -maxdepth 1 -name "bzImage-*-$1" 2>/dev/null
+    done | sort -V | tail -n 1
+}
+kernel_a=${MK_TEST_KERNEL_A:-$(newest_kernel mkA)}
+kernel_b=${MK_TEST_KERNEL_B:-$(newest_kernel mkB)}
+if [ -n "$kernel_a" ] && [ -n "$kernel_b" ]; then
+    export MK_TEST_KERNEL_A=$kernel_a MK_TEST_KERNEL_B=$kernel_b
+    script_step kured env MK_BIN_DIR="$bins" bash deploy/kured/test-reboot-wrapper.sh
+    script_step ansible env MK_BIN_DIR="$bins" bash deploy/ansible/test-ansible.sh
+else
+    skip_step kured "no test kernels (MK_TEST_KERNEL_A/B, ../shared/kernels or the VM suite's cache)"
+    skip_step ansible "no test kernels (MK_TEST_KERNEL_A/B, ../shared/kernels or the VM suite's cache)"
 fi
 
 echo "--- tests/run-all.sh summary"
