@@ -414,3 +414,83 @@ fn the_retired_canary_script_is_a_thin_wrapper_over_rollout() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("mk-upgrade rollout"));
 }
+
+/// A one-shot-per-connection stand-in for Prometheus' HTTP API answering every instant
+/// query with `value`; returns its URL and the request lines it saw.
+fn fake_prometheus(value: &'static str) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let mut line = String::new();
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let _ = r.read_line(&mut line);
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) <= 2 {
+                    break;
+                }
+            }
+            seen2.lock().unwrap().push(line.trim().to_owned());
+            let body = format!(
+                "{{\"status\":\"success\",\"data\":{{\"resultType\":\"vector\",\"result\":[{{\"metric\":{{}},\"value\":[1796055906.1,\"{value}\"]}}]}}}}"
+            );
+            let _ = write!(
+                c,
+                "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn a_prometheus_gate_passes_under_its_threshold_and_aborts_above_it() {
+    let f = Fleet::new(2);
+    let hosts: Vec<String> = (0..2).map(|i| f.local(i)).collect();
+    let query = r#"sum(rate(errors_total{job="kv"}[5m]))"#;
+    let plan_with = |url: &str| {
+        f.plan(
+            &hosts,
+            &format!(
+                "canary = 1\n[[gate]]\nkind = \"prometheus\"\nname = \"errors\"\nurl = {url:?}\nquery = {query:?}\nthreshold = 0.01\n"
+            ),
+        )
+    };
+    // Above the threshold after the canary: abort, canary rolled back.
+    let (url, seen) = fake_prometheus("0.05");
+    let md = f.dir.path().join("summary.md");
+    let (code, doc, junit) = f.rollout(&plan_with(&url), &["--summary-md", md.to_str().unwrap()]);
+    assert_eq!(code, 10, "{doc}");
+    assert!(
+        doc["reason"]
+            .as_str()
+            .unwrap()
+            .contains("0.05 is not <= 0.01"),
+        "{doc}"
+    );
+    assert_eq!(f.kernel_of(0), "7.2.13-mkA");
+    assert!(junit.contains("0.05 is not &lt;= 0.01"), "{junit}");
+    let req = seen.lock().unwrap().clone();
+    assert_eq!(req.len(), 1, "{req:?}");
+    assert!(
+        req[0].starts_with("GET /api/v1/query?query=sum%28rate%28errors_total%7Bjob%3D%22kv%22%7D%5B5m%5D%29%29 HTTP/1."),
+        "{req:?}"
+    );
+    let text = std::fs::read_to_string(&md).unwrap();
+    assert!(
+        text.contains("**aborted-rolled-back**") && text.contains("| errors | 1 | **no** |"),
+        "{text}"
+    );
+    // Under it: complete.
+    let (url, _) = fake_prometheus("0.002");
+    let (code, doc, _) = f.rollout(&plan_with(&url), &[]);
+    assert_eq!(code, 0, "{doc}");
+    assert_eq!(f.kernel_of(0), "7.2.13-mkB");
+    assert_eq!(f.kernel_of(1), "7.2.13-mkB");
+    f.data_intact();
+}
