@@ -8,8 +8,9 @@
 //! * [`luo`]: mainline LUO, where "booting the new instance" replaces the running kernel
 //!   (the platform lives in the host agent; the CLI talks to it through
 //!   [`luo::client`]);
-//! * room for the real multikernel interface (sysfs overlays, `kexec_file_load` with
-//!   `KEXEC_MULTIKERNEL`, vsock), which would reuse [`channel`] like the emulation;
+//! * [`multikernel`]: the multikernel patch set's interface (sysfs overlays,
+//!   `kexec_file_load` with `KEXEC_MULTIKERNEL`, the multikernel `reboot` commands), proven
+//!   against its simulated kernel ([`multikernel::sim`]) and its blobs against kerf;
 //! * a fake for the orchestrator's unit tests (`fake`, test builds only).
 //!
 //! The trait: instance lifecycle (`create_instance`, `load`, `boot`, `halt`,
