@@ -292,3 +292,61 @@ pub(crate) fn set_child_setup(cmd: &mut Command, setup: ChildSetup) {
         cmd.pre_exec(hook);
     }
 }
+
+/// `pidfd_open(pid, 0)`: a descriptor that refers to process `pid` itself (not to whatever
+/// process reuses the number later).
+pub fn pidfd_open(pid: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; it
+    // touches no memory of ours.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0 as libc::c_uint) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `r` is a descriptor the kernel just created for us and nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// `pidfd_getfd(pidfd, fd, 0)`: a duplicate, in this process, of descriptor `fd` of the
+/// process `pidfd` refers to (needs ptrace access to it: root, or the same user without
+/// Yama restrictions). The duplicate is close-on-exec.
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_getfd takes two descriptors numbers and flags and returns a new
+    // descriptor or -1; the pidfd is borrowed and open; no memory of ours is touched.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_getfd,
+            pidfd.as_raw_fd(),
+            fd,
+            0 as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `r` is a descriptor the kernel just created for us and nobody else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// `getsockopt(fd, level, name)` of an `int` option.
+pub fn getsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are valid for writes for the whole call and `len` holds the
+    // size of `v`; the kernel writes at most `len` bytes; the fd is borrowed and open.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw mut v).cast::<libc::c_void>(),
+            &raw mut len,
+        )
+    };
+    check(r).map(|()| v)
+}

@@ -565,6 +565,100 @@ fn socket_table(root: &Path, pid: i32) -> Result<SocketTable> {
     Ok(out)
 }
 
+/// Classifies socket `fd` of the process `pidfd` refers to from the socket itself
+/// (`pidfd_getfd`, then its options and names): the cost is per socket, where the network
+/// tables of [`socket_table`] cost the whole namespace's sockets at every capture (with
+/// hundreds of workloads in one namespace that made a whole apply quadratic). The result
+/// is what the tables would say: `Some(Live::Listening)` a listening TCP/Unix or
+/// bound-unconnected UDP socket, `Some(Live::Other)` any other socket; `None` when it
+/// cannot be looked at here (no ptrace access, the fd was replaced: the caller falls back
+/// to the tables).
+fn live_socket(pidfd: std::os::fd::BorrowedFd<'_>, fd: i32, inode: u64) -> Option<Live> {
+    use nix::sys::socket::{SockaddrStorage, UnixAddr, getpeername, getsockname};
+    use std::os::fd::AsRawFd;
+    let s = crate::sys::pidfd_getfd(pidfd, fd).ok()?;
+    let st = nix::sys::stat::fstat(s.as_fd()).ok()?;
+    if st.st_ino != inode {
+        return None;
+    }
+    let opt = |name| crate::sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, name).ok();
+    let (domain, ty, proto) = (
+        opt(libc::SO_DOMAIN)?,
+        opt(libc::SO_TYPE)?,
+        opt(libc::SO_PROTOCOL)?,
+    );
+    match domain {
+        libc::AF_INET | libc::AF_INET6 => {
+            let addr: SockaddrStorage = getsockname(s.as_raw_fd()).ok()?;
+            let sa = if let Some(a) = addr.as_sockaddr_in() {
+                std::net::SocketAddr::new(a.ip().into(), a.port())
+            } else {
+                let a = addr.as_sockaddr_in6()?;
+                std::net::SocketAddr::new(a.ip().into(), a.port())
+            };
+            let v6 = domain == libc::AF_INET6;
+            if ty == libc::SOCK_STREAM && proto == libc::IPPROTO_TCP {
+                let listening = opt(libc::SO_ACCEPTCONN)? == 1;
+                let p = if v6 {
+                    SocketProto::Tcp6
+                } else {
+                    SocketProto::Tcp
+                };
+                Some(Live::listening(listening.then(|| (p, sa.to_string()))))
+            } else if ty == libc::SOCK_DGRAM && proto == libc::IPPROTO_UDP {
+                let connected = getpeername::<SockaddrStorage>(s.as_raw_fd()).is_ok();
+                let p = if v6 {
+                    SocketProto::Udp6
+                } else {
+                    SocketProto::Udp
+                };
+                Some(Live::listening(
+                    (sa.port() != 0 && !connected).then(|| (p, sa.to_string())),
+                ))
+            } else {
+                Some(Live::Other)
+            }
+        }
+        libc::AF_UNIX => {
+            if opt(libc::SO_ACCEPTCONN)? != 1 {
+                return Some(Live::Other);
+            }
+            let addr: UnixAddr = getsockname(s.as_raw_fd()).ok()?;
+            let name = if let Some(p) = addr.path() {
+                p.to_string_lossy().into_owned()
+            } else if let Some(a) = addr.as_abstract() {
+                // As /proc/net/unix prints it: '@', NULs as '@'.
+                format!("@{}", String::from_utf8_lossy(a).replace('\0', "@"))
+            } else {
+                String::new()
+            };
+            Some(Live::Listening(SocketProto::Unix, name))
+        }
+        _ => Some(Live::Other),
+    }
+}
+
+/// What [`live_socket`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Live {
+    Listening(SocketProto, String),
+    Other,
+}
+
+impl Live {
+    fn listening(found: Option<(SocketProto, String)>) -> Self {
+        found.map_or(Live::Other, |(p, a)| Live::Listening(p, a))
+    }
+
+    #[cfg(test)]
+    fn as_table_entry(&self) -> Option<(SocketProto, String)> {
+        match self {
+            Live::Listening(p, a) => Some((*p, a.clone())),
+            Live::Other => None,
+        }
+    }
+}
+
 fn bracket_inode(target: &str, prefix: &str) -> Option<u64> {
     target
         .strip_prefix(prefix)?
@@ -769,6 +863,10 @@ fn capture_fds(root: &Path, pid: i32, opts: &CaptureOptions) -> Result<Vec<FdRec
     }
     fds.sort_unstable();
     let mut sockets: Option<SocketTable> = None;
+    // On the live system, sockets are looked at one by one (see `live_socket`).
+    let pidfd = (root == Path::new("/"))
+        .then(|| crate::sys::pidfd_open(pid).ok())
+        .flatten();
     let mut out = Vec::with_capacity(fds.len());
     for fd in fds {
         let link = dir.join(fd.to_string());
@@ -828,15 +926,25 @@ fn capture_fds(root: &Path, pid: i32, opts: &CaptureOptions) -> Result<Vec<FdRec
                 deleted,
             }
         } else if let Some(inode) = bracket_inode(&target, "socket:") {
-            if sockets.is_none() {
-                sockets = Some(socket_table(root, pid)?);
-            }
-            match sockets.as_ref().and_then(|t| t.get(&inode)) {
-                Some((proto, address)) => FdKind::ListeningSocket {
-                    proto: *proto,
-                    address: address.clone(),
-                },
-                None => FdKind::Socket { inode },
+            let live = pidfd
+                .as_ref()
+                .and_then(|p| live_socket(p.as_fd(), fd, inode));
+            if let Some(found) = live {
+                match found {
+                    Live::Listening(proto, address) => FdKind::ListeningSocket { proto, address },
+                    Live::Other => FdKind::Socket { inode },
+                }
+            } else {
+                if sockets.is_none() {
+                    sockets = Some(socket_table(root, pid)?);
+                }
+                match sockets.as_ref().and_then(|t| t.get(&inode)) {
+                    Some((proto, address)) => FdKind::ListeningSocket {
+                        proto: *proto,
+                        address: address.clone(),
+                    },
+                    None => FdKind::Socket { inode },
+                }
             }
         } else if let Some(inode) = bracket_inode(&target, "pipe:") {
             FdKind::Pipe { inode }
@@ -1012,6 +1120,54 @@ mod tests {
 
     use super::*;
     use std::path::PathBuf;
+
+    /// The live classification (`pidfd_getfd`, per socket) says what the namespace-wide
+    /// tables say, for every kind of socket this process holds.
+    #[test]
+    fn live_socket_classification_matches_the_network_tables() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let tcp4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp6 = std::net::TcpListener::bind("[::1]:0").ok();
+        let client = std::net::TcpStream::connect(tcp4.local_addr().unwrap()).unwrap();
+        let (served, _) = tcp4.accept().unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let udp_conn = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp_conn.connect(udp.local_addr().unwrap()).unwrap();
+        let unix = std::os::unix::net::UnixListener::bind(dir.path().join("l.sock")).unwrap();
+        let (ua, ub) = std::os::unix::net::UnixStream::pair().unwrap();
+        let pid = i32::try_from(std::process::id()).unwrap();
+        let pidfd = crate::sys::pidfd_open(pid).unwrap();
+        let table = socket_table(Path::new("/"), pid).unwrap();
+        let mut fds = vec![
+            tcp4.as_raw_fd(),
+            client.as_raw_fd(),
+            served.as_raw_fd(),
+            udp.as_raw_fd(),
+            udp_conn.as_raw_fd(),
+            unix.as_raw_fd(),
+            ua.as_raw_fd(),
+            ub.as_raw_fd(),
+        ];
+        fds.extend(tcp6.as_ref().map(AsRawFd::as_raw_fd));
+        let mut listening = 0;
+        for fd in fds {
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+            let inode = bracket_inode(&link.to_string_lossy(), "socket:").unwrap();
+            let live =
+                live_socket(pidfd.as_fd(), fd, inode).expect("root may look at its own sockets");
+            assert_eq!(
+                live.as_table_entry().as_ref(),
+                table.get(&inode),
+                "fd {fd} ({link:?})"
+            );
+            listening += usize::from(live != Live::Other);
+        }
+        // tcp4, udp, unix (and tcp6 where IPv6 exists).
+        assert_eq!(listening, 3 + usize::from(tcp6.is_some()));
+        // A replaced fd (another inode) is not looked at.
+        assert_eq!(live_socket(pidfd.as_fd(), tcp4.as_raw_fd(), 1), None);
+    }
 
     fn fixture_copy() -> (tempfile::TempDir, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
