@@ -638,6 +638,23 @@ fn live_socket(pidfd: std::os::fd::BorrowedFd<'_>, fd: i32, inode: u64) -> Optio
     }
 }
 
+/// Whether a cgroup v1 `net_cls` or `net_prio` hierarchy is mounted (read once): the kernel
+/// gives a socket received through `pidfd_getfd` the receiver's classid and priority index
+/// (`__receive_sock`), which would change how such hosts shape or filter the workload.
+fn net_cls_or_prio_v1() -> bool {
+    static FOUND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FOUND.get_or_init(|| {
+        fs::read_to_string("/proc/self/mounts").map_or(true, |m| {
+            m.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.get(2) == Some(&"cgroup")
+                    && f.get(3)
+                        .is_some_and(|o| o.split(',').any(|x| x == "net_cls" || x == "net_prio"))
+            })
+        })
+    })
+}
+
 /// What [`live_socket`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Live {
@@ -863,8 +880,10 @@ fn capture_fds(root: &Path, pid: i32, opts: &CaptureOptions) -> Result<Vec<FdRec
     }
     fds.sort_unstable();
     let mut sockets: Option<SocketTable> = None;
-    // On the live system, sockets are looked at one by one (see `live_socket`).
-    let pidfd = (root == Path::new("/"))
+    // On the live system, sockets are looked at one by one (see `live_socket`), unless a
+    // cgroup v1 net_cls or net_prio hierarchy is mounted: taking a socket with
+    // pidfd_getfd re-tags it with the taker's classid and priority index.
+    let pidfd = (root == Path::new("/") && !net_cls_or_prio_v1())
         .then(|| crate::sys::pidfd_open(pid).ok())
         .flatten();
     let mut out = Vec::with_capacity(fds.len());

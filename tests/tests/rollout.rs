@@ -494,3 +494,56 @@ fn a_prometheus_gate_passes_under_its_threshold_and_aborts_above_it() {
     assert_eq!(f.kernel_of(1), "7.2.13-mkB");
     f.data_intact();
 }
+
+#[test]
+fn a_bad_plan_is_refused_before_any_host_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("bzImage");
+    std::fs::write(
+        &kernel,
+        upgrade_agent::verify::bzimage::minimal_bzimage("7.2.13-mkB"),
+    )
+    .unwrap();
+    let cases = [
+        (
+            "hosts = [{ url = \"local:/nonexistent\", env = { \"A;reboot;B\" = \"x\" } }]",
+            "environment name",
+        ),
+        (
+            "hosts = [\"ssh://-oProxyCommand=x\"]",
+            "invalid user or host",
+        ),
+        (
+            "hosts = [\"local:/nonexistent\"]\n[[gate]]\nkind = \"prometheus\"\nurl = \"https://p\"\nquery = \"up\"\nthreshold = 1.0",
+            "only http://",
+        ),
+        (
+            "hosts = [\"local:/nonexistent\"]\nbake = \"200h\"",
+            "7 days",
+        ),
+        (
+            "hosts = [\"local:/nonexistent\"]\nwaves = [\"0%\"]",
+            "wave size",
+        ),
+        (
+            "hosts = [\"local:/nonexistent\"]\nsurprise = 1",
+            "unknown field",
+        ),
+    ];
+    for (toml, want) in cases {
+        let plan = dir.path().join("plan.toml");
+        std::fs::write(
+            &plan,
+            format!("kernel = {:?}\n{toml}\n", kernel.display().to_string()),
+        )
+        .unwrap();
+        let out = Command::new(bin("mk-upgrade"))
+            .args(["rollout", "--plan"])
+            .arg(&plan)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{toml}: {err}");
+        assert!(err.contains(want), "{toml}: {err}");
+    }
+}

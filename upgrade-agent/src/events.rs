@@ -179,10 +179,9 @@ pub fn read_from(
         let n = io::Read::take(&mut r, MAX_LINE_BYTES as u64 + 1).read_until(b'\n', &mut buf)?;
         if n == 0 || buf.last() != Some(&b'\n') {
             if n > MAX_LINE_BYTES {
-                // An over-long line: skip to its end.
+                // An over-long line: skip to its end without keeping it.
                 pos += n as u64;
-                let mut rest = Vec::new();
-                let m = r.read_until(b'\n', &mut rest)?;
+                let m = r.skip_until(b'\n')?;
                 pos += m as u64;
                 if m == 0 {
                     return Ok(pos);

@@ -16,8 +16,11 @@
 //! | `mk_upgrade_workload_blackout_seconds` | histogram | `workload` |
 //! | `mk_upgrade_workload_moves_total` | counter | `workload`, `status` (committed, aborted, moved-back, …) |
 //!
-//! Label values are escaped as the format requires; at most [`MAX_WORKLOADS`] workload
-//! label values are kept (the oldest beyond are dropped).
+//! Label values are escaped as the format requires; at most [`MAX_WORKLOADS`] workloads get
+//! series (workloads first seen after that are counted in no per-workload series).
+//!
+//! `STATE_DIR` is private (0700): node_exporter must run as root to read the file there, or
+//! the file must be copied or linked where it can read it.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -147,7 +150,7 @@ impl Metrics {
             };
             *table.entry(result.clone()).or_default() += 1;
             for w in &rec.workloads {
-                if c.blackout.len() >= MAX_WORKLOADS && !c.blackout.contains_key(&w.name) {
+                if c.moves.len() >= MAX_WORKLOADS && !c.moves.contains_key(&w.name) {
                     continue;
                 }
                 if let Some(us) = w.blackout_us {

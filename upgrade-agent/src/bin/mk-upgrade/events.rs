@@ -110,6 +110,8 @@ pub fn run(g: &Global, a: &EventsArgs) -> Result<ExitCode, CliError> {
     let log = EventLog::new(&g.state_dir);
     let io = |e: std::io::Error| CliError::new(Exit::Io, format!("{}: {e}", log.path().display()));
     let events = log.read(since).map_err(io)?;
+    // Where --follow goes on: the end of what was read, not the file's size later.
+    let read_to = std::fs::metadata(log.path()).map_or(0, |m| m.len());
     if events.is_empty() && !a.follow && !a.json {
         println!(
             "no events{}",
@@ -120,7 +122,7 @@ pub fn run(g: &Global, a: &EventsArgs) -> Result<ExitCode, CliError> {
         print(e, a.json);
     }
     if a.follow {
-        let mut offset = std::fs::metadata(log.path()).map_or(0, |m| m.len());
+        let mut offset = read_to;
         loop {
             std::thread::sleep(Duration::from_millis(200));
             let mut new = Vec::new();

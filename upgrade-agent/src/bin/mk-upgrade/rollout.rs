@@ -155,19 +155,28 @@ fn default_true() -> bool {
     true
 }
 
-/// Parses `90s`, `15m`, `2h`, `500ms` or plain seconds.
+/// The longest duration a plan may give (bake, host timeout, gate timeout).
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 86_400);
+
+/// Parses `90s`, `15m`, `2h`, `500ms` or plain seconds (at most [`MAX_DURATION`]).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let bad = || format!("invalid duration {s:?} (use 500ms, 90s, 15m, 2h)");
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num.parse().map_err(|_| bad())?;
-    Ok(match unit {
+    let d = match unit {
         "" | "s" => Duration::from_secs(n),
         "ms" => Duration::from_millis(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
         _ => return Err(bad()),
-    })
+    };
+    if d > MAX_DURATION {
+        return Err(format!(
+            "duration {s:?} is longer than the 7 days a plan may ask for"
+        ));
+    }
+    Ok(d)
 }
 
 /// Splits `hosts` into waves: `canary` first, then each size (a count, or a percentage of
@@ -348,20 +357,30 @@ fn run_bounded(mut c: Command, timeout: Duration, stdin: Option<&Path>) -> Ran {
     };
     let mut out = child.stdout.take();
     let mut err = child.stderr.take();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(o) = out.as_mut() {
-            let _ = o.take(16 << 20).read_to_string(&mut s);
-        }
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(e) = err.as_mut() {
-            let _ = e.take(1 << 20).read_to_string(&mut s);
-        }
-        s
-    });
+    // Readers on threads that report through channels: a descendant that keeps a pipe open
+    // after the command ends cannot hold the rollout (see the bounded receive below).
+    let reader = |pipe: Option<Box<dyn Read + Send>>, cap: u64| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(p) = pipe {
+                let mut p = p.take(cap);
+                let _ = p.read_to_string(&mut s);
+                // Drain the rest so the writer never blocks on a full pipe.
+                let _ = std::io::copy(&mut p.into_inner(), &mut std::io::sink());
+            }
+            let _ = tx.send(s);
+        });
+        rx
+    };
+    let t_out = reader(
+        out.take().map(|o| Box::new(o) as Box<dyn Read + Send>),
+        16 << 20,
+    );
+    let t_err = reader(
+        err.take().map(|e| Box::new(e) as Box<dyn Read + Send>),
+        1 << 20,
+    );
     let deadline = Instant::now() + timeout;
     let mut timed_out = false;
     let status = loop {
@@ -384,8 +403,12 @@ fn run_bounded(mut c: Command, timeout: Duration, stdin: Option<&Path>) -> Ran {
     };
     Ran {
         code: status.and_then(|s| s.code()),
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
+        stdout: t_out
+            .recv_timeout(Duration::from_secs(2))
+            .unwrap_or_default(),
+        stderr: t_err
+            .recv_timeout(Duration::from_secs(2))
+            .unwrap_or_default(),
         timed_out,
     }
 }
@@ -778,7 +801,43 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-fn eval_gate(gate: &Gate, wave: usize, hosts: &[String]) -> Result<String, String> {
+/// Checks a gate before anything is touched (a mistake found after the canary would cost
+/// an upgrade and a rollback).
+fn validate_gate(gate: &Gate) -> Result<(), String> {
+    match gate {
+        Gate::Exec {
+            command, timeout, ..
+        } => {
+            if command.first().is_none_or(String::is_empty) {
+                return Err("an exec gate needs a command (argv list)".into());
+            }
+            timeout.as_deref().map(parse_duration).transpose()?;
+        }
+        Gate::Prometheus {
+            url,
+            threshold,
+            compare,
+            ..
+        } => {
+            if !url.starts_with("http://") {
+                return Err(format!(
+                    "url {url:?}: only http:// is supported (use an exec gate with curl for https)"
+                ));
+            }
+            if !threshold.is_finite() {
+                return Err("threshold must be a finite number".into());
+            }
+            if let Some(c) = compare
+                && !["<=", "<", ">=", ">", "=="].contains(&c.as_str())
+            {
+                return Err(format!("compare {c:?}: use <=, <, >=, > or =="));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn eval_gate(gate: &Gate, wave: usize, hosts: &[String], base: &Path) -> Result<String, String> {
     match gate {
         Gate::Exec {
             command, timeout, ..
@@ -791,34 +850,20 @@ fn eval_gate(gate: &Gate, wave: usize, hosts: &[String]) -> Result<String, Strin
             let (prog, args) = command
                 .split_first()
                 .ok_or("an exec gate needs a command")?;
-            let mut child = Command::new(prog)
-                .args(args)
+            let mut c = Command::new(prog);
+            c.args(args)
+                .current_dir(base)
                 .env("MK_ROLLOUT_WAVE", wave.to_string())
-                .env("MK_ROLLOUT_HOSTS", hosts.join(" "))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|e| format!("cannot run {prog}: {e}"))?;
-            let deadline = Instant::now() + timeout;
-            loop {
-                if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
-                    let mut err = String::new();
-                    if let Some(mut e) = child.stderr.take() {
-                        let _ = (&mut e).take(64 << 10).read_to_string(&mut err);
-                    }
-                    return if st.success() {
-                        Ok("exit 0".into())
-                    } else {
-                        Err(format!("{st}: {}", err.lines().last().unwrap_or("")))
-                    };
-                }
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!("timed out after {timeout:?}"));
-                }
-                std::thread::sleep(Duration::from_millis(20));
+                .env("MK_ROLLOUT_HOSTS", hosts.join(" "));
+            let r = run_bounded(c, timeout, None);
+            match (r.code, r.timed_out) {
+                (_, true) => Err(format!("timed out after {timeout:?}")),
+                (Some(0), _) => Ok("exit 0".into()),
+                (code, _) => Err(format!(
+                    "exit {}: {}",
+                    code.map_or_else(|| "by a signal".to_owned(), |c| c.to_string()),
+                    r.stderr.lines().last().unwrap_or("")
+                )),
             }
         }
         Gate::Prometheus {
@@ -905,9 +950,7 @@ pub fn junit(hosts: &[HostResult], gates: &[GateResult], release: &str) -> Strin
     let cases = hosts.len() + gates.len();
     let failures = hosts
         .iter()
-        .filter(|h| {
-            !ok_outcome(&h.outcome) && h.outcome != "not-started" && h.outcome != "reverted"
-        })
+        .filter(|h| !ok_outcome(&h.outcome) && h.outcome != "not-started")
         .count()
         + gates.iter().filter(|g| !g.passed).count();
     let skipped = hosts.iter().filter(|h| h.outcome == "not-started").count();
@@ -1027,7 +1070,22 @@ pub fn run(_g: &Global, a: &RolloutArgs) -> Result<ExitCode, CliError> {
             HostEntry::Url(u) => (u.clone(), std::collections::BTreeMap::default()),
             HostEntry::Full { url, env } => (url.clone(), env.clone()),
         };
-        let target = parse_host(&url).map_err(usage)?;
+        let target = match parse_host(&url).map_err(usage)? {
+            // A relative state directory is relative to the plan, like every path in it.
+            Target::Local { state_dir } if state_dir.is_relative() => Target::Local {
+                state_dir: base.join(state_dir),
+            },
+            t => t,
+        };
+        if let Some(k) = env.keys().find(|k| {
+            k.is_empty()
+                || k.starts_with(|c: char| c.is_ascii_digit())
+                || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        }) {
+            return Err(usage(format!(
+                "host {url}: environment name {k:?} is not [A-Za-z_][A-Za-z0-9_]*"
+            )));
+        }
         if hosts.iter().any(|x: &Host| x.url == url) {
             return Err(usage(format!("host {url} is listed twice")));
         }
@@ -1035,6 +1093,9 @@ pub fn run(_g: &Global, a: &RolloutArgs) -> Result<ExitCode, CliError> {
     }
     if hosts.is_empty() {
         return Err(usage("the plan lists no hosts"));
+    }
+    for (i, g) in plan.gates.iter().enumerate() {
+        validate_gate(g).map_err(|e| usage(format!("{}: {e}", g.name(i + 1))))?;
     }
     let ranges = waves(hosts.len(), plan.canary, &plan.waves).map_err(usage)?;
     let bake = plan
@@ -1119,6 +1180,12 @@ pub fn run(_g: &Global, a: &RolloutArgs) -> Result<ExitCode, CliError> {
     let mut lock =
         match nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
+            Err((_, e)) if e != nix::errno::Errno::EWOULDBLOCK => {
+                return Err(CliError::new(
+                    Exit::Io,
+                    format!("cannot lock {}: {e}", lock_path.display()),
+                ));
+            }
             Err((mut f, _)) => {
                 let mut holder = String::new();
                 let _ = f.read_to_string(&mut holder);
@@ -1233,7 +1300,25 @@ pub fn run(_g: &Global, a: &RolloutArgs) -> Result<ExitCode, CliError> {
                     })
                 })
                 .collect();
-            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+            handles
+                .into_iter()
+                .zip(range.clone())
+                .map(|(h, i)| {
+                    h.join().unwrap_or_else(|_| {
+                        (
+                            i,
+                            HostResult::new(
+                                &hosts[i].url,
+                                wave,
+                                "failed",
+                                "the rollout's worker for this host failed (a bug: report it); \
+                                 check the host by hand"
+                                    .into(),
+                            ),
+                        )
+                    })
+                })
+                .collect()
         });
         let mut wave_failed = false;
         for (i, r) in wave_results {
@@ -1310,7 +1395,7 @@ pub fn run(_g: &Global, a: &RolloutArgs) -> Result<ExitCode, CliError> {
         let wave_hosts: Vec<String> = hosts[range.clone()].iter().map(|h| h.url.clone()).collect();
         for (gi, gate) in plan.gates.iter().enumerate() {
             let t = Instant::now();
-            let r = eval_gate(gate, wave, &wave_hosts);
+            let r = eval_gate(gate, wave, &wave_hosts, base);
             let g = GateResult {
                 name: gate.name(gi + 1),
                 wave,
@@ -1342,7 +1427,11 @@ pub fn run(_g: &Global, a: &RolloutArgs) -> Result<ExitCode, CliError> {
     }
     // Abort: roll back every host this rollout upgraded, newest first.
     let mut reverted_all = true;
-    if abort.is_some() && plan.rollback_on_abort && !interrupted() {
+    if abort
+        .as_deref()
+        .is_some_and(|r| !r.starts_with("interrupted"))
+        && plan.rollback_on_abort
+    {
         for &i in upgraded_order.iter().rev() {
             say(format!("rolling back {}", hosts[i].url));
             let r = run_upgrade(
@@ -1367,9 +1456,14 @@ pub fn run(_g: &Global, a: &RolloutArgs) -> Result<ExitCode, CliError> {
             }
         }
     }
-    let result = match (&abort, interrupted()) {
-        (None, false) => "complete",
-        (_, true) => "interrupted",
+    // Interrupted only when the interruption stopped the rollout (not when it came during
+    // the rollback of an abort: that is still an abort).
+    let by_interrupt = abort
+        .as_deref()
+        .is_some_and(|r| r.starts_with("interrupted"));
+    let result = match (&abort, by_interrupt) {
+        (None, _) => "complete",
+        (Some(_), true) => "interrupted",
         // "Rolled back" only when every host touched is known to run the old kernel.
         (Some(_), _)
             if plan.rollback_on_abort
@@ -1377,7 +1471,7 @@ pub fn run(_g: &Global, a: &RolloutArgs) -> Result<ExitCode, CliError> {
                 && results.iter().all(|r| {
                     matches!(
                         r.outcome.as_str(),
-                        "reverted" | "rolled-back" | "refused" | "not-started" | "current"
+                        "reverted" | "rolled-back" | "refused" | "not-started"
                     )
                 }) =>
         {
@@ -1394,19 +1488,6 @@ pub fn run(_g: &Global, a: &RolloutArgs) -> Result<ExitCode, CliError> {
         "failures": failures,
         "seconds": started.elapsed().as_secs_f64(),
     });
-    if let Some(p) = &a.junit {
-        std::fs::write(p, junit(&results, &gate_results, &release))
-            .map_err(|e| CliError::new(Exit::Io, format!("{}: {e}", p.display())))?;
-    }
-    if let Some(p) = &a.summary_md {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .map_err(|e| CliError::new(Exit::Io, format!("{}: {e}", p.display())))?;
-        f.write_all(markdown(&doc).as_bytes())
-            .map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
-    }
     if a.json {
         println!("{doc}");
     } else {
@@ -1430,6 +1511,29 @@ pub fn run(_g: &Global, a: &RolloutArgs) -> Result<ExitCode, CliError> {
             result.to_uppercase(),
             abort.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
         );
+    }
+    // The reports come after the result is printed: one that cannot be written is a
+    // warning, never a change of the fleet's outcome or exit code.
+    if let Some(p) = &a.junit
+        && let Err(e) = std::fs::write(p, junit(&results, &gate_results, &release))
+    {
+        eprintln!(
+            "mk-upgrade: warning: cannot write the JUnit report {}: {e}",
+            p.display()
+        );
+    }
+    if let Some(p) = &a.summary_md {
+        let w = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .and_then(|mut f| f.write_all(markdown(&doc).as_bytes()));
+        if let Err(e) = w {
+            eprintln!(
+                "mk-upgrade: warning: cannot write the Markdown summary {}: {e}",
+                p.display()
+            );
+        }
     }
     Ok(match result {
         "complete" => Exit::Ok,
@@ -1483,6 +1587,35 @@ mod tests {
         ] {
             assert!(parse_host(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn plan_mistakes_are_refused_before_anything_runs() {
+        let exec = |command: &[&str], timeout: Option<&str>| Gate::Exec {
+            name: None,
+            command: command.iter().map(|s| (*s).to_owned()).collect(),
+            timeout: timeout.map(str::to_owned),
+        };
+        assert!(validate_gate(&exec(&["true"], Some("5m"))).is_ok());
+        assert!(validate_gate(&exec(&[], None)).is_err());
+        assert!(validate_gate(&exec(&[""], None)).is_err());
+        assert!(validate_gate(&exec(&["true"], Some("5 parsecs"))).is_err());
+        let prom = |url: &str, threshold: f64, compare: Option<&str>| Gate::Prometheus {
+            name: None,
+            url: url.into(),
+            query: "up".into(),
+            threshold,
+            compare: compare.map(str::to_owned),
+            allow_empty: false,
+        };
+        assert!(validate_gate(&prom("http://p:9090", 0.1, Some(">="))).is_ok());
+        assert!(validate_gate(&prom("https://p", 0.1, None)).is_err());
+        assert!(validate_gate(&prom("http://p", f64::NAN, None)).is_err());
+        assert!(validate_gate(&prom("http://p", 0.1, Some("=<"))).is_err());
+        // Durations beyond a week (which would overflow deadlines) are refused.
+        assert!(parse_duration("8d").is_err());
+        assert!(parse_duration("9300000000000000000").is_err());
+        assert!(parse_duration("168h").is_ok());
     }
 
     #[test]

@@ -44,6 +44,9 @@ const TOKEN_END: u32 = 9;
 pub const MAX_BLOB_BYTES: usize = 1 << 20;
 /// Deepest node nesting the decoder accepts.
 pub const MAX_DEPTH: usize = 16;
+/// Longest property name the decoder accepts (names are copied per property: with this
+/// cap, [`MAX_ITEMS`] properties copy at most 4 MiB of names).
+pub const MAX_NAME_BYTES: usize = 256;
 /// Most nodes plus properties the decoder accepts.
 pub const MAX_ITEMS: usize = 16 * 1024;
 
@@ -323,8 +326,11 @@ pub fn parse(blob: &[u8]) -> Result<Node, FdtError> {
                 let rest = structure.get(pos..).unwrap_or_default();
                 let nul = rest
                     .iter()
+                    .take(MAX_NAME_BYTES + 1)
                     .position(|b| *b == 0)
-                    .ok_or(FdtError::Truncated { what: "node name" })?;
+                    .ok_or(FdtError::Truncated {
+                        what: "node name (or longer than 256 bytes)",
+                    })?;
                 let name = std::str::from_utf8(&rest[..nul])
                     .map_err(|_| FdtError::NotUtf8("node name"))?;
                 pos = align4(pos + nul + 1);
@@ -365,9 +371,10 @@ pub fn parse(blob: &[u8]) -> Result<Node, FdtError> {
                 })?;
                 let nul = name_bytes
                     .iter()
+                    .take(MAX_NAME_BYTES + 1)
                     .position(|b| *b == 0)
                     .ok_or(FdtError::Truncated {
-                        what: "property name",
+                        what: "property name (or longer than 256 bytes)",
                     })?;
                 let name = std::str::from_utf8(&name_bytes[..nul])
                     .map_err(|_| FdtError::NotUtf8("property name"))?;

@@ -100,8 +100,9 @@ impl Table {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| PlatformError::Instance {
                 id: 0,
                 what: format!(
-                    "{} is damaged ({e}); it only names instances: remove it and let \
-                     `mk-upgrade status` list them again",
+                    "{} is damaged ({e}): it records the kernel release and the cpus of each \
+                     instance mk-upgrade created; restore it from a backup, or remove it and \
+                     expect `status` to show those instances without release or cpus",
                     self.path.display()
                 ),
             }),
@@ -375,6 +376,16 @@ impl MultikernelPlatform {
                     ),
                 ))
             }
+        }
+    }
+
+    /// Tells instance `id`'s agent which cpus it owns now (its kernel hot-plugged them
+    /// already). On a real kernel, whose agents this release does not reach, the kernel's
+    /// own hot-plug is all there is.
+    fn tell_cpus(&self, id: InstanceId, cpus: &[u32]) -> Result<(), PlatformError> {
+        match self.kind {
+            KernelKind::Real => Ok(()),
+            KernelKind::Simulated(_) => self.agent(id)?.set_cpus(cpus),
         }
     }
 
@@ -788,14 +799,15 @@ impl Platform for MultikernelPlatform {
                 &overlay::update(&name, &ops),
             )?;
         }
-        self.agent(id)?.set_cpus(&resources.cpus)?;
+        // The kernel changed: remember it before anything else can fail.
         let cpus = resources.cpus.clone();
         self.table.update(|t| {
             if let Some(e) = t.get_mut(&id) {
                 e.resources.cpus = cpus;
                 e.resources.memory_bytes = memory;
             }
-        })
+        })?;
+        self.tell_cpus(id, &resources.cpus)
     }
 
     fn start_workload(
@@ -907,7 +919,7 @@ impl Platform for MultikernelPlatform {
             e.resources.memory_bytes += moved.memory_bytes;
             e.resources.clone()
         })?;
-        self.agent(to)?.set_cpus(&target.cpus)?;
+        self.tell_cpus(to, &target.cpus)?;
         Ok(moved)
     }
 
