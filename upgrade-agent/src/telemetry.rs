@@ -1,12 +1,55 @@
-//! Logging set-up shared by the binaries: `tracing` to stderr, filtered by `RUST_LOG`
-//! (default `warn`).
+//! Logging set-up shared by the binaries: `tracing` to stderr, filtered by `RUST_LOG`.
+//!
+//! Default level: `warn` on a terminal or in a pipe; `info` when stderr is the systemd journal
+//! (`JOURNAL_STREAM` names the `DEV:INODE` of stderr, as systemd's convention asks to check:
+//! the variable alone is inherited by children whose stderr is something else), so that every journal
+//! step, workload move and result of an upgrade reaches `journalctl` (the same events as
+//! `STATE_DIR/events.jsonl`), without colours or timestamps (the journal adds its own).
+
+/// The default filter: `info` under the journal, else `warn`.
+pub fn default_filter(under_journal: bool) -> &'static str {
+    if under_journal { "info" } else { "warn" }
+}
+
+/// Whether `journal_stream` (the value of `JOURNAL_STREAM`, `DEV:INODE`) names the file
+/// `stderr_dev_ino` (fstat of fd 2).
+pub fn is_journal(journal_stream: Option<&str>, stderr_dev_ino: Option<(u64, u64)>) -> bool {
+    let (Some(v), Some((dev, ino))) = (journal_stream, stderr_dev_ino) else {
+        return false;
+    };
+    v.split_once(':')
+        .and_then(|(d, i)| Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?)))
+        == Some((dev, ino))
+}
 
 /// Installs the stderr subscriber (a second call is a no-op).
 pub fn init_tracing() {
+    let stderr = nix::sys::stat::fstat(std::io::stderr())
+        .ok()
+        .map(|st| (st.st_dev, st.st_ino));
+    let journal = is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref(), stderr);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter(journal)));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .try_init();
+        .with_ansi(!journal);
+    let _ = if journal {
+        builder.without_time().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_journal_gets_every_step_a_terminal_only_warnings() {
+        assert_eq!(super::default_filter(true), "info");
+        assert_eq!(super::default_filter(false), "warn");
+        assert!(super::is_journal(Some("8:1234"), Some((8, 1234))));
+        assert!(!super::is_journal(Some("8:1234"), Some((8, 99))));
+        assert!(!super::is_journal(Some("garbage"), Some((8, 1234))));
+        assert!(!super::is_journal(None, Some((8, 1234))));
+    }
 }

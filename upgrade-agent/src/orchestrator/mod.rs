@@ -522,6 +522,13 @@ impl<'a> Orchestrator<'a> {
         self.setup
             .observer
             .workload(name, status, detail.as_deref());
+        tracing::info!(
+            upgrade = %self.record.upgrade_id,
+            workload = name,
+            status = %kebab(&status),
+            "{}",
+            detail.as_deref().unwrap_or("")
+        );
         self.event("workload", detail.as_deref().unwrap_or(""), |e| {
             e.workload = Some(name.to_owned());
             e.status = Some(kebab(&status));
@@ -546,6 +553,7 @@ impl<'a> Orchestrator<'a> {
             .unwrap_or("?")
             .to_owned();
         let detail = self.record.error.clone().unwrap_or_default();
+        tracing::info!(upgrade = %self.record.upgrade_id, result = %result, "finished: {detail}");
         self.event("result", &detail, |e| e.result = Some(result));
         self.record.events.push(Event {
             t_ms,
