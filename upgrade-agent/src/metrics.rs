@@ -188,7 +188,9 @@ impl Metrics {
         let json = serde_json::to_vec_pretty(&c).map_err(std::io::Error::other)?;
         rollback::atomic_write(&self.dir.join(COUNTERS_FILE), &json)
             .map_err(std::io::Error::other)?;
-        write_world_readable(&self.prom_path(), render(&c).as_bytes())
+        // Mode 0644: node_exporter may run as another user; the file names no secret.
+        rollback::atomic_write_with_mode(&self.prom_path(), render(&c).as_bytes(), 0o644)
+            .map_err(std::io::Error::other)
     }
 
     /// [`Metrics::observe`], logging a failure: metrics never fail an upgrade.
@@ -197,23 +199,6 @@ impl Metrics {
             tracing::warn!(dir = %self.dir.display(), error = %e, "cannot write the metrics");
         }
     }
-}
-
-/// Temporary file + rename, mode 0644 (node_exporter may run as another user; the file
-/// names no secret).
-fn write_world_readable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("prom.tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
 }
 
 fn counter(out: &mut String, name: &str, help: &str, table: &BTreeMap<String, u64>) {

@@ -15,6 +15,20 @@ use crate::host::ctl::{self, Request, Response};
 use crate::platform::{InstanceId, PlatformError, PreservedFd, Resources, WorkloadInfo};
 use crate::workload::WorkloadSpec;
 
+/// Creates (truncating) an instance's log file, mode 0600 whatever the umask (it may name
+/// workloads' arguments); returns it twice, for stdout and stderr.
+pub fn private_log(path: &std::path::Path) -> std::io::Result<(std::fs::File, std::fs::File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let log = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    let log2 = log.try_clone()?;
+    Ok((log, log2))
+}
+
 /// One instance's agent, by the directory holding its sockets.
 #[derive(Debug, Clone)]
 pub struct Agent {

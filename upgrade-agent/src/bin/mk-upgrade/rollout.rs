@@ -632,17 +632,7 @@ fn run_upgrade(
     target_release: Option<&str>,
 ) -> HostResult {
     let start = Instant::now();
-    let mut res = HostResult {
-        host: host.url.clone(),
-        wave: 0,
-        outcome: String::new(),
-        upgrade_id: None,
-        kernel_before: None,
-        kernel_after: None,
-        detail: String::new(),
-        seconds: 0.0,
-        reconnected: false,
-    };
+    let mut res = HostResult::new(&host.url, 0, "", String::new());
     let quick = ctx.timeout.min(Duration::from_secs(60));
     let before = host
         .json(ctx, &["history", "--json"], quick)
@@ -1242,17 +1232,12 @@ pub fn run(_g: &Global, a: &RolloutArgs) -> Result<ExitCode, CliError> {
         let wave = wi + 1;
         if abort.is_some() || interrupted() {
             for i in range.clone() {
-                results.push(HostResult {
-                    host: hosts[i].url.clone(),
+                results.push(HostResult::new(
+                    &hosts[i].url,
                     wave,
-                    outcome: "not-started".into(),
-                    upgrade_id: None,
-                    kernel_before: None,
-                    kernel_after: None,
-                    detail: String::new(),
-                    seconds: 0.0,
-                    reconnected: false,
-                });
+                    "not-started",
+                    String::new(),
+                ));
             }
             continue;
         }

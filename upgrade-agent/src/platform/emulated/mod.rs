@@ -319,20 +319,8 @@ impl Platform for EmulatedPlatform {
             )));
         }
         let dir = self.dir(id);
-        // The log may name workloads' arguments: private whatever the umask.
-        let log = {
-            use std::os::unix::fs::OpenOptionsExt;
-            fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(dir.join("supervisor.log"))
-                .map_err(|e| PlatformError::io("creating supervisor.log", e))?
-        };
-        let log2 = log
-            .try_clone()
-            .map_err(|e| PlatformError::io("duplicating the log fd", e))?;
+        let (log, log2) = super::agents::private_log(&dir.join("supervisor.log"))
+            .map_err(|e| PlatformError::io("creating supervisor.log", e))?;
         let mut cmd = Command::new(&agentd);
         cmd.arg("--state-dir")
             .arg(&self.state_dir)

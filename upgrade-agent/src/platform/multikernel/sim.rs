@@ -435,17 +435,7 @@ impl SimKernel {
         let l = self.launcher.as_ref()?;
         let dir = Self::agent_dir(&self.dir, inst.id);
         fs::create_dir_all(&dir).ok()?;
-        let log = {
-            use std::os::unix::fs::OpenOptionsExt;
-            fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(dir.join("agent.log"))
-                .ok()?
-        };
-        let log2 = log.try_clone().ok()?;
+        let (log, log2) = super::super::agents::private_log(&dir.join("agent.log")).ok()?;
         use std::os::unix::process::CommandExt;
         let mut child = Command::new(&l.agentd)
             .arg("--state-dir")
