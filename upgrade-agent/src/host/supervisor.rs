@@ -1148,8 +1148,16 @@ pub fn emulated_handler(
 
 fn serve_ctl(shared: &Shared, stream: &UnixStream, handler: &CtlHandler) {
     while let Ok(Some((body, in_fds))) = fdpass::recv(stream) {
+        // Only the connection that carried the Halt ends the process, after answering it:
+        // another connection's thread that notices `halting` could otherwise exit before the
+        // Halt's answer is sent (seen under load as "supervisor closed the control socket
+        // without answering").
+        let mut halt = false;
         let (resp, fds) = match serde_json::from_slice::<Request>(&body) {
-            Ok(req) => handler(shared, req, in_fds),
+            Ok(req) => {
+                halt = matches!(req, Request::Halt);
+                handler(shared, req, in_fds)
+            }
             Err(e) => (
                 Response::Error {
                     message: format!("malformed control request: {e}"),
@@ -1161,7 +1169,7 @@ fn serve_ctl(shared: &Shared, stream: &UnixStream, handler: &CtlHandler) {
         if fdpass::send(stream, &body, &fdpass::borrow_all(&fds)).is_err() {
             return;
         }
-        if lock(shared).halting {
+        if halt && lock(shared).halting {
             halt_now(shared);
         }
     }
