@@ -92,6 +92,8 @@ pub enum Command {
     Sign(crate::sign::SignArgs),
     /// The multikernel platform: write its overlays for audit, boot its first instance.
     Multikernel(crate::multikernel::MultikernelArgs),
+    /// Validate a workload file (no state directory, platform or root needed).
+    Workloads(crate::workloads::WorkloadsArgs),
 }
 
 /// A command failure: the message for stderr and the documented exit code.
@@ -274,6 +276,7 @@ pub fn main() -> ExitCode {
         Command::Keys(a) => Ok(crate::keys::run(a)),
         Command::Sign(a) => Ok(crate::sign::run(a)),
         Command::Multikernel(a) => crate::multikernel::run(&g, a),
+        Command::Workloads(a) => crate::workloads::run(&g, a),
     };
     match result {
         Ok(code) => code,
@@ -313,6 +316,7 @@ fn wants_json(c: &Command) -> bool {
         Command::Load(a) => a.json,
         // These report every outcome themselves (exit codes and documents of their own).
         Command::Multikernel(a) => a.json(),
+        Command::Workloads(a) => a.json(),
         // Events: one JSON object per line; an error goes to stderr only.
         Command::Inspect(_)
         | Command::State(_)

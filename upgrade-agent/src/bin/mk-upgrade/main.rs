@@ -15,6 +15,7 @@ mod rollout;
 mod sign;
 mod state;
 mod upgrade;
+mod workloads;
 
 fn main() -> std::process::ExitCode {
     app::main()
