@@ -21,10 +21,14 @@
 
       overlays.default = final: _prev: { mk-upgrade = final.callPackage ./package.nix { }; };
 
-      # The module's default package is built with the importing system's nixpkgs
-      # (pkgs.callPackage ./package.nix { }); set services.mk-upgrade.package to
-      # mk-upgrade.packages.x86_64-linux.default to use this flake's build instead.
-      nixosModules.default = ./module.nix;
-      nixosModules.mk-upgrade = ./module.nix;
+      # The module's package option is mkPackageOption pkgs "mk-upgrade": this module adds
+      # the overlay, so pkgs.mk-upgrade is built with the importing system's nixpkgs. Set
+      # services.mk-upgrade.package to mk-upgrade.packages.x86_64-linux.default to use this
+      # flake's own build instead.
+      nixosModules.default = {
+        imports = [ ./module.nix ];
+        nixpkgs.overlays = [ self.overlays.default ];
+      };
+      nixosModules.mk-upgrade = self.nixosModules.default;
     };
 }

@@ -2,11 +2,14 @@
 #
 # * installs mk-upgrade, mk-agentd, mk-demo-kv and points MK_STATE_DIR / MK_PLATFORM at the
 #   configured state directory and platform;
-# * declares the trusted release keys and the workload file (docs/workloads.md);
+# * declares the trusted release keys and the workload file (docs/workloads.md), the
+#   workload file validated by mk-upgrade itself at build time (system.checks);
 # * mk-agentd.service: start-up recovery of an interrupted upgrade, before the workloads;
+# * mk-agentd-serve.service: the LUO host agent (on LUO hosts);
 # * kernelSupport.enable: a KHO/LUO-capable kernel (config options + `liveupdate=on`);
-# * liveUpgradeOnSwitch: when `nixos-rebuild switch` changes the kernel, upgrade to it live
-#   with `mk-upgrade apply` instead of waiting for a reboot.
+# * liveUpgradeOnSwitch: `nixos-rebuild switch` to a generation with another kernel
+#   schedules a live upgrade to it (nix/live-upgrade.sh), which runs once the switch has
+#   finished and reports through the journal and `mk-upgrade history`.
 #
 # No `with lib;`: every name is bound lexically, so `nix-instantiate --parse` reports an
 # undefined variable.
@@ -14,6 +17,7 @@
   config,
   lib,
   pkgs,
+  utils,
   ...
 }:
 
@@ -22,8 +26,10 @@ let
   inherit (lib)
     mkOption
     mkEnableOption
+    mkPackageOption
     mkIf
     mkMerge
+    mkDefault
     types
     literalExpression
     escapeShellArg
@@ -33,9 +39,11 @@ let
 
   hexKey = "[0-9a-fA-F]{64}";
   isHexKey = k: builtins.isString k && builtins.match hexKey k != null;
+  inStore = p: lib.hasPrefix "${builtins.storeDir}/" "${p}";
 
   # A trusted key: the public key itself (64 hex digits, what `mk-upgrade keys generate`
-  # writes to NAME.pub), or a path to such a .pub file.
+  # writes to NAME.pub), or a path to such a .pub file in the configuration (copied to the
+  # store).
   keyType = types.either (types.strMatching hexKey) types.path;
 
   keyListToAttrs =
@@ -44,29 +52,49 @@ let
       lib.imap0 (
         i: k:
         lib.nameValuePair (
-          if isHexKey k then "key-${toString i}" else "${toString i}-${lib.removeSuffix ".pub" (baseNameOf (toString k))}"
+          if isHexKey k then
+            "key-${toString i}"
+          else
+            "${toString i}-${lib.removeSuffix ".pub" (baseNameOf (toString k))}"
         ) k
       ) keys
     );
 
-  # STATE_DIR/trusted-keys: a store directory of NAME.pub (the module owns it entirely, so a
-  # key removed from the configuration stops being trusted at the next switch).
-  trustedKeysDir = pkgs.linkFarm "mk-upgrade-trusted-keys" (
-    lib.mapAttrsToList (name: key: {
-      name = "${name}.pub";
-      path = if isHexKey key then pkgs.writeText "${name}.pub" "${key}\n" else key;
-    }) cfg.trustedKeys
+  # STATE_DIR/trusted-keys: a store directory of NAME.pub, every one a regular file (mk-upgrade
+  # opens key files with O_NOFOLLOW and refuses links, docs/signing.md). The module owns the
+  # directory: a key removed from the configuration stops being trusted at the next switch.
+  trustedKeysDir = pkgs.runCommand "mk-upgrade-trusted-keys" { } (
+    ''
+      mkdir "$out"
+    ''
+    + lib.concatStrings (
+      lib.mapAttrsToList (
+        name: key:
+        let
+          dest = "\"$out\"/${escapeShellArg "${name}.pub"}";
+        in
+        if isHexKey key then
+          "printf '%s\\n' ${escapeShellArg key} > ${dest}\n"
+        else
+          "cp --dereference --no-preserve=all ${escapeShellArg "${key}"} ${dest}\n"
+      ) cfg.trustedKeys
+    )
+    + ''
+      chmod 0444 "$out"/*.pub
+      chmod 0555 "$out"
+    ''
   );
 
   workloadModule = {
     # Every other key of the workload file (env, cpu_max, memory_max, transfer, integrity,
-    # memfd, listen, health) is accepted as is and checked by mk-upgrade itself, which
-    # rejects unknown keys (docs/workloads.md).
+    # memfd, listen, health, mode, ...) is accepted here and checked by mk-upgrade itself
+    # at build time (`mk-upgrade workloads check`, in system.checks), which rejects
+    # unknown keys such as a misspelt `helth` (docs/workloads.md).
     freeformType = tomlFormat.type;
     options = {
       name = mkOption {
         type = types.strMatching "[A-Za-z0-9._-]{1,63}";
-        description = "Workload name (unique; it becomes a LUO session name).";
+        description = "Workload name (unique; it becomes a cgroup and LUO session name).";
       };
       exec = mkOption {
         type = types.strMatching "/.*";
@@ -84,81 +112,79 @@ let
   # `workloads` as an attribute set: the attribute name is the workload name.
   workloadAttrsToList = ws: lib.mapAttrsToList (name: w: { inherit name; } // w) ws;
 
+  workloadNames = map (w: w.name) cfg.workloads;
+  duplicateNames = lib.unique (
+    lib.filter (n: lib.count (m: m == n) workloadNames > 1) workloadNames
+  );
+
   workloadsFile = tomlFormat.generate "mk-upgrade-workloads.toml" {
     workload = map (w: lib.filterAttrs (n: v: n != "_module" && v != null) w) cfg.workloads;
   };
 
-  # The `apply` arguments that do not depend on the kernel.
-  trustArgs =
-    if cfg.signatureFile != null then
-      [
-        "--signature"
-        (toString cfg.signatureFile)
-      ]
-    else
-      lib.optional cfg.insecureAllowUnsigned "--insecure-allow-unsigned";
+  # Build-time validation of the generated file by the mk-upgrade that will read it.
+  workloadsCheck =
+    pkgs.runCommand "mk-upgrade-workloads-check" { nativeBuildInputs = [ cfg.package ]; }
+      ''
+        mk-upgrade workloads check ${workloadsFile}
+        touch "$out"
+      '';
 
-  switchScript = pkgs.writeShellScript "mk-upgrade-on-switch" ''
-    set -u
-    PATH=${
+  kernelImage = "${config.boot.kernelPackages.kernel}/${config.system.boot.loader.kernelFile}";
+
+  # Carried by every generation (its /etc), read by nix/live-upgrade.sh from the generation
+  # being switched to: the signature belongs to that generation's kernel image and to no
+  # other, so `switch --rollback` and older generations use their own.
+  liveUpgradeManifest = pkgs.writeText "mk-upgrade-live-upgrade.json" (
+    builtins.toJSON {
+      kernel = kernelImage;
+      signature = if cfg.signatureFile == null then null else "${cfg.signatureFile}";
+      inherit (cfg) insecureAllowUnsigned extraApplyArgs;
+    }
+  );
+
+  liveScript = pkgs.writeShellScript "mk-upgrade-live" ''
+    export PATH=${
       lib.makeBinPath [
         cfg.package
         pkgs.coreutils
         pkgs.jq
+        pkgs.util-linux
       ]
     }
-    state=${escapeShellArg cfg.stateDir}
-    booted=$(readlink -f /run/booted-system/kernel)
-    current=$(readlink -f /run/current-system/kernel)
-    if [ "$booted" = "$current" ]; then
-      echo "mk-upgrade: the configuration's kernel is the running one ($current): nothing to do"
-      exit 0
-    fi
-    system=$(readlink -f /run/current-system)
-    initrd=$(readlink -f /run/current-system/initrd)
-    # The command line the boot loader would use for this generation.
-    cmdline="init=$system/init $(cat /run/current-system/kernel-params)"
-    mkdir -p "$state/nixos-switch"
-    out="$state/nixos-switch/last-apply.json"
-    echo "mk-upgrade: live upgrade $booted -> $current"
-    rc=0
-    mk-upgrade --state-dir "$state" --platform luo apply \
-      --kernel "$current" --initrd "$initrd" --cmdline "$cmdline" \
-      ${lib.escapeShellArgs (trustArgs ++ cfg.extraApplyArgs)} --json >"$out.tmp" || rc=$?
-    mv -f "$out.tmp" "$out"
-    result=$(jq -r '.result // "no report"' "$out" 2>/dev/null || echo "no report")
-    err=$(jq -r '[.error // empty] + [.checks[]? | select(.ok | not) | "\(.name): \(.detail)"] | join("; ")' "$out" 2>/dev/null || true)
-    case "$rc" in
-      0)
-        echo "mk-upgrade: upgraded live to $(jq -r '.kernel_after' "$out") (record: $out)"
-        exit 0
-        ;;
-      14)
-        echo "mk-upgrade: nothing to do: $err"
-        exit 0
-        ;;
-    esac
-    case "$rc" in
-      2) name=usage ;; 3) name=io ;; 4) name=corrupt ;; 5) name=untrusted ;;
-      6) name=incompatible ;; 7) name=not-a-kernel ;; 8) name=preflight-failed ;;
-      9) name=busy ;; 10) name=rolled-back ;; 11) name=capture-failed ;; 12) name=platform ;;
-      *) name=internal ;;
-    esac
-    echo "mk-upgrade: live upgrade NOT done: exit $rc ($name), result $result''${err:+: $err}" >&2
-    echo "mk-upgrade: the running kernel $(uname -r) keeps every workload; the new kernel is the" >&2
-    echo "mk-upgrade: default boot entry and takes effect at the next reboot (record: $out)" >&2
-    exit 1
+    export MK_STATE_DIR=${escapeShellArg cfg.stateDir}
+    exec ${pkgs.bash}/bin/bash ${./live-upgrade.sh} "$@"
   '';
+
+  # Runs the LUO host agent: luo as the platform, or a LUO kernel asked for, or live
+  # upgrades on switch (which always use luo).
+  luoHost = cfg.platform == "luo" || cfg.kernelSupport.enable || cfg.liveUpgradeOnSwitch;
+
+  # Hardening shared by the units that run no workload (mk-agentd-serve's children are the
+  # workloads, which inherit its sandbox: it gets only what no workload should miss).
+  commonHardening = {
+    UMask = "0077";
+    ProtectHome = "read-only";
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    LockPersonality = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    SystemCallArchitectures = "native";
+  };
+  mkDefaults = lib.mapAttrs (_: mkDefault);
 in
 {
   options.services.mk-upgrade = {
     enable = mkEnableOption "mk-upgrade, zero-downtime kernel upgrades";
 
-    package = mkOption {
-      type = types.package;
-      default = pkgs.callPackage ./package.nix { };
-      defaultText = literalExpression "pkgs.callPackage ./package.nix { }";
-      description = "The mk-upgrade package (binaries mk-upgrade, mk-agentd, mk-demo-kv).";
+    package = mkPackageOption pkgs "mk-upgrade" {
+      extraDescription = ''
+        It must provide bin/mk-upgrade, bin/mk-agentd and bin/mk-demo-kv. The flake's
+        nixosModules.default and nix/default.nix's module add pkgs.mk-upgrade through the
+        overlay (overlays.default).
+      '';
     };
 
     stateDir = mkOption {
@@ -172,20 +198,20 @@ in
         "auto"
         "emulated"
         "luo"
+        "multikernel"
       ];
       default = "auto";
       description = ''
         Platform of interactive `mk-upgrade` commands (MK_PLATFORM): `luo` (mainline
         /dev/liveupdate + kexec), `emulated` (the multikernel EMULATION: no real kernel
-        boots), or `auto` (luo when /dev/liveupdate exists, else emulated). mk-agentd always
-        uses `auto`. The on-switch upgrade always uses `luo`.
+        boots), `multikernel` (the multikernel patch set's interface), or `auto` (luo when
+        /dev/liveupdate exists, else emulated). mk-agentd always uses `auto`. The on-switch
+        upgrade always uses `luo`.
       '';
     };
 
     trustedKeys = mkOption {
-      type = types.coercedTo (types.listOf keyType) keyListToAttrs (
-        types.attrsOf keyType
-      );
+      type = types.coercedTo (types.listOf keyType) keyListToAttrs (types.attrsOf keyType);
       default = { };
       example = literalExpression ''
         {
@@ -194,12 +220,13 @@ in
         }
       '';
       description = ''
-        Release-signing public keys trusted for kernel images, written to
-        STATE_DIR/trusted-keys/NAME.pub: the key itself (64 hex digits) or the path of a
-        .pub file (a store path, or an absolute path read on the host at run time). A list
-        is accepted too (names key-N, or N-BASENAME for paths). When non-empty, the module
-        owns STATE_DIR/trusted-keys (a link to a store directory): keys put there by hand
-        are no longer seen. Empty: the directory is left alone.
+        Release-signing public keys trusted for kernel images, written as regular files to
+        a store directory that STATE_DIR/trusted-keys links to: the key itself (64 hex
+        digits) or a .pub file in the configuration (a path such as ./keys/ci.pub, copied
+        to the store; a path outside the store is refused at evaluation). A list is accepted
+        too (names key-N, or N-BASENAME for paths). When non-empty, the module owns
+        STATE_DIR/trusted-keys: keys put there by hand are no longer seen. Empty: the
+        directory is left alone.
       '';
     };
 
@@ -221,19 +248,21 @@ in
       '';
       description = ''
         The workloads mk-upgrade manages, rendered to STATE_DIR/workloads.toml (the format of
-        docs/workloads.md, one `[[workload]]` per entry). A list keeps its order; an
-        attribute set is ordered by name, and the attribute name is the workload name. Empty:
+        docs/workloads.md, one `[[workload]]` per entry) and validated at build time by
+        `mk-upgrade workloads check`. A list keeps its order; an attribute set is ordered by
+        name, and the attribute name is the workload name. Names must be unique. Empty:
         STATE_DIR/workloads.toml is left alone.
       '';
     };
 
     workloadUnits = mkOption {
-      type = types.listOf types.str;
+      type = types.listOf utils.systemdUtils.lib.unitNameType;
       default = [ ];
       example = [ "kv-store.service" ];
       description = ''
-        systemd units that must start only after start-up recovery (mk-agentd.service is
-        ordered Before= them and is pulled in by them).
+        systemd units (full names, with their suffix) that must start only after start-up
+        recovery and the host agent: mk-agentd.service and mk-agentd-serve.service are
+        ordered Before= them and are pulled in by them.
       '';
     };
 
@@ -241,23 +270,31 @@ in
       type = types.bool;
       default = false;
       description = ''
-        When `nixos-rebuild switch` activates a configuration whose kernel differs from the
-        booted one, run `mk-upgrade apply --platform luo` to it (with its initrd and the
-        generation's command line) instead of leaving it for the next reboot. On any
-        non-zero exit the running kernel and workloads stay as they were, the unit
-        mk-upgrade-switch.service fails (so the switch reports it) and the new kernel takes
-        effect at the next reboot as usual. Needs signatureFile (or insecureAllowUnsigned).
+        When `nixos-rebuild switch` activates a generation whose kernel differs from the
+        booted one, upgrade to it live (`mk-upgrade apply --platform luo` with the
+        generation's kernel, initrd and command line) once the switch has finished, instead
+        of leaving it for the next reboot. The switch itself returns at once, saying that
+        the upgrade is scheduled; the outcome is in the journal of
+        mk-upgrade-live.service, in `mk-upgrade history` and in
+        STATE_DIR/nixos-switch/last-apply.json. On failure the running kernel keeps every
+        workload, the new kernel takes effect at the next reboot, and the same kernel is not
+        tried again on later switches until the kernel, initrd, kernel parameters,
+        signature or apply options change. `nixos-rebuild test` never live-upgrades.
+        Needs signatureFile (or insecureAllowUnsigned).
       '';
     };
 
     signatureFile = mkOption {
-      type = types.nullOr (types.either types.path types.str);
+      type = types.nullOr types.path;
       default = null;
-      example = "/var/lib/mk-upgrade/signatures/current.sig";
+      example = literalExpression "./sigs/host-kernel.sig";
       description = ''
-        Signature (`mk-upgrade sign`) of the configuration's kernel image, passed as
-        `apply --signature`. The signing key never belongs on the host: sign the bzImage of
-        the kernel derivation where it is built and ship the .sig with the configuration.
+        Signature (`mk-upgrade sign`) of this configuration's kernel image
+        (boot.kernelPackages.kernel + "/bzImage"), as a path in the configuration: it is
+        copied to the store and becomes part of the generation, next to the kernel it
+        signs, so every generation (and `nixos-rebuild switch --rollback`) uses its own. A
+        path outside the store (a string such as "/var/lib/...") is refused at
+        evaluation. The signing key never belongs on the host.
       '';
     };
 
@@ -297,7 +334,19 @@ in
           assertion = cfg.liveUpgradeOnSwitch -> (cfg.signatureFile != null || cfg.insecureAllowUnsigned);
           message = "services.mk-upgrade.liveUpgradeOnSwitch needs signatureFile (the kernel image's .sig), or insecureAllowUnsigned on test hosts.";
         }
-      ];
+        {
+          assertion = cfg.signatureFile == null || inStore cfg.signatureFile;
+          message = "services.mk-upgrade.signatureFile = \"${toString cfg.signatureFile}\" is outside the store, so it is not part of the generation and would not follow its kernel (nor reach a --target-host): give a path in the configuration, e.g. signatureFile = ./sigs/host-kernel.sig;";
+        }
+        {
+          assertion = duplicateNames == [ ];
+          message = "services.mk-upgrade.workloads: workload names must be unique; repeated: ${lib.concatStringsSep ", " duplicateNames}.";
+        }
+      ]
+      ++ lib.mapAttrsToList (name: key: {
+        assertion = isHexKey key || inStore key;
+        message = "services.mk-upgrade.trustedKeys.${name} = \"${toString key}\" is a path outside the store: give the key itself (64 hex digits) or a .pub file in the configuration (./keys/${name}.pub).";
+      }) cfg.trustedKeys;
       warnings =
         lib.optional cfg.insecureAllowUnsigned "services.mk-upgrade.insecureAllowUnsigned: kernel images are accepted without a signature"
         ++ lib.optional (
@@ -312,9 +361,12 @@ in
 
       systemd.tmpfiles.rules = [
         "d ${cfg.stateDir} 0700 root root -"
+        "d /run/mk-upgrade 0700 root root -"
       ]
       ++ lib.optional (cfg.trustedKeys != { }) "L+ ${cfg.stateDir}/trusted-keys - - - - ${trustedKeysDir}"
       ++ lib.optional (cfg.workloads != [ ]) "L+ ${cfg.stateDir}/workloads.toml - - - - ${workloadsFile}";
+
+      system.checks = lib.optional (cfg.workloads != [ ]) workloadsCheck;
 
       # Start-up recovery: finish or undo an upgrade that was interrupted (crash, power
       # loss, a kexec that came back), before anything uses the workloads' state.
@@ -329,49 +381,114 @@ in
         # Recovery is a boot-time duty; re-running it on every switch could race an
         # upgrade in flight (it would then exit 9, busy).
         restartIfChanged = false;
-        serviceConfig = {
-          Type = "oneshot";
-          RemainAfterExit = true;
-          ExecStart = "${cfg.package}/bin/mk-agentd --state-dir ${escapeShellArg cfg.stateDir}";
-        };
+        environment.MK_STATE_DIR = cfg.stateDir;
+        serviceConfig = mkDefaults (
+          commonHardening
+          // {
+            Type = "oneshot";
+            RemainAfterExit = true;
+            ExecStart = "${cfg.package}/bin/mk-agentd --state-dir ${escapeShellArg cfg.stateDir}";
+          }
+        );
       };
     }
 
-    (mkIf (cfg.platform == "luo" || cfg.kernelSupport.enable) {
+    (mkIf luoHost {
+      # The kernel options the luo platform needs, checked against a kernel the user brings
+      # (kernelSupport.enable adds them).
+      system.requiredKernelConfig = map config.lib.kernelConfig.isYes [
+        "KEXEC_FILE"
+        "RELOCATABLE"
+        "KEXEC_HANDOVER"
+        "LIVEUPDATE"
+        "LIVEUPDATE_MEMFD"
+      ];
+
       # The host agent of a LUO kernel: owns /dev/liveupdate, runs the declared workloads as
-      # its children, preserves them and kexecs on `mk-upgrade apply --platform luo`, and in
-      # the next kernel restores them from their LUO sessions (docs/kernel.md).
+      # its children, preserves them and kexecs on `mk-upgrade apply --platform luo`, and
+      # in the next kernel restores them from their LUO sessions (docs/kernel.md). Its way
+      # back is the booted generation's kernel, initrd (with boot.initrd.secrets) and
+      # command line.
       systemd.services.mk-agentd-serve = {
         description = "mk-upgrade host agent (LUO)";
-        wantedBy = [ "multi-user.target" ];
+        wantedBy = [ "multi-user.target" ] ++ cfg.workloadUnits;
         after = [ "mk-agentd.service" ];
         requires = [ "mk-agentd.service" ];
+        before = cfg.workloadUnits;
         # Its children are the workloads: never restart it behind their back on a switch.
         restartIfChanged = false;
         stopIfChanged = false;
-        serviceConfig = {
+        environment.MK_STATE_DIR = cfg.stateDir;
+        serviceConfig = mkDefaults {
           Type = "simple";
-          ExecStart = "${cfg.package}/bin/mk-agentd serve --state-dir ${escapeShellArg cfg.stateDir} --workloads ${escapeShellArg "${cfg.stateDir}/workloads.toml"} --kernel-image /run/booted-system/kernel";
+          ExecStartPre = "${liveScript} booted-initrd";
+          ExecStart = "${cfg.package}/bin/mk-agentd serve --state-dir ${escapeShellArg cfg.stateDir} --workloads ${escapeShellArg "${cfg.stateDir}/workloads.toml"} --kernel-image /run/booted-system/kernel --initrd /run/mk-upgrade/booted-initrd";
           Restart = "on-failure";
+          # The workloads inherit this sandbox: only what none of them should need.
+          ProtectKernelModules = true;
+          LockPersonality = true;
         };
       };
     })
 
     (mkIf cfg.liveUpgradeOnSwitch {
-      # Restarted by switch-to-configuration whenever the kernel store path changes (the
-      # trigger is part of the unit file); at boot it finds booted = current and exits 0.
-      systemd.services.mk-upgrade-switch = {
-        description = "mk-upgrade: live upgrade to the kernel of the activated configuration";
+      # On switch (NIXOS_ACTION=switch), a kernel that differs from the booted one leaves a
+      # request in /run/mk-upgrade; nothing else runs during the switch. Never fails the
+      # activation: a problem is reported, and the new kernel waits for the next reboot.
+      system.activationScripts.mk-upgrade-live = {
+        supportsDryActivation = true;
+        text = ''
+          ${liveScript} schedule "$systemConfig" || echo "mk-upgrade: the live upgrade could not be scheduled (above); the new kernel takes effect at the next reboot" >&2
+        '';
+      };
+
+      environment.etc."mk-upgrade/live-upgrade.json".source = liveUpgradeManifest;
+
+      # The request starts the upgrade, which waits for switch-to-configuration's lock.
+      systemd.paths.mk-upgrade-live = {
+        description = "mk-upgrade: a live upgrade was scheduled by a switch";
         wantedBy = [ "multi-user.target" ];
-        after = [ "mk-agentd.service" ] ++ lib.optional (cfg.platform == "luo" || cfg.kernelSupport.enable) "mk-agentd-serve.service" ++ cfg.workloadUnits;
-        requires = [ "mk-agentd.service" ];
-        restartTriggers = [ config.boot.kernelPackages.kernel ];
-        serviceConfig = {
-          Type = "oneshot";
-          RemainAfterExit = true;
-          ExecStart = "${switchScript}";
-          TimeoutStartSec = "30min";
+        pathConfig = {
+          PathExists = "/run/mk-upgrade/live-upgrade.request";
+          Unit = "mk-upgrade-live.service";
         };
+      };
+
+      systemd.services.mk-upgrade-live = {
+        description = "mk-upgrade: live upgrade to the kernel of the switched-to generation";
+        # Pulled in by nothing but the path unit (or by hand), so a failed upgrade is not
+        # started again by a switch that restarts multi-user.target.
+        after = [
+          "mk-agentd.service"
+          "mk-agentd-serve.service"
+        ]
+        ++ cfg.workloadUnits;
+        wants = [ "mk-agentd-serve.service" ];
+        # A switch must not stop or restart an upgrade in flight.
+        restartIfChanged = false;
+        stopIfChanged = false;
+        serviceConfig = mkDefaults (
+          commonHardening
+          // {
+            Type = "oneshot";
+            ExecStart = "${liveScript} run";
+            TimeoutStartSec = "1h";
+            PrivateTmp = true;
+            ProtectSystem = "strict";
+            ReadWritePaths = [
+              cfg.stateDir
+              "/run/mk-upgrade"
+              "/run/nixos"
+            ];
+            NoNewPrivileges = true;
+            ProtectControlGroups = true;
+            RestrictNamespaces = true;
+            CapabilityBoundingSet = [
+              "CAP_DAC_OVERRIDE"
+              "CAP_DAC_READ_SEARCH"
+            ];
+          }
+        );
       };
     })
 

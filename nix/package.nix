@@ -39,7 +39,9 @@ rustPlatform.buildRustPackage {
 
   cargoBuildFlags = [
     "--package"
-    "upgrade-agent" "--package" "mk-demo-kv"
+    "upgrade-agent"
+    "--package"
+    "mk-demo-kv"
     "--bin"
     "mk-upgrade"
     "--bin"

@@ -10,6 +10,9 @@
 #              deploy/k8s/validate.sh, deploy/ansible/test-ansible.sh; the last two install
 #              their validators from PyPI, SKIP if they cannot)
 #   7. vm      the end-to-end VM suite tests/vm/run (real kernels under QEMU), unless MK_SKIP_VM=1
+#   8. nixos   nix/check/run.sh: the NixOS module evaluated by a stand-in of nixpkgs' module
+#              system, its generated files and its switch hook used for real (after the VM
+#              step, on the same kernel pair as kured/ansible; SKIP without nix-instantiate)
 # A step that cannot run here prints "SKIP <step>: <reason>" and counts as skipped, never as
 # passed. So do tests inside a step that need something this host lacks: cargo counts them
 # as "ignored" (each one prints "SKIP <test>: <reason>"), the VM suite as "skipped"; their
@@ -132,9 +135,11 @@ if [ -n "$kernel_a" ] && [ -n "$kernel_b" ]; then
     export MK_TEST_KERNEL_A=$kernel_a MK_TEST_KERNEL_B=$kernel_b
     script_step kured env MK_BIN_DIR="$bins" bash deploy/kured/test-reboot-wrapper.sh
     script_step ansible env MK_BIN_DIR="$bins" bash deploy/ansible/test-ansible.sh
+    script_step nixos env MK_BIN_DIR="$bins" bash nix/check/run.sh
 else
     skip_step kured "no test kernels (MK_TEST_KERNEL_A/B, ../shared/kernels or the VM suite's cache)"
     skip_step ansible "no test kernels (MK_TEST_KERNEL_A/B, ../shared/kernels or the VM suite's cache)"
+    skip_step nixos "no test kernels (MK_TEST_KERNEL_A/B, ../shared/kernels or the VM suite's cache)"
 fi
 
 echo "--- tests/run-all.sh summary"
