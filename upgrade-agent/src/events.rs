@@ -2,7 +2,10 @@
 //! upgrade, one JSON object per line in `STATE_DIR/events.jsonl` (mode 0600 whatever the
 //! umask, fsynced after each line), rotated by size to `events.jsonl.1` … `.N`. Unlike the
 //! journal's history (the last records only) it keeps what happened in order, across
-//! upgrades, for `mk-upgrade events` and for log shippers.
+//! upgrades, for `mk-upgrade events` and for log shippers. Lines produced while a workload
+//! is frozen (from its freeze to the end of its move) are kept in memory and written when the
+//! move ends, in order and with their own timestamps: an fsync inside the blackout would
+//! lengthen it (a crash in that window loses those lines; the journal is the authority).
 //!
 //! A line (`docs/state.md` "events.jsonl"):
 //!

@@ -232,6 +232,9 @@ pub struct Orchestrator<'a> {
     writes: u32,
     upgrade_id: UpgradeId,
     faults_left: Faults,
+    /// Event-log lines produced while a workload is frozen: written (each one fsynced) when
+    /// its move has ended, not inside the blackout. `None`: written at once.
+    held_events: Option<Vec<crate::events::EventLine>>,
 }
 
 impl std::fmt::Debug for Orchestrator<'_> {
@@ -458,6 +461,7 @@ impl<'a> Orchestrator<'a> {
             writes: 0,
             upgrade_id,
             faults_left,
+            held_events: None,
         })
     }
 
@@ -477,11 +481,30 @@ impl<'a> Orchestrator<'a> {
 
     /// Journals `what` as a step of `phase` (before doing it).
     /// Appends to the event log, if one is kept.
-    fn event(&self, kind: &str, what: &str, fill: impl FnOnce(&mut crate::events::EventLine)) {
+    fn event(&mut self, kind: &str, what: &str, fill: impl FnOnce(&mut crate::events::EventLine)) {
         if let Some(log) = &self.setup.events {
             let mut e = crate::events::EventLine::now(&self.record.upgrade_id, kind, what);
             fill(&mut e);
-            log.record(&e);
+            match &mut self.held_events {
+                Some(held) => held.push(e),
+                None => log.record(&e),
+            }
+        }
+    }
+
+    /// From now on, event-log lines wait in memory (a workload is about to be frozen: an
+    /// fsync per line inside its blackout would lengthen it).
+    fn hold_events(&mut self) {
+        self.held_events.get_or_insert_with(Vec::new);
+    }
+
+    /// Writes the lines held since [`Self::hold_events`], in order, and writes new ones at
+    /// once again.
+    fn release_events(&mut self) {
+        if let (Some(held), Some(log)) = (self.held_events.take(), &self.setup.events) {
+            for e in &held {
+                log.record(e);
+            }
         }
     }
 
@@ -641,8 +664,13 @@ impl<'a> Orchestrator<'a> {
                 id: from,
                 what: e.to_string(),
             })?;
+        self.hold_events();
         let t0 = self.setup.env.now();
-        self.platform.freeze(from, name)?;
+        let frozen = self.platform.freeze(from, name);
+        if frozen.is_err() {
+            self.release_events();
+        }
+        frozen?;
         // Restart mode: the freeze returned once the old copy exited (its ports closed).
         let t_stopped = self.setup.env.now();
         if spec.mode == crate::workload::Mode::Restart
@@ -672,6 +700,7 @@ impl<'a> Orchestrator<'a> {
         };
         let attempt =
             task.and_then(|task| self.offer(from, to, name, &spec, &task, &release, t0, t_stopped));
+        self.release_events();
         match attempt {
             Ok(b) => Ok(b),
             Err(e) => {

@@ -294,6 +294,38 @@ fn every_journal_step_move_and_result_reaches_the_event_log() {
 }
 
 #[test]
+fn no_event_line_is_written_while_a_workload_is_frozen() {
+    let w = World::new();
+    let mut p = w.platform(false);
+    let path = w.dir.path().join(crate::events::EVENTS_FILE);
+    p.watch_at_deliver = Some(path.clone());
+    let (_, r) = upgrade(&w, &mut p).unwrap();
+    r.unwrap();
+    let events = crate::events::EventLog::new(w.dir.path()).read(0).unwrap();
+    for (name, lines) in &p.lines_at_deliver {
+        // Everything up to the freeze step was written; what came after it ("offered",
+        // the offer note) was held until the move ended.
+        let upto_freeze = events
+            .iter()
+            .position(|e| e.what == format!("{name}: freeze on instance 1"))
+            .unwrap();
+        assert_eq!(*lines, upto_freeze + 1, "{name}: lines at deliver");
+        let offered = events
+            .iter()
+            .position(|e| {
+                e.workload.as_deref() == Some(name.as_str())
+                    && e.status.as_deref() == Some("offered")
+            })
+            .unwrap();
+        assert!(
+            offered > upto_freeze,
+            "{name}: offered is written, after the freeze"
+        );
+    }
+    assert_eq!(p.lines_at_deliver.len(), 2);
+}
+
+#[test]
 fn replace_upgrade_stages_boots_and_claims() {
     let w = World::new();
     let mut p = w.platform(true);

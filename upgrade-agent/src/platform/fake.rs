@@ -73,6 +73,11 @@ pub struct FakePlatform {
     pub specs: BTreeMap<String, WorkloadSpec>,
     /// Whether `confirm` was called.
     pub confirmed: bool,
+    /// A file whose lines are counted at every `deliver` (into `lines_at_deliver`): what
+    /// the event log held while the workload was frozen.
+    pub watch_at_deliver: Option<std::path::PathBuf>,
+    /// `(workload, lines of watch_at_deliver)` at each `deliver`.
+    pub lines_at_deliver: Vec<(String, usize)>,
     next_pid: i32,
 }
 
@@ -100,6 +105,8 @@ impl FakePlatform {
                 .map(|w| (w.name.clone(), w.clone()))
                 .collect(),
             confirmed: false,
+            watch_at_deliver: None,
+            lines_at_deliver: Vec::new(),
             next_pid: 100,
         };
         let mut ws = BTreeMap::new();
@@ -337,6 +344,10 @@ impl Platform for FakePlatform {
         deadline: std::time::Instant,
     ) -> Result<Delivered, PlatformError> {
         self.call("deliver", to, workload)?;
+        if let Some(path) = &self.watch_at_deliver {
+            let lines = std::fs::read_to_string(path).map_or(0, |t| t.lines().count());
+            self.lines_at_deliver.push((workload.to_owned(), lines));
+        }
         if std::time::Instant::now() > deadline {
             return Err(PlatformError::Channel {
                 id: to,
