@@ -475,10 +475,11 @@ in
             TimeoutStartSec = "1h";
             PrivateTmp = true;
             ProtectSystem = "strict";
+            # "-": /run/nixos exists once a switch ran (switch-to-configuration makes it).
             ReadWritePaths = [
               cfg.stateDir
               "/run/mk-upgrade"
-              "/run/nixos"
+              "-/run/nixos"
             ];
             NoNewPrivileges = true;
             ProtectControlGroups = true;

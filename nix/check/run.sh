@@ -131,7 +131,7 @@ check "full: mk-agentd-serve before the workload units, wanted by them, --initrd
 check "full: no unit restarted by kernel changes (the old switch unit is gone)" jqt "$f" \
     '(.services | has("mk-upgrade-switch") | not) and ([.services[].restartTriggers[]] == [])'
 check "full: mk-upgrade-live: oneshot, wanted by nothing, never restarted or stopped by a switch" jqt "$f" \
-    '.services."mk-upgrade-live" | .serviceConfig.Type == "oneshot" and .wantedBy == [] and .restartIfChanged == false and .stopIfChanged == false and (.serviceConfig.ExecStart | endswith(" run")) and .serviceConfig.ProtectSystem == "strict" and .serviceConfig.ReadWritePaths == ["/var/lib/mk-upgrade", "/run/mk-upgrade", "/run/nixos"]'
+    '.services."mk-upgrade-live" | .serviceConfig.Type == "oneshot" and .wantedBy == [] and .restartIfChanged == false and .stopIfChanged == false and (.serviceConfig.ExecStart | endswith(" run")) and .serviceConfig.ProtectSystem == "strict" and .serviceConfig.ReadWritePaths == ["/var/lib/mk-upgrade", "/run/mk-upgrade", "-/run/nixos"]'
 check "full: mk-upgrade-live.path watches the request" jqt "$f" \
     '.paths."mk-upgrade-live" | .pathConfig == {"PathExists": "/run/mk-upgrade/live-upgrade.request", "Unit": "mk-upgrade-live.service"} and .wantedBy == ["multi-user.target"]'
 check "full: the activation snippet schedules with \$systemConfig and never fails the activation" jqt "$f" \
