@@ -16,8 +16,9 @@
 //! response (the load generator counts it as failed and re-sends it on a new connection,
 //! where the new instance answers). No acknowledged write is lost either way.
 //!
-//! * [`log`]: the on-memfd format (header, append-only records with CRC32);
-//! * [`store`]: the store over the memfd and its in-memory index;
+//! * [`log`]: the on-memfd format (header, append-only records with CRC32, index regions);
+//! * [`index`]: the hash table of keys kept in the memfd (slots, hashing, probing);
+//! * [`store`]: the store over the memfd and its index (in the memfd, or in the heap);
 //! * [`protocol`]: the line protocol (and the HTTP `/health` check);
 //! * [`handoff`]: handing established connections to the next copy;
 //! * [`server`]: start-up contract (`MK_STATE_FDS`) and connection handling;
@@ -33,6 +34,7 @@
 
 pub mod exit;
 pub mod handoff;
+pub mod index;
 pub mod kv_client;
 pub mod loadgen;
 pub mod log;

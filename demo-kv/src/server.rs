@@ -24,7 +24,7 @@ use nix::sys::socket::{SockType, getsockopt, sockopt};
 use super::handoff::{Handoff, Wake, is_connection};
 use super::protocol::{MAX_LINE, Request, parse_line};
 use super::shm::{self, ShmError};
-use super::store::{Origin, Store, StoreError};
+use super::store::{OpenReport, Origin, Store, StoreError};
 use crate::exit::Exit;
 use crate::sys::{self, TakeError};
 
@@ -226,6 +226,11 @@ impl Server {
     /// Whether the data came from a handed-over memfd.
     pub fn origin(&self) -> Origin {
         self.origin
+    }
+
+    /// How the store's index was opened (for an adopted memfd: from its index or a scan).
+    pub fn open_report(&self) -> OpenReport {
+        lock(&self.store).open_report().clone()
     }
 
     /// Whether the listening socket was handed over.

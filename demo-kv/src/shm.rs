@@ -20,7 +20,7 @@ use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::stat::{SFlag, fstat};
 
-use super::log::{HEADER_LEN, OFF_COMMITTED};
+use super::log::{HEADER_LEN, OFF_COMMITTED, OFF_INDEX_ROOT};
 use crate::sys::SharedMap;
 
 /// A failed operation on the memfd.
@@ -198,6 +198,19 @@ impl Shm {
         assert!(self.map.len() >= HEADER_LEN);
         // Offset 32 of a page-aligned mapping is 8-byte aligned (asserted by atomic_u64).
         self.map.atomic_u64(OFF_COMMITTED)
+    }
+
+    /// The shared `index root` header field (format version 2).
+    pub fn index_root(&self) -> &AtomicU64 {
+        assert!(self.map.len() >= HEADER_LEN);
+        self.map.atomic_u64(OFF_INDEX_ROOT)
+    }
+
+    /// The `n` 8-byte words from `off` (8-byte aligned) as atomics: an index table. Panics
+    /// when out of the mapping.
+    pub fn words(&self, off: u64, n: usize) -> &[AtomicU64] {
+        let off = usize::try_from(off).expect("offset overflow");
+        self.map.atomic_u64s(off, n)
     }
 
     /// Borrows `len` bytes from `off`. Panics when out of the mapping.

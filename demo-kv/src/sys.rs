@@ -174,9 +174,13 @@ pub fn inherit_fds(cmd: &mut Command, fds: Vec<RawFd>) {
 
 /// A shared (`MAP_SHARED`), read-write mapping of a whole file.
 ///
-/// Writes go through `&mut self` only, so no slice handed out by [`SharedMap::slice`]
-/// is written to by this process while it lives. Another process mapping the same memfd
-/// must not write while this one runs (the single-writer contract of `crate::shm`).
+/// Plain writes go through `&mut self` only, so no slice handed out by
+/// [`SharedMap::slice`] is written to by them while it lives. Words used as atomics (the
+/// header's `committed` and `index root`, the index tables) change through `&self`; the
+/// crate never borrows those words as a byte slice while their atomics are in use (it
+/// borrows the header once to decode it at start-up, and then single log entries, never
+/// an index table: `crate::store`). Another process mapping the same memfd must not write
+/// while this one runs (the single-writer contract of `crate::shm`).
 #[derive(Debug)]
 pub struct SharedMap {
     map: MmapRaw,
@@ -224,6 +228,35 @@ impl SharedMap {
         }
     }
 
+    /// The `n` 8-byte words from `off` as atomics. Panics when out of the mapping or
+    /// misaligned.
+    pub fn atomic_u64s(&self, off: usize, n: usize) -> &[AtomicU64] {
+        let end = n
+            .checked_mul(8)
+            .and_then(|b| off.checked_add(b))
+            .expect("offset overflow");
+        assert!(
+            end <= self.len(),
+            "{n} atomics at {off} beyond mapping of {}",
+            self.len()
+        );
+        let ptr = self.map.as_ptr().wrapping_add(off);
+        assert!(
+            ptr.align_offset(std::mem::align_of::<AtomicU64>()) == 0,
+            "atomics at {off} are not 8-byte aligned"
+        );
+        // SAFETY: the `8 * n` bytes lie inside the live mapping and start 8-byte aligned
+        // (both checked above); they live as long as `&self` (the mapping is only replaced
+        // or dropped through `&mut self` or by value); AtomicU64 has the layout of u64 and
+        // any bit pattern is valid; these words (the memfd's index tables) are accessed
+        // only atomically while shared, in this and any other process (the crate never
+        // hands out a byte slice over a table's words: see `crate::store`).
+        #[expect(clippy::cast_ptr_alignment, reason = "alignment is asserted above")]
+        unsafe {
+            std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), n)
+        }
+    }
+
     /// Borrows `len` bytes from `off`. Panics when out of the mapping.
     pub fn slice(&self, off: usize, len: usize) -> &[u8] {
         let end = off.checked_add(len).expect("offset overflow");
@@ -233,9 +266,10 @@ impl SharedMap {
             self.len()
         );
         // SAFETY: the range lies inside the live mapping (checked above), which outlives
-        // the returned borrow of `&self`; this process writes only through `&mut self`, so
-        // no write aliases the slice here; another process that holds the memfd does not
-        // run while we do (the single-writer contract in the type docs).
+        // the returned borrow of `&self`; this process writes plain bytes only through
+        // `&mut self`, and the callers do not borrow words it changes atomically (type
+        // docs), so no write aliases the slice here; another process that holds the memfd
+        // does not run while we do (the single-writer contract in the type docs).
         unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(off), len) }
     }
 
@@ -291,5 +325,10 @@ mod tests {
             std::panic::catch_unwind(|| other.atomic_u64(4092).load(Ordering::Relaxed)).is_err()
         );
         assert!(std::panic::catch_unwind(|| other.atomic_u64(3).load(Ordering::Relaxed)).is_err());
+        let words = m.atomic_u64s(64, 4);
+        words[3].store(9, Ordering::Release);
+        assert_eq!(other.slice(88, 8), 9u64.to_le_bytes());
+        assert!(std::panic::catch_unwind(|| other.atomic_u64s(4064, 5).len()).is_err());
+        assert!(std::panic::catch_unwind(|| other.atomic_u64s(4, 1).len()).is_err());
     }
 }

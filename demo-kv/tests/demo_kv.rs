@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use mk_demo_kv::kv_client::{self, ClientError, KvClient};
 use mk_demo_kv::loadgen::{LoadGen, LoadOptions};
-use mk_demo_kv::log::{HEADER_LEN, MAX_KEY_LEN};
+use mk_demo_kv::log::{FORMAT_VERSION, HEADER_LEN, MAX_KEY_LEN, OFF_INDEX_ROOT};
+use mk_demo_kv::server::{PRELOAD_VALUE_LEN, preload_value};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -313,6 +314,69 @@ fn corrupt_record_refuses_to_start() {
         stderr.contains("record #0 at byte offset 64") && stderr.contains("CRC32"),
         "{stderr}"
     );
+}
+
+fn stat(kv: &Kv, name: &str) -> u64 {
+    let stats = kv.client().stats().unwrap();
+    stats.iter().find(|(n, _)| n == name).unwrap().1
+}
+
+/// Every preloaded key answers its value.
+fn check_preload(kv: &Kv, keys: u64) {
+    let mut c = kv.client();
+    let names: Vec<String> = (0..keys).map(|n| format!("preload-{n}")).collect();
+    let got = c.get_many(&names).unwrap();
+    let mut want = vec![0u8; PRELOAD_VALUE_LEN];
+    for (n, v) in got.iter().enumerate() {
+        preload_value(n as u64, &mut want);
+        assert_eq!(
+            v.as_deref().map(str::as_bytes),
+            Some(&want[..]),
+            "preload-{n}"
+        );
+    }
+}
+
+#[test]
+fn the_index_in_the_memfd_moves_with_it() {
+    let memfd = test_memfd();
+    let fds = [("kv-data", memfd.as_raw_fd())];
+    let mut a = spawn(&["--preload-mib", "1"], &fds);
+    let keys = stat(&a, "keys");
+    assert!(keys > 900, "{keys}");
+    a.client().set("preload-3", "rewritten").unwrap();
+    a.kill();
+    // Format 2 with an index region named by the root.
+    let mut header = [0u8; HEADER_LEN];
+    nix::sys::uio::pread(&memfd, &mut header, 0).unwrap();
+    assert_eq!(header[8..12], FORMAT_VERSION.to_le_bytes());
+    let root = u64::from_le_bytes(
+        header[OFF_INDEX_ROOT..OFF_INDEX_ROOT + 8]
+            .try_into()
+            .unwrap(),
+    );
+    assert!(root > HEADER_LEN as u64);
+    let mut b = spawn(&[], &fds);
+    assert_eq!(stat(&b, "keys"), keys);
+    assert_eq!(
+        b.client().get("preload-3").unwrap().as_deref(),
+        Some("rewritten")
+    );
+    check_preload(&b, 3);
+    b.kill();
+    // An index root that names nothing: the successor rebuilds the index from the log and
+    // serves every key.
+    nix::sys::uio::pwrite(&memfd, &7u64.to_le_bytes(), OFF_INDEX_ROOT as i64).unwrap();
+    let c = spawn(&[], &fds);
+    assert_eq!(stat(&c, "keys"), keys);
+    check_preload(&c, 3);
+    let mut cl = c.client();
+    for n in 4..keys {
+        assert!(
+            cl.get(&format!("preload-{n}")).unwrap().is_some(),
+            "preload-{n}"
+        );
+    }
 }
 
 #[test]

@@ -87,7 +87,22 @@ fn main() -> ExitCode {
     match server.origin() {
         Origin::Fresh => tracing::info!("fresh start: new empty store"),
         Origin::Adopted { records } => {
-            tracing::info!(records, "adopted the kv-data memfd: all records verified");
+            let r = server.open_report();
+            if r.index_in_memfd {
+                tracing::info!(
+                    records,
+                    format = r.format_version,
+                    tail_bytes = r.scanned_bytes,
+                    "adopted the kv-data memfd: its index checked, records verified when read"
+                );
+            } else {
+                tracing::info!(
+                    records,
+                    format = r.format_version,
+                    rebuilt = r.rebuilt.as_deref().unwrap_or("-"),
+                    "adopted the kv-data memfd: all records verified"
+                );
+            }
         }
     }
     if server.listener_adopted() {
