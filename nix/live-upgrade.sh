@@ -27,10 +27,12 @@ run_dir=$root/run/mk-upgrade
 request=$run_dir/live-upgrade.request
 record_dir=$state/nixos-switch
 failed=$record_dir/failed.json
+attempt=$record_dir/attempt.json
 lock=$root/run/nixos/switch-to-configuration.lock
 profiles=$root/nix/var/nix/profiles
-# How long `run` waits for a switch to end before giving up (seconds).
-lock_wait=${MK_LIVE_LOCK_WAIT:-3600}
+# How long `run` waits for a switch to end before giving up (seconds; well inside the
+# unit's TimeoutStartSec, so that the message and the record are written).
+lock_wait=${MK_LIVE_LOCK_WAIT:-1800}
 
 say() { echo "mk-upgrade: $*"; }
 warn() { echo "mk-upgrade: $*" >&2; }
@@ -83,25 +85,48 @@ newest_generation() {
     echo "$max"
 }
 
+# is_boot_default SYSTEM: the system profile (what the boot loader boots by default) points
+# at SYSTEM. Not so after `nixos-rebuild test`, for a specialisation (`switch
+# --specialisation X` activates .../specialisation/X; the boot default stays the base), or
+# for a generation activated without being made the profile's.
+is_boot_default() {
+    [ "$(readlink -f "$profiles/system" 2>/dev/null || true)" = "$1" ]
+}
+
+# remembered ID: why an upgrade under identity ID is not tried again, or nothing. A failure
+# the apply reported (failed.json), or an attempt that never reported and left the old
+# kernel running (attempt.json: on luo, a new kernel that failed after the kexec and came
+# back; or the script killed).
+remembered() {
+    local id=$1 booted
+    if [ -e "$failed" ] && [ "$(jq -r '.identity // empty' "$failed" 2>/dev/null)" = "$id" ]; then
+        jq -r '"it failed at \(.at) (exit \(.exit), \(.name)): \(.error)"' "$failed"
+        return
+    fi
+    booted=$(readlink -f "$root/run/booted-system/kernel")
+    if [ -e "$attempt" ] && [ "$(jq -r '.identity // empty' "$attempt" 2>/dev/null)" = "$id" ] &&
+        [ "$(jq -r '.kernel' "$attempt")" != "$booted" ]; then
+        jq -r '"it was attempted at \(.at) and the old kernel still runs (no result came back: see mk-upgrade history)"' "$attempt"
+    fi
+}
+
 cmd_schedule() {
     local sys=${1:?schedule SYSTEM} action=${NIXOS_ACTION:-} booted new
     sys=$(readlink -f "$sys")
     booted=$(readlink -f "$root/run/booted-system/kernel")
     new=$(readlink -f "$sys/kernel")
-    if [ "$booted" = "$new" ]; then
-        # Nothing to do; an earlier switch's request that has not run yet is void now.
-        rm -f "$request"
-        return 0
-    fi
     case $action in
         switch) ;;
         test)
             rm -f "$request"
-            say "no live upgrade: 'nixos-rebuild test' activates a generation that is not the boot default, so the running kernel $booted stays (the live upgrade to $new happens on 'nixos-rebuild switch')"
+            if [ "$booted" != "$new" ]; then
+                say "no live upgrade: 'nixos-rebuild test' activates a generation that is not the boot default, so the running kernel $booted stays (the live upgrade to $new happens on 'nixos-rebuild switch')"
+            fi
             return 0
             ;;
         dry-activate)
-            say "would schedule a live upgrade $booted -> $new after the switch"
+            # Dry activation changes nothing, not even a pending request.
+            [ "$booted" = "$new" ] || say "would schedule a live upgrade $booted -> $new after the switch"
             return 0
             ;;
         *)
@@ -109,22 +134,33 @@ cmd_schedule() {
             return 0
             ;;
     esac
+    # An earlier switch's request that has not run yet is void now: this switch decides.
+    rm -f "$request"
+    [ "$booted" != "$new" ] || return 0
+    if ! is_boot_default "$sys"; then
+        say "no live upgrade: $sys is not the boot default (a specialisation, or a generation activated without becoming the system profile's); the running kernel $booted stays"
+        return 0
+    fi
     if [ ! -e "$(manifest_of "$sys")" ]; then
         say "no live upgrade: $sys does not enable services.mk-upgrade.liveUpgradeOnSwitch"
         return 0
     fi
-    local id
+    local id why
     id=$(identity "$sys")
-    if [ -e "$failed" ] && [ "$(jq -r '.identity // empty' "$failed" 2>/dev/null)" = "$id" ]; then
-        warn "live upgrade to $new NOT retried: it failed $(jq -r '"at \(.at) (exit \(.exit), \(.name)): \(.error)"' "$failed")."
+    why=$(remembered "$id")
+    if [ -n "$why" ]; then
+        warn "live upgrade to $new NOT retried: $why."
         warn "It is tried again when the kernel, initrd, kernel parameters, signature or apply options change, or now with: systemctl start mk-upgrade-live.service"
         return 0
     fi
     mkdir -p "$run_dir"
     chmod 0700 "$run_dir"
+    # The script of THIS generation: the unit that the path unit starts may still be the
+    # previous generation's (switch-to-configuration reloads units after activation); it
+    # hands over to this one once it holds the lock.
     jq -n --arg system "$sys" --arg kernel "$new" --arg booted "$booted" --arg id "$id" \
-        --arg at "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-        '{system: $system, kernel: $kernel, booted_kernel: $booted, identity: $id, scheduled_at: $at}' \
+        --arg script "${MK_LIVE_WRAPPER:-}" --arg at "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+        '{system: $system, kernel: $kernel, booted_kernel: $booted, identity: $id, script: $script, scheduled_at: $at}' \
         >"$request.tmp"
     mv -f "$request.tmp" "$request"
     say "live upgrade $booted -> $new scheduled: mk-upgrade-live.service runs it when this switch has finished"
@@ -147,45 +183,65 @@ not_done() {
     local id=$1 kernel=$2 rc=$3 result=$4 err=$5 name
     name=$(exit_name "$rc")
     mkdir -p "$record_dir"
-    jq -n --arg id "$id" --arg kernel "$kernel" --argjson exit "$rc" --arg name "$name" \
-        --arg result "$result" --arg error "$err" --arg at "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-        '{identity: $id, kernel: $kernel, exit: $exit, name: $name, result: $result, error: $error, at: $at}' \
-        >"$failed.tmp"
-    mv -f "$failed.tmp" "$failed"
+    rm -f "$attempt"
     warn "live upgrade to $kernel NOT done: exit $rc ($name), result $result${err:+: $err}"
     warn "the running kernel $(uname -r) keeps every workload; the new generation is the boot default and its kernel takes effect at the next reboot"
-    warn "not retried on later switches until the kernel, initrd, kernel parameters, signature or apply options change (now: systemctl start mk-upgrade-live.service)"
+    case $rc in
+        3 | 9)
+            # I/O trouble, or another upgrade in flight: worth trying again at the next switch.
+            warn "not remembered (exit $rc may pass): the next switch tries again"
+            ;;
+        *)
+            jq -n --arg id "$id" --arg kernel "$kernel" --argjson exit "$rc" --arg name "$name" \
+                --arg result "$result" --arg error "$err" --arg at "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+                '{identity: $id, kernel: $kernel, exit: $exit, name: $name, result: $result, error: $error, at: $at}' \
+                >"$failed.tmp"
+            mv -f "$failed.tmp" "$failed"
+            warn "not retried on later switches until the kernel, initrd, kernel parameters, signature or apply options change (now: systemctl start mk-upgrade-live.service)"
+            ;;
+    esac
     return 1
 }
 
 cmd_run() {
     local sys manual=0
-    if [ -e "$request" ]; then
+    if [ -n "${MK_LIVE_HANDED_SYSTEM:-}" ]; then
+        # Handed over by the previous generation's script, which holds the lock on fd 9.
+        sys=$MK_LIVE_HANDED_SYSTEM
+    elif [ -e "$request" ]; then
         sys=$(jq -r '.system' "$request")
+        local script
+        script=$(jq -r '.script // empty' "$request")
         rm -f "$request"
     else
         # Started by hand (`systemctl start mk-upgrade-live.service`): the running
-        # configuration, which must be the boot default; a remembered failure is retried.
+        # configuration; a remembered failure is retried.
         manual=1
         sys=$(readlink -f "$root/run/current-system")
-        local default
-        default=$(readlink -f "$profiles/system" 2>/dev/null || true)
-        if [ "$sys" != "$default" ]; then
-            warn "no live upgrade: the running configuration $sys is not the boot default ($default), as after 'nixos-rebuild test'"
-            return 1
-        fi
     fi
 
-    # Wait for switch-to-configuration to finish (it holds this lock while it runs), and
-    # hold the lock while the kernel is replaced: a switch started meanwhile is refused by
-    # switch-to-configuration ("Could not acquire lock") instead of being cut by the kexec.
-    # Only this shell holds it: the commands it starts get `9>&-`, so nothing they leave
-    # running (a supervisor, on the emulated platform) keeps the lock after it exits.
-    mkdir -p "${lock%/*}"
-    exec 9>>"$lock"
-    if ! flock -w "$lock_wait" 9; then
-        warn "no live upgrade: switch-to-configuration still holds $lock after ${lock_wait}s"
-        return 1
+    if [ -z "${MK_LIVE_HANDED_SYSTEM:-}" ]; then
+        # Wait for switch-to-configuration to finish (it holds this lock while it runs),
+        # and hold the lock while the kernel is replaced: a switch started meanwhile is
+        # refused by switch-to-configuration ("Could not acquire lock") instead of being cut
+        # by the kexec. Only this shell holds it: the commands it starts get `9>&-`, so
+        # nothing they leave running (a supervisor, on the emulated platform) keeps it.
+        if [ -d "${lock%/*}" ] || mkdir -p "${lock%/*}" 2>/dev/null; then
+            exec 9>>"$lock"
+            if ! flock -w "$lock_wait" 9; then
+                warn "no live upgrade: switch-to-configuration still holds $lock after ${lock_wait}s; retry with: systemctl start mk-upgrade-live.service"
+                return 1
+            fi
+        else
+            say "no ${lock%/*} (no switch since boot): going on without the switch lock"
+        fi
+        # The request names the script of the generation that scheduled it; the unit that
+        # started may be the previous generation's. Hand over to the new one (it inherits
+        # the lock on fd 9).
+        if [ -n "${script:-}" ] && [ -x "$script" ] && [ "$script" != "${MK_LIVE_WRAPPER:-}" ]; then
+            say "handing over to the switched-to generation's script $script"
+            MK_LIVE_HANDED_SYSTEM=$sys exec "$script" run
+        fi
     fi
 
     local current booted new
@@ -193,6 +249,10 @@ cmd_run() {
     if [ "$current" != "$sys" ]; then
         say "no live upgrade to $sys: a later switch activated $current (it schedules its own)"
         return 0
+    fi
+    if ! is_boot_default "$sys"; then
+        warn "no live upgrade: the running configuration $sys is not the boot default ($(readlink -f "$profiles/system" 2>/dev/null || echo none)): after 'nixos-rebuild test', or a specialisation"
+        return 1
     fi
     booted=$(readlink -f "$root/run/booted-system/kernel")
     new=$(readlink -f "$sys/kernel")
@@ -207,7 +267,7 @@ cmd_run() {
         return 0
     fi
     id=$(identity "$sys")
-    if [ "$manual" = 1 ]; then rm -f "$failed"; fi
+    if [ "$manual" = 1 ]; then rm -f "$failed" "$attempt"; fi
 
     # The signature belongs to one kernel image: the one this generation was built with.
     local signed_kernel args=()
@@ -225,9 +285,9 @@ cmd_run() {
     args+=("${extra[@]}")
 
     # Going back: a generation older than the newest one (`nixos-rebuild switch
-    # --rollback`, or switching to an older generation's toplevel) is allowed to run an
-    # older kernel (--allow-downgrade). The version floor still applies: a kernel below
-    # the host's floor is refused (exit 6) and takes effect only at the next reboot.
+    # --rollback`) is allowed to run an older kernel (--allow-downgrade). The version floor
+    # still applies: a kernel below the host's floor is refused (exit 6) and takes effect
+    # only at the next reboot.
     local gen newest
     gen=$(generation_of "$sys")
     newest=$(newest_generation)
@@ -236,42 +296,57 @@ cmd_run() {
         args+=(--allow-downgrade)
     fi
 
+    # The way back must boot the booted generation with its boot.initrd.secrets.
+    if [ -e "$run_dir/booted-initrd.no-secrets" ]; then
+        not_done "$id" "$new" 8 refused "the host agent's way back has no boot.initrd.secrets ($(cat "$run_dir/booted-initrd.no-secrets")): a failed upgrade would boot the old kernel without them; fix the secrets and restart mk-agentd-serve.service"
+        return 1
+    fi
+
     # The initrd the boot loader would give this generation, with boot.initrd.secrets
     # appended the way the boot loader does it (the store copy has none).
     local initrd
     initrd=$(readlink -f "$sys/initrd")
+    mkdir -p "$run_dir"
+    chmod 0700 "$run_dir"
+    local with_secrets=$run_dir/target-initrd
+    rm -f "$with_secrets"
     if [ -e "$sys/append-initrd-secrets" ]; then
-        mkdir -p "$run_dir"
-        chmod 0700 "$run_dir"
-        local with_secrets=$run_dir/target-initrd
-        rm -f "$with_secrets"
         (umask 077 && cp "$initrd" "$with_secrets")
         if ! "$sys/append-initrd-secrets" "$with_secrets" 9>&-; then
             rm -f "$with_secrets"
-            not_done "$id" "$new" 3 refused "cannot append boot.initrd.secrets to the initrd ($sys/append-initrd-secrets failed): the new kernel would boot without them"
+            not_done "$id" "$new" 8 refused "cannot append boot.initrd.secrets to the initrd ($sys/append-initrd-secrets failed): the new kernel would boot without them"
             return 1
         fi
         initrd=$with_secrets
     fi
 
+    # Remembered before the apply: on luo a success or a failure after the kexec ends this
+    # script without a result; if the old kernel still runs at the next switch, the attempt
+    # counts as failed (remembered()).
     mkdir -p "$record_dir"
     local out=$record_dir/last-apply.json rc=0
+    rm -f "$out" "$out.tmp"
+    jq -n --arg id "$id" --arg kernel "$new" --arg at "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+        '{identity: $id, kernel: $kernel, at: $at}' >"$attempt.tmp"
+    mv -f "$attempt.tmp" "$attempt"
     say "live upgrade $booted -> $new (generation ${gen:-?})"
     mk-upgrade --state-dir "$state" --platform luo apply \
         --kernel "$new" --initrd "$initrd" \
         --cmdline "init=$sys/init $(cat "$sys/kernel-params" 2>/dev/null || true)" \
         "${args[@]}" --json >"$out.tmp" 9>&- || rc=$?
     mv -f "$out.tmp" "$out"
+    rm -f "$with_secrets"
     local result err
     result=$(jq -r '.result // "no report"' "$out" 2>/dev/null || echo "no report")
     err=$(jq -r '[.error // empty] + [.checks[]? | select(.ok | not) | "\(.name): \(.detail)"] | join("; ")' "$out" 2>/dev/null || true)
     case $rc in
         0)
-            rm -f "$failed"
+            rm -f "$failed" "$attempt"
             say "upgraded live to $(jq -r '.kernel_after' "$out") (record: $out)"
             return 0
             ;;
         14)
+            rm -f "$attempt"
             say "nothing to do: $err"
             return 0
             ;;
@@ -279,16 +354,22 @@ cmd_run() {
     not_done "$id" "$new" "$rc" "$result" "$err"
 }
 
+# The booted generation's initrd with its boot.initrd.secrets, for the host agent's way
+# back. If the secrets cannot be appended the agent still starts (its workloads must run)
+# with the plain initrd, and live upgrades are refused until this is fixed.
 cmd_booted_initrd() {
     local booted out=$run_dir/booted-initrd
     booted=$(readlink -f "$root/run/booted-system")
     mkdir -p "$run_dir"
     chmod 0700 "$run_dir"
-    rm -f "$out"
+    rm -f "$out" "$run_dir/booted-initrd.no-secrets"
     (umask 077 && cp "$(readlink -f "$booted/initrd")" "$out")
-    if [ -e "$booted/append-initrd-secrets" ]; then
-        "$booted/append-initrd-secrets" "$out"
+    if [ -e "$booted/append-initrd-secrets" ] && ! "$booted/append-initrd-secrets" "$out"; then
+        (umask 077 && cp "$(readlink -f "$booted/initrd")" "$out")
+        echo "$booted/append-initrd-secrets failed at $(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$run_dir/booted-initrd.no-secrets"
+        warn "cannot append boot.initrd.secrets to the booted generation's initrd: the host agent starts with the plain one, and live upgrades are refused until this is fixed (then restart mk-agentd-serve.service)"
     fi
+    return 0
 }
 
 case ${1:-} in

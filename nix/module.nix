@@ -85,40 +85,58 @@ let
     ''
   );
 
-  workloadModule = {
-    # Every other key of the workload file (env, cpu_max, memory_max, transfer, integrity,
-    # memfd, listen, health, mode, ...) is accepted here and checked by mk-upgrade itself
-    # at build time (`mk-upgrade workloads check`, in system.checks), which rejects
-    # unknown keys such as a misspelt `helth` (docs/workloads.md).
-    freeformType = tomlFormat.type;
-    options = {
-      name = mkOption {
-        type = types.strMatching "[A-Za-z0-9._-]{1,63}";
-        description = "Workload name (unique; it becomes a cgroup and LUO session name).";
-      };
-      exec = mkOption {
-        type = types.strMatching "/.*";
-        example = literalExpression ''"''${pkgs.mk-upgrade}/bin/mk-demo-kv"'';
-        description = "Absolute path of the program.";
-      };
-      args = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-        description = "Its arguments.";
+  workloadModule =
+    { name, ... }:
+    {
+      # Every other key of the workload file (env, cpu_max, memory_max, transfer, integrity,
+      # memfd, listen, health, mode, ...) is accepted here and checked by mk-upgrade itself
+      # at build time (`mk-upgrade workloads check`, in system.checks), which rejects
+      # unknown keys such as a misspelt `helth` (docs/workloads.md).
+      freeformType = tomlFormat.type;
+      options = {
+        name = mkOption {
+          type = types.strMatching "[A-Za-z0-9._-]{1,63}";
+          default = name;
+          defaultText = literalExpression "<the attribute name>";
+          description = "Workload name (it becomes a cgroup and LUO session name).";
+        };
+        exec = mkOption {
+          type = types.strMatching "/.*";
+          example = literalExpression ''"''${pkgs.mk-upgrade}/bin/mk-demo-kv"'';
+          description = "Absolute path of the program.";
+        };
+        args = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          description = "Its arguments.";
+        };
       };
     };
-  };
 
-  # `workloads` as an attribute set: the attribute name is the workload name.
-  workloadAttrsToList = ws: lib.mapAttrsToList (name: w: { inherit name; } // w) ws;
+  # The list form (each entry with its `name`) as the attribute set it stands for. A name
+  # given twice is kept twice under distinct keys, so that the assertion below names it.
+  workloadListToAttrs =
+    ws:
+    lib.listToAttrs (
+      lib.imap0 (
+        i: w:
+        let
+          n = w.name or (throw "services.mk-upgrade.workloads: list entry ${toString i} has no name");
+          first = lib.findFirst (x: (x.name or null) == n) null ws;
+        in
+        lib.nameValuePair (if first == w then n else "${n}#${toString i}") w
+      ) ws
+    );
 
-  workloadNames = map (w: w.name) cfg.workloads;
+  workloadList = lib.attrValues cfg.workloads;
+
+  workloadNames = map (w: w.name) workloadList;
   duplicateNames = lib.unique (
     lib.filter (n: lib.count (m: m == n) workloadNames > 1) workloadNames
   );
 
   workloadsFile = tomlFormat.generate "mk-upgrade-workloads.toml" {
-    workload = map (w: lib.filterAttrs (n: v: n != "_module" && v != null) w) cfg.workloads;
+    workload = map (w: lib.filterAttrs (n: v: n != "_module" && v != null) w) workloadList;
   };
 
   # Build-time validation of the generated file by the mk-upgrade that will read it.
@@ -152,6 +170,9 @@ let
       ]
     }
     export MK_STATE_DIR=${escapeShellArg cfg.stateDir}
+    # This wrapper's own path: a request names it, so that the generation that scheduled an
+    # upgrade runs it even when the previous generation's unit was started.
+    export MK_LIVE_WRAPPER="$0"
     exec ${pkgs.bash}/bin/bash ${./live-upgrade.sh} "$@"
   '';
 
@@ -231,10 +252,10 @@ in
     };
 
     workloads = mkOption {
-      type = types.coercedTo (types.attrsOf (types.attrsOf types.anything)) workloadAttrsToList (
-        types.listOf (types.submodule workloadModule)
+      type = types.coercedTo (types.listOf (types.attrsOf types.anything)) workloadListToAttrs (
+        types.attrsOf (types.submodule workloadModule)
       );
-      default = [ ];
+      default = { };
       example = literalExpression ''
         {
           kv-1 = {
@@ -247,11 +268,13 @@ in
         }
       '';
       description = ''
-        The workloads mk-upgrade manages, rendered to STATE_DIR/workloads.toml (the format of
-        docs/workloads.md, one `[[workload]]` per entry) and validated at build time by
-        `mk-upgrade workloads check`. A list keeps its order; an attribute set is ordered by
-        name, and the attribute name is the workload name. Names must be unique. Empty:
-        STATE_DIR/workloads.toml is left alone.
+        The workloads mk-upgrade manages, by name (the attribute name is the workload's
+        `name` unless set), rendered to STATE_DIR/workloads.toml (the format of
+        docs/workloads.md, one `[[workload]]` per entry, ordered by attribute name) and
+        validated at build time by `mk-upgrade workloads check`. Definitions of one
+        workload in several modules merge like any submodule. A list of entries with a
+        `name` is accepted too (converted to the attribute set). Names must be unique.
+        Empty: STATE_DIR/workloads.toml is left alone.
       '';
     };
 
@@ -364,9 +387,9 @@ in
         "d /run/mk-upgrade 0700 root root -"
       ]
       ++ lib.optional (cfg.trustedKeys != { }) "L+ ${cfg.stateDir}/trusted-keys - - - - ${trustedKeysDir}"
-      ++ lib.optional (cfg.workloads != [ ]) "L+ ${cfg.stateDir}/workloads.toml - - - - ${workloadsFile}";
+      ++ lib.optional (cfg.workloads != { }) "L+ ${cfg.stateDir}/workloads.toml - - - - ${workloadsFile}";
 
-      system.checks = lib.optional (cfg.workloads != [ ]) workloadsCheck;
+      system.checks = lib.optional (cfg.workloads != { }) workloadsCheck;
 
       # Start-up recovery: finish or undo an upgrade that was interrupted (crash, power
       # loss, a kexec that came back), before anything uses the workloads' state.
@@ -420,7 +443,9 @@ in
         stopIfChanged = false;
         environment.MK_STATE_DIR = cfg.stateDir;
         serviceConfig = mkDefaults {
-          Type = "simple";
+          # READY=1 once its control socket is bound and the workloads run (restored after a
+          # kexec), so Before= the workload units and After= it mean "serving".
+          Type = "notify";
           ExecStartPre = "${liveScript} booted-initrd";
           ExecStart = "${cfg.package}/bin/mk-agentd serve --state-dir ${escapeShellArg cfg.stateDir} --workloads ${escapeShellArg "${cfg.stateDir}/workloads.toml"} --kernel-image /run/booted-system/kernel --initrd /run/mk-upgrade/booted-initrd";
           Restart = "on-failure";

@@ -721,6 +721,7 @@ impl Store {
             .compare_exchange(start, layout.end, Ordering::Release, Ordering::Acquire)
             .is_err()
         {
+            self.lost_race();
             return Ok(None);
         }
         self.indexed = layout.end;
@@ -803,7 +804,12 @@ impl Store {
                 Err(StoreError::Full { .. }) => Ok(true),
                 other => other,
             },
-            Index::Table(t) if self.keys >= index::max_keys(t.bits) => self.grow(),
+            Index::Table(t) if self.keys >= index::max_keys(t.bits) => match self.grow() {
+                // No room for a larger table under --max-capacity: the current one takes
+                // keys up to 7/8 full (probing is capped), so records still fit.
+                Err(StoreError::Full { .. }) if self.keys < (1u64 << t.bits) / 8 * 7 => Ok(true),
+                other => other,
+            },
             Index::Heap(_) | Index::Table(_) => Ok(true),
         }
     }
@@ -930,10 +936,15 @@ impl Store {
     fn commit_only(&mut self, p: &Pending) -> Option<u64> {
         let old = self.indexed;
         let new = old + p.need;
-        self.shm
+        if self
+            .shm
             .committed()
             .compare_exchange(old, new, Ordering::Release, Ordering::Acquire)
-            .ok()?;
+            .is_err()
+        {
+            self.lost_race();
+            return None;
+        }
         self.indexed = new;
         self.records += 1;
         self.last_record = p.start;
@@ -941,6 +952,20 @@ impl Store {
             self.keys += 1;
         }
         Some(self.records)
+    }
+
+    /// A commit compare-and-swap failed after this process wrote bytes past its view of
+    /// the committed end: another holder appended meanwhile (this process was frozen, the
+    /// successor wrote, the upgrade was aborted and this process thawed), so those bytes may
+    /// have landed on the other holder's committed records. The tail check of the table
+    /// would not look there: the next catch-up verifies the whole log instead (a damaged
+    /// record then stops the store loudly, as format 1 did). Not caught: a record of ours
+    /// that replaced one of the same length exactly (its CRC and sequence number are valid);
+    /// a workload that hands its connections over at a request boundary before the freeze
+    /// (`handoff_signal`) is never frozen inside a write, which is what closes that window.
+    fn lost_race(&mut self) {
+        self.needs_rebuild =
+            Some("a commit lost its race with another holder: checking the whole log".to_owned());
     }
 
     /// Indexes a record this process committed.
@@ -1170,6 +1195,45 @@ mod tests {
         assert_eq!(a.get(b"k1").unwrap().as_deref(), Some(&b"new"[..]));
         assert!(same(&a, &b));
         assert_eq!(a.stats().keys, 1001);
+    }
+
+    #[test]
+    fn a_thawed_writer_that_wrote_over_the_successors_records_stops_loudly() {
+        // A catches up, is "frozen" before writing; B appends a committed record; A is
+        // thawed and writes its record where it believes the end is: over B's record. A's
+        // commit fails; its next operation must verify the whole log and refuse the damage,
+        // not go on with an index whose tail check never looks there.
+        let mut a = table_store(1 << 20);
+        a.set(b"x", b"1").unwrap();
+        let mut b = adopt(&a);
+        a.catch_up().unwrap();
+        b.set(b"acked", b"by-the-successor").unwrap();
+        // More records after it: the table's tail check starts at the last one, far from
+        // the damage.
+        for i in 0..8 {
+            b.set(format!("later-{i}").as_bytes(), b"v").unwrap();
+        }
+        // What write_record does after its checks, from A's stale view (the plain copy a
+        // frozen writer resumes with; write_record itself may notice B's slots and catch
+        // up first, depending on where the key hashes).
+        let value = [b'q'; 40];
+        let need = log::record_len_for(a.version, 1, value.len()) as u64;
+        let start = a.reserve(need).unwrap();
+        let mut rec = Vec::new();
+        log::encode_record(b"z", &value, a.records + 1, a.keys + 1, &mut rec);
+        a.shm.write(start, &rec);
+        let p = Pending {
+            start,
+            need,
+            key: (&b"z"[..]).into(),
+            value_len: value.len() as u32,
+            hash: index::key_hash(a.hash_key, b"z"),
+            new_key: true,
+        };
+        assert!(a.commit(p).is_none(), "the stale commit must lose its race");
+        let e = a.set(b"y", b"2").unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt(_)), "got {e:?}");
+        assert!(a.get(b"acked").is_err(), "the damaged store stays refused");
     }
 
     #[test]

@@ -172,6 +172,15 @@ let
         systemd.services.mk-agentd-serve.serviceConfig.ProtectKernelModules = false;
       }
     ];
+    # item 6: one workload defined in two modules merges (a submodule, not list entries),
+    # with mkDefault inside
+    split = [
+      { services.mk-upgrade = full; }
+      {
+        services.mk-upgrade.workloads.kv-1.args = lib.mkForce [ "--capacity" "4MiB" ];
+        services.mk-upgrade.workloads.kv-2 = lib.mkDefault (kv // { listen = [ ]; });
+      }
+    ];
     # a typo in the module's own options is reported against its full name
     unknownOption = [
       {
@@ -236,6 +245,7 @@ in
   requiredKernelConfig = map (c: c.configLine) cfg.system.requiredKernelConfig;
   kernelParams = cfg.boot.kernelParams;
   kernelPatches = cfg.boot.kernelPatches;
-  workloadNames = map (w: w.name) cfg.services.mk-upgrade.workloads;
+  workloadNames = map (w: w.name) (builtins.attrValues cfg.services.mk-upgrade.workloads);
+  workloadArgs = lib.mapAttrs (_: w: w.args) cfg.services.mk-upgrade.workloads;
   trustedKeyNames = builtins.attrNames cfg.services.mk-upgrade.trustedKeys;
 }

@@ -115,7 +115,7 @@ refused() { # refused CASE TEXT...: the evaluation fails and its message has eve
         }
     done
 }
-for c in full minimal emulatedSwitch oldKernel hostSignature hostKey duplicateNames misspelt override; do
+for c in full minimal emulatedSwitch oldKernel hostSignature hostKey duplicateNames misspelt override split; do
     check "evaluates: $c" eval_case "$c"
 done
 f=$work/full.json
@@ -126,8 +126,8 @@ check "full: mk-agentd oneshot, RemainAfterExit, --state-dir, hardened" jqt "$f"
     '.services."mk-agentd".serviceConfig | .Type == "oneshot" and .RemainAfterExit and (.ExecStart | endswith("/bin/mk-agentd --state-dir /var/lib/mk-upgrade")) and .UMask == "0077" and .ProtectHome == "read-only"'
 check "full: mk-agentd after local-fs, before the workload units" jqt "$f" \
     '.services."mk-agentd" | (.after | index("local-fs.target") != null) and .before == ["kv-store.service"]'
-check "full: mk-agentd-serve before the workload units, wanted by them, --initrd of the booted generation" jqt "$f" \
-    '.services."mk-agentd-serve" | .before == ["kv-store.service"] and (.wantedBy | index("kv-store.service") != null) and (.serviceConfig.ExecStart | test("--kernel-image /run/booted-system/kernel --initrd /run/mk-upgrade/booted-initrd$")) and (.serviceConfig.ExecStartPre | endswith(" booted-initrd")) and .restartIfChanged == false and .stopIfChanged == false'
+check "full: mk-agentd-serve (Type=notify) before the workload units, wanted by them, --initrd of the booted generation" jqt "$f" \
+    '.services."mk-agentd-serve" | .serviceConfig.Type == "notify" and .before == ["kv-store.service"] and (.wantedBy | index("kv-store.service") != null) and (.serviceConfig.ExecStart | test("--kernel-image /run/booted-system/kernel --initrd /run/mk-upgrade/booted-initrd$")) and (.serviceConfig.ExecStartPre | endswith(" booted-initrd")) and .restartIfChanged == false and .stopIfChanged == false'
 check "full: no unit restarted by kernel changes (the old switch unit is gone)" jqt "$f" \
     '(.services | has("mk-upgrade-switch") | not) and ([.services[].restartTriggers[]] == [])'
 check "full: mk-upgrade-live: oneshot, wanted by nothing, never restarted or stopped by a switch" jqt "$f" \
@@ -165,6 +165,8 @@ check "trusted key as a host path: refused" jqt "$work/hostKey.json" \
     '.failedAssertions | length == 1 and (.[0] | startswith("services.mk-upgrade.trustedKeys.ci = \"/etc/mk-upgrade/ci.pub\" is a path outside the store"))'
 check "duplicate workload names: refused" jqt "$work/duplicateNames.json" \
     '.failedAssertions == ["services.mk-upgrade.workloads: workload names must be unique; repeated: kv."]'
+check "one workload defined in two modules merges; mkDefault of a whole workload works" jqt "$work/split.json" \
+    '.workloadNames == ["kv-1", "kv-2"] and .workloadArgs."kv-1" == ["--capacity", "4MiB"] and .failedAssertions == []'
 check "override: plain definitions beat the unit defaults (no mkForce)" jqt "$work/override.json" \
     '.services."mk-agentd".serviceConfig.ProtectHome == false and .services."mk-agentd".serviceConfig.RemainAfterExit == false and .services."mk-upgrade-live".serviceConfig.TimeoutStartSec == "3h" and .services."mk-agentd-serve".serviceConfig.ProtectKernelModules == false'
 check "a unit name without .service: refused against services.mk-upgrade.workloadUnits" \
@@ -239,8 +241,9 @@ check "systemd-analyze verify: the rendered units" bash -c "
 
 echo "== 5. the switch hook against scratch trees"
 live_src=$(jq -r '.services."mk-upgrade-live".serviceConfig.ExecStart | split(" ") | first' "$f")
-check "the wrapper runs nix/live-upgrade.sh with MK_STATE_DIR" bash -c "
-    grep -q 'export MK_STATE_DIR=/var/lib/mk-upgrade' '$live_src' && grep -q '/bin/bash .*live-upgrade.sh \"\$@\"' '$live_src'"
+check "the wrapper runs nix/live-upgrade.sh with MK_STATE_DIR and its own path" bash -c "
+    grep -q 'export MK_STATE_DIR=/var/lib/mk-upgrade' '$live_src' && grep -q 'export MK_LIVE_WRAPPER=\"\$0\"' '$live_src' &&
+    grep -q '/bin/bash .*live-upgrade.sh \"\$@\"' '$live_src'"
 hook_store=$(grep -o '[^ ]*live-upgrade.sh' "$live_src")
 check "the store copy of the hook is nix/live-upgrade.sh" cmp -s "$hook_store" "$nixdir/live-upgrade.sh"
 check "hook: shellcheck" shellcheck -s bash "$nixdir/live-upgrade.sh"
@@ -255,12 +258,19 @@ mkdir -p "$root/run/nixos" "$root/nix/var/nix/profiles" "$work/gens" "$work/shim
 cat >"$work/shim/mk-upgrade" <<EOF
 #!/usr/bin/env bash
 printf '%s %s\n' "\$(date +%s.%N)" "\$*" >>"$work/shim.log"
-if [ "\${SHIM:-real}" = refuse ]; then
-    echo '{"result": "refused", "error": "stand-in: refused as a downgrade"}'
-    exit 6
-fi
+case "\${SHIM:-real}" in
+refuse) echo '{"result": "refused", "error": "stand-in: refused as a downgrade"}'; exit 6 ;;
+busy) echo '{"result": "error", "error": "stand-in: another upgrade is in flight"}'; exit 9 ;;
+vanish) kill -9 "\$PPID"; exit 1 ;; # the luo kexec: the script never sees a result
+esac
 args=()
+prev=
 for a in "\$@"; do
+    if [ "\$prev" = --initrd ]; then
+        # what the apply was given, kept: the hook removes its private copy afterwards
+        cp "\$a" "$work/shim-initrd"; stat -c %a "\$a" >"$work/shim-initrd.mode"
+    fi
+    prev=\$a
     if [ "\${SHIM:-real}" = emulated ] && [ "\$a" = luo ]; then a=emulated; fi
     args+=("\$a")
 done
@@ -405,9 +415,9 @@ hook sw7 switch schedule "$work/gens/S"
 : >"$work/shim.log"
 hook run7 - run
 initrd_used=$(grep -o -- '--initrd [^ ]*' "$work/shim.log" | cut -d' ' -f2)
-check "initrd secrets: the apply gets a private copy with the secrets appended" bash -c "
-    [ '$initrd_used' = '$root/run/mk-upgrade/target-initrd' ] && grep -q 'SECRETS of' '$initrd_used' && grep -q 'initrd of S' '$initrd_used' &&
-    [ \"\$(stat -c %a '$initrd_used')\" = 600 ]"
+check "initrd secrets: the apply gets a private 0600 copy with the secrets appended, removed afterwards" bash -c "
+    [ '$initrd_used' = '$root/run/mk-upgrade/target-initrd' ] && grep -q 'SECRETS of' '$work/shim-initrd' && grep -q 'initrd of S' '$work/shim-initrd' &&
+    [ \"\$(cat '$work/shim-initrd.mode')\" = 600 ] && [ ! -e '$initrd_used' ]"
 hook bi - booted-initrd
 check "booted-initrd: the booted generation's initrd with its secrets, 0600" bash -c "
     [ $rc = 0 ] && grep -q 'initrd of BS' '$root/run/mk-upgrade/booted-initrd' && grep -q 'SECRETS of' '$root/run/mk-upgrade/booted-initrd' &&
@@ -427,6 +437,69 @@ setlinks A B 1 1=A 2=B
 hook run9 - run
 check "manual start on a generation that is not the boot default: refused" bash -c "
     [ $rc = 1 ] && grep -q 'is not the boot default' '$work/run9.out'"
+
+# Dry activation changes nothing, not even a pending request.
+setlinks A B 2 1=A 2=B
+hook sw10 switch schedule "$work/gens/B"
+hook dry2 dry-activate schedule "$work/gens/A"
+check "dry-activate leaves a pending request alone" test -e "$req"
+rm -f "$req"
+# A specialisation (switch --specialisation X): the boot default stays the base.
+mkgen SP "$work/img/bzImage-B"
+hook spec switch schedule "$work/gens/SP"
+check "a generation that is not the system profile's (specialisation): not scheduled, says why" bash -c "
+    [ $rc = 0 ] && [ ! -e '$req' ] && grep -q 'is not the boot default (a specialisation' '$work/spec.out'"
+# The luo ending: the script dies with the kexec (here: killed) and no result comes back;
+# if the old kernel still runs at the next switch, the attempt counts as a failure.
+hook sw11 switch schedule "$work/gens/B"
+SHIM=vanish hook run11 - run
+check "an apply that never returned leaves its attempt on record" jqt "$work/state/nixos-switch/attempt.json" \
+    '.kernel == "'"$work/img/bzImage-B"'"'
+hook sw12 switch schedule "$work/gens/B"
+check "the next switch, old kernel still running: NOT retried (attempted, no result)" bash -c "
+    [ $rc = 0 ] && [ ! -e '$req' ] && grep -q 'NOT retried: it was attempted at' '$work/sw12.out'"
+rm -f "$work/state/nixos-switch/attempt.json"
+# Another upgrade in flight (exit 9) is not remembered: the next switch tries again.
+hook sw13 switch schedule "$work/gens/B"
+SHIM=busy hook run13 - run
+check "exit 9 (busy): NOT done, not remembered" bash -c "
+    [ $rc = 1 ] && grep -q 'not remembered (exit 9 may pass)' '$work/run13.out' && [ ! -e '$work/state/nixos-switch/failed.json' ]"
+hook sw14 switch schedule "$work/gens/B"
+check "... and the next switch schedules it again" test -e "$req"
+rm -f "$req"
+# The previous generation's unit started by the request hands over to the new script.
+{
+    echo '#!/usr/bin/env bash'
+    echo "echo \"NEW SCRIPT \$*\" >>'$work/handed.log'"
+    echo 'export MK_LIVE_WRAPPER="$0"'
+    echo "exec bash '$hook_store' \"\$@\""
+} >"$work/newwrap"
+chmod +x "$work/newwrap"
+MK_LIVE_WRAPPER=$work/newwrap hook sw15 switch schedule "$work/gens/B"
+check "the request names the scheduling generation's script" jqt "$req" '.script == "'"$work/newwrap"'"'
+(flock "$root/run/nixos/switch-to-configuration.lock" sleep 1) &
+sleep 0.2
+SHIM=refuse MK_LIVE_WRAPPER=$work/oldwrap hook run15 - run
+wait
+check "the old generation's unit hands over to it, which applies (the lock is kept, not taken twice)" bash -c "
+    grep -q 'handing over to the switched-to generation' '$work/run15.out' && grep -q 'NEW SCRIPT run' '$work/handed.log' &&
+    grep -q 'live upgrade .* (generation 2)' '$work/run15.out'"
+rm -f "$work/state/nixos-switch/failed.json"
+# boot.initrd.secrets that cannot be appended: the agent still starts (plain initrd), live
+# upgrades are refused until fixed.
+mkgen BF "$work/img/bzImage-A"
+printf '#!/bin/sh\necho "secret source missing" >&2\nexit 1\n' >"$work/gens/BF/append-initrd-secrets"
+chmod +x "$work/gens/BF/append-initrd-secrets"
+setlinks BF B 2 1=BF 2=B
+hook bi2 - booted-initrd
+check "booted-initrd with failing secrets: exit 0 (the agent starts), plain initrd, marker, warning" bash -c "
+    [ $rc = 0 ] && grep -q 'initrd of BF' '$root/run/mk-upgrade/booted-initrd' && [ -e '$root/run/mk-upgrade/booted-initrd.no-secrets' ] &&
+    grep -q 'live upgrades are refused until this is fixed' '$work/bi2.out'"
+hook sw16 switch schedule "$work/gens/B"
+: >"$work/shim.log"
+hook run16 - run
+check "... and the live upgrade is refused naming the way back, before any apply" bash -c "
+    [ $rc = 1 ] && grep -q 'way back has no boot.initrd.secrets' '$work/run16.out' && [ ! -s '$work/shim.log' ]"
 
 echo
 total=$((passes + failures))

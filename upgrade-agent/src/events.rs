@@ -3,9 +3,12 @@
 //! umask, fsynced after each line), rotated by size to `events.jsonl.1` … `.N`. Unlike the
 //! journal's history (the last records only) it keeps what happened in order, across
 //! upgrades, for `mk-upgrade events` and for log shippers. Lines produced while a workload
-//! is frozen (from its freeze to the end of its move) are kept in memory and written when the
-//! move ends, in order and with their own timestamps: an fsync inside the blackout would
-//! lengthen it (a crash in that window loses those lines; the journal is the authority).
+//! is frozen (from its freeze to the end of its move: healthy on the new instance, or thawed
+//! on the old one) are kept in memory and written when the move ends, in order and with their
+//! own timestamps: an fsync inside the blackout would lengthen it (a crash in that window
+//! loses those lines; the journal is the authority). This helps side by side; on a replace
+//! platform (luo) a staged workload stays frozen until the kexec, so the lines written after
+//! its staging are inside its blackout anyway.
 //!
 //! A line (`docs/state.md` "events.jsonl"):
 //!

@@ -53,3 +53,64 @@ mod tests {
         assert!(!super::is_journal(None, Some((8, 1234))));
     }
 }
+
+/// Tells the service manager that start-up is done (`READY=1`, systemd's `sd_notify`
+/// protocol for `Type=notify` units): one datagram to `$NOTIFY_SOCKET` (a path, or an
+/// abstract name written `@name`). Returns whether a manager was told; without
+/// `NOTIFY_SOCKET` nothing is sent. `status` goes along as `STATUS=`.
+pub fn notify_ready(status: &str) -> std::io::Result<bool> {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(false);
+    };
+    notify_to(&target, &format!("READY=1\nSTATUS={status}\n")).map(|()| true)
+}
+
+fn notify_to(target: &std::ffi::OsStr, msg: &str) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let bytes = target.as_bytes();
+    let addr = match bytes.first() {
+        Some(b'@') => SocketAddr::from_abstract_name(&bytes[1..])?,
+        Some(b'/') => SocketAddr::from_pathname(std::path::Path::new(target))?,
+        _ => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "NOTIFY_SOCKET is neither an absolute path nor an @abstract name",
+            ));
+        }
+    };
+    let sock = UnixDatagram::unbound()?;
+    sock.send_to_addr(msg.as_bytes(), &addr)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod notify_tests {
+    use super::notify_to;
+    use std::os::unix::net::UnixDatagram;
+
+    #[test]
+    fn ready_reaches_a_path_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let rx = UnixDatagram::bind(&path).unwrap();
+        notify_to(path.as_os_str(), "READY=1\nSTATUS=x\n").unwrap();
+        let mut buf = [0u8; 64];
+        let n = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1\nSTATUS=x\n");
+    }
+
+    #[test]
+    fn ready_reaches_an_abstract_socket_and_bad_names_are_refused() {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("mk-notify-test-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let rx = UnixDatagram::bind_addr(&addr).unwrap();
+        notify_to(std::ffi::OsStr::new(&format!("@{name}")), "READY=1\n").unwrap();
+        let mut buf = [0u8; 64];
+        let n = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1\n");
+        assert!(notify_to(std::ffi::OsStr::new("relative"), "READY=1\n").is_err());
+    }
+}

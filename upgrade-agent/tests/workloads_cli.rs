@@ -52,7 +52,9 @@ fn misspelt_key_is_named_exit_2() {
     let (rc, out, _) = check(&f, true);
     assert_eq!(rc, 2);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["valid"], false);
     assert_eq!(v["exit"], 2);
+    assert_eq!(v["file"], f.display().to_string());
     assert!(v["error"].as_str().unwrap().contains("helth"));
 }
 
@@ -71,4 +73,19 @@ fn duplicate_names_and_missing_file() {
     let (rc, _, err) = check(&dir.path().join("missing.toml"), false);
     assert_eq!(rc, 3);
     assert!(err.contains("cannot read workload file"), "{err}");
+}
+
+#[test]
+fn missing_default_file_declares_no_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mk-upgrade"))
+        .args(["workloads", "check", "--json"])
+        .env("MK_STATE_DIR", dir.path())
+        .env_remove("MK_WORKLOADS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["workloads"], serde_json::json!([]));
 }

@@ -700,12 +700,17 @@ impl<'a> Orchestrator<'a> {
         };
         let attempt =
             task.and_then(|task| self.offer(from, to, name, &spec, &task, &release, t0, t_stopped));
-        self.release_events();
         match attempt {
-            Ok(b) => Ok(b),
+            Ok(b) => {
+                self.release_events();
+                Ok(b)
+            }
             Err(e) => {
+                // Thawed first: the held lines are written after the blackout ended.
                 self.platform.abort(to, name, &e.to_string());
-                self.platform.thaw(from, name)?;
+                let thawed = self.platform.thaw(from, name);
+                self.release_events();
+                thawed?;
                 Err(e)
             }
         }

@@ -202,13 +202,18 @@ pub fn serve(opts: &ServeOptions) -> Result<(), AgentError> {
         what: format!("binding {}", path.display()),
         source,
     })?;
+    let workloads = lock(&shared).workloads.len();
     say(&format!(
-        "MK-AGENT-READY release={} luo={} resumed={} workloads={}",
-        report.release,
-        report.luo,
-        report.resumed,
-        lock(&shared).workloads.len()
+        "MK-AGENT-READY release={} luo={} resumed={} workloads={workloads}",
+        report.release, report.luo, report.resumed,
     ));
+    // Type=notify: the control socket is bound and the workloads run.
+    if let Err(e) = upgrade_agent::telemetry::notify_ready(&format!(
+        "serving {workloads} workload(s) on {}",
+        report.release
+    )) {
+        tracing::warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
+    }
     let platform = Arc::new(Mutex::new(platform));
     let handler: Arc<CtlHandler> = Arc::new(move |sh, req, fds| match req {
         Request::LuoApply {

@@ -276,7 +276,7 @@ pub fn main() -> ExitCode {
         Command::Keys(a) => Ok(crate::keys::run(a)),
         Command::Sign(a) => Ok(crate::sign::run(a)),
         Command::Multikernel(a) => crate::multikernel::run(&g, a),
-        Command::Workloads(a) => crate::workloads::run(&g, a),
+        Command::Workloads(a) => Ok(crate::workloads::run(&g, a)),
     };
     match result {
         Ok(code) => code,
@@ -316,9 +316,10 @@ fn wants_json(c: &Command) -> bool {
         Command::Load(a) => a.json,
         // These report every outcome themselves (exit codes and documents of their own).
         Command::Multikernel(a) => a.json(),
-        Command::Workloads(a) => a.json(),
-        // Events: one JSON object per line; an error goes to stderr only.
-        Command::Inspect(_)
+        // Events: one JSON object per line; an error goes to stderr only. Workloads prints
+        // its own document on every path.
+        Command::Workloads(_)
+        | Command::Inspect(_)
         | Command::State(_)
         | Command::Keys(_)
         | Command::Sign(_)

@@ -9,7 +9,7 @@ use upgrade_agent::exit::Exit;
 use upgrade_agent::statedir::DEFAULT_STATE_DIR;
 use upgrade_agent::workload::{WorkloadError, WorkloadFile};
 
-use crate::app::{CliError, Global};
+use crate::app::Global;
 
 /// `mk-upgrade workloads ...`
 #[derive(clap::Args, Debug)]
@@ -22,29 +22,23 @@ pub struct WorkloadsArgs {
 #[derive(clap::Subcommand, Debug)]
 pub enum WorkloadsCommand {
     /// Parse and validate a workload file (unknown keys, names, modes, limits, health
-    /// checks): exit 0 valid, 2 invalid, 3 unreadable.
+    /// checks): exit 0 valid, 2 invalid (also: not a regular file), 3 unreadable.
     Check {
         /// The file (default: --workloads, else STATE_DIR/workloads.toml).
         file: Option<PathBuf>,
-        /// One JSON document: {"file", "valid", "workloads" | "error"}.
+        /// One JSON document: {"file", "valid": true, "workloads"} or {"file", "valid":
+        /// false, "error", "exit"}.
         #[arg(long)]
         json: bool,
     },
 }
 
-impl WorkloadsArgs {
-    /// Whether one JSON document was asked for.
-    pub fn json(&self) -> bool {
-        match &self.command {
-            WorkloadsCommand::Check { json, .. } => *json,
-        }
-    }
-}
-
-/// Runs `mk-upgrade workloads`.
-pub fn run(g: &Global, a: WorkloadsArgs) -> Result<ExitCode, CliError> {
+/// Runs `mk-upgrade workloads`. It prints its own JSON document on every path (also for an
+/// invalid or unreadable file).
+pub fn run(g: &Global, a: WorkloadsArgs) -> ExitCode {
     let WorkloadsCommand::Check { file, json } = a.command;
-    let path = file.or_else(|| g.workloads.clone()).unwrap_or_else(|| {
+    let explicit = file.clone().or_else(|| g.workloads.clone());
+    let path = explicit.clone().unwrap_or_else(|| {
         let dir = if g.state_dir.as_os_str().is_empty() {
             PathBuf::from(DEFAULT_STATE_DIR)
         } else {
@@ -52,31 +46,46 @@ pub fn run(g: &Global, a: WorkloadsArgs) -> Result<ExitCode, CliError> {
         };
         dir.join("workloads.toml")
     });
-    match WorkloadFile::load(&path) {
+    let shown = path.display().to_string();
+    // As every other command reads it: a missing default file declares no workload.
+    let loaded = if explicit.is_none() && !path.exists() {
+        Ok(WorkloadFile::default())
+    } else {
+        WorkloadFile::load(&path)
+    };
+    match loaded {
         Ok(f) => {
             let names: Vec<&str> = f.workloads.iter().map(|w| w.name.as_str()).collect();
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"file": path, "valid": true, "workloads": names})
+                    serde_json::json!({"file": shown, "valid": true, "workloads": names})
                 );
             } else {
                 println!(
-                    "{}: valid, {} workload(s){}{}",
-                    path.display(),
+                    "{shown}: valid, {} workload(s){}{}",
                     names.len(),
                     if names.is_empty() { "" } else { ": " },
                     names.join(", ")
                 );
             }
-            Ok(Exit::Ok.into())
+            Exit::Ok.into()
         }
         Err(e) => {
             let exit = match e {
                 WorkloadError::Io { .. } => Exit::Io,
                 _ => Exit::Usage,
             };
-            Err(CliError::new(exit, e.to_string()))
+            eprintln!("mk-upgrade: {e}");
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "file": shown, "valid": false, "error": e.to_string(), "exit": exit as u8
+                    })
+                );
+            }
+            exit.into()
         }
     }
 }
