@@ -261,6 +261,12 @@ pub struct Journal<R> {
     seq: u64,
     /// The current file is of another format: writes are refused while it is there.
     current_blocked: bool,
+    /// Opened by [`Journal::open_read_only`]: nothing is written, moved or removed.
+    read_only: bool,
+    /// Read-only: the current file is the leftover of an upgrade already in history.
+    stale_current: bool,
+    /// Read-only: why the current file cannot be trusted although it decodes.
+    distrusted: Option<String>,
     _record: PhantomData<fn() -> R>,
 }
 
@@ -289,6 +295,9 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
             dir: dir.to_owned(),
             seq: 0,
             current_blocked: false,
+            read_only: false,
+            stale_current: false,
+            distrusted: None,
             _record: PhantomData,
         };
         let newest_history = journal.history_seqs()?.last().copied().unwrap_or(0);
@@ -325,6 +334,65 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
         Ok(journal)
     }
 
+    /// Opens the journal in `dir` for reading only (`status`, `history`, `check`, the
+    /// journal gate of a command before it takes the lock): without the lock, and without
+    /// [`Journal::open`]'s recovery of the files, which a concurrent writer would suffer (its
+    /// temporary file removed before its rename). Nothing is created, moved or removed: a
+    /// damaged current file is reported as [`JournalError::Corrupt`] ("kept as is"), the
+    /// leftover of an upgrade already in history reads as no upgrade in flight, and every
+    /// write is refused.
+    pub fn open_read_only(dir: &Path) -> Result<Self, JournalError> {
+        let mut journal = Journal {
+            dir: dir.to_owned(),
+            seq: 0,
+            current_blocked: false,
+            read_only: true,
+            stale_current: false,
+            distrusted: None,
+            _record: PhantomData,
+        };
+        let newest_history = journal.history_seqs()?.last().copied().unwrap_or(0);
+        journal.seq = newest_history;
+        let current_path = journal.current_path();
+        if let StateFile::Contents(bytes) = read_state(&current_path, MAX_FILE)? {
+            match decode::<serde_json::Value>(&current_path, &bytes) {
+                Ok(d) if d.seq <= newest_history && !d.legacy => journal.stale_current = true,
+                Ok(d) if d.seq <= newest_history => {
+                    journal.distrusted = Some(legacy_stale_reason(d.seq, newest_history));
+                }
+                Ok(d) => journal.seq = d.seq,
+                Err(JournalError::UnsupportedFormat { .. }) => journal.current_blocked = true,
+                // Reported by `current`.
+                Err(_) => {}
+            }
+        }
+        Ok(journal)
+    }
+
+    /// A damaged current file: quarantined, or (read-only) reported as it is.
+    fn damaged(&self, reason: String) -> JournalError {
+        if self.read_only {
+            corrupt(&self.current_path(), reason)
+        } else {
+            self.quarantine_damaged(reason)
+        }
+    }
+
+    fn refuse_read_only(&self, what: &'static str) -> Result<(), JournalError> {
+        if self.read_only {
+            return Err(IoError::new(
+                what,
+                &self.dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the journal was opened read-only",
+                ),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
     /// Path of the in-flight record.
     pub fn current_path(&self) -> PathBuf {
         self.dir.join(CURRENT)
@@ -341,15 +409,19 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
     /// resolved yet: `Ok(None)` means that no upgrade is in flight.
     pub fn current(&self) -> Result<Option<R>, JournalError> {
         let path = self.current_path();
+        if let Some(reason) = &self.distrusted {
+            return Err(corrupt(&path, reason.clone()));
+        }
         let decoded = match read_state(&path, MAX_FILE)? {
             StateFile::Missing => None,
             StateFile::TooLarge { limit } => {
-                return Err(self.quarantine_damaged(format!("larger than the {limit}-byte limit")));
+                return Err(self.damaged(format!("larger than the {limit}-byte limit")));
             }
+            StateFile::Contents(_) if self.stale_current => None,
             StateFile::Contents(bytes) => match decode::<R>(&path, &bytes) {
                 Ok(d) => Some(d.record),
                 Err(JournalError::Corrupt { reason, .. }) => {
-                    return Err(self.quarantine_damaged(reason));
+                    return Err(self.damaged(reason));
                 }
                 Err(e) => return Err(e),
             },
@@ -428,6 +500,7 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
     /// The quarantined file blocks upgrades until it is resolved
     /// ([`Journal::resolve_quarantined`]).
     pub fn quarantine_current(&mut self) -> Result<Option<PathBuf>, JournalError> {
+        self.refuse_read_only("quarantine the journal in")?;
         let moved = self.move_aside()?;
         self.current_blocked = false;
         Ok(moved)
@@ -455,6 +528,7 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
     /// `NAME.resolved` (kept for the record) and no longer blocks upgrades. Returns the new
     /// path.
     pub fn resolve_quarantined(&mut self, path: &Path) -> Result<PathBuf, JournalError> {
+        self.refuse_read_only("resolve a quarantined journal in")?;
         let pending = self.quarantined()?;
         let Some(q) = pending
             .iter()
@@ -481,6 +555,7 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
     /// Refuses writes while the current file is of another format or a quarantined journal
     /// is unresolved.
     fn check_writable(&mut self) -> Result<(), JournalError> {
+        self.refuse_read_only("write the journal in")?;
         if self.current_blocked {
             // Re-check: the operator may have moved the file aside by hand.
             let path = self.current_path();
@@ -622,7 +697,15 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
     fn history_seqs(&self) -> Result<Vec<u64>, IoError> {
         let history = self.dir.join(HISTORY);
         let mut seqs = Vec::new();
-        for entry in fs::read_dir(&history).map_err(|e| IoError::new("list", &history, e))? {
+        let entries = match fs::read_dir(&history) {
+            Ok(e) => e,
+            // Read-only on a state directory no upgrade has used yet.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.read_only => {
+                return Ok(seqs);
+            }
+            Err(e) => return Err(IoError::new("list", &history, e)),
+        };
+        for entry in entries {
             let entry = entry.map_err(|e| IoError::new("list", &history, e))?;
             if let Some(seq) = entry.file_name().to_str().and_then(history_seq) {
                 seqs.push(seq);
@@ -656,6 +739,52 @@ mod tests {
             id: id.into(),
             step,
         }
+    }
+
+    #[test]
+    fn a_read_only_open_never_touches_a_writers_files() {
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing there yet: no upgrade, no history, nothing created.
+        let ro = Journal::<Rec>::open_read_only(dir.path()).unwrap();
+        assert_eq!(ro.current().unwrap(), None);
+        assert!(ro.history().unwrap().is_empty());
+        assert!(!dir.path().join(HISTORY).exists());
+        // A writer in the middle of a write (its temporary file not renamed yet): status,
+        // history and check open the journal meanwhile; the temporary file must survive.
+        let mut w = Journal::<Rec>::open(dir.path()).unwrap();
+        w.write(&rec("u", 1)).unwrap();
+        let tmp = dir.path().join(".journal.json.tmp");
+        fs::write(&tmp, b"being written").unwrap();
+        let mut ro = Journal::<Rec>::open_read_only(dir.path()).unwrap();
+        assert_eq!(ro.current().unwrap(), Some(rec("u", 1)));
+        assert!(
+            tmp.exists(),
+            "a read-only open removed a writer's temporary file"
+        );
+        // Writes are refused.
+        assert!(ro.write(&rec("u", 2)).is_err());
+        assert!(ro.finish(&rec("u", 2)).is_err());
+        assert!(ro.quarantine_current().is_err());
+        fs::remove_file(&tmp).unwrap();
+        // A damaged current file is reported and kept where it is (the writer's recovery
+        // quarantines it, under the lock).
+        fs::write(w.current_path(), b"{garbage").unwrap();
+        let ro = Journal::<Rec>::open_read_only(dir.path()).unwrap();
+        let e = ro.current().unwrap_err();
+        assert!(e.is_corrupt(), "{e}");
+        assert!(w.current_path().exists());
+        assert!(Journal::<Rec>::quarantined(&ro).unwrap().is_empty());
+        // The leftover of a finished upgrade reads as nothing in flight, and stays.
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Journal::<Rec>::open(dir.path()).unwrap();
+        w.write(&rec("v", 1)).unwrap();
+        let leftover = fs::read(w.current_path()).unwrap();
+        w.finish(&rec("v", 2)).unwrap();
+        fs::write(w.current_path(), &leftover).unwrap();
+        let ro = Journal::<Rec>::open_read_only(dir.path()).unwrap();
+        assert_eq!(ro.current().unwrap(), None);
+        assert!(w.current_path().exists());
+        assert_eq!(ro.history().unwrap().last(), Some(&rec("v", 2)));
     }
 
     /// A file of the previous format, as that version wrote it.

@@ -208,6 +208,39 @@ impl Lock {
     }
 }
 
+/// A shared hold of the lock file ([`Lock::try_shared`]): while it lives no writer holds
+/// (or can take) the lock.
+#[derive(Debug)]
+pub struct SharedGuard {
+    _file: Flock<File>,
+}
+
+impl Lock {
+    /// For readers that would also tidy the state files (the journal's recovery of
+    /// interrupted writes and damaged records): a shared flock of `dir`'s lock file without
+    /// waiting. `Some` while no writer holds the lock (and then none can take it until the
+    /// guard is dropped: keep it only as long as the tidying reads); `None` when a writer
+    /// holds it, and the reader must not touch the writer's files. The holder record is not
+    /// written.
+    pub fn try_shared(dir: &Path) -> Result<Option<SharedGuard>, IoError> {
+        ensure_dir(dir)?;
+        let path = dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(FILE_MODE)
+            .open(&path)
+            .map_err(|e| IoError::new("open", &path, e))?;
+        match Flock::lock(file, FlockArg::LockSharedNonblock) {
+            Ok(f) => Ok(Some(SharedGuard { _file: f })),
+            Err((_, Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(IoError::new("flock", &path, std::io::Error::from(errno))),
+        }
+    }
+}
+
 fn read_holder(path: &Path, file: &mut File) -> Result<Option<Holder>, HolderError> {
     let mut buf = Vec::new();
     file.seek(SeekFrom::Start(0))
@@ -232,6 +265,22 @@ impl Drop for LockGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_hold_is_refused_while_a_writer_holds_the_lock_and_blocks_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Lock::try_shared(dir.path()).unwrap();
+        assert!(shared.is_some(), "no writer: shared hold granted");
+        assert!(matches!(
+            Lock::acquire(dir.path()),
+            Err(LockError::Busy { .. })
+        ));
+        drop(shared);
+        let w = Lock::acquire(dir.path()).unwrap();
+        assert!(Lock::try_shared(dir.path()).unwrap().is_none());
+        drop(w);
+        assert!(Lock::try_shared(dir.path()).unwrap().is_some());
+    }
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
 

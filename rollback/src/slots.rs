@@ -232,6 +232,15 @@ impl Slots {
         Ok(Slots { dir })
     }
 
+    /// Opens `STATE_DIR/slots` for reading only (`status`), without the lock: nothing is
+    /// created or removed, so a writer holding the lock (an upgrade promoting a slot) never
+    /// loses its temporary file to a reader. Only the reading methods may be used.
+    pub fn open_read_only(state_dir: &Path) -> Self {
+        Slots {
+            dir: state_dir.join("slots"),
+        }
+    }
+
     fn table_path(&self) -> PathBuf {
         self.dir.join("slots.json")
     }

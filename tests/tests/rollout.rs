@@ -313,12 +313,13 @@ fn an_interrupted_rollout_resumes_where_it_stopped() {
     let hosts: Vec<String> = (0..3).map(|i| f.local(i)).collect();
     // Waves of one host; the bake after the canary gives time to interrupt.
     let plan = f.plan(&hosts, "canary = 1\nwaves = [1, 1]\nbake = \"20s\"\n");
-    let child = Command::new(bin("mk-upgrade"))
+    let stderr_path = f.dir.path().join("rollout-1.stderr");
+    let mut child = Command::new(bin("mk-upgrade"))
         .args(["rollout", "--json", "--plan"])
         .arg(&plan)
         .env("MK_AGENTD", bin("mk-agentd"))
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -332,7 +333,21 @@ fn an_interrupted_rollout_resumes_where_it_stopped() {
                 .any(|i| i["state"] == "active" && i["kernel_release"] == "7.2.13-mkB")
     };
     while !settled_on_b(&f.hosts[0]) {
-        assert!(Instant::now() < deadline, "the canary never upgraded");
+        assert!(
+            Instant::now() < deadline,
+            "the canary never upgraded; rollout exit {:?}; its report: {}; its status: {}; rollout stderr: {}",
+            child.try_wait(),
+            {
+                let mut out = String::new();
+                if let Some(mut o) = child.stdout.take() {
+                    use std::io::Read;
+                    let _ = o.read_to_string(&mut out);
+                }
+                out
+            },
+            f.hosts[0].run(&["status", "--json"]).json(),
+            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // A second pipeline is refused while this one holds the lock.

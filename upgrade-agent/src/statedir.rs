@@ -131,6 +131,27 @@ impl StateDir {
         Ok(rollback::Journal::open(&self.root)?)
     }
 
+    /// The upgrade journal for a command that holds no lock (`status`, `history`, `check`,
+    /// a command's journal gate). With no writer about (a shared hold of the lock file is
+    /// granted, and kept while the journal is), it is opened as usual, tidying interrupted
+    /// writes and quarantining a damaged record; while an upgrade holds the lock it is opened
+    /// read-only ([`rollback::Journal::open_read_only`]): the writer's files are not touched
+    /// (its temporary file, removed by a reader before its rename, used to fail the upgrade).
+    pub fn journal_for_reading(&self) -> Result<ReadJournal, StateDirError> {
+        self.ensure()?;
+        let shared =
+            rollback::lock::Lock::try_shared(&self.root).map_err(rollback::JournalError::from)?;
+        let journal = if shared.is_some() {
+            rollback::Journal::open(&self.root)?
+        } else {
+            rollback::Journal::open_read_only(&self.root)?
+        };
+        Ok(ReadJournal {
+            journal,
+            _shared: shared,
+        })
+    }
+
     /// The kernel slots and the version floor.
     pub fn slots(&self) -> Result<rollback::Slots, StateDirError> {
         Ok(rollback::Slots::open(&self.root)?)
@@ -213,5 +234,20 @@ mod tests {
             role: rollback::Slot::Previous,
         });
         assert!(!missing.is_corrupt_state());
+    }
+}
+
+/// A journal opened by [`StateDir::journal_for_reading`] (with the shared hold of the lock
+/// file that made its tidying safe, if any).
+#[derive(Debug)]
+pub struct ReadJournal {
+    journal: rollback::Journal<UpgradeRecord>,
+    _shared: Option<rollback::lock::SharedGuard>,
+}
+
+impl std::ops::Deref for ReadJournal {
+    type Target = rollback::Journal<UpgradeRecord>;
+    fn deref(&self) -> &Self::Target {
+        &self.journal
     }
 }

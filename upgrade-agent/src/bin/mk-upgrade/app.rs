@@ -12,7 +12,6 @@ use upgrade_agent::orchestrator::ops::OpError;
 use upgrade_agent::platform::Platform;
 use upgrade_agent::platform::emulated::EmulatedPlatform;
 use upgrade_agent::platform::multikernel::MultikernelPlatform;
-use upgrade_agent::record::UpgradeRecord;
 use upgrade_agent::statedir::{DEFAULT_STATE_DIR, StateDir, StateDirError};
 use upgrade_agent::verify::{SigFileError, VerifyError};
 use upgrade_agent::workload::WorkloadFile;
@@ -240,9 +239,13 @@ impl Global {
         Ok(Box::new(self.open_emulated()?))
     }
 
-    /// The upgrade journal.
-    pub fn journal(&self) -> Result<rollback::Journal<UpgradeRecord>, CliError> {
-        self.state().journal().map_err(|e| CliError::state(&e))
+    /// The upgrade journal for the commands that read it without the lock (`status`,
+    /// `history`, `check`, the journal gate): an upgrade may be writing it
+    /// ([`upgrade_agent::statedir::StateDir::journal_for_reading`]).
+    pub fn journal(&self) -> Result<upgrade_agent::statedir::ReadJournal, CliError> {
+        self.state()
+            .journal_for_reading()
+            .map_err(|e| CliError::state(&e))
     }
 
     /// The trusted release keys, if the directory has any.

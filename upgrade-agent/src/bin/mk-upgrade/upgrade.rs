@@ -796,8 +796,8 @@ pub fn rollback(g: &Global, a: &RollbackArgs) -> Result<ExitCode, CliError> {
     if let Some(refusal) = refuse_failed_checks(a.json, &checks) {
         return refusal;
     }
-    let slots =
-        rollback::Slots::open(&g.state_dir).map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
+    // Read-only: an upgrade may be writing the slot table (no temporary file removed).
+    let slots = rollback::Slots::open_read_only(&g.state_dir);
     // The slots never hand out a kernel below the version floor (refused with the exit code
     // of `apply`'s floor refusal, 6, before anything changed).
     let previous = match slots.read(rollback::Slot::Previous) {
@@ -961,8 +961,8 @@ pub fn status(g: &Global, a: &JsonArgs) -> Result<ExitCode, CliError> {
         }
     };
     let journal_ok = damaged.is_empty();
-    let slots =
-        rollback::Slots::open(&g.state_dir).map_err(|e| CliError::new(Exit::Io, e.to_string()))?;
+    // Read-only: an upgrade may be writing the slot table (no temporary file removed).
+    let slots = rollback::Slots::open_read_only(&g.state_dir);
     let mut slot = |s| match slots.peek(s) {
         Ok(i) => i.map(|i| json!({"release": i.release, "sha256": hex::encode(i.sha256)})),
         Err(e) => {
