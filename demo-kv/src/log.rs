@@ -296,26 +296,27 @@ pub fn record_len_for(version: u32, key_len: usize, value_len: usize) -> usize {
 /// the data records of the log, `keys` the number of distinct keys once it is applied.
 /// The caller checked the key and value.
 pub fn encode_record(key: &[u8], value: &[u8], seq: u64, keys: u64, out: &mut Vec<u8>) {
-    debug_assert!(key.len() <= MAX_KEY_LEN && value.len() <= MAX_VALUE_LEN);
-    let start = out.len();
-    out.extend_from_slice(&(key.len() as u16).to_le_bytes());
-    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-    out.extend_from_slice(key);
-    out.extend_from_slice(value);
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&keys.to_le_bytes());
-    let crc = crc32fast::hash(&out[start..]);
-    out.extend_from_slice(&crc.to_le_bytes());
+    let mut counters = [0u8; 16];
+    counters[..8].copy_from_slice(&seq.to_le_bytes());
+    counters[8..].copy_from_slice(&keys.to_le_bytes());
+    encode_with(key, value, &counters, out);
 }
 
 /// Encodes a version-1 record into `out` (appended), as earlier releases wrote it.
 pub fn encode_record_v1(key: &[u8], value: &[u8], out: &mut Vec<u8>) {
+    encode_with(key, value, &[], out);
+}
+
+/// The record layout of both versions: lengths, key, value, `extra` (version 2: the
+/// counters), CRC32 over all of it.
+fn encode_with(key: &[u8], value: &[u8], extra: &[u8], out: &mut Vec<u8>) {
     debug_assert!(key.len() <= MAX_KEY_LEN && value.len() <= MAX_VALUE_LEN);
     let start = out.len();
     out.extend_from_slice(&(key.len() as u16).to_le_bytes());
     out.extend_from_slice(&(value.len() as u32).to_le_bytes());
     out.extend_from_slice(key);
     out.extend_from_slice(value);
+    out.extend_from_slice(extra);
     let crc = crc32fast::hash(&out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
 }

@@ -291,17 +291,7 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
                 tracing::warn!(path = %p.display(), "removed an interrupted journal write");
             }
         }
-        let mut journal = Journal {
-            dir: dir.to_owned(),
-            seq: 0,
-            current_blocked: false,
-            read_only: false,
-            stale_current: false,
-            distrusted: None,
-            _record: PhantomData,
-        };
-        let newest_history = journal.history_seqs()?.last().copied().unwrap_or(0);
-        journal.seq = newest_history;
+        let (mut journal, newest_history) = Self::at(dir, false)?;
         let current_path = journal.current_path();
         let bytes = match read_state(&current_path, MAX_FILE)? {
             StateFile::Missing => return Ok(journal),
@@ -334,6 +324,23 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
         Ok(journal)
     }
 
+    /// The journal of `dir` before its current file is looked at: its sequence number
+    /// that of the newest history entry, which is also returned.
+    fn at(dir: &Path, read_only: bool) -> Result<(Self, u64), JournalError> {
+        let mut journal = Journal {
+            dir: dir.to_owned(),
+            seq: 0,
+            current_blocked: false,
+            read_only,
+            stale_current: false,
+            distrusted: None,
+            _record: PhantomData,
+        };
+        let newest_history = journal.history_seqs()?.last().copied().unwrap_or(0);
+        journal.seq = newest_history;
+        Ok((journal, newest_history))
+    }
+
     /// Opens the journal in `dir` for reading only (`status`, `history`, `check`, the
     /// journal gate of a command before it takes the lock): without the lock, and without
     /// [`Journal::open`]'s recovery of the files, which a concurrent writer would suffer (its
@@ -342,17 +349,7 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
     /// leftover of an upgrade already in history reads as no upgrade in flight, and every
     /// write is refused.
     pub fn open_read_only(dir: &Path) -> Result<Self, JournalError> {
-        let mut journal = Journal {
-            dir: dir.to_owned(),
-            seq: 0,
-            current_blocked: false,
-            read_only: true,
-            stale_current: false,
-            distrusted: None,
-            _record: PhantomData,
-        };
-        let newest_history = journal.history_seqs()?.last().copied().unwrap_or(0);
-        journal.seq = newest_history;
+        let (mut journal, newest_history) = Self::at(dir, true)?;
         let current_path = journal.current_path();
         if let StateFile::Contents(bytes) = read_state(&current_path, MAX_FILE)? {
             match decode::<serde_json::Value>(&current_path, &bytes) {

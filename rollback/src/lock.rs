@@ -157,16 +157,7 @@ impl Lock {
     /// Takes the lock of state directory `dir` (created if missing, mode 0700) without
     /// waiting.
     pub fn acquire(dir: &Path) -> Result<LockGuard, LockError> {
-        ensure_dir(dir)?;
-        let path = dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(FILE_MODE)
-            .open(&path)
-            .map_err(|e| IoError::new("open", &path, e))?;
+        let (path, file) = open_lock_file(dir)?;
         let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(f) => f,
             Err((mut file, Errno::EWOULDBLOCK)) => {
@@ -223,22 +214,28 @@ impl Lock {
     /// holds it, and the reader must not touch the writer's files. The holder record is not
     /// written.
     pub fn try_shared(dir: &Path) -> Result<Option<SharedGuard>, IoError> {
-        ensure_dir(dir)?;
-        let path = dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(FILE_MODE)
-            .open(&path)
-            .map_err(|e| IoError::new("open", &path, e))?;
+        let (path, file) = open_lock_file(dir)?;
         match Flock::lock(file, FlockArg::LockSharedNonblock) {
             Ok(f) => Ok(Some(SharedGuard { _file: f })),
             Err((_, Errno::EWOULDBLOCK)) => Ok(None),
             Err((_, errno)) => Err(IoError::new("flock", &path, std::io::Error::from(errno))),
         }
     }
+}
+
+/// Opens (creating it, and `dir`, if missing) the lock file of state directory `dir`.
+fn open_lock_file(dir: &Path) -> Result<(PathBuf, File), IoError> {
+    ensure_dir(dir)?;
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .open(&path)
+        .map_err(|e| IoError::new("open", &path, e))?;
+    Ok((path, file))
 }
 
 fn read_holder(path: &Path, file: &mut File) -> Result<Option<Holder>, HolderError> {

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use upgrade_agent::exit::Exit;
-use upgrade_agent::statedir::DEFAULT_STATE_DIR;
-use upgrade_agent::workload::{WorkloadError, WorkloadFile};
+use upgrade_agent::statedir::{DEFAULT_STATE_DIR, StateDir, StateDirError};
+use upgrade_agent::workload::WorkloadError;
 
 use crate::app::Global;
 
@@ -37,22 +37,21 @@ pub enum WorkloadsCommand {
 /// invalid or unreadable file).
 pub fn run(g: &Global, a: WorkloadsArgs) -> ExitCode {
     let WorkloadsCommand::Check { file, json } = a.command;
-    let explicit = file.clone().or_else(|| g.workloads.clone());
-    let path = explicit.clone().unwrap_or_else(|| {
-        let dir = if g.state_dir.as_os_str().is_empty() {
-            PathBuf::from(DEFAULT_STATE_DIR)
-        } else {
-            g.state_dir.clone()
-        };
-        dir.join("workloads.toml")
-    });
-    let shown = path.display().to_string();
-    // As every other command reads it: a missing default file declares no workload.
-    let loaded = if explicit.is_none() && !path.exists() {
-        Ok(WorkloadFile::default())
+    let root = if g.state_dir.as_os_str().is_empty() {
+        PathBuf::from(DEFAULT_STATE_DIR)
     } else {
-        WorkloadFile::load(&path)
+        g.state_dir.clone()
     };
+    // Read as every other command reads it (a missing default file declares no workload).
+    let state = StateDir::new(root).with_workloads(file.or_else(|| g.workloads.clone()));
+    let shown = state.workloads_path().display().to_string();
+    let loaded = state.load_workloads().map_err(|e| match e {
+        StateDirError::Workloads(w) => w,
+        other => WorkloadError::Io {
+            path: state.workloads_path(),
+            source: std::io::Error::other(other.to_string()),
+        },
+    });
     match loaded {
         Ok(f) => {
             let names: Vec<&str> = f.workloads.iter().map(|w| w.name.as_str()).collect();
