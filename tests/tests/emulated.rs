@@ -690,3 +690,61 @@ fn standby_copies_take_over_and_a_failed_standby_falls_back() {
     let (_, kernel, names) = active(&m.status());
     assert_eq!((kernel.as_str(), names.len()), ("7.2.13-mkA", 2));
 }
+
+/// `FreezeFds`, the request a move's blackout starts with: the workload is frozen and its
+/// declared memfd comes back attached, in one round trip; a workload the instance does not
+/// run is an error that freezes nothing.
+#[test]
+fn freeze_fds_freezes_and_hands_the_descriptors_in_one_request() {
+    use upgrade_agent::host::ctl::{Request, Response, call};
+    let m = Machine::new(1);
+    m.init();
+    put(&m, 3);
+    let sock = m.path("state/emulated/instance-1/ctl.sock");
+    let frozen = |m: &Machine| -> Vec<bool> {
+        m.status()["instances"][0]["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["frozen"].as_bool().unwrap())
+            .collect()
+    };
+    let e = call(
+        1,
+        &sock,
+        &Request::FreezeFds {
+            name: "nope".into(),
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+    assert_eq!(frozen(&m), vec![false]);
+    let (resp, fds) = call(
+        1,
+        &sock,
+        &Request::FreezeFds {
+            name: "kv-1".into(),
+        },
+    )
+    .unwrap();
+    let Response::Fds { names } = resp else {
+        panic!("{resp:?}")
+    };
+    assert_eq!(names, ["kv-data", "listen"]);
+    assert_eq!(names.len(), fds.len());
+    assert!(
+        upgrade_agent::sys::memfd::size(std::os::fd::AsFd::as_fd(&fds[0])).unwrap() > 0,
+        "the store's memfd"
+    );
+    assert_eq!(frozen(&m), vec![true]);
+    call(
+        1,
+        &sock,
+        &Request::Thaw {
+            name: "kv-1".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(frozen(&m), vec![false]);
+    check(&m, 3);
+}

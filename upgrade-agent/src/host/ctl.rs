@@ -24,11 +24,15 @@ use crate::workload::WorkloadSpec;
 /// stop and a `Health` for its check: each gets its workload file's longest bound on top.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How a supervisor's error answer to a request it cannot decode begins (it did nothing):
+/// a client may then fall back to older requests.
+pub const MALFORMED_REQUEST: &str = "malformed control request";
+
 impl Request {
     /// How long the answer may take.
     pub fn timeout(&self) -> Duration {
         match self {
-            Request::Freeze { .. } => {
+            Request::Freeze { .. } | Request::FreezeFds { .. } => {
                 REQUEST_TIMEOUT + Duration::from_millis(crate::workload::MAX_STOP_TIMEOUT_MS)
             }
             Request::Health { .. } => {
@@ -52,6 +56,11 @@ pub enum Request {
     Freeze { name: String },
     /// Undo `Freeze`: thaw it, or start a stopped restart-mode workload again.
     Thaw { name: String },
+    /// `Freeze`, then `Fds`, in one round trip (the move's blackout starts with it): the
+    /// answer is `Fds` with the descriptors attached, taken once the workload is frozen.
+    /// If they cannot be taken, the freeze is undone (as by `Thaw`) before the error is
+    /// answered: an error means the workload is not left frozen by this request.
+    FreezeFds { name: String },
     /// Run the workload's health check now (and check that its process is alive).
     Health { name: String },
     /// Duplicates of the workload's preserved fds (attached to the response).
@@ -147,21 +156,81 @@ pub fn call_with_fds(
     send_fds: &[std::os::fd::BorrowedFd<'_>],
     timeout: Duration,
 ) -> Result<(Response, Vec<OwnedFd>), PlatformError> {
-    let err = |what: String| PlatformError::Instance { id, what };
-    let stream = UnixStream::connect(socket).map_err(|e| {
-        err(format!(
+    let stream = connect(id, socket)?;
+    send(id, &stream, req, send_fds)?;
+    receive(id, &stream, timeout)
+}
+
+/// A control connection kept open across requests, so that a request inside a move's
+/// blackout (`FreezeFds`) finds a connection, and a thread serving it, already there.
+/// Empty until the first request.
+#[derive(Debug, Default)]
+pub struct Kept(Option<UnixStream>);
+
+/// [`call`] over `kept`, connected first if it holds no connection. A kept connection
+/// whose supervisor has closed it (it halted, or exited) fails at the send, before any
+/// supervisor read the request: it is then replaced by a new connection and the request
+/// sent once more. Any failure after the send drops the connection (the next call
+/// connects again).
+pub fn call_kept(
+    id: InstanceId,
+    socket: &Path,
+    kept: &mut Kept,
+    req: &Request,
+) -> Result<(Response, Vec<OwnedFd>), PlatformError> {
+    let stream = match kept.0.take() {
+        Some(s) if send(id, &s, req, &[]).is_ok() => s,
+        _ => {
+            let s = connect(id, socket)?;
+            send(id, &s, req, &[])?;
+            s
+        }
+    };
+    let answer = receive(id, &stream, req.timeout());
+    if answer.is_ok() {
+        kept.0 = Some(stream);
+    }
+    answer
+}
+
+fn connect(id: InstanceId, socket: &Path) -> Result<UnixStream, PlatformError> {
+    let stream = UnixStream::connect(socket).map_err(|e| PlatformError::Instance {
+        id,
+        what: format!(
             "cannot reach its supervisor at {} ({e}); is the instance active?",
             socket.display()
-        ))
+        ),
     })?;
     stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(REQUEST_TIMEOUT)))
+        .set_write_timeout(Some(REQUEST_TIMEOUT))
         .map_err(|e| PlatformError::io("setting control socket timeouts", e))?;
-    let body = serde_json::to_vec(req).map_err(|e| err(format!("encoding request: {e}")))?;
-    fdpass::send(&stream, &body, send_fds).map_err(|e| PlatformError::io("control request", e))?;
+    Ok(stream)
+}
+
+fn send(
+    id: InstanceId,
+    stream: &UnixStream,
+    req: &Request,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<(), PlatformError> {
+    let body = serde_json::to_vec(req).map_err(|e| PlatformError::Instance {
+        id,
+        what: format!("encoding request: {e}"),
+    })?;
+    fdpass::send(stream, &body, fds).map_err(|e| PlatformError::io("control request", e))
+}
+
+fn receive(
+    id: InstanceId,
+    stream: &UnixStream,
+    timeout: Duration,
+) -> Result<(Response, Vec<OwnedFd>), PlatformError> {
+    let err = |what: String| PlatformError::Instance { id, what };
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| PlatformError::io("setting control socket timeouts", e))?;
     let Some((body, fds)) =
-        fdpass::recv(&stream).map_err(|e| PlatformError::io("control response", e))?
+        fdpass::recv(stream).map_err(|e| PlatformError::io("control response", e))?
     else {
         return Err(err(
             "supervisor closed the control socket without answering".into(),
@@ -173,4 +242,80 @@ pub fn call_with_fds(
         return Err(err(message));
     }
     Ok((resp, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// Serves `plan` connections in turn: each answers `Done` to as many requests as its
+    /// number says, then closes (0: closes after reading one request, unanswered).
+    fn serve(listener: UnixListener, plan: Vec<usize>) -> std::thread::JoinHandle<usize> {
+        std::thread::spawn(move || {
+            let mut requests = 0;
+            for answers in plan {
+                let (conn, _) = listener.accept().unwrap();
+                if answers == 0 {
+                    let _ = fdpass::recv(&conn);
+                    requests += 1;
+                    continue;
+                }
+                for _ in 0..answers {
+                    if fdpass::recv(&conn).unwrap().is_none() {
+                        break;
+                    }
+                    requests += 1;
+                    let body = serde_json::to_vec(&Response::Done).unwrap();
+                    fdpass::send(&conn, &body, &[]).unwrap();
+                }
+            }
+            requests
+        })
+    }
+
+    #[test]
+    fn a_kept_connection_is_reused_and_replaced_once_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("ctl.sock");
+        // Two requests on the first connection, then it closes; the third goes over a
+        // second one.
+        let server = serve(UnixListener::bind(&sock).unwrap(), vec![2, 1]);
+        let mut kept = Kept::default();
+        for _ in 0..2 {
+            call_kept(1, &sock, &mut kept, &Request::Ping).unwrap();
+        }
+        // Let the server close the first connection before the third request.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            let mut probe = [0u8; 1];
+            let s = kept.0.as_ref().unwrap();
+            s.set_nonblocking(true).unwrap();
+            let closed = matches!(std::io::Read::read(&mut &*s, &mut probe), Ok(0));
+            s.set_nonblocking(false).unwrap();
+            if closed {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        call_kept(1, &sock, &mut kept, &Request::Ping).unwrap();
+        assert!(kept.0.is_some());
+        assert_eq!(server.join().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_request_left_unanswered_is_an_error_and_drops_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("ctl.sock");
+        let server = serve(UnixListener::bind(&sock).unwrap(), vec![0]);
+        let mut kept = Kept::default();
+        let e = call_kept(1, &sock, &mut kept, &Request::Ping).unwrap_err();
+        assert!(e.to_string().contains("without answering"), "{e}");
+        assert!(kept.0.is_none());
+        assert_eq!(server.join().unwrap(), 1);
+        // Nobody listens any more: the next call says the supervisor is unreachable.
+        drop(dir);
+        let e = call_kept(1, &sock, &mut kept, &Request::Ping).unwrap_err();
+        assert!(e.to_string().contains("cannot reach its supervisor"), "{e}");
+    }
 }

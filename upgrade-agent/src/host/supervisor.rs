@@ -40,6 +40,12 @@ pub enum SupervisorError {
     /// No workload of that name runs here.
     #[error("workload {0:?} does not run on this instance")]
     NotRunning(String),
+    /// A step failed after the workload was frozen, and undoing the freeze failed too.
+    #[error("{error}; undoing the freeze failed as well: {undo}")]
+    Undo {
+        error: Box<SupervisorError>,
+        undo: Box<SupervisorError>,
+    },
     /// Duplicating one preserved fd (to hand it to a client) failed.
     #[error("duplicating {name}: {source}")]
     DupFd {
@@ -730,6 +736,26 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
     // Requests that wait (a graceful stop, a health check) run without the instance lock.
     match req {
         Request::Freeze { name } => return reply(freeze(shared, &name).map(|()| Response::Done)),
+        Request::FreezeFds { name } => {
+            if let Err(e) = freeze(shared, &name) {
+                return reply::<Response>(Err(e));
+            }
+            let mut inst = lock(shared);
+            return match fds_of(&mut inst, &name) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Not left frozen: the orchestrator takes an error for "not frozen".
+                    let undone = thaw(&mut inst, &name);
+                    reply::<Response>(Err(match undone {
+                        Ok(()) => e,
+                        Err(t) => SupervisorError::Undo {
+                            error: Box::new(e),
+                            undo: Box::new(t),
+                        },
+                    }))
+                }
+            };
+        }
         Request::Health { name } => {
             let spec = lock(shared).workloads.get(&name).map(|w| w.spec.clone());
             return match spec {
@@ -770,44 +796,10 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                 Ok((Response::Started(info), vec![]))
             }
             Request::Thaw { name } => {
-                let mut w = inst
-                    .workloads
-                    .remove(&name)
-                    .ok_or_else(|| SupervisorError::NotRunning(name.clone()))?;
-                let thawed = if w.process.is_none() {
-                    // Stopped for a restart-mode move, or it died while frozen: started
-                    // again (launch thaws its group first).
-                    launch(&inst, &mut w)
-                } else {
-                    inst.freezer
-                        .thaw(&name, w.pid)
-                        .map(|()| {
-                            w.frozen = false;
-                            w.take_back_connections();
-                        })
-                        .map_err(|source| SupervisorError::Freezer {
-                            op: "thawing",
-                            name: name.clone(),
-                            source,
-                        })
-                };
-                inst.workloads.insert(name, w);
-                thawed?;
+                thaw(&mut inst, &name)?;
                 Ok((Response::Done, vec![]))
             }
-            Request::Fds { name } => {
-                let w = get(&mut inst.workloads, &name)?;
-                let mut names = Vec::new();
-                let mut fds = Vec::new();
-                for p in &w.fds {
-                    names.push(p.name.clone());
-                    fds.push(p.fd.try_clone().map_err(|source| SupervisorError::DupFd {
-                        name: p.name.clone(),
-                        source,
-                    })?);
-                }
-                Ok((Response::Fds { names }, fds))
-            }
+            Request::Fds { name } => fds_of(&mut inst, &name),
             Request::Stop { name } => {
                 stop(&mut inst, &name)?;
                 Ok((Response::Done, vec![]))
@@ -840,13 +832,55 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                 inst.halting = true;
                 Ok((Response::Done, vec![]))
             }
-            Request::Freeze { .. } | Request::Health { .. } => {
+            Request::Freeze { .. } | Request::FreezeFds { .. } | Request::Health { .. } => {
                 unreachable!("served above without the lock")
             }
             Request::LuoApply { .. } => Err(SupervisorError::NotServedHere),
         }
     })();
     reply(result)
+}
+
+/// Thaws workload `name` (`Thaw`): or starts it again if its process is gone (stopped for
+/// a restart-mode move, or it died while frozen).
+fn thaw(inst: &mut Instance, name: &str) -> Result<(), SupervisorError> {
+    let mut w = inst
+        .workloads
+        .remove(name)
+        .ok_or_else(|| SupervisorError::NotRunning(name.to_owned()))?;
+    let thawed = if w.process.is_none() {
+        // launch thaws its group first.
+        launch(inst, &mut w)
+    } else {
+        inst.freezer
+            .thaw(name, w.pid)
+            .map(|()| {
+                w.frozen = false;
+                w.take_back_connections();
+            })
+            .map_err(|source| SupervisorError::Freezer {
+                op: "thawing",
+                name: name.to_owned(),
+                source,
+            })
+    };
+    inst.workloads.insert(name.to_owned(), w);
+    thawed
+}
+
+/// Duplicates of workload `name`'s preserved descriptors (`Fds`), with their names.
+fn fds_of(inst: &mut Instance, name: &str) -> Result<(Response, Vec<OwnedFd>), SupervisorError> {
+    let w = get(&mut inst.workloads, name)?;
+    let mut names = Vec::new();
+    let mut fds = Vec::new();
+    for p in &w.fds {
+        names.push(p.name.clone());
+        fds.push(p.fd.try_clone().map_err(|source| SupervisorError::DupFd {
+            name: p.name.clone(),
+            source,
+        })?);
+    }
+    Ok((Response::Fds { names }, fds))
 }
 
 fn reply<T: Into<(Response, Vec<OwnedFd>)>>(
@@ -1160,7 +1194,7 @@ fn serve_ctl(shared: &Shared, stream: &UnixStream, handler: &CtlHandler) {
             }
             Err(e) => (
                 Response::Error {
-                    message: format!("malformed control request: {e}"),
+                    message: format!("{}: {e}", super::ctl::MALFORMED_REQUEST),
                 },
                 vec![],
             ),

@@ -49,7 +49,7 @@ use crate::fault::Faults;
 use crate::handover::{self, SendFaults};
 use crate::platform::{
     Delivered, InstanceId, InstanceInfo, InstanceState, LoadableKernel, Platform, PlatformError,
-    Resources,
+    PreservedFd, Resources,
 };
 use crate::record::{Event, MoveStatus, Outcome, Phase, UpgradeKind, UpgradeRecord, WorkloadMove};
 use crate::workload::{Transfer, WorkloadFile};
@@ -349,6 +349,38 @@ pub const MOVE_VERIFY_ALLOWANCE: Duration = Duration::from_secs(120);
 /// on the old instance (its blackout is bounded by this).
 pub fn move_deadline(spec: &crate::workload::WorkloadSpec) -> Duration {
     MOVE_VERIFY_ALLOWANCE + Duration::from_millis(spec.health.timeout_ms().unwrap_or(0))
+}
+
+/// A handover image built before the freeze ([`Orchestrator::prebuild`]), with the
+/// journal generation it names and the state of the descriptors it describes.
+struct Prebuilt {
+    out: handover::Outgoing,
+    generation: u64,
+    states: FdStates,
+}
+
+/// What an image built by identity records of a move's descriptors, per fd: its name,
+/// device, inode and size, a memfd's seals, whether a socket is connected. Two snapshots
+/// are equal when the descriptors are the very objects, in the same order and state, as
+/// far as such an image can tell. `None` when an fd cannot be examined.
+type FdStates = Vec<(String, u64, u64, i64, Option<u32>, bool)>;
+
+fn fd_states(fds: &[PreservedFd]) -> Option<FdStates> {
+    use std::os::fd::AsFd;
+    fds.iter()
+        .map(|p| {
+            let fd = p.fd.as_fd();
+            let st = nix::sys::stat::fstat(fd).ok()?;
+            Some((
+                p.name.clone(),
+                st.st_dev,
+                st.st_ino,
+                st.st_size,
+                state_serializers::sys::get_seals(fd).ok(),
+                crate::model::is_connected_stream(fd),
+            ))
+        })
+        .collect()
 }
 
 fn ms(d: Duration) -> u64 {
@@ -664,13 +696,20 @@ impl<'a> Orchestrator<'a> {
                 id: from,
                 what: e.to_string(),
             })?;
+        let prebuilt = self.prebuild(from, name, &spec, task.as_ref(), &release);
         self.hold_events();
         let t0 = self.setup.env.now();
-        let frozen = self.platform.freeze(from, name);
-        if frozen.is_err() {
-            self.release_events();
-        }
-        frozen?;
+        // Frozen, and its descriptors taken, in one step (one round trip to the instance
+        // where the platform can): the blackout starts here.
+        let fds = match self.platform.freeze_for_move(from, name) {
+            Ok(fds) => fds,
+            Err(e) => {
+                // Not frozen by this call: the copy prepared on `to` (a standby) goes.
+                self.platform.abort(to, name, &e.to_string());
+                self.release_events();
+                return Err(e);
+            }
+        };
         // Restart mode: the freeze returned once the old copy exited (its ports closed).
         let t_stopped = self.setup.env.now();
         if spec.mode == crate::workload::Mode::Restart
@@ -698,8 +737,11 @@ impl<'a> Orchestrator<'a> {
                     what: format!("{name}: capturing task state: {e}"),
                 }),
         };
-        let attempt =
-            task.and_then(|task| self.offer(from, to, name, &spec, &task, &release, t0, t_stopped));
+        let attempt = task.and_then(|task| {
+            self.offer(
+                from, to, name, &spec, &task, fds, prebuilt, &release, t0, t_stopped,
+            )
+        });
         match attempt {
             Ok(b) => {
                 self.release_events();
@@ -716,7 +758,56 @@ impl<'a> Orchestrator<'a> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)] // the move's parts and its two instants
+    /// The handover image of a move built before its freeze, where nothing it records can
+    /// change by the freeze: the memfds move by identity (no digest of their contents,
+    /// which only a frozen workload keeps still), the task state was captured, no fault is
+    /// pending. [`Self::offer`] uses it only if the descriptors taken once the workload is
+    /// frozen are the very objects it describes, in the state it recorded ([`fd_states`]:
+    /// equal before the build, after it and after the freeze); otherwise
+    /// (a connection handed over at the freeze, a memfd resized, ...) it builds the image
+    /// again, inside the blackout as before. Best effort: `None` builds it there too.
+    fn prebuild(
+        &mut self,
+        from: InstanceId,
+        name: &str,
+        spec: &crate::workload::WorkloadSpec,
+        task: Option<&state_serializers::task::TaskState>,
+        release: &str,
+    ) -> Option<Prebuilt> {
+        let task = task?;
+        if spec.integrity != crate::workload::Integrity::Identity
+            || spec.transfer != Transfer::Share
+            || !matches!(
+                spec.mode,
+                crate::workload::Mode::Handover | crate::workload::Mode::SocketActivation
+            )
+            || self.faults_left.corrupt_region
+        {
+            return None;
+        }
+        let fds = self.platform.preserved_fds(from, name).ok()?;
+        let states = fd_states(&fds)?;
+        let generation = u64::from(self.writes);
+        let out = handover::build(
+            spec,
+            task,
+            fds,
+            release,
+            self.upgrade_id.0,
+            generation,
+            &self.setup.node_key,
+            SendFaults::default(),
+        )
+        .ok()?;
+        // The workload still runs: what the image recorded must be what was examined.
+        (fd_states(&out.fds)? == states).then_some(Prebuilt {
+            out,
+            generation,
+            states,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)] // the move's parts, its descriptors and its two instants
     fn offer(
         &mut self,
         from: InstanceId,
@@ -724,12 +815,13 @@ impl<'a> Orchestrator<'a> {
         name: &str,
         spec: &crate::workload::WorkloadSpec,
         task: &state_serializers::task::TaskState,
+        mut fds: Vec<PreservedFd>,
+        prebuilt: Option<Prebuilt>,
         release: &str,
         t0: Instant,
         t_stopped: Instant,
     ) -> Result<Option<u64>, PlatformError> {
         let io = |what: String| PlatformError::Instance { id: from, what };
-        let mut fds = self.platform.preserved_fds(from, name)?;
         let connections = crate::model::connections_in(&fds);
         if connections > 0
             && let Some(w) = self.record.workload_mut(name)
@@ -748,17 +840,29 @@ impl<'a> Orchestrator<'a> {
             corrupt_region: std::mem::take(&mut self.faults_left.corrupt_region),
         };
         let generation = u64::from(self.writes);
-        let out = handover::build(
-            spec,
-            task,
-            fds,
-            release,
-            self.upgrade_id.0,
-            generation,
-            &self.setup.node_key,
-            faults,
-        )
-        .map_err(|e| io(format!("{name}: building the handover image: {e}")))?;
+        let out = match prebuilt {
+            // The image built before the freeze describes these very objects: the
+            // descriptors taken before the freeze are dropped, their duplicates go.
+            Some(p)
+                if p.generation == generation
+                    && !faults.corrupt_region
+                    && fd_states(&fds).is_some_and(|now| now == p.states) =>
+            {
+                drop(fds);
+                p.out
+            }
+            _ => handover::build(
+                spec,
+                task,
+                fds,
+                release,
+                self.upgrade_id.0,
+                generation,
+                &self.setup.node_key,
+                faults,
+            )
+            .map_err(|e| io(format!("{name}: building the handover image: {e}")))?,
+        };
         // Not journaled (an fsync inside the blackout buys nothing): recovery finds an
         // offered copy by asking the instances, and the receiver stops uncommitted copies.
         self.set_status(name, MoveStatus::Offered, None);

@@ -958,3 +958,108 @@ fn a_restart_mode_move_reports_its_closed_window_on_both_flows() {
         assert_eq!(doc["workloads"][1]["mode"], "restart");
     }
 }
+
+/// A world whose workloads move by identity (the image can be built before the freeze).
+fn by_identity() -> World {
+    let mut w = World::new();
+    for s in &mut w.specs.workloads {
+        s.integrity = crate::workload::Integrity::Identity;
+    }
+    w
+}
+
+#[test]
+fn an_image_built_before_the_freeze_is_used_only_for_the_same_objects() {
+    // New memfds at every call (the descriptors taken at the freeze are other objects than
+    // those the early image describes), the same ones, and the same ones grown just before
+    // the freeze: each move must offer an image describing the fds it sends (the fake
+    // target refuses any other, as a real one does), so each upgrade ends upgraded.
+    for (stable, grow) in [(false, false), (true, false), (true, true)] {
+        let w = by_identity();
+        let mut p = w.platform(false);
+        p.stable_fds = stable;
+        p.grow_at_freeze = grow;
+        let (rec, r) = upgrade(&w, &mut p).unwrap();
+        r.unwrap_or_else(|e| panic!("stable {stable} grow {grow}: {e}"));
+        assert_eq!(
+            rec.outcome,
+            Some(Outcome::Upgraded),
+            "stable {stable} grow {grow}"
+        );
+        // The early image's fds were taken before the freeze, the move's after it.
+        for name in ["kv-1", "kv-2"] {
+            let at = |c: &str| -> Vec<usize> {
+                p.calls
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| *x == c)
+                    .map(|(i, _)| i)
+                    .collect()
+            };
+            let (fds, freeze) = (
+                at(&format!("fds 1 {name}")),
+                at(&format!("freeze 1 {name}")),
+            );
+            assert_eq!(fds.len(), 2, "{name}: {:?}", p.calls);
+            assert!(
+                fds[0] < freeze[0] && freeze[0] < fds[1],
+                "{name}: {:?}",
+                p.calls
+            );
+        }
+    }
+}
+
+#[test]
+fn moves_by_digest_build_their_image_only_once_frozen() {
+    let w = World::new();
+    let mut p = w.platform(false);
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    r.unwrap();
+    assert_eq!(rec.outcome, Some(Outcome::Upgraded));
+    for name in ["kv-1", "kv-2"] {
+        let c = format!("fds 1 {name}");
+        assert_eq!(
+            p.calls.iter().filter(|x| **x == c).count(),
+            1,
+            "{:?}",
+            p.calls
+        );
+    }
+}
+
+#[test]
+fn fd_states_tell_objects_names_order_and_sizes_apart() {
+    let fd = |n: &str, data: &[u8]| PreservedFd {
+        name: n.into(),
+        fd: crate::handover::sealed_memfd(n, data).unwrap(),
+    };
+    let dup = |p: &PreservedFd| PreservedFd {
+        name: p.name.clone(),
+        fd: p.fd.try_clone().unwrap(),
+    };
+    let (a, b) = (fd("a", b"one"), fd("b", b"two"));
+    let then = fd_states(&[dup(&a), dup(&b)]).unwrap();
+    assert_eq!(fd_states(&[dup(&a), dup(&b)]).unwrap(), then, "duplicates");
+    assert_ne!(fd_states(&[dup(&b), dup(&a)]).unwrap(), then, "order");
+    assert_ne!(fd_states(&[dup(&a)]).unwrap(), then, "count");
+    assert_ne!(
+        fd_states(&[dup(&a), fd("b", b"two")]).unwrap(),
+        then,
+        "another object"
+    );
+    let renamed = PreservedFd {
+        name: "c".into(),
+        fd: b.fd.try_clone().unwrap(),
+    };
+    assert_ne!(fd_states(&[dup(&a), renamed]).unwrap(), then, "name");
+    // The same object, grown after it was examined.
+    let m = PreservedFd {
+        name: "m".into(),
+        fd: nix::sys::memfd::memfd_create("m", nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING)
+            .unwrap(),
+    };
+    let before = fd_states(&[dup(&m)]).unwrap();
+    nix::unistd::ftruncate(&m.fd, 4096).unwrap();
+    assert_ne!(fd_states(&[dup(&m)]).unwrap(), before, "size");
+}

@@ -7,6 +7,7 @@
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use kho_proto::channel::{Transport, UnixTransport, UpgradeId};
 
@@ -34,6 +35,8 @@ pub fn private_log(path: &std::path::Path) -> std::io::Result<(std::fs::File, st
 pub struct Agent {
     pub id: InstanceId,
     pub dir: PathBuf,
+    /// A control connection kept across requests (else one connection per request).
+    kept: Option<Arc<Mutex<ctl::Kept>>>,
 }
 
 fn unexpected(id: InstanceId, r: &Response) -> PlatformError {
@@ -49,12 +52,26 @@ impl Agent {
         Self {
             id,
             dir: dir.into(),
+            kept: None,
         }
+    }
+
+    /// The same agent, its requests sent over `kept` ([`ctl::call_kept`]).
+    pub fn keeping(mut self, kept: Arc<Mutex<ctl::Kept>>) -> Self {
+        self.kept = Some(kept);
+        self
     }
 
     /// One control request.
     pub fn call(&self, req: &Request) -> Result<(Response, Vec<OwnedFd>), PlatformError> {
-        ctl::call(self.id, &self.dir.join("ctl.sock"), req)
+        let socket = self.dir.join("ctl.sock");
+        match &self.kept {
+            Some(k) => {
+                let mut kept = k.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                ctl::call_kept(self.id, &socket, &mut kept, req)
+            }
+            None => ctl::call(self.id, &socket, req),
+        }
     }
 
     /// A request answered with `Done`.
@@ -133,6 +150,34 @@ impl Agent {
         let (resp, fds) = self.call(&Request::Fds {
             name: workload.to_owned(),
         })?;
+        self.named_fds(resp, fds)
+    }
+
+    /// Freezes the workload and takes its preserved fds in one round trip (`FreezeFds`);
+    /// an agent from before that request (it answers "malformed control request", having
+    /// done nothing) gets `Freeze` and `Fds`, the second undone by a thaw if it fails.
+    pub fn freeze_for_move(&self, workload: &str) -> Result<Vec<PreservedFd>, PlatformError> {
+        match self.call(&Request::FreezeFds {
+            name: workload.to_owned(),
+        }) {
+            Ok((resp, fds)) => self.named_fds(resp, fds),
+            Err(PlatformError::Instance { what, .. })
+                if what.starts_with(crate::host::ctl::MALFORMED_REQUEST) =>
+            {
+                self.freeze(workload)?;
+                self.preserved_fds(workload).inspect_err(|_| {
+                    let _ = self.thaw(workload);
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn named_fds(
+        &self,
+        resp: Response,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Vec<PreservedFd>, PlatformError> {
         let Response::Fds { names } = resp else {
             return Err(unexpected(self.id, &resp));
         };
@@ -213,5 +258,136 @@ impl Links {
         if let Some(l) = self.link.as_mut() {
             l.close_all(release);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::fdpass;
+    use std::os::unix::net::UnixListener;
+
+    /// A control socket in `dir` that answers each request with `answer(request kind)`;
+    /// returns the kinds of the requests it saw.
+    fn server(
+        dir: &std::path::Path,
+        answer: fn(&str) -> (Response, bool),
+    ) -> std::thread::JoinHandle<Vec<String>> {
+        let listener = UnixListener::bind(dir.join("ctl.sock")).unwrap();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            // One connection per request (`ctl::call`); stop at the first idle second.
+            listener.set_nonblocking(true).unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            while std::time::Instant::now() < deadline {
+                let Ok((conn, _)) = listener.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    continue;
+                };
+                conn.set_nonblocking(false).unwrap();
+                let (body, _) = fdpass::recv(&conn).unwrap().unwrap();
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let kind = match &v {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Object(m) => m.keys().next().unwrap().clone(),
+                    _ => panic!("request {v}"),
+                };
+                let (resp, with_fd) = answer(&kind);
+                let memfd = crate::handover::sealed_memfd("data", b"state").unwrap();
+                let fds: Vec<std::os::fd::BorrowedFd<'_>> = if with_fd {
+                    vec![std::os::fd::AsFd::as_fd(&memfd)]
+                } else {
+                    vec![]
+                };
+                fdpass::send(&conn, &serde_json::to_vec(&resp).unwrap(), &fds).unwrap();
+                seen.push(kind);
+            }
+            seen
+        })
+    }
+
+    fn fds_answer() -> (Response, bool) {
+        (
+            Response::Fds {
+                names: vec!["data".into()],
+            },
+            true,
+        )
+    }
+
+    #[test]
+    fn freeze_for_move_is_one_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = server(dir.path(), |kind| match kind {
+            "FreezeFds" => fds_answer(),
+            _ => (Response::Done, false),
+        });
+        let fds = Agent::new(1, dir.path()).freeze_for_move("kv").unwrap();
+        assert_eq!(fds.len(), 1);
+        assert_eq!(fds[0].name, "data");
+        assert_eq!(seen.join().unwrap(), vec!["FreezeFds"]);
+    }
+
+    #[test]
+    fn an_agent_without_freeze_fds_gets_freeze_then_fds() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = server(dir.path(), |kind| match kind {
+            "FreezeFds" => (
+                Response::Error {
+                    message: format!(
+                        "{}: unknown variant `FreezeFds`",
+                        crate::host::ctl::MALFORMED_REQUEST
+                    ),
+                },
+                false,
+            ),
+            "Fds" => fds_answer(),
+            _ => (Response::Done, false),
+        });
+        let fds = Agent::new(1, dir.path()).freeze_for_move("kv").unwrap();
+        assert_eq!(fds.len(), 1);
+        assert_eq!(seen.join().unwrap(), vec!["FreezeFds", "Freeze", "Fds"]);
+    }
+
+    #[test]
+    fn the_fallback_thaws_when_the_fds_cannot_be_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = server(dir.path(), |kind| match kind {
+            "FreezeFds" => (
+                Response::Error {
+                    message: format!("{}: ?", crate::host::ctl::MALFORMED_REQUEST),
+                },
+                false,
+            ),
+            "Fds" => (
+                Response::Error {
+                    message: "duplicating data: EMFILE".into(),
+                },
+                false,
+            ),
+            _ => (Response::Done, false),
+        });
+        let e = Agent::new(1, dir.path()).freeze_for_move("kv").unwrap_err();
+        assert!(e.to_string().contains("EMFILE"), "{e}");
+        assert_eq!(
+            seen.join().unwrap(),
+            vec!["FreezeFds", "Freeze", "Fds", "Thaw"]
+        );
+    }
+
+    #[test]
+    fn any_other_error_of_freeze_fds_is_the_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = server(dir.path(), |_| {
+            (
+                Response::Error {
+                    message: "workload kv is not running here".into(),
+                },
+                false,
+            )
+        });
+        let e = Agent::new(1, dir.path()).freeze_for_move("kv").unwrap_err();
+        assert!(e.to_string().contains("not running"), "{e}");
+        assert_eq!(seen.join().unwrap(), vec!["FreezeFds"]);
     }
 }

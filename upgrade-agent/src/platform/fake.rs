@@ -78,6 +78,13 @@ pub struct FakePlatform {
     pub watch_at_deliver: Option<std::path::PathBuf>,
     /// `(workload, lines of watch_at_deliver)` at each `deliver`.
     pub lines_at_deliver: Vec<(String, usize)>,
+    /// `preserved_fds` hands out duplicates of one memfd per workload and name, as a
+    /// real instance does (else a new memfd at every call).
+    pub stable_fds: bool,
+    /// With `stable_fds`: every `freeze` grows the workload's memfds by one page first
+    /// (the workload wrote just before it was frozen).
+    pub grow_at_freeze: bool,
+    memfds: BTreeMap<(String, String), std::os::fd::OwnedFd>,
     next_pid: i32,
 }
 
@@ -107,6 +114,9 @@ impl FakePlatform {
             confirmed: false,
             watch_at_deliver: None,
             lines_at_deliver: Vec::new(),
+            stable_fds: false,
+            grow_at_freeze: false,
+            memfds: BTreeMap::new(),
             next_pid: 100,
         };
         let mut ws = BTreeMap::new();
@@ -359,6 +369,15 @@ impl Platform for FakePlatform {
             PlatformError::io("fake: sizing the delivered image", std::io::Error::from(e))
         })?;
         assert!(len > 0, "an empty handover image was delivered");
+        // By identity, the image must describe the very memfds that go with it.
+        if let Some(stale) = stale_identity(&out) {
+            return Err(PlatformError::Refused {
+                workload: workload.to_owned(),
+                instance: to,
+                check: "identity".into(),
+                detail: stale,
+            });
+        }
         if self.refused.contains(workload) {
             return Err(PlatformError::Refused {
                 workload: workload.to_owned(),
@@ -434,6 +453,17 @@ impl Platform for FakePlatform {
 
     fn freeze(&mut self, id: InstanceId, workload: &str) -> Result<(), PlatformError> {
         self.call("freeze", id, workload)?;
+        if self.grow_at_freeze {
+            for ((w, _), fd) in &self.memfds {
+                if w == workload {
+                    let size = nix::sys::stat::fstat(fd.as_fd())
+                        .map_err(|e| PlatformError::io("fake memfd", e.into()))?
+                        .st_size;
+                    nix::unistd::ftruncate(fd, size + 4096)
+                        .map_err(|e| PlatformError::io("fake memfd", e.into()))?;
+                }
+            }
+        }
         self.workload(id, workload)?.frozen = true;
         Ok(())
     }
@@ -472,8 +502,21 @@ impl Platform for FakePlatform {
         spec.memfds
             .iter()
             .map(|m| {
-                let fd = crate::handover::sealed_memfd(&m.name, b"fake state")
-                    .map_err(|e| PlatformError::io("fake memfd", e))?;
+                let fd = if self.stable_fds {
+                    let key = (workload.to_owned(), m.name.clone());
+                    if !self.memfds.contains_key(&key) {
+                        let fd = nix::sys::memfd::memfd_create(
+                            m.name.as_str(),
+                            nix::sys::memfd::MFdFlags::MFD_ALLOW_SEALING,
+                        )
+                        .map_err(|e| PlatformError::io("fake memfd", e.into()))?;
+                        self.memfds.insert(key.clone(), fd);
+                    }
+                    self.memfds[&key].try_clone()
+                } else {
+                    crate::handover::sealed_memfd(&m.name, b"fake state")
+                }
+                .map_err(|e| PlatformError::io("fake memfd", e))?;
                 Ok(PreservedFd {
                     name: m.name.clone(),
                     fd,
@@ -574,4 +617,41 @@ impl Platform for FakePlatform {
         self.confirmed = true;
         Ok(())
     }
+}
+
+/// What a receiver checking by identity would refuse in `out`: an identity entry of the
+/// image that does not describe the memfd sent with that token (device, inode, size,
+/// seals). `None` when the image has no identities or all match.
+fn stale_identity(out: &Outgoing) -> Option<String> {
+    let f = std::fs::File::from(out.image.try_clone().ok()?);
+    let len = usize::try_from(out.offer.image_len).ok()?;
+    let mut bytes = vec![0; len];
+    if let Err(e) = std::os::unix::fs::FileExt::read_exact_at(&f, &mut bytes, 0) {
+        return Some(format!("reading the image: {e}"));
+    }
+    let view = match kho_proto::image::ImageView::parse(&bytes) {
+        Ok(v) => v,
+        Err(e) => return Some(format!("the image does not parse: {e}")),
+    };
+    let region = view.find(kho_proto::image::RegionKind::MemoryState, 1)?;
+    let ids: Vec<crate::handover::FdIdentity> = match view.decode(region) {
+        Ok(ids) => ids,
+        Err(e) => return Some(format!("identities: {e}")),
+    };
+    for id in ids {
+        let Some(p) = usize::try_from(id.token)
+            .ok()
+            .and_then(|t| t.checked_sub(1))
+            .and_then(|i| out.fds.get(i))
+        else {
+            return Some(format!("token {} names no fd", id.token));
+        };
+        let st = nix::sys::stat::fstat(p.fd.as_fd()).ok()?;
+        let seals = state_serializers::sys::get_seals(p.fd.as_fd()).ok()?;
+        let now = (st.st_dev, st.st_ino, u64::try_from(st.st_size).ok()?, seals);
+        if now != (id.dev, id.ino, id.size, id.seals) {
+            return Some(format!("{}: the image describes another object", p.name));
+        }
+    }
+    None
 }

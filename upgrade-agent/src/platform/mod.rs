@@ -223,6 +223,24 @@ pub trait Platform {
         workload: &str,
     ) -> Result<Vec<PreservedFd>, PlatformError>;
 
+    /// Freezes a workload for its move and returns duplicates of its preserved
+    /// descriptors, taken once it is frozen: [`Platform::freeze`] then
+    /// [`Platform::preserved_fds`], as one step. Either the workload is frozen and its
+    /// descriptors are returned, or the error says why and the workload is not left frozen
+    /// by this call (descriptors that cannot be taken undo the freeze). A platform that can
+    /// do both in one round trip to the instance overrides it: it is inside the blackout.
+    fn freeze_for_move(
+        &mut self,
+        id: InstanceId,
+        workload: &str,
+    ) -> Result<Vec<PreservedFd>, PlatformError> {
+        self.freeze(id, workload)?;
+        self.preserved_fds(id, workload).inspect_err(|_| {
+            // Best effort: a thaw that fails too leaves the error of the fds to report.
+            let _ = self.thaw(id, workload);
+        })
+    }
+
     /// Stops a workload for good (its preserved fds are released by that instance).
     fn stop_workload(&mut self, id: InstanceId, workload: &str) -> Result<(), PlatformError>;
 

@@ -17,11 +17,16 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, ppoll};
 use nix::sys::signal::{Signal, kill};
+use nix::sys::time::TimeSpec;
 use nix::unistd::Pid;
 
 /// How long a freeze may take to be reported complete by the kernel.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a freeze waits between two reads of `cgroup.events` (a notification the
+/// kernel deferred is not waited for longer).
+const FREEZE_POLL: Duration = Duration::from_micros(50);
 /// How long removing a group may wait for its killed processes to leave it.
 pub const REMOVE_PATIENCE: Duration = Duration::from_secs(2);
 
@@ -272,17 +277,23 @@ fn remove_empty_parents(group: &Path, mount: &Path) {
 }
 
 fn wait_frozen(group: &Path, want: bool) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
     let events = group.join("cgroup.events");
+    let file = fs::File::open(&events)?;
     let deadline = Instant::now() + FREEZE_TIMEOUT;
+    let line = if want { "frozen 1" } else { "frozen 0" };
+    let mut buf = [0u8; 4096];
     loop {
-        let text = fs::read_to_string(&events)?;
-        let frozen = text
-            .lines()
-            .any(|l| l.trim() == if want { "frozen 1" } else { "frozen 0" });
-        if frozen {
+        // Read from the start each time: kernfs re-renders the file, and the read arms
+        // the poll below (it wakes on a change after the last read).
+        let n = file.read_at(&mut buf, 0)?;
+        let text = String::from_utf8_lossy(&buf[..n]);
+        if text.lines().any(|l| l.trim() == line) {
             return Ok(());
         }
-        if Instant::now() >= deadline {
+        let now = Instant::now();
+        if now >= deadline {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
@@ -292,7 +303,16 @@ fn wait_frozen(group: &Path, want: bool) -> io::Result<()> {
                 ),
             ));
         }
-        std::thread::sleep(Duration::from_micros(50));
+        // The kernel wakes pollers of cgroup.events (POLLPRI) as soon as the group's last
+        // task is frozen; it spaces notifications of one file 10 ms apart, deferring one
+        // that comes sooner, so the wait is also capped at FREEZE_POLL and the file read
+        // again (the old fixed 50 us sleep, now only a fallback).
+        let wait = FREEZE_POLL.min(deadline - now);
+        let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLPRI)];
+        match ppoll(&mut fds, Some(TimeSpec::from_duration(wait)), None) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -16,11 +16,13 @@ pub mod instance;
 pub mod machine;
 pub mod pool;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::fd::BorrowedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kho_proto::channel::UpgradeId;
@@ -50,6 +52,9 @@ pub struct EmulatedPlatform {
     state_dir: PathBuf,
     /// The channels of the current upgrade (opened on first use).
     links: Links,
+    /// A control connection per instance, kept across requests (`ctl::call_kept`): a
+    /// move's `FreezeFds` then goes over the connection its `Ping` opened.
+    kept: Mutex<BTreeMap<InstanceId, Arc<Mutex<ctl::Kept>>>>,
 }
 
 /// The directory of instance `id`.
@@ -106,6 +111,7 @@ impl EmulatedPlatform {
             store: PoolStore::open(&state_dir.join("emulated"))?,
             state_dir: state_dir.to_owned(),
             links: Links::default(),
+            kept: Mutex::default(),
         })
     }
 
@@ -159,7 +165,22 @@ impl EmulatedPlatform {
                 ),
             });
         }
-        Ok(Agent::new(id, self.dir(id)))
+        let kept = Arc::clone(
+            self.kept
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(id)
+                .or_default(),
+        );
+        Ok(Agent::new(id, self.dir(id)).keeping(kept))
+    }
+
+    /// Closes the control connection kept to instance `id` (it halted or is gone).
+    fn forget_connection(&self, id: InstanceId) {
+        self.kept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
     }
 
     /// Tells instance `id` to accept channel frames of `upgrade_id`.
@@ -461,6 +482,14 @@ impl Platform for EmulatedPlatform {
         self.agent(id)?.preserved_fds(workload)
     }
 
+    fn freeze_for_move(
+        &mut self,
+        id: InstanceId,
+        workload: &str,
+    ) -> Result<Vec<PreservedFd>, PlatformError> {
+        self.agent(id)?.freeze_for_move(workload)
+    }
+
     fn stop_workload(&mut self, id: InstanceId, workload: &str) -> Result<(), PlatformError> {
         self.agent(id)?.stop_workload(workload)
     }
@@ -479,7 +508,9 @@ impl Platform for EmulatedPlatform {
             kill_instance_groups(&self.state_dir, id);
         }
         if pid.is_some_and(pid_alive) {
-            self.agent(id)?.expect_done(&Request::Halt)?;
+            let halted = self.agent(id)?.expect_done(&Request::Halt);
+            self.forget_connection(id);
+            halted?;
             let deadline = Instant::now() + HALT_TIMEOUT;
             while pid.is_some_and(pid_alive) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(2));
@@ -545,6 +576,7 @@ impl Platform for EmulatedPlatform {
             pool.instances.retain(|e| e.id != id);
             Ok(pool.instances.is_empty())
         })?;
+        self.forget_connection(id);
         let _ = fs::remove_dir_all(self.dir(id));
         // Its groups (a supervisor that never came up, or died, left them), then, once no
         // instance is left, whatever remains empty of the machine's groups.

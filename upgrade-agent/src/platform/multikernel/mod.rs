@@ -838,6 +838,14 @@ impl Platform for MultikernelPlatform {
         self.agent(id)?.preserved_fds(workload)
     }
 
+    fn freeze_for_move(
+        &mut self,
+        id: InstanceId,
+        workload: &str,
+    ) -> Result<Vec<PreservedFd>, PlatformError> {
+        self.agent(id)?.freeze_for_move(workload)
+    }
+
     fn stop_workload(&mut self, id: InstanceId, workload: &str) -> Result<(), PlatformError> {
         self.agent(id)?.stop_workload(workload)
     }
