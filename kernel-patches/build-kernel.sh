@@ -124,7 +124,7 @@ mk_log "kernel source package: $pkg ($(apt-cache policy "$pkg" | sed -n 's/^[[:s
 
 mk_log "apt-get install $pkg and build tools"
 $SUDO apt-get install -y -q --no-install-recommends "$pkg" \
-    make gcc libc6-dev flex bison bc libelf-dev libssl-dev xz-utils perl >&2 \
+    make gcc libc6-dev flex bison bc libelf-dev libssl-dev xz-utils lz4 perl >&2 \
     || mk_die "apt-get install $pkg failed (see above)"
 srcver="$(dpkg-query -W -f='${Version}' "$pkg")"
 t_apt=$(date +%s)

@@ -21,6 +21,7 @@
 //! * [`store`]: the store over the memfd and its index (in the memfd, or in the heap);
 //! * [`protocol`]: the line protocol (and the HTTP `/health` check);
 //! * [`handoff`]: handing established connections to the next copy;
+//! * [`persist`]: saving the store to a file and loading it from one (or a block device);
 //! * [`server`]: start-up contract (`MK_STATE_FDS`) and connection handling;
 //! * [`kv_client`]: a blocking client and health checks;
 //! * [`loadgen`]: the load generator and its loss report;
@@ -38,6 +39,7 @@ pub mod index;
 pub mod kv_client;
 pub mod loadgen;
 pub mod log;
+pub mod persist;
 pub mod protocol;
 pub mod server;
 mod shm;

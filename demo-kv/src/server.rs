@@ -48,6 +48,10 @@ pub struct ServerConfig {
     pub preload_mib: u64,
     /// Concurrent connections served; more are refused with `ERR busy`.
     pub max_connections: usize,
+    /// At a start without data (no memfd, or an empty one handed over): fill the memfd
+    /// with this image (a file or a block device, [`crate::persist`]) and open it as a
+    /// handed-over store. `None`: start empty (and `preload_mib`).
+    pub load_from: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -58,6 +62,7 @@ impl Default for ServerConfig {
             max_capacity: 1 << 30,
             preload_mib: 0,
             max_connections: 256,
+            load_from: None,
         }
     }
 }
@@ -75,6 +80,8 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: io::Error },
     #[error("--preload-mib {mib}: {source}")]
     Preload { mib: u64, source: StoreError },
+    #[error("--load-from: {0}")]
+    Load(#[from] crate::persist::PersistError),
     #[error("standby start: {0}")]
     Standby(String),
     #[error("standby copy not used: the supervisor closed its socket (the move was cancelled)")]
@@ -93,8 +100,13 @@ impl ServerError {
                 | StoreError::Shm(ShmError::NotMemfd { .. } | ShmError::WriteSealed { .. }),
             )
             | Self::Preload { .. }
+            | Self::Load(
+                crate::persist::PersistError::Empty { .. }
+                | crate::persist::PersistError::NotEmpty { .. }
+                | crate::persist::PersistError::TooLarge { .. },
+            )
             | Self::Standby(_) => Exit::Usage,
-            Self::Store(_) | Self::Bind { .. } => Exit::Platform,
+            Self::Store(_) | Self::Bind { .. } | Self::Load(_) => Exit::Platform,
             Self::StandbyCancelled => Exit::Ok,
         }
     }
@@ -165,6 +177,10 @@ impl Server {
         data: Option<OwnedFd>,
         listen: Option<OwnedFd>,
     ) -> Result<Self, ServerError> {
+        let data = match (&cfg.load_from, data) {
+            (Some(path), d) => Some(load_image(path, d)?),
+            (None, d) => d,
+        };
         let store = match data {
             Some(d) => Store::adopt(d, cfg.capacity, cfg.max_capacity)?,
             None => Store::create(cfg.capacity, cfg.max_capacity)?,
@@ -231,6 +247,16 @@ impl Server {
     /// How the store's index was opened (for an adopted memfd: from its index or a scan).
     pub fn open_report(&self) -> OpenReport {
         lock(&self.store).open_report().clone()
+    }
+
+    /// Writes the store's memfd to `path` (`--save-to`); returns its bytes and records.
+    pub fn save_to(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<(u64, u64), crate::persist::PersistError> {
+        let store = lock(&self.store);
+        let bytes = crate::persist::save(store.memfd(), path)?;
+        Ok((bytes, store.stats().records))
     }
 
     /// Whether the listening socket was handed over.
@@ -413,6 +439,25 @@ fn adopt_listener(owned: OwnedFd) -> Result<TcpListener, ServerError> {
         Ok(_) => Ok(listener),
         Err(e) => Err(bad(format!("not an IPv4/IPv6 socket ({e})"))),
     }
+}
+
+/// `--load-from`: the image's bytes in `data` (an empty handed-over memfd) or in a new
+/// memfd. A handed-over memfd that already holds data is refused (the image would
+/// overwrite a store that moved here).
+fn load_image(path: &std::path::Path, data: Option<OwnedFd>) -> Result<OwnedFd, ServerError> {
+    let file = match data {
+        Some(d) => std::fs::File::from(d),
+        None => shm::create_memfd(0).map_err(StoreError::from)?,
+    };
+    let t0 = std::time::Instant::now();
+    let bytes = crate::persist::load_into(path, &file)?;
+    tracing::info!(
+        path = %path.display(),
+        bytes,
+        ms = t0.elapsed().as_secs_f64() * 1000.0,
+        "loaded the store image"
+    );
+    Ok(OwnedFd::from(file))
 }
 
 /// Writes `preload-<n>` keys until `mib` MiB of log are used.
@@ -636,6 +681,60 @@ mod tests {
             preload(&mut tiny, 1),
             Err(StoreError::Full { .. })
         ));
+    }
+
+    #[test]
+    fn save_then_load_from_serves_the_same_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("kv.img");
+        let cfg = ServerConfig {
+            capacity: 3 << 20,
+            preload_mib: 2,
+            ..ServerConfig::default()
+        };
+        let a = Server::with_fds(&cfg, None, None).unwrap();
+        let (bytes, records) = a.save_to(&img).unwrap();
+        assert_eq!(bytes, 3 << 20);
+        assert!(records > 0);
+        drop(a);
+        // Into a fresh memfd, and into an empty handed-over one (the agent's `size = 0`).
+        let load = ServerConfig {
+            load_from: Some(img.clone()),
+            ..ServerConfig::default()
+        };
+        let empty = OwnedFd::from(shm::create_memfd(0).unwrap());
+        for data in [None, Some(empty)] {
+            let b = Server::with_fds(&load, data, None).unwrap();
+            assert_eq!(b.origin(), Origin::Adopted { records });
+            let mut st = lock(&b.store);
+            let mut v = vec![0u8; PRELOAD_VALUE_LEN];
+            preload_value(records - 1, &mut v);
+            let key = format!("preload-{}", records - 1);
+            assert_eq!(st.get(key.as_bytes()).unwrap().unwrap(), v);
+            assert_eq!(st.stats().records, records);
+        }
+        // A handed-over memfd with data is not overwritten by the image.
+        let full = shm::create_memfd(4096).unwrap();
+        let e = Server::with_fds(&load, Some(OwnedFd::from(full)), None).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ServerError::Load(crate::persist::PersistError::NotEmpty { .. })
+            ),
+            "{e}"
+        );
+        assert_eq!(e.exit(), Exit::Usage);
+        // A missing image is a platform error.
+        let gone = ServerConfig {
+            load_from: Some(dir.path().join("missing.img")),
+            ..ServerConfig::default()
+        };
+        let e = Server::with_fds(&gone, None, None).unwrap_err();
+        assert_eq!(e.exit(), Exit::Platform, "{e}");
+        // A corrupt image is refused like a corrupt handed-over memfd.
+        std::fs::write(&img, vec![0xA5u8; 1 << 20]).unwrap();
+        let e = Server::with_fds(&load, None, None).unwrap_err();
+        assert_eq!(e.exit(), Exit::Corrupt, "{e}");
     }
 
     #[test]

@@ -33,7 +33,9 @@ pub mod sys;
 pub mod task;
 
 pub use codec::{Capture, StateKind, decode, encode};
-pub use digest::{RegionDigest, digest_fd, digest_many, verify_fd};
+pub use digest::{
+    PageSample, RegionDigest, SampleError, crc32_parallel, digest_fd, digest_many, verify_fd,
+};
 pub use error::{Result, StateError};
 
 use serde::{Deserialize, Serialize};

@@ -243,7 +243,7 @@ pub fn build(
     faults: SendFaults,
 ) -> Result<Outgoing, BuildError> {
     // Digest every memfd (in parallel) while the workload is frozen.
-    let by_identity = spec.integrity == crate::workload::Integrity::Identity;
+    let by_identity = !spec.integrity.digest_in_image();
     let memfd_fds: Vec<BorrowedFd<'_>> = fds
         .iter()
         .map(|p| p.fd.as_fd())
@@ -576,7 +576,9 @@ pub const MAX_PRESERVED_IMAGE: u64 = 16 << 20;
 /// workload's memfds in token order (tokens 1, 2, ...). Checks the image (kho-proto header,
 /// every CRC and digest, signature by a trusted key, upgrade id, workload name), decodes the
 /// spec and the task state, and checks every memfd against its external region (length,
-/// CRC32, SHA-256). Listening sockets are not preservable by LUO: the caller binds them
+/// CRC32, SHA-256: `integrity = "digest"`) or its identity entry (size and seals: any other
+/// integrity; the caller then checks the content reference its handoff carries). Listening
+/// sockets are not preservable by LUO: the caller binds them
 /// afresh from the spec. Nothing is started here.
 pub fn verify_preserved(
     workload: &str,
@@ -614,17 +616,44 @@ pub fn verify_preserved(
             ),
         ));
     }
+    // `integrity = "digest"`: an external region per memfd; any other check: an identity
+    // entry (size and seals are compared; device and inode are another kernel's).
+    let identities: Vec<FdIdentity> = match view.find(RegionKind::MemoryState, 1) {
+        Some(r) => view
+            .decode(r)
+            .map_err(|e| fail("identities", e.to_string()))?,
+        None => Vec::new(),
+    };
     let mut out = Vec::with_capacity(memfds.len());
     for (i, (fd, name)) in memfds.into_iter().zip(names).enumerate() {
         let token = u64::try_from(i + 1).map_err(|e| fail("token", e.to_string()))?;
-        let expected = external_digest(&view, token).ok_or_else(|| {
-            fail(
-                format!("token[{token}]"),
-                format!("no external region describes memfd {name}"),
-            )
-        })?;
-        state_serializers::verify_fd(name, fd.as_fd(), &expected)
-            .map_err(|err| fail(format!("token[{token}].digest"), err.to_string()))?;
+        if let Some(expected) = external_digest(&view, token) {
+            state_serializers::verify_fd(name, fd.as_fd(), &expected)
+                .map_err(|err| fail(format!("token[{token}].digest"), err.to_string()))?;
+        } else {
+            let want = identities
+                .iter()
+                .find(|id| id.token == token)
+                .ok_or_else(|| {
+                    fail(
+                        format!("token[{token}]"),
+                        format!(
+                            "neither an external region nor an identity describes memfd {name}"
+                        ),
+                    )
+                })?;
+            let got = identity_of(token, fd.as_fd())
+                .map_err(|err| fail(format!("token[{token}].identity"), err.to_string()))?;
+            if (got.size, got.seals) != (want.size, want.seals) {
+                return Err(fail(
+                    format!("token[{token}].identity"),
+                    format!(
+                        "memfd {name}: size {} seals {:#x}, the sending kernel had size {} seals {:#x}",
+                        got.size, got.seals, want.size, want.seals
+                    ),
+                ));
+            }
+        }
         out.push(PreservedFd {
             name: name.clone(),
             fd,
@@ -727,6 +756,70 @@ size = 0
             "{e}"
         );
         assert!(e.to_string().contains("producer release"), "{e}");
+    }
+
+    #[test]
+    fn preserved_identity_checks_size_and_seals_not_contents() {
+        // Any integrity but `digest` (here `sampled`): the image carries an identity entry;
+        // across a kexec device and inode differ, size and seals must not.
+        let key = NodeKey::generate().unwrap();
+        let mut trusted = TrustedKeys::default();
+        trusted
+            .add(key.public(), PathBuf::from("node.pub"))
+            .unwrap();
+        let mut sp = spec();
+        sp.integrity = crate::workload::Integrity::Sampled;
+        let data = memfd(b"hello preserved world");
+        let out = build(
+            &sp,
+            &task(),
+            vec![PreservedFd {
+                name: "kv-data".into(),
+                fd: data.try_clone().unwrap(),
+            }],
+            "6.19.0-test",
+            [7; 16],
+            0,
+            &key,
+            SendFaults::default(),
+        )
+        .unwrap();
+        assert_eq!(out.offer.fds[1].sha256, [0; 32], "no digest was taken");
+        // Another memfd (other inode) of the same size and seals passes: the content
+        // reference is the LUO handoff's, checked by the platform.
+        let twin = memfd(b"hello preserved worlD");
+        let inc =
+            verify_preserved("kv", &out.image, &kv_names(), vec![twin], &trusted, [7; 16]).unwrap();
+        assert_eq!(inc.spec.integrity, crate::workload::Integrity::Sampled);
+        let short = memfd(b"hello");
+        let e = verify_preserved(
+            "kv",
+            &out.image,
+            &kv_names(),
+            vec![short],
+            &trusted,
+            [7; 16],
+        )
+        .unwrap_err();
+        assert_eq!(e.check, "token[1].identity", "{e}");
+        assert!(e.detail.contains("size 5"), "{e}");
+        let sealed = memfd(b"hello preserved world");
+        nix::fcntl::fcntl(
+            &sealed,
+            nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_GROW),
+        )
+        .unwrap();
+        let e = verify_preserved(
+            "kv",
+            &out.image,
+            &kv_names(),
+            vec![sealed],
+            &trusted,
+            [7; 16],
+        )
+        .unwrap_err();
+        assert_eq!(e.check, "token[1].identity", "{e}");
+        assert!(e.detail.contains("seals"), "{e}");
     }
 
     fn kv_names() -> Vec<String> {

@@ -307,18 +307,73 @@ pub enum Transfer {
     Copy,
 }
 
-/// How the receiving instance checks a workload's memfds.
+/// How the receiving instance checks a workload's memfds (docs/workloads.md, "transfer and
+/// integrity"; the decision for LUO and its measured costs: docs/performance.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Integrity {
-    /// CRC32 and SHA-256 of the whole contents, computed while the workload is frozen and
-    /// checked by the receiver (cost grows with the size).
+    /// The platform's default ([`Integrity::effective`]): `digest` on the emulated and
+    /// multikernel platforms, `sampled` on LUO.
     #[default]
+    Auto,
+    /// CRC32 and SHA-256 of the whole contents, computed while the workload is frozen and
+    /// checked by the receiver (cost grows with the size; two sequential passes).
     Digest,
     /// Only that the received fd is the very object that was offered (device, inode, size,
     /// seals): constant cost, meaningful only where the object itself is handed over (the
-    /// emulated platform's SCM_RIGHTS), not across a kexec.
+    /// emulated platform's SCM_RIGHTS). On LUO: size and seals of the preserved memfd, no
+    /// look at its contents.
     Identity,
+    /// LUO: CRC32 of every byte, computed in parallel chunks on every CPU (combined CRC32s)
+    /// in the old kernel while frozen and again in the new one before the workload starts;
+    /// plus size and seals. The full-content check without SHA-256. Elsewhere: as
+    /// `identity` (the object itself moves).
+    Crc32,
+    /// LUO: size and seals, plus the CRC32 of a fixed sample of pages (1024 pages of 4 KiB,
+    /// one in each 1/1024 of the memfd, first and last included, positions drawn per move):
+    /// constant cost. Elsewhere: as `identity`.
+    Sampled,
+}
+
+/// The default a platform chose for [`Integrity::Auto`] in this process (set once by the
+/// platform that runs the orchestrator here: LUO's host agent).
+static PLATFORM_INTEGRITY: std::sync::OnceLock<Integrity> = std::sync::OnceLock::new();
+
+impl Integrity {
+    /// Sets what `auto` means in this process (the first call wins; `Auto` is ignored).
+    pub fn set_platform_default(default: Integrity) {
+        if default != Integrity::Auto {
+            let _ = PLATFORM_INTEGRITY.set(default);
+        }
+    }
+
+    /// This setting with `auto` resolved: the platform's default, else `digest`.
+    pub fn effective(self) -> Integrity {
+        match self {
+            Integrity::Auto => PLATFORM_INTEGRITY
+                .get()
+                .copied()
+                .unwrap_or(Integrity::Digest),
+            other => other,
+        }
+    }
+
+    /// Whether the handover image carries a CRC32 + SHA-256 of each memfd (else an
+    /// identity entry: size, seals, and where the object moves, device and inode).
+    pub fn digest_in_image(self) -> bool {
+        self.effective() == Integrity::Digest
+    }
+
+    /// The name as written in a workload file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Integrity::Auto => "auto",
+            Integrity::Digest => "digest",
+            Integrity::Identity => "identity",
+            Integrity::Crc32 => "crc32",
+            Integrity::Sampled => "sampled",
+        }
+    }
 }
 
 /// A memfd the workload keeps its state in.
@@ -1184,5 +1239,43 @@ command = ["/bin/true"]
     #[test]
     fn empty_file_has_no_workloads() {
         assert!(parse("").unwrap().workloads.is_empty());
+    }
+
+    #[test]
+    fn integrity_names_parse_and_auto_is_the_default() {
+        for (text, want) in [
+            ("auto", Integrity::Auto),
+            ("digest", Integrity::Digest),
+            ("identity", Integrity::Identity),
+            ("crc32", Integrity::Crc32),
+            ("sampled", Integrity::Sampled),
+        ] {
+            let toml = format!(
+                "[[workload]]\nname = \"w\"\nexec = \"/bin/true\"\nintegrity = \"{text}\"\n"
+            );
+            let f = WorkloadFile::parse(&toml, Path::new("w.toml")).unwrap();
+            assert_eq!(f.workloads[0].integrity, want);
+            assert_eq!(want.as_str(), text);
+        }
+        let f = WorkloadFile::parse(
+            "[[workload]]\nname = \"w\"\nexec = \"/bin/true\"\n",
+            Path::new("w.toml"),
+        )
+        .unwrap();
+        assert_eq!(f.workloads[0].integrity, Integrity::Auto);
+        let e = WorkloadFile::parse(
+            "[[workload]]\nname = \"w\"\nexec = \"/bin/true\"\nintegrity = \"md5\"\n",
+            Path::new("w.toml"),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("md5") || e.to_string().contains("unknown variant"),
+            "{e}"
+        );
+        // Explicit settings are what they say; only `auto` follows the platform.
+        assert_eq!(Integrity::Crc32.effective(), Integrity::Crc32);
+        assert!(Integrity::Digest.digest_in_image());
+        assert!(!Integrity::Sampled.digest_in_image());
+        assert!(!Integrity::Identity.digest_in_image());
     }
 }

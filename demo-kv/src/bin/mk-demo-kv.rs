@@ -42,6 +42,15 @@ struct Cli {
     /// Concurrent connections served; more are refused with `ERR busy`.
     #[arg(long, default_value_t = 256)]
     max_connections: usize,
+    /// At a start without data (no kv-data memfd handed over, or an empty one): fill the
+    /// memfd with this store image (a file or a block device, as written by --save-to)
+    /// and open it like a handed-over store, instead of starting empty.
+    #[arg(long, value_name = "PATH")]
+    load_from: Option<std::path::PathBuf>,
+    /// Write the store (after --preload-mib or --load-from) to this file, print
+    /// `SAVED <bytes> RECORDS <n>` on stdout and exit without serving.
+    #[arg(long, value_name = "PATH")]
+    save_to: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -74,6 +83,7 @@ fn main() -> ExitCode {
         max_capacity: cli.max_capacity,
         preload_mib: cli.preload_mib,
         max_connections: cli.max_connections,
+        load_from: cli.load_from.clone(),
     };
     // At the start of main: the descriptors MK_STATE_FDS names were inherited for this
     // process and nothing else in it has taken ownership of them (mk_demo_kv::sys).
@@ -84,6 +94,18 @@ fn main() -> ExitCode {
             return e.exit().into();
         }
     };
+    if let Some(path) = &cli.save_to {
+        return match server.save_to(path) {
+            Ok((bytes, records)) => {
+                println!("SAVED {bytes} RECORDS {records}");
+                Exit::Ok.into()
+            }
+            Err(e) => {
+                eprintln!("mk-demo-kv: --save-to: {e}");
+                Exit::Platform.into()
+            }
+        };
+    }
     match server.origin() {
         Origin::Fresh => tracing::info!("fresh start: new empty store"),
         Origin::Adopted { records } => {

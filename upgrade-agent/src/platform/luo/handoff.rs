@@ -1,14 +1,24 @@
 //! The agent's own record across a kexec (token 0 of the `mk-agent` session): the journal
 //! record, which way the kexec goes, and for every workload its session, its spec and the
-//! digests of its memfds as the sending kernel computed them.
+//! content references of its memfds as the sending kernel computed them (which check each
+//! one gets is the workload's effective `integrity`: docs/protocol.md, "LUO handoff record").
 
 use serde::{Deserialize, Serialize};
 
 use crate::record::UpgradeRecord;
-use crate::workload::WorkloadSpec;
+use crate::workload::{Integrity, WorkloadSpec};
 
 /// Format tag.
-pub const HANDOFF_FORMAT: &str = "mk-luo-handoff/2";
+/// 3: each memfd names its content check (`check`), its seals, and for `sampled` its page
+/// sample; each workload carries `staged_us` (its share of the agent's work in the sending
+/// kernel). A record of another format is refused whole (no partial reading).
+pub const HANDOFF_FORMAT: &str = "mk-luo-handoff/3";
+/// Most workloads one record may name (LUO allows 744 sessions).
+pub const MAX_WORKLOADS: usize = 1024;
+/// Most memfds one workload may carry (LUO allows 128 files per session).
+pub const MAX_MEMFDS: usize = 128;
+/// Largest memfd length accepted (64 TiB).
+pub const MAX_MEMFD_LEN: u64 = 1 << 46;
 /// Largest handoff record read (a few KiB per workload; more is not ours).
 pub const MAX_HANDOFF: u64 = 4 << 20;
 
@@ -25,24 +35,71 @@ pub enum Direction {
     Return,
 }
 
-/// One memfd's expected contents.
+/// One memfd's expected contents: its size and seals always, and what `check` names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MemfdDigest {
     pub name: String,
     pub len: u64,
+    /// The content check the sending kernel prepared (never `auto`): `digest` (CRC32 +
+    /// SHA-256 of every byte), `crc32` (CRC32 of every byte), `sampled` (`sample`),
+    /// `identity` (size and seals only).
+    pub check: Integrity,
+    /// `F_GET_SEALS` in the sending kernel.
+    pub seals: u32,
+    /// `digest` and `crc32`: CRC32 of every byte (0 otherwise).
     pub crc32: u32,
-    /// Hex SHA-256.
+    /// `digest`: hex SHA-256 (64 digits); empty otherwise.
     pub sha256: String,
+    /// `sampled`: the page sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample: Option<state_serializers::PageSample>,
 }
 
 impl MemfdDigest {
-    /// From a computed digest.
+    /// From a computed full digest (check `digest`).
     pub fn new(name: &str, d: &state_serializers::RegionDigest) -> Self {
         MemfdDigest {
             name: name.to_owned(),
             len: d.len,
+            check: Integrity::Digest,
+            seals: 0,
             crc32: d.crc32,
             sha256: hex::encode(d.sha256),
+            sample: None,
+        }
+    }
+
+    /// Checks the bounds and that the fields `check` needs are there (a record from
+    /// untrusted bytes; nothing is acted on before this passes).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.len > MAX_MEMFD_LEN {
+            return Err(format!(
+                "memfd {}: length {} is more than {MAX_MEMFD_LEN}",
+                self.name, self.len
+            ));
+        }
+        let digest_hex =
+            self.sha256.len() == 64 && self.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        match self.check {
+            Integrity::Auto => Err(format!(
+                "memfd {}: check \"auto\" is not a check",
+                self.name
+            )),
+            Integrity::Digest if !digest_hex => Err(format!(
+                "memfd {}: check \"digest\" without a 64-digit hex sha256",
+                self.name
+            )),
+            Integrity::Sampled => match &self.sample {
+                None => Err(format!(
+                    "memfd {}: check \"sampled\" without a sample",
+                    self.name
+                )),
+                Some(s) => s
+                    .validate()
+                    .map_err(|e| format!("memfd {}: {e}", self.name)),
+            },
+            _ => Ok(()),
         }
     }
 
@@ -69,6 +126,10 @@ pub struct HandoffWorkload {
     pub memfds: Vec<MemfdDigest>,
     /// CLOCK_REALTIME (ns) when it was frozen in the first kernel of this upgrade.
     pub frozen_at_ns: u64,
+    /// Microseconds from the freeze to its session being staged in the sending kernel
+    /// (hand-over image, content references, LUO preservation): the sending kernel's share
+    /// of the agent's work for this workload.
+    pub staged_us: u64,
 }
 
 /// The handoff record.
@@ -107,6 +168,9 @@ pub enum HandoffError {
     /// The envelope is not signed by a trusted node key (or the bytes changed).
     #[error("the preserved handoff record is not signed by a trusted node key: {0}")]
     Signature(#[source] kho_proto::keys::KeyError),
+    /// A field out of bounds or missing for its check (see [`MemfdDigest::validate`]).
+    #[error("the preserved handoff record is invalid: {0}")]
+    Invalid(String),
     /// The envelope's key or signature is not hex of the right length.
     #[error("the preserved handoff record's signature envelope is malformed: {0}")]
     Envelope(String),
@@ -168,7 +232,32 @@ impl Handoff {
         if h.format != HANDOFF_FORMAT {
             return Err(HandoffError::Format { found: h.format });
         }
+        h.validate()?;
         Ok(h)
+    }
+
+    /// Bounds and per-memfd fields (see [`MemfdDigest::validate`]).
+    pub fn validate(&self) -> Result<(), HandoffError> {
+        if self.workloads.len() > MAX_WORKLOADS {
+            return Err(HandoffError::Invalid(format!(
+                "{} workloads, more than {MAX_WORKLOADS}",
+                self.workloads.len()
+            )));
+        }
+        for w in &self.workloads {
+            if w.memfds.len() > MAX_MEMFDS {
+                return Err(HandoffError::Invalid(format!(
+                    "workload {}: {} memfds, more than {MAX_MEMFDS}",
+                    w.name,
+                    w.memfds.len()
+                )));
+            }
+            for m in &w.memfds {
+                m.validate()
+                    .map_err(|e| HandoffError::Invalid(format!("workload {}: {e}", w.name)))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -240,11 +329,123 @@ mod tests {
         };
         let m = MemfdDigest::new("kv", &d);
         assert_eq!(m.region(), d);
+        m.validate().unwrap();
         let bad = MemfdDigest {
             sha256: "zz".into(),
             ..m
         };
         assert_ne!(bad.region(), d);
+        assert!(bad.validate().unwrap_err().contains("64-digit"));
+    }
+
+    fn memfd(check: Integrity) -> MemfdDigest {
+        MemfdDigest {
+            name: "kv-data".into(),
+            len: 1 << 20,
+            check,
+            seals: 0,
+            crc32: 0,
+            sha256: String::new(),
+            sample: (check == Integrity::Sampled).then_some(state_serializers::PageSample {
+                page: 4096,
+                count: 1024,
+                seed: 9,
+                crc32: 1,
+            }),
+        }
+    }
+
+    fn with(memfds: Vec<MemfdDigest>) -> Handoff {
+        let mut h = record();
+        h.workloads.push(HandoffWorkload {
+            name: "kv".into(),
+            session: "mk-w-kv".into(),
+            spec: WorkloadSpec::new("kv", "/bin/true"),
+            memfds,
+            frozen_at_ns: 1,
+            staged_us: 2,
+        });
+        h
+    }
+
+    #[test]
+    fn every_check_round_trips_and_is_bounded() {
+        for c in [Integrity::Crc32, Integrity::Sampled, Integrity::Identity] {
+            let h = with(vec![memfd(c)]);
+            let text = serde_json::to_vec(&h).unwrap();
+            assert_eq!(Handoff::parse(&text).unwrap(), h);
+        }
+        let bad = |h: Handoff, want: &str| {
+            let text = serde_json::to_vec(&h).unwrap();
+            let e = Handoff::parse(&text).unwrap_err();
+            assert!(matches!(e, HandoffError::Invalid(_)), "{e}");
+            assert!(e.to_string().contains(want), "{e} (want {want})");
+        };
+        bad(
+            with(vec![memfd(Integrity::Auto)]),
+            "\"auto\" is not a check",
+        );
+        bad(
+            with(vec![memfd(Integrity::Digest)]),
+            "without a 64-digit hex sha256",
+        );
+        let mut m = memfd(Integrity::Sampled);
+        m.sample = None;
+        bad(with(vec![m]), "without a sample");
+        for (page, count, want) in [
+            (4095, 8, "page size"),
+            (4096, 0, "count"),
+            (4096, 5000, "count"),
+        ] {
+            let mut m = memfd(Integrity::Sampled);
+            m.sample = Some(state_serializers::PageSample {
+                page,
+                count,
+                seed: 0,
+                crc32: 0,
+            });
+            bad(with(vec![m]), want);
+        }
+        let mut m = memfd(Integrity::Crc32);
+        m.len = MAX_MEMFD_LEN + 1;
+        bad(with(vec![m]), "length");
+        bad(
+            with(vec![memfd(Integrity::Crc32); MAX_MEMFDS + 1]),
+            "memfds, more than",
+        );
+        let mut h = record();
+        h.workloads = vec![with(vec![]).workloads[0].clone(); MAX_WORKLOADS + 1];
+        bad(h, "workloads, more than");
+    }
+
+    #[test]
+    fn malformed_memfd_entries_are_parse_errors_not_panics() {
+        let h = with(vec![memfd(Integrity::Sampled)]);
+        let v = serde_json::to_value(&h).unwrap();
+        let mutate = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = v.clone();
+            f(&mut v["workloads"][0]["memfds"][0]);
+            serde_json::to_vec(&v).unwrap()
+        };
+        for bytes in [
+            mutate(&|m| m["check"] = "md5".into()),
+            mutate(&|m| m["seals"] = (-1).into()),
+            mutate(&|m| m["sample"]["page"] = "4096".into()),
+            mutate(&|m| m["extra"] = 1.into()),
+            mutate(&|m| {
+                m.as_object_mut().unwrap().remove("check");
+            }),
+        ] {
+            assert!(matches!(
+                Handoff::parse(&bytes),
+                Err(HandoffError::Parse(_))
+            ));
+        }
+        // The previous format is refused whole.
+        let mut old = v.clone();
+        old["format"] = "mk-luo-handoff/2".into();
+        let e = Handoff::parse(&serde_json::to_vec(&old).unwrap()).unwrap_err();
+        assert!(matches!(e, HandoffError::Format { .. }), "{e}");
     }
 
     #[test]

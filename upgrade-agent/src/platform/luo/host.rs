@@ -24,9 +24,9 @@ use super::handoff::{
     Direction, HANDOFF_FORMAT, Handoff, HandoffWorkload, MAX_HANDOFF, MemfdDigest,
 };
 use super::{
-    AGENT_SESSION, TOKEN_HANDOFF, TOKEN_IMAGE, TOKEN_INITRD, TOKEN_SOURCE_INITRD,
-    TOKEN_SOURCE_KERNEL, TOKEN_TARGET_KERNEL, realtime_ns, running_release, with_liveupdate,
-    workload_session,
+    AGENT_SESSION, SAMPLE_COUNT, SAMPLE_PAGE, TOKEN_HANDOFF, TOKEN_IMAGE, TOKEN_INITRD,
+    TOKEN_SOURCE_INITRD, TOKEN_SOURCE_KERNEL, TOKEN_TARGET_KERNEL, realtime_ns, running_release,
+    with_liveupdate, workload_session,
 };
 use crate::handover::{self, Outgoing};
 use crate::host::ctl::{Request, Response};
@@ -211,6 +211,8 @@ impl LuoPlatform {
         shared: Shared,
         running: Option<KernelRef>,
     ) -> Result<Self, PlatformError> {
+        // `integrity = "auto"` of the workloads this agent's orchestrator moves.
+        crate::workload::Integrity::set_platform_default(super::DEFAULT_INTEGRITY);
         let mut p = LuoPlatform {
             state,
             dev,
@@ -854,34 +856,33 @@ impl Platform for LuoPlatform {
                 instance: self.self_id,
                 workload: workload.to_owned(),
             })?;
-        let digests: Vec<MemfdDigest> = out
-            .offer
-            .fds
-            .iter()
-            .skip(1)
-            .filter(|d| d.kind == kho_proto::channel::FdKind::Memfd)
-            .map(|d| MemfdDigest {
-                name: d.name.clone(),
-                len: d.length,
-                crc32: d.crc32,
-                sha256: hex::encode(d.sha256),
-            })
-            .collect();
+        let t_refs = Instant::now();
+        let check = spec.integrity.effective();
+        let digests = content_refs(check, &out)
+            .map_err(|e| err(format!("{workload}: content references: {e}")))?;
+        let refs_ms = t_refs.elapsed().as_secs_f64() * 1000.0;
         let sname = workload_session(workload).map_err(|e| err(e.to_string()))?;
         let session = self.dev()?.create_session(&sname).map_err(|e| luo(&e))?;
         session
             .preserve_fd(out.image.as_fd(), TOKEN_IMAGE)
             .map_err(|e| err(format!("{workload}: preserving its handover image: {e}")))?;
+        let t_preserve = Instant::now();
         for (t, p) in (1u64..).zip(&out.fds) {
             session
                 .preserve_fd(p.fd.as_fd(), t)
                 .map_err(|e| err(format!("{workload}: preserving memfd {}: {e}", p.name)))?;
         }
-        let frozen_at_ns = self
-            .frozen_at_ns
-            .get(workload)
-            .copied()
-            .unwrap_or_else(realtime_ns);
+        let preserve_ms = t_preserve.elapsed().as_secs_f64() * 1000.0;
+        let now = realtime_ns();
+        let frozen_at_ns = self.frozen_at_ns.get(workload).copied().unwrap_or(now);
+        let staged_us = now.saturating_sub(frozen_at_ns) / 1000;
+        let staged_ms = staged_us as f64 / 1000.0;
+        let bytes: u64 = digests.iter().map(|m| m.len).sum();
+        say(&format!(
+            "MK-LUO-STAGED workload={workload} bytes={bytes} integrity={} refs_ms={refs_ms:.1} \
+             preserve_ms={preserve_ms:.1} staged_ms={staged_ms:.1}",
+            check.as_str()
+        ));
         self.staged.insert(
             workload.to_owned(),
             Staged {
@@ -894,6 +895,7 @@ impl Platform for LuoPlatform {
                     spec,
                     memfds: digests,
                     frozen_at_ns,
+                    staged_us,
                 },
             },
         );
@@ -1077,11 +1079,20 @@ impl Platform for LuoPlatform {
                 workload, &image, &names, a.memfds, &trusted, upgrade_id,
             )
             .map_err(|e| refused(format!("verification failed: {e}")))?;
+            // The image checked each memfd's size and seals (and with `digest` every byte);
+            // the content reference the handoff carries is checked here.
+            for (p, d) in inc.fds.iter().zip(&a.handoff.memfds) {
+                if d.check != crate::workload::Integrity::Digest {
+                    check_content(p.fd.as_fd(), d).map_err(|e| {
+                        refused(format!("verification failed: memfd {}: {e}", d.name))
+                    })?;
+                }
+            }
             (inc.spec, inc.fds)
         } else {
             let mut fds = Vec::new();
             for (fd, d) in a.memfds.into_iter().zip(&a.handoff.memfds) {
-                state_serializers::verify_fd(&d.name, fd.as_fd(), &d.region())
+                check_content(fd.as_fd(), d)
                     .map_err(|e| refused(format!("verification failed: memfd {}: {e}", d.name)))?;
                 fds.push(PreservedFd {
                     name: d.name.clone(),
@@ -1120,10 +1131,14 @@ impl Platform for LuoPlatform {
         let frozen = a.handoff.frozen_at_ns;
         let blackout_us = realtime_ns().saturating_sub(frozen) / 1000;
         let bytes: u64 = a.handoff.memfds.iter().map(|m| m.len).sum();
+        let checks: Vec<&str> = a.handoff.memfds.iter().map(|m| m.check.as_str()).collect();
+        let staged_ms = a.handoff.staged_us as f64 / 1000.0;
+        let agent_ms = staged_ms + retrieve_ms + verify_ms + start_ms + health_ms;
         say(&format!(
-            "MK-LUO-RESTORE workload={workload} bytes={bytes} retrieve_ms={retrieve_ms:.1} \
-             verify_ms={verify_ms:.1} start_ms={start_ms:.1} health_ms={health_ms:.1} \
-             blackout_ms={:.1}",
+            "MK-LUO-RESTORE workload={workload} bytes={bytes} integrity={} staged_ms={staged_ms:.1} \
+             retrieve_ms={retrieve_ms:.1} verify_ms={verify_ms:.1} start_ms={start_ms:.1} \
+             health_ms={health_ms:.1} agent_ms={agent_ms:.1} blackout_ms={:.1}",
+            checks.join(","),
             blackout_us as f64 / 1000.0
         ));
         Ok(Claimed {
@@ -1181,13 +1196,14 @@ impl Platform for LuoPlatform {
             if fds.len() != hw.memfds.len() {
                 return Err(err(format!("{}: its memfds were not kept", w.name)));
             }
-            let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
-            let digests = state_serializers::digest_many(&borrowed)
-                .into_iter()
+            // Fresh references of the same kind (B's copy may have run).
+            let digests = fds
+                .iter()
                 .zip(&hw.memfds)
-                .map(|(d, m)| {
-                    d.map(|d| MemfdDigest::new(&m.name, &d))
-                        .map_err(|e| err(format!("{}: digesting {}: {e}", w.name, m.name)))
+                .map(|(fd, m)| {
+                    memfd_ref(&m.name, m.check, fd.as_fd(), None).map_err(|e| {
+                        err(format!("{}: content reference of {}: {e}", w.name, m.name))
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let s = dev.create_session(&hw.session).map_err(|e| luo(&e))?;
@@ -1261,5 +1277,237 @@ impl Platform for LuoPlatform {
             }
         }
         Ok(())
+    }
+}
+
+/// The content reference of one memfd for `check` (`digest`: `full`, the image's digest
+/// when the caller has it, else computed here).
+fn memfd_ref(
+    name: &str,
+    check: crate::workload::Integrity,
+    fd: BorrowedFd<'_>,
+    full: Option<&kho_proto::channel::FdDescriptor>,
+) -> Result<MemfdDigest, String> {
+    use crate::workload::Integrity;
+    let seals = state_serializers::sys::get_seals(fd).map_err(|e| format!("F_GET_SEALS: {e}"))?;
+    let len = crate::sys::memfd::size(fd).map_err(|e| format!("fstat: {e}"))?;
+    let mut m = MemfdDigest {
+        name: name.to_owned(),
+        len,
+        check,
+        seals,
+        crc32: 0,
+        sha256: String::new(),
+        sample: None,
+    };
+    match check {
+        Integrity::Digest | Integrity::Auto => {
+            m.check = Integrity::Digest;
+            let (len, crc32, sha256) = if let Some(d) = full {
+                (d.length, d.crc32, d.sha256)
+            } else {
+                let d = state_serializers::digest_fd(fd).map_err(|e| e.to_string())?;
+                (d.len, d.crc32, d.sha256)
+            };
+            m.len = len;
+            m.crc32 = crc32;
+            m.sha256 = hex::encode(sha256);
+        }
+        Integrity::Crc32 => {
+            let (l, crc) = state_serializers::crc32_parallel(fd).map_err(|e| e.to_string())?;
+            m.len = l;
+            m.crc32 = crc;
+        }
+        Integrity::Sampled => {
+            // Positions drawn per move (not adversarial: a different set each time).
+            let seed = realtime_ns() ^ u64::from(crc32fast::hash(name.as_bytes()));
+            m.sample = Some(
+                state_serializers::PageSample::take(fd, len, SAMPLE_PAGE, SAMPLE_COUNT, seed)
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        Integrity::Identity => {}
+    }
+    Ok(m)
+}
+
+/// The content references of a staged workload's memfds, in token order (A, frozen).
+fn content_refs(
+    check: crate::workload::Integrity,
+    out: &Outgoing,
+) -> Result<Vec<MemfdDigest>, String> {
+    let descs: Vec<&kho_proto::channel::FdDescriptor> = out
+        .offer
+        .fds
+        .iter()
+        .skip(1)
+        .filter(|d| d.kind == kho_proto::channel::FdKind::Memfd)
+        .collect();
+    let memfds: Vec<&PreservedFd> = out
+        .fds
+        .iter()
+        .filter(|p| state_serializers::sys::get_seals(p.fd.as_fd()).is_ok())
+        .collect();
+    if descs.len() != memfds.len() {
+        return Err(format!(
+            "{} memfds described, {} held",
+            descs.len(),
+            memfds.len()
+        ));
+    }
+    memfds
+        .iter()
+        .zip(descs)
+        .map(|(p, d)| memfd_ref(&p.name, check, p.fd.as_fd(), Some(d)))
+        .collect()
+}
+
+/// Checks a retrieved memfd against its reference: size and seals, then what `check` names.
+fn check_content(fd: BorrowedFd<'_>, d: &MemfdDigest) -> Result<(), String> {
+    use crate::workload::Integrity;
+    let len = crate::sys::memfd::size(fd).map_err(|e| format!("fstat: {e}"))?;
+    if len != d.len {
+        return Err(format!("size {len}, the sending kernel had {}", d.len));
+    }
+    let seals = state_serializers::sys::get_seals(fd).map_err(|e| format!("F_GET_SEALS: {e}"))?;
+    if d.check != Integrity::Digest && seals != d.seals {
+        return Err(format!(
+            "seals {seals:#x}, the sending kernel had {:#x}",
+            d.seals
+        ));
+    }
+    match d.check {
+        Integrity::Digest | Integrity::Auto => {
+            state_serializers::verify_fd(&d.name, fd, &d.region()).map_err(|e| e.to_string())
+        }
+        Integrity::Crc32 => {
+            let (l, crc) = state_serializers::crc32_parallel(fd).map_err(|e| e.to_string())?;
+            if (l, crc) == (d.len, d.crc32) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "CRC32 {crc:08x} over {l} bytes, the sending kernel had {:08x} over {}",
+                    d.crc32, d.len
+                ))
+            }
+        }
+        Integrity::Sampled => {
+            let s = d.sample.as_ref().ok_or("no page sample")?;
+            match s.check(fd, len).map_err(|e| e.to_string())? {
+                Ok(()) => Ok(()),
+                Err(found) => Err(format!(
+                    "CRC32 of the {} sampled pages (seed {:#x}) is {found:08x}, the sending kernel had {:08x}",
+                    s.count, s.seed, s.crc32
+                )),
+            }
+        }
+        Integrity::Identity => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::Integrity;
+
+    fn memfd(bytes: &[u8]) -> OwnedFd {
+        let fd = crate::sys::memfd::create_sealable("t").unwrap();
+        crate::sys::memfd::write_all(fd.as_fd(), bytes).unwrap();
+        fd
+    }
+
+    /// More pages (1537) than a sample draws (1024): some pages are not sampled.
+    fn data() -> Vec<u8> {
+        (0..(6 << 20) + 123)
+            .map(|i: usize| (i * 7 + i / 4096) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn every_check_passes_on_the_same_bytes_and_names_what_it_checks() {
+        let fd = memfd(&data());
+        for check in [
+            Integrity::Digest,
+            Integrity::Crc32,
+            Integrity::Sampled,
+            Integrity::Identity,
+        ] {
+            let m = memfd_ref("kv-data", check, fd.as_fd(), None).unwrap();
+            assert_eq!(m.check, check);
+            assert_eq!(m.len, data().len() as u64);
+            m.validate().unwrap();
+            check_content(fd.as_fd(), &m).unwrap();
+        }
+        // `auto` is resolved before it is written down: a reference never says "auto".
+        let m = memfd_ref("kv-data", Integrity::Auto, fd.as_fd(), None).unwrap();
+        assert_eq!(m.check, Integrity::Digest);
+    }
+
+    #[test]
+    fn each_check_catches_what_it_covers() {
+        let good = data();
+        let fd = memfd(&good);
+        let refs: Vec<MemfdDigest> = [
+            Integrity::Digest,
+            Integrity::Crc32,
+            Integrity::Sampled,
+            Integrity::Identity,
+        ]
+        .iter()
+        .map(|c| memfd_ref("kv-data", *c, fd.as_fd(), None).unwrap())
+        .collect();
+        // Truncation: every check (size).
+        let short = memfd(&good[..good.len() - 1]);
+        for m in &refs {
+            let e = check_content(short.as_fd(), m).unwrap_err();
+            assert!(
+                e.contains("size") || e.contains("digest") || e.contains("mismatch"),
+                "{:?}: {e}",
+                m.check
+            );
+        }
+        // The last page changed (a lost tail folio): all but identity.
+        let mut tail = good.clone();
+        *tail.last_mut().unwrap() ^= 1;
+        let tail = memfd(&tail);
+        for m in &refs {
+            let r = check_content(tail.as_fd(), m);
+            assert_eq!(
+                r.is_err(),
+                m.check != Integrity::Identity,
+                "{:?}: {r:?}",
+                m.check
+            );
+        }
+        // One byte in a page the sample did not draw: the full checks only.
+        let sample = refs[2].sample.unwrap();
+        let drawn = state_serializers::PageSample::pages(
+            sample.page,
+            sample.count,
+            sample.seed,
+            good.len() as u64,
+        );
+        let page = (0..(good.len() as u64 / 4096))
+            .find(|p| !drawn.contains(p))
+            .unwrap();
+        let mut flip = good.clone();
+        flip[page as usize * 4096 + 17] ^= 0x10;
+        let flip = memfd(&flip);
+        for m in &refs {
+            let r = check_content(flip.as_fd(), m);
+            let full = matches!(m.check, Integrity::Digest | Integrity::Crc32);
+            assert_eq!(r.is_err(), full, "{:?}: {r:?}", m.check);
+        }
+        // A seal added since: every check but digest's (which checks every byte instead).
+        let sealed = memfd(&good);
+        nix::fcntl::fcntl(
+            &sealed,
+            nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_GROW),
+        )
+        .unwrap();
+        for m in &refs[1..] {
+            let e = check_content(sealed.as_fd(), m).unwrap_err();
+            assert!(e.contains("seals"), "{:?}: {e}", m.check);
+        }
     }
 }

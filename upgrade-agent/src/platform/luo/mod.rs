@@ -56,6 +56,17 @@ pub const TOKEN_SOURCE_INITRD: u64 = 4;
 /// Token of a workload's handover image in its session.
 pub const TOKEN_IMAGE: u64 = 0;
 
+/// What `integrity = "auto"` means on this platform (docs/performance.md, "Live update (LUO)
+/// in QEMU", and docs/workloads.md): the kernel preserved the very folios, so the check is
+/// their identity (session, token, size, seals) plus a constant-cost page sample; the
+/// full-content checks (`crc32`, `digest`) are a workload-file setting away.
+pub const DEFAULT_INTEGRITY: crate::workload::Integrity = crate::workload::Integrity::Sampled;
+/// Page size of a `sampled` check.
+pub const SAMPLE_PAGE: u32 = 4096;
+/// Pages of a `sampled` check (4 MiB read; one per 1/1024 of the memfd, so every 2 MiB
+/// folio of a memfd up to 2 GiB holds a sampled page).
+pub const SAMPLE_COUNT: u32 = 1024;
+
 /// Prefix of the one console/stdout line the agent prints when an upgrade ended in this
 /// kernel: `MK-UPGRADE-RESULT <record JSON>`.
 pub const RESULT_PREFIX: &str = "MK-UPGRADE-RESULT";
