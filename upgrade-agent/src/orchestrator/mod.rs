@@ -788,7 +788,28 @@ impl<'a> Orchestrator<'a> {
         let fds = self.platform.preserved_fds(from, name).ok()?;
         let states = fd_states(&fds)?;
         let generation = u64::from(self.writes);
-        let out = handover::build(
+        let out = self
+            .build_image(spec, task, fds, release, generation, SendFaults::default())
+            .ok()?;
+        // The workload still runs: what the image recorded must be what was examined.
+        (fd_states(&out.fds)? == states).then_some(Prebuilt {
+            out,
+            generation,
+            states,
+        })
+    }
+
+    /// This upgrade's signed handover image of one workload (`handover::build`).
+    fn build_image(
+        &self,
+        spec: &crate::workload::WorkloadSpec,
+        task: &state_serializers::task::TaskState,
+        fds: Vec<PreservedFd>,
+        release: &str,
+        generation: u64,
+        faults: SendFaults,
+    ) -> Result<handover::Outgoing, handover::BuildError> {
+        handover::build(
             spec,
             task,
             fds,
@@ -796,15 +817,8 @@ impl<'a> Orchestrator<'a> {
             self.upgrade_id.0,
             generation,
             &self.setup.node_key,
-            SendFaults::default(),
+            faults,
         )
-        .ok()?;
-        // The workload still runs: what the image recorded must be what was examined.
-        (fd_states(&out.fds)? == states).then_some(Prebuilt {
-            out,
-            generation,
-            states,
-        })
     }
 
     #[allow(clippy::too_many_arguments)] // the move's parts, its descriptors and its two instants
@@ -851,17 +865,9 @@ impl<'a> Orchestrator<'a> {
                 drop(fds);
                 p.out
             }
-            _ => handover::build(
-                spec,
-                task,
-                fds,
-                release,
-                self.upgrade_id.0,
-                generation,
-                &self.setup.node_key,
-                faults,
-            )
-            .map_err(|e| io(format!("{name}: building the handover image: {e}")))?,
+            _ => self
+                .build_image(spec, task, fds, release, generation, faults)
+                .map_err(|e| io(format!("{name}: building the handover image: {e}")))?,
         };
         // Not journaled (an fsync inside the blackout buys nothing): recovery finds an
         // offered copy by asking the instances, and the receiver stops uncommitted copies.
