@@ -206,26 +206,7 @@ impl SharedMap {
 
     /// The 8 bytes at `off` as an atomic. Panics when out of the mapping or misaligned.
     pub fn atomic_u64(&self, off: usize) -> &AtomicU64 {
-        let end = off.checked_add(8).expect("offset overflow");
-        assert!(
-            end <= self.len(),
-            "atomic at {off} beyond mapping of {}",
-            self.len()
-        );
-        let ptr = self.map.as_ptr().wrapping_add(off);
-        assert!(
-            ptr.align_offset(std::mem::align_of::<AtomicU64>()) == 0,
-            "atomic at {off} is not 8-byte aligned"
-        );
-        // SAFETY: the 8 bytes lie inside the live mapping (checked above) and are aligned
-        // for AtomicU64 (checked above); they live as long as `&self` (the mapping is only
-        // replaced or dropped through `&mut self` or by value); AtomicU64 has the layout of
-        // u64 and any bit pattern is valid; every access to such a field, in this or
-        // another process, is atomic (the crate's contract for shared header fields).
-        #[expect(clippy::cast_ptr_alignment, reason = "alignment is asserted above")]
-        unsafe {
-            &*ptr.cast::<AtomicU64>()
-        }
+        &self.atomic_u64s(off, 1)[0]
     }
 
     /// The `n` 8-byte words from `off` as atomics. Panics when out of the mapping or

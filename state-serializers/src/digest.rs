@@ -47,22 +47,14 @@ pub fn digest_fd(fd: BorrowedFd<'_>) -> Result<RegionDigest> {
     let mut sha = Sha256::new();
     let mut off: u64 = 0;
     loop {
-        let n = match nix::sys::uio::pread(fd, &mut buf, off as libc::off_t) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                return Err(StateError::Sys {
-                    call: "pread",
-                    source: e.into(),
-                });
-            }
-        };
-        if n == 0 {
-            break;
-        }
+        let n = pread_exact(fd, &mut buf, off)?;
         crc.update(&buf[..n]);
         sha.update(&buf[..n]);
         off += n as u64;
+        // A short read is the end of the file.
+        if n < buf.len() {
+            break;
+        }
     }
     Ok(RegionDigest {
         len: off,

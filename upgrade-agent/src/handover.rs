@@ -45,7 +45,7 @@ pub struct FdIdentity {
     pub seals: u32,
 }
 
-fn identity_of(token: u64, fd: BorrowedFd<'_>) -> std::io::Result<FdIdentity> {
+pub(crate) fn identity_of(token: u64, fd: BorrowedFd<'_>) -> std::io::Result<FdIdentity> {
     let st = nix::sys::stat::fstat(fd).map_err(std::io::Error::from)?;
     Ok(FdIdentity {
         token,
@@ -368,7 +368,19 @@ pub struct Incoming {
     pub fds: Vec<PreservedFd>,
 }
 
-fn read_all(fd: BorrowedFd<'_>, len: u64) -> Result<Vec<u8>, CheckFailed> {
+/// The identity entries of an image (`integrity = "identity"` and the checks that move the
+/// object itself); none when it has no identity region.
+pub(crate) fn image_identities(view: &ImageView<'_>) -> Result<Vec<FdIdentity>, CheckFailed> {
+    match view.find(RegionKind::MemoryState, 1) {
+        Some(r) => view
+            .decode(r)
+            .map_err(|e| fail("identities", e.to_string())),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// The `len` bytes of the image memfd `fd` (its size must be `len`).
+pub(crate) fn read_all(fd: BorrowedFd<'_>, len: u64) -> Result<Vec<u8>, CheckFailed> {
     let f = std::fs::File::from(
         fd.try_clone_to_owned()
             .map_err(|e| fail("image", format!("dup: {e}")))?,
@@ -485,12 +497,7 @@ pub fn verify(
     }
     let checked = check_image(&bytes, &offer.workload_id, "offer", trusted, expect_upgrade)?;
     let (view, spec, task) = (checked.view, checked.spec, checked.task);
-    let identities: Vec<FdIdentity> = match view.find(RegionKind::MemoryState, 1) {
-        Some(r) => view
-            .decode(r)
-            .map_err(|e| fail("identities", e.to_string()))?,
-        None => Vec::new(),
-    };
+    let identities = image_identities(&view)?;
     let mut out = Vec::with_capacity(rest.len());
     for (i, (fd, desc)) in rest.into_iter().zip(&offer.fds[1..]).enumerate() {
         let token = u64::try_from(i + 1).map_err(|e| fail("token", e.to_string()))?;
@@ -618,12 +625,7 @@ pub fn verify_preserved(
     }
     // `integrity = "digest"`: an external region per memfd; any other check: an identity
     // entry (size and seals are compared; device and inode are another kernel's).
-    let identities: Vec<FdIdentity> = match view.find(RegionKind::MemoryState, 1) {
-        Some(r) => view
-            .decode(r)
-            .map_err(|e| fail("identities", e.to_string()))?,
-        None => Vec::new(),
-    };
+    let identities = image_identities(&view)?;
     let mut out = Vec::with_capacity(memfds.len());
     for (i, (fd, name)) in memfds.into_iter().zip(names).enumerate() {
         let token = u64::try_from(i + 1).map_err(|e| fail("token", e.to_string()))?;

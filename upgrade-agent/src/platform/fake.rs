@@ -623,20 +623,17 @@ impl Platform for FakePlatform {
 /// image that does not describe the memfd sent with that token (device, inode, size,
 /// seals). `None` when the image has no identities or all match.
 fn stale_identity(out: &Outgoing) -> Option<String> {
-    let f = std::fs::File::from(out.image.try_clone().ok()?);
-    let len = usize::try_from(out.offer.image_len).ok()?;
-    let mut bytes = vec![0; len];
-    if let Err(e) = std::os::unix::fs::FileExt::read_exact_at(&f, &mut bytes, 0) {
-        return Some(format!("reading the image: {e}"));
-    }
+    let bytes = match crate::handover::read_all(out.image.as_fd(), out.offer.image_len) {
+        Ok(b) => b,
+        Err(e) => return Some(format!("reading the image: {e}")),
+    };
     let view = match kho_proto::image::ImageView::parse(&bytes) {
         Ok(v) => v,
         Err(e) => return Some(format!("the image does not parse: {e}")),
     };
-    let region = view.find(kho_proto::image::RegionKind::MemoryState, 1)?;
-    let ids: Vec<crate::handover::FdIdentity> = match view.decode(region) {
+    let ids = match crate::handover::image_identities(&view) {
         Ok(ids) => ids,
-        Err(e) => return Some(format!("identities: {e}")),
+        Err(e) => return Some(e.to_string()),
     };
     for id in ids {
         let Some(p) = usize::try_from(id.token)
@@ -646,10 +643,7 @@ fn stale_identity(out: &Outgoing) -> Option<String> {
         else {
             return Some(format!("token {} names no fd", id.token));
         };
-        let st = nix::sys::stat::fstat(p.fd.as_fd()).ok()?;
-        let seals = state_serializers::sys::get_seals(p.fd.as_fd()).ok()?;
-        let now = (st.st_dev, st.st_ino, u64::try_from(st.st_size).ok()?, seals);
-        if now != (id.dev, id.ino, id.size, id.seals) {
+        if crate::handover::identity_of(id.token, p.fd.as_fd()).ok()? != id {
             return Some(format!("{}: the image describes another object", p.name));
         }
     }
