@@ -87,6 +87,10 @@ pub struct WorkloadMove {
     /// Established connections the old copy handed over with the move (`handoff_signal`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections: Option<u32>,
+    /// `blackout_us` and `handover_us` span a kexec and are lower bounds (the kexec itself
+    /// is on no clock: [`crate::platform::Claimed::blackout_lower_bound`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub blackout_lower_bound: bool,
 }
 
 /// How an upgrade ended.
@@ -196,6 +200,7 @@ impl UpgradeRecord {
                 "moved": w.status == MoveStatus::Committed,
                 "status": w.status,
                 "blackout_ms": w.blackout_us.map(|u| u as f64 / 1000.0),
+                "blackout_lower_bound": w.blackout_lower_bound,
                 "mode": w.mode,
                 "closed_ms": w.closed_us.map(|u| u as f64 / 1000.0),
                 "stop_ms": w.stop_us.map(|u| u as f64 / 1000.0),

@@ -443,6 +443,7 @@ impl<'a> Orchestrator<'a> {
                     closed_us: None,
                     stop_us: None,
                     connections: None,
+                    blackout_lower_bound: false,
                 })
                 .collect(),
             events: Vec::new(),

@@ -215,6 +215,7 @@ mod tests {
                 closed_us: None,
                 stop_us: None,
                 connections: None,
+                blackout_lower_bound: false,
             }],
             events: Vec::new(),
             outcome: None,

@@ -79,6 +79,7 @@ impl Orchestrator<'_> {
                 Ok(c) => {
                     if let Some(w) = self.record.workload_mut(&name) {
                         w.handover_us = Some(c.handover_us);
+                        w.blackout_lower_bound = c.blackout_lower_bound;
                         if w.mode == crate::workload::Mode::Restart {
                             // The claim counts from the old copy's exit (the staged freeze
                             // returned then): that is the port-closed window; the blackout
@@ -154,6 +155,7 @@ impl Orchestrator<'_> {
                 Ok(c) => {
                     if let Some(w) = self.record.workload_mut(&name).filter(|_| !c.adopted) {
                         w.blackout_us = Some(c.blackout_us);
+                        w.blackout_lower_bound = c.blackout_lower_bound;
                     }
                     self.set_status(&name, MoveStatus::MovedBack, None);
                 }

@@ -344,6 +344,28 @@ fn replace_upgrade_stages_boots_and_claims() {
         p.calls.iter().filter(|c| c.starts_with("commit")).count(),
         0
     );
+    // A blackout across the kexec is reported as the lower bound the claim measured.
+    let report = rec.report_json();
+    for w in report["workloads"].as_array().unwrap() {
+        assert_eq!(w["blackout_ms"], 1.0, "{w}");
+        assert_eq!(w["blackout_lower_bound"], true, "{w}");
+    }
+}
+
+#[test]
+fn a_side_by_side_blackout_is_on_one_clock_not_a_lower_bound() {
+    let w = World::new();
+    let mut p = w.platform(false);
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    r.unwrap();
+    for m in &rec.workloads {
+        assert!(m.blackout_us.is_some(), "{m:?}");
+        assert!(!m.blackout_lower_bound, "{m:?}");
+    }
+    assert_eq!(
+        rec.report_json()["workloads"][0]["blackout_lower_bound"],
+        false
+    );
 }
 
 #[test]

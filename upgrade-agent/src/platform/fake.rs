@@ -585,6 +585,8 @@ impl Platform for FakePlatform {
             verify_ms: 0.1,
             start_ms: 0.1,
             health_ms: 0.1,
+            // As a kexec claim's are.
+            blackout_lower_bound: true,
             adopted: false,
         })
     }

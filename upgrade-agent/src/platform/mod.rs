@@ -88,11 +88,14 @@ pub enum Delivered {
 /// What [`Platform::claim`] did with a staged workload.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Claimed {
-    /// From the freeze in the previous kernel to healthy here (wall clock, across the
-    /// kexec).
+    /// From the freeze in the previous kernel to healthy here, across the kexec.
     pub blackout_us: u64,
     /// From the freeze in the previous kernel to the restored process started here.
     pub handover_us: u64,
+    /// The two figures above are lower bounds: the previous kernel's monotonic time from
+    /// the freeze to its kexec call plus this kernel's boot clock (the kexec in between is
+    /// not on either clock). False: a difference of the two kernels' wall clocks.
+    pub blackout_lower_bound: bool,
     /// Bytes of state verified.
     pub bytes: u64,
     /// Verification, start and health-check times, for the event log.

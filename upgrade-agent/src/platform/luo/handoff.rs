@@ -130,6 +130,13 @@ pub struct HandoffWorkload {
     /// (hand-over image, content references, LUO preservation): the sending kernel's share
     /// of the agent's work for this workload.
     pub staged_us: u64,
+    /// Microseconds on the sending kernel's CLOCK_MONOTONIC from the freeze to this record
+    /// being sealed, just before the kexec call (on a return, plus the returning kernel's
+    /// CLOCK_BOOTTIME then). With the receiving kernel's CLOCK_BOOTTIME it gives a lower
+    /// bound of the blackout that no two kernels' wall clocks have to agree on. 0: not
+    /// known (a sender before this field; the receiver then falls back to CLOCK_REALTIME).
+    #[serde(default)]
+    pub frozen_before_kexec_us: u64,
 }
 
 /// The handoff record.
@@ -364,8 +371,35 @@ mod tests {
             memfds,
             frozen_at_ns: 1,
             staged_us: 2,
+            frozen_before_kexec_us: 3,
         });
         h
+    }
+
+    #[test]
+    fn a_workload_without_the_monotonic_part_parses_as_not_known() {
+        // A sender from before `frozen_before_kexec_us`: the receiver falls back to the
+        // wall clocks (0), it does not refuse the handoff.
+        let h = with(vec![memfd(Integrity::Crc32)]);
+        let mut v = serde_json::to_value(&h).unwrap();
+        let w = v["workloads"][0].as_object_mut().unwrap();
+        assert_eq!(w.remove("frozen_before_kexec_us"), Some(3.into()));
+        let back = Handoff::parse(&serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_eq!(back.workloads[0].frozen_before_kexec_us, 0);
+        assert_eq!(back.workloads[0].staged_us, 2);
+    }
+
+    #[test]
+    fn the_boot_clock_runs_and_micros_saturates() {
+        let a = super::super::boottime_us();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = super::super::boottime_us();
+        assert!(a > 0 && b >= a + 2000, "{a} {b}");
+        assert_eq!(
+            super::super::micros(std::time::Duration::from_millis(3)),
+            3000
+        );
+        assert_eq!(super::super::micros(std::time::Duration::MAX), u64::MAX);
     }
 
     #[test]

@@ -25,8 +25,8 @@ use super::handoff::{
 };
 use super::{
     AGENT_SESSION, SAMPLE_COUNT, SAMPLE_PAGE, TOKEN_HANDOFF, TOKEN_IMAGE, TOKEN_INITRD,
-    TOKEN_SOURCE_INITRD, TOKEN_SOURCE_KERNEL, TOKEN_TARGET_KERNEL, realtime_ns, running_release,
-    with_liveupdate, workload_session,
+    TOKEN_SOURCE_INITRD, TOKEN_SOURCE_KERNEL, TOKEN_TARGET_KERNEL, boottime_us, micros,
+    realtime_ns, running_release, with_liveupdate, workload_session,
 };
 use crate::handover::{self, Outgoing};
 use crate::host::ctl::{Request, Response};
@@ -193,7 +193,8 @@ pub struct LuoPlatform {
     next: Option<Next>,
     upgrade_id: Option<UpgradeId>,
     staged: BTreeMap<String, Staged>,
-    frozen_at_ns: BTreeMap<String, u64>,
+    /// Per workload: CLOCK_REALTIME (ns) and CLOCK_MONOTONIC at its freeze.
+    frozen_at: BTreeMap<String, (u64, Instant)>,
     carried: Option<Carried>,
 }
 
@@ -223,7 +224,7 @@ impl LuoPlatform {
             next: None,
             upgrade_id: None,
             staged: BTreeMap::new(),
-            frozen_at_ns: BTreeMap::new(),
+            frozen_at: BTreeMap::new(),
             carried: None,
         };
         let session = match p.dev.as_ref().map(|d| d.retrieve_session(AGENT_SESSION)) {
@@ -797,7 +798,17 @@ impl Platform for LuoPlatform {
             target_release: target.release.clone(),
             target_cmdline: target.cmdline.clone(),
             target_initrd: target.initrd.is_some(),
-            workloads: self.staged.values().map(|s| s.handoff.clone()).collect(),
+            workloads: self
+                .staged
+                .values()
+                .map(|s| HandoffWorkload {
+                    frozen_before_kexec_us: self
+                        .frozen_at
+                        .get(&s.handoff.name)
+                        .map_or(0, |f| micros(f.1.elapsed()).max(1)),
+                    ..s.handoff.clone()
+                })
+                .collect(),
         };
         let mut trials = self.state.trials().map_err(|e| err(e.to_string()))?;
         trials
@@ -874,7 +885,7 @@ impl Platform for LuoPlatform {
         }
         let preserve_ms = t_preserve.elapsed().as_secs_f64() * 1000.0;
         let now = realtime_ns();
-        let frozen_at_ns = self.frozen_at_ns.get(workload).copied().unwrap_or(now);
+        let frozen_at_ns = self.frozen_at.get(workload).map_or(now, |f| f.0);
         let staged_us = now.saturating_sub(frozen_at_ns) / 1000;
         let staged_ms = staged_us as f64 / 1000.0;
         let bytes: u64 = digests.iter().map(|m| m.len).sum();
@@ -896,6 +907,8 @@ impl Platform for LuoPlatform {
                     memfds: digests,
                     frozen_at_ns,
                     staged_us,
+                    // Set when the handoff is sealed (`boot`).
+                    frozen_before_kexec_us: 0,
                 },
             },
         );
@@ -942,7 +955,8 @@ impl Platform for LuoPlatform {
         self.ctl(Request::Freeze {
             name: workload.to_owned(),
         })?;
-        self.frozen_at_ns.insert(workload.to_owned(), realtime_ns());
+        self.frozen_at
+            .insert(workload.to_owned(), (realtime_ns(), Instant::now()));
         Ok(())
     }
 
@@ -1115,6 +1129,7 @@ impl Platform for LuoPlatform {
             .map_err(|e| start_err(e.to_string()))?;
         let start_ms = t0.elapsed().as_secs_f64() * 1000.0 - verify_ms;
         let started_at_ns = realtime_ns();
+        let started_boot_us = boottime_us();
         let t1 = Instant::now();
         let (healthy, detail) = supervisor::check_health(&self.shared, workload, &spec);
         let health_ms = t1.elapsed().as_secs_f64() * 1000.0;
@@ -1129,7 +1144,24 @@ impl Platform for LuoPlatform {
             w.pending_commit = false;
         }
         let frozen = a.handoff.frozen_at_ns;
-        let blackout_us = realtime_ns().saturating_sub(frozen) / 1000;
+        let realtime_us = realtime_ns().saturating_sub(frozen) / 1000;
+        // Across a kexec no clock runs on in both kernels. The sender's monotonic time from
+        // the freeze to the kexec call plus this kernel's boot clock is a lower bound (not in
+        // it: the old kernel's shutdown, purgatory, this kernel's boot before its clock
+        // starts); the difference of the two kernels' CLOCK_REALTIME is only as good as their
+        // agreement (tens of seconds off in a loaded TCG guest), so it is the figure only
+        // when an older sender did not carry the monotonic part.
+        let carried_us = a.handoff.frozen_before_kexec_us;
+        let lower_bound = carried_us > 0;
+        let healthy_boot_us = boottime_us();
+        let (blackout_us, handover_us) = if lower_bound {
+            (
+                carried_us.saturating_add(healthy_boot_us),
+                carried_us.saturating_add(started_boot_us),
+            )
+        } else {
+            (realtime_us, started_at_ns.saturating_sub(frozen) / 1000)
+        };
         let bytes: u64 = a.handoff.memfds.iter().map(|m| m.len).sum();
         let checks: Vec<&str> = a.handoff.memfds.iter().map(|m| m.check.as_str()).collect();
         let staged_ms = a.handoff.staged_us as f64 / 1000.0;
@@ -1137,13 +1169,19 @@ impl Platform for LuoPlatform {
         say(&format!(
             "MK-LUO-RESTORE workload={workload} bytes={bytes} integrity={} staged_ms={staged_ms:.1} \
              retrieve_ms={retrieve_ms:.1} verify_ms={verify_ms:.1} start_ms={start_ms:.1} \
-             health_ms={health_ms:.1} agent_ms={agent_ms:.1} blackout_ms={:.1}",
+             health_ms={health_ms:.1} agent_ms={agent_ms:.1} blackout_ms={:.1} \
+             blackout_lower_bound={lower_bound} frozen_before_kexec_ms={:.1} \
+             boottime_ms={:.1} realtime_blackout_ms={:.1}",
             checks.join(","),
-            blackout_us as f64 / 1000.0
+            blackout_us as f64 / 1000.0,
+            carried_us as f64 / 1000.0,
+            healthy_boot_us as f64 / 1000.0,
+            realtime_us as f64 / 1000.0,
         ));
         Ok(Claimed {
             blackout_us,
-            handover_us: started_at_ns.saturating_sub(frozen) / 1000,
+            handover_us,
+            blackout_lower_bound: lower_bound,
             bytes,
             verify_ms,
             start_ms,
@@ -1211,8 +1249,14 @@ impl Platform for LuoPlatform {
                 s.preserve_fd(fd.as_fd(), t).map_err(|e| luo(&e))?;
             }
             sessions.push(s);
+            // The outage goes on through this kernel's whole life: its boot clock now.
+            let frozen_before_kexec_us = match hw.frozen_before_kexec_us {
+                0 => 0,
+                a => a.saturating_add(boottime_us()),
+            };
             workloads.push(HandoffWorkload {
                 memfds: digests,
+                frozen_before_kexec_us,
                 ..hw
             });
         }

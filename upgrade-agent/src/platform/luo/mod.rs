@@ -131,6 +131,22 @@ pub fn realtime_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+/// CLOCK_BOOTTIME in microseconds: this kernel's time since its clock started at boot
+/// (suspend included), which a kexec starts again from zero.
+pub fn boottime_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(0, |t| {
+        u64::try_from(t.tv_sec())
+            .unwrap_or(0)
+            .saturating_mul(1_000_000)
+            .saturating_add(u64::try_from(t.tv_nsec()).unwrap_or(0) / 1000)
+    })
+}
+
+/// `d` in whole microseconds (saturating).
+pub fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// The running kernel's release (`uname -r`).
 pub fn running_release() -> String {
     nix::sys::utsname::uname().map_or_else(
