@@ -14,6 +14,7 @@
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
@@ -46,7 +47,15 @@ pub enum ShmError {
     WriteSealed { fd: RawFd, seals: i32 },
     #[error("kv-data memfd is {len} bytes, above what this process can map")]
     TooLarge { len: u64 },
+    #[error(
+        "kv-data fd {fd}: its size stayed fixed (ftruncate: EPERM, no F_SEAL_GROW: a LUO \
+         preservation holds it) for {waited_ms} ms; the write is refused"
+    )]
+    SizeHeld { fd: RawFd, waited_ms: u64 },
 }
+
+/// How long [`Shm::grow`] waits for a size a preservation holds fixed.
+pub const GROW_WAIT: Duration = Duration::from_secs(5);
 
 /// A memfd and its shared mapping (the whole file).
 #[derive(Debug)]
@@ -179,10 +188,54 @@ impl Shm {
     }
 
     /// Grows the memfd to `new_len` bytes and remaps it. Offsets stay valid.
+    ///
+    /// `EPERM` without `F_SEAL_GROW` means the size is held fixed for a while: a LUO
+    /// preservation (the agent preserves the memfd just before freezing this process,
+    /// `preserve_before_freeze`) freezes it until the move ends. The freeze follows at
+    /// once, or the move is abandoned and the preservation dropped, so the grow is retried
+    /// for up to [`GROW_WAIT`] before it fails.
     pub fn grow(&mut self, new_len: u64) -> Result<(), ShmError> {
-        set_len(&self.file, new_len)?;
-        self.map = map(&self.file)?;
-        Ok(())
+        self.grow_waiting(new_len, GROW_WAIT, set_len)
+    }
+
+    fn grow_waiting(
+        &mut self,
+        new_len: u64,
+        wait: Duration,
+        mut set: impl FnMut(&File, u64) -> Result<(), ShmError>,
+    ) -> Result<(), ShmError> {
+        let t0 = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match set(&self.file, new_len) {
+                Err(ShmError::Sys {
+                    source: Errno::EPERM,
+                    ..
+                }) if !self.seals().contains(SealFlag::F_SEAL_GROW) && t0.elapsed() < wait => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                    continue;
+                }
+                Err(ShmError::Sys {
+                    source: Errno::EPERM,
+                    fd,
+                    ..
+                }) if !self.seals().contains(SealFlag::F_SEAL_GROW) => {
+                    return Err(ShmError::SizeHeld {
+                        fd,
+                        waited_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    });
+                }
+                other => other?,
+            }
+            self.map = map(&self.file)?;
+            return Ok(());
+        }
+    }
+
+    fn seals(&self) -> SealFlag {
+        fcntl(&self.file, FcntlArg::F_GET_SEALS)
+            .map_or(SealFlag::empty(), SealFlag::from_bits_truncate)
     }
 
     /// Remaps when another process grew the memfd. Returns the mapped length.
@@ -223,5 +276,68 @@ impl Shm {
     pub fn write(&mut self, off: u64, bytes: &[u8]) {
         let off = usize::try_from(off).expect("offset overflow");
         self.map.write(off, bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eperm(file: &File) -> ShmError {
+        ShmError::Sys {
+            fd: raw(file),
+            op: "ftruncate",
+            source: Errno::EPERM,
+        }
+    }
+
+    #[test]
+    fn a_size_held_fixed_is_waited_for_then_grown() {
+        let mut shm = Shm::map(create_memfd(4096).unwrap()).unwrap();
+        let mut refusals = 3;
+        shm.grow_waiting(8192, Duration::from_secs(5), |f, len| {
+            if refusals > 0 {
+                refusals -= 1;
+                Err(eperm(f))
+            } else {
+                set_len(f, len)
+            }
+        })
+        .unwrap();
+        assert_eq!(refusals, 0);
+        assert_eq!(shm.len(), 8192);
+    }
+
+    #[test]
+    fn a_size_held_too_long_fails_naming_the_wait() {
+        let mut shm = Shm::map(create_memfd(4096).unwrap()).unwrap();
+        let e = shm
+            .grow_waiting(8192, Duration::from_millis(20), |f, _| Err(eperm(f)))
+            .unwrap_err();
+        assert!(
+            matches!(e, ShmError::SizeHeld { waited_ms, .. } if waited_ms >= 20),
+            "{e}"
+        );
+        assert!(e.to_string().contains("LUO preservation"), "{e}");
+        assert_eq!(shm.len(), 4096);
+    }
+
+    #[test]
+    fn a_grow_seal_fails_at_once() {
+        let mut shm = Shm::map(create_memfd(4096).unwrap()).unwrap();
+        fcntl(&shm.file, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_GROW)).unwrap();
+        let t0 = Instant::now();
+        let e = shm.grow(8192).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ShmError::Sys {
+                    source: Errno::EPERM,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(t0.elapsed() < GROW_WAIT, "a seal is not waited for");
     }
 }

@@ -131,6 +131,15 @@ pub struct WorkloadSpec {
     /// (docs/state.md), so its start-up is not part of the blackout.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub standby: bool,
+    /// LUO: the memfds are preserved in the workload's LUO session when the move is
+    /// announced, before the freeze, so the kernel's preservation (pinning every folio,
+    /// which can take hundreds of milliseconds) is not part of the blackout. From then on
+    /// until the move ends the memfds' sizes are fixed: growing or shrinking one fails with
+    /// EPERM, as under `F_SEAL_GROW`, which the workload must tolerate (retry). Modes
+    /// `handover` and `socket-activation` with `transfer = "share"`; ignored on the other
+    /// platforms.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preserve_before_freeze: bool,
 }
 
 /// Default `handoff_timeout_ms`.
@@ -480,6 +489,7 @@ impl WorkloadSpec {
             handoff_signal: None,
             handoff_timeout_ms: DEFAULT_HANDOFF_TIMEOUT_MS,
             standby: false,
+            preserve_before_freeze: false,
         }
     }
 
@@ -659,6 +669,7 @@ impl WorkloadFile {
             check_mode(w).map_err(bad)?;
             check_handoff(w).map_err(bad)?;
             check_standby(w).map_err(bad)?;
+            check_preserve_before_freeze(w).map_err(bad)?;
             if !(1..=MAX_STOP_TIMEOUT_MS).contains(&w.stop_timeout_ms) {
                 return Err(bad(format!(
                     "stop_timeout_ms {} must be 1..={MAX_STOP_TIMEOUT_MS}",
@@ -786,6 +797,28 @@ fn check_standby(w: &WorkloadSpec) -> Result<(), String> {
                 _ => "from a CRIU checkpoint",
             }
         ));
+    }
+    Ok(())
+}
+
+/// Preservation before the freeze: only where the very memfds the workload runs with move
+/// (a `copy` transfer preserves a copy made once it is frozen; `restart` and `checkpoint`
+/// hand nothing over).
+fn check_preserve_before_freeze(w: &WorkloadSpec) -> Result<(), String> {
+    if !w.preserve_before_freeze {
+        return Ok(());
+    }
+    if !matches!(w.mode, Mode::Handover | Mode::SocketActivation) {
+        return Err(format!(
+            "preserve_before_freeze = true works in modes \"handover\" and              \"socket-activation\" only; mode \"{}\" hands no memfd over",
+            w.mode
+        ));
+    }
+    if w.transfer != Transfer::Share {
+        return Err(
+            "preserve_before_freeze = true needs transfer = \"share\": a copy is made              once the workload is frozen, so there is nothing to preserve before"
+                .to_owned(),
+        );
     }
     Ok(())
 }
@@ -1174,6 +1207,14 @@ command = ["/bin/true"]
                 "cannot arrive later",
             ),
             (
+                format!("{ONE}mode = \"restart\"\npreserve_before_freeze = true\n{tcp}"),
+                "hands no memfd over",
+            ),
+            (
+                format!("{ONE}transfer = \"copy\"\npreserve_before_freeze = true\n"),
+                "needs transfer = \"share\"",
+            ),
+            (
                 format!("{ONE}env = {{ MK_STANDBY_FD = \"3\" }}\n"),
                 "set by the agent",
             ),
@@ -1229,6 +1270,10 @@ command = ["/bin/true"]
             ),
             format!("{ONE}handoff_signal = \"SIGUSR2\"\nhandoff_timeout_ms = 250\n"),
             format!("{ONE}standby = true\n{listen}{http}"),
+            format!("{ONE}preserve_before_freeze = true\n"),
+            format!(
+                "{ONE}mode = \"socket-activation\"\npreserve_before_freeze = true\n{listen}{http}"
+            ),
             format!("{ONE}mode = \"socket-activation\"\nhandoff_signal = 10\n{listen}{http}"),
             ONE.to_owned(),
         ] {

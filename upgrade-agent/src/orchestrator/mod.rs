@@ -11,8 +11,10 @@
 //!                                                              RollingBack ─▶ Done (rolled back)
 //! ```
 //!
-//! Replace (LUO): every workload is frozen and staged (preserved) first, then the kernel is
-//! loaded and booted, which replaces this one; the record travels with the preserved state
+//! Replace (LUO): the kernel is loaded first (before any freeze: loading is slow and
+//! belongs to no workload), then every workload is frozen and staged (preserved), then
+//! the kernel is booted, which replaces this one (the `KernelLoaded` step is journaled
+//! after the staging, as before); the record travels with the preserved state
 //! and the next kernel's agent carries on from it ([`recover`] → [`plan::Plan::ClaimForward`]):
 //!
 //! ```text
@@ -692,11 +694,15 @@ impl<'a> Orchestrator<'a> {
         // cgroup, which can take milliseconds) outside the blackout.
         self.platform.prepare(to, &spec)?;
         self.set_status(name, MoveStatus::Freezing, None);
-        self.step(phase, format!("{name}: freeze on instance {from}"))
-            .map_err(|e| PlatformError::Instance {
+        if let Err(e) = self.step(phase, format!("{name}: freeze on instance {from}")) {
+            // Nothing was frozen: what was prepared on `to` goes.
+            let e = PlatformError::Instance {
                 id: from,
                 what: e.to_string(),
-            })?;
+            };
+            self.platform.abort(to, name, &e.to_string());
+            return Err(e);
+        }
         let prebuilt = self.prebuild(from, name, &spec, task.as_ref(), &release);
         self.hold_events();
         let t0 = self.setup.env.now();

@@ -23,6 +23,14 @@ impl Orchestrator<'_> {
                 kernel.release, self.record.kernel_before
             ),
         )?;
+        // Loaded before any workload is frozen: loading (reading the kernel and initramfs,
+        // hashing the segments for purgatory) took most of a second in the TCG guest, all of
+        // it blackout when it came after the staging. The kernel does not care about the
+        // order (the handover state is serialized at the kexec call); the journal's phases
+        // stay in their order, and a rollback or a recovery unloads it.
+        if let Err(e) = self.platform.load(new, kernel) {
+            return self.roll_back(format!("loading {}: {e}", kernel.release));
+        }
         for name in self.names() {
             match self.move_workload(old, new, &name, Phase::Migrating) {
                 Ok(_) => {}
@@ -34,9 +42,6 @@ impl Orchestrator<'_> {
             }
         }
         let staged = self.record.workloads.len();
-        if let Err(e) = self.platform.load(new, kernel) {
-            return self.roll_back(format!("loading {}: {e}", kernel.release));
-        }
         self.step(
             Phase::KernelLoaded,
             format!(

@@ -334,10 +334,11 @@ fn replace_upgrade_stages_boots_and_claims() {
     assert_eq!(rec.outcome, Some(Outcome::Upgraded));
     assert!(p.confirmed, "the boot was not confirmed");
     assert_settled(&p, "7.2.13-mkB", "after the kexec");
-    // Every workload was staged before the kernel was loaded, and loaded before the boot.
+    // The kernel was loaded before the first freeze (outside every blackout), every
+    // workload staged before the boot.
     let pos = |c: &str| p.calls.iter().position(|x| x == c).unwrap();
-    assert!(pos("deliver 2 kv-2") < pos("load 2"));
-    assert!(pos("load 2") < pos("boot 2"));
+    assert!(pos("load 2") < pos("freeze 1 kv-1"), "{:?}", p.calls);
+    assert!(pos("deliver 2 kv-2") < pos("boot 2"));
     assert!(pos("boot 2") < pos("claim 2 kv-1"));
     // The record the boot carried names the kexec step.
     assert_eq!(
@@ -448,10 +449,38 @@ fn replace_staging_failure_unwinds_without_booting() {
     let (rec, r) = upgrade(&w, &mut p).unwrap();
     assert!(matches!(r, Err(UpgradeError::RolledBack { .. })), "{r:?}");
     assert_eq!(p.count("boot"), 0);
-    assert_eq!(p.count("load"), 0);
+    // Loaded before the first freeze; the unwinding removes it with the new instance.
+    assert_eq!(p.count("load"), 1);
+    assert_eq!(p.count("destroy"), 1, "{:?}", p.calls);
+    assert!(!p.instances.contains_key(&2), "the loaded instance is left");
     assert!(p.staged.is_empty(), "staged state left: {:?}", p.staged);
     assert_settled(&p, "7.2.13-mkA", "after unwinding");
     assert_eq!(rec.outcome, Some(Outcome::RolledBack));
+}
+
+#[test]
+fn replace_load_failure_rolls_back_before_any_freeze() {
+    let w = World::new();
+    let mut p = w.platform(true);
+    p.fail_op = Some(("load", 1));
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    assert!(matches!(r, Err(UpgradeError::RolledBack { .. })), "{r:?}");
+    assert!(
+        rec.error.as_deref().unwrap_or("").contains("loading"),
+        "{:?}",
+        rec.error
+    );
+    assert_eq!(p.count("freeze"), 0, "{:?}", p.calls);
+    assert_eq!(p.count("deliver"), 0);
+    assert_eq!(p.count("boot"), 0);
+    assert!(
+        rec.workloads
+            .iter()
+            .all(|m| m.status == MoveStatus::Pending),
+        "{:?}",
+        rec.workloads
+    );
+    assert_settled(&p, "7.2.13-mkA", "after a failed load");
 }
 
 #[test]

@@ -72,6 +72,27 @@ struct Staged {
     handoff: HandoffWorkload,
 }
 
+/// The memfds of a workload preserved before its freeze (`preserve_before_freeze`): its
+/// session, and what each memfd was then (name, device, inode, size, seals). The move
+/// uses the session only if the memfds taken at the freeze are these very objects in this
+/// state; otherwise the session is closed (which drops the preservation) and the memfds
+/// are preserved inside the blackout as usual.
+#[derive(Debug)]
+struct Early {
+    session: Session,
+    idents: Vec<(String, handover::FdIdentity)>,
+    preserve_ms: f64,
+}
+
+/// What `fds` are now (name, device, inode, size, seals), in order; `None` if one is not a
+/// memfd any more.
+fn memfd_idents(fds: &[PreservedFd]) -> Option<Vec<(String, handover::FdIdentity)>> {
+    (1u64..)
+        .zip(fds)
+        .map(|(t, p)| Some((p.name.clone(), handover::identity_of(t, p.fd.as_fd()).ok()?)))
+        .collect()
+}
+
 /// One workload that arrived with a kexec.
 #[derive(Debug)]
 struct Arrived {
@@ -193,6 +214,8 @@ pub struct LuoPlatform {
     next: Option<Next>,
     upgrade_id: Option<UpgradeId>,
     staged: BTreeMap<String, Staged>,
+    /// Workloads whose memfds were preserved before their freeze.
+    early: BTreeMap<String, Early>,
     /// Per workload: CLOCK_REALTIME (ns) and CLOCK_MONOTONIC at its freeze.
     frozen_at: BTreeMap<String, (u64, Instant)>,
     carried: Option<Carried>,
@@ -224,6 +247,7 @@ impl LuoPlatform {
             next: None,
             upgrade_id: None,
             staged: BTreeMap::new(),
+            early: BTreeMap::new(),
             frozen_at: BTreeMap::new(),
             carried: None,
         };
@@ -544,6 +568,50 @@ impl LuoPlatform {
         }
     }
 
+    /// Preserves the memfds of `workload` in a new session of its name before its freeze.
+    fn preserve_early(&self, workload: &str) -> Result<Early, PlatformError> {
+        let fds = self.memfds_of(workload)?;
+        let idents = memfd_idents(&fds)
+            .ok_or_else(|| err(format!("{workload}: a descriptor is not a memfd")))?;
+        let sname = workload_session(workload).map_err(|e| err(e.to_string()))?;
+        let t = Instant::now();
+        let session = self.dev()?.create_session(&sname).map_err(|e| luo(&e))?;
+        for (tok, p) in (1u64..).zip(&fds) {
+            session
+                .preserve_fd(p.fd.as_fd(), tok)
+                .map_err(|e| err(format!("{workload}: preserving memfd {}: {e}", p.name)))?;
+        }
+        let preserve_ms = t.elapsed().as_secs_f64() * 1000.0;
+        // What a preservation fixed is checked against what was examined before it.
+        if memfd_idents(&fds).as_ref() != Some(&idents) {
+            return Err(err(format!(
+                "{workload}: a memfd changed while it was preserved"
+            )));
+        }
+        Ok(Early {
+            session,
+            idents,
+            preserve_ms,
+        })
+    }
+
+    /// The memfds of `workload` as its supervisor holds them, in their declared order.
+    fn memfds_of(&self, workload: &str) -> Result<Vec<PreservedFd>, PlatformError> {
+        let (resp, fds) = self.ctl(Request::Fds {
+            name: workload.to_owned(),
+        })?;
+        let Response::Fds { names } = resp else {
+            return Err(err(format!("unexpected control response {resp:?}")));
+        };
+        // Only memfds: LUO cannot preserve sockets (the next kernel binds the listeners).
+        Ok(names
+            .into_iter()
+            .zip(fds)
+            .filter(|(_, fd)| state_serializers::sys::get_seals(fd.as_fd()).is_ok())
+            .map(|(name, fd)| PreservedFd { name, fd })
+            .collect())
+    }
+
     /// Preserves the agent session for a kexec from `source` into `target`.
     fn preserve_agent_session(
         &self,
@@ -842,7 +910,29 @@ impl Platform for LuoPlatform {
         self.check_self(id, "ping")
     }
 
-    fn prepare(&mut self, _to: InstanceId, _spec: &WorkloadSpec) -> Result<(), PlatformError> {
+    fn prepare(&mut self, to: InstanceId, spec: &WorkloadSpec) -> Result<(), PlatformError> {
+        // A session left from an earlier attempt goes first (its preservation with it).
+        self.early.remove(&spec.name);
+        if !spec.preserve_before_freeze || self.next.as_ref().map(|n| n.id) != Some(to) {
+            return Ok(());
+        }
+        // Best effort: on any failure the memfds are preserved after the freeze instead.
+        match self.preserve_early(&spec.name) {
+            Ok(e) => {
+                say(&format!(
+                    "MK-LUO-PRESERVED-EARLY workload={} memfds={} preserve_ms={:.1}",
+                    spec.name,
+                    e.idents.len(),
+                    e.preserve_ms
+                ));
+                self.early.insert(spec.name.clone(), e);
+            }
+            Err(e) => tracing::warn!(
+                workload = %spec.name,
+                error = %e,
+                "preserving the memfds before the freeze failed; they are preserved after it"
+            ),
+        }
         Ok(())
     }
 
@@ -873,15 +963,34 @@ impl Platform for LuoPlatform {
             .map_err(|e| err(format!("{workload}: content references: {e}")))?;
         let refs_ms = t_refs.elapsed().as_secs_f64() * 1000.0;
         let sname = workload_session(workload).map_err(|e| err(e.to_string()))?;
-        let session = self.dev()?.create_session(&sname).map_err(|e| luo(&e))?;
+        // Preserved before the freeze: used if the memfds are still those very objects (a
+        // preserved memfd cannot change size, but it can be replaced or sealed further).
+        let early = self.early.remove(workload).and_then(|e| {
+            if memfd_idents(&out.fds).is_some_and(|now| now == e.idents) {
+                Some(e)
+            } else {
+                say(&format!(
+                    "MK-LUO-PRESERVED-EARLY workload={workload} dropped: the memfds at the \
+                     freeze are not the ones preserved before it"
+                ));
+                None
+            }
+        });
+        let early_ms = early.as_ref().map(|e| e.preserve_ms);
+        let session = match early {
+            Some(e) => e.session,
+            None => self.dev()?.create_session(&sname).map_err(|e| luo(&e))?,
+        };
         session
             .preserve_fd(out.image.as_fd(), TOKEN_IMAGE)
             .map_err(|e| err(format!("{workload}: preserving its handover image: {e}")))?;
         let t_preserve = Instant::now();
-        for (t, p) in (1u64..).zip(&out.fds) {
-            session
-                .preserve_fd(p.fd.as_fd(), t)
-                .map_err(|e| err(format!("{workload}: preserving memfd {}: {e}", p.name)))?;
+        if early_ms.is_none() {
+            for (t, p) in (1u64..).zip(&out.fds) {
+                session
+                    .preserve_fd(p.fd.as_fd(), t)
+                    .map_err(|e| err(format!("{workload}: preserving memfd {}: {e}", p.name)))?;
+            }
         }
         let preserve_ms = t_preserve.elapsed().as_secs_f64() * 1000.0;
         let now = realtime_ns();
@@ -891,8 +1000,10 @@ impl Platform for LuoPlatform {
         let bytes: u64 = digests.iter().map(|m| m.len).sum();
         say(&format!(
             "MK-LUO-STAGED workload={workload} bytes={bytes} integrity={} refs_ms={refs_ms:.1} \
-             preserve_ms={preserve_ms:.1} staged_ms={staged_ms:.1}",
-            check.as_str()
+             preserve_ms={preserve_ms:.1} staged_ms={staged_ms:.1} \
+             preserved_before_freeze_ms={}",
+            check.as_str(),
+            early_ms.map_or_else(|| "-".to_owned(), |m| format!("{m:.1}"))
         ));
         self.staged.insert(
             workload.to_owned(),
@@ -921,8 +1032,9 @@ impl Platform for LuoPlatform {
     }
 
     fn abort(&mut self, _to: InstanceId, workload: &str, _reason: &str) {
-        // Closing the session drops the preservation.
+        // Closing the session drops the preservation (and the memfd may change size again).
         self.staged.remove(workload);
+        self.early.remove(workload);
     }
 
     fn disconnect(&mut self, _release: Option<&Resources>) {}
@@ -987,19 +1099,7 @@ impl Platform for LuoPlatform {
         workload: &str,
     ) -> Result<Vec<PreservedFd>, PlatformError> {
         self.check_self(id, "fds")?;
-        let (resp, fds) = self.ctl(Request::Fds {
-            name: workload.to_owned(),
-        })?;
-        let Response::Fds { names } = resp else {
-            return Err(err(format!("unexpected control response {resp:?}")));
-        };
-        // Only memfds: LUO cannot preserve sockets (the next kernel binds the listeners).
-        Ok(names
-            .into_iter()
-            .zip(fds)
-            .filter(|(_, fd)| state_serializers::sys::get_seals(fd.as_fd()).is_ok())
-            .map(|(name, fd)| PreservedFd { name, fd })
-            .collect())
+        self.memfds_of(workload)
     }
 
     fn stop_workload(&mut self, id: InstanceId, workload: &str) -> Result<(), PlatformError> {
@@ -1040,6 +1140,7 @@ impl Platform for LuoPlatform {
             }
             self.next = None;
             self.staged.clear();
+            self.early.clear();
             Ok(())
         } else if self.next.is_none() && id != self.self_id {
             // The next kernel of an upgrade a previous run of this agent began (it stopped
@@ -1165,10 +1266,17 @@ impl Platform for LuoPlatform {
         let bytes: u64 = a.handoff.memfds.iter().map(|m| m.len).sum();
         let checks: Vec<&str> = a.handoff.memfds.iter().map(|m| m.check.as_str()).collect();
         let staged_ms = a.handoff.staged_us as f64 / 1000.0;
-        let agent_ms = staged_ms + retrieve_ms + verify_ms + start_ms + health_ms;
+        // The sending kernel's share: from the freeze to its kexec call (staging, sealing
+        // the handoff, stopping the processes) when it carried that, else its staging.
+        let sender_ms = if forward && carried_us > 0 {
+            carried_us as f64 / 1000.0
+        } else {
+            staged_ms
+        };
+        let agent_ms = sender_ms + retrieve_ms + verify_ms + start_ms + health_ms;
         say(&format!(
             "MK-LUO-RESTORE workload={workload} bytes={bytes} integrity={} staged_ms={staged_ms:.1} \
-             retrieve_ms={retrieve_ms:.1} verify_ms={verify_ms:.1} start_ms={start_ms:.1} \
+             sender_ms={sender_ms:.1} retrieve_ms={retrieve_ms:.1} verify_ms={verify_ms:.1} start_ms={start_ms:.1} \
              health_ms={health_ms:.1} agent_ms={agent_ms:.1} blackout_ms={:.1} \
              blackout_lower_bound={lower_bound} frozen_before_kexec_ms={:.1} \
              boottime_ms={:.1} realtime_blackout_ms={:.1}",
