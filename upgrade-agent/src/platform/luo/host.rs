@@ -1576,6 +1576,40 @@ mod tests {
     }
 
     #[test]
+    fn an_early_preservation_matches_only_the_same_memfds_in_the_same_state() {
+        let pf = |name: &str, fd: &OwnedFd| PreservedFd {
+            name: name.into(),
+            fd: fd.try_clone().unwrap(),
+        };
+        let (a, b) = (memfd(b"one"), memfd(b"two"));
+        let then = memfd_idents(&[pf("a", &a), pf("b", &b)]).unwrap();
+        // Duplicates of the same objects (what the freeze hands back) match.
+        assert_eq!(memfd_idents(&[pf("a", &a), pf("b", &b)]).unwrap(), then);
+        // Another order, another name, another object with the same bytes, one fewer.
+        assert_ne!(memfd_idents(&[pf("b", &b), pf("a", &a)]).unwrap(), then);
+        assert_ne!(memfd_idents(&[pf("a", &a), pf("c", &b)]).unwrap(), then);
+        assert_ne!(
+            memfd_idents(&[pf("a", &a), pf("b", &memfd(b"two"))]).unwrap(),
+            then
+        );
+        assert_ne!(memfd_idents(&[pf("a", &a)]).unwrap(), then);
+        // A seal added since (LUO preserved the seals it saw), a size changed.
+        nix::fcntl::fcntl(
+            &b,
+            nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_GROW),
+        )
+        .unwrap();
+        assert_ne!(memfd_idents(&[pf("a", &a), pf("b", &b)]).unwrap(), then);
+        let then = memfd_idents(&[pf("a", &a)]).unwrap();
+        crate::sys::memfd::write_all(a.as_fd(), b"more").unwrap();
+        assert_ne!(memfd_idents(&[pf("a", &a)]).unwrap(), then);
+        // Not a memfd any more: nothing to match.
+        let sock = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        let sock = OwnedFd::from(sock);
+        assert!(memfd_idents(&[pf("s", &sock)]).is_none());
+    }
+
+    #[test]
     fn every_check_passes_on_the_same_bytes_and_names_what_it_checks() {
         let fd = memfd(&data());
         for check in [
