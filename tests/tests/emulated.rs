@@ -747,4 +747,33 @@ fn freeze_fds_freezes_and_hands_the_descriptors_in_one_request() {
     .unwrap();
     assert_eq!(frozen(&m), vec![false]);
     check(&m, 3);
+    // `Workload`: what `Ping` says of that one workload; an unknown one is an error.
+    let (resp, _) = call(
+        1,
+        &sock,
+        &Request::Workload {
+            name: "kv-1".into(),
+        },
+    )
+    .unwrap();
+    let Response::Workload(one) = resp else {
+        panic!("{resp:?}")
+    };
+    let (Response::Pong { workloads, .. }, _) = call(1, &sock, &Request::Ping).unwrap() else {
+        panic!("no pong")
+    };
+    assert_eq!(workloads, vec![one.clone()]);
+    assert!(one.pid > 0 && !one.frozen, "{one:?}");
+    let e = call(
+        1,
+        &sock,
+        &Request::Workload {
+            name: "nope".into(),
+        },
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("does not run on this instance"),
+        "{e}"
+    );
 }

@@ -48,6 +48,11 @@ impl Request {
 pub enum Request {
     /// Who are you, what runs on you.
     Ping,
+    /// What `Ping` says of one workload (its process reaped if it exited), without the
+    /// others: a move asks this before its freeze, at a cost that does not grow with the
+    /// number of workloads on the instance. Answer: `Workload`. A supervisor before this
+    /// request answers "malformed control request": the caller then pings.
+    Workload { name: String },
     /// First start of a workload (fresh preserved fds).
     Start { spec: Box<WorkloadSpec> },
     /// Freeze a workload for a move: `cgroup.freeze` (handover, socket-activation); for a
@@ -111,6 +116,8 @@ pub enum Response {
         workloads: Vec<WorkloadInfo>,
     },
     Started(WorkloadInfo),
+    /// `Workload`: that workload.
+    Workload(WorkloadInfo),
     /// `Fds`: the names of the attached descriptors, in order.
     Fds {
         names: Vec<String>,

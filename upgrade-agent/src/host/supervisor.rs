@@ -786,6 +786,11 @@ pub fn handle_ctl(shared: &Shared, req: Request) -> (Response, Vec<OwnedFd>) {
                     vec![],
                 ))
             }
+            Request::Workload { name } => {
+                let w = get(&mut inst.workloads, &name)?;
+                w.alive();
+                Ok((Response::Workload(w.info()), vec![]))
+            }
             Request::Start { spec } => {
                 if inst.workloads.contains_key(&spec.name) {
                     return Err(SupervisorError::AlreadyRunning(spec.name.clone()));

@@ -659,23 +659,20 @@ impl<'a> Orchestrator<'a> {
         // is started from the spec. The capture itself refuses a process that changed while
         // it was read. A workload whose process is gone (it died on the new instance and a
         // rollback moves it back) has no task state: its descriptors still move.
-        let from_info = self
-            .platform
-            .instances()?
-            .into_iter()
-            .find(|i| i.id == from);
-        // The producer release named in the handover image, read now: asking the instances
-        // again after the freeze would cost a round trip to each inside the blackout.
-        let release = from_info
-            .as_ref()
-            .and_then(|i| i.kernel_release.clone())
-            .unwrap_or_else(|| "unknown".to_owned());
-        let info = from_info
-            .and_then(|i| i.workloads.into_iter().find(|w| w.name == name))
-            .ok_or_else(|| PlatformError::NoSuchWorkload {
-                instance: from,
-                workload: name.to_owned(),
-            })?;
+        // The producer release named in the handover image, read now: asking again after the
+        // freeze would cost a round trip inside the blackout. One workload's info, not every
+        // instance's list: a move's cost does not grow with the number of workloads.
+        let (release, info) = match self.platform.workload_info(from, name) {
+            Ok(found) => found,
+            Err(PlatformError::NoSuchInstance(_)) => {
+                return Err(PlatformError::NoSuchWorkload {
+                    instance: from,
+                    workload: name.to_owned(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let release = release.unwrap_or_else(|| "unknown".to_owned());
         let has_process = matches!(
             info.state,
             crate::model::WorkloadState::Running | crate::model::WorkloadState::Frozen

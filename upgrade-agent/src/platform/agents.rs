@@ -90,6 +90,37 @@ impl Agent {
         }
     }
 
+    /// One workload's info (a supervisor that does not know `Workload` is pinged).
+    pub fn workload(&self, name: &str) -> Result<WorkloadInfo, PlatformError> {
+        let missing = || PlatformError::NoSuchWorkload {
+            instance: self.id,
+            workload: name.to_owned(),
+        };
+        match self.call(&Request::Workload {
+            name: name.to_owned(),
+        }) {
+            Ok((Response::Workload(info), _)) => Ok(info),
+            Ok((other, _)) => Err(unexpected(self.id, &other)),
+            Err(PlatformError::Instance { what, .. })
+                if what.starts_with(crate::host::ctl::MALFORMED_REQUEST) =>
+            {
+                match self.call(&Request::Ping)? {
+                    (Response::Pong { workloads, .. }, _) => workloads
+                        .into_iter()
+                        .find(|w| w.name == name)
+                        .ok_or_else(missing),
+                    (other, _) => Err(unexpected(self.id, &other)),
+                }
+            }
+            Err(PlatformError::Instance { what, .. })
+                if what.contains("does not run on this instance") =>
+            {
+                Err(missing())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Tells it to accept channel frames of `upgrade_id`.
     pub fn expect_upgrade(&self, upgrade_id: UpgradeId) -> Result<(), PlatformError> {
         self.expect_done(&Request::Expect {
@@ -313,6 +344,72 @@ mod tests {
             },
             true,
         )
+    }
+
+    fn info(name: &str, pid: i32) -> WorkloadInfo {
+        WorkloadInfo {
+            name: name.into(),
+            pid,
+            ..WorkloadInfo::default()
+        }
+    }
+
+    #[test]
+    fn one_workload_is_one_request_and_an_older_agent_is_pinged() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = server(dir.path(), |kind| match kind {
+            "Workload" => (Response::Workload(info("kv", 7)), false),
+            _ => (Response::Done, false),
+        });
+        assert_eq!(Agent::new(1, dir.path()).workload("kv").unwrap().pid, 7);
+        assert_eq!(seen.join().unwrap(), vec!["Workload"]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let seen = server(dir.path(), |kind| match kind {
+            "Workload" => (
+                Response::Error {
+                    message: format!(
+                        "{}: unknown variant `Workload`",
+                        crate::host::ctl::MALFORMED_REQUEST
+                    ),
+                },
+                false,
+            ),
+            "Ping" => (
+                Response::Pong {
+                    id: 1,
+                    kernel_release: "7.2.13-mkA".into(),
+                    cpus: vec![0],
+                    freezer: "cgroup.freeze".into(),
+                    workloads: vec![info("other", 5), info("kv", 9)],
+                },
+                false,
+            ),
+            _ => (Response::Done, false),
+        });
+        let a = Agent::new(1, dir.path());
+        assert_eq!(a.workload("kv").unwrap().pid, 9);
+        let e = a.workload("gone").unwrap_err();
+        assert!(matches!(e, PlatformError::NoSuchWorkload { .. }), "{e}");
+        assert_eq!(
+            seen.join().unwrap(),
+            vec!["Workload", "Ping", "Workload", "Ping"]
+        );
+    }
+
+    #[test]
+    fn an_unknown_workload_is_no_such_workload() {
+        let dir = tempfile::tempdir().unwrap();
+        let _seen = server(dir.path(), |_| {
+            (
+                Response::Error {
+                    message: "workload \"kv\" does not run on this instance".into(),
+                },
+                false,
+            )
+        });
+        let e = Agent::new(1, dir.path()).workload("kv").unwrap_err();
+        assert!(matches!(e, PlatformError::NoSuchWorkload { .. }), "{e}");
     }
 
     #[test]

@@ -256,6 +256,32 @@ impl Platform for EmulatedPlatform {
         Ok(pool.instances.iter().map(|e| self.info(e)).collect())
     }
 
+    fn workload_info(
+        &mut self,
+        id: InstanceId,
+        workload: &str,
+    ) -> Result<(Option<String>, WorkloadInfo), PlatformError> {
+        let pool = self.store.read()?;
+        let e = pool
+            .instances
+            .iter()
+            .find(|e| e.id == id)
+            .ok_or(PlatformError::NoSuchInstance(id))?;
+        let missing = || PlatformError::NoSuchWorkload {
+            instance: id,
+            workload: workload.to_owned(),
+        };
+        if e.state != InstanceState::Active {
+            return Err(missing());
+        }
+        // As `instances`: an instance that does not answer lists no workloads.
+        let info = self
+            .agent(id)
+            .and_then(|a| a.workload(workload))
+            .map_err(|_| missing())?;
+        Ok((e.kernel_release.clone(), info))
+    }
+
     fn create_instance(&mut self, resources: &Resources) -> Result<InstanceId, PlatformError> {
         if resources.cpus.is_empty() {
             return Err(PlatformError::NoResources(
