@@ -1,4 +1,4 @@
-//! The replace flow (LUO): stage every workload, load and boot the new kernel, which
+//! The replace flow (LUO): load the new kernel, stage every workload, boot the kernel, which
 //! replaces this one; in the booted kernel claim every staged workload, or return to the
 //! previous kernel and claim them there. See the module documentation of
 //! [`crate::orchestrator`] for the diagram.
