@@ -459,6 +459,23 @@ fn replace_staging_failure_unwinds_without_booting() {
 }
 
 #[test]
+fn a_failed_journal_write_at_the_freeze_step_undoes_what_was_prepared() {
+    let w = World::new();
+    let mut p = w.platform(false);
+    // The journal writes `.journal.json.tmp` first: a directory there fails the write of
+    // the step that would freeze kv-1, after `prepare` announced the move.
+    p.block_at_prepare = Some(w.dir.path().join(".journal.json.tmp"));
+    let r = upgrade(&w, &mut p).map(|(_, r)| r);
+    assert!(matches!(r, Err(_) | Ok(Err(_))), "{r:?}");
+    let pos = |c: &str| p.calls.iter().position(|x| x.starts_with(c));
+    let prepared = pos("prepare").expect("prepared");
+    let aborted = pos("abort").unwrap_or_else(|| panic!("not aborted: {:?}", p.calls));
+    assert!(prepared < aborted, "{:?}", p.calls);
+    assert_eq!(p.count("freeze"), 0, "nothing was frozen: {:?}", p.calls);
+    assert_eq!(p.count("deliver"), 0, "{:?}", p.calls);
+}
+
+#[test]
 fn replace_load_failure_rolls_back_before_any_freeze() {
     let w = World::new();
     let mut p = w.platform(true);

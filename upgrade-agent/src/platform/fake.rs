@@ -78,6 +78,9 @@ pub struct FakePlatform {
     pub watch_at_deliver: Option<std::path::PathBuf>,
     /// `(workload, lines of watch_at_deliver)` at each `deliver`.
     pub lines_at_deliver: Vec<(String, usize)>,
+    /// A directory created at this path by the first `prepare` (a test makes the next
+    /// journal write fail by putting it where the journal writes its temporary file).
+    pub block_at_prepare: Option<std::path::PathBuf>,
     /// `preserved_fds` hands out duplicates of one memfd per workload and name, as a
     /// real instance does (else a new memfd at every call).
     pub stable_fds: bool,
@@ -113,6 +116,7 @@ impl FakePlatform {
                 .collect(),
             confirmed: false,
             watch_at_deliver: None,
+            block_at_prepare: None,
             lines_at_deliver: Vec::new(),
             stable_fds: false,
             grow_at_freeze: false,
@@ -343,7 +347,11 @@ impl Platform for FakePlatform {
     }
 
     fn prepare(&mut self, to: InstanceId, spec: &WorkloadSpec) -> Result<(), PlatformError> {
-        self.call("prepare", to, &spec.name)
+        self.call("prepare", to, &spec.name)?;
+        if let Some(p) = self.block_at_prepare.take() {
+            std::fs::create_dir(&p).map_err(|e| PlatformError::io("blocking the journal", e))?;
+        }
+        Ok(())
     }
 
     fn deliver(
