@@ -210,27 +210,23 @@ impl Shm {
             match set(&self.file, new_len) {
                 Err(ShmError::Sys {
                     source: Errno::EPERM,
-                    ..
-                }) if !self.seals().contains(SealFlag::F_SEAL_GROW) && t0.elapsed() < wait => {
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(50));
-                    continue;
-                }
-                Err(ShmError::Sys {
-                    source: Errno::EPERM,
                     fd,
                     ..
                 }) if !self.seals().contains(SealFlag::F_SEAL_GROW) => {
-                    return Err(ShmError::SizeHeld {
-                        fd,
-                        waited_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    });
+                    if t0.elapsed() >= wait {
+                        return Err(ShmError::SizeHeld {
+                            fd,
+                            waited_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        });
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(50));
                 }
-                other => other?,
+                other => break other?,
             }
-            self.map = map(&self.file)?;
-            return Ok(());
         }
+        self.map = map(&self.file)?;
+        Ok(())
     }
 
     fn seals(&self) -> SealFlag {

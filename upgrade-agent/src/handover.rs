@@ -793,16 +793,11 @@ size = 0
         let inc =
             verify_preserved("kv", &out.image, &kv_names(), vec![twin], &trusted, [7; 16]).unwrap();
         assert_eq!(inc.spec.integrity, crate::workload::Integrity::Sampled);
-        let short = memfd(b"hello");
-        let e = verify_preserved(
-            "kv",
-            &out.image,
-            &kv_names(),
-            vec![short],
-            &trusted,
-            [7; 16],
-        )
-        .unwrap_err();
+        let refused = |fd| {
+            verify_preserved("kv", &out.image, &kv_names(), vec![fd], &trusted, [7; 16])
+                .unwrap_err()
+        };
+        let e = refused(memfd(b"hello"));
         assert_eq!(e.check, "token[1].identity", "{e}");
         assert!(e.detail.contains("size 5"), "{e}");
         let sealed = memfd(b"hello preserved world");
@@ -811,15 +806,7 @@ size = 0
             nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_GROW),
         )
         .unwrap();
-        let e = verify_preserved(
-            "kv",
-            &out.image,
-            &kv_names(),
-            vec![sealed],
-            &trusted,
-            [7; 16],
-        )
-        .unwrap_err();
+        let e = refused(sealed);
         assert_eq!(e.check, "token[1].identity", "{e}");
         assert!(e.detail.contains("seals"), "{e}");
     }

@@ -662,16 +662,7 @@ impl<'a> Orchestrator<'a> {
         // The producer release named in the handover image, read now: asking again after the
         // freeze would cost a round trip inside the blackout. One workload's info, not every
         // instance's list: a move's cost does not grow with the number of workloads.
-        let (release, info) = match self.platform.workload_info(from, name) {
-            Ok(found) => found,
-            Err(PlatformError::NoSuchInstance(_)) => {
-                return Err(PlatformError::NoSuchWorkload {
-                    instance: from,
-                    workload: name.to_owned(),
-                });
-            }
-            Err(e) => return Err(e),
-        };
+        let (release, info) = self.platform.workload_info(from, name)?;
         let release = release.unwrap_or_else(|| "unknown".to_owned());
         let has_process = matches!(
             info.state,

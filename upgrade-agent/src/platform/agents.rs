@@ -46,6 +46,12 @@ fn unexpected(id: InstanceId, r: &Response) -> PlatformError {
     }
 }
 
+/// The answer of a supervisor older than the request it was sent: the caller falls back to
+/// the requests that supervisor knows.
+fn older_supervisor(e: &PlatformError) -> bool {
+    matches!(e, PlatformError::Instance { what, .. } if what.starts_with(ctl::MALFORMED_REQUEST))
+}
+
 impl Agent {
     /// The agent of instance `id` whose sockets are in `dir`.
     pub fn new(id: InstanceId, dir: impl Into<PathBuf>) -> Self {
@@ -101,17 +107,10 @@ impl Agent {
         }) {
             Ok((Response::Workload(info), _)) => Ok(info),
             Ok((other, _)) => Err(unexpected(self.id, &other)),
-            Err(PlatformError::Instance { what, .. })
-                if what.starts_with(crate::host::ctl::MALFORMED_REQUEST) =>
-            {
-                match self.call(&Request::Ping)? {
-                    (Response::Pong { workloads, .. }, _) => workloads
-                        .into_iter()
-                        .find(|w| w.name == name)
-                        .ok_or_else(missing),
-                    (other, _) => Err(unexpected(self.id, &other)),
-                }
-            }
+            Err(e) if older_supervisor(&e) => self
+                .workloads()
+                .and_then(|ws| ws.into_iter().find(|w| w.name == name))
+                .ok_or_else(missing),
             Err(PlatformError::Instance { what, .. })
                 if what.contains("does not run on this instance") =>
             {
@@ -192,9 +191,7 @@ impl Agent {
             name: workload.to_owned(),
         }) {
             Ok((resp, fds)) => self.named_fds(resp, fds),
-            Err(PlatformError::Instance { what, .. })
-                if what.starts_with(crate::host::ctl::MALFORMED_REQUEST) =>
-            {
+            Err(e) if older_supervisor(&e) => {
                 self.freeze(workload)?;
                 self.preserved_fds(workload).inspect_err(|_| {
                     let _ = self.thaw(workload);
@@ -337,6 +334,16 @@ mod tests {
         })
     }
 
+    /// What a supervisor that does not know a request answers.
+    fn malformed(why: &str) -> (Response, bool) {
+        (
+            Response::Error {
+                message: format!("{}: {why}", crate::host::ctl::MALFORMED_REQUEST),
+            },
+            false,
+        )
+    }
+
     fn fds_answer() -> (Response, bool) {
         (
             Response::Fds {
@@ -366,15 +373,7 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let seen = server(dir.path(), |kind| match kind {
-            "Workload" => (
-                Response::Error {
-                    message: format!(
-                        "{}: unknown variant `Workload`",
-                        crate::host::ctl::MALFORMED_REQUEST
-                    ),
-                },
-                false,
-            ),
+            "Workload" => malformed("unknown variant `Workload`"),
             "Ping" => (
                 Response::Pong {
                     id: 1,
@@ -429,15 +428,7 @@ mod tests {
     fn an_agent_without_freeze_fds_gets_freeze_then_fds() {
         let dir = tempfile::tempdir().unwrap();
         let seen = server(dir.path(), |kind| match kind {
-            "FreezeFds" => (
-                Response::Error {
-                    message: format!(
-                        "{}: unknown variant `FreezeFds`",
-                        crate::host::ctl::MALFORMED_REQUEST
-                    ),
-                },
-                false,
-            ),
+            "FreezeFds" => malformed("unknown variant `FreezeFds`"),
             "Fds" => fds_answer(),
             _ => (Response::Done, false),
         });
@@ -450,12 +441,7 @@ mod tests {
     fn the_fallback_thaws_when_the_fds_cannot_be_taken() {
         let dir = tempfile::tempdir().unwrap();
         let seen = server(dir.path(), |kind| match kind {
-            "FreezeFds" => (
-                Response::Error {
-                    message: format!("{}: ?", crate::host::ctl::MALFORMED_REQUEST),
-                },
-                false,
-            ),
+            "FreezeFds" => malformed("?"),
             "Fds" => (
                 Response::Error {
                     message: "duplicating data: EMFILE".into(),

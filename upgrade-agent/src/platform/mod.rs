@@ -116,24 +116,25 @@ pub trait Platform {
     fn instances(&mut self) -> Result<Vec<InstanceInfo>, PlatformError>;
 
     /// One workload of instance `id` and that instance's kernel release: what a move reads
-    /// before its freeze. The default asks for every instance ([`Platform::instances`]); a
-    /// platform that can ask for one workload keeps a move's cost from growing with the
+    /// before its freeze; [`PlatformError::NoSuchWorkload`] when the instance or the
+    /// workload is not there. The default asks for every instance ([`Platform::instances`]);
+    /// a platform that can ask for one workload keeps a move's cost from growing with the
     /// number of workloads.
     fn workload_info(
         &mut self,
         id: InstanceId,
         workload: &str,
     ) -> Result<(Option<String>, WorkloadInfo), PlatformError> {
-        let inst = self
-            .instances()?
+        self.instances()?
             .into_iter()
             .find(|i| i.id == id)
-            .ok_or(PlatformError::NoSuchInstance(id))?;
-        let release = inst.kernel_release;
-        inst.workloads
-            .into_iter()
-            .find(|w| w.name == workload)
-            .map(|w| (release, w))
+            .and_then(|i| {
+                let release = i.kernel_release;
+                i.workloads
+                    .into_iter()
+                    .find(|w| w.name == workload)
+                    .map(|w| (release, w))
+            })
             .ok_or_else(|| PlatformError::NoSuchWorkload {
                 instance: id,
                 workload: workload.to_owned(),

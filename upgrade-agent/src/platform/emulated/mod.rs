@@ -261,19 +261,16 @@ impl Platform for EmulatedPlatform {
         id: InstanceId,
         workload: &str,
     ) -> Result<(Option<String>, WorkloadInfo), PlatformError> {
-        let pool = self.store.read()?;
-        let e = pool
-            .instances
-            .iter()
-            .find(|e| e.id == id)
-            .ok_or(PlatformError::NoSuchInstance(id))?;
         let missing = || PlatformError::NoSuchWorkload {
             instance: id,
             workload: workload.to_owned(),
         };
-        if e.state != InstanceState::Active {
-            return Err(missing());
-        }
+        let pool = self.store.read()?;
+        let e = pool
+            .instances
+            .iter()
+            .find(|e| e.id == id && e.state == InstanceState::Active)
+            .ok_or_else(missing)?;
         // As `instances`: an instance that does not answer lists no workloads.
         let info = self
             .agent(id)
