@@ -5,8 +5,19 @@
 //! * `journal.json.corrupt-TIME` — a damaged in-flight record, quarantined (never deleted);
 //!   while one exists (and is not renamed to `….resolved`), the journal refuses to report
 //!   "no upgrade in flight" and refuses every write;
+//! * `journal.log` — the steps written since `journal.json` (one sealed JSON line each, what
+//!   changed: [`Record::delta_from`]); present only beside `journal.json`;
 //! * `history/SEQ.json` — one file per finished upgrade (`SEQ` zero-padded to 20 digits), the
 //!   newest [`HISTORY_LIMIT`] kept.
+//!
+//! The in-flight record is `journal.json` with the frames of `journal.log` applied in order.
+//! A step appends one frame and fdatasyncs it: its cost does not grow with the record (a
+//! record lists every workload and every event so far). Once the log would outgrow both
+//! [`LOG_FLOOR`] bytes and `journal.json`, the step writes the whole record instead (a new
+//! `journal.json`, the log removed): amortized, a step writes O(its own change). A frame a
+//! crash cut short (a last line without its newline) was never acknowledged and is ignored
+//! (and cut off by the next [`Journal::open`]); a whole line that fails its checksum is
+//! damage, and quarantines the journal like a damaged `journal.json`.
 //!
 //! Each file is a sealed envelope (see `crate::seal`): `{"format", "seq", "written_at",
 //! "body", "crc32"}` where `body` is the caller's record and `crc32` covers every byte of the
@@ -24,7 +35,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::atomic::{
-    StateFile, atomic_write, ensure_dir, fsync_dir, read_state, remove_stale_temps,
+    FILE_MODE, StateFile, atomic_write, ensure_dir, fsync_dir, read_state, remove_stale_temps,
 };
 use crate::seal::{self, Read, Refusal};
 use crate::{IoError, time};
@@ -40,7 +51,16 @@ pub const HISTORY_LIMIT: usize = 100;
 pub const RESOLVED_SUFFIX: &str = ".resolved";
 /// Largest journal or history file read (a record is a few KiB; more is corruption).
 const MAX_FILE: u64 = 4 << 20;
+/// Format tag of each `journal.log` frame.
+pub const LOG_FORMAT: &str = "mk-upgrade-journal-log/1";
+/// The log is folded into `journal.json` (a whole write) once it would grow past both this
+/// many bytes and the size of `journal.json`: the log never exceeds `max(LOG_FLOOR, size of
+/// journal.json)`, itself at most the 4 MiB read limit.
+pub const LOG_FLOOR: u64 = 64 << 10;
 const CURRENT: &str = "journal.json";
+const LOG: &str = "journal.log";
+/// Suffix of a quarantined log, beside its quarantined `journal.json`.
+const LOG_SUFFIX: &str = ".log";
 const QUARANTINE_PREFIX: &str = "journal.json.corrupt-";
 const HISTORY: &str = "history";
 
@@ -109,16 +129,180 @@ fn corrupt_message(path: &Path, reason: &str, quarantined: &[PathBuf]) -> String
                         .join(", ")
                 )
             };
+            let log = with_suffix(q, LOG_SUFFIX);
+            let steps = if log.exists() {
+                format!(
+                    "; the steps written after it are in {l} (`jq -c . {l}`)",
+                    l = log.display()
+                )
+            } else {
+                String::new()
+            };
             format!(
                 "the upgrade journal {p} is damaged ({reason}) and was quarantined, not deleted: \
                  {q}{more}. {unfinished} Inspect it: `jq . {q}` (the record is its \"body\"; \
-                 `cat -v {q}` if jq cannot parse it). Resolve: {settle}, then mark it resolved: \
-                 `mv {q} {q}{RESOLVED_SUFFIX}`",
+                 `cat -v {q}` if jq cannot parse it){steps}. Resolve: {settle}, then mark it \
+                 resolved: `mv {q} {q}{RESOLVED_SUFFIX}`",
                 p = path.display(),
                 q = q.display()
             )
         }
     }
+}
+
+/// A journal record that can be written as what changed since the previous one.
+///
+/// The journal appends `self.delta_from(prev)` as a frame of `journal.log` and rebuilds the
+/// record by applying the frames to `journal.json` in order. `apply(prev, delta_from(prev))`
+/// must give `self` back (property-test it): in debug builds the journal checks it after
+/// every append and panics if not; in release builds it checks that `apply` succeeds, and
+/// otherwise writes the record whole, never leaving a frame on disk that does not rebuild.
+pub trait Record: Serialize + DeserializeOwned + Clone + PartialEq {
+    /// What changed between two records.
+    type Delta: Serialize + DeserializeOwned;
+    /// What turns `prev` into `self`; `None` when only the whole record can say it (the
+    /// journal then writes the whole record).
+    fn delta_from(&self, prev: &Self) -> Option<Self::Delta>;
+    /// Applies `delta` (read back from disk: it may be one that does not fit this record,
+    /// which is an `Err` saying why, never a panic).
+    fn apply(&mut self, delta: Self::Delta) -> Result<(), String>;
+}
+
+/// A frame of `journal.log` as written.
+#[derive(Serialize)]
+struct FrameOut<'a, D> {
+    format: &'static str,
+    seq: u64,
+    /// The sequence number of the `journal.json` it applies to,
+    base: u64,
+    /// and the CRC-32 of that file's bytes (a `journal.json` written later with the same
+    /// number, after a quarantine, is another one).
+    base_crc32: u32,
+    written_at: u64,
+    delta: &'a D,
+}
+
+/// A frame as read (its `crc32` is checked by `seal::check_line`).
+#[derive(Deserialize)]
+struct Frame<D> {
+    format: String,
+    seq: u64,
+    base: u64,
+    base_crc32: u32,
+    delta: D,
+}
+
+/// Which `journal.json` a log's frames apply to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Base {
+    seq: u64,
+    crc32: u32,
+}
+
+impl Base {
+    fn of(seq: u64, bytes: &[u8]) -> Base {
+        Base {
+            seq,
+            crc32: crc32fast::hash(bytes),
+        }
+    }
+}
+
+/// What replaying `journal.log` onto its base gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Replayed {
+    /// The sequence number of the last frame applied (the base's when none was).
+    seq: u64,
+    /// Bytes of the log that were applied (a prefix of whole lines).
+    applied: u64,
+    /// Bytes of the log after them, ignored: a torn last frame, or frames of an older base.
+    ignored: u64,
+}
+
+/// Applies the frames of `log` (the bytes of `journal.log`) to `record`, the `journal.json`
+/// `base`. The log's frames must be `base.seq + 1, + 2, …` of that base; a log whose first
+/// frame belongs to another base not newer than it is stale (left by a crash after a whole
+/// write, or beside a journal.json quarantined before) and ignored whole; a last line without its newline is a write a crash cut short, ignored.
+/// Anything else wrong (a whole line that fails its checksum, wherever it is) is damage:
+/// `Err` says what and where.
+fn replay<R: Record>(record: &mut R, base: Base, log: &[u8]) -> Result<Replayed, String> {
+    let mut seq = base.seq;
+    let mut pos = 0usize;
+    let mut frame_no = 0u64;
+    while pos < log.len() {
+        frame_no += 1;
+        let (line, next) = match log[pos..].iter().position(|&b| b == b'\n') {
+            Some(i) => (&log[pos..=pos + i], pos + i + 1),
+            None => (&log[pos..], log.len()),
+        };
+        let torn = !line.ends_with(b"\n");
+        let at = |what: String| format!("{LOG} frame {frame_no} (byte {pos}): {what}");
+        let frame = match decode_frame::<R::Delta>(line) {
+            Ok(f) => f,
+            Err(_) if torn => {
+                return Ok(Replayed {
+                    seq,
+                    applied: pos as u64,
+                    ignored: (log.len() - pos) as u64,
+                });
+            }
+            Err(reason) => return Err(at(reason)),
+        };
+        let ours = frame.base == base.seq && frame.base_crc32 == base.crc32;
+        if frame_no == 1 && !ours && frame.base <= base.seq {
+            return Ok(Replayed {
+                seq,
+                applied: 0,
+                ignored: log.len() as u64,
+            });
+        }
+        if !ours {
+            return Err(at(format!(
+                "it applies to journal.json number {} (CRC-32 {:08x}), the journal.json there \
+                 is number {} (CRC-32 {:08x})",
+                frame.base, frame.base_crc32, base.seq, base.crc32
+            )));
+        }
+        if frame.seq != seq + 1 {
+            return Err(at(format!(
+                "its sequence number is {}, the next one is {}",
+                frame.seq,
+                seq + 1
+            )));
+        }
+        record
+            .apply(frame.delta)
+            .map_err(|e| at(format!("it does not apply to the record: {e}")))?;
+        seq = frame.seq;
+        pos = next;
+    }
+    Ok(Replayed {
+        seq,
+        applied: pos as u64,
+        ignored: 0,
+    })
+}
+
+/// Decodes one line of `journal.log` (with its newline).
+fn decode_frame<D: DeserializeOwned>(line: &[u8]) -> Result<Frame<D>, String> {
+    match seal::check_line(line) {
+        seal::Seal::Valid => {}
+        seal::Seal::Missing => return Err("no intact checksum (cut short?)".into()),
+        seal::Seal::Mismatch { stored, computed } => {
+            return Err(format!(
+                "the CRC-32 of its content is {computed:08x}, its checksum says {stored:08x}"
+            ));
+        }
+    }
+    let frame: Frame<D> = serde_json::from_slice(line)
+        .map_err(|e| format!("checksum intact but content invalid: {e}"))?;
+    if frame.format != LOG_FORMAT {
+        return Err(format!(
+            "format {:?} is not {LOG_FORMAT:?}",
+            frame.format.chars().take(80).collect::<String>()
+        ));
+    }
+    Ok(frame)
 }
 
 /// The envelope as written.
@@ -247,9 +431,19 @@ fn history_seq(name: &str) -> Option<u64> {
     }
 }
 
-/// Whether `name` is a quarantined journal that still blocks upgrades.
+/// Whether `name` is a quarantined journal that still blocks upgrades (its quarantined log,
+/// `….log`, goes with it).
 fn is_pending_quarantine(name: &str) -> bool {
-    name.starts_with(QUARANTINE_PREFIX) && !name.ends_with(RESOLVED_SUFFIX)
+    name.starts_with(QUARANTINE_PREFIX)
+        && !name.ends_with(RESOLVED_SUFFIX)
+        && !name.ends_with(LOG_SUFFIX)
+}
+
+/// `path` with `suffix` appended to its file name.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(suffix);
+    path.with_file_name(name)
 }
 
 /// The journal of one state directory; `R` is the caller's upgrade record.
@@ -267,10 +461,21 @@ pub struct Journal<R> {
     stale_current: bool,
     /// Read-only: why the current file cannot be trusted although it decodes.
     distrusted: Option<String>,
+    /// Writer: the record as on disk (`journal.json` plus the log), what the next step's
+    /// delta is taken from; `None` when the next write must be whole.
+    last: Option<R>,
+    /// Writer: which `journal.json` is there, and its size.
+    base: Base,
+    base_len: u64,
+    /// Writer: bytes of whole frames in `journal.log`.
+    log_len: u64,
+    /// `journal.json` was moved aside (quarantined) since `last` was taken: the next write
+    /// is whole whatever `last` says.
+    moved_aside: std::cell::Cell<bool>,
     _record: PhantomData<fn() -> R>,
 }
 
-impl<R: Serialize + DeserializeOwned> Journal<R> {
+impl<R: Record> Journal<R> {
     /// Opens (creating if needed, mode 0700) the journal in `dir` and performs crash recovery
     /// of the files themselves:
     /// * leftover `.*.tmp` files (a write that never became visible) are removed;
@@ -294,7 +499,11 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
         let (mut journal, newest_history) = Self::at(dir, false)?;
         let current_path = journal.current_path();
         let bytes = match read_state(&current_path, MAX_FILE)? {
-            StateFile::Missing => return Ok(journal),
+            StateFile::Missing => {
+                // A crash inside `finish` after it removed journal.json.
+                journal.remove_log();
+                return Ok(journal);
+            }
             StateFile::TooLarge { limit } => {
                 journal.quarantine_damaged(format!("larger than the {limit}-byte limit"));
                 return Ok(journal);
@@ -310,11 +519,12 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
                 fs::remove_file(&current_path)
                     .map_err(|e| IoError::new("remove", &current_path, e))?;
                 fsync_dir(dir)?;
+                journal.remove_log();
             }
             Ok(d) if d.seq <= newest_history => {
                 journal.quarantine_damaged(legacy_stale_reason(d.seq, newest_history));
             }
-            Ok(d) => journal.seq = d.seq,
+            Ok(d) => journal.resume(d.seq, &bytes)?,
             Err(JournalError::Corrupt { reason, .. }) => {
                 journal.quarantine_damaged(reason);
             }
@@ -322,6 +532,88 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
             Err(e) => return Err(e),
         }
         Ok(journal)
+    }
+
+    /// Takes up the in-flight record (`journal.json` of number `base_seq`, `bytes`, and its
+    /// log) for writing: a log frame a crash cut short is cut off, a damaged record or log is
+    /// quarantined.
+    fn resume(&mut self, base_seq: u64, bytes: &[u8]) -> Result<(), JournalError> {
+        self.seq = base_seq;
+        let (mut record, legacy) = match decode::<R>(&self.current_path(), bytes) {
+            Ok(d) => (d.record, d.legacy),
+            Err(JournalError::Corrupt { reason, .. }) => {
+                self.quarantine_damaged(reason);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let base = Base::of(base_seq, bytes);
+        let replayed = match self.rebuild(&mut record, base)? {
+            Ok(r) => r,
+            Err(reason) => {
+                self.quarantine_damaged(reason);
+                return Ok(());
+            }
+        };
+        if replayed.ignored > 0 {
+            let log = self.log_path();
+            tracing::warn!(
+                path = %log.display(),
+                bytes = replayed.ignored,
+                "cutting off the end of the journal log a crash interrupted"
+            );
+            fs::OpenOptions::new()
+                .write(true)
+                .open(&log)
+                .and_then(|f| {
+                    f.set_len(replayed.applied)?;
+                    f.sync_all()
+                })
+                .map_err(|e| IoError::new("truncate", &log, e))?;
+        }
+        self.seq = replayed.seq;
+        self.base = base;
+        self.base_len = bytes.len() as u64;
+        self.log_len = replayed.applied;
+        // A record of the previous format is rewritten whole (sealed) by the next write.
+        self.last = (!legacy).then_some(record);
+        Ok(())
+    }
+
+    /// Applies the frames of `journal.log` to `record`, `journal.json` of number `base_seq`.
+    /// `Ok(Err(reason))`: the log is damaged.
+    fn rebuild(&self, record: &mut R, base: Base) -> Result<Result<Replayed, String>, IoError> {
+        let path = self.log_path();
+        Ok(match read_state(&path, MAX_FILE)? {
+            StateFile::Missing => Ok(Replayed {
+                seq: base.seq,
+                applied: 0,
+                ignored: 0,
+            }),
+            StateFile::TooLarge { limit } => {
+                Err(format!("{LOG} is larger than the {limit}-byte limit"))
+            }
+            StateFile::Contents(log) => replay(record, base, &log),
+        })
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join(LOG)
+    }
+
+    /// Removes `journal.log` when its frames belong to no `journal.json` any more. Best
+    /// effort: a leftover is recognized as stale by readers, and the next append starts it
+    /// over.
+    fn remove_log(&mut self) {
+        self.log_len = 0;
+        let path = self.log_path();
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cannot remove a stale journal log: {e}");
+            }
+        }
     }
 
     /// The journal of `dir` before its current file is looked at: its sequence number
@@ -334,6 +626,11 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
             read_only,
             stale_current: false,
             distrusted: None,
+            last: None,
+            base: Base { seq: 0, crc32: 0 },
+            base_len: 0,
+            log_len: 0,
+            moved_aside: std::cell::Cell::new(false),
             _record: PhantomData,
         };
         let newest_history = journal.history_seqs()?.last().copied().unwrap_or(0);
@@ -357,7 +654,16 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
                 Ok(d) if d.seq <= newest_history => {
                     journal.distrusted = Some(legacy_stale_reason(d.seq, newest_history));
                 }
-                Ok(d) => journal.seq = d.seq,
+                Ok(d) => {
+                    journal.seq = d.seq;
+                    // With the log's steps (a damaged log is reported by `current`).
+                    if let Ok(b) = decode::<R>(&current_path, &bytes)
+                        && let Ok(Ok(r)) =
+                            journal.rebuild(&mut { b.record }, Base::of(d.seq, &bytes))
+                    {
+                        journal.seq = r.seq;
+                    }
+                }
                 Err(JournalError::UnsupportedFormat { .. }) => journal.current_blocked = true,
                 // Reported by `current`.
                 Err(_) => {}
@@ -416,7 +722,13 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
             }
             StateFile::Contents(_) if self.stale_current => None,
             StateFile::Contents(bytes) => match decode::<R>(&path, &bytes) {
-                Ok(d) => Some(d.record),
+                Ok(d) => {
+                    let mut record = d.record;
+                    if let Err(reason) = self.rebuild(&mut record, Base::of(d.seq, &bytes))? {
+                        return Err(self.damaged(reason));
+                    }
+                    Some(record)
+                }
                 Err(JournalError::Corrupt { reason, .. }) => {
                     return Err(self.damaged(reason));
                 }
@@ -427,15 +739,82 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
         Ok(decoded)
     }
 
-    /// Records `record` as the in-flight upgrade (atomically replacing the previous record).
-    /// Returns the sequence number written. Refused while a damaged or quarantined journal
-    /// is unresolved, or the current file is of another format.
+    /// Records `record` as the in-flight upgrade, durably, before returning: a frame
+    /// appended to the log with what changed since the previous write, or (the first write,
+    /// a change only the whole record can say, or a log grown past its bound) the whole record
+    /// written atomically. Returns the sequence number written. Refused while a damaged or
+    /// quarantined journal is unresolved, or the current file is of another format.
     pub fn write(&mut self, record: &R) -> Result<u64, JournalError> {
         self.check_writable()?;
         let seq = self.seq + 1;
-        atomic_write(&self.current_path(), &encode(seq, record)?)?;
-        self.seq = seq;
+        if !self.append(seq, record)? {
+            self.write_whole(seq, record)?;
+        }
         Ok(seq)
+    }
+
+    /// Writes step `seq` as a frame of the log; `false` when it must be written whole.
+    fn append(&mut self, seq: u64, record: &R) -> Result<bool, JournalError> {
+        if self.moved_aside.replace(false) {
+            self.last = None;
+        }
+        let Some(mut last) = self.last.take() else {
+            return Ok(false);
+        };
+        let Some(delta) = record.delta_from(&last) else {
+            return Ok(false);
+        };
+        let frame = seal::seal_line(&FrameOut {
+            format: LOG_FORMAT,
+            seq,
+            base: self.base.seq,
+            base_crc32: self.base.crc32,
+            written_at: time::now_unix(),
+            delta: &delta,
+        })
+        .map_err(JournalError::Serialize)?;
+        if self.log_len + frame.len() as u64 > LOG_FLOOR.max(self.base_len) {
+            return Ok(false);
+        }
+        // On failure `last` stays `None`: the frame may be partly on disk, and the next write
+        // is whole (which drops the log).
+        let path = self.log_path();
+        append_durably(&path, &frame, self.log_len == 0)?;
+        if self.log_len == 0 {
+            fsync_dir(&self.dir)?;
+        }
+        self.log_len += frame.len() as u64;
+        self.seq = seq;
+        match last.apply(delta) {
+            // The comparison is O(record): release builds trust the record type's tested
+            // contract.
+            Ok(()) if !cfg!(debug_assertions) || last == *record => self.last = Some(last),
+            outcome => {
+                // A delta that does not apply is a bug of the record type; the frame must not
+                // be what recovery reads: the whole record replaces it.
+                debug_assert!(false, "a journal delta does not rebuild its record");
+                tracing::error!(
+                    ?outcome,
+                    "a journal delta does not rebuild its record: writing it whole"
+                );
+                self.write_whole(seq, record)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes step `seq` as the whole record: a new `journal.json`, the log dropped.
+    fn write_whole(&mut self, seq: u64, record: &R) -> Result<(), JournalError> {
+        let bytes = encode(seq, record)?;
+        self.last = None;
+        atomic_write(&self.current_path(), &bytes)?;
+        self.seq = seq;
+        self.base = Base::of(seq, &bytes);
+        self.base_len = bytes.len() as u64;
+        // Its frames apply to the previous journal.json: readers ignore them now.
+        self.remove_log();
+        self.last = Some(record.clone());
+        Ok(())
     }
 
     /// Moves the final `record` of an upgrade into history and clears the in-flight record.
@@ -455,11 +834,13 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
         )?;
         self.seq = seq;
         let current = self.current_path();
+        self.last = None;
         match fs::remove_file(&current) {
             Ok(()) => fsync_dir(&self.dir)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(IoError::new("remove", &current, e).into()),
         }
+        self.remove_log();
         let seqs = self.history_seqs()?;
         if seqs.len() > HISTORY_LIMIT {
             for old in &seqs[..seqs.len() - HISTORY_LIMIT] {
@@ -608,7 +989,21 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
                         .unwrap_or(0);
                     legacy_stale_reason(d.seq, newest)
                 }
-                Ok(_) => "quarantined earlier; it reads as an intact record now".into(),
+                Ok(d) => {
+                    let log = with_suffix(q, LOG_SUFFIX);
+                    let damage = match (read_state(&log, MAX_FILE), decode::<R>(q, &bytes)) {
+                        (Ok(StateFile::TooLarge { limit }), _) => {
+                            Some(format!("{LOG} is larger than the {limit}-byte limit"))
+                        }
+                        (Ok(StateFile::Contents(l)), Ok(b)) => {
+                            replay(&mut { b.record }, Base::of(d.seq, &bytes), &l).err()
+                        }
+                        _ => None,
+                    };
+                    damage.unwrap_or_else(|| {
+                        "quarantined earlier; it reads as an intact record now".into()
+                    })
+                }
             },
         }
     }
@@ -644,9 +1039,25 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
     }
 
     /// Moves `journal.json` to a fresh `journal.json.corrupt-UNIXTIME[-N]`, never replacing
-    /// an existing file. `None` when there was no `journal.json` (or another process moved it
-    /// first).
+    /// an existing file, and its log beside it (`….log`). `None` when there was no
+    /// `journal.json` (or another process moved it first).
     fn move_aside(&self) -> Result<Option<PathBuf>, IoError> {
+        let moved = self.move_base_aside()?;
+        if let Some(dest) = &moved {
+            self.moved_aside.set(true);
+            let (log, dest_log) = (self.log_path(), with_suffix(dest, LOG_SUFFIX));
+            if !dest_log.exists() {
+                match fs::rename(&log, &dest_log) {
+                    Ok(()) => fsync_dir(&self.dir)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(IoError::new("quarantine", &log, e)),
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    fn move_base_aside(&self) -> Result<Option<PathBuf>, IoError> {
         let src = self.current_path();
         let base = format!("{QUARANTINE_PREFIX}{}", time::now_unix());
         for n in 0..10_000u32 {
@@ -713,6 +1124,31 @@ impl<R: Serialize + DeserializeOwned> Journal<R> {
     }
 }
 
+/// Appends `bytes` to `path` (created with mode [`FILE_MODE`]; with `fresh`, whatever was
+/// there is dropped first) and fdatasyncs it.
+fn append_durably(path: &Path, bytes: &[u8], fresh: bool) -> Result<(), IoError> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .map_err(|e| IoError::new("open", path, e))?;
+    if fresh {
+        // Frames of an older journal.json (their removal failed), and the mode set whatever
+        // the umask.
+        f.set_len(0)
+            .map_err(|e| IoError::new("truncate", path, e))?;
+        f.set_permissions(fs::Permissions::from_mode(FILE_MODE))
+            .map_err(|e| IoError::new("set the mode of", path, e))?;
+    }
+    f.write_all(bytes)
+        .map_err(|e| IoError::new("append to", path, e))?;
+    f.sync_data()
+        .map_err(|e| IoError::new("fdatasync", path, e))
+}
+
 fn legacy_stale_reason(seq: u64, newest_history: u64) -> String {
     format!(
         "a {JOURNAL_FORMAT_V1} record (whose sequence number is not covered by its checksum) \
@@ -729,6 +1165,19 @@ mod tests {
     struct Rec {
         id: String,
         step: u32,
+    }
+
+    /// The whole record as its own delta (the log's mechanics, not a record's delta, are
+    /// what these tests are about; `Items` below has a partial one).
+    impl Record for Rec {
+        type Delta = Rec;
+        fn delta_from(&self, _prev: &Self) -> Option<Rec> {
+            Some(self.clone())
+        }
+        fn apply(&mut self, delta: Rec) -> Result<(), String> {
+            *self = delta;
+            Ok(())
+        }
     }
 
     fn rec(id: &str, step: u32) -> Rec {
@@ -1075,6 +1524,372 @@ mod tests {
         fs::write(&p, b"{").unwrap();
         let e = j.history().unwrap_err();
         assert!(e.to_string().contains("00000000000000000001.json"), "{e}");
+    }
+
+    /// A record with a partial delta: `head` and the items appended since.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Items {
+        head: u32,
+        items: Vec<u32>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct ItemsDelta {
+        head: u32,
+        from: usize,
+        push: Vec<u32>,
+    }
+
+    impl Record for Items {
+        type Delta = ItemsDelta;
+        fn delta_from(&self, prev: &Self) -> Option<ItemsDelta> {
+            let from = prev.items.len();
+            (self.items.len() >= from && self.items[..from] == prev.items[..]).then(|| ItemsDelta {
+                head: self.head,
+                from,
+                push: self.items[from..].to_vec(),
+            })
+        }
+        fn apply(&mut self, d: ItemsDelta) -> Result<(), String> {
+            if d.from != self.items.len() {
+                return Err(format!("from {} of {}", d.from, self.items.len()));
+            }
+            self.head = d.head;
+            self.items.extend(d.push);
+            Ok(())
+        }
+    }
+
+    fn items(head: u32, n: u32) -> Items {
+        Items {
+            head,
+            items: (0..n).collect(),
+        }
+    }
+
+    fn log_of(dir: &Path) -> PathBuf {
+        dir.join(LOG)
+    }
+
+    fn lines(path: &Path) -> Vec<Vec<u8>> {
+        fs::read(path)
+            .unwrap_or_default()
+            .split_inclusive(|&b| b == b'\n')
+            .map(<[u8]>::to_vec)
+            .collect()
+    }
+
+    #[test]
+    fn steps_are_appended_to_the_log_and_rebuild_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::<Items>::open(dir.path()).unwrap();
+        assert_eq!(j.write(&items(1, 3)).unwrap(), 1);
+        let base = fs::read(j.current_path()).unwrap();
+        for step in 2..=6u32 {
+            assert_eq!(j.write(&items(step, step + 2)).unwrap(), u64::from(step));
+        }
+        // journal.json is the first write; the log holds five frames of one item each.
+        assert_eq!(fs::read(j.current_path()).unwrap(), base);
+        let frames = lines(&log_of(dir.path()));
+        assert_eq!(frames.len(), 5);
+        let f: serde_json::Value = serde_json::from_slice(&frames[4]).unwrap();
+        assert_eq!(f["format"], LOG_FORMAT);
+        assert_eq!((f["seq"].as_u64(), f["base"].as_u64()), (Some(6), Some(1)));
+        assert_eq!(f["delta"]["push"], serde_json::json!([7]));
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(log_of(dir.path()))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert_eq!(j.current().unwrap(), Some(items(6, 8)));
+        let ro = Journal::<Items>::open_read_only(dir.path()).unwrap();
+        assert_eq!((ro.current().unwrap(), ro.seq()), (Some(items(6, 8)), 6));
+        // A new writer (recovery) goes on appending after the last frame.
+        let mut j = Journal::<Items>::open(dir.path()).unwrap();
+        assert_eq!(j.seq(), 6);
+        assert_eq!(j.write(&items(7, 9)).unwrap(), 7);
+        assert_eq!(lines(&log_of(dir.path())).len(), 6);
+        assert_eq!(j.current().unwrap(), Some(items(7, 9)));
+        // A change the delta cannot say is written whole, and drops the log.
+        assert_eq!(j.write(&items(8, 2)).unwrap(), 8);
+        assert!(!log_of(dir.path()).exists());
+        assert_eq!(j.current().unwrap(), Some(items(8, 2)));
+        j.write(&items(9, 3)).unwrap();
+        j.finish(&items(10, 3)).unwrap();
+        assert!(!j.current_path().exists() && !log_of(dir.path()).exists());
+        assert_eq!(j.history().unwrap(), vec![items(10, 3)]);
+    }
+
+    #[test]
+    fn the_log_is_folded_into_journal_json_once_it_outgrows_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::<Items>::open(dir.path()).unwrap();
+        // A large record (about 100 KiB): the log grows up to its size, then starts over.
+        let mut r = items(0, 20_000);
+        j.write(&r).unwrap();
+        let mut wholes = 0;
+        for step in 1..=3000u32 {
+            r.head = step;
+            r.items.push(step);
+            let before = fs::metadata(j.current_path()).unwrap().modified().unwrap();
+            let base_len = fs::metadata(j.current_path()).unwrap().len();
+            j.write(&r).unwrap();
+            let log_len = fs::metadata(log_of(dir.path())).map_or(0, |m| m.len());
+            assert!(log_len <= LOG_FLOOR.max(base_len), "{log_len} > {base_len}");
+            if log_len == 0 {
+                wholes += 1;
+                assert_ne!(
+                    fs::metadata(j.current_path()).unwrap().modified().unwrap(),
+                    before
+                );
+            }
+        }
+        assert!(
+            (1..=3).contains(&wholes),
+            "{wholes} whole writes in 3000 steps"
+        );
+        assert_eq!(j.current().unwrap(), Some(r.clone()));
+        assert_eq!(
+            Journal::<Items>::open(dir.path())
+                .unwrap()
+                .current()
+                .unwrap(),
+            Some(r)
+        );
+    }
+
+    #[test]
+    fn a_frame_cut_short_by_a_crash_is_ignored_and_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::<Items>::open(dir.path()).unwrap();
+        for step in 1..=4 {
+            j.write(&items(step, step)).unwrap();
+        }
+        let log = log_of(dir.path());
+        let whole = fs::read(&log).unwrap();
+        let last = lines(&log).pop().unwrap();
+        for cut in [1, last.len() / 2, last.len() - 1] {
+            let torn = &whole[..whole.len() - cut];
+            fs::write(&log, torn).unwrap();
+            // Readers see the record before the interrupted step.
+            let ro = Journal::<Items>::open_read_only(dir.path()).unwrap();
+            assert_eq!(ro.current().unwrap(), Some(items(3, 3)), "cut {cut}");
+            assert_eq!(fs::read(&log).unwrap(), torn, "read-only left it as is");
+        }
+        // A writer cuts it off, and the next step follows step 3.
+        let mut j = Journal::<Items>::open(dir.path()).unwrap();
+        assert_eq!(fs::read(&log).unwrap(), &whole[..whole.len() - last.len()]);
+        assert_eq!(j.seq(), 3);
+        assert_eq!(j.write(&items(4, 5)).unwrap(), 4);
+        assert_eq!(j.current().unwrap(), Some(items(4, 5)));
+        assert!(j.quarantined().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_frame_quarantines_the_journal_with_its_log() {
+        for (frame, what) in [(0, "first"), (2, "last")] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut j = Journal::<Items>::open(dir.path()).unwrap();
+            for step in 1..=4 {
+                j.write(&items(step, step)).unwrap();
+            }
+            let log = log_of(dir.path());
+            let frames = lines(&log);
+            let at = frames[..frame].iter().map(Vec::len).sum::<usize>() + 20;
+            let mut bad = fs::read(&log).unwrap();
+            bad[at] ^= 0x04;
+            fs::write(&log, &bad).unwrap();
+            let base = fs::read(j.current_path()).unwrap();
+
+            let mut j = Journal::<Items>::open(dir.path()).unwrap();
+            let e = j.current().unwrap_err();
+            let JournalError::Corrupt { quarantined, .. } = &e else {
+                panic!("{what}: {e}")
+            };
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("journal.log frame {}", frame + 1)),
+                "{msg}"
+            );
+            assert!(msg.contains("CRC-32"), "{msg}");
+            // Both kept as they were, side by side; nothing left in place.
+            assert_eq!(fs::read(&quarantined[0]).unwrap(), base, "{what}");
+            assert_eq!(
+                fs::read(with_suffix(&quarantined[0], LOG_SUFFIX)).unwrap(),
+                bad
+            );
+            assert_eq!(quarantined.len(), 1, "the log is not a second quarantine");
+            assert!(!j.current_path().exists() && !log.exists());
+            assert!(j.write(&items(9, 9)).unwrap_err().is_corrupt());
+            // A read-only look says the same, from the files quarantined.
+            let ro = Journal::<Items>::open_read_only(dir.path()).unwrap();
+            assert!(
+                ro.current()
+                    .unwrap_err()
+                    .to_string()
+                    .contains("journal.log frame")
+            );
+            // Resolved: the next upgrade starts a new journal.json (not a frame of the old).
+            j.resolve_quarantined(&quarantined[0]).unwrap();
+            assert_eq!(j.write(&items(9, 9)).unwrap(), 2);
+            assert!(!log.exists());
+            assert_eq!(j.current().unwrap(), Some(items(9, 9)));
+        }
+    }
+
+    #[test]
+    fn frames_of_an_older_journal_json_are_stale_and_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_of(dir.path());
+        let mut j = Journal::<Items>::open(dir.path()).unwrap();
+        for step in 1..=3 {
+            j.write(&items(step, step)).unwrap();
+        }
+        let old_frames = fs::read(&log).unwrap();
+        // A whole write (shrinking the list), and a crash before it removed the log.
+        j.write(&items(4, 1)).unwrap();
+        fs::write(&log, &old_frames).unwrap();
+        let ro = Journal::<Items>::open_read_only(dir.path()).unwrap();
+        assert_eq!(ro.current().unwrap(), Some(items(4, 1)));
+        // Beside another journal.json of the same number (one written after the first was
+        // quarantined without its log): stale too, by its CRC-32.
+        let other = tempfile::tempdir().unwrap();
+        let mut o = Journal::<Items>::open(other.path()).unwrap();
+        o.write(&items(7, 0)).unwrap();
+        fs::write(log_of(other.path()), &old_frames).unwrap();
+        assert_eq!(o.current().unwrap(), Some(items(7, 0)));
+        let mut j = Journal::<Items>::open(dir.path()).unwrap();
+        assert_eq!(fs::read(&log).unwrap(), b"", "the stale frames are cut off");
+        assert_eq!(j.write(&items(5, 2)).unwrap(), 5);
+        assert_eq!(j.current().unwrap(), Some(items(5, 2)));
+        // A crash in `finish` after it removed journal.json: the log is removed at open.
+        let frames = fs::read(&log).unwrap();
+        j.finish(&items(6, 2)).unwrap();
+        fs::write(&log, frames).unwrap();
+        assert_eq!(
+            Journal::<Items>::open_read_only(dir.path())
+                .unwrap()
+                .current()
+                .unwrap(),
+            None
+        );
+        let j = Journal::<Items>::open(dir.path()).unwrap();
+        assert!(!log.exists());
+        assert_eq!(j.current().unwrap(), None);
+    }
+
+    #[test]
+    fn frames_out_of_order_or_that_do_not_fit_are_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::<Items>::open(dir.path()).unwrap();
+        for step in 1..=3 {
+            j.write(&items(step, step)).unwrap();
+        }
+        let log = log_of(dir.path());
+        let f = lines(&log);
+        let base = Base::of(1, &fs::read(j.current_path()).unwrap());
+        let frame = |seq: u64, seq_of_base: u64, from: usize| {
+            seal::seal_line(&FrameOut {
+                format: LOG_FORMAT,
+                seq,
+                base: seq_of_base,
+                base_crc32: base.crc32,
+                written_at: 0,
+                delta: &ItemsDelta {
+                    head: 9,
+                    from,
+                    push: vec![9],
+                },
+            })
+            .unwrap()
+        };
+        let cases: [(Vec<u8>, &str); 4] = [
+            (
+                [f[1].clone(), f[0].clone()].concat(),
+                "sequence number is 3, the next one is 2",
+            ),
+            (
+                [f[0].clone(), frame(3, 2, 2)].concat(),
+                "applies to journal.json number 2",
+            ),
+            (
+                [f[0].clone(), f[1].clone(), frame(4, 1, 7)].concat(),
+                "does not apply",
+            ),
+            (
+                [f[0].clone(), f[0].clone()].concat(),
+                "sequence number is 2, the next one is 3",
+            ),
+        ];
+        for (bytes, want) in cases {
+            let mut rec = items(1, 1);
+            let e = replay(&mut rec, base, &bytes).unwrap_err();
+            assert!(e.contains(want), "{e} lacks {want:?}");
+        }
+        // The real journal refuses such a log too (quarantined).
+        fs::write(&log, [f[1].clone(), f[0].clone()].concat()).unwrap();
+        assert!(j.current().unwrap_err().is_corrupt());
+    }
+
+    #[test]
+    fn a_failed_append_makes_the_next_write_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::<Items>::open(dir.path()).unwrap();
+        j.write(&items(1, 1)).unwrap();
+        j.write(&items(2, 2)).unwrap();
+        let log = log_of(dir.path());
+        fs::remove_file(&log).unwrap();
+        fs::create_dir(&log).unwrap();
+        assert!(j.write(&items(3, 3)).is_err());
+        fs::remove_dir(&log).unwrap();
+        // Whole: journal.json now holds step 3 (its log was lost with the directory).
+        assert_eq!(j.write(&items(3, 3)).unwrap(), 3);
+        assert!(!log.exists());
+        assert_eq!(j.current().unwrap(), Some(items(3, 3)));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_log_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let base = Base { seq: 1, crc32: 7 };
+            let _ = replay(&mut items(1, 1), base, &bytes);
+            let mut lines = br#"{"format":"mk-upgrade-journal-log/1","seq":2,"base":1,"delta":"#.to_vec();
+            lines.extend_from_slice(&bytes);
+            let _ = replay(&mut items(1, 1), base, &lines);
+        }
+
+        /// A changed byte anywhere in the log is refused, except in the last frame's
+        /// newline, which makes that frame one a crash cut short: the record is then the
+        /// one before that step, never another one.
+        #[test]
+        fn any_changed_byte_of_the_log_is_damage_or_drops_only_the_last_step(pos in 0usize..4096, value in 0u8..=255) {
+            let mut r = items(1, 1);
+            let mut log = Vec::new();
+            let mut prev = r.clone();
+            for step in 2..=4u64 {
+                let next = items(step as u32, step as u32);
+                log.extend(seal::seal_line(&FrameOut {
+                    format: LOG_FORMAT, seq: step, base: 1, base_crc32: 7, written_at: 7,
+                    delta: &next.delta_from(&prev).unwrap(),
+                }).unwrap());
+                prev = next;
+            }
+            let pos = pos % log.len();
+            proptest::prop_assume!(log[pos] != value);
+            let mut bad = log.clone();
+            bad[pos] = value;
+            match replay(&mut r, Base { seq: 1, crc32: 7 }, &bad) {
+                Err(_) => {}
+                Ok(got) => {
+                    proptest::prop_assert_eq!(pos, log.len() - 1);
+                    proptest::prop_assert_eq!(got.seq, 3);
+                    proptest::prop_assert_eq!(r, items(3, 3));
+                }
+            }
+        }
     }
 
     proptest::proptest! {

@@ -25,7 +25,7 @@ pub use atomic::{
     DIR_MODE, FILE_MODE, TMP_SUFFIX, atomic_write, atomic_write_with_mode, ensure_private_dir,
     fsync_dir, remove_stale_temps,
 };
-pub use journal::{HISTORY_LIMIT, Journal, JournalError};
+pub use journal::{HISTORY_LIMIT, Journal, JournalError, Record};
 pub use lock::{Holder, HolderError, Lock, LockError, LockGuard};
 pub use release::{Release, ReleaseError};
 pub use slots::{Slot, SlotError, SlotInfo, Slots};

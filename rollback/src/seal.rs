@@ -46,6 +46,36 @@ pub(crate) fn seal<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::Error
     Ok(out)
 }
 
+/// The one-line form of a sealed object (a line of an append log): compact JSON whose last
+/// member is `"crc32":"…"`, 8 lowercase hex digits of the CRC-32 of every byte before the
+/// fixed trailer `,"crc32":"`, then `"}` and a newline. JSON escapes every newline inside a
+/// string, so the line holds exactly one `\n`, its last byte.
+const LINE_HEAD: &[u8] = b",\"crc32\":\"";
+const LINE_TAIL: &[u8] = b"\"}\n";
+const LINE_TRAILER_LEN: usize = LINE_HEAD.len() + DIGITS + LINE_TAIL.len();
+
+/// Serializes `value` (a struct: a non-empty JSON object) as one sealed line.
+pub(crate) fn seal_line<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let mut out = serde_json::to_vec(value)?;
+    if out.len() < 3 || out.first() != Some(&b'{') || out.last() != Some(&b'}') {
+        return Err(serde::ser::Error::custom(
+            "a sealed line must be a non-empty JSON object",
+        ));
+    }
+    out.pop();
+    let crc = crc32fast::hash(&out);
+    out.reserve(LINE_TRAILER_LEN);
+    out.extend_from_slice(LINE_HEAD);
+    out.extend_from_slice(format!("{crc:08x}").as_bytes());
+    out.extend_from_slice(LINE_TAIL);
+    Ok(out)
+}
+
+/// Checks the seal of one line (with its final newline) written by [`seal_line`].
+pub(crate) fn check_line(line: &[u8]) -> Seal {
+    check_trailer(line, LINE_HEAD, LINE_TAIL)
+}
+
 /// The outcome of checking a file's seal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Seal {
@@ -59,14 +89,21 @@ pub(crate) enum Seal {
 
 /// Checks the seal of `bytes`.
 pub(crate) fn check(bytes: &[u8]) -> Seal {
-    if bytes.len() < TRAILER_LEN + 1 {
+    check_trailer(bytes, TRAILER_HEAD, TRAILER_TAIL)
+}
+
+/// Checks a trailer `head`, 8 hex digits, `tail` at the end of `bytes` (after at least one
+/// byte of content) and the CRC-32 of the content before it.
+fn check_trailer(bytes: &[u8], trailer_head: &[u8], trailer_tail: &[u8]) -> Seal {
+    let trailer_len = trailer_head.len() + DIGITS + trailer_tail.len();
+    if bytes.len() < trailer_len + 1 {
         return Seal::Missing;
     }
-    let (content, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
-    let (head, rest) = trailer.split_at(TRAILER_HEAD.len());
+    let (content, trailer) = bytes.split_at(bytes.len() - trailer_len);
+    let (head, rest) = trailer.split_at(trailer_head.len());
     let (digits, tail) = rest.split_at(DIGITS);
-    if head != TRAILER_HEAD
-        || tail != TRAILER_TAIL
+    if head != trailer_head
+        || tail != trailer_tail
         || !digits
             .iter()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
@@ -217,6 +254,32 @@ mod tests {
         let mut longer = good.clone();
         longer.push(b'\n');
         assert!(read::<T, T>(&longer, "x/2", "x/1").is_err());
+    }
+
+    #[test]
+    fn a_sealed_line_is_one_json_line_and_every_changed_byte_breaks_it() {
+        let line = seal_line(&t()).unwrap();
+        assert_eq!(line.iter().position(|&b| b == b'\n'), Some(line.len() - 1));
+        assert_eq!(line.last(), Some(&b'\n'));
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["s"], "hello \"world\"\n");
+        assert_eq!(check_line(&line), Seal::Valid);
+        for pos in 0..line.len() {
+            for v in [0u8, b'\n', b'0', b'a', line[pos] ^ 1, line[pos] ^ 0x80] {
+                if v == line[pos] {
+                    continue;
+                }
+                let mut bad = line.clone();
+                bad[pos] = v;
+                assert_ne!(check_line(&bad), Seal::Valid, "byte {pos} set to {v:#04x}");
+            }
+        }
+        for len in 0..line.len() {
+            assert_ne!(check_line(&line[..len]), Seal::Valid, "{len}");
+        }
+        // The multi-line trailer is not a line's, nor the other way round.
+        assert_eq!(check(&line), Seal::Missing);
+        assert_eq!(check_line(&seal(&t()).unwrap()), Seal::Missing);
     }
 
     #[test]

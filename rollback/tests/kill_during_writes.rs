@@ -19,6 +19,18 @@ struct Rec {
     padding: String,
 }
 
+/// A step changes `step` only: the frame carries just that (`journal.log`).
+impl rollback::journal::Record for Rec {
+    type Delta = u64;
+    fn delta_from(&self, prev: &Self) -> Option<u64> {
+        (self.run == prev.run && self.padding == prev.padding).then_some(self.step)
+    }
+    fn apply(&mut self, step: u64) -> Result<(), String> {
+        self.step = step;
+        Ok(())
+    }
+}
+
 /// Not a test on its own: the child body of `killed_writer_leaves_a_consistent_journal`,
 /// which runs it with `--ignored` (so a plain run counts it as ignored, never as passed).
 #[test]

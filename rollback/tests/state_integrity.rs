@@ -20,6 +20,17 @@ struct Rec {
     frozen: Vec<String>,
 }
 
+impl rollback::journal::Record for Rec {
+    type Delta = Rec;
+    fn delta_from(&self, _prev: &Self) -> Option<Rec> {
+        Some(self.clone())
+    }
+    fn apply(&mut self, delta: Rec) -> Result<(), String> {
+        *self = delta;
+        Ok(())
+    }
+}
+
 fn rec(id: &str) -> Rec {
     Rec {
         id: id.into(),
@@ -69,6 +80,44 @@ fn journal_template() -> tempfile::TempDir {
     }
     assert_eq!(j.write(&rec("u9")).unwrap(), 9);
     dir
+}
+
+/// Every bit of the journal's log (`journal.log`, the steps after `journal.json`): a flip
+/// is damage, quarantined with journal.json, except in the last frame's final newline, which
+/// makes it a frame a crash cut short: the record is then the step before, never another one.
+#[test]
+fn every_flipped_bit_of_the_journal_log_is_quarantined_or_drops_only_the_last_step() {
+    let template = journal_template();
+    let mut j = Journal::<Rec>::open(template.path()).unwrap();
+    let mut step10 = rec("u9");
+    step10.phase = "committing".into();
+    let mut step11 = step10.clone();
+    step11.frozen.clear();
+    assert_eq!(j.write(&step10).unwrap(), 10);
+    assert_eq!(j.write(&step11).unwrap(), 11);
+    let good = fs::read(template.path().join("journal.log")).unwrap();
+    assert_eq!(String::from_utf8_lossy(&good).lines().count(), 2);
+    let base = fs::read(template.path().join("journal.json")).unwrap();
+    for (bit, bad) in flips(&good) {
+        let dir = tempfile::tempdir().unwrap();
+        copy_tree(template.path(), dir.path());
+        fs::write(dir.path().join("journal.log"), &bad).unwrap();
+        let j = Journal::<Rec>::open(dir.path()).unwrap();
+        match j.current() {
+            Err(JournalError::Corrupt { quarantined, .. }) => {
+                assert_eq!(quarantined.len(), 1, "bit {bit}");
+                assert_eq!(fs::read(&quarantined[0]).unwrap(), base, "bit {bit}");
+                let mut log = quarantined[0].clone().into_os_string();
+                log.push(".log");
+                assert_eq!(fs::read(log).unwrap(), bad, "bit {bit}: the log kept as is");
+            }
+            Ok(Some(r)) if bit / 8 == good.len() - 1 => {
+                assert_eq!(r, step10, "bit {bit}");
+                assert_eq!(j.seq(), 10, "bit {bit}");
+            }
+            other => panic!("bit {bit}: {other:?}"),
+        }
+    }
 }
 
 #[test]

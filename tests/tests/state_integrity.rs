@@ -30,7 +30,8 @@ fn quarantined(state: &Path) -> Vec<PathBuf> {
         .map(|e| e.unwrap().path())
         .filter(|p| {
             let n = p.file_name().unwrap().to_str().unwrap();
-            n.starts_with("journal.json.corrupt-") && !n.ends_with(".resolved")
+            n.starts_with("journal.json.corrupt-")
+                && p.extension().is_none_or(|e| e != "resolved" && e != "log")
         })
         .collect();
     out.sort();
@@ -71,7 +72,17 @@ fn a_damaged_journal_is_quarantined_and_refused_until_resolved() {
     assert_eq!(q.len(), 1, "{q:?}");
     assert_eq!(std::fs::read(&q[0]).unwrap(), bytes);
     let qs = q[0].to_str().unwrap();
-    for want in [qs, "quarantined", "jq .", ".resolved", "mk-upgrade status"] {
+    // The steps after journal.json (the journal's log) are kept beside it.
+    let log = format!("{qs}.log");
+    assert!(std::path::Path::new(&log).exists(), "{log}");
+    for want in [
+        qs,
+        "quarantined",
+        "jq .",
+        &log,
+        ".resolved",
+        "mk-upgrade status",
+    ] {
         assert!(st.stderr.contains(want), "{want:?} missing: {}", st.stderr);
     }
 

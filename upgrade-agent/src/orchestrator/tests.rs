@@ -462,9 +462,9 @@ fn replace_staging_failure_unwinds_without_booting() {
 fn a_failed_journal_write_at_the_freeze_step_undoes_what_was_prepared() {
     let w = World::new();
     let mut p = w.platform(false);
-    // The journal writes `.journal.json.tmp` first: a directory there fails the write of
-    // the step that would freeze kv-1, after `prepare` announced the move.
-    p.block_at_prepare = Some(w.dir.path().join(".journal.json.tmp"));
+    // The journal appends its steps to `journal.log`: a directory there fails the write
+    // of the step that would freeze kv-1, after `prepare` announced the move.
+    p.block_at_prepare = Some(w.dir.path().join("journal.log"));
     let r = upgrade(&w, &mut p).map(|(_, r)| r);
     assert!(matches!(r, Err(_) | Ok(Err(_))), "{r:?}");
     let pos = |c: &str| p.calls.iter().position(|x| x.starts_with(c));

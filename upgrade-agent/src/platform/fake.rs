@@ -78,8 +78,9 @@ pub struct FakePlatform {
     pub watch_at_deliver: Option<std::path::PathBuf>,
     /// `(workload, lines of watch_at_deliver)` at each `deliver`.
     pub lines_at_deliver: Vec<(String, usize)>,
-    /// A directory created at this path by the first `prepare` (a test makes the next
-    /// journal write fail by putting it where the journal writes its temporary file).
+    /// A directory put at this path by the first `prepare`, in place of the file there
+    /// (moved to `PATH.blocked`): a test makes the next journal write fail by putting it
+    /// where the journal appends its steps.
     pub block_at_prepare: Option<std::path::PathBuf>,
     /// `preserved_fds` hands out duplicates of one memfd per workload and name, as a
     /// real instance does (else a new memfd at every call).
@@ -349,6 +350,13 @@ impl Platform for FakePlatform {
     fn prepare(&mut self, to: InstanceId, spec: &WorkloadSpec) -> Result<(), PlatformError> {
         self.call("prepare", to, &spec.name)?;
         if let Some(p) = self.block_at_prepare.take() {
+            let blocked = p.with_extension("blocked");
+            match std::fs::rename(&p, blocked) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(PlatformError::io("blocking the journal", e));
+                }
+                _ => {}
+            }
             std::fs::create_dir(&p).map_err(|e| PlatformError::io("blocking the journal", e))?;
         }
         Ok(())
