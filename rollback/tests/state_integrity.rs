@@ -83,7 +83,8 @@ fn journal_template() -> tempfile::TempDir {
 }
 
 /// Every bit of the journal's log (`journal.log`, the steps after `journal.json`): a flip
-/// is damage, quarantined with journal.json, except in the last frame's final newline, which
+/// is damage, quarantined with journal.json, except in the last frame's final newline (or one
+/// that makes a NUL in the last frame, which no single-bit flip of this log does), which
 /// makes it a frame a crash cut short: the record is then the step before, never another one.
 #[test]
 fn every_flipped_bit_of_the_journal_log_is_quarantined_or_drops_only_the_last_step() {

@@ -1,8 +1,9 @@
 //! The journal record of one upgrade: everything recovery needs to finish it or undo it.
 //!
-//! It is rewritten (atomically, see the `rollback` crate) *before* each step that changes
-//! the machine, so after a crash at any point the record names the last step that may have
-//! happened, and every step is idempotent or checkable against the platform.
+//! It is journaled durably (see the `rollback` crate: what changed is appended to the
+//! journal's log, [`RecordDelta`]) *before* each step that changes the machine, so after a
+//! crash at any point the record names the last step that may have happened, and every step
+//! is idempotent or checkable against the platform.
 
 use serde::{Deserialize, Serialize};
 

@@ -397,9 +397,10 @@ impl LuoPlatform {
                 None
             }
         };
+        // Read as a command without the lock reads it: an agent of this boot may hold it.
         let journaled = self
             .state
-            .journal()
+            .journal_for_reading()
             .ok()
             .and_then(|j| j.current().ok().flatten());
         let Some(file) = file.filter(|f| Some(&f.boot_id) == crate::sys::boot_id().as_ref()) else {
