@@ -40,8 +40,14 @@ use crate::atomic::{
 use crate::seal::{self, Read, Refusal};
 use crate::{IoError, time};
 
-/// Format tag of journal and history files (sealed: the checksum covers the whole file).
+/// Format tag of history files, and of in-flight records of earlier versions (sealed: the
+/// checksum covers the whole file): a whole record.
 pub const JOURNAL_FORMAT: &str = "mk-upgrade-journal/2";
+/// Format tag of the in-flight record (`journal.json`) this version writes: as
+/// [`JOURNAL_FORMAT`], and the steps after it may be in `journal.log`. A version that does
+/// not know the log refuses it ("written by another mk-upgrade version") rather than take
+/// the record without its last steps.
+pub const IN_FLIGHT_FORMAT: &str = "mk-upgrade-journal/3";
 /// The previous format (the checksum covers only `body`); still read, never written.
 pub const JOURNAL_FORMAT_V1: &str = "mk-upgrade-journal/1";
 /// How many finished upgrades the history keeps.
@@ -80,7 +86,8 @@ pub enum JournalError {
         quarantined: Vec<PathBuf>,
     },
     #[error(
-        "{path}: journal format {found:?} is not {JOURNAL_FORMAT:?}: it was written by another \
+        "{path}: journal format {found:?} is neither {IN_FLIGHT_FORMAT:?} nor {JOURNAL_FORMAT:?}: \
+         it was written by another \
          mk-upgrade version; finish or recover with that version, or move the file aside"
     )]
     UnsupportedFormat { path: PathBuf, found: String },
@@ -357,6 +364,8 @@ struct Decoded<R> {
     record: R,
     /// Read from the previous format, whose `seq` was not covered by the checksum.
     legacy: bool,
+    /// Of [`IN_FLIGHT_FORMAT`]: written by a version that keeps a log beside it.
+    logged: bool,
 }
 
 fn file_name(path: &Path) -> String {
@@ -374,9 +383,13 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> JournalError {
     }
 }
 
-fn encode<R: Serialize>(seq: u64, record: &R) -> Result<Vec<u8>, JournalError> {
+fn encode<R: Serialize>(
+    format: &'static str,
+    seq: u64,
+    record: &R,
+) -> Result<Vec<u8>, JournalError> {
     seal::seal(&EnvelopeOut {
-        format: JOURNAL_FORMAT,
+        format,
         seq,
         written_at: time::now_unix(),
         body: record,
@@ -385,11 +398,17 @@ fn encode<R: Serialize>(seq: u64, record: &R) -> Result<Vec<u8>, JournalError> {
 }
 
 fn decode<R: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<Decoded<R>, JournalError> {
-    match seal::read::<Envelope<R>, EnvelopeV1>(bytes, JOURNAL_FORMAT, JOURNAL_FORMAT_V1) {
+    let read = |format| seal::read::<Envelope<R>, EnvelopeV1>(bytes, format, JOURNAL_FORMAT_V1);
+    let (read, logged) = match read(IN_FLIGHT_FORMAT) {
+        Err(Refusal::Foreign(f)) if f == JOURNAL_FORMAT => (read(JOURNAL_FORMAT), false),
+        r => (r, true),
+    };
+    match read {
         Ok(Read::Current(env)) => Ok(Decoded {
             seq: env.seq,
             record: env.body,
             legacy: false,
+            logged,
         }),
         Ok(Read::Legacy(env)) => {
             let crc = crc32fast::hash(env.body.as_bytes());
@@ -408,6 +427,7 @@ fn decode<R: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<Decoded<R>, 
                 seq: env.seq,
                 record,
                 legacy: true,
+                logged: false,
             })
         }
         Err(Refusal::Corrupt(reason)) => Err(corrupt(path, reason)),
@@ -560,8 +580,8 @@ impl<R: Record> Journal<R> {
     /// quarantined.
     fn resume(&mut self, base_seq: u64, bytes: &[u8]) -> Result<(), JournalError> {
         self.seq = base_seq;
-        let (mut record, legacy) = match decode::<R>(&self.current_path(), bytes) {
-            Ok(d) => (d.record, d.legacy),
+        let (mut record, whole_next) = match decode::<R>(&self.current_path(), bytes) {
+            Ok(d) => (d.record, !d.logged),
             Err(JournalError::Corrupt { reason, .. }) => {
                 self.quarantine_damaged(reason);
                 return Ok(());
@@ -601,8 +621,9 @@ impl<R: Record> Journal<R> {
         self.base = base;
         self.base_len = bytes.len() as u64;
         self.log_len = replayed.applied;
-        // A record of the previous format is rewritten whole (sealed) by the next write.
-        self.last = (!legacy).then_some(record);
+        // A record of an earlier format is rewritten whole (in this one) by the next write:
+        // the version that wrote it would ignore a log.
+        self.last = (!whole_next).then_some(record);
         Ok(())
     }
 
@@ -856,7 +877,7 @@ impl<R: Record> Journal<R> {
 
     /// Writes step `seq` as the whole record: a new `journal.json`, the log dropped.
     fn write_whole(&mut self, seq: u64, record: &R) -> Result<(), JournalError> {
-        let bytes = encode(seq, record)?;
+        let bytes = encode(IN_FLIGHT_FORMAT, seq, record)?;
         self.last = None;
         atomic_write(&self.current_path(), &bytes)?;
         self.seq = seq;
@@ -881,7 +902,7 @@ impl<R: Record> Journal<R> {
         let history = self.dir.join(HISTORY);
         atomic_write(
             &history.join(format!("{seq:020}.json")),
-            &encode(seq, record)?,
+            &encode(JOURNAL_FORMAT, seq, record)?,
         )?;
         self.seq = seq;
         let current = self.current_path();
@@ -1512,7 +1533,7 @@ mod tests {
         j.write(&rec("u9", 2)).unwrap();
         let v: serde_json::Value =
             serde_json::from_slice(&fs::read(j.current_path()).unwrap()).unwrap();
-        assert_eq!(v["format"], JOURNAL_FORMAT);
+        assert_eq!(v["format"], IN_FLIGHT_FORMAT);
         assert_eq!(v["body"]["step"], 2);
 
         fs::write(j.current_path(), v1(1)).unwrap();
@@ -1558,7 +1579,7 @@ mod tests {
         fs::write(j.current_path(), wrong).unwrap();
         let e = j.current().unwrap_err();
         assert!(e.to_string().contains("not a valid record"), "{e}");
-        let sealed = encode(1, &serde_json::json!({"nope": true})).unwrap();
+        let sealed = encode(IN_FLIGHT_FORMAT, 1, &serde_json::json!({"nope": true})).unwrap();
         fs::write(j.current_path(), sealed).unwrap();
         let e = j.current().unwrap_err();
         assert!(e.to_string().contains("content invalid"), "{e}");
@@ -1983,12 +2004,58 @@ mod tests {
     fn a_sequence_number_that_cannot_grow_is_refused_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::<Items>::open(dir.path()).unwrap();
-        fs::write(j.current_path(), encode(u64::MAX, &items(1, 1)).unwrap()).unwrap();
+        fs::write(
+            j.current_path(),
+            encode(IN_FLIGHT_FORMAT, u64::MAX, &items(1, 1)).unwrap(),
+        )
+        .unwrap();
         let mut j2 = Journal::<Items>::open(dir.path()).unwrap();
         assert_eq!(j2.current().unwrap(), Some(items(1, 1)));
         assert!(j2.write(&items(2, 2)).unwrap_err().is_corrupt());
         assert!(j2.finish(&items(2, 2)).unwrap_err().is_corrupt());
         let _ = j.current();
+    }
+
+    #[test]
+    fn the_in_flight_record_says_it_has_a_log_and_history_stays_readable_by_older_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::<Items>::open(dir.path()).unwrap();
+        j.write(&items(1, 1)).unwrap();
+        j.write(&items(2, 2)).unwrap();
+        let format = |p: &Path| {
+            serde_json::from_slice::<serde_json::Value>(&fs::read(p).unwrap()).unwrap()["format"]
+                .clone()
+        };
+        assert_eq!(format(&j.current_path()), IN_FLIGHT_FORMAT);
+        // What a version without the log does with it (it reads the previous format only):
+        // refused as another version's, not taken without its last step.
+        let old = seal::read::<Envelope<Items>, EnvelopeV1>(
+            &fs::read(j.current_path()).unwrap(),
+            JOURNAL_FORMAT,
+            JOURNAL_FORMAT_V1,
+        );
+        assert!(matches!(old, Err(Refusal::Foreign(f)) if f == IN_FLIGHT_FORMAT));
+        j.finish(&items(3, 3)).unwrap();
+        let entry = dir
+            .path()
+            .join(HISTORY)
+            .join(format!("{:020}.json", j.seq()));
+        assert_eq!(format(&entry), JOURNAL_FORMAT);
+        // An in-flight record of the previous format (an earlier version's) is read, and
+        // the next write rewrites it whole in this format rather than log beside it.
+        fs::write(
+            j.current_path(),
+            encode(JOURNAL_FORMAT, 9, &items(4, 4)).unwrap(),
+        )
+        .unwrap();
+        let mut j = Journal::<Items>::open(dir.path()).unwrap();
+        assert_eq!(j.current().unwrap(), Some(items(4, 4)));
+        j.write(&items(5, 5)).unwrap();
+        assert!(!log_of(dir.path()).exists());
+        assert_eq!(format(&j.current_path()), IN_FLIGHT_FORMAT);
+        j.write(&items(6, 6)).unwrap();
+        assert!(log_of(dir.path()).exists());
+        assert_eq!(j.current().unwrap(), Some(items(6, 6)));
     }
 
     #[test]
@@ -2059,7 +2126,7 @@ mod tests {
 
         #[test]
         fn any_single_byte_change_is_detected(pos in 0usize..4096, value in 0u8..=255) {
-            let good = encode(3, &rec("upgrade-1234", 7)).unwrap();
+            let good = encode(IN_FLIGHT_FORMAT, 3, &rec("upgrade-1234", 7)).unwrap();
             let pos = pos % good.len();
             let mut bad = good.clone();
             proptest::prop_assume!(bad[pos] != value);
