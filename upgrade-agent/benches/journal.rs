@@ -52,18 +52,7 @@ fn record(n: usize) -> UpgradeRecord {
         new_instance: Some(2),
         phase: Phase::Migrating,
         workloads: (0..n)
-            .map(|i| WorkloadMove {
-                name: format!("kv-{i:04}"),
-                status: MoveStatus::Pending,
-                blackout_us: None,
-                handover_us: None,
-                detail: None,
-                mode: Mode::Handover,
-                closed_us: None,
-                stop_us: None,
-                connections: None,
-                blackout_lower_bound: false,
-            })
+            .map(|i| WorkloadMove::pending(format!("kv-{i:04}"), Mode::Handover))
             .collect(),
         events: Vec::new(),
         outcome: None,

@@ -94,6 +94,24 @@ pub struct WorkloadMove {
     pub blackout_lower_bound: bool,
 }
 
+impl WorkloadMove {
+    /// The move of `name` before anything happened to it.
+    pub fn pending(name: String, mode: crate::workload::Mode) -> WorkloadMove {
+        WorkloadMove {
+            name,
+            status: MoveStatus::Pending,
+            blackout_us: None,
+            handover_us: None,
+            detail: None,
+            mode,
+            closed_us: None,
+            stop_us: None,
+            connections: None,
+            blackout_lower_bound: false,
+        }
+    }
+}
+
 /// How an upgrade ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -357,18 +375,7 @@ mod tests {
             new_instance: None,
             phase: Phase::Verified,
             workloads: (0..n)
-                .map(|i| WorkloadMove {
-                    name: format!("kv-{i}"),
-                    status: MoveStatus::Pending,
-                    blackout_us: None,
-                    handover_us: None,
-                    detail: None,
-                    mode: crate::workload::Mode::Handover,
-                    closed_us: None,
-                    stop_us: None,
-                    connections: None,
-                    blackout_lower_bound: false,
-                })
+                .map(|i| WorkloadMove::pending(format!("kv-{i}"), crate::workload::Mode::Handover))
                 .collect(),
             events: Vec::new(),
             outcome: None,

@@ -435,17 +435,9 @@ impl<'a> Orchestrator<'a> {
             phase: Phase::Verified,
             workloads: names
                 .into_iter()
-                .map(|name| WorkloadMove {
-                    mode: setup.specs.get(&name).map(|s| s.mode).unwrap_or_default(),
-                    name,
-                    status: MoveStatus::Pending,
-                    blackout_us: None,
-                    handover_us: None,
-                    detail: None,
-                    closed_us: None,
-                    stop_us: None,
-                    connections: None,
-                    blackout_lower_bound: false,
+                .map(|name| {
+                    let mode = setup.specs.get(&name).map(|s| s.mode).unwrap_or_default();
+                    WorkloadMove::pending(name, mode)
                 })
                 .collect(),
             events: Vec::new(),
