@@ -4,10 +4,12 @@
 //! Everything lives under one state directory (by default `/var/lib/mk-upgrade`); the layout,
 //! file formats and the crash-safety argument are in `docs/rollback.md`. Every file is JSON
 //! (auditable with `jq`) whose last member is a CRC-32 over every byte before it, so any
-//! damaged byte is detected; every write goes through [`atomic_write`]: write a temporary file
-//! (mode 0600) in the same directory, fsync it, rename it over the target, fsync the
-//! directory. A reader therefore sees either the old or the new content of a file, never a
-//! mix. Directories are created with mode 0700.
+//! damaged byte is detected (the journal's log: every line). Every file but the journal's
+//! log is written through [`atomic_write`]: write a temporary file (mode 0600) in the same
+//! directory, fsync it, rename it over the target, fsync the directory; a reader therefore
+//! sees either the old or the new content of a file, never a mix. The log is only appended
+//! to, a line and an fdatasync per journaled step ([`journal`]). Directories are created with
+//! mode 0700.
 //!
 //! The journal, slots and trial-boot records are single-writer: hold a [`LockGuard`] (from
 //! [`Lock::acquire`]) while changing them.
