@@ -529,7 +529,11 @@ impl<R: Record> Journal<R> {
     /// * a damaged `journal.json` is quarantined: renamed to `journal.json.corrupt-TIME`,
     ///   never deleted. [`Journal::current`] then reports it (a [`JournalError::Corrupt`]
     ///   naming the quarantined file) and [`Journal::write`] refuses, until the operator
-    ///   resolves it ([`Journal::resolve_quarantined`], or renaming it to `….resolved`).
+    ///   resolves it ([`Journal::resolve_quarantined`], or renaming it to `….resolved`); a
+    ///   damaged `journal.log` quarantines both (the log as `journal.json.corrupt-TIME.log`);
+    /// * the log's last frame, if a crash cut it short, is cut off; frames of another
+    ///   `journal.json` (stale) are dropped; a log without `journal.json` is removed (left by
+    ///   a crash in `finish`) or, after a quarantine a crash interrupted, moved beside it.
     pub fn open(dir: &Path) -> Result<Self, JournalError> {
         let history = dir.join(HISTORY);
         ensure_dir(&history)?;
