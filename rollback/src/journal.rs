@@ -15,7 +15,8 @@
 //! record lists every workload and every event so far). Once the log would outgrow both
 //! [`LOG_FLOOR`] bytes and `journal.json`, the step writes the whole record instead (a new
 //! `journal.json`, the log removed): amortized, a step writes O(its own change). A frame a
-//! crash cut short (a last line without its newline) was never acknowledged and is ignored
+//! crash cut short (a last line without its newline, or with a NUL in it) was never
+//! acknowledged and is ignored
 //! (and cut off by the next [`Journal::open`]); a whole line that fails its checksum is
 //! damage, and quarantines the journal like a damaged `journal.json`.
 //!
@@ -28,7 +29,6 @@
 //! ([`JOURNAL_FORMAT_V1`], whose checksum covered only the body) are still read.
 
 use std::fs;
-use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -113,20 +113,15 @@ fn corrupt_message(path: &Path, reason: &str, quarantined: &[PathBuf]) -> String
     match quarantined {
         [] if is_current => {
             let log = path.with_file_name(LOG);
-            let (steps, move_log) = if log.exists() {
-                (
-                    format!(
-                        "; the steps written after it are in {l} (`jq -c . {l}`)",
-                        l = log.display()
-                    ),
-                    format!(
-                        " and `mv {l} {p}{RESOLVED_SUFFIX}{LOG_SUFFIX}`",
-                        l = log.display(),
-                        p = path.display()
-                    ),
+            let steps = steps_in(&log);
+            let move_log = if log.exists() {
+                format!(
+                    " and `mv {l} {p}{RESOLVED_SUFFIX}{LOG_SUFFIX}`",
+                    l = log.display(),
+                    p = path.display()
                 )
             } else {
-                (String::new(), String::new())
+                String::new()
             };
             format!(
                 "the upgrade journal {p} is damaged ({reason}); it is kept as is. {unfinished} \
@@ -155,15 +150,7 @@ fn corrupt_message(path: &Path, reason: &str, quarantined: &[PathBuf]) -> String
                         .join(", ")
                 )
             };
-            let log = with_suffix(q, LOG_SUFFIX);
-            let steps = if log.exists() {
-                format!(
-                    "; the steps written after it are in {l} (`jq -c . {l}`)",
-                    l = log.display()
-                )
-            } else {
-                String::new()
-            };
+            let steps = steps_in(&with_suffix(q, LOG_SUFFIX));
             format!(
                 "the upgrade journal {p} is damaged ({reason}) and was quarantined, not deleted: \
                  {q}{more}. {unfinished} Inspect it: `jq . {q}` (the record is its \"body\"; \
@@ -173,6 +160,19 @@ fn corrupt_message(path: &Path, reason: &str, quarantined: &[PathBuf]) -> String
                 q = q.display()
             )
         }
+    }
+}
+
+/// Where the steps after a damaged `journal.json` are, for its error message: `log` if it
+/// exists.
+fn steps_in(log: &Path) -> String {
+    if log.exists() {
+        format!(
+            "; the steps written after it are in {l} (`jq -c . {l}`)",
+            l = log.display()
+        )
+    } else {
+        String::new()
     }
 }
 
@@ -248,9 +248,10 @@ struct Replayed {
 /// Applies the frames of `log` (the bytes of `journal.log`) to `record`, the `journal.json`
 /// `base`. The log's frames must be `base.seq + 1, + 2, …` of that base; a log whose first
 /// frame belongs to another base not newer than it is stale (left by a crash after a whole
-/// write, or beside a journal.json quarantined before) and ignored whole; a last line without its newline is a write a crash cut short, ignored.
-/// Anything else wrong (a whole line that fails its checksum, wherever it is) is damage:
-/// `Err` says what and where.
+/// write, or beside a journal.json quarantined before) and ignored whole; a last line without
+/// its newline, or with a NUL in it, is a write a crash cut short, ignored. Anything else
+/// wrong (a whole line that fails its checksum, wherever it is) is damage: `Err` says what
+/// and where.
 fn replay<R: Record>(record: &mut R, base: Base, log: &[u8]) -> Result<Replayed, String> {
     let mut seq = base.seq;
     let mut pos = 0usize;
@@ -356,6 +357,26 @@ struct EnvelopeV1 {
     seq: u64,
     crc32: u32,
     body: String,
+}
+
+impl Decoded<serde_json::Value> {
+    /// The record as `R`: a body that is JSON but not an `R` is damage (why, as a reason).
+    fn typed<R: DeserializeOwned>(self) -> Result<Decoded<R>, String> {
+        let Decoded {
+            seq,
+            record,
+            legacy,
+            logged,
+        } = self;
+        serde_json::from_value(record)
+            .map(|record| Decoded {
+                seq,
+                record,
+                legacy,
+                logged,
+            })
+            .map_err(|e| format!("checksum intact but content invalid: {e}"))
+    }
 }
 
 /// A decoded journal or history file.
@@ -481,6 +502,14 @@ fn is_pending_quarantine(name: &str) -> bool {
         && !name.ends_with(LOG_SUFFIX)
 }
 
+/// `r`, with "no such file" counted as done (what was to be moved or removed is not there).
+fn absent_ok(r: std::io::Result<()>) -> std::io::Result<()> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
 /// `path` with `suffix` appended to its file name.
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_owned();
@@ -514,7 +543,6 @@ pub struct Journal<R> {
     /// `journal.json` was moved aside (quarantined) since `last` was taken: the next write
     /// is whole whatever `last` says.
     moved_aside: std::cell::Cell<bool>,
-    _record: PhantomData<fn() -> R>,
 }
 
 impl<R: Record> Journal<R> {
@@ -569,7 +597,7 @@ impl<R: Record> Journal<R> {
             Ok(d) if d.seq <= newest_history => {
                 journal.quarantine_damaged(legacy_stale_reason(d.seq, newest_history));
             }
-            Ok(d) => journal.resume(d.seq, &bytes)?,
+            Ok(d) => journal.resume(d, &bytes)?,
             Err(JournalError::Corrupt { reason, .. }) => {
                 journal.quarantine_damaged(reason);
             }
@@ -579,18 +607,18 @@ impl<R: Record> Journal<R> {
         Ok(journal)
     }
 
-    /// Takes up the in-flight record (`journal.json` of number `base_seq`, `bytes`, and its
-    /// log) for writing: a log frame a crash cut short is cut off, a damaged record or log is
+    /// Takes up the in-flight record (`journal.json`, decoded `d` from `bytes`, and its log)
+    /// for writing: a log frame a crash cut short is cut off, a damaged record or log is
     /// quarantined.
-    fn resume(&mut self, base_seq: u64, bytes: &[u8]) -> Result<(), JournalError> {
+    fn resume(&mut self, d: Decoded<serde_json::Value>, bytes: &[u8]) -> Result<(), JournalError> {
+        let base_seq = d.seq;
         self.seq = base_seq;
-        let (mut record, whole_next) = match decode::<R>(&self.current_path(), bytes) {
+        let (mut record, whole_next) = match d.typed::<R>() {
             Ok(d) => (d.record, !d.logged),
-            Err(JournalError::Corrupt { reason, .. }) => {
+            Err(reason) => {
                 self.quarantine_damaged(reason);
                 return Ok(());
             }
-            Err(e) => return Err(e),
         };
         let base = Base::of(base_seq, bytes);
         let replayed = match self.rebuild(&mut record, base)? {
@@ -658,12 +686,8 @@ impl<R: Record> Journal<R> {
     fn remove_log(&mut self) {
         self.log_len = 0;
         let path = self.log_path();
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(path = %path.display(), "cannot remove a stale journal log: {e}");
-            }
+        if let Err(e) = absent_ok(fs::remove_file(&path)) {
+            tracing::warn!(path = %path.display(), "cannot remove a stale journal log: {e}");
         }
     }
 
@@ -682,7 +706,6 @@ impl<R: Record> Journal<R> {
             base_len: 0,
             log_len: 0,
             moved_aside: std::cell::Cell::new(false),
-            _record: PhantomData,
         };
         let newest_history = journal.history_seqs()?.last().copied().unwrap_or(0);
         journal.seq = newest_history;
@@ -708,9 +731,9 @@ impl<R: Record> Journal<R> {
                 Ok(d) => {
                     journal.seq = d.seq;
                     // With the log's steps (a damaged log is reported by `current`).
-                    if let Ok(b) = decode::<R>(&current_path, &bytes)
+                    if let Ok(b) = d.typed::<R>()
                         && let Ok(Ok(r)) =
-                            journal.rebuild(&mut { b.record }, Base::of(d.seq, &bytes))
+                            journal.rebuild(&mut { b.record }, Base::of(b.seq, &bytes))
                     {
                         journal.seq = r.seq;
                     }
@@ -782,11 +805,13 @@ impl<R: Record> Journal<R> {
                             // Read-only beside a writer, journal.json may have been replaced
                             // (a whole write, then a new log) between the two reads: read
                             // both again.
-                            let same = matches!(
-                                read_state(&path, MAX_FILE)?,
-                                StateFile::Contents(now) if now == bytes
-                            );
-                            if self.read_only && attempt < 3 && !same {
+                            if self.read_only
+                                && attempt < 3
+                                && !matches!(
+                                    read_state(&path, MAX_FILE)?,
+                                    StateFile::Contents(now) if now == bytes
+                                )
+                            {
                                 continue;
                             }
                             return Err(self.damaged(reason));
@@ -999,12 +1024,9 @@ impl<R: Record> Journal<R> {
             .into());
         };
         let dest = with_suffix(q, RESOLVED_SUFFIX);
-        let (log, dest_log) = (with_suffix(q, LOG_SUFFIX), with_suffix(&dest, LOG_SUFFIX));
-        match fs::rename(&log, &dest_log) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(IoError::new("rename", &log, e).into()),
-        }
+        let log = with_suffix(q, LOG_SUFFIX);
+        absent_ok(fs::rename(&log, with_suffix(&dest, LOG_SUFFIX)))
+            .map_err(|e| IoError::new("rename", &log, e))?;
         fs::rename(q, &dest).map_err(|e| IoError::new("rename", q, e))?;
         fsync_dir(&self.dir)?;
         Ok(dest)
@@ -1071,12 +1093,12 @@ impl<R: Record> Journal<R> {
                 }
                 Ok(d) => {
                     let log = with_suffix(q, LOG_SUFFIX);
-                    let damage = match (read_state(&log, MAX_FILE), decode::<R>(q, &bytes)) {
+                    let damage = match (read_state(&log, MAX_FILE), d.typed::<R>()) {
                         (Ok(StateFile::TooLarge { limit }), _) => {
                             Some(format!("{LOG} is larger than the {limit}-byte limit"))
                         }
                         (Ok(StateFile::Contents(l)), Ok(b)) => {
-                            replay(&mut { b.record }, Base::of(d.seq, &bytes), &l).err()
+                            replay(&mut { b.record }, Base::of(b.seq, &bytes), &l).err()
                         }
                         _ => None,
                     };
@@ -1159,17 +1181,11 @@ impl<R: Record> Journal<R> {
                 Err(_) => continue,
             };
             self.moved_aside.set(true);
-            match fs::rename(&log, &dest_log) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(IoError::new("quarantine", &log, e)),
-            }
+            absent_ok(fs::rename(&log, &dest_log))
+                .map_err(|e| IoError::new("quarantine", &log, e))?;
             if linked {
-                match fs::remove_file(&src) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(IoError::new("quarantine", &src, e)),
-                }
+                absent_ok(fs::remove_file(&src))
+                    .map_err(|e| IoError::new("quarantine", &src, e))?;
             }
             fsync_dir(&self.dir)?;
             return Ok(Some(dest));

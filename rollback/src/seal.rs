@@ -26,7 +26,6 @@ use serde::de::DeserializeOwned;
 const TRAILER_HEAD: &[u8] = b",\n  \"crc32\": \"";
 const TRAILER_TAIL: &[u8] = b"\"\n}\n";
 const DIGITS: usize = 8;
-const TRAILER_LEN: usize = TRAILER_HEAD.len() + DIGITS + TRAILER_TAIL.len();
 
 /// Serializes `value` (a struct, serialized as a non-empty JSON object) as a sealed file.
 pub(crate) fn seal<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::Error> {
@@ -38,12 +37,17 @@ pub(crate) fn seal<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::Error
         ));
     }
     out.truncate(out.len() - 2);
-    let crc = crc32fast::hash(&out);
-    out.reserve(TRAILER_LEN);
-    out.extend_from_slice(TRAILER_HEAD);
-    out.extend_from_slice(format!("{crc:08x}").as_bytes());
-    out.extend_from_slice(TRAILER_TAIL);
-    Ok(out)
+    Ok(with_trailer(out, TRAILER_HEAD, TRAILER_TAIL))
+}
+
+/// `content` followed by the trailer `head`, the 8 hex digits of its CRC-32, `tail`.
+fn with_trailer(mut content: Vec<u8>, head: &[u8], tail: &[u8]) -> Vec<u8> {
+    let crc = crc32fast::hash(&content);
+    content.reserve(head.len() + DIGITS + tail.len());
+    content.extend_from_slice(head);
+    content.extend_from_slice(format!("{crc:08x}").as_bytes());
+    content.extend_from_slice(tail);
+    content
 }
 
 /// The one-line form of a sealed object (a line of an append log): compact JSON whose last
@@ -52,7 +56,6 @@ pub(crate) fn seal<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::Error
 /// string, so the line holds exactly one `\n`, its last byte.
 const LINE_HEAD: &[u8] = b",\"crc32\":\"";
 const LINE_TAIL: &[u8] = b"\"}\n";
-const LINE_TRAILER_LEN: usize = LINE_HEAD.len() + DIGITS + LINE_TAIL.len();
 
 /// Serializes `value` (a struct: a non-empty JSON object) as one sealed line.
 pub(crate) fn seal_line<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::Error> {
@@ -63,12 +66,7 @@ pub(crate) fn seal_line<T: Serialize>(value: &T) -> Result<Vec<u8>, serde_json::
         ));
     }
     out.pop();
-    let crc = crc32fast::hash(&out);
-    out.reserve(LINE_TRAILER_LEN);
-    out.extend_from_slice(LINE_HEAD);
-    out.extend_from_slice(format!("{crc:08x}").as_bytes());
-    out.extend_from_slice(LINE_TAIL);
-    Ok(out)
+    Ok(with_trailer(out, LINE_HEAD, LINE_TAIL))
 }
 
 /// Checks the seal of one line (with its final newline) written by [`seal_line`].
