@@ -777,3 +777,55 @@ fn freeze_fds_freezes_and_hands_the_descriptors_in_one_request() {
         "{e}"
     );
 }
+
+/// `mk-upgrade` invoked by the name `mk-agentd` (a link to it, as the VM suite's initramfs
+/// has it) is the daemon: its start-up recovery answers as `mk-agentd` does, and it
+/// supervises the emulated instances through a whole apply.
+#[test]
+fn mk_upgrade_linked_as_mk_agentd_is_the_daemon() {
+    use mk_integration_tests::bin;
+    use std::process::Command;
+    let m = Machine::new(1);
+    let link = m.path("mk-agentd");
+    std::os::unix::fs::symlink(bin("mk-upgrade"), &link).unwrap();
+    let v = Command::new(&link).arg("--version").output().unwrap();
+    let v = String::from_utf8_lossy(&v.stdout).into_owned();
+    assert!(v.starts_with("mk-agentd "), "{v}");
+    for exe in [link.clone(), bin("mk-agentd")] {
+        let o = Command::new(&exe)
+            .arg("--state-dir")
+            .arg(m.path("fresh"))
+            .arg("--json")
+            .env_remove("MK_STATE_DIR")
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(
+            (o.status.code(), out.trim()),
+            (Some(0), r#"{"result":"nothing-to-recover"}"#),
+            "{}: {}",
+            exe.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let env = [("MK_AGENTD", link.to_str().unwrap())];
+    let a = m.path("bzImage-7.2.13-mkA");
+    let r = m.run_env(&["emu", "init", "--kernel", a.to_str().unwrap()], &env);
+    assert_eq!(r.code, 0, "{r:?}");
+    let exe_of = |pid: i32| std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let real = std::fs::canonicalize(bin("mk-upgrade")).unwrap();
+    assert_eq!(exe_of(supervisor_pid(&m, 1)), real);
+    put(&m, 5);
+    let b = m.path("bzImage-7.2.13-mkB");
+    m.sign(&b);
+    let r = m.run_env(&["apply", "--kernel", b.to_str().unwrap(), "--json"], &env);
+    assert_eq!(
+        (r.code, r.json()["result"].as_str()),
+        (0, Some("upgraded")),
+        "{r:?}"
+    );
+    assert_eq!(exe_of(supervisor_pid(&m, 2)), real);
+    let (_, kernel, _) = active(&m.status());
+    assert_eq!(kernel, "7.2.13-mkB");
+    check(&m, 5);
+}
