@@ -701,3 +701,44 @@ fn newer_minor_may_grow_the_header_and_the_entries() {
         assert_eq!(header_field_err(&new), ("header_len", 16));
     }
 }
+
+/// Images below `PARALLEL_MIN_BYTES` of inline payload are hashed on the calling thread,
+/// larger ones across rayon's pool: both paths build the same digests and report the same
+/// (first) corrupt region.
+#[test]
+fn small_and_large_images_report_the_first_corrupt_region() {
+    for each in [3usize, kho_proto::image::PARALLEL_MIN_BYTES / 2] {
+        let payloads: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; each]).collect();
+        let mut builder = ImageBuilder::new("6.12.0-mk-old", [0x11; 16], 3).unwrap();
+        for (i, p) in payloads.iter().enumerate() {
+            builder
+                .region(RegionKind::WorkloadBlob, i as u32, 1, false, &p[..])
+                .unwrap();
+        }
+        let good = builder.build().unwrap();
+        let view = ImageView::parse(&good).unwrap();
+        let inline: usize = view.regions().iter().map(|r| r.length as usize).sum();
+        assert_eq!(
+            inline >= kho_proto::image::PARALLEL_MIN_BYTES,
+            each > 3,
+            "the two cases take the two paths"
+        );
+        for (r, p) in view.regions().iter().zip(&payloads) {
+            assert_eq!(r.crc32, crc32fast::hash(p), "the digest built for {each}");
+        }
+        let offsets: Vec<usize> = view.regions().iter().map(|r| r.offset as usize).collect();
+        drop(view);
+        verify(&good).unwrap();
+
+        let mut b = good.clone();
+        b[offsets[2]] ^= 1;
+        let e = verify(&b).unwrap_err();
+        assert!(matches!(e, ImageError::RegionCrc { index: 2, .. }), "{e}");
+        b[offsets[1] + each - 1] ^= 1;
+        let e = verify(&b).unwrap_err();
+        assert!(
+            matches!(e, ImageError::RegionCrc { index: 1, .. }),
+            "{each}: {e}"
+        );
+    }
+}

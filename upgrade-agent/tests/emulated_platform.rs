@@ -134,3 +134,45 @@ fn lifecycle_rules_are_enforced() {
     assert!(p.instances().unwrap().is_empty());
     assert!(matches!(p.halt(id), Err(PlatformError::NoSuchInstance(1))));
 }
+
+fn own_cpus() -> Vec<usize> {
+    let m = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap();
+    (0..nix::sched::CpuSet::count())
+        .filter(|c| m.is_set(*c).unwrap_or(false))
+        .collect()
+}
+
+/// EMULATED topology: the orchestrating thread keeps off the cpus of the instance a
+/// workload moves to (as a process of the old kernel would) from `prepare` on, and gets
+/// its own mask back when the upgrade's channels close and when the platform is dropped.
+#[test]
+fn the_orchestrator_keeps_off_the_receiving_instance_cpus() {
+    let before = own_cpus();
+    if before.len() < 2 {
+        println!("SKIP: this thread may run on {before:?} only; the test needs two cpus");
+        return;
+    }
+    let spec = upgrade_agent::workload::WorkloadSpec::new("kv", "/bin/true");
+    let (_dir, mut p) = platform();
+    let free = p.probe().unwrap().spare_cpus;
+    let Some(&cpu) = free.iter().find(|c| before.contains(&(**c as usize))) else {
+        println!("SKIP: no spare cpu of this thread's {before:?} (spare: {free:?})");
+        return;
+    };
+    let id = p.create_instance(&res(&[cpu])).unwrap();
+    // Not booted: the prepare fails at the channel, after the thread left the cpu.
+    assert!(p.prepare(id, &spec).is_err());
+    let during = own_cpus();
+    assert!(
+        !during.contains(&(cpu as usize)),
+        "{during:?} still has {cpu}"
+    );
+    assert_eq!(during.len(), before.len() - 1, "{before:?} -> {during:?}");
+    p.disconnect(None);
+    assert_eq!(own_cpus(), before, "disconnect gives the mask back");
+
+    assert!(p.prepare(id, &spec).is_err());
+    assert_ne!(own_cpus(), before);
+    drop(p);
+    assert_eq!(own_cpus(), before, "drop gives the mask back");
+}

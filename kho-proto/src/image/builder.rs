@@ -204,14 +204,24 @@ impl<'a> ImageBuilder<'a> {
     }
 
     fn place(&self) -> Result<(Vec<Placed>, u64), BuildError> {
-        let digests: Vec<(u32, [u8; 32])> = self
+        let digest = |r: &Pending<'_>| match &r.payload {
+            Payload::Inline(b) => digest_payload(b),
+            Payload::External(e) => (e.crc32, e.sha256),
+        };
+        let inline: usize = self
             .regions
-            .par_iter()
+            .iter()
             .map(|r| match &r.payload {
-                Payload::Inline(b) => digest_payload(b),
-                Payload::External(e) => (e.crc32, e.sha256),
+                Payload::Inline(b) => b.len(),
+                Payload::External(_) => 0,
             })
-            .collect();
+            .sum();
+        // Kilobytes are hashed on this thread (see `ImageView::verify`).
+        let digests: Vec<(u32, [u8; 32])> = if inline < super::PARALLEL_MIN_BYTES {
+            self.regions.iter().map(digest).collect()
+        } else {
+            self.regions.par_iter().map(digest).collect()
+        };
         let table_end = (HEADER_LEN + self.regions.len() * ENTRY_LEN) as u64;
         let mut cursor = table_end;
         let mut placed = Vec::with_capacity(self.regions.len());

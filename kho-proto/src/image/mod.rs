@@ -35,6 +35,10 @@ mod error;
 pub mod layout;
 mod view;
 
+/// Inline payload, in bytes, from which an image's regions are hashed in parallel (rayon,
+/// one region per task) when built or verified; below it, on the calling thread.
+pub const PARALLEL_MIN_BYTES: usize = 1 << 20;
+
 use std::fmt;
 use std::io::Read;
 

@@ -556,14 +556,31 @@ impl<'a> ImageView<'a> {
     /// 6. the compatibility rule: an unknown-kind region marked required is refused,
     ///    an unknown optional one is skipped.
     pub fn verify(&self, opts: &VerifyOptions<'_>) -> Result<VerifyReport, ImageError> {
-        let results: Vec<Result<(), ImageError>> = self
+        // Small images (a workload's spec and task state: kilobytes) are checked on this
+        // thread: handing a few microseconds of hashing to rayon's pool costs more (a
+        // wake-up of a worker and of this thread), inside a workload's blackout.
+        let inline: usize = self
             .regions
-            .par_iter()
-            .with_max_len(1)
-            .filter_map(|r| r.payload().map(|p| r.check_payload(p)))
-            .collect();
-        for r in results {
-            r?;
+            .iter()
+            .filter_map(RegionView::payload)
+            .map(<[u8]>::len)
+            .sum();
+        if inline < super::PARALLEL_MIN_BYTES {
+            for r in &self.regions {
+                if let Some(p) = r.payload() {
+                    r.check_payload(p)?;
+                }
+            }
+        } else {
+            let results: Vec<Result<(), ImageError>> = self
+                .regions
+                .par_iter()
+                .with_max_len(1)
+                .filter_map(|r| r.payload().map(|p| r.check_payload(p)))
+                .collect();
+            for r in results {
+                r?;
+            }
         }
         self.check_padding()?;
 

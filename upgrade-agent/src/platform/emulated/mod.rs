@@ -55,6 +55,9 @@ pub struct EmulatedPlatform {
     /// A control connection per instance, kept across requests (`ctl::call_kept`): a
     /// move's `FreezeFds` then goes over the connection its `Ping` opened.
     kept: Mutex<BTreeMap<InstanceId, Arc<Mutex<ctl::Kept>>>>,
+    /// The orchestrating thread's cpu mask before the first move kept it off a receiving
+    /// instance's cpus ([`Self::keep_off`]); put back by `disconnect` and on drop.
+    own_cpus: Option<nix::sched::CpuSet>,
 }
 
 /// The directory of instance `id`.
@@ -99,9 +102,26 @@ pub fn agentd_path() -> Result<PathBuf, PlatformError> {
     })
 }
 
+/// `own` without `cpus`, if any cpu is left.
+fn cpus_outside(own: &nix::sched::CpuSet, cpus: &[u32]) -> Option<nix::sched::CpuSet> {
+    let mut allowed = *own;
+    for c in cpus {
+        let _ = allowed.unset(*c as usize);
+    }
+    (0..nix::sched::CpuSet::count())
+        .any(|c| allowed.is_set(c).unwrap_or(false))
+        .then_some(allowed)
+}
+
 fn pid_alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
         && crate::sys::cgroup::proc_state(pid).is_some_and(|s| s != 'Z')
+}
+
+impl Drop for EmulatedPlatform {
+    fn drop(&mut self) {
+        self.restore_cpus();
+    }
 }
 
 impl EmulatedPlatform {
@@ -112,7 +132,48 @@ impl EmulatedPlatform {
             state_dir: state_dir.to_owned(),
             links: Links::default(),
             kept: Mutex::default(),
+            own_cpus: None,
         })
+    }
+
+    /// EMULATED topology: on a multikernel machine the orchestrator is a process of the old
+    /// kernel, so it never runs on the cpus of the instance it hands a workload to. Here it
+    /// is a host process the scheduler may put anywhere, and it was put there: a unix
+    /// socket's wake-up is synchronous, so the receiving instance's agent (pinned to its
+    /// cpus) woke on the orchestrator's cpu and kept it from reading `RegionVerified`
+    /// while the standby copy adopted its descriptors, a few hundred microseconds of every
+    /// handover (docs/performance.md). Before a move (outside the blackout: changing the
+    /// mask migrates the thread) the calling thread leaves instance `to`'s cpus, when any
+    /// of its own allowed cpus remain. Best effort: an error leaves the mask as it was.
+    fn keep_off(&mut self, to: InstanceId) {
+        use nix::sched::{sched_getaffinity, sched_setaffinity};
+        let this_thread = nix::unistd::Pid::from_raw(0);
+        let Ok(cpus) = self
+            .store
+            .read()
+            .and_then(|pool| Ok(pool.get(to)?.resources.cpus.clone()))
+        else {
+            return;
+        };
+        let own = match self.own_cpus {
+            Some(m) => m,
+            None => match sched_getaffinity(this_thread) {
+                Ok(m) => *self.own_cpus.insert(m),
+                Err(_) => return,
+            },
+        };
+        if let Some(allowed) = cpus_outside(&own, &cpus)
+            && let Err(e) = sched_setaffinity(this_thread, &allowed)
+        {
+            tracing::debug!(error = %e, "cannot keep the orchestrator off the new instance's cpus");
+        }
+    }
+
+    /// Gives the calling thread back the cpu mask [`Self::keep_off`] found.
+    fn restore_cpus(&mut self) {
+        if let Some(m) = self.own_cpus.take() {
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &m);
+        }
     }
 
     /// The active instance with the lowest id (the old instance of the upgrade) and its
@@ -425,6 +486,7 @@ impl Platform for EmulatedPlatform {
     }
 
     fn prepare(&mut self, to: InstanceId, spec: &WorkloadSpec) -> Result<(), PlatformError> {
+        self.keep_off(to);
         self.with_link(|l, c| l.prepare(to, spec, c))
     }
 
@@ -448,6 +510,7 @@ impl Platform for EmulatedPlatform {
 
     fn disconnect(&mut self, release: Option<&Resources>) {
         self.links.disconnect(release);
+        self.restore_cpus();
     }
 
     fn resize(&mut self, id: InstanceId, resources: &Resources) -> Result<(), PlatformError> {
@@ -658,5 +721,41 @@ fn remove_machine_groups(state_dir: &Path) {
             tag,
             "a cgroup of the machine still holds processes; left in place"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpus_outside;
+    use nix::sched::CpuSet;
+
+    fn set(cpus: &[usize]) -> CpuSet {
+        let mut s = CpuSet::new();
+        for c in cpus {
+            s.set(*c).unwrap();
+        }
+        s
+    }
+
+    fn list(s: &CpuSet) -> Vec<usize> {
+        (0..CpuSet::count())
+            .filter(|c| s.is_set(*c).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_orchestrator_leaves_the_receiving_cpus_when_any_remain() {
+        assert_eq!(
+            cpus_outside(&set(&[0, 1, 2, 3]), &[1, 3]).map(|s| list(&s)),
+            Some(vec![0, 2])
+        );
+        // A cpu it was not allowed anyway changes nothing; a cpu number out of range is
+        // ignored.
+        assert_eq!(
+            cpus_outside(&set(&[0, 1]), &[5, u32::MAX]).map(|s| list(&s)),
+            Some(vec![0, 1])
+        );
+        // Nothing left: the mask stays as it is.
+        assert_eq!(cpus_outside(&set(&[1]), &[1]).map(|s| list(&s)), None);
     }
 }
