@@ -704,7 +704,7 @@ fn newer_minor_may_grow_the_header_and_the_entries() {
 
 /// Images below `PARALLEL_MIN_BYTES` of inline payload are hashed on the calling thread,
 /// larger ones across rayon's pool: both paths build the same digests and report the same
-/// (first) corrupt region.
+/// (first) corrupt region. (It checks that the two agree, not which one ran.)
 #[test]
 fn small_and_large_images_report_the_first_corrupt_region() {
     for each in [3usize, kho_proto::image::PARALLEL_MIN_BYTES / 2] {

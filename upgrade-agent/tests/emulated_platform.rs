@@ -160,9 +160,18 @@ fn the_orchestrator_keeps_off_the_receiving_instance_cpus() {
         return;
     };
     let id = p.create_instance(&res(&[cpu])).unwrap();
-    // Not booted: the prepare fails at the channel, after the thread left the cpu.
+    // Not booted: the prepare fails at the channel, after the thread left the cpu. A second
+    // prepare keeps the mask found before the first.
+    assert!(p.prepare(id, &spec).is_err());
     assert!(p.prepare(id, &spec).is_err());
     let during = own_cpus();
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        assert_eq!(
+            rayon::current_num_threads(),
+            before.len(),
+            "rayon's pool was started before the mask narrowed"
+        );
+    }
     assert!(
         !during.contains(&(cpu as usize)),
         "{during:?} still has {cpu}"

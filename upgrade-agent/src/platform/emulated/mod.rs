@@ -144,7 +144,9 @@ impl EmulatedPlatform {
     /// while the standby copy adopted its descriptors, a few hundred microseconds of every
     /// handover (docs/performance.md). Before a move (outside the blackout: changing the
     /// mask migrates the thread) the calling thread leaves instance `to`'s cpus, when any
-    /// of its own allowed cpus remain. Best effort: an error leaves the mask as it was.
+    /// of its own allowed cpus remain. Best effort: an error leaves the mask as it was. A
+    /// move that fails between `prepare` and `disconnect` leaves it narrowed until the
+    /// platform is dropped.
     fn keep_off(&mut self, to: InstanceId) {
         use nix::sched::{sched_getaffinity, sched_setaffinity};
         let this_thread = nix::unistd::Pid::from_raw(0);
@@ -155,6 +157,9 @@ impl EmulatedPlatform {
         else {
             return;
         };
+        // Threads started while the mask is narrowed would keep it for good: rayon's pool
+        // (the digests) starts now, sized by and spread over the thread's own cpus.
+        rayon::current_num_threads();
         let own = match self.own_cpus {
             Some(m) => m,
             None => match sched_getaffinity(this_thread) {
