@@ -4,7 +4,6 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::io::Write;
 
-use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromZeros, IntoBytes};
@@ -216,12 +215,7 @@ impl<'a> ImageBuilder<'a> {
                 Payload::External(_) => 0,
             })
             .sum();
-        // Kilobytes are hashed on this thread (see `ImageView::verify`).
-        let digests: Vec<(u32, [u8; 32])> = if inline < super::PARALLEL_MIN_BYTES {
-            self.regions.iter().map(digest).collect()
-        } else {
-            self.regions.par_iter().map(digest).collect()
-        };
+        let digests = super::per_region(&self.regions, inline, digest);
         let table_end = (HEADER_LEN + self.regions.len() * ENTRY_LEN) as u64;
         let mut cursor = table_end;
         let mut placed = Vec::with_capacity(self.regions.len());

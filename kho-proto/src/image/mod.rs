@@ -39,6 +39,23 @@ mod view;
 /// one region per task) when built or verified; below it, on the calling thread.
 pub const PARALLEL_MIN_BYTES: usize = 1 << 20;
 
+/// `f` of every region, in table order: across rayon's pool (one region per task) when the
+/// image holds `inline` bytes of inline payload, at least [`PARALLEL_MIN_BYTES`]; else on
+/// the calling thread (a workload's spec and task state, kilobytes: waking the pool's
+/// worker and then this thread costs more than the hashing, inside a workload's blackout).
+fn per_region<T: Sync, R: Send>(
+    regions: &[T],
+    inline: usize,
+    f: impl Fn(&T) -> R + Sync + Send,
+) -> Vec<R> {
+    use rayon::prelude::*;
+    if inline < PARALLEL_MIN_BYTES {
+        regions.iter().map(f).collect()
+    } else {
+        regions.par_iter().with_max_len(1).map(f).collect()
+    }
+}
+
 use std::fmt;
 use std::io::Read;
 

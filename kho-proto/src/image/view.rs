@@ -2,7 +2,6 @@
 
 use std::collections::HashSet;
 
-use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use zerocopy::FromBytes;
 
@@ -556,31 +555,17 @@ impl<'a> ImageView<'a> {
     /// 6. the compatibility rule: an unknown-kind region marked required is refused,
     ///    an unknown optional one is skipped.
     pub fn verify(&self, opts: &VerifyOptions<'_>) -> Result<VerifyReport, ImageError> {
-        // Small images (a workload's spec and task state: kilobytes) are checked on this
-        // thread: handing a few microseconds of hashing to rayon's pool costs more (a
-        // wake-up of a worker and of this thread), inside a workload's blackout.
         let inline: usize = self
             .regions
             .iter()
             .filter_map(RegionView::payload)
             .map(<[u8]>::len)
             .sum();
-        if inline < super::PARALLEL_MIN_BYTES {
-            for r in &self.regions {
-                if let Some(p) = r.payload() {
-                    r.check_payload(p)?;
-                }
-            }
-        } else {
-            let results: Vec<Result<(), ImageError>> = self
-                .regions
-                .par_iter()
-                .with_max_len(1)
-                .filter_map(|r| r.payload().map(|p| r.check_payload(p)))
-                .collect();
-            for r in results {
-                r?;
-            }
+        let checked = super::per_region(&self.regions, inline, |r| {
+            r.payload().map(|p| r.check_payload(p))
+        });
+        for r in checked.into_iter().flatten() {
+            r?;
         }
         self.check_padding()?;
 
