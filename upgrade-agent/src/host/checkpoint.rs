@@ -673,11 +673,15 @@ mod tests {
         huge.extend_from_slice(&u64::MAX.to_le_bytes());
         cases.push((huge, ""));
         for (bytes, want) in cases {
-            let dst = tempfile::tempdir().unwrap();
-            let e = unpack(&bytes, dst.path()).unwrap_err().to_string();
+            // The destination inside a private directory: what a "../x" would create there
+            // is this test's alone (a shared /tmp may hold an unrelated x).
+            let outer = tempfile::tempdir().unwrap();
+            let dst = outer.path().join("dst");
+            std::fs::create_dir(&dst).unwrap();
+            let e = unpack(&bytes, &dst).unwrap_err().to_string();
             assert!(e.contains(want), "{e} (want {want})");
             // Nothing escaped the directory.
-            assert!(!dst.path().parent().unwrap().join("x").exists());
+            assert!(!outer.path().join("x").exists());
         }
     }
 }
