@@ -3,16 +3,91 @@
 //! for its typed error and for a message naming the path and the fix.
 //!
 //! The "owned by another user" cases `chown` to uid 65534 (nobody), which needs root; run
-//! as another user they print `SKIP` and return.
+//! as another user they report `SKIP <name>: <reason>` and count as ignored, never as
+//! passed (own harness, `harness = false`, libtest-mimic).
 
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use libtest_mimic::{Arguments, Completion, Trial};
+
 use kho_proto::keys::{Insecure, KeyError, MAX_TRUSTED_KEYS, NodeKey, TrustedKeys};
 
 const NOBODY: u32 = 65534;
+
+fn main() {
+    let args = Arguments::from_args();
+    let plain: [(&'static str, fn()); 8] = [
+        ("a_safe_store_loads", a_safe_store_loads),
+        (
+            "world_writable_key_file_is_refused",
+            world_writable_key_file_is_refused,
+        ),
+        (
+            "group_writable_key_file_is_refused",
+            group_writable_key_file_is_refused,
+        ),
+        (
+            "symlinked_key_file_is_refused",
+            symlinked_key_file_is_refused,
+        ),
+        (
+            "group_or_world_writable_directory_is_refused",
+            group_or_world_writable_directory_is_refused,
+        ),
+        (
+            "a_single_key_file_is_checked_the_same_way",
+            a_single_key_file_is_checked_the_same_way,
+        ),
+        (
+            "fifos_are_refused_without_blocking",
+            fifos_are_refused_without_blocking,
+        ),
+        (
+            "too_many_key_files_are_refused",
+            too_many_key_files_are_refused,
+        ),
+    ];
+    let as_root: [(&'static str, fn()); 3] = [
+        (
+            "key_file_owned_by_another_user_is_refused",
+            key_file_owned_by_another_user_is_refused,
+        ),
+        (
+            "directory_owned_by_another_user_is_refused",
+            directory_owned_by_another_user_is_refused,
+        ),
+        (
+            "a_single_key_file_owned_by_another_user_is_refused",
+            a_single_key_file_owned_by_another_user_is_refused,
+        ),
+    ];
+    let mut trials: Vec<Trial> = plain
+        .into_iter()
+        .map(|(name, test)| {
+            Trial::test(name, move || {
+                test();
+                Ok(())
+            })
+        })
+        .collect();
+    trials.extend(as_root.into_iter().map(|(name, test)| {
+        Trial::ignorable_test(name, move || {
+            if !is_root() {
+                let reason = "needs root to chown";
+                // One write: lines of tests running in parallel must not interleave.
+                let line = format!("SKIP {name}: {reason}\n");
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+                return Ok(Completion::ignored_with(reason));
+            }
+            test();
+            Ok(Completion::Completed)
+        })
+    }));
+    libtest_mimic::run(&args, trials).exit();
+}
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
@@ -66,7 +141,6 @@ fn dir_refusal(dir: &Path) -> (PathBuf, Insecure, String, String) {
     }
 }
 
-#[test]
 fn a_safe_store_loads() {
     let (_tmp, dir, public) = store();
     assert_eq!(TrustedKeys::load_dir(&dir).unwrap().len(), 1);
@@ -82,7 +156,6 @@ fn a_safe_store_loads() {
     assert_eq!(TrustedKeys::load_dir(&link).unwrap().len(), 1);
 }
 
-#[test]
 fn world_writable_key_file_is_refused() {
     let (_tmp, dir, public) = store();
     chmod(&public, 0o666);
@@ -98,7 +171,6 @@ fn world_writable_key_file_is_refused() {
     TrustedKeys::load_dir(&dir).unwrap();
 }
 
-#[test]
 fn group_writable_key_file_is_refused() {
     let (_tmp, dir, public) = store();
     chmod(&public, 0o664);
@@ -109,12 +181,8 @@ fn group_writable_key_file_is_refused() {
     assert!(msg.contains("chmod go-w"), "{msg}");
 }
 
-#[test]
+/// Needs root (see `main`).
 fn key_file_owned_by_another_user_is_refused() {
-    if !is_root() {
-        eprintln!("SKIP key_file_owned_by_another_user_is_refused: needs root to chown");
-        return;
-    }
     let (_tmp, dir, public) = store();
     chown(&public, NOBODY);
     let (path, problem, fix, msg) = file_refusal(&dir);
@@ -131,7 +199,6 @@ fn key_file_owned_by_another_user_is_refused() {
     assert!(msg.contains("chown root"), "{msg}");
 }
 
-#[test]
 fn symlinked_key_file_is_refused() {
     let (tmp, dir, public) = store();
     // The target itself is a perfectly good key file, elsewhere.
@@ -146,7 +213,6 @@ fn symlinked_key_file_is_refused() {
     assert!(msg.contains(&public.display().to_string()), "{msg}");
 }
 
-#[test]
 fn group_or_world_writable_directory_is_refused() {
     for (mode, problem, words) in [
         (
@@ -177,12 +243,8 @@ fn group_or_world_writable_directory_is_refused() {
     }
 }
 
-#[test]
+/// Needs root (see `main`).
 fn directory_owned_by_another_user_is_refused() {
-    if !is_root() {
-        eprintln!("SKIP directory_owned_by_another_user_is_refused: needs root to chown");
-        return;
-    }
     let (_tmp, dir, _) = store();
     chown(&dir, NOBODY);
     let (path, problem, fix, msg) = dir_refusal(&dir);
@@ -198,7 +260,6 @@ fn directory_owned_by_another_user_is_refused() {
     assert!(msg.contains("owned by uid 65534"), "{msg}");
 }
 
-#[test]
 fn a_single_key_file_is_checked_the_same_way() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("signing");
@@ -231,22 +292,26 @@ fn a_single_key_file_is_checked_the_same_way() {
         "{e}"
     );
     chmod(&dir, 0o700);
+}
 
-    if is_root() {
-        chown(&secret, NOBODY);
-        assert!(matches!(
-            NodeKey::load(&secret),
-            Err(KeyError::InsecureKeyFile {
-                problem: Insecure::Owner { uid: NOBODY, .. },
-                ..
-            })
-        ));
-    }
+/// Needs root (see `main`).
+fn a_single_key_file_owned_by_another_user_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("signing");
+    fs::create_dir(&dir).unwrap();
+    chmod(&dir, 0o700);
+    let (secret, _) = NodeKey::from_seed([4; 32]).save(&dir, "release").unwrap();
+    chown(&secret, NOBODY);
+    let e = NodeKey::load(&secret).unwrap_err();
+    assert!(
+        matches!(&e, KeyError::InsecureKeyFile { path, problem: Insecure::Owner { uid: NOBODY, euid: 0 }, .. } if *path == secret),
+        "{e}"
+    );
+    assert!(e.to_string().contains("chown root"), "{e}");
 }
 
 /// A FIFO named like a key (or given as the directory) is refused at once, never read:
 /// opening it does not wait for a writer.
-#[test]
 fn fifos_are_refused_without_blocking() {
     let (tmp, dir, _) = store();
     let fifo = dir.join("fifo.pub");
@@ -273,7 +338,6 @@ fn fifos_are_refused_without_blocking() {
     assert!(matches!(&b, Err(KeyError::Io { .. })), "{b:?}");
 }
 
-#[test]
 fn too_many_key_files_are_refused() {
     let (_tmp, dir, public) = store();
     for i in 0..MAX_TRUSTED_KEYS {

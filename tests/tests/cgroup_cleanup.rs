@@ -4,15 +4,52 @@
 //! (`<cgroup2 mount>/mk-upgrade-emulated/<state tag>`), even when its supervisor crashed.
 //!
 //! Needs root and a cgroup v2 hierarchy (`/sys/fs/cgroup/unified` or `/sys/fs/cgroup`);
-//! without them each test prints `SKIP <name>: <reason>` and returns.
+//! without them each test reports `SKIP <name>: <reason>` and counts as ignored, never as
+//! passed (own harness, `harness = false`, libtest-mimic).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use libtest_mimic::{Arguments, Completion, Trial};
 use mk_integration_tests::{Machine, active, kv};
 use upgrade_agent::platform::emulated::state_tag;
 use upgrade_agent::sys::cgroup::cgroup2_mount;
+
+/// A test of a booted machine and its group.
+type MachineTest = fn(Machine, PathBuf);
+
+fn main() {
+    let args = Arguments::from_args();
+    let tests: [(&'static str, MachineTest); 2] = [
+        (
+            "failed_upgrades_and_emu_down_leave_no_cgroup",
+            failed_upgrades_and_emu_down_leave_no_cgroup,
+        ),
+        (
+            "emu_down_after_an_instance_crashed_leaves_no_cgroup",
+            emu_down_after_an_instance_crashed_leaves_no_cgroup,
+        ),
+    ];
+    let trials = tests
+        .into_iter()
+        .map(|(name, test)| {
+            Trial::ignorable_test(name, move || match boot() {
+                Ok((m, group)) => {
+                    test(m, group);
+                    Ok(Completion::Completed)
+                }
+                Err(reason) => {
+                    // One write: lines of tests running in parallel must not interleave.
+                    let line = format!("SKIP {name}: {reason}\n");
+                    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+                    Ok(Completion::ignored_with(reason))
+                }
+            })
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
 
 /// The machine's group, or why this host cannot run the test.
 fn machine_group(m: &Machine) -> Result<PathBuf, String> {
@@ -52,16 +89,11 @@ fn groups_under(root: &Path) -> BTreeSet<String> {
     out
 }
 
-/// Boots the machine with one workload; its group, or `None` after printing the skip.
-fn boot(name: &str) -> Option<(Machine, PathBuf)> {
+/// Boots the machine with one workload: the machine and its group, or why this host cannot
+/// run the test.
+fn boot() -> Result<(Machine, PathBuf), String> {
     let m = Machine::new(1);
-    let group = match machine_group(&m) {
-        Ok(g) => g,
-        Err(reason) => {
-            println!("SKIP {name}: {reason}");
-            return None;
-        }
-    };
+    let group = machine_group(&m)?;
     m.init();
     let want: BTreeSet<String> = ["instance-1", "instance-1/kv-1"]
         .into_iter()
@@ -69,14 +101,13 @@ fn boot(name: &str) -> Option<(Machine, PathBuf)> {
         .collect();
     let have = groups_under(&group);
     if have.is_empty() {
-        println!(
-            "SKIP {name}: the emulated instance did not use cgroup v2 ({} absent; it fell back to SIGSTOP)",
+        return Err(format!(
+            "the emulated instance did not use cgroup v2 ({} absent; it fell back to SIGSTOP)",
             group.display()
-        );
-        return None;
+        ));
     }
     assert_eq!(have, want, "the booted machine's groups");
-    Some((m, group))
+    Ok((m, group))
 }
 
 /// `emu down` ends with exit 0 and the machine's group gone.
@@ -91,12 +122,7 @@ fn down_leaves_nothing(m: &Machine, group: &Path) {
     );
 }
 
-#[test]
-fn failed_upgrades_and_emu_down_leave_no_cgroup() {
-    const NAME: &str = "failed_upgrades_and_emu_down_leave_no_cgroup";
-    let Some((m, group)) = boot(NAME) else {
-        return;
-    };
+fn failed_upgrades_and_emu_down_leave_no_cgroup(m: Machine, group: PathBuf) {
     let b = m.path("bzImage-7.2.13-mkB");
     m.sign(&b);
     // corrupt-region: the new instance prepared kv-1's group, the workload never arrived;
@@ -130,12 +156,7 @@ fn failed_upgrades_and_emu_down_leave_no_cgroup() {
     down_leaves_nothing(&m, &group);
 }
 
-#[test]
-fn emu_down_after_an_instance_crashed_leaves_no_cgroup() {
-    const NAME: &str = "emu_down_after_an_instance_crashed_leaves_no_cgroup";
-    let Some((m, group)) = boot(NAME) else {
-        return;
-    };
+fn emu_down_after_an_instance_crashed_leaves_no_cgroup(m: Machine, group: PathBuf) {
     // The supervisor dies without halting (it cannot remove its groups), then so does its
     // workload: only empty groups remain, and `emu down` must remove them.
     let pool: serde_json::Value =

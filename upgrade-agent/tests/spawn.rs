@@ -4,7 +4,8 @@
 //!
 //! The child is mostly `/bin/sleep`, inspected from outside through `/proc/PID/*` once it
 //! sleeps (so exec is complete); a few tests run `/bin/sh`. The cgroup tests need a
-//! writable cgroup v2 hierarchy (root) and print `SKIP: <reason>` without one.
+//! writable cgroup v2 hierarchy (root); without one they report `SKIP <name>: <reason>` and
+//! count as ignored, never as passed (own harness, `harness = false`, libtest-mimic).
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -14,6 +15,105 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use upgrade_agent::sys::spawn::{ChildError, ChildStep, Process, SpawnRequest, Stdio, spawn};
+
+use libtest_mimic::{Arguments, Completion, Trial};
+
+/// A test that runs in a fresh cgroup.
+type GroupTest = fn(TempGroup);
+
+fn main() {
+    let args = Arguments::from_args();
+    let plain: [(&'static str, fn()); 14] = [
+        (
+            "listen_pid_is_the_childs_own_pid",
+            listen_pid_is_the_childs_own_pid,
+        ),
+        (
+            "listen_pid_off_passes_the_given_value",
+            listen_pid_off_passes_the_given_value,
+        ),
+        (
+            "environment_is_exactly_the_given_one",
+            environment_is_exactly_the_given_one,
+        ),
+        (
+            "descriptors_are_placed_in_order_and_nothing_else_is_inherited",
+            descriptors_are_placed_in_order_and_nothing_else_is_inherited,
+        ),
+        ("inherited_stdin_is_ours", inherited_stdin_is_ours),
+        (
+            "a_missing_program_is_reported_promptly",
+            a_missing_program_is_reported_promptly,
+        ),
+        (
+            "a_failing_earlier_step_is_reported_with_its_name",
+            a_failing_earlier_step_is_reported_with_its_name,
+        ),
+        (
+            "invalid_requests_are_refused_before_forking",
+            invalid_requests_are_refused_before_forking,
+        ),
+        (
+            "exit_statuses_through_wait_try_wait_and_wait_timeout",
+            exit_statuses_through_wait_try_wait_and_wait_timeout,
+        ),
+        (
+            "signalling_an_exited_but_unreaped_process_is_ok",
+            signalling_an_exited_but_unreaped_process_is_ok,
+        ),
+        (
+            "dropping_a_process_does_not_kill_it",
+            dropping_a_process_does_not_kill_it,
+        ),
+        (
+            "signals_are_default_and_unblocked_in_the_child",
+            signals_are_default_and_unblocked_in_the_child,
+        ),
+        (
+            "new_session_makes_the_child_a_session_leader",
+            new_session_makes_the_child_a_session_leader,
+        ),
+        ("affinity_is_applied", affinity_is_applied),
+    ];
+    let in_a_group: [(&'static str, GroupTest); 3] = [
+        (
+            "clone_into_cgroup_starts_the_child_in_its_group",
+            clone_into_cgroup_starts_the_child_in_its_group,
+        ),
+        (
+            "cgroup_errors_other_than_an_old_kernels_are_returned",
+            cgroup_errors_other_than_an_old_kernels_are_returned,
+        ),
+        (
+            "fallbacks_place_the_child_by_writing_cgroup_procs",
+            fallbacks_place_the_child_by_writing_cgroup_procs,
+        ),
+    ];
+    let mut trials: Vec<Trial> = plain
+        .into_iter()
+        .map(|(name, test)| {
+            Trial::test(name, move || {
+                test();
+                Ok(())
+            })
+        })
+        .collect();
+    trials.extend(in_a_group.into_iter().map(|(name, test)| {
+        Trial::ignorable_test(name, move || match TempGroup::new(name) {
+            Ok(group) => {
+                test(group);
+                Ok(Completion::Completed)
+            }
+            Err(reason) => {
+                // One write: lines of tests running in parallel must not interleave.
+                let line = format!("SKIP {name}: {reason}\n");
+                let _ = io::Write::write_all(&mut io::stderr(), line.as_bytes());
+                Ok(Completion::ignored_with(reason))
+            }
+        })
+    }));
+    libtest_mimic::run(&args, trials).exit();
+}
 
 fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter()
@@ -124,7 +224,6 @@ fn child_error(err: &io::Error) -> &ChildError {
         .unwrap_or_else(|| panic!("not a ChildError: {err:?}"))
 }
 
-#[test]
 fn listen_pid_is_the_childs_own_pid() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
@@ -152,7 +251,6 @@ fn listen_pid_is_the_childs_own_pid() {
     assert_eq!(String::from_utf8_lossy(&environ), expected);
 }
 
-#[test]
 fn listen_pid_off_passes_the_given_value() {
     let args = strings(&["30"]);
     let env = pairs(&[("LISTEN_PID", "42")]);
@@ -162,7 +260,6 @@ fn listen_pid_off_passes_the_given_value() {
     assert_eq!(environ, b"LISTEN_PID=42\0");
 }
 
-#[test]
 fn environment_is_exactly_the_given_one() {
     // Something would show if the environment were inherited: the test process has one
     // (at least what cargo sets).
@@ -198,7 +295,6 @@ fn identity_of(fd: BorrowedFd<'_>) -> (u64, u64) {
     identity(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
-#[test]
 fn descriptors_are_placed_in_order_and_nothing_else_is_inherited() {
     let (_r1, w1) = pipe();
     let (_r2, w2) = pipe();
@@ -248,7 +344,6 @@ fn descriptors_are_placed_in_order_and_nothing_else_is_inherited() {
     }
 }
 
-#[test]
 fn inherited_stdin_is_ours() {
     let args = strings(&["30"]);
     let mut req = request("/bin/sleep", &args, &[]);
@@ -265,7 +360,6 @@ fn inherited_stdin_is_ours() {
     }
 }
 
-#[test]
 fn a_missing_program_is_reported_promptly() {
     let started = Instant::now();
     let err = spawn(&request("/nonexistent/program", &[], &[])).unwrap_err();
@@ -283,7 +377,6 @@ fn a_missing_program_is_reported_promptly() {
     assert_eq!(child_error(&err).errno, libc::EACCES, "{err}");
 }
 
-#[test]
 fn a_failing_earlier_step_is_reported_with_its_name() {
     // An empty cpu set: sched_setaffinity fails with EINVAL in the child.
     // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
@@ -300,7 +393,6 @@ fn a_failing_earlier_step_is_reported_with_its_name() {
     assert!(err.to_string().contains("sched_setaffinity"), "{err}");
 }
 
-#[test]
 fn invalid_requests_are_refused_before_forking() {
     let bad_arg = strings(&["a\0b"]);
     let bad_key = pairs(&[("A=B", "1")]);
@@ -319,7 +411,6 @@ fn invalid_requests_are_refused_before_forking() {
     }
 }
 
-#[test]
 fn exit_statuses_through_wait_try_wait_and_wait_timeout() {
     let args = strings(&["-c", "exit 3"]);
     let mut p = spawn(&request("/bin/sh", &args, &[])).unwrap();
@@ -373,7 +464,6 @@ fn exit_statuses_through_wait_try_wait_and_wait_timeout() {
     assert_eq!(status.signal(), Some(libc::SIGTERM));
 }
 
-#[test]
 fn signalling_an_exited_but_unreaped_process_is_ok() {
     let mut p = spawn(&request("/bin/true", &[], &[])).unwrap();
     // Wait for the zombie without reaping it.
@@ -387,7 +477,6 @@ fn signalling_an_exited_but_unreaped_process_is_ok() {
     assert_eq!(p.wait().unwrap().code(), Some(0));
 }
 
-#[test]
 fn dropping_a_process_does_not_kill_it() {
     let args = strings(&["30"]);
     let p = spawn(&request("/bin/sleep", &args, &[])).unwrap();
@@ -413,7 +502,6 @@ fn dropping_a_process_does_not_kill_it() {
     assert_eq!(reaped, pid as i32);
 }
 
-#[test]
 fn signals_are_default_and_unblocked_in_the_child() {
     // The Rust runtime ignores SIGPIPE; make sure of it, and ignore SIGXFSZ too.
     // SAFETY: setting a disposition to SIG_IGN installs no handler.
@@ -446,7 +534,6 @@ fn signals_are_default_and_unblocked_in_the_child() {
     assert_eq!(sigmask(&pid, "SigBlk"), 0);
 }
 
-#[test]
 fn new_session_makes_the_child_a_session_leader() {
     let args = strings(&["30"]);
     let mut req = request("/bin/sleep", &args, &[]);
@@ -460,7 +547,6 @@ fn new_session_makes_the_child_a_session_leader() {
     assert_eq!(session_of(&p.0.id().to_string()), session_of("self"));
 }
 
-#[test]
 fn affinity_is_applied() {
     let cpu = fs::read_to_string("/proc/self/status")
         .unwrap()
@@ -536,15 +622,8 @@ impl Drop for TempGroup {
     }
 }
 
-#[test]
-fn clone_into_cgroup_starts_the_child_in_its_group() {
-    let group = match TempGroup::new("into") {
-        Ok(g) => g,
-        Err(reason) => {
-            println!("SKIP: {reason}");
-            return;
-        }
-    };
+/// Runs in a fresh group (see `main`).
+fn clone_into_cgroup_starts_the_child_in_its_group(group: TempGroup) {
     let dir = File::open(&group.path).unwrap();
     let (mut report, report_w) = pipe();
     // The shell reports its own group before it does anything else, then sleeps.
@@ -578,15 +657,8 @@ fn clone_into_cgroup_starts_the_child_in_its_group() {
     q.wait().unwrap();
 }
 
-#[test]
-fn cgroup_errors_other_than_an_old_kernels_are_returned() {
-    let group = match TempGroup::new("invalid") {
-        Ok(g) => g,
-        Err(reason) => {
-            println!("SKIP: {reason}");
-            return;
-        }
-    };
+/// Runs in a fresh group (see `main`).
+fn cgroup_errors_other_than_an_old_kernels_are_returned(group: TempGroup) {
     // A threaded child turns the group into a threaded domain; a plain child created
     // beside it is then "domain invalid": no process may enter it (EOPNOTSUPP).
     fs::create_dir(group.path.join("threads")).unwrap();
@@ -611,4 +683,46 @@ fn cgroup_errors_other_than_an_old_kernels_are_returned() {
     req.cgroup_dir = Some(dir.as_fd());
     let err = spawn(&req).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+}
+
+/// The fallbacks (which a kernel with `CLONE_INTO_CGROUP` never needs, forced here): the
+/// child joins the group itself by writing `cgroup.procs`, before exec.
+#[cfg(feature = "fault-injection")]
+fn fallbacks_place_the_child_by_writing_cgroup_procs(group: TempGroup) {
+    use upgrade_agent::sys::spawn::{Fallback, spawn_by_fallback};
+    for fallback in [Fallback::Clone3ProcsWrite, Fallback::ForkProcsWrite] {
+        let dir = File::open(&group.path).unwrap();
+        let args = strings(&["30"]);
+        let env = pairs(&[("A", "1")]);
+        let mut req = request("/bin/sleep", &args, &env);
+        req.listen_pid = true;
+        req.cgroup_dir = Some(dir.as_fd());
+        let p = Reaper(spawn_by_fallback(&req, fallback).unwrap());
+        assert!(!p.0.placed_by_clone3(), "{fallback:?}");
+        let procs = fs::read_to_string(group.path.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|l| l == p.0.id().to_string()),
+            "{fallback:?}: {} not in {procs:?}",
+            p.0.id()
+        );
+        wait_sleeping(p.0.id());
+        let environ = fs::read(format!("/proc/{}/environ", p.0.id())).unwrap();
+        assert_eq!(
+            environ,
+            format!("A=1\0LISTEN_PID={}\0", p.0.id()).as_bytes(),
+            "{fallback:?}"
+        );
+        let mut p = p;
+        p.0.kill().unwrap();
+        assert_eq!(p.0.wait().unwrap().signal(), Some(libc::SIGKILL));
+    }
+}
+
+/// Without the feature the fallbacks cannot be forced: the test fails, naming the fix,
+/// rather than passing without running.
+#[cfg(not(feature = "fault-injection"))]
+fn fallbacks_place_the_child_by_writing_cgroup_procs(_: TempGroup) {
+    panic!(
+        "build the tests with --features upgrade-agent/fault-injection (cargo test --workspace does)"
+    );
 }

@@ -555,16 +555,41 @@ pub fn spawn(req: &SpawnRequest<'_>) -> io::Result<Process> {
     spawn_with(req, Route::Auto)
 }
 
+/// The fallbacks [`spawn`] takes on kernels without `CLONE_INTO_CGROUP` (or without
+/// `clone3`), forced: for the tests of those paths only (feature `fault-injection`).
+#[cfg(any(test, feature = "fault-injection"))]
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// `clone3` without `CLONE_INTO_CGROUP`, then the `cgroup.procs` write.
+    Clone3ProcsWrite,
+    /// `fork` + `pidfd_open`, then the `cgroup.procs` write.
+    ForkProcsWrite,
+}
+
+/// [`spawn`] by `fallback`, whatever this kernel supports (tests only).
+#[cfg(any(test, feature = "fault-injection"))]
+#[doc(hidden)]
+pub fn spawn_by_fallback(req: &SpawnRequest<'_>, fallback: Fallback) -> io::Result<Process> {
+    spawn_with(
+        req,
+        match fallback {
+            Fallback::Clone3ProcsWrite => Route::Clone3ProcsWrite,
+            Fallback::ForkProcsWrite => Route::ForkProcsWrite,
+        },
+    )
+}
+
 /// How the child is created; anything but `Auto` only for the tests of the fallbacks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
     /// `clone3(CLONE_INTO_CGROUP)`, falling back as the module documentation says.
     Auto,
     /// The fallback: `clone3` without `CLONE_INTO_CGROUP`, then the `cgroup.procs` write.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fault-injection"))]
     Clone3ProcsWrite,
     /// The last fallback: `fork` + `pidfd_open`, then the `cgroup.procs` write.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fault-injection"))]
     ForkProcsWrite,
 }
 
@@ -1106,7 +1131,7 @@ fn spawn_with(req: &SpawnRequest<'_>, route: Route) -> io::Result<Process> {
     let mut procs: Option<OwnedFd> = None;
     let mut next = match (route, req.cgroup_dir) {
         (Route::Auto, dir) => Launch::Clone3(dir.map(|d| d.as_raw_fd())),
-        #[cfg(test)]
+        #[cfg(any(test, feature = "fault-injection"))]
         (Route::Clone3ProcsWrite | Route::ForkProcsWrite, dir) => {
             if let Some(dir) = dir {
                 procs = Some(above(open_procs(dir)?, floor)?);
@@ -1303,78 +1328,6 @@ mod tests {
         ] {
             let err = Exec::new(&request(&bad, false)).err().expect("refused");
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
-        }
-    }
-
-    /// A temporary group directly under the cgroup v2 mount, removed on drop.
-    struct TempGroup(PathBuf);
-
-    impl TempGroup {
-        fn new(tag: &str) -> Option<TempGroup> {
-            let mount = crate::sys::cgroup::cgroup2_mount()?;
-            let dir = mount.join(format!("mk-spawn-unit-{tag}-{}", std::process::id()));
-            std::fs::create_dir(&dir).ok()?;
-            Some(TempGroup(dir))
-        }
-    }
-
-    impl Drop for TempGroup {
-        fn drop(&mut self) {
-            for _ in 0..200 {
-                if std::fs::remove_dir(&self.0).is_ok() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
-
-    /// The fallbacks (which this kernel never needs): the child joins the group itself.
-    #[test]
-    fn fallbacks_place_the_child_by_writing_cgroup_procs() {
-        for route in [Route::Clone3ProcsWrite, Route::ForkProcsWrite] {
-            let Some(group) = TempGroup::new(&format!("{route:?}")) else {
-                println!("SKIP: no writable cgroup v2 hierarchy");
-                return;
-            };
-            let dir = std::fs::File::open(&group.0).unwrap();
-            let args = ["30".to_owned()];
-            let env = pairs(&[("A", "1")]);
-            let req = SpawnRequest {
-                exec: Path::new("/bin/sleep"),
-                args: &args,
-                env: &env,
-                listen_pid: true,
-                fds: &[],
-                cgroup_dir: Some(dir.as_fd()),
-                cpus: None,
-                new_session: false,
-                stdio: Stdio::Null,
-                output: None,
-                new_pid_namespace: false,
-            };
-            let mut p = spawn_with(&req, route).unwrap();
-            assert!(!p.placed_by_clone3(), "{route:?}");
-            let procs = std::fs::read_to_string(group.0.join("cgroup.procs")).unwrap();
-            assert!(
-                procs.lines().any(|l| l == p.id().to_string()),
-                "{route:?}: {} not in {procs:?}",
-                p.id()
-            );
-            // The environment shows once exec has set the new stack up, a moment after the
-            // report pipe closed.
-            let path = format!("/proc/{}/environ", p.id());
-            let mut environ = Vec::new();
-            for _ in 0..500 {
-                environ = std::fs::read(&path).unwrap();
-                if !environ.is_empty() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            assert_eq!(environ, format!("A=1\0LISTEN_PID={}\0", p.id()).as_bytes());
-            p.kill().unwrap();
-            assert_eq!(p.wait().unwrap().signal(), Some(libc::SIGKILL));
         }
     }
 
