@@ -5,9 +5,9 @@
 use kho_proto::channel::{
     Abort, AgentState, Commit, EncodeError, FdDescriptor, FdKind, Frame, FrameError, HEADER_LEN,
     HealthReport, Heartbeat, Hello, HelloAck, HelloReject, MAX_FDS_PER_FRAME, MAX_PAYLOAD_LEN,
-    Message, MessageType, PeerInfo, PrepareMigration, RegionOffer, RegionVerified,
-    ReleaseResources, Role, Shutdown, UpgradeId, Verification, decode_frame, decode_header,
-    encode_frame,
+    Message, MessageType, PeerInfo, PrepareMigration, RegionOffer, RegionStage, RegionVerified,
+    ReleaseResources, Role, Shutdown, StagedOffer, UpgradeId, Verification, decode_frame,
+    decode_header, encode_frame,
 };
 use proptest::prelude::*;
 
@@ -96,6 +96,19 @@ fn samples() -> Vec<Message> {
             workload_id: Some("kv-1".into()),
             reason: "health check failed".into(),
         }),
+        Message::RegionStage(RegionStage {
+            workload_id: "kv-1".into(),
+            image_len: 4096,
+            image_sha256: [0xbb; 32],
+        }),
+        Message::StagedOffer(StagedOffer {
+            workload_id: "kv-1".into(),
+            image_sha256: [0xbb; 32],
+            fds: vec![
+                fd_desc("data", FdKind::Memfd),
+                fd_desc("listen", FdKind::ListenSocket),
+            ],
+        }),
         Message::ReleaseResources(ReleaseResources {
             cpus: vec![2, 3, 7],
             memory_bytes: 256 << 20,
@@ -106,9 +119,10 @@ fn samples() -> Vec<Message> {
     ]
 }
 
+/// A frame of the first version that has the message's type.
 fn frame(message: Message, sequence: u64) -> Frame {
     Frame {
-        version: 1,
+        version: message.message_type().since_version(),
         sequence,
         upgrade_id: UID,
         message,
@@ -142,7 +156,14 @@ fn raw(
 }
 
 fn raw_ok(ty: MessageType, fd_count: u16, payload: &[u8]) -> Vec<u8> {
-    raw(1, ty.as_u16(), 0, fd_count, payload.len() as u32, payload)
+    raw(
+        ty.since_version(),
+        ty.as_u16(),
+        0,
+        fd_count,
+        payload.len() as u32,
+        payload,
+    )
 }
 
 #[test]
@@ -181,6 +202,8 @@ fn message_type_numbers_are_stable() {
         (MessageType::HealthReport, 0x0023),
         (MessageType::Commit, 0x0024),
         (MessageType::Abort, 0x0025),
+        (MessageType::RegionStage, 0x0026),
+        (MessageType::StagedOffer, 0x0027),
         (MessageType::ReleaseResources, 0x0030),
         (MessageType::Shutdown, 0x0031),
     ];
@@ -306,7 +329,7 @@ fn unsupported_version_is_refused() {
         workload_id: "w".into(),
     })
     .unwrap();
-    for v in [0u16, 2, 0xffff] {
+    for v in [0u16, 3, 0xffff] {
         let b = raw(
             v,
             MessageType::Commit.as_u16(),
@@ -321,7 +344,7 @@ fn unsupported_version_is_refused() {
             FrameError::UnsupportedVersion {
                 version: v,
                 min: 1,
-                max: 1
+                max: 2
             }
         );
         assert!(e.to_string().contains("offset 4"));
@@ -395,6 +418,38 @@ fn fd_count_rules() {
         );
     }
     assert!(decode_frame(&raw_ok(MessageType::RegionOffer, 2, &p)).is_ok());
+    // StagedOffer: one fd per descriptor, like RegionOffer.
+    let Message::StagedOffer(staged) = samples()[13].clone() else {
+        unreachable!()
+    };
+    let p = postcard::to_stdvec(&staged).unwrap();
+    for count in [0u16, 1, 3] {
+        assert_eq!(
+            decode_frame(&raw_ok(MessageType::StagedOffer, count, &p)),
+            Err(FrameError::FdCountMismatch {
+                message_type: MessageType::StagedOffer,
+                header: count,
+                described: 2
+            })
+        );
+    }
+    assert!(decode_frame(&raw_ok(MessageType::StagedOffer, 2, &p)).is_ok());
+    // RegionStage: exactly one fd, the image.
+    let Message::RegionStage(stage) = samples()[12].clone() else {
+        unreachable!()
+    };
+    let p = postcard::to_stdvec(&stage).unwrap();
+    for count in [0u16, 2] {
+        assert_eq!(
+            decode_frame(&raw_ok(MessageType::RegionStage, count, &p)),
+            Err(FrameError::FdCountMismatch {
+                message_type: MessageType::RegionStage,
+                header: count,
+                described: 1
+            })
+        );
+    }
+    assert!(decode_frame(&raw_ok(MessageType::RegionStage, 1, &p)).is_ok());
 }
 
 #[test]
@@ -498,12 +553,52 @@ fn encode_refuses_what_decode_would_refuse() {
         encode_frame(&many),
         Err(EncodeError::TooManyFds { count: 65, .. })
     ));
-    let mut v2 = frame(samples()[3].clone(), 0);
-    v2.version = 2;
+    let mut v3 = frame(samples()[3].clone(), 0);
+    v3.version = 3;
     assert!(matches!(
-        encode_frame(&v2),
-        Err(EncodeError::UnsupportedVersion { version: 2, .. })
+        encode_frame(&v3),
+        Err(EncodeError::UnsupportedVersion { version: 3, .. })
     ));
+}
+
+/// RegionStage and StagedOffer exist since version 2: a version 1 frame never carries
+/// them (neither encoded nor decoded), while the version 1 types travel in version 2
+/// frames unchanged.
+#[test]
+fn version_2_types_need_a_version_2_frame() {
+    for m in samples() {
+        let ty = m.message_type();
+        let mut f = frame(m, 0);
+        if ty.since_version() == 2 {
+            f.version = 1;
+            let e = encode_frame(&f).unwrap_err();
+            assert!(
+                matches!(e, EncodeError::TypeNotInVersion { message_type, version: 1, since: 2 } if message_type == ty),
+                "{e}"
+            );
+            let p = f.message.clone();
+            let mut good = encode_frame(&frame(p, 0)).unwrap();
+            // The same frame, its header relabelled version 1 (CRC fixed): refused from
+            // the header alone.
+            good[4] = 1;
+            let crc = crc32fast::hash(&good[..44]);
+            good[44..48].copy_from_slice(&crc.to_le_bytes());
+            let e = decode_frame(&good).unwrap_err();
+            assert_eq!(
+                e,
+                FrameError::TypeNotInVersion {
+                    message_type: ty,
+                    version: 1,
+                    since: 2
+                }
+            );
+            assert!(e.to_string().contains("since protocol version 2"), "{e}");
+        } else if !ty.is_handshake() {
+            f.version = 2;
+            let bytes = encode_frame(&f).unwrap();
+            assert_eq!(decode_frame(&bytes).unwrap(), (f, bytes.len()));
+        }
+    }
 }
 
 #[test]
@@ -645,6 +740,25 @@ fn arb_message() -> impl Strategy<Value = Message> {
                 reason,
             })
         }),
+        (arb_string(), any::<u64>(), any::<[u8; 32]>()).prop_map(
+            |(workload_id, image_len, image_sha256)| Message::RegionStage(RegionStage {
+                workload_id,
+                image_len,
+                image_sha256
+            })
+        ),
+        (
+            arb_string(),
+            any::<[u8; 32]>(),
+            proptest::collection::vec(arb_desc(), 0..5)
+        )
+            .prop_map(|(workload_id, image_sha256, fds)| Message::StagedOffer(
+                StagedOffer {
+                    workload_id,
+                    image_sha256,
+                    fds
+                }
+            )),
         (proptest::collection::vec(any::<u32>(), 0..40), any::<u64>()).prop_map(
             |(cpus, memory_bytes)| Message::ReleaseResources(ReleaseResources {
                 cpus,
@@ -658,7 +772,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
 proptest! {
     #[test]
     fn prop_round_trip(m in arb_message(), seq in any::<u64>(), uid in any::<[u8; 16]>()) {
-        let f = Frame { version: 1, sequence: seq, upgrade_id: UpgradeId(uid), message: m };
+        let f = Frame { version: m.message_type().since_version(), sequence: seq, upgrade_id: UpgradeId(uid), message: m };
         let bytes = encode_frame(&f).unwrap();
         let (back, used) = decode_frame(&bytes).unwrap();
         prop_assert_eq!(used, bytes.len());

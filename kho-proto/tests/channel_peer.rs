@@ -80,13 +80,13 @@ async fn handshake_then_messages_and_fds() {
     assert_eq!(b.version, MAX_VERSION);
     assert_eq!(a.peer, info(Role::New, 1));
     assert_eq!(b.peer, info(Role::Old, 0));
-    assert_eq!(old.version(), Some(1));
+    assert_eq!(old.version(), Some(MAX_VERSION));
     assert_eq!(new.negotiated(), Some(&b));
     // Hello was sequence 0 on each side.
     assert_eq!(old.next_send_sequence(), 1);
     assert_eq!(old.send(hb(5), &[]).await.unwrap(), 1);
     let (f, fds) = new.recv().await.unwrap();
-    assert_eq!((f.sequence, f.version, f.upgrade_id), (1, 1, UID));
+    assert_eq!((f.sequence, f.version, f.upgrade_id), (1, MAX_VERSION, UID));
     assert_eq!(f.message, hb(5));
     assert!(fds.is_empty());
 
@@ -194,8 +194,8 @@ async fn respond_to(hello: Hello, local_role: Role) -> (ChannelError, Message) {
 #[tokio::test]
 async fn no_common_version_is_refused_with_hello_reject() {
     let hello = Hello {
-        min_version: 2,
-        max_version: 3,
+        min_version: 3,
+        max_version: 4,
         peer: info(Role::Old, 0),
     };
     let (e, reply) = respond_to(hello, Role::New).await;
@@ -204,9 +204,9 @@ async fn no_common_version_is_refused_with_hello_reject() {
             e,
             ChannelError::NoCommonVersion {
                 ours_min: 1,
-                ours_max: 1,
-                theirs_min: 2,
-                theirs_max: 3
+                ours_max: 2,
+                theirs_min: 3,
+                theirs_max: 4
             }
         ),
         "{e:?}"
@@ -294,8 +294,8 @@ async fn initiate_against(reply: Message) -> ChannelError {
         assert!(matches!(
             hello.message,
             Message::Hello(Hello {
-                min_version: 1,
-                max_version: 1,
+                min_version: MIN_VERSION,
+                max_version: MAX_VERSION,
                 ..
             })
         ));
@@ -454,7 +454,7 @@ async fn send_and_recv_need_the_handshake() {
 async fn version_range_must_be_supported() {
     let (a, _b) = UnixTransport::pair().unwrap();
     let e = Channel::new(a, UID, info(Role::Old, 0))
-        .with_version_range(1, 2)
+        .with_version_range(1, MAX_VERSION + 1)
         .unwrap_err();
     assert!(
         matches!(e, ChannelError::InvalidVersionRange { .. }),
@@ -466,6 +466,31 @@ async fn version_range_must_be_supported() {
             .with_version_range(1, 1)
             .is_ok()
     );
+}
+
+/// A version 2 agent meets a version 1 agent (pinned here with `with_version_range`):
+/// they agree on version 1, and the version 2 messages cannot be sent on that channel,
+/// so a staged hand-over falls back to `RegionOffer`.
+#[tokio::test]
+async fn a_version_1_peer_gets_no_version_2_message() {
+    let (a, b) = UnixTransport::pair().unwrap();
+    let mut old = Channel::new(a, UID, info(Role::Old, 0));
+    let mut new = Channel::new(b, UID, info(Role::New, 1))
+        .with_version_range(1, 1)
+        .unwrap();
+    let (x, y) = tokio::join!(old.negotiate_as_initiator(), new.negotiate_as_responder());
+    assert_eq!((x.unwrap().version, y.unwrap().version), (1, 1));
+    let mem = memfd_create("img", MFdFlags::MFD_CLOEXEC).unwrap();
+    let stage = Message::RegionStage(kho_proto::channel::RegionStage {
+        workload_id: "kv".into(),
+        image_len: 0,
+        image_sha256: [0; 32],
+    });
+    let e = old.send(stage, &[mem.as_fd()]).await.unwrap_err();
+    assert!(e.to_string().contains("since protocol version 2"), "{e}");
+    // A version 1 message still goes through.
+    old.send(hb(1), &[]).await.unwrap();
+    assert_eq!(new.recv().await.unwrap().0.version, 1);
 }
 
 #[tokio::test]

@@ -691,6 +691,46 @@ fn standby_copies_take_over_and_a_failed_standby_falls_back() {
     assert_eq!((kernel.as_str(), names.len()), ("7.2.13-mkA", 2));
 }
 
+/// `integrity = "identity"` (with the default `transfer = "share"`): the image is built
+/// before the freeze and verified by the new instance while the workload still serves
+/// (`RegionStage`, protocol version 2); the offer after the freeze carries the fds alone.
+/// Every write survives the upgrade and the rollback, which stages the same way.
+#[test]
+fn identity_moves_stage_the_image_before_the_freeze() {
+    let m = Machine::new(2);
+    let file = m.path("state/workloads.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let text = text.replace("args = ", "integrity = \"identity\"\nargs = ");
+    assert_eq!(text.matches("integrity = ").count(), 2, "{text}");
+    std::fs::write(&file, text).unwrap();
+    m.init();
+    put(&m, 20);
+    let b = m.path("bzImage-7.2.13-mkB");
+    m.sign(&b);
+    let staged_moves = |r: &mk_integration_tests::Run| -> Vec<String> {
+        r.json()["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["what"].as_str())
+            .filter(|w| w.contains("verified there before the freeze"))
+            .map(|w| w.split(':').next().unwrap_or("").to_owned())
+            .collect()
+    };
+    let r = m.run(&["apply", "--kernel", b.to_str().unwrap(), "--json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["result"], "upgraded", "{r:?}");
+    assert_eq!(staged_moves(&r), ["kv-1", "kv-2"], "{r:?}");
+    check(&m, 20);
+    put(&m, 30);
+    let back = m.run(&["rollback", "--json"]);
+    assert_eq!(back.code, 0, "{back:?}");
+    assert_eq!(staged_moves(&back), ["kv-1", "kv-2"], "{back:?}");
+    check(&m, 30);
+    let (_, kernel, names) = active(&m.status());
+    assert_eq!((kernel.as_str(), names.len()), ("7.2.13-mkA", 2));
+}
+
 /// `FreezeFds`, the request a move's blackout starts with: the workload is frozen and its
 /// declared memfd comes back attached, in one round trip; a workload the instance does not
 /// run is an error that freezes nothing.

@@ -19,7 +19,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use kho_proto::channel::{FdDescriptor, FdKind, RegionOffer};
+use kho_proto::channel::{FdDescriptor, FdKind, RegionOffer, RegionStage, StagedOffer};
 use kho_proto::image::{ExternalRef, ImageBuilder, ImageView, RegionKind, VerifyOptions};
 use kho_proto::keys::{NodeKey, TrustedKeys};
 use sha2::{Digest, Sha256};
@@ -462,6 +462,98 @@ fn external_digest(view: &ImageView<'_>, token: u64) -> Option<RegionDigest> {
         })
 }
 
+/// What the state fds of a verified image must be, token by token: an external region
+/// (length, CRC32, SHA-256 of the content) or an identity entry.
+#[derive(Debug)]
+struct FdExpectations {
+    digests: Vec<(u64, RegionDigest)>,
+    identities: Vec<FdIdentity>,
+}
+
+impl FdExpectations {
+    fn of(view: &ImageView<'_>) -> Result<Self, CheckFailed> {
+        let digests = view
+            .regions()
+            .iter()
+            .filter_map(kho_proto::image::RegionView::external)
+            .map(|e| {
+                (
+                    e.token,
+                    RegionDigest {
+                        len: e.length,
+                        crc32: e.crc32,
+                        sha256: e.sha256,
+                    },
+                )
+            })
+            .collect();
+        Ok(FdExpectations {
+            digests,
+            identities: image_identities(view)?,
+        })
+    }
+
+    fn digest(&self, token: u64) -> Option<RegionDigest> {
+        self.digests
+            .iter()
+            .find(|(t, _)| *t == token)
+            .map(|(_, d)| *d)
+    }
+}
+
+/// A received handover image that passed every check of Part 1 of the protocol (length,
+/// SHA-256, parse, upgrade id, every CRC and digest, a trusted signature, spec, task
+/// state), waiting for the state fds it describes. Protocol version 2 verifies it from a
+/// `RegionStage`, before the workload is frozen ([`stage`]); [`verify_staged`] checks the
+/// fds of the `StagedOffer` that follows the freeze against it.
+#[derive(Debug)]
+pub struct Staged {
+    workload: String,
+    image_sha256: [u8; 32],
+    spec: WorkloadSpec,
+    task: state_serializers::task::TaskState,
+    expect: FdExpectations,
+}
+
+impl Staged {
+    /// The workload the image is for.
+    pub fn workload(&self) -> &str {
+        &self.workload
+    }
+}
+
+/// Reads the image memfd and runs every check of the image (not of the state fds).
+fn check_received(
+    workload: &str,
+    image_len: u64,
+    image_sha256: [u8; 32],
+    image: BorrowedFd<'_>,
+    trusted: &TrustedKeys,
+    expect_upgrade: [u8; 16],
+) -> Result<Staged, CheckFailed> {
+    let bytes = read_all(image, image_len)?;
+    let sha: [u8; 32] = Sha256::digest(&bytes).into();
+    if sha != image_sha256 {
+        return Err(fail(
+            "image_sha256",
+            format!(
+                "offer says {}, image hashes to {}",
+                hex::encode(image_sha256),
+                hex::encode(sha)
+            ),
+        ));
+    }
+    let checked = check_image(&bytes, workload, "offer", trusted, expect_upgrade)?;
+    let expect = FdExpectations::of(&checked.view)?;
+    Ok(Staged {
+        workload: workload.to_owned(),
+        image_sha256,
+        spec: checked.spec,
+        task: checked.task,
+        expect,
+    })
+}
+
 /// Verifies an offer on the receiving side: the image (length, SHA-256, kho-proto header,
 /// every CRC and digest, signature by a trusted key), then every memfd against its external
 /// region, then decodes the spec and task state. Nothing is started here.
@@ -483,28 +575,103 @@ pub fn verify(
     }
     let rest = fds.split_off(1);
     let image_fd = fds.pop().ok_or_else(|| fail("fd_count", "no image fd"))?;
-    let bytes = read_all(image_fd.as_fd(), offer.image_len)?;
-    let sha: [u8; 32] = Sha256::digest(&bytes).into();
-    if sha != offer.image_sha256 {
+    let staged = check_received(
+        &offer.workload_id,
+        offer.image_len,
+        offer.image_sha256,
+        image_fd.as_fd(),
+        trusted,
+        expect_upgrade,
+    )?;
+    check_fds(staged, &offer.fds[1..], rest)
+}
+
+/// Protocol version 2, before the freeze: every check of the image a `RegionStage`
+/// carries (its one fd), kept for the `StagedOffer` that follows.
+pub fn stage(
+    stage: &RegionStage,
+    mut fds: Vec<OwnedFd>,
+    trusted: &TrustedKeys,
+    expect_upgrade: [u8; 16],
+) -> Result<Staged, CheckFailed> {
+    let image = match (fds.pop(), fds.is_empty()) {
+        (Some(image), true) => image,
+        (image, _) => {
+            return Err(fail(
+                "fd_count",
+                format!(
+                    "a RegionStage carries the image only: {} fds received",
+                    fds.len() + usize::from(image.is_some())
+                ),
+            ));
+        }
+    };
+    check_received(
+        &stage.workload_id,
+        stage.image_len,
+        stage.image_sha256,
+        image.as_fd(),
+        trusted,
+        expect_upgrade,
+    )
+}
+
+/// Protocol version 2, after the freeze: the state fds of a `StagedOffer` against the
+/// image staged for it (`None`: nothing was staged). The offer must name the staged
+/// image: same workload, same SHA-256.
+pub fn verify_staged(
+    staged: Option<Staged>,
+    offer: &StagedOffer,
+    fds: Vec<OwnedFd>,
+) -> Result<Incoming, CheckFailed> {
+    let staged = staged.ok_or_else(|| {
+        fail(
+            "staged_image",
+            format!("no image was staged for {}", offer.workload_id),
+        )
+    })?;
+    if staged.workload != offer.workload_id || staged.image_sha256 != offer.image_sha256 {
         return Err(fail(
-            "image_sha256",
+            "staged_image",
             format!(
-                "offer says {}, image hashes to {}",
+                "the offer for {} names image {}, the staged image is {}'s {}",
+                offer.workload_id,
                 hex::encode(offer.image_sha256),
-                hex::encode(sha)
+                staged.workload,
+                hex::encode(staged.image_sha256)
             ),
         ));
     }
-    let checked = check_image(&bytes, &offer.workload_id, "offer", trusted, expect_upgrade)?;
-    let (view, spec, task) = (checked.view, checked.spec, checked.task);
-    let identities = image_identities(&view)?;
-    let mut out = Vec::with_capacity(rest.len());
-    for (i, (fd, desc)) in rest.into_iter().zip(&offer.fds[1..]).enumerate() {
+    if fds.len() != offer.fds.len() {
+        return Err(fail(
+            "fd_count",
+            format!(
+                "{} descriptors described, {} fds received",
+                offer.fds.len(),
+                fds.len()
+            ),
+        ));
+    }
+    check_fds(staged, &offer.fds, fds)
+}
+
+/// The state fds (tokens 1, 2, ... in order) against what the verified image says of them.
+fn check_fds(
+    staged: Staged,
+    descs: &[FdDescriptor],
+    fds: Vec<OwnedFd>,
+) -> Result<Incoming, CheckFailed> {
+    let Staged {
+        spec, task, expect, ..
+    } = staged;
+    let mut out = Vec::with_capacity(fds.len());
+    for (i, (fd, desc)) in fds.into_iter().zip(descs).enumerate() {
         let token = u64::try_from(i + 1).map_err(|e| fail("token", e.to_string()))?;
         match desc.kind {
             FdKind::Memfd => {
-                let Some(expected) = external_digest(&view, token) else {
-                    let want = identities
+                let Some(expected) = expect.digest(token) else {
+                    let want = expect
+                        .identities
                         .iter()
                         .find(|id| id.token == token)
                         .ok_or_else(|| {

@@ -237,3 +237,120 @@ fn handed_over_connections_travel_as_connected_sockets() {
     let e = handover::verify(&o, received, &trusted(&key), UPGRADE).unwrap_err();
     assert_eq!(e.check, "fd[3]", "{e}");
 }
+
+/// The parts of an offer split as protocol version 2 sends them: the `RegionStage` (with
+/// its one fd, the image) before the freeze, and the `StagedOffer` (with the state fds)
+/// after it.
+fn staged_parts(
+    o: &kho_proto::channel::RegionOffer,
+    mut received: Vec<OwnedFd>,
+) -> (
+    kho_proto::channel::RegionStage,
+    Vec<OwnedFd>,
+    kho_proto::channel::StagedOffer,
+    Vec<OwnedFd>,
+) {
+    let state = received.split_off(1);
+    (
+        kho_proto::channel::RegionStage {
+            workload_id: o.workload_id.clone(),
+            image_len: o.image_len,
+            image_sha256: o.image_sha256,
+        },
+        received,
+        kho_proto::channel::StagedOffer {
+            workload_id: o.workload_id.clone(),
+            image_sha256: o.image_sha256,
+            fds: o.fds[1..].to_vec(),
+        },
+        state,
+    )
+}
+
+#[test]
+fn a_staged_image_then_its_fds_verify_in_both_integrity_modes() {
+    let key = NodeKey::from_seed([1; 32]);
+    for mode in [Integrity::Digest, Integrity::Identity] {
+        let (o, received, _) = offer(mode, SendFaults::default(), &key);
+        let (stage, image, staged_offer, state) = staged_parts(&o, received);
+        let staged = handover::stage(&stage, image, &trusted(&key), UPGRADE).unwrap();
+        assert_eq!(staged.workload(), "kv-1");
+        let inc = handover::verify_staged(Some(staged), &staged_offer, state).unwrap();
+        assert_eq!(inc.spec.name, "kv-1");
+        assert_eq!(
+            inc.fds.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+            ["kv-data", "listen"]
+        );
+    }
+}
+
+/// Every image check runs at the stage (nothing is frozen yet); the fd checks run on the
+/// offer after the freeze, against the staged image, and an offer that does not name the
+/// staged image is refused.
+#[test]
+fn every_wrong_stage_or_staged_offer_is_refused_by_name() {
+    let key = NodeKey::from_seed([1; 32]);
+    let other_key = NodeKey::from_seed([2; 32]);
+    let parts = |mode| {
+        let (o, received, memfd) = offer(mode, SendFaults::default(), &key);
+        let (stage, image, staged_offer, state) = staged_parts(&o, received);
+        (stage, image, staged_offer, state, memfd)
+    };
+
+    // The stage: untrusted key, another upgrade, a wrong hash, a wrong length, fd count.
+    let (stage, image, ..) = parts(Integrity::Digest);
+    let e = handover::stage(&stage, image, &trusted(&other_key), UPGRADE).unwrap_err();
+    assert_eq!(e.check, "image", "{e}");
+    let (stage, image, ..) = parts(Integrity::Digest);
+    let e = handover::stage(&stage, image, &trusted(&key), [8; 16]).unwrap_err();
+    assert_eq!(e.check, "upgrade_id", "{e}");
+    let (mut stage, image, ..) = parts(Integrity::Digest);
+    stage.image_sha256[0] ^= 1;
+    let e = handover::stage(&stage, image, &trusted(&key), UPGRADE).unwrap_err();
+    assert_eq!(e.check, "image_sha256", "{e}");
+    let (mut stage, image, ..) = parts(Integrity::Digest);
+    stage.image_len += 1;
+    let e = handover::stage(&stage, image, &trusted(&key), UPGRADE).unwrap_err();
+    assert_eq!(e.check, "image_len", "{e}");
+    let (stage, mut image, _, state, _) = parts(Integrity::Digest);
+    image.extend(state);
+    let e = handover::stage(&stage, image, &trusted(&key), UPGRADE).unwrap_err();
+    assert_eq!(e.check, "fd_count", "{e}");
+    assert!(e.detail.contains("3 fds received"), "{e}");
+    let (stage, ..) = parts(Integrity::Digest);
+    let e = handover::stage(&stage, Vec::new(), &trusted(&key), UPGRADE).unwrap_err();
+    assert_eq!(e.check, "fd_count", "{e}");
+
+    // The offer after the freeze: nothing staged, another image, a missing fd.
+    let (_, _, staged_offer, state, _) = parts(Integrity::Digest);
+    let e = handover::verify_staged(None, &staged_offer, state).unwrap_err();
+    assert_eq!(e.check, "staged_image", "{e}");
+    assert!(e.detail.contains("no image was staged for kv-1"), "{e}");
+    let (stage, image, mut staged_offer, state, _) = parts(Integrity::Digest);
+    let staged = handover::stage(&stage, image, &trusted(&key), UPGRADE).unwrap();
+    staged_offer.image_sha256[31] ^= 1;
+    let e = handover::verify_staged(Some(staged), &staged_offer, state).unwrap_err();
+    assert_eq!(e.check, "staged_image", "{e}");
+    let (stage, image, staged_offer, mut state, _) = parts(Integrity::Digest);
+    let staged = handover::stage(&stage, image, &trusted(&key), UPGRADE).unwrap();
+    state.pop();
+    let e = handover::verify_staged(Some(staged), &staged_offer, state).unwrap_err();
+    assert_eq!(e.check, "fd_count", "{e}");
+
+    // The memfd changed between the stage and the freeze: its digest (`digest`) or its
+    // identity (`identity`: another object in its place) no longer matches the image.
+    let (stage, image, staged_offer, state, memfd) = parts(Integrity::Digest);
+    let staged = handover::stage(&stage, image, &trusted(&key), UPGRADE).unwrap();
+    std::fs::File::from(memfd).write_all(b"changed").unwrap();
+    let e = handover::verify_staged(Some(staged), &staged_offer, state).unwrap_err();
+    assert_eq!(e.check, "fd[1].digest", "{e}");
+    let (stage, image, staged_offer, mut state, _) = parts(Integrity::Identity);
+    let staged = handover::stage(&stage, image, &trusted(&key), UPGRADE).unwrap();
+    let twin = upgrade_agent::sys::memfd::create_sealable("kv-data").unwrap();
+    std::fs::File::from(twin.try_clone().unwrap())
+        .write_all(&vec![0xab; 100_000])
+        .unwrap();
+    state[0] = twin;
+    let e = handover::verify_staged(Some(staged), &staged_offer, state).unwrap_err();
+    assert_eq!(e.check, "fd[1].identity", "{e}");
+}

@@ -19,10 +19,10 @@ fn check_round_trip(frame: &Frame) {
     assert_eq!(used, bytes.len());
 }
 
-fn with_valid_crcs(ty: u16, fd_count: u16, payload: &[u8]) -> Vec<u8> {
+fn with_valid_crcs(version: u16, ty: u16, fd_count: u16, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(48 + payload.len());
     out.extend_from_slice(b"MKCH");
-    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&ty.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&fd_count.to_le_bytes());
@@ -56,9 +56,10 @@ fuzz_target!(|data: &[u8]| {
     // Pass 2: payload decoders behind valid CRCs.
     if data.len() >= 3 {
         let all = MessageType::ALL;
-        let ty = all[usize::from(data[0]) % all.len()].as_u16();
+        let ty = all[usize::from(data[0]) % all.len()];
         let fd_count = u16::from(data[1] % 4);
-        let bytes = with_valid_crcs(ty, fd_count, &data[2..]);
+        // The first version that has the type (the handshake's is always 1).
+        let bytes = with_valid_crcs(ty.since_version(), ty.as_u16(), fd_count, &data[2..]);
         if let Ok((frame, used)) = decode_frame(&bytes) {
             assert_eq!(used, bytes.len());
             assert_eq!(frame.fd_count(), usize::from(fd_count));

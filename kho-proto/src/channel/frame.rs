@@ -189,6 +189,19 @@ pub enum EncodeError {
         /// Highest supported.
         max: u16,
     },
+    /// The message type was introduced by a later protocol version than the frame's.
+    #[error(
+        "{message_type} exists since protocol version {since}: it cannot be sent in a \
+         version {version} frame"
+    )]
+    TypeNotInVersion {
+        /// Message type.
+        message_type: MessageType,
+        /// The frame's version.
+        version: u16,
+        /// The version that introduced the type.
+        since: u16,
+    },
     /// postcard failed (cannot happen for the message types defined here).
     #[error("postcard encoding of {message_type} failed: {source}")]
     Payload {
@@ -269,6 +282,20 @@ pub enum FrameError {
         /// The flags found.
         flags: u16,
     },
+    /// The message type (offset 6) was introduced by a later protocol version than the
+    /// frame's (offset 4).
+    #[error(
+        "{message_type} at offset 6 exists since protocol version {since}, but the frame \
+         carries version {version} at offset 4"
+    )]
+    TypeNotInVersion {
+        /// Message type.
+        message_type: MessageType,
+        /// The frame's version.
+        version: u16,
+        /// The version that introduced the type.
+        since: u16,
+    },
     /// The fd count (offset 10) is above [`MAX_FDS_PER_FRAME`].
     #[error("fd count {count} at offset 10 exceeds the limit of {max} fds per frame")]
     TooManyFds {
@@ -280,7 +307,8 @@ pub enum FrameError {
     /// The fd count (offset 10) does not match the message.
     #[error(
         "fd count {header} at offset 10 does not match the {message_type} payload, which \
-         describes {described} fds (only RegionOffer carries fds, one per descriptor)"
+         describes {described} fds (RegionOffer and StagedOffer carry one per descriptor, \
+         RegionStage exactly one, every other type none)"
     )]
     FdCountMismatch {
         /// Message type.
@@ -357,6 +385,13 @@ pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, EncodeError> {
             max: MAX_VERSION,
         });
     }
+    if message_type.since_version() > frame.version {
+        return Err(EncodeError::TypeNotInVersion {
+            message_type,
+            version: frame.version,
+            since: message_type.since_version(),
+        });
+    }
     let fd_count = frame.fd_count();
     let fd_count_u16 = u16::try_from(fd_count)
         .ok()
@@ -428,7 +463,8 @@ impl FrameHeader {
 /// Parse and validate the 48-byte header at the start of `bytes`.
 ///
 /// Checks, in order: length (`Incomplete`), magic, header CRC, version, message type,
-/// handshake version, flags, fd count, payload length. Nothing is allocated.
+/// handshake version, the type's first version, flags, fd count, payload length. Nothing
+/// is allocated.
 pub fn decode_header(bytes: &[u8]) -> Result<FrameHeader, FrameError> {
     if bytes.len() < HEADER_LEN {
         // Report bad magic as early as possible so a desynchronised stream fails fast.
@@ -469,6 +505,13 @@ pub fn decode_header(bytes: &[u8]) -> Result<FrameHeader, FrameError> {
             message_type,
             version,
             expected: super::HELLO_VERSION,
+        });
+    }
+    if message_type.since_version() > version {
+        return Err(FrameError::TypeNotInVersion {
+            message_type,
+            version,
+            since: message_type.since_version(),
         });
     }
     let flags = le_u16(h, offset::FLAGS);

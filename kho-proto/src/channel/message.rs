@@ -33,6 +33,12 @@ pub enum MessageType {
     Commit = 0x0024,
     /// [`Abort`]: give up one workload or the whole upgrade.
     Abort = 0x0025,
+    /// [`RegionStage`] (version 2): the handover image of one workload, sent before the
+    /// workload is frozen so that it is verified outside the blackout (carries one fd).
+    RegionStage = 0x0026,
+    /// [`StagedOffer`] (version 2): the state fds of one workload whose image was staged
+    /// (carries fds).
+    StagedOffer = 0x0027,
     /// [`ReleaseResources`]: CPUs and memory handed to the peer.
     ReleaseResources = 0x0030,
     /// [`Shutdown`]: the sender is about to halt; no further frames follow.
@@ -41,7 +47,7 @@ pub enum MessageType {
 
 impl MessageType {
     /// Every message type, in number order.
-    pub const ALL: [MessageType; 12] = [
+    pub const ALL: [MessageType; 14] = [
         MessageType::Hello,
         MessageType::HelloAck,
         MessageType::HelloReject,
@@ -52,6 +58,8 @@ impl MessageType {
         MessageType::HealthReport,
         MessageType::Commit,
         MessageType::Abort,
+        MessageType::RegionStage,
+        MessageType::StagedOffer,
         MessageType::ReleaseResources,
         MessageType::Shutdown,
     ];
@@ -66,9 +74,23 @@ impl MessageType {
         Self::ALL.into_iter().find(|t| t.as_u16() == value)
     }
 
-    /// Whether frames of this type may carry SCM_RIGHTS fds (only [`RegionOffer`]).
+    /// Whether frames of this type may carry SCM_RIGHTS fds ([`RegionOffer`],
+    /// [`RegionStage`], [`StagedOffer`]).
     pub const fn carries_fds(self) -> bool {
-        matches!(self, MessageType::RegionOffer)
+        matches!(
+            self,
+            MessageType::RegionOffer | MessageType::RegionStage | MessageType::StagedOffer
+        )
+    }
+
+    /// The protocol version that introduced this type: a frame of an older version never
+    /// carries it (encoders refuse, decoders report
+    /// [`FrameError::TypeNotInVersion`](super::FrameError::TypeNotInVersion)).
+    pub const fn since_version(self) -> u16 {
+        match self {
+            MessageType::RegionStage | MessageType::StagedOffer => 2,
+            _ => 1,
+        }
     }
 
     /// Hello, HelloAck and HelloReject: always framed with header version
@@ -93,6 +115,8 @@ impl MessageType {
             MessageType::HealthReport => "HealthReport",
             MessageType::Commit => "Commit",
             MessageType::Abort => "Abort",
+            MessageType::RegionStage => "RegionStage",
+            MessageType::StagedOffer => "StagedOffer",
             MessageType::ReleaseResources => "ReleaseResources",
             MessageType::Shutdown => "Shutdown",
         }
@@ -245,7 +269,40 @@ pub struct RegionOffer {
     pub fds: Vec<FdDescriptor>,
 }
 
-/// Verdict on a [`RegionOffer`].
+/// Version 2: the handover image of one workload, sent *before* the workload is frozen.
+/// Exactly one fd rides with the frame: the sealed memfd holding the image. The receiver
+/// runs every check of the image (length, SHA-256, parse, upgrade id, verify with a
+/// trusted key, spec, task state) while the workload still runs on the sender, keeps the
+/// result for `workload_id` (replacing any earlier one) and answers [`RegionVerified`].
+/// The [`StagedOffer`] that follows the freeze then carries only the state fds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionStage {
+    /// Workload the image belongs to (as in [`PrepareMigration`]).
+    pub workload_id: String,
+    /// Length in bytes of the handover image.
+    pub image_len: u64,
+    /// SHA-256 of the handover image.
+    pub image_sha256: [u8; 32],
+}
+
+/// Version 2: the state fds of one workload whose image a [`RegionStage`] delivered,
+/// sent once the workload is frozen. Exactly `fds.len()` fds ride with the frame, in the
+/// same order (the image's tokens 1, 2, ...; no image fd). `image_sha256` names the staged
+/// image the fds belong to: the receiver refuses the offer unless it staged exactly that
+/// image for `workload_id`. Answered like a [`RegionOffer`]: [`RegionVerified`], then
+/// [`HealthReport`] after `Ok`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedOffer {
+    /// Workload the fds belong to.
+    pub workload_id: String,
+    /// SHA-256 of the staged image the fds complete.
+    pub image_sha256: [u8; 32],
+    /// One descriptor per attached fd, in SCM_RIGHTS order.
+    #[serde(with = "wire::seq")]
+    pub fds: Vec<FdDescriptor>,
+}
+
+/// Verdict on a [`RegionOffer`] (or, version 2, a [`RegionStage`] or [`StagedOffer`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verification {
     /// Every check passed. Wire value 0.
@@ -337,6 +394,10 @@ pub enum Message {
     Commit(Commit),
     /// See [`Abort`].
     Abort(Abort),
+    /// See [`RegionStage`].
+    RegionStage(RegionStage),
+    /// See [`StagedOffer`].
+    StagedOffer(StagedOffer),
     /// See [`ReleaseResources`].
     ReleaseResources(ReleaseResources),
     /// See [`Shutdown`].
@@ -357,16 +418,21 @@ impl Message {
             Message::HealthReport(_) => MessageType::HealthReport,
             Message::Commit(_) => MessageType::Commit,
             Message::Abort(_) => MessageType::Abort,
+            Message::RegionStage(_) => MessageType::RegionStage,
+            Message::StagedOffer(_) => MessageType::StagedOffer,
             Message::ReleaseResources(_) => MessageType::ReleaseResources,
             Message::Shutdown(_) => MessageType::Shutdown,
         }
     }
 
     /// Number of SCM_RIGHTS fds a frame with this message must carry: `fds.len()` for a
-    /// [`RegionOffer`], 0 otherwise.
+    /// [`RegionOffer`] or a [`StagedOffer`], 1 (the image) for a [`RegionStage`], 0
+    /// otherwise.
     pub fn fd_count(&self) -> usize {
         match self {
             Message::RegionOffer(offer) => offer.fds.len(),
+            Message::StagedOffer(offer) => offer.fds.len(),
+            Message::RegionStage(_) => 1,
             _ => 0,
         }
     }
@@ -384,6 +450,8 @@ impl Message {
             Message::HealthReport(m) => postcard::to_stdvec(m),
             Message::Commit(m) => postcard::to_stdvec(m),
             Message::Abort(m) => postcard::to_stdvec(m),
+            Message::RegionStage(m) => postcard::to_stdvec(m),
+            Message::StagedOffer(m) => postcard::to_stdvec(m),
             Message::ReleaseResources(m) => postcard::to_stdvec(m),
             Message::Shutdown(m) => postcard::to_stdvec(m),
         }
@@ -413,6 +481,8 @@ impl Message {
             MessageType::HealthReport => take(payload, Message::HealthReport),
             MessageType::Commit => take(payload, Message::Commit),
             MessageType::Abort => take(payload, Message::Abort),
+            MessageType::RegionStage => take(payload, Message::RegionStage),
+            MessageType::StagedOffer => take(payload, Message::StagedOffer),
             MessageType::ReleaseResources => take(payload, Message::ReleaseResources),
             MessageType::Shutdown => take(payload, Message::Shutdown),
         }

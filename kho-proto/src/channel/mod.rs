@@ -33,8 +33,8 @@ pub use frame::{
 };
 pub use message::{
     Abort, AgentState, Commit, FdDescriptor, FdKind, HealthReport, Heartbeat, Hello, HelloAck,
-    HelloReject, Message, MessageType, PeerInfo, PrepareMigration, RegionOffer, RegionVerified,
-    ReleaseResources, Role, Shutdown, Verification,
+    HelloReject, Message, MessageType, PeerInfo, PrepareMigration, RegionOffer, RegionStage,
+    RegionVerified, ReleaseResources, Role, Shutdown, StagedOffer, Verification,
 };
 pub use peer::{Channel, ChannelError, Negotiated, negotiate_version};
 pub use sys::{
@@ -49,8 +49,8 @@ pub use vsock::{
 
 /// Lowest protocol version this build speaks.
 pub const MIN_VERSION: u16 = 1;
-/// Highest protocol version this build speaks.
-pub const MAX_VERSION: u16 = 1;
+/// Highest protocol version this build speaks (2: [`RegionStage`] and [`StagedOffer`]).
+pub const MAX_VERSION: u16 = 2;
 /// Header version of Hello, HelloAck and HelloReject frames, whatever is negotiated.
 pub const HELLO_VERSION: u16 = 1;
 /// Largest payload accepted or produced (16 MiB). Checked before any allocation.

@@ -5,7 +5,10 @@
 //! 2. On `PrepareMigration`, note the workload; on `RegionOffer` (image memfd + state fds
 //!    attached), verify everything ([`crate::handover::verify`]), start the workload with its
 //!    preserved fds, and answer `RegionVerified`; then run its health check and answer
-//!    `HealthReport`.
+//!    `HealthReport`. Protocol version 2 splits the offer around the freeze: `RegionStage`
+//!    (the image alone, verified and kept: [`crate::handover::stage`], answered with
+//!    `RegionVerified`), then `StagedOffer` (the state fds, checked against the staged image:
+//!    [`crate::handover::verify_staged`]), answered like a `RegionOffer`.
 //! 3. `Commit` makes the workload this instance's; `Abort` stops it and drops its fds.
 //! 4. If the channel drops (the orchestrator died), every workload received but not
 //!    committed is stopped at once: a copy nobody committed must never run beside the
@@ -88,6 +91,8 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
         .map_err(|e| e.to_string());
     let started = Instant::now();
     let mut inject_health_fail = false;
+    // Version 2: the image a RegionStage delivered, for the StagedOffer after the freeze.
+    let mut staged: Option<crate::handover::Staged> = None;
     loop {
         let (frame, fds) = match chan.recv().await {
             Ok(x) => x,
@@ -139,84 +144,70 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                 }
                 None
             }
-            Message::RegionOffer(offer) => {
-                let name = offer.workload_id.clone();
-                let t_offer = Instant::now();
+            Message::RegionStage(stage) => {
+                // Version 2, before the freeze: the image is checked now, while the
+                // workload still runs on the sender. One staged image at a time: a new one
+                // replaces it.
                 let result = trusted
                     .as_ref()
-                    .map_err(|e| crate::handover::CheckFailed {
-                        check: "trusted_keys".into(),
-                        detail: e.clone(),
-                    })
-                    .and_then(|t| crate::handover::verify(&offer, fds, t, upgrade_id.0));
-                match result {
+                    .map_err(|e| untrusted(e))
+                    .and_then(|t| crate::handover::stage(&stage, fds, t, upgrade_id.0));
+                let verdict = match result {
+                    Ok(s) => {
+                        staged = Some(s);
+                        Verification::Ok
+                    }
                     Err(e) => {
-                        tracing::warn!(workload = %name, error = %e, "offer refused");
-                        chan.send(
-                            Message::RegionVerified(RegionVerified {
-                                workload_id: name,
-                                result: Verification::Failed {
-                                    check: e.check,
-                                    detail: e.detail,
-                                },
-                            }),
-                            &[],
-                        )
-                        .await
-                        .ok();
-                        continue;
-                    }
-                    Ok(incoming) => {
-                        tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, "offer verified");
-                        let t0 = Instant::now();
-                        let extra = crate::fault::health_fail_args(inject_health_fail);
-                        let spec = incoming.spec;
-                        let start =
-                            supervisor::admit(shared, &name, &spec, incoming.fds, &extra, true);
-                        tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, "workload restored");
-                        let verdict = match &start {
-                            Ok(_) => Verification::Ok,
-                            Err(e) => Verification::Failed {
-                                check: "restore".into(),
-                                detail: e.to_string(),
-                            },
-                        };
-                        if chan
-                            .send(
-                                Message::RegionVerified(RegionVerified {
-                                    workload_id: name.clone(),
-                                    result: verdict,
-                                }),
-                                &[],
-                            )
-                            .await
-                            .is_err()
-                        {
-                            if start.is_ok() {
-                                received.push(name);
-                            }
-                            return received;
+                        staged = None;
+                        tracing::warn!(workload = %stage.workload_id, error = %e, "staged image refused");
+                        Verification::Failed {
+                            check: e.check,
+                            detail: e.detail,
                         }
-                        if start.is_err() {
-                            continue;
-                        }
-                        received.push(name.clone());
-                        let sh = Arc::clone(shared);
-                        let n = name.clone();
-                        let (healthy, detail) = tokio::task::spawn_blocking(move || {
-                            supervisor::check_health(&sh, &n, &spec)
-                        })
-                        .await
-                        .unwrap_or_else(|e| (false, format!("health check panicked: {e}")));
-                        tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, healthy, "health checked");
-                        Some(Message::HealthReport(HealthReport {
-                            workload_id: name,
-                            healthy,
-                            detail,
-                            elapsed_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
-                        }))
                     }
-                }
+                };
+                Some(Message::RegionVerified(RegionVerified {
+                    workload_id: stage.workload_id,
+                    result: verdict,
+                }))
+            }
+            Message::StagedOffer(offer) => {
+                let t_offer = Instant::now();
+                let result = crate::handover::verify_staged(staged.take(), &offer, fds);
+                let offered = (offer.workload_id, result, t_offer);
+                let Some(report) = restore(
+                    shared,
+                    &mut chan,
+                    &mut received,
+                    offered,
+                    inject_health_fail,
+                )
+                .await
+                else {
+                    return received;
+                };
+                report
+            }
+            Message::RegionOffer(offer) => {
+                let t_offer = Instant::now();
+                staged = None;
+                let result = trusted
+                    .as_ref()
+                    .map_err(|e| untrusted(e))
+                    .and_then(|t| crate::handover::verify(&offer, fds, t, upgrade_id.0));
+                let offered = (offer.workload_id, result, t_offer);
+                let Some(report) = restore(
+                    shared,
+                    &mut chan,
+                    &mut received,
+                    offered,
+                    inject_health_fail,
+                )
+                .await
+                else {
+                    return received;
+                };
+                report
             }
             Message::Commit(c) => {
                 let mut inst = lock(shared);
@@ -226,6 +217,7 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                 None
             }
             Message::Abort(a) => {
+                staged = None;
                 let names: Vec<String> = match &a.workload_id {
                     Some(n) => vec![n.clone()],
                     None => received.clone(),
@@ -264,4 +256,83 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
             return received;
         }
     }
+}
+
+/// The check that fails when the trusted keys could not be read.
+fn untrusted(error: &str) -> crate::handover::CheckFailed {
+    crate::handover::CheckFailed {
+        check: "trusted_keys".into(),
+        detail: error.to_owned(),
+    }
+}
+
+/// An offer whose checks ran: the workload, the outcome, when it arrived.
+type Offered = (
+    String,
+    Result<crate::handover::Incoming, crate::handover::CheckFailed>,
+    Instant,
+);
+
+/// The rest of an offer once its checks ran: answers `RegionVerified`; if every check
+/// passed, starts the workload from what was verified (noting it in `received`: it runs
+/// here, uncommitted) and health-checks it. The `HealthReport` to send, if any; `None`
+/// when the channel closed.
+async fn restore(
+    shared: &Shared,
+    chan: &mut Channel<UnixTransport>,
+    received: &mut Vec<String>,
+    (name, result, t_offer): Offered,
+    inject_health_fail: bool,
+) -> Option<Option<Message>> {
+    let incoming = match result {
+        Err(e) => {
+            tracing::warn!(workload = %name, error = %e, "offer refused");
+            let refused = Message::RegionVerified(RegionVerified {
+                workload_id: name,
+                result: Verification::Failed {
+                    check: e.check,
+                    detail: e.detail,
+                },
+            });
+            return chan.send(refused, &[]).await.ok().map(|_| None);
+        }
+        Ok(incoming) => incoming,
+    };
+    tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, "offer verified");
+    let t0 = Instant::now();
+    let extra = crate::fault::health_fail_args(inject_health_fail);
+    let spec = incoming.spec;
+    let start = supervisor::admit(shared, &name, &spec, incoming.fds, &extra, true);
+    tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, "workload restored");
+    let verdict = match &start {
+        Ok(_) => Verification::Ok,
+        Err(e) => Verification::Failed {
+            check: "restore".into(),
+            detail: e.to_string(),
+        },
+    };
+    if start.is_ok() {
+        received.push(name.clone());
+    }
+    let answer = Message::RegionVerified(RegionVerified {
+        workload_id: name.clone(),
+        result: verdict,
+    });
+    chan.send(answer, &[]).await.ok()?;
+    if start.is_err() {
+        return Some(None);
+    }
+    let sh = Arc::clone(shared);
+    let n = name.clone();
+    let (healthy, detail) =
+        tokio::task::spawn_blocking(move || supervisor::check_health(&sh, &n, &spec))
+            .await
+            .unwrap_or_else(|e| (false, format!("health check panicked: {e}")));
+    tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, healthy, "health checked");
+    Some(Some(Message::HealthReport(HealthReport {
+        workload_id: name,
+        healthy,
+        detail,
+        elapsed_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+    })))
 }

@@ -359,6 +359,8 @@ struct Prebuilt {
     out: handover::Outgoing,
     generation: u64,
     states: FdStates,
+    /// The target verified the image before the freeze ([`Platform::stage`]).
+    staged: bool,
 }
 
 /// What an image built by identity records of a move's descriptors, per fd: its name,
@@ -683,7 +685,19 @@ impl<'a> Orchestrator<'a> {
             self.platform.abort(to, name, &e.to_string());
             return Err(e);
         }
-        let prebuilt = self.prebuild(from, name, &spec, task.as_ref(), &release);
+        let mut prebuilt = self.prebuild(from, name, &spec, task.as_ref(), &release);
+        // The prebuilt image goes ahead and is verified by the target now, while the
+        // workload still serves: the offer after the freeze then carries only the fds.
+        if let Some(p) = &mut prebuilt {
+            match self.platform.stage(to, name, &p.out) {
+                Ok(staged) => p.staged = staged,
+                Err(e) => {
+                    // Nothing is frozen: what was prepared on `to` goes.
+                    self.platform.abort(to, name, &e.to_string());
+                    return Err(e);
+                }
+            }
+        }
         self.hold_events();
         let t0 = self.setup.env.now();
         // Frozen, and its descriptors taken, in one step (one round trip to the instance
@@ -783,6 +797,7 @@ impl<'a> Orchestrator<'a> {
             out,
             generation,
             states,
+            staged: false,
         })
     }
 
@@ -841,7 +856,7 @@ impl<'a> Orchestrator<'a> {
             corrupt_region: std::mem::take(&mut self.faults_left.corrupt_region),
         };
         let generation = u64::from(self.writes);
-        let out = match prebuilt {
+        let (out, staged) = match prebuilt {
             // The image built before the freeze describes these very objects: the
             // descriptors taken before the freeze are dropped, their duplicates go.
             Some(p)
@@ -850,20 +865,30 @@ impl<'a> Orchestrator<'a> {
                     && fd_states(&fds).is_some_and(|now| now == p.states) =>
             {
                 drop(fds);
-                p.out
+                (p.out, p.staged)
             }
-            _ => self
-                .build_image(spec, task, fds, release, generation, faults)
-                .map_err(|e| io(format!("{name}: building the handover image: {e}")))?,
+            _ => (
+                self.build_image(spec, task, fds, release, generation, faults)
+                    .map_err(|e| io(format!("{name}: building the handover image: {e}")))?,
+                false,
+            ),
         };
         // Not journaled (an fsync inside the blackout buys nothing): recovery finds an
         // offered copy by asking the instances, and the receiver stops uncommitted copies.
         self.set_status(name, MoveStatus::Offered, None);
-        self.note(format!(
-            "{name}: offer {} bytes of image and {} fds to instance {to}",
-            out.offer.image_len,
-            out.offer.fds.len()
-        ));
+        let state_fds = out.offer.fds.len().saturating_sub(1);
+        self.note(if staged {
+            format!(
+                "{name}: offer {state_fds} fds to instance {to} (its {}-byte image was \
+                 verified there before the freeze)",
+                out.offer.image_len
+            )
+        } else {
+            format!(
+                "{name}: offer {} bytes of image and {state_fds} fds to instance {to}",
+                out.offer.image_len
+            )
+        });
         let t_deliver = self.setup.env.now();
         let deadline = std::time::Instant::now() + move_deadline(spec);
         match self.platform.deliver(to, name, out, deadline)? {

@@ -1078,6 +1078,55 @@ fn an_image_built_before_the_freeze_is_used_only_for_the_same_objects() {
     }
 }
 
+/// Side by side, an image built before the freeze is staged on the target before the
+/// freeze; a staged image the target refuses fails the move before anything is frozen,
+/// and the upgrade rolls back with every workload running on the old instance.
+#[test]
+fn a_staged_image_goes_ahead_of_the_freeze_and_its_refusal_freezes_nothing() {
+    let w = by_identity();
+    let mut p = w.platform(false);
+    p.stable_fds = true;
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    r.unwrap();
+    assert_eq!(rec.outcome, Some(Outcome::Upgraded));
+    for name in ["kv-1", "kv-2"] {
+        let at = |c: String| p.calls.iter().position(|x| *x == c);
+        let (stage, freeze) = (
+            at(format!("stage 2 {name}")),
+            at(format!("freeze 1 {name}")),
+        );
+        assert!(
+            stage.is_some() && stage < freeze,
+            "{name}: staged before its freeze: {:?}",
+            p.calls
+        );
+    }
+
+    let mut p = w.platform(false);
+    p.stable_fds = true;
+    p.refused_stage.insert("kv-2".into());
+    let (rec, r) = upgrade(&w, &mut p).unwrap();
+    let e = r.unwrap_err();
+    assert!(e.to_string().contains("untrusted key"), "{e}");
+    assert_eq!(rec.outcome, Some(Outcome::RolledBack));
+    assert!(
+        !p.calls.iter().any(|c| c == "freeze 1 kv-2"),
+        "kv-2 was never frozen: {:?}",
+        p.calls
+    );
+    assert!(
+        p.calls.iter().any(|c| c == "abort 2 kv-2"),
+        "what was prepared for kv-2 went: {:?}",
+        p.calls
+    );
+    assert_eq!(
+        p.instances[&1].workloads.len(),
+        2,
+        "both run on instance 1: {:?}",
+        p.calls
+    );
+}
+
 #[test]
 fn moves_by_digest_build_their_image_only_once_frozen() {
     let w = World::new();

@@ -10,12 +10,12 @@
 //! [`Platform`](super::Platform) trait.
 
 use std::collections::BTreeMap;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
 use kho_proto::channel::{
     Abort, AgentState, Channel, Commit, Heartbeat, Message, PeerInfo, PrepareMigration,
-    ReleaseResources, Role, Shutdown, Transport, UpgradeId, Verification,
+    RegionStage, ReleaseResources, Role, Shutdown, StagedOffer, Transport, UpgradeId, Verification,
 };
 
 use super::{Delivered, InstanceId, PlatformError, Resources};
@@ -36,6 +36,8 @@ pub type Connector<'a> =
 pub struct ChannelLink {
     rt: tokio::runtime::Runtime,
     channels: BTreeMap<InstanceId, Chan>,
+    /// Per target, the image it verified from a `RegionStage` (workload, SHA-256).
+    staged: BTreeMap<InstanceId, (String, [u8; 32])>,
     upgrade_id: Option<UpgradeId>,
     local: PeerInfo,
     started: Instant,
@@ -71,6 +73,7 @@ impl ChannelLink {
         Ok(ChannelLink {
             rt,
             channels: BTreeMap::new(),
+            staged: BTreeMap::new(),
             upgrade_id: None,
             local: PeerInfo {
                 instance_id: local_id,
@@ -86,6 +89,7 @@ impl ChannelLink {
     pub fn set_upgrade(&mut self, id: UpgradeId) {
         if self.upgrade_id != Some(id) {
             self.channels.clear();
+            self.staged.clear();
         }
         self.upgrade_id = Some(id);
     }
@@ -211,8 +215,56 @@ impl ChannelLink {
         Ok(())
     }
 
-    /// `RegionOffer` with the image and fds attached; waits for `RegionVerified` and
-    /// `HealthReport`, both before `deadline`.
+    /// Protocol version 2, before the freeze: `RegionStage` with the image of `out`
+    /// attached, and its verdict. `Ok(true)`: the target verified the image and keeps it, so
+    /// [`Self::offer`] sends only the state fds (`StagedOffer`) if it offers this very image.
+    /// `Ok(false)`: the channel speaks version 1; the offer carries the image as before.
+    /// Only for transports that carry fds (the caller knows: the emulated platform's). [`PlatformError::Refused`]: the target refused the image.
+    pub fn stage(
+        &mut self,
+        to: InstanceId,
+        name: &str,
+        out: &Outgoing,
+        connect: &mut Connector<'_>,
+    ) -> Result<bool, PlatformError> {
+        let chan = self.channel(to, connect)?;
+        if chan.version().unwrap_or(1) < 2 {
+            return Ok(false);
+        }
+        self.staged.remove(&to);
+        let stage = Message::RegionStage(RegionStage {
+            workload_id: name.to_owned(),
+            image_len: out.offer.image_len,
+            image_sha256: out.offer.image_sha256,
+        });
+        self.send(to, stage, &[out.image.as_fd()])?;
+        match self.recv(to)? {
+            Message::RegionVerified(v) if v.workload_id == name => match v.result {
+                Verification::Ok => {
+                    self.staged
+                        .insert(to, (name.to_owned(), out.offer.image_sha256));
+                    Ok(true)
+                }
+                Verification::Failed { check, detail } => Err(PlatformError::Refused {
+                    workload: name.to_owned(),
+                    instance: to,
+                    check,
+                    detail,
+                }),
+            },
+            other => Err(chan_err(
+                to,
+                format!(
+                    "{name}: expected RegionVerified for the staged image, got {}",
+                    other.message_type()
+                ),
+            )),
+        }
+    }
+
+    /// `RegionOffer` with the image and fds attached (or, when [`Self::stage`] delivered
+    /// this very image, `StagedOffer` with the state fds only); waits for `RegionVerified`
+    /// and `HealthReport`, both before `deadline`.
     pub fn offer(
         &mut self,
         to: InstanceId,
@@ -234,8 +286,19 @@ impl ChannelLink {
         };
         let t0 = Instant::now();
         self.channel(to, connect)?;
+        let staged = self.staged.remove(&to);
         let frame_fds = out.frame_fds();
-        self.send(to, Message::RegionOffer(out.offer.clone()), &frame_fds)?;
+        if staged.is_some_and(|(w, sha)| w == name && sha == out.offer.image_sha256) {
+            let offer = StagedOffer {
+                workload_id: out.offer.workload_id.clone(),
+                image_sha256: out.offer.image_sha256,
+                fds: out.offer.fds.get(1..).unwrap_or_default().to_vec(),
+            };
+            let state_fds = frame_fds.get(1..).unwrap_or_default();
+            self.send(to, Message::StagedOffer(offer), state_fds)?;
+        } else {
+            self.send(to, Message::RegionOffer(out.offer.clone()), &frame_fds)?;
+        }
         drop(frame_fds);
         drop(out);
         let verified_us;
@@ -311,6 +374,7 @@ impl ChannelLink {
             workload_id: Some(name.to_owned()),
             reason: reason.to_owned(),
         });
+        self.staged.remove(&to);
         if !self.channels.contains_key(&to) || self.send(to, abort, &[]).is_err() {
             return;
         }
@@ -356,18 +420,20 @@ impl ChannelLink {
             }
         }
         self.channels.clear();
+        self.staged.clear();
     }
 
     /// Closes the channel to `id` (its receiver stops every uncommitted copy).
     pub fn close(&mut self, id: InstanceId) {
         self.channels.remove(&id);
+        self.staged.remove(&id);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kho_proto::channel::UnixTransport;
+    use kho_proto::channel::{MessageType, UnixTransport};
 
     /// A target that negotiates, then never answers an offer: the delivery fails when the
     /// move's deadline passes, not after the generic reply timeout.
@@ -426,5 +492,132 @@ mod tests {
         assert!(took < Duration::from_secs(3), "waited {took:?}");
         drop(link);
         peer.join().unwrap();
+    }
+
+    /// What a fake target saw of one move: the types and fd counts of the frames after the
+    /// handshake.
+    fn staged_move(peer_versions: (u16, u16)) -> (bool, Vec<(MessageType, usize)>) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let upgrade = UpgradeId([9; 16]);
+        let peer = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let t = UnixTransport::from_std(b).unwrap();
+                let local = PeerInfo {
+                    instance_id: 2,
+                    role: Role::New,
+                    kernel_release: "B".into(),
+                    agent_version: "test".into(),
+                };
+                let mut chan = Channel::new(t, upgrade, local)
+                    .with_version_range(peer_versions.0, peer_versions.1)
+                    .unwrap();
+                chan.negotiate_as_responder().await.unwrap();
+                let mut seen = Vec::new();
+                while let Ok((frame, fds)) = chan.recv().await {
+                    seen.push((frame.message_type(), fds.len()));
+                    let ok = |w: &str| {
+                        Message::RegionVerified(kho_proto::channel::RegionVerified {
+                            workload_id: w.to_owned(),
+                            result: Verification::Ok,
+                        })
+                    };
+                    match frame.message {
+                        Message::RegionStage(s) => {
+                            chan.send(ok(&s.workload_id), &[]).await.unwrap();
+                        }
+                        Message::RegionOffer(kho_proto::channel::RegionOffer {
+                            workload_id: w,
+                            ..
+                        })
+                        | Message::StagedOffer(StagedOffer { workload_id: w, .. }) => {
+                            chan.send(ok(&w), &[]).await.unwrap();
+                            let report = Message::HealthReport(kho_proto::channel::HealthReport {
+                                workload_id: w,
+                                healthy: true,
+                                detail: String::new(),
+                                elapsed_ms: 0,
+                            });
+                            chan.send(report, &[]).await.unwrap();
+                        }
+                        _ => {}
+                    }
+                }
+                seen
+            })
+        });
+        let mut link = ChannelLink::new(1, "A".into()).unwrap();
+        link.set_upgrade(upgrade);
+        let mut a = Some(a);
+        let mut connect =
+            |_: InstanceId, _: UpgradeId| -> Result<Box<dyn Transport>, PlatformError> {
+                let s = a.take().expect("one connection");
+                Ok(Box::new(
+                    UnixTransport::from_std(s).map_err(|e| chan_err(2, e.to_string()))?,
+                ))
+            };
+        let out = || {
+            let image = crate::handover::sealed_memfd("img", b"image").unwrap();
+            let data = crate::handover::sealed_memfd("data", b"data").unwrap();
+            let desc = |name: &str| kho_proto::channel::FdDescriptor {
+                name: name.into(),
+                kind: kho_proto::channel::FdKind::Memfd,
+                length: 0,
+                crc32: 0,
+                sha256: [0; 32],
+            };
+            Outgoing {
+                image,
+                offer: kho_proto::channel::RegionOffer {
+                    workload_id: "kv".into(),
+                    image_len: 5,
+                    image_sha256: [1; 32],
+                    fds: vec![desc("image"), desc("data")],
+                },
+                fds: vec![crate::model::PreservedFd {
+                    name: "data".into(),
+                    fd: data,
+                }],
+            }
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let first = out();
+        let staged = link.stage(2, "kv", &first, &mut connect).unwrap();
+        link.offer(2, "kv", first, deadline, &mut connect).unwrap();
+        // Staged, but another image is offered (rebuilt after the freeze): it travels whole.
+        let second = out();
+        if staged {
+            assert!(link.stage(2, "kv", &second, &mut connect).unwrap());
+        }
+        let mut other = out();
+        other.offer.image_sha256 = [2; 32];
+        link.offer(2, "kv", other, deadline, &mut connect).unwrap();
+        drop(link);
+        (staged, peer.join().unwrap())
+    }
+
+    /// Version 2: the image goes ahead with `RegionStage` (one fd), the offer after the
+    /// freeze carries the state fds only; an offer of another image carries everything.
+    /// A version 1 target gets the version 1 conversation.
+    #[test]
+    fn a_staged_image_is_not_sent_again_and_version_1_targets_get_whole_offers() {
+        use MessageType::{RegionOffer, RegionStage, StagedOffer};
+        let (staged, seen) = staged_move((1, 2));
+        assert!(staged);
+        assert_eq!(
+            seen,
+            [
+                (RegionStage, 1),
+                (StagedOffer, 1),
+                (RegionStage, 1),
+                (RegionOffer, 2)
+            ]
+        );
+        let (staged, seen) = staged_move((1, 1));
+        assert!(!staged);
+        assert_eq!(seen, [(RegionOffer, 2), (RegionOffer, 2)]);
     }
 }

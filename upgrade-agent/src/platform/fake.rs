@@ -63,6 +63,8 @@ pub struct FakePlatform {
     pub exited: BTreeSet<String>,
     /// Workloads whose hand-over the target refuses (a failed check).
     pub refused: BTreeSet<String>,
+    /// Workloads whose image, sent ahead of the freeze (`stage`), the target refuses.
+    pub refused_stage: BTreeSet<String>,
     /// Replace: what was staged for the next kernel.
     pub staged: BTreeSet<String>,
     /// Replace: the record the last boot carried, until taken by `handed_over`.
@@ -108,6 +110,7 @@ impl FakePlatform {
             sick: BTreeSet::new(),
             exited: BTreeSet::new(),
             refused: BTreeSet::new(),
+            refused_stage: BTreeSet::new(),
             staged: BTreeSet::new(),
             carried: None,
             upgrade_id: None,
@@ -360,6 +363,33 @@ impl Platform for FakePlatform {
             std::fs::create_dir(&p).map_err(|e| PlatformError::io("blocking the journal", e))?;
         }
         Ok(())
+    }
+
+    /// Side by side, like the emulated platform's channel: the image is staged (it must
+    /// be non-empty), unless the test refuses it. Replace: nothing to stage.
+    fn stage(
+        &mut self,
+        to: InstanceId,
+        workload: &str,
+        out: &Outgoing,
+    ) -> Result<bool, PlatformError> {
+        if self.replace {
+            return Ok(false);
+        }
+        self.call("stage", to, workload)?;
+        let len = crate::sys::memfd::size(out.image.as_fd()).map_err(|e| {
+            PlatformError::io("fake: sizing the staged image", std::io::Error::from(e))
+        })?;
+        assert!(len > 0, "an empty handover image was staged");
+        if self.refused_stage.contains(workload) {
+            return Err(PlatformError::Refused {
+                workload: workload.to_owned(),
+                instance: to,
+                check: "image".into(),
+                detail: "signature by an untrusted key".into(),
+            });
+        }
+        Ok(true)
     }
 
     fn deliver(

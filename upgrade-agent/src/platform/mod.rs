@@ -166,6 +166,22 @@ pub trait Platform {
     /// (creates the workload's group) outside the blackout.
     fn prepare(&mut self, to: InstanceId, spec: &WorkloadSpec) -> Result<(), PlatformError>;
 
+    /// Hands the image of a hand-over built before the freeze to `to`, to be verified while
+    /// the workload still runs (channel protocol version 2, `RegionStage`): a
+    /// [`Platform::deliver`] of the same image after the freeze then carries only the
+    /// descriptors, and the target checks only those. `Ok(true)`: staged; `Ok(false)`: this
+    /// platform or its target cannot stage (the delivery carries everything, as before);
+    /// [`PlatformError::Refused`]: the target refused the image (nothing is frozen yet).
+    fn stage(
+        &mut self,
+        to: InstanceId,
+        workload: &str,
+        out: &Outgoing,
+    ) -> Result<bool, PlatformError> {
+        let _ = (to, workload, out);
+        Ok(false)
+    }
+
     /// Hands one built hand-over (sealed image + descriptors) to `to`.
     ///
     /// Side by side, the target verifies it, starts the workload from it and health-checks

@@ -495,6 +495,15 @@ impl Platform for EmulatedPlatform {
         self.with_link(|l, c| l.prepare(to, spec, c))
     }
 
+    fn stage(
+        &mut self,
+        to: InstanceId,
+        workload: &str,
+        out: &Outgoing,
+    ) -> Result<bool, PlatformError> {
+        self.with_link(|l, c| l.stage(to, workload, out, c))
+    }
+
     fn deliver(
         &mut self,
         to: InstanceId,
