@@ -212,6 +212,11 @@ fn the_orchestrator_keeps_off_the_receiving_instance_cpus() -> Result<(), String
 
     assert!(p.prepare(id, &spec).is_err());
     assert_ne!(own_cpus(), before);
+    p.abort(id, "kv", "test");
+    assert_eq!(own_cpus(), before, "an aborted move gives the mask back");
+
+    assert!(p.prepare(id, &spec).is_err());
+    assert_ne!(own_cpus(), before);
     drop(p);
     assert_eq!(own_cpus(), before, "drop gives the mask back");
     Ok(())

@@ -56,7 +56,8 @@ pub struct EmulatedPlatform {
     /// move's `FreezeFds` then goes over the connection its `Ping` opened.
     kept: Mutex<BTreeMap<InstanceId, Arc<Mutex<ctl::Kept>>>>,
     /// The orchestrating thread's cpu mask before the first move kept it off a receiving
-    /// instance's cpus ([`Self::keep_off`]); put back by `disconnect` and on drop.
+    /// instance's cpus ([`Self::keep_off`]); put back by `abort` (a failed move),
+    /// `disconnect` and on drop.
     own_cpus: Option<nix::sched::CpuSet>,
 }
 
@@ -520,6 +521,9 @@ impl Platform for EmulatedPlatform {
 
     fn abort(&mut self, to: InstanceId, workload: &str, reason: &str) {
         self.links.abort(to, workload, reason);
+        // The move is over: the thread may run anywhere again (the next prepare narrows
+        // it for its own target).
+        self.restore_cpus();
     }
 
     fn disconnect(&mut self, release: Option<&Resources>) {
