@@ -450,16 +450,12 @@ fn check_image<'a>(
     Ok(Checked { view, spec, task })
 }
 
-/// The digest an external region records for memfd `token`.
-fn external_digest(view: &ImageView<'_>, token: u64) -> Option<RegionDigest> {
-    view.regions()
-        .iter()
-        .find_map(|r| r.external().filter(|e| e.token == token))
-        .map(|e| RegionDigest {
-            len: e.length,
-            crc32: e.crc32,
-            sha256: e.sha256,
-        })
+/// An offer whose descriptors and attached fds differ in number.
+fn fd_count_mismatch(described: usize, received: usize) -> CheckFailed {
+    fail(
+        "fd_count",
+        format!("{described} descriptors described, {received} fds received"),
+    )
 }
 
 /// What the state fds of a verified image must be, token by token: an external region
@@ -564,14 +560,7 @@ pub fn verify(
     expect_upgrade: [u8; 16],
 ) -> Result<Incoming, CheckFailed> {
     if fds.len() != offer.fds.len() || fds.is_empty() {
-        return Err(fail(
-            "fd_count",
-            format!(
-                "{} descriptors described, {} fds received",
-                offer.fds.len(),
-                fds.len()
-            ),
-        ));
+        return Err(fd_count_mismatch(offer.fds.len(), fds.len()));
     }
     let rest = fds.split_off(1);
     let image_fd = fds.pop().ok_or_else(|| fail("fd_count", "no image fd"))?;
@@ -643,14 +632,7 @@ pub fn verify_staged(
         ));
     }
     if fds.len() != offer.fds.len() {
-        return Err(fail(
-            "fd_count",
-            format!(
-                "{} descriptors described, {} fds received",
-                offer.fds.len(),
-                fds.len()
-            ),
-        ));
+        return Err(fd_count_mismatch(offer.fds.len(), fds.len()));
     }
     check_fds(staged, &offer.fds, fds)
 }
@@ -792,15 +774,16 @@ pub fn verify_preserved(
     }
     // `integrity = "digest"`: an external region per memfd; any other check: an identity
     // entry (size and seals are compared; device and inode are another kernel's).
-    let identities = image_identities(&view)?;
+    let expect = FdExpectations::of(&view)?;
     let mut out = Vec::with_capacity(memfds.len());
     for (i, (fd, name)) in memfds.into_iter().zip(names).enumerate() {
         let token = u64::try_from(i + 1).map_err(|e| fail("token", e.to_string()))?;
-        if let Some(expected) = external_digest(&view, token) {
+        if let Some(expected) = expect.digest(token) {
             state_serializers::verify_fd(name, fd.as_fd(), &expected)
                 .map_err(|err| fail(format!("token[{token}].digest"), err.to_string()))?;
         } else {
-            let want = identities
+            let want = expect
+                .identities
                 .iter()
                 .find(|id| id.token == token)
                 .ok_or_else(|| {

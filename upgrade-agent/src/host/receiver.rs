@@ -101,12 +101,46 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                 return received;
             }
         };
-        let reply = match frame.message {
-            Message::Heartbeat(_) => Some(Message::Heartbeat(Heartbeat {
+        // An offer (whole, or of a staged image) is checked, then started and health-checked
+        // the same way.
+        let t_offer = Instant::now();
+        let incoming = match frame.message {
+            Message::RegionOffer(offer) => {
+                staged = None;
+                let result = trusted
+                    .as_ref()
+                    .map_err(|e| untrusted(e))
+                    .and_then(|t| crate::handover::verify(&offer, fds, t, upgrade_id.0));
+                let offered = (offer.workload_id, result, t_offer);
+                Incoming::Offer(offered)
+            }
+            Message::StagedOffer(offer) => {
+                let result = crate::handover::verify_staged(staged.take(), &offer, fds);
+                let offered = (offer.workload_id, result, t_offer);
+                Incoming::Offer(offered)
+            }
+            other => Incoming::Other(other, fds),
+        };
+        let reply = match incoming {
+            Incoming::Offer(offered) => {
+                let restored = restore(
+                    shared,
+                    &mut chan,
+                    &mut received,
+                    offered,
+                    inject_health_fail,
+                )
+                .await;
+                let Some(report) = restored else {
+                    return received;
+                };
+                report
+            }
+            Incoming::Other(Message::Heartbeat(_), _) => Some(Message::Heartbeat(Heartbeat {
                 monotonic_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 state: AgentState::Ready,
             })),
-            Message::PrepareMigration(p) => {
+            Incoming::Other(Message::PrepareMigration(p), _) => {
                 let spec = serde_json::from_slice::<crate::workload::WorkloadSpec>(&p.spec).ok();
                 inject_health_fail = spec
                     .as_ref()
@@ -144,7 +178,7 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                 }
                 None
             }
-            Message::RegionStage(stage) => {
+            Incoming::Other(Message::RegionStage(stage), fds) => {
                 // Version 2, before the freeze: the image is checked now, while the
                 // workload still runs on the sender. One staged image at a time: a new one
                 // replaces it.
@@ -171,52 +205,14 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                     result: verdict,
                 }))
             }
-            Message::StagedOffer(offer) => {
-                let t_offer = Instant::now();
-                let result = crate::handover::verify_staged(staged.take(), &offer, fds);
-                let offered = (offer.workload_id, result, t_offer);
-                let Some(report) = restore(
-                    shared,
-                    &mut chan,
-                    &mut received,
-                    offered,
-                    inject_health_fail,
-                )
-                .await
-                else {
-                    return received;
-                };
-                report
-            }
-            Message::RegionOffer(offer) => {
-                let t_offer = Instant::now();
-                staged = None;
-                let result = trusted
-                    .as_ref()
-                    .map_err(|e| untrusted(e))
-                    .and_then(|t| crate::handover::verify(&offer, fds, t, upgrade_id.0));
-                let offered = (offer.workload_id, result, t_offer);
-                let Some(report) = restore(
-                    shared,
-                    &mut chan,
-                    &mut received,
-                    offered,
-                    inject_health_fail,
-                )
-                .await
-                else {
-                    return received;
-                };
-                report
-            }
-            Message::Commit(c) => {
+            Incoming::Other(Message::Commit(c), _) => {
                 let mut inst = lock(shared);
                 if let Some(w) = inst.workloads.get_mut(&c.workload_id) {
                     w.pending_commit = false;
                 }
                 None
             }
-            Message::Abort(a) => {
+            Incoming::Other(Message::Abort(a), _) => {
                 staged = None;
                 let names: Vec<String> = match &a.workload_id {
                     Some(n) => vec![n.clone()],
@@ -236,15 +232,15 @@ async fn serve_async(shared: &Shared, conn: UnixStream) -> Vec<String> {
                 .await;
                 None
             }
-            Message::ReleaseResources(r) => {
+            Incoming::Other(Message::ReleaseResources(r), _) => {
                 tracing::info!(cpus = ?r.cpus, memory = r.memory_bytes, "peer releases resources");
                 None
             }
-            Message::Shutdown(s) => {
+            Incoming::Other(Message::Shutdown(s), _) => {
                 tracing::info!(reason = %s.reason, "peer shut the channel down");
                 return received;
             }
-            other => {
+            Incoming::Other(other, _) => {
                 tracing::warn!(message = ?other.message_type(), "unexpected message ignored");
                 None
             }
@@ -264,6 +260,16 @@ fn untrusted(error: &str) -> crate::handover::CheckFailed {
         check: "trusted_keys".into(),
         detail: error.to_owned(),
     }
+}
+
+/// A frame as the receiver's loop handles it: an offer whose checks ran (a whole
+/// `RegionOffer` or a version 2 `StagedOffer`), or any other message with its fds.
+/// It lives for one turn of the loop, on the stack: boxing the larger variant would add an
+/// allocation to every offer, inside the blackout.
+#[allow(clippy::large_enum_variant)]
+enum Incoming {
+    Offer(Offered),
+    Other(Message, Vec<std::os::fd::OwnedFd>),
 }
 
 /// An offer whose checks ran: the workload, the outcome, when it arrived.

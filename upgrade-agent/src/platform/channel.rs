@@ -433,15 +433,20 @@ impl ChannelLink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kho_proto::channel::{MessageType, UnixTransport};
+    use kho_proto::channel::{MAX_VERSION, MIN_VERSION, MessageType, UnixTransport};
 
-    /// A target that negotiates, then never answers an offer: the delivery fails when the
-    /// move's deadline passes, not after the generic reply timeout.
-    #[test]
-    fn an_offer_fails_at_the_moves_deadline() {
-        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let upgrade = UpgradeId([9; 16]);
-        let peer = std::thread::spawn(move || {
+    /// A target instance's agent on `b`, speaking `versions`, on its own thread: it
+    /// negotiates, then `serve` has the channel.
+    fn target<T, F>(
+        b: std::os::unix::net::UnixStream,
+        versions: (u16, u16),
+        serve: impl FnOnce(Channel<UnixTransport>) -> F + Send + 'static,
+    ) -> std::thread::JoinHandle<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = T>,
+    {
+        std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -454,23 +459,41 @@ mod tests {
                     kernel_release: "B".into(),
                     agent_version: "test".into(),
                 };
-                let mut chan = Channel::new(t, upgrade, local);
+                let mut chan = Channel::new(t, UPGRADE, local)
+                    .with_version_range(versions.0, versions.1)
+                    .unwrap();
                 chan.negotiate_as_responder().await.unwrap();
-                // Read the offer, answer nothing, keep the connection open.
-                let _ = chan.recv().await;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            });
-        });
+                serve(chan).await
+            })
+        })
+    }
+
+    const UPGRADE: UpgradeId = UpgradeId([9; 16]);
+
+    /// A link of instance 1 whose one connection (to instance 2) is `a`.
+    fn link_over(a: std::os::unix::net::UnixStream) -> (ChannelLink, Box<Connector<'static>>) {
         let mut link = ChannelLink::new(1, "A".into()).unwrap();
-        link.set_upgrade(upgrade);
+        link.set_upgrade(UPGRADE);
         let mut a = Some(a);
-        let mut connect =
-            |_: InstanceId, _: UpgradeId| -> Result<Box<dyn Transport>, PlatformError> {
-                let s = a.take().expect("one connection");
-                Ok(Box::new(
-                    UnixTransport::from_std(s).map_err(|e| chan_err(2, e.to_string()))?,
-                ))
-            };
+        let connect = Box::new(move |_: InstanceId, _: UpgradeId| {
+            let s = a.take().expect("one connection");
+            let t = UnixTransport::from_std(s).map_err(|e| chan_err(2, e.to_string()))?;
+            Ok(Box::new(t) as Box<dyn Transport>)
+        });
+        (link, connect)
+    }
+
+    /// A target that negotiates, then never answers an offer: the delivery fails when the
+    /// move's deadline passes, not after the generic reply timeout.
+    #[test]
+    fn an_offer_fails_at_the_moves_deadline() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = target(b, (MIN_VERSION, MAX_VERSION), |mut chan| async move {
+            // Read the offer, answer nothing, keep the connection open.
+            let _ = chan.recv().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        });
+        let (mut link, mut connect) = link_over(a);
         let image = crate::handover::sealed_memfd("img", b"image").unwrap();
         let out = Outgoing {
             image,
@@ -498,67 +521,40 @@ mod tests {
     /// handshake.
     fn staged_move(peer_versions: (u16, u16)) -> (bool, Vec<(MessageType, usize)>) {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let upgrade = UpgradeId([9; 16]);
-        let peer = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let t = UnixTransport::from_std(b).unwrap();
-                let local = PeerInfo {
-                    instance_id: 2,
-                    role: Role::New,
-                    kernel_release: "B".into(),
-                    agent_version: "test".into(),
+        let peer = target(b, peer_versions, |mut chan| async move {
+            let mut seen = Vec::new();
+            while let Ok((frame, fds)) = chan.recv().await {
+                seen.push((frame.message_type(), fds.len()));
+                let ok = |w: &str| {
+                    Message::RegionVerified(kho_proto::channel::RegionVerified {
+                        workload_id: w.to_owned(),
+                        result: Verification::Ok,
+                    })
                 };
-                let mut chan = Channel::new(t, upgrade, local)
-                    .with_version_range(peer_versions.0, peer_versions.1)
-                    .unwrap();
-                chan.negotiate_as_responder().await.unwrap();
-                let mut seen = Vec::new();
-                while let Ok((frame, fds)) = chan.recv().await {
-                    seen.push((frame.message_type(), fds.len()));
-                    let ok = |w: &str| {
-                        Message::RegionVerified(kho_proto::channel::RegionVerified {
-                            workload_id: w.to_owned(),
-                            result: Verification::Ok,
-                        })
-                    };
-                    match frame.message {
-                        Message::RegionStage(s) => {
-                            chan.send(ok(&s.workload_id), &[]).await.unwrap();
-                        }
-                        Message::RegionOffer(kho_proto::channel::RegionOffer {
-                            workload_id: w,
-                            ..
-                        })
-                        | Message::StagedOffer(StagedOffer { workload_id: w, .. }) => {
-                            chan.send(ok(&w), &[]).await.unwrap();
-                            let report = Message::HealthReport(kho_proto::channel::HealthReport {
-                                workload_id: w,
-                                healthy: true,
-                                detail: String::new(),
-                                elapsed_ms: 0,
-                            });
-                            chan.send(report, &[]).await.unwrap();
-                        }
-                        _ => {}
+                match frame.message {
+                    Message::RegionStage(s) => {
+                        chan.send(ok(&s.workload_id), &[]).await.unwrap();
                     }
+                    Message::RegionOffer(kho_proto::channel::RegionOffer {
+                        workload_id: w,
+                        ..
+                    })
+                    | Message::StagedOffer(StagedOffer { workload_id: w, .. }) => {
+                        chan.send(ok(&w), &[]).await.unwrap();
+                        let report = Message::HealthReport(kho_proto::channel::HealthReport {
+                            workload_id: w,
+                            healthy: true,
+                            detail: String::new(),
+                            elapsed_ms: 0,
+                        });
+                        chan.send(report, &[]).await.unwrap();
+                    }
+                    _ => {}
                 }
-                seen
-            })
+            }
+            seen
         });
-        let mut link = ChannelLink::new(1, "A".into()).unwrap();
-        link.set_upgrade(upgrade);
-        let mut a = Some(a);
-        let mut connect =
-            |_: InstanceId, _: UpgradeId| -> Result<Box<dyn Transport>, PlatformError> {
-                let s = a.take().expect("one connection");
-                Ok(Box::new(
-                    UnixTransport::from_std(s).map_err(|e| chan_err(2, e.to_string()))?,
-                ))
-            };
+        let (mut link, mut connect) = link_over(a);
         let out = || {
             let image = crate::handover::sealed_memfd("img", b"image").unwrap();
             let data = crate::handover::sealed_memfd("data", b"data").unwrap();
