@@ -15,6 +15,12 @@
 //! `SKIP` with the reason. Prints a Markdown table (copied into docs/performance.md) and
 //! writes the report `target/bench/blackout.json` (`configs`, `many` (one entry per count),
 //! `cgroup_favordynmods`).
+//!
+//! Beside each row, two baselines of the machine itself: the wake-up floor (8 round trips of
+//! one byte through a `cat` child, sampled once after every move: a tail this has, every
+//! hand-over has) and the share of CPU time the hypervisor stole during the row (`steal` of
+//! `/proc/stat`). After each many-workload apply the agents' CPU use is sampled for 2 s of
+//! idleness (`idle_agent_cpu_ms_per_s`: what supervising that many workloads costs).
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsFd;
@@ -237,6 +243,91 @@ fn max_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// CPU time the hypervisor took from this machine so far (the `steal` column of
+/// `/proc/stat`, summed over every cpu), in milliseconds; 0 where it is not reported.
+fn steal_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))
+        .and_then(|l| l.split_whitespace().nth(7))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    ticks * 1000.0 / hz
+}
+
+/// The machine's own wake-up latency, measured beside the moves: 8 round trips of one byte
+/// through a `cat` child over pipes (16 cross-process wake-ups, about as many as a standby
+/// hand-over makes between the orchestrator, both agents and the workload). Whatever tail
+/// this has, a hand-over has at least.
+struct WakeupFloor {
+    child: std::process::Child,
+}
+
+impl WakeupFloor {
+    fn new() -> WakeupFloor {
+        let child = std::process::Command::new("cat")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("cat for the wake-up baseline");
+        WakeupFloor { child }
+    }
+
+    /// One sample, in microseconds.
+    fn sample(&mut self) -> u64 {
+        use std::io::{Read, Write};
+        let (Some(tx), Some(rx)) = (self.child.stdin.as_mut(), self.child.stdout.as_mut()) else {
+            return 0;
+        };
+        let mut b = [0u8; 1];
+        let t = Instant::now();
+        for _ in 0..8 {
+            tx.write_all(b"x").expect("write to cat");
+            rx.read_exact(&mut b).expect("read from cat");
+        }
+        u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Drop for WakeupFloor {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU time (user + system) every `mk-agentd` process has used so far, in milliseconds.
+fn agents_cpu_ms() -> f64 {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let mut ticks = 0.0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": fields after the comm's closing parenthesis.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        if !head.ends_with("(mk-agentd") {
+            continue;
+        }
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the comm.
+        if let (Some(u), Some(s)) = (f.get(11), f.get(12)) {
+            ticks += u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    ticks * 1000.0 / hz
+}
+
 /// A mode a run may measure: its `MK_BENCH_MODES` name, its label, and how its memfds
 /// move (`None`: checkpoint mode).
 type BenchMode = (&'static str, &'static str, Option<(Transfer, Integrity)>);
@@ -340,6 +431,11 @@ fn main() {
         let rss_before = max_rss_mib();
         let m = Machine::new(specs);
         let (w, took) = m.upgrade(1);
+        // What the agents cost while nothing happens: their supervision of n workloads.
+        let idle = Duration::from_secs(2);
+        let cpu0 = agents_cpu_ms();
+        std::thread::sleep(idle);
+        let idle_cpu_ms_per_s = (agents_cpu_ms() - cpu0) / idle.as_secs_f64();
         drop(m);
         let mut black: Vec<u64> = w.iter().map(|x| x.1).collect();
         let b = stats_ms(&mut black);
@@ -350,9 +446,10 @@ fn main() {
             "rss_mib": max_rss_mib(),
             "rss_mib_before": rss_before,
             "blackout_ms": { "p50": b["p50"], "p99": b["p99"] },
+            "idle_agent_cpu_ms_per_s": idle_cpu_ms_per_s,
         });
         println!(
-            "{n} workloads in one apply: {:.0} ms total ({:.1} ms per workload), blackout p50 {} ms / p99 {} ms per workload, agent peak RSS {:.1} MiB ({rss_before:.1} MiB before the apply)",
+            "{n} workloads in one apply: {:.0} ms total ({:.1} ms per workload), blackout p50 {} ms / p99 {} ms per workload, agent peak RSS {:.1} MiB ({rss_before:.1} MiB before the apply); idle agents afterwards {idle_cpu_ms_per_s:.1} ms of CPU per second",
             row["total_ms"].as_f64().unwrap_or(0.0),
             row["per_workload_ms"].as_f64().unwrap_or(0.0),
             b["p50"],
@@ -363,9 +460,10 @@ fn main() {
     }
     let mut configs = Vec::new();
     println!(
-        "\n| state | mode | moves | handover p50 / p99 / max ms | blackout p50 / p99 / max ms | memcpy of the state ms |"
+        "\n| state | mode | moves | handover p50 / p99 / max ms | blackout p50 / p99 / max ms | memcpy of the state ms | wake-up floor p50 / p99 ms | steal % |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut floor = WakeupFloor::new();
     for &mib in &sizes {
         let gbps = memcpy_gbps(mib.min(1024));
         let memcpy_ms = (mib << 20) as f64 / (gbps * 1e9) * 1000.0;
@@ -379,20 +477,33 @@ fn main() {
             let m = Machine::new(vec![s]);
             let mut hand = Vec::new();
             let mut black = Vec::new();
+            let mut wake = Vec::new();
+            let (t0, steal0) = (Instant::now(), steal_ms());
             for i in 0..moves {
                 let (w, _) = m.upgrade(usize::from(i % 2 == 0));
                 hand.push(w[0].0);
                 black.push(w[0].1);
+                // One floor sample per move, under the same conditions.
+                wake.push(floor.sample());
             }
-            let (h, b) = (stats_ms(&mut hand), stats_ms(&mut black));
+            let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+            let steal_pct = (steal_ms() - steal0)
+                / (t0.elapsed().as_secs_f64() * 1000.0 * cpus as f64)
+                * 100.0;
+            let (h, b, f) = (
+                stats_ms(&mut hand),
+                stats_ms(&mut black),
+                stats_ms(&mut wake),
+            );
             println!(
-                "| {mib} MiB | {label} | {moves} | {} / {} / {} | {} / {} / {} | {memcpy_ms:.3} |",
-                h["p50"], h["p99"], h["max"], b["p50"], b["p99"], b["max"]
+                "| {mib} MiB | {label} | {moves} | {} / {} / {} | {} / {} / {} | {memcpy_ms:.3} | {} / {} | {steal_pct:.1} |",
+                h["p50"], h["p99"], h["max"], b["p50"], b["p99"], b["max"], f["p50"], f["p99"]
             );
             configs.push(serde_json::json!({
                 "size_mib": mib, "mode": key, "label": label, "moves": moves,
                 "handover_ms": h, "blackout_ms": b,
                 "baseline_memcpy_ms": memcpy_ms, "memcpy_gbps": gbps,
+                "wakeup_floor_ms": f, "steal_pct": steal_pct,
             }));
         }
     }

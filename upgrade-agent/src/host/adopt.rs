@@ -303,6 +303,7 @@ pub fn adopt(
         .thaw(&spec.name, record.pid)
         .map_err(AdoptError::Thaw)?;
     let mut w = Running::new(spec.clone(), fds, false);
+    super::watch::watch_exit(inst, &process);
     w.process = Some(process);
     w.pid = record.pid;
     w.readiness.set();

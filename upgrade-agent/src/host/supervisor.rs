@@ -309,6 +309,9 @@ pub struct Instance {
     pub connection_handoff: bool,
     /// Copies started ahead of their move (`standby = true`), waiting for their descriptors.
     pub standbys: BTreeMap<String, Standby>,
+    /// The supervision loop's epoll set: every workload process's pidfd is in it, so an
+    /// exit wakes the loop (see [`super::watch`]); `None` until the loop starts.
+    pub exits: Option<Arc<nix::sys::epoll::Epoll>>,
 }
 
 /// A copy started before its move (`standby = true`; docs/state.md, "Standby start"): its
@@ -348,6 +351,7 @@ impl Instance {
             records: None,
             connection_handoff: false,
             standbys: BTreeMap::new(),
+            exits: None,
         }
     }
 }
@@ -459,6 +463,7 @@ fn open_group(inst: &Instance, name: &str) -> io::Result<Option<File>> {
 
 /// Records that `process` now serves workload `w`.
 fn started(inst: &Instance, w: &mut Running, process: Process) {
+    super::watch::watch_exit(inst, &process);
     w.pid = i32::try_from(process.id()).unwrap_or(-1);
     w.process = Some(process);
     // Handed-over connections belong to this process now: never handed to another start.
