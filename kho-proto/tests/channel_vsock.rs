@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use libtest_mimic::{Arguments, Completion, Trial};
+use libtest_mimic::{Arguments, Trial};
 
 use kho_proto::channel::{
     AgentState, FdDescriptor, FdKind, Frame, Heartbeat, Message, RegionOffer, Transport,
@@ -49,14 +49,9 @@ fn skippable<F>(name: &'static str, test: fn() -> F) -> Trial
 where
     F: Future<Output = Run> + 'static,
 {
-    Trial::ignorable_test(name, move || match block_on(test()) {
-        Run::Done => Ok(Completion::Completed),
-        Run::Skip(reason) => {
-            // One write: lines of tests running in parallel must not interleave.
-            let line = format!("SKIP {name}: {reason}\n");
-            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
-            Ok(Completion::ignored_with(reason))
-        }
+    mk_test_support::skippable(name, move || match block_on(test()) {
+        Run::Done => Ok(()),
+        Run::Skip(reason) => Err(reason),
     })
 }
 

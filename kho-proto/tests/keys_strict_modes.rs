@@ -76,11 +76,7 @@ fn main() {
     trials.extend(as_root.into_iter().map(|(name, test)| {
         Trial::ignorable_test(name, move || {
             if !is_root() {
-                let reason = "needs root to chown";
-                // One write: lines of tests running in parallel must not interleave.
-                let line = format!("SKIP {name}: {reason}\n");
-                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
-                return Ok(Completion::ignored_with(reason));
+                return Ok(mk_test_support::skip(name, "needs root to chown"));
             }
             test();
             Ok(Completion::Completed)

@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 
-use libtest_mimic::{Arguments, Completion, Trial};
+use libtest_mimic::{Arguments, Trial};
 use rtnetlink::LinkVeth;
 use state_serializers::device::{self, DeviceState, Interface, IpPrefix, Route};
 use state_serializers::{Policy, SCHEMA_VERSION, StateError};
@@ -36,14 +36,9 @@ enum Run {
 }
 
 fn skippable(name: &'static str, test: fn() -> Run) -> Trial {
-    Trial::ignorable_test(name, move || match test() {
-        Run::Done => Ok(Completion::Completed),
-        Run::Skip(reason) => {
-            // One write: lines of tests running in parallel must not interleave.
-            let line = format!("SKIP {name}: {reason}\n");
-            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
-            Ok(Completion::ignored_with(reason))
-        }
+    mk_test_support::skippable(name, move || match test() {
+        Run::Done => Ok(()),
+        Run::Skip(reason) => Err(reason),
     })
 }
 

@@ -14,7 +14,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Arguments, Completion, Trial};
+use libtest_mimic::{Arguments, Trial};
+use mk_test_support::plain;
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use state_serializers::memory::{self, MemoryRegion, MemoryState, VmSysctls};
 use state_serializers::restore::{self, SpawnOptions};
@@ -69,22 +70,10 @@ enum Run {
     Skip(String),
 }
 
-fn plain(name: &'static str, test: fn()) -> Trial {
-    Trial::test(name, move || {
-        test();
-        Ok(())
-    })
-}
-
 fn skippable(name: &'static str, test: fn() -> Run) -> Trial {
-    Trial::ignorable_test(name, move || match test() {
-        Run::Done => Ok(Completion::Completed),
-        Run::Skip(reason) => {
-            // One write: lines of tests running in parallel must not interleave.
-            let line = format!("SKIP {name}: {reason}\n");
-            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
-            Ok(Completion::ignored_with(reason))
-        }
+    mk_test_support::skippable(name, move || match test() {
+        Run::Done => Ok(()),
+        Run::Skip(reason) => Err(reason),
     })
 }
 

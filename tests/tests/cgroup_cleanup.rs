@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Arguments, Completion, Trial};
+use libtest_mimic::Arguments;
 use mk_integration_tests::{Machine, active, kv};
 use upgrade_agent::platform::emulated::state_tag;
 use upgrade_agent::sys::cgroup::cgroup2_mount;
@@ -34,17 +34,10 @@ fn main() {
     let trials = tests
         .into_iter()
         .map(|(name, test)| {
-            Trial::ignorable_test(name, move || match boot() {
-                Ok((m, group)) => {
-                    test(m, group);
-                    Ok(Completion::Completed)
-                }
-                Err(reason) => {
-                    // One write: lines of tests running in parallel must not interleave.
-                    let line = format!("SKIP {name}: {reason}\n");
-                    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
-                    Ok(Completion::ignored_with(reason))
-                }
+            mk_test_support::skippable(name, move || {
+                let (m, group) = boot()?;
+                test(m, group);
+                Ok(())
             })
         })
         .collect();

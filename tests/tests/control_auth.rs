@@ -25,10 +25,10 @@ fn main() {
                 None
             };
             if let Some(reason) = missing {
-                let line =
-                    format!("SKIP control_and_channel_sockets_refuse_other_users: {reason}\n");
-                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
-                return Ok(Completion::ignored_with(reason));
+                return Ok(mk_test_support::skip(
+                    "control_and_channel_sockets_refuse_other_users",
+                    reason,
+                ));
             }
             control_and_channel_sockets_refuse_other_users();
             Ok(Completion::Completed)

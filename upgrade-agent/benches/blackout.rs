@@ -301,31 +301,29 @@ impl Drop for WakeupFloor {
     }
 }
 
-/// CPU time (user + system) every `mk-agentd` process has used so far, in milliseconds.
+/// CPU time every `mk-agentd` process (all its threads) has used so far, in milliseconds:
+/// the first field of each thread's `/proc/PID/task/TID/schedstat` (nanoseconds on a cpu).
 fn agents_cpu_ms() -> f64 {
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    let mut ticks = 0.0;
+    let mut ns = 0u64;
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid ...": fields after the comm's closing parenthesis.
-        let Some((head, rest)) = stat.rsplit_once(") ") else {
-            continue;
-        };
-        if !head.ends_with("(mk-agentd") {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != "mk-agentd" {
             continue;
         }
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the comm.
-        if let (Some(u), Some(s)) = (f.get(11), f.get(12)) {
-            ticks += u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0);
+        for t in std::fs::read_dir(e.path().join("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            ns += stat
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
         }
     }
-    ticks * 1000.0 / hz
+    ns as f64 / 1e6
 }
 
 /// A mode a run may measure: its `MK_BENCH_MODES` name, its label, and how its memfds
@@ -487,9 +485,8 @@ fn main() {
                 wake.push(floor.sample());
             }
             let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-            let steal_pct = (steal_ms() - steal0)
-                / (t0.elapsed().as_secs_f64() * 1000.0 * cpus as f64)
-                * 100.0;
+            let steal_pct =
+                (steal_ms() - steal0) / (t0.elapsed().as_secs_f64() * 1000.0 * cpus as f64) * 100.0;
             let (h, b, f) = (
                 stats_ms(&mut hand),
                 stats_ms(&mut black),

@@ -38,12 +38,7 @@ fn main() {
             Ok(
                 match the_orchestrator_keeps_off_the_receiving_instance_cpus() {
                     Ok(()) => Completion::Completed,
-                    Err(reason) => {
-                        // One write: lines of tests running in parallel must not interleave.
-                        let line = format!("SKIP {keeps_off}: {reason}\n");
-                        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
-                        Completion::ignored_with(reason)
-                    }
+                    Err(reason) => mk_test_support::skip(keeps_off, reason),
                 },
             )
         }),

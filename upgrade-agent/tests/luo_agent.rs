@@ -28,10 +28,7 @@ fn main() {
     let trials = vec![Trial::ignorable_test(name, move || {
         if Path::new(upgrade_agent::sys::luo::DEV_PATH).exists() {
             // The agent would take the host's exclusive device.
-            let reason = "this host has /dev/liveupdate";
-            let line = format!("SKIP {name}: {reason}\n");
-            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
-            return Ok(Completion::ignored_with(reason));
+            return Ok(mk_test_support::skip(name, "this host has /dev/liveupdate"));
         }
         host_agent_serves_ping_and_refuses_upgrades_without_liveupdate();
         Ok(Completion::Completed)

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use upgrade_agent::sys::spawn::{ChildError, ChildStep, Process, SpawnRequest, Stdio, spawn};
 
-use libtest_mimic::{Arguments, Completion, Trial};
+use libtest_mimic::{Arguments, Trial};
 
 /// A test that runs in a fresh cgroup.
 type GroupTest = fn(TempGroup);
@@ -99,17 +99,9 @@ fn main() {
         })
         .collect();
     trials.extend(in_a_group.into_iter().map(|(name, test)| {
-        Trial::ignorable_test(name, move || match TempGroup::new(name) {
-            Ok(group) => {
-                test(group);
-                Ok(Completion::Completed)
-            }
-            Err(reason) => {
-                // One write: lines of tests running in parallel must not interleave.
-                let line = format!("SKIP {name}: {reason}\n");
-                let _ = io::Write::write_all(&mut io::stderr(), line.as_bytes());
-                Ok(Completion::ignored_with(reason))
-            }
+        mk_test_support::skippable(name, move || {
+            test(TempGroup::new(name)?);
+            Ok(())
         })
     }));
     libtest_mimic::run(&args, trials).exit();

@@ -13,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use kho_proto::keys::NodeKey;
-use libtest_mimic::{Arguments, Completion, Trial};
+use libtest_mimic::{Arguments, Trial};
 use sha2::{Digest, Sha256};
 use upgrade_agent::verify::{VerifyError, VerifyPolicy, bzimage, sign_image, verify_kernel_image};
 
@@ -31,17 +31,9 @@ fn main() {
 
 /// A test that needs the kernel pair: without it, `SKIP <name>: <reason>`, counted as ignored.
 fn with_kernels(name: &'static str, test: fn(&Kernels)) -> Trial {
-    Trial::ignorable_test(name, move || match kernels() {
-        Ok(k) => {
-            test(&k);
-            Ok(Completion::Completed)
-        }
-        Err(reason) => {
-            // One write: lines of tests running in parallel must not interleave.
-            let line = format!("SKIP {name}: {reason}\n");
-            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
-            Ok(Completion::ignored_with(reason))
-        }
+    mk_test_support::skippable(name, move || {
+        test(&kernels()?);
+        Ok(())
     })
 }
 

@@ -28,10 +28,7 @@ fn main() {
     let trials = vec![Trial::ignorable_test("extract_real_kernels", || {
         let kernels = kernels()?;
         if kernels.is_empty() {
-            // One write: lines of tests running in parallel must not interleave.
-            let line = format!("SKIP extract_real_kernels: {SKIP_REASON}\n");
-            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
-            return Ok(Completion::ignored_with(SKIP_REASON));
+            return Ok(mk_test_support::skip("extract_real_kernels", SKIP_REASON));
         }
         extract_real_kernels(&kernels)?;
         Ok(Completion::Completed)
