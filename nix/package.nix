@@ -31,6 +31,7 @@ rustPlatform.buildRustPackage {
       ../rollback
       ../upgrade-agent
       ../demo-kv
+      ../test-support
       ../tests
     ]) ../kho-proto/fuzz;
   };
