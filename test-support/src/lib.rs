@@ -12,9 +12,12 @@ use libtest_mimic::{Completion, Trial};
 /// one write (lines of tests running in parallel must not interleave) and returns the
 /// completion that counts it as ignored.
 pub fn skip(name: &str, reason: impl Into<String>) -> Completion {
-    let reason = reason.into();
+    skip_to(&mut std::io::stderr(), name, reason.into())
+}
+
+fn skip_to(out: &mut impl std::io::Write, name: &str, reason: String) -> Completion {
     let line = format!("SKIP {name}: {reason}\n");
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    let _ = out.write_all(line.as_bytes());
     Completion::ignored_with(reason)
 }
 
@@ -45,9 +48,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_skip_counts_as_ignored_with_its_reason() {
+    fn a_skip_prints_one_line_and_counts_as_ignored_with_its_reason() {
+        let mut out = Vec::new();
+        let done = skip_to(&mut out, "t", "needs root".into());
+        assert_eq!(out, b"SKIP t: needs root\n");
         assert!(matches!(
-            skip("t", "needs root"),
+            done,
             Completion::Ignored { reason: Some(r) } if r == "needs root"
         ));
     }
