@@ -11,7 +11,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Arguments, Completion, Trial};
+use libtest_mimic::{Arguments, Trial};
 
 use kho_proto::keys::{Insecure, KeyError, MAX_TRUSTED_KEYS, NodeKey, TrustedKeys};
 
@@ -66,20 +66,15 @@ fn main() {
     ];
     let mut trials: Vec<Trial> = plain
         .into_iter()
-        .map(|(name, test)| {
-            Trial::test(name, move || {
-                test();
-                Ok(())
-            })
-        })
+        .map(|(name, test)| mk_test_support::plain(name, test))
         .collect();
     trials.extend(as_root.into_iter().map(|(name, test)| {
-        Trial::ignorable_test(name, move || {
+        mk_test_support::skippable(name, move || {
             if !is_root() {
-                return Ok(mk_test_support::skip(name, "needs root to chown"));
+                return Err("needs root to chown".into());
             }
             test();
-            Ok(Completion::Completed)
+            Ok(())
         })
     }));
     libtest_mimic::run(&args, trials).exit();

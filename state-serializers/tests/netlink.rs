@@ -17,10 +17,7 @@ use state_serializers::{Policy, SCHEMA_VERSION, StateError};
 fn main() {
     let args = Arguments::from_args();
     let trials = vec![
-        Trial::test("reads_this_hosts_interfaces", || {
-            reads_this_hosts_interfaces();
-            Ok(())
-        }),
+        mk_test_support::plain("reads_this_hosts_interfaces", reads_this_hosts_interfaces),
         skippable("restore_in_private_namespace", restore_in_private_namespace),
     ];
     libtest_mimic::run(&args, trials).exit();

@@ -8,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
-use libtest_mimic::{Arguments, Completion, Trial};
+use libtest_mimic::Arguments;
 use mk_integration_tests::{Machine, active};
 
 /// Own harness (`harness = false`, libtest-mimic): a test whose requirement this host lacks
@@ -16,27 +16,20 @@ use mk_integration_tests::{Machine, active};
 fn main() {
     let args = Arguments::from_args();
     let trials = vec![
-        Trial::ignorable_test("control_and_channel_sockets_refuse_other_users", || {
-            let missing = if !nix::unistd::geteuid().is_root() {
-                Some("needs root (to run a client as another user)")
-            } else if Command::new("python3").arg("-V").output().is_err() {
-                Some("needs python3 (the other user's client)")
-            } else {
-                None
-            };
-            if let Some(reason) = missing {
-                return Ok(mk_test_support::skip(
-                    "control_and_channel_sockets_refuse_other_users",
-                    reason,
-                ));
+        mk_test_support::skippable("control_and_channel_sockets_refuse_other_users", || {
+            if !nix::unistd::geteuid().is_root() {
+                return Err("needs root (to run a client as another user)".into());
+            }
+            if Command::new("python3").arg("-V").output().is_err() {
+                return Err("needs python3 (the other user's client)".into());
             }
             control_and_channel_sockets_refuse_other_users();
-            Ok(Completion::Completed)
-        }),
-        Trial::test("a_state_directory_open_to_others_fails_the_check", || {
-            a_state_directory_open_to_others_fails_the_check();
             Ok(())
         }),
+        mk_test_support::plain(
+            "a_state_directory_open_to_others_fails_the_check",
+            a_state_directory_open_to_others_fails_the_check,
+        ),
     ];
     libtest_mimic::run(&args, trials).exit();
 }

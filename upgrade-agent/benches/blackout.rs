@@ -267,29 +267,32 @@ fn steal_ms() -> f64 {
 /// this has, a hand-over has at least.
 struct WakeupFloor {
     child: std::process::Child,
+    /// `None` only while dropping (closing it ends `cat`).
+    tx: Option<std::process::ChildStdin>,
+    rx: std::process::ChildStdout,
 }
 
 impl WakeupFloor {
     fn new() -> WakeupFloor {
-        let child = std::process::Command::new("cat")
+        let mut child = std::process::Command::new("cat")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("cat for the wake-up baseline");
-        WakeupFloor { child }
+        let tx = child.stdin.take();
+        let rx = child.stdout.take().expect("cat's stdout pipe");
+        WakeupFloor { child, tx, rx }
     }
 
     /// One sample, in microseconds.
     fn sample(&mut self) -> u64 {
         use std::io::{Read, Write};
-        let (Some(tx), Some(rx)) = (self.child.stdin.as_mut(), self.child.stdout.as_mut()) else {
-            return 0;
-        };
+        let tx = self.tx.as_mut().expect("cat's stdin pipe");
         let mut b = [0u8; 1];
         let t = Instant::now();
         for _ in 0..8 {
             tx.write_all(b"x").expect("write to cat");
-            rx.read_exact(&mut b).expect("read from cat");
+            self.rx.read_exact(&mut b).expect("read from cat");
         }
         u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
@@ -297,7 +300,7 @@ impl WakeupFloor {
 
 impl Drop for WakeupFloor {
     fn drop(&mut self) {
-        drop(self.child.stdin.take());
+        drop(self.tx.take());
         let _ = self.child.wait();
     }
 }
@@ -401,9 +404,10 @@ fn main() {
         }
     }
     let favordynmods = upgrade_agent::sys::cgroup::favordynmods();
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     println!(
         "EMULATED multikernel platform; {} cpus; cgroup2 {}; memcpy baseline measured per size",
-        std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        cpus,
         match favordynmods {
             Some(true) => "mounted with favordynmods",
             Some(false) => "stock mount (no favordynmods)",
@@ -489,7 +493,6 @@ fn main() {
                 // One floor sample per move, under the same conditions.
                 wake.push(floor.sample());
             }
-            let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
             let steal_pct =
                 (steal_ms() - steal0) / (t0.elapsed().as_secs_f64() * 1000.0 * cpus as f64) * 100.0;
             let (h, b, f) = (
@@ -512,7 +515,7 @@ fn main() {
     let out = serde_json::json!({
         "quick": quick,
         "platform": "emulated",
-        "cpus": std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        "cpus": cpus,
         "cgroup_favordynmods": favordynmods,
         "configs": configs,
         "many": many_rows,

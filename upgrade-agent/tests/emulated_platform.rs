@@ -5,7 +5,7 @@
 
 use std::os::fd::AsFd;
 
-use libtest_mimic::{Arguments, Completion, Trial};
+use libtest_mimic::Arguments;
 use upgrade_agent::handover::sealed_memfd;
 use upgrade_agent::platform::emulated::EmulatedPlatform;
 use upgrade_agent::platform::{InstanceState, LoadableKernel, Platform, PlatformError, Resources};
@@ -30,18 +30,11 @@ fn main() {
     let args = Arguments::from_args();
     let keeps_off = "the_orchestrator_keeps_off_the_receiving_instance_cpus";
     let trials = vec![
-        Trial::test("lifecycle_rules_are_enforced", || {
-            lifecycle_rules_are_enforced();
-            Ok(())
-        }),
-        Trial::ignorable_test(keeps_off, move || {
-            Ok(
-                match the_orchestrator_keeps_off_the_receiving_instance_cpus() {
-                    Ok(()) => Completion::Completed,
-                    Err(reason) => mk_test_support::skip(keeps_off, reason),
-                },
-            )
-        }),
+        mk_test_support::plain("lifecycle_rules_are_enforced", lifecycle_rules_are_enforced),
+        mk_test_support::skippable(
+            keeps_off,
+            the_orchestrator_keeps_off_the_receiving_instance_cpus,
+        ),
     ];
     libtest_mimic::run(&args, trials).exit();
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use libtest_mimic::{Arguments, Completion, Trial};
+use libtest_mimic::Arguments;
 use upgrade_agent::fault::Faults;
 use upgrade_agent::platform::luo::client::{AgentClient, Handed};
 use upgrade_agent::record::{Outcome, UpgradeKind};
@@ -25,13 +25,13 @@ impl Drop for Agent {
 fn main() {
     let args = Arguments::from_args();
     let name = "host_agent_serves_ping_and_refuses_upgrades_without_liveupdate";
-    let trials = vec![Trial::ignorable_test(name, move || {
+    let trials = vec![mk_test_support::skippable(name, move || {
         if Path::new(upgrade_agent::sys::luo::DEV_PATH).exists() {
             // The agent would take the host's exclusive device.
-            return Ok(mk_test_support::skip(name, "this host has /dev/liveupdate"));
+            return Err("this host has /dev/liveupdate".into());
         }
         host_agent_serves_ping_and_refuses_upgrades_without_liveupdate();
-        Ok(Completion::Completed)
+        Ok(())
     })];
     libtest_mimic::run(&args, trials).exit();
 }

@@ -91,12 +91,7 @@ fn main() {
     ];
     let mut trials: Vec<Trial> = plain
         .into_iter()
-        .map(|(name, test)| {
-            Trial::test(name, move || {
-                test();
-                Ok(())
-            })
-        })
+        .map(|(name, test)| mk_test_support::plain(name, test))
         .collect();
     trials.extend(in_a_group.into_iter().map(|(name, test)| {
         mk_test_support::skippable(name, move || {
