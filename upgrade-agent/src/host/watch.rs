@@ -94,14 +94,8 @@ pub fn start_background(shared: &Shared) -> std::io::Result<()> {
         .spawn(move || {
             let mut events = [EpollEvent::empty(); 64];
             let mut last_full = Instant::now();
+            let mut sleep = sleep_for(&lock(&sh), last_full, last_full);
             loop {
-                let sleep = {
-                    let inst = lock(&sh);
-                    if inst.halting {
-                        return;
-                    }
-                    sleep_for(&inst, Instant::now(), last_full)
-                };
                 // Rounded up, so a restart is never run a millisecond early and waited for
                 // again.
                 let ms = sleep.as_micros().div_ceil(1000);
@@ -132,6 +126,8 @@ pub fn start_background(shared: &Shared) -> std::io::Result<()> {
                         exited.contains(&w.pid) || w.restart_at.is_some_and(|at| at <= now)
                     });
                 }
+                // Under the same lock: a restart the pass scheduled counts.
+                sleep = sleep_for(&inst, Instant::now(), last_full);
             }
         })?;
     Ok(())
