@@ -21,7 +21,8 @@
 //! hand-over has) and the share of CPU time the hypervisor stole during the row (`steal` of
 //! `/proc/stat`). For each many-workload apply, the agents' CPU time during it
 //! (`apply_agent_cpu_ms_per_workload`) and over 2 s of idleness after it
-//! (`idle_agent_cpu_ms_per_s`: what supervising that many workloads costs).
+//! (`idle_agent_cpu_ms_per_s`: what supervising that many workloads costs), counted in a
+//! cgroup of the bench's own ([`CpuScope`]; `null` without cgroup v2).
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsFd;
@@ -305,29 +306,83 @@ impl Drop for WakeupFloor {
     }
 }
 
-/// CPU time every `mk-agentd` process (all its threads) has used so far, in milliseconds:
-/// the first field of each thread's `/proc/PID/task/TID/schedstat` (nanoseconds on a cpu).
-fn agents_cpu_ms() -> f64 {
-    let mut ns = 0u64;
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() != "mk-agentd" {
-            continue;
+/// Where the agents' CPU time is counted: a cgroup v2 group of this bench's own
+/// (`mk-bench-<pid>` under the mount), which this process joins first. The agents it starts
+/// stay in their starter's group (their workloads go to the instances' groups), so the
+/// group's `cpu.stat` `usage_usec` minus this process's own time is the agents' CPU,
+/// counting the processes that already exited (an old instance halted by the apply). Also
+/// in the group: the `cat` of the wake-up floor, idle then. Without cgroup v2 (or root)
+/// there is no such count: the figures are reported as `null`.
+struct CpuScope {
+    group: Option<PathBuf>,
+    /// The group this process came from, to go back to when done.
+    home: Option<PathBuf>,
+}
+
+impl CpuScope {
+    fn join() -> CpuScope {
+        let none = CpuScope {
+            group: None,
+            home: None,
+        };
+        let Some(mount) = upgrade_agent::sys::cgroup::cgroup2_mount() else {
+            return none;
+        };
+        let home = std::fs::read_to_string("/proc/self/cgroup")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find_map(|l| l.strip_prefix("0::"))
+                    .map(|p| mount.join(p.trim_start_matches('/')))
+            });
+        let group = mount.join(format!("mk-bench-{}", std::process::id()));
+        let joined = std::fs::create_dir(&group).and_then(|()| {
+            std::fs::write(group.join("cgroup.procs"), std::process::id().to_string())
+        });
+        if let Err(e) = joined {
+            println!(
+                "the agents' CPU is not counted: cannot join {}: {e}",
+                group.display()
+            );
+            let _ = std::fs::remove_dir(&group);
+            return none;
         }
-        for t in std::fs::read_dir(e.path().join("task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-            ns += stat
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
+        CpuScope {
+            group: Some(group),
+            home,
         }
     }
-    ns as f64 / 1e6
+
+    /// CPU time the agents have used so far, in milliseconds.
+    fn agents_ms(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(self.group.as_ref()?.join("cpu.stat")).ok()?;
+        let group_us = stat
+            .lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))?
+            .trim()
+            .parse::<f64>()
+            .ok()?;
+        let own = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).ok()?;
+        let us = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e6 + t.tv_usec() as f64;
+        Some((group_us - us(own.user_time()) - us(own.system_time())) / 1000.0)
+    }
+}
+
+impl Drop for CpuScope {
+    fn drop(&mut self) {
+        let (Some(group), Some(home)) = (&self.group, &self.home) else {
+            return;
+        };
+        let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
+        // Children still exiting keep the group busy for a moment.
+        for _ in 0..200 {
+            if std::fs::remove_dir(group).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        println!("{} left behind (still busy)", group.display());
+    }
 }
 
 /// A mode a run may measure: its `MK_BENCH_MODES` name, its label, and how its memfds
@@ -393,6 +448,7 @@ fn main() {
             MODES.iter().map(|m| m.0).collect::<Vec<_>>().join(", ")
         );
     }
+    let scope = CpuScope::join();
     let criu = upgrade_agent::host::checkpoint::readiness();
     let mut modes = Vec::new();
     for m in MODES.iter().filter(|m| wanted.contains(&m.0)) {
@@ -433,14 +489,17 @@ fn main() {
             .collect();
         let rss_before = max_rss_mib();
         let m = Machine::new(specs);
-        let apply_cpu0 = agents_cpu_ms();
+        let apply_cpu0 = scope.agents_ms();
         let (w, took) = m.upgrade(1);
-        let apply_cpu_ms = agents_cpu_ms() - apply_cpu0;
+        let apply_cpu_ms = scope.agents_ms().zip(apply_cpu0).map(|(b, a)| b - a);
         // What the agents cost while nothing happens: their supervision of n workloads.
         let idle = Duration::from_secs(2);
-        let cpu0 = agents_cpu_ms();
+        let cpu0 = scope.agents_ms();
         std::thread::sleep(idle);
-        let idle_cpu_ms_per_s = (agents_cpu_ms() - cpu0) / idle.as_secs_f64();
+        let idle_cpu_ms_per_s = scope
+            .agents_ms()
+            .zip(cpu0)
+            .map(|(b, a)| (b - a) / idle.as_secs_f64());
         drop(m);
         let mut black: Vec<u64> = w.iter().map(|x| x.1).collect();
         let b = stats_ms(&mut black);
@@ -452,16 +511,17 @@ fn main() {
             "rss_mib_before": rss_before,
             "blackout_ms": { "p50": b["p50"], "p99": b["p99"] },
             "idle_agent_cpu_ms_per_s": idle_cpu_ms_per_s,
-            "apply_agent_cpu_ms_per_workload": apply_cpu_ms / n as f64,
+            "apply_agent_cpu_ms_per_workload": apply_cpu_ms.map(|c| c / n as f64),
         });
         println!(
-            "{n} workloads in one apply: {:.0} ms total ({:.1} ms per workload), blackout p50 {} ms / p99 {} ms per workload, agent peak RSS {:.1} MiB ({rss_before:.1} MiB before the apply); the agents' CPU {:.2} ms per workload during the apply, {idle_cpu_ms_per_s:.1} ms per second idle afterwards",
+            "{n} workloads in one apply: {:.0} ms total ({:.1} ms per workload), blackout p50 {} ms / p99 {} ms per workload, agent peak RSS {:.1} MiB ({rss_before:.1} MiB before the apply); the agents' CPU {} ms per workload during the apply, {} ms per second idle afterwards",
             row["total_ms"].as_f64().unwrap_or(0.0),
             row["per_workload_ms"].as_f64().unwrap_or(0.0),
             b["p50"],
             b["p99"],
             max_rss_mib(),
-            apply_cpu_ms / n as f64,
+            apply_cpu_ms.map_or("(not counted)".into(), |c| format!("{:.2}", c / n as f64)),
+            idle_cpu_ms_per_s.map_or("(not counted)".into(), |c| format!("{c:.1}")),
         );
         many_rows.push(row);
     }

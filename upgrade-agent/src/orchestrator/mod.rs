@@ -234,8 +234,9 @@ pub struct Orchestrator<'a> {
     writes: u32,
     upgrade_id: UpgradeId,
     faults_left: Faults,
-    /// Event-log lines produced while a workload is frozen: written (each one fsynced) when
-    /// its move has ended, not inside the blackout. `None`: written at once.
+    /// Event-log lines produced while a workload is frozen: written (an fsync at each `phase`
+    /// line among them, `events::syncs`) when its move has ended, not inside the blackout.
+    /// `None`: written at once.
     held_events: Option<Vec<crate::events::EventLine>>,
 }
 
