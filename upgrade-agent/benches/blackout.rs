@@ -374,14 +374,12 @@ impl Drop for CpuScope {
             return;
         };
         let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
-        // Children still exiting keep the group busy for a moment.
-        for _ in 0..200 {
-            if std::fs::remove_dir(group).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        // Children still exiting keep the group busy for a moment: `remove_tree` waits
+        // for them (on EBUSY) up to the deadline.
+        let deadline = Instant::now() + upgrade_agent::sys::cgroup::REMOVE_PATIENCE;
+        if !upgrade_agent::sys::cgroup::remove_tree(group, deadline) {
+            println!("{} left behind (still busy)", group.display());
         }
-        println!("{} left behind (still busy)", group.display());
     }
 }
 

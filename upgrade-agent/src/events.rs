@@ -4,8 +4,9 @@
 //! reader, `--follow`, sees it; a crash of the process loses nothing written); the file is
 //! fsynced with each `phase` and `result` line, which marks a journaled step or the end, so
 //! what a power loss can take is the few `note` and `workload` lines since the last journal
-//! write, whose authority is the journal anyway. A sync per line was 8 of the orchestrator's
-//! 11 fdatasyncs per workload of an apply (measured at 100 workloads). Unlike the
+//! write, whose authority is the journal anyway. A sync per line was 8.2 of the 11.3
+//! fdatasyncs per workload that an apply made on this log and the journal (measured at 100
+//! workloads, docs/performance.md). Unlike the
 //! journal's history (the last records only) it keeps what happened in order, across
 //! upgrades, for `mk-upgrade events` and for log shippers. Lines produced while a workload
 //! is frozen (from its freeze to the end of its move: healthy on the new instance, or thawed
