@@ -328,12 +328,7 @@ async fn restore(
     if start.is_err() {
         return Some(None);
     }
-    let sh = Arc::clone(shared);
-    let n = name.clone();
-    let (healthy, detail) =
-        tokio::task::spawn_blocking(move || supervisor::check_health(&sh, &n, &spec))
-            .await
-            .unwrap_or_else(|e| (false, format!("health check panicked: {e}")));
+    let (healthy, detail) = supervisor::check_health_async(shared, &name, &spec).await;
     tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, healthy, "health checked");
     Some(Some(Message::HealthReport(HealthReport {
         workload_id: name,

@@ -243,11 +243,14 @@ impl Running {
     }
 }
 
-/// `READY=1` of one process of a workload, waited for without polling.
+/// `READY=1` of one process of a workload, waited for without polling: by a thread
+/// ([`Readiness::wait`]) or by a task of the channel's runtime ([`Readiness::wait_async`]),
+/// which the notify listener then wakes directly, without a blocking thread between them.
 #[derive(Debug, Default)]
 pub struct Readiness {
     ready: Mutex<bool>,
     changed: Condvar,
+    changed_async: tokio::sync::Notify,
 }
 
 impl Readiness {
@@ -257,6 +260,21 @@ impl Readiness {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
         self.changed.notify_all();
+        self.changed_async.notify_waiters();
+    }
+
+    /// [`Readiness::wait`] for an async task: waits up to `timeout` for `READY=1`; whether
+    /// it came.
+    pub async fn wait_async(&self, timeout: Duration) -> bool {
+        let notified = self.changed_async.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is read: a `set` after the read wakes this waiter.
+        notified.as_mut().enable();
+        if self.is_set() {
+            return true;
+        }
+        let _ = tokio::time::timeout(timeout, notified).await;
+        self.is_set()
     }
 
     pub fn is_set(&self) -> bool {
@@ -666,25 +684,68 @@ pub fn admit(
 pub fn check_health(shared: &Shared, name: &str, spec: &WorkloadSpec) -> (bool, String) {
     let outcome = match &spec.health {
         HealthCheck::Notify { timeout_ms } => {
-            let readiness = lock(shared)
-                .workloads
-                .get(name)
-                .map(|w| Arc::clone(&w.readiness));
             let t0 = Instant::now();
-            let ready = readiness.is_some_and(|r| r.wait(Duration::from_millis(*timeout_ms)));
-            crate::health::HealthOutcome {
-                healthy: ready,
-                detail: if ready {
-                    format!("READY=1 after {} ms", t0.elapsed().as_millis())
-                } else {
-                    format!("no READY=1 on the notify socket within {timeout_ms} ms")
-                },
-                elapsed_us: u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
-                attempts: 1,
-            }
+            let ready = readiness_of(shared, name)
+                .is_some_and(|r| r.wait(Duration::from_millis(*timeout_ms)));
+            notify_outcome(ready, t0, *timeout_ms)
         }
         check => crate::health::run(check),
     };
+    health_verdict(shared, name, outcome)
+}
+
+/// [`check_health`] for the channel's runtime: a `notify` check is awaited on the calling
+/// task (`READY=1` wakes it from the notify listener: one wake-up inside the blackout
+/// instead of two through a blocking thread); a probe (TCP, HTTP, exec), which blocks,
+/// runs on a blocking thread.
+pub async fn check_health_async(
+    shared: &Shared,
+    name: &str,
+    spec: &WorkloadSpec,
+) -> (bool, String) {
+    let HealthCheck::Notify { timeout_ms } = spec.health else {
+        let (sh, n, spec) = (Arc::clone(shared), name.to_owned(), spec.clone());
+        return tokio::task::spawn_blocking(move || check_health(&sh, &n, &spec))
+            .await
+            .unwrap_or_else(|e| (false, format!("health check panicked: {e}")));
+    };
+    let t0 = Instant::now();
+    let ready = match readiness_of(shared, name) {
+        Some(r) => r.wait_async(Duration::from_millis(timeout_ms)).await,
+        None => false,
+    };
+    health_verdict(shared, name, notify_outcome(ready, t0, timeout_ms))
+}
+
+/// The readiness of workload `name`'s current process (`None`: not managed here).
+fn readiness_of(shared: &Shared, name: &str) -> Option<Arc<Readiness>> {
+    lock(shared)
+        .workloads
+        .get(name)
+        .map(|w| Arc::clone(&w.readiness))
+}
+
+/// What a `notify` check saw: `ready` within `timeout_ms` of `t0`, or not.
+fn notify_outcome(ready: bool, t0: Instant, timeout_ms: u64) -> crate::health::HealthOutcome {
+    crate::health::HealthOutcome {
+        healthy: ready,
+        detail: if ready {
+            format!("READY=1 after {} ms", t0.elapsed().as_millis())
+        } else {
+            format!("no READY=1 on the notify socket within {timeout_ms} ms")
+        },
+        elapsed_us: u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
+        attempts: 1,
+    }
+}
+
+/// The verdict on workload `name` from its check's `outcome`: healthy only if the check
+/// passed and its process is still alive.
+fn health_verdict(
+    shared: &Shared,
+    name: &str,
+    outcome: crate::health::HealthOutcome,
+) -> (bool, String) {
     let mut inst = lock(shared);
     let Some(w) = inst.workloads.get_mut(name) else {
         return (false, format!("{name} is not managed here"));

@@ -505,6 +505,32 @@ mod tests {
         assert!(r.is_set());
     }
 
+    #[test]
+    fn readiness_wakes_an_async_waiter_from_another_thread() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = Arc::new(Readiness::default());
+        // Not set: the wait ends at its timeout with false.
+        assert!(!rt.block_on(r.wait_async(Duration::from_millis(5))));
+        // Set by a thread while the task waits (the notify listener's case).
+        let r2 = Arc::clone(&r);
+        let setter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            r2.set();
+        });
+        let t0 = Instant::now();
+        assert!(rt.block_on(r.wait_async(Duration::from_secs(10))));
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "woken, not timed out"
+        );
+        setter.join().unwrap();
+        // Set before the wait: true at once.
+        assert!(rt.block_on(r.wait_async(Duration::ZERO)));
+    }
+
     fn instance_with_exits(dir: &std::path::Path) -> Instance {
         let mut inst = Instance::new(
             0,
