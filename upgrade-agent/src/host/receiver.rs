@@ -328,7 +328,7 @@ async fn restore(
     if start.is_err() {
         return Some(None);
     }
-    let (healthy, detail) = supervisor::check_health_async(shared, &name, &spec).await;
+    let (healthy, detail) = supervisor::check_health_async(shared, &name, spec).await;
     tracing::debug!(us = t_offer.elapsed().as_micros(), workload = %name, healthy, "health checked");
     Some(Some(Message::HealthReport(HealthReport {
         workload_id: name,

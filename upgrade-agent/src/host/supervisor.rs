@@ -697,14 +697,10 @@ pub fn check_health(shared: &Shared, name: &str, spec: &WorkloadSpec) -> (bool, 
 /// [`check_health`] for the channel's runtime: a `notify` check is awaited on the calling
 /// task (`READY=1` wakes it from the notify listener: one wake-up inside the blackout
 /// instead of two through a blocking thread); a probe (TCP, HTTP, exec), which blocks,
-/// runs on a blocking thread.
-pub async fn check_health_async(
-    shared: &Shared,
-    name: &str,
-    spec: &WorkloadSpec,
-) -> (bool, String) {
+/// runs on a blocking thread, which takes `spec` (hence by value: no copy of it).
+pub async fn check_health_async(shared: &Shared, name: &str, spec: WorkloadSpec) -> (bool, String) {
     let HealthCheck::Notify { timeout_ms } = spec.health else {
-        let (sh, n, spec) = (Arc::clone(shared), name.to_owned(), spec.clone());
+        let (sh, n) = (Arc::clone(shared), name.to_owned());
         return tokio::task::spawn_blocking(move || check_health(&sh, &n, &spec))
             .await
             .unwrap_or_else(|e| (false, format!("health check panicked: {e}")));
