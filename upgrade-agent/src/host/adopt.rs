@@ -94,10 +94,16 @@ pub fn record_path(dir: &Path, name: &str) -> PathBuf {
 
 /// Writes the record of workload `w`'s current process (see the module documentation).
 pub fn write_record(dir: &Path, w: &Running) -> io::Result<()> {
-    let mut fds = Vec::with_capacity(w.fds.len());
-    for p in &w.fds {
+    write_record_of(dir, &w.spec.name, w.pid, &w.fds)
+}
+
+/// Writes the record of workload `name`'s process `pid`, which holds `fds` (handed-over
+/// connections among them are left out: they are never handed to another start).
+pub fn write_record_of(dir: &Path, name: &str, pid: i32, fds: &[PreservedFd]) -> io::Result<()> {
+    let mut ids = Vec::with_capacity(fds.len());
+    for p in fds.iter().filter(|p| !crate::model::is_connection(&p.name)) {
         let st = nix::sys::stat::fstat(p.fd.as_fd()).map_err(io::Error::from)?;
-        fds.push(FdIdentity {
+        ids.push(FdIdentity {
             name: p.name.clone(),
             dev: st.st_dev,
             ino: st.st_ino,
@@ -106,12 +112,12 @@ pub fn write_record(dir: &Path, w: &Running) -> io::Result<()> {
     let record = Record {
         boot_id: crate::sys::boot_id()
             .ok_or_else(|| io::Error::other("no boot id in /proc/sys/kernel/random/boot_id"))?,
-        pid: w.pid,
-        start_time: spawn::start_time(w.pid)?,
-        fds,
+        pid,
+        start_time: spawn::start_time(pid)?,
+        fds: ids,
     };
     let bytes = serde_json::to_vec(&record).map_err(io::Error::other)?;
-    write_checked(&record_path(dir, &w.spec.name), &bytes)
+    write_checked(&record_path(dir, name), &bytes)
 }
 
 /// The first line of a checked file: this tag, a space, the CRC32 of the rest (8 hex

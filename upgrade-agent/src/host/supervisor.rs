@@ -481,6 +481,18 @@ fn open_group(inst: &Instance, name: &str) -> io::Result<Option<File>> {
 
 /// Records that `process` now serves workload `w`.
 fn started(inst: &Instance, w: &mut Running, process: Process) {
+    register(inst, w, process);
+    if let Some(dir) = &inst.records
+        && let Err(e) = super::adopt::write_record(dir, w)
+    {
+        // The workload runs; only an adoption after a restart of this supervisor is lost.
+        tracing::warn!(workload = %w.spec.name, error = %e, "recording the process for adoption failed");
+    }
+}
+
+/// `w` runs on `process` from now on (its exit watched, a fresh readiness), without its
+/// adoption record ([`started`] writes it).
+fn register(inst: &Instance, w: &mut Running, process: Process) {
     super::watch::watch_exit(inst, &process);
     w.pid = i32::try_from(process.id()).unwrap_or(-1);
     w.process = Some(process);
@@ -491,12 +503,6 @@ fn started(inst: &Instance, w: &mut Running, process: Process) {
     w.started = Instant::now();
     w.restart_at = None;
     w.readiness = Arc::new(Readiness::default());
-    if let Some(dir) = &inst.records
-        && let Err(e) = super::adopt::write_record(dir, w)
-    {
-        // The workload runs; only an adoption after a restart of this supervisor is lost.
-        tracing::warn!(workload = %w.spec.name, error = %e, "recording the process for adoption failed");
-    }
 }
 
 /// The first message of a standby copy on its socket once it waits for its descriptors.
@@ -615,34 +621,54 @@ pub fn drop_all_standbys(inst: &mut Instance) {
     }
 }
 
-/// Hands `w`'s descriptors to its standby copy, if one waits that was started from the same
-/// spec; returns whether it took them (then `w` runs on it).
-fn use_standby(inst: &mut Instance, w: &mut Running) -> bool {
-    let Some(mut sb) = inst.standbys.remove(&w.spec.name) else {
-        return false;
-    };
-    let usable = sb.spec == w.spec
+/// Takes the standby copy of `w` if one waits that was started from the same spec and still
+/// runs (one that does not fit is killed).
+fn usable_standby(inst: &mut Instance, w: &Running) -> Option<Standby> {
+    let mut sb = inst.standbys.remove(&w.spec.name)?;
+    if sb.spec == w.spec
         && sb.extra_args == w.extra_args
-        && matches!(sb.process.try_wait(), Ok(None));
-    let sent = usable
-        && {
-            let names: Vec<&str> = w.fds.iter().map(|p| p.name.as_str()).collect();
-            let fds: Vec<BorrowedFd<'_>> = w.fds.iter().map(|p| p.fd.as_fd()).collect();
-            match fdpass::send_packet(sb.socket.as_fd(), names.join(",").as_bytes(), &fds) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(workload = %w.spec.name, error = %e, "handing the descriptors to the standby copy failed");
-                    false
-                }
-            }
-        };
-    if !sent {
-        tracing::warn!(workload = %w.spec.name, "standby copy not usable (exited, or another spec): starting a new one");
-        sb.process.kill_and_reap();
-        return false;
+        && matches!(sb.process.try_wait(), Ok(None))
+    {
+        return Some(sb);
     }
-    started(inst, w, sb.process);
-    true
+    tracing::warn!(workload = %w.spec.name, "standby copy not usable (exited, or another spec): starting a new one");
+    sb.process.kill_and_reap();
+    None
+}
+
+/// What a standby copy is handed: `w`'s descriptors in their order, its handed-over
+/// connections moved out of `w` (they belong to the copy from now on) and the others
+/// duplicated (`w` keeps them for a later start). `None`, with `w` untouched, if one cannot
+/// be duplicated.
+fn handed_to_standby(w: &mut Running) -> Option<Vec<PreservedFd>> {
+    let dups: io::Result<Vec<OwnedFd>> = w
+        .fds
+        .iter()
+        .filter(|p| !is_connection(&p.name))
+        .map(|p| p.fd.try_clone())
+        .collect();
+    let mut dups = match dups {
+        Ok(d) => d.into_iter(),
+        Err(e) => {
+            tracing::warn!(workload = %w.spec.name, error = %e, "duplicating a descriptor for the standby copy");
+            return None;
+        }
+    };
+    let mut handed = Vec::with_capacity(w.fds.len());
+    let mut kept = Vec::with_capacity(w.fds.len());
+    for p in std::mem::take(&mut w.fds) {
+        if is_connection(&p.name) {
+            handed.push(p);
+        } else if let Some(fd) = dups.next() {
+            handed.push(PreservedFd {
+                name: p.name.clone(),
+                fd,
+            });
+            kept.push(p);
+        }
+    }
+    w.fds = kept;
+    Some(handed)
 }
 
 /// Starts workload `w`'s process again (supervision's restart), from its spec and fds.
@@ -669,9 +695,73 @@ pub fn admit(
     }
     let mut w = Running::new(spec.clone(), order_fds(spec, fds), pending_commit);
     w.extra_args = extra_args.to_vec();
-    if !use_standby(&mut inst, &mut w) {
+    let standby = usable_standby(&mut inst, &w)
+        .and_then(|sb| handed_to_standby(&mut w).map(|handed| (sb, handed)));
+    let Some((sb, handed)) = standby else {
         launch(&inst, &mut w)?;
+        let info = w.info();
+        inst.workloads.insert(name.to_owned(), w);
+        return Ok(info);
+    };
+    // The standby copy runs `w` from here. Registered (its pid, exit watch and readiness)
+    // before its descriptors reach it, so that its `READY=1`, which may come at once, finds
+    // it; the descriptors are sent and its adoption record is written without the instance
+    // lock, so that the notify listener handling that `READY=1` (and the copy, if it runs
+    // on this cpu) never waits for this thread.
+    let Standby {
+        process, socket, ..
+    } = sb;
+    let pid = i32::try_from(process.id()).unwrap_or(-1);
+    register(&inst, &mut w, process);
+    let info = w.info();
+    inst.workloads.insert(name.to_owned(), w);
+    let records = inst.records.clone();
+    drop(inst);
+    let names: Vec<&str> = handed.iter().map(|p| p.name.as_str()).collect();
+    let fds: Vec<BorrowedFd<'_>> = handed.iter().map(|p| p.fd.as_fd()).collect();
+    if let Err(e) = fdpass::send_packet(socket.as_fd(), names.join(",").as_bytes(), &fds) {
+        tracing::warn!(workload = %name, error = %e, "handing the descriptors to the standby copy failed: starting a new copy");
+        return start_instead_of_standby(shared, name, pid, handed);
     }
+    drop(fds);
+    if let Some(dir) = records
+        && lock(shared)
+            .workloads
+            .get(name)
+            .is_some_and(|w| w.pid == pid)
+        && let Err(e) = super::adopt::write_record_of(&dir, name, pid, &handed)
+    {
+        // The workload runs; only an adoption after a restart of this supervisor is lost.
+        tracing::warn!(workload = %name, error = %e, "recording the process for adoption failed");
+    }
+    Ok(info)
+}
+
+/// The standby copy registered for `name` (process `pid`) did not get its descriptors:
+/// it is killed and a copy started the usual way, with the descriptors `handed` held
+/// (its connections among them go back to the workload).
+fn start_instead_of_standby(
+    shared: &Shared,
+    name: &str,
+    pid: i32,
+    handed: Vec<PreservedFd>,
+) -> Result<WorkloadInfo, SupervisorError> {
+    let mut inst = lock(shared);
+    let mut w = match inst.workloads.remove(name) {
+        Some(w) if w.pid == pid => w,
+        // Replaced meanwhile (stopped and started again): that copy stands.
+        Some(other) => {
+            inst.workloads.insert(name.to_owned(), other);
+            return Err(SupervisorError::AlreadyRunning(name.to_owned()));
+        }
+        None => return Err(SupervisorError::NotRunning(name.to_owned())),
+    };
+    if let Some(mut p) = w.process.take() {
+        p.kill_and_reap();
+    }
+    w.fds
+        .extend(handed.into_iter().filter(|p| is_connection(&p.name)));
+    launch(&inst, &mut w)?;
     let info = w.info();
     inst.workloads.insert(name.to_owned(), w);
     Ok(info)
@@ -1333,5 +1423,140 @@ mod tests {
             let _ = c.wait();
         }
         assert!(is_connection("connection-12") && !is_connection("connection-x"));
+    }
+
+    /// A shell workload that, as a standby copy, says READY on `MK_STANDBY_FD` and then
+    /// (with `close`) shuts its end, so that handing it the descriptors fails; either way
+    /// it then runs `sleep`.
+    fn standby_spec(close: bool) -> WorkloadSpec {
+        let mut s = WorkloadSpec::new("sb", "/bin/sh");
+        let shut = if close {
+            "eval \"exec $MK_STANDBY_FD>&-\""
+        } else {
+            ":"
+        };
+        s.args = vec![
+            "-c".into(),
+            format!(
+                "if [ -n \"$MK_STANDBY_FD\" ]; then printf READY >&$MK_STANDBY_FD; {shut}; fi; \
+                 exec sleep 1000"
+            ),
+        ];
+        s.memfds = vec![crate::workload::MemfdSpec {
+            name: "data".into(),
+            size: 4096,
+        }];
+        s
+    }
+
+    fn standby_instance(records: &std::path::Path) -> Shared {
+        let mut inst = Instance::new(
+            0,
+            "test".into(),
+            vec![0],
+            crate::sys::cgroup::Freezer::Signal,
+            records.to_owned(),
+            records.to_owned(),
+        );
+        inst.records = Some(records.to_owned());
+        Arc::new(Mutex::new(inst))
+    }
+
+    /// The fds a move hands over: the declared memfd and a handed-over connection.
+    fn moved_fds(s: &WorkloadSpec) -> Vec<PreservedFd> {
+        let mut fds = fresh_fds(s).unwrap();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        fds.push(PreservedFd {
+            name: "connection-1".into(),
+            fd: a.into(),
+        });
+        fds
+    }
+
+    fn comm(pid: i32) -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+
+    /// Waits until `pid` runs `sleep` (past its standby steps).
+    fn wait_sleeping(pid: i32) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while comm(pid) != "sleep" {
+            assert!(Instant::now() < deadline, "pid {pid} never reached sleep");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_standby_copy_runs_the_workload_registered_and_recorded_with_its_connections_handed() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = standby_instance(dir.path());
+        let s = standby_spec(false);
+        start_standby(&shared, &s, &[], Duration::from_secs(10)).unwrap();
+        let sb_pid = i32::try_from(lock(&shared).standbys["sb"].process.id()).unwrap();
+        let info = admit(&shared, "sb", &s, moved_fds(&s), &[], true).unwrap();
+        assert_eq!(info.pid, sb_pid, "the standby copy took the workload");
+        {
+            let inst = lock(&shared);
+            assert!(inst.standbys.is_empty());
+            let w = &inst.workloads["sb"];
+            assert_eq!(w.pid, sb_pid);
+            // The connection went to the copy; the memfd stays for a later start.
+            let names: Vec<&str> = w.fds.iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(names, ["data"]);
+        }
+        // Its adoption record names the copy and the memfd only.
+        let rec =
+            super::super::adopt::read_record(&super::super::adopt::record_path(dir.path(), "sb"))
+                .unwrap()
+                .expect("a record");
+        assert_eq!(rec.pid, sb_pid);
+        let names: Vec<&str> = rec.fds.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["data"]);
+        let mut inst = lock(&shared);
+        if let Some(p) = inst
+            .workloads
+            .get_mut("sb")
+            .and_then(|w| w.process.as_mut())
+        {
+            p.kill_and_reap();
+        }
+    }
+
+    #[test]
+    fn a_standby_copy_that_cannot_take_the_descriptors_is_replaced_by_a_new_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = standby_instance(dir.path());
+        let s = standby_spec(true);
+        start_standby(&shared, &s, &[], Duration::from_secs(10)).unwrap();
+        let sb_pid = i32::try_from(lock(&shared).standbys["sb"].process.id()).unwrap();
+        // Its end of the socket is shut once it sleeps.
+        wait_sleeping(sb_pid);
+        let info = admit(&shared, "sb", &s, moved_fds(&s), &[], true).unwrap();
+        assert_ne!(info.pid, sb_pid, "a new copy runs the workload");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{sb_pid}")).exists(),
+            "the standby copy was killed and reaped"
+        );
+        let mut inst = lock(&shared);
+        let w = inst.workloads.get_mut("sb").unwrap();
+        assert_eq!(w.pid, info.pid);
+        assert!(w.alive());
+        wait_sleeping(w.pid);
+        // The new copy was started with the connection the standby never got (its fd
+        // names are in its environment), and owns it from then on.
+        let env = std::fs::read(format!("/proc/{}/environ", w.pid)).unwrap();
+        assert!(
+            String::from_utf8_lossy(&env).contains("connection-1"),
+            "{}",
+            String::from_utf8_lossy(&env)
+        );
+        let names: Vec<&str> = w.fds.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["data"]);
+        if let Some(p) = w.process.as_mut() {
+            p.kill_and_reap();
+        }
     }
 }
