@@ -695,8 +695,14 @@ pub fn admit(
     }
     let mut w = Running::new(spec.clone(), order_fds(spec, fds), pending_commit);
     w.extra_args = extra_args.to_vec();
-    let standby = usable_standby(&mut inst, &w)
-        .and_then(|sb| handed_to_standby(&mut w).map(|handed| (sb, handed)));
+    let standby = usable_standby(&mut inst, &w).and_then(|mut sb| {
+        let Some(handed) = handed_to_standby(&mut w) else {
+            // Not used: it goes (nothing else would reap it).
+            sb.process.kill_and_reap();
+            return None;
+        };
+        Some((sb, handed))
+    });
     let Some((sb, handed)) = standby else {
         launch(&inst, &mut w)?;
         let info = w.info();
@@ -705,9 +711,9 @@ pub fn admit(
     };
     // The standby copy runs `w` from here. Registered (its pid, exit watch and readiness)
     // before its descriptors reach it, so that its `READY=1`, which may come at once, finds
-    // it; the descriptors are sent and its adoption record is written without the instance
-    // lock, so that the notify listener handling that `READY=1` (and the copy, if it runs
-    // on this cpu) never waits for this thread.
+    // it; the descriptors are sent without the instance lock, so that the notify listener
+    // handling that `READY=1` (and the copy, if it runs on this cpu) never waits for this
+    // thread. Its adoption record (kept by `mk-agentd serve` only) follows.
     let Standby {
         process, socket, ..
     } = sb;
@@ -724,15 +730,17 @@ pub fn admit(
         return start_instead_of_standby(shared, name, pid, handed);
     }
     drop(fds);
-    if let Some(dir) = records
-        && lock(shared)
-            .workloads
-            .get(name)
-            .is_some_and(|w| w.pid == pid)
-        && let Err(e) = super::adopt::write_record_of(&dir, name, pid, &handed)
-    {
-        // The workload runs; only an adoption after a restart of this supervisor is lost.
-        tracing::warn!(workload = %name, error = %e, "recording the process for adoption failed");
+    if let Some(dir) = records {
+        // Under the lock, as every other write or removal of a record: a stop (which
+        // removes it) or a new start (which writes its own) in between stands.
+        let inst = lock(shared);
+        if inst.workloads.get(name).is_some_and(|w| w.pid == pid)
+            && let Err(e) = super::adopt::write_record_of(&dir, name, pid, &handed)
+        {
+            // The workload runs; only an adoption after a restart of this supervisor is
+            // lost.
+            tracing::warn!(workload = %name, error = %e, "recording the process for adoption failed");
+        }
     }
     Ok(info)
 }
@@ -759,8 +767,17 @@ fn start_instead_of_standby(
     if let Some(mut p) = w.process.take() {
         p.kill_and_reap();
     }
-    w.fds
-        .extend(handed.into_iter().filter(|p| is_connection(&p.name)));
+    // Back in their places: `handed` is in the workload's order, and `w.fds` holds the
+    // others in the same order.
+    let mut kept = std::mem::take(&mut w.fds).into_iter();
+    for p in handed {
+        if is_connection(&p.name) {
+            w.fds.push(p);
+        } else {
+            w.fds.extend(kept.next());
+        }
+    }
+    w.fds.extend(kept);
     launch(&inst, &mut w)?;
     let info = w.info();
     inst.workloads.insert(name.to_owned(), w);
@@ -1496,7 +1513,10 @@ mod tests {
         let s = standby_spec(false);
         start_standby(&shared, &s, &[], Duration::from_secs(10)).unwrap();
         let sb_pid = i32::try_from(lock(&shared).standbys["sb"].process.id()).unwrap();
-        let info = admit(&shared, "sb", &s, moved_fds(&s), &[], true).unwrap();
+        let fds = moved_fds(&s);
+        let ino = |fd: BorrowedFd<'_>| nix::sys::stat::fstat(fd).unwrap().st_ino;
+        let sent: Vec<u64> = fds.iter().map(|p| ino(p.fd.as_fd())).collect();
+        let info = admit(&shared, "sb", &s, fds, &[], true).unwrap();
         assert_eq!(info.pid, sb_pid, "the standby copy took the workload");
         {
             let inst = lock(&shared);
@@ -1506,6 +1526,15 @@ mod tests {
             // The connection went to the copy; the memfd stays for a later start.
             let names: Vec<&str> = w.fds.iter().map(|p| p.name.as_str()).collect();
             assert_eq!(names, ["data"]);
+            // What the copy got, read from its end of the socket (MK_STANDBY_FD=3): one
+            // packet naming both descriptors in the workload's order, with those very
+            // objects attached.
+            let end = w.process.as_ref().unwrap().take_fd(3).unwrap();
+            let mut buf = [0u8; 64];
+            let got = fdpass::recv_datagram(end.as_fd(), &mut buf, 4).unwrap();
+            assert_eq!(&buf[..got.len], b"data,connection-1");
+            let inos: Vec<u64> = got.fds.iter().map(|f| ino(f.as_fd())).collect();
+            assert_eq!(inos, sent);
         }
         // Its adoption record names the copy and the memfd only.
         let rec =
@@ -1532,9 +1561,21 @@ mod tests {
         let s = standby_spec(true);
         start_standby(&shared, &s, &[], Duration::from_secs(10)).unwrap();
         let sb_pid = i32::try_from(lock(&shared).standbys["sb"].process.id()).unwrap();
-        // Its end of the socket is shut once it sleeps.
+        // Its end of the socket is shut once it sleeps; it is alive and started from the
+        // same spec, so it is taken, and only the send can fail.
         wait_sleeping(sb_pid);
-        let info = admit(&shared, "sb", &s, moved_fds(&s), &[], true).unwrap();
+        {
+            let inst = lock(&shared);
+            let sb = &inst.standbys["sb"];
+            assert!(sb.spec == s && sb.extra_args.is_empty());
+        }
+        // An fd-store entry after the connection: the order must survive the fallback.
+        let mut fds = moved_fds(&s);
+        fds.push(PreservedFd {
+            name: "extra".into(),
+            fd: fresh_fds(&s).unwrap().remove(0).fd,
+        });
+        let info = admit(&shared, "sb", &s, fds, &[], true).unwrap();
         assert_ne!(info.pid, sb_pid, "a new copy runs the workload");
         assert!(
             !std::path::Path::new(&format!("/proc/{sb_pid}")).exists(),
@@ -1545,16 +1586,23 @@ mod tests {
         assert_eq!(w.pid, info.pid);
         assert!(w.alive());
         wait_sleeping(w.pid);
-        // The new copy was started with the connection the standby never got (its fd
-        // names are in its environment), and owns it from then on.
-        let env = std::fs::read(format!("/proc/{}/environ", w.pid)).unwrap();
+        // The new copy was started with the connection the standby never got, in its
+        // place (the fd names are in its environment, in order), and owns it from then on.
+        let environ = std::fs::read(format!("/proc/{}/environ", w.pid)).unwrap();
+        let var = format!("{}=", state_serializers::fdenv::ENV_VAR);
+        let env = environ
+            .split(|b| *b == 0)
+            .map(String::from_utf8_lossy)
+            .find(|v| v.starts_with(&var))
+            .unwrap_or_else(|| panic!("no {var} in the new copy's environment"))
+            .into_owned();
+        let at = |n: &str| env.find(n).unwrap_or_else(|| panic!("no {n} in {env}"));
         assert!(
-            String::from_utf8_lossy(&env).contains("connection-1"),
-            "{}",
-            String::from_utf8_lossy(&env)
+            at("data") < at("connection-1") && at("connection-1") < at("extra"),
+            "{env}"
         );
         let names: Vec<&str> = w.fds.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["data"]);
+        assert_eq!(names, ["data", "extra"]);
         if let Some(p) = w.process.as_mut() {
             p.kill_and_reap();
         }
