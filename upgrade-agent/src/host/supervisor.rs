@@ -1607,4 +1607,87 @@ mod tests {
             p.kill_and_reap();
         }
     }
+
+    const FD_LIMIT_CHILD_ENV: &str = "MK_TEST_FD_LIMIT_CHILD";
+
+    /// The body of [`a_standby_copy_is_killed_when_its_descriptors_cannot_be_duplicated`],
+    /// which runs it alone in a process of its own (the descriptor limit is process-wide)
+    /// with `--ignored`.
+    #[test]
+    #[ignore = "the child process of a_standby_copy_is_killed_when_its_descriptors_cannot_be_duplicated"]
+    fn fd_limit_child() {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let Some(dir) = std::env::var_os(FD_LIMIT_CHILD_ENV) else {
+            return;
+        };
+        let shared = standby_instance(std::path::Path::new(&dir));
+        let s = standby_spec(false);
+        start_standby(&shared, &s, &[], Duration::from_secs(10)).unwrap();
+        let sb_pid = i32::try_from(lock(&shared).standbys["sb"].process.id()).unwrap();
+        let fds = moved_fds(&s);
+        // From here no descriptor can be created: the lowest free number is the limit.
+        let lowest_free =
+            std::os::fd::AsRawFd::as_raw_fd(&std::fs::File::open("/dev/null").unwrap());
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        setrlimit(
+            Resource::RLIMIT_NOFILE,
+            u64::try_from(lowest_free).unwrap(),
+            hard,
+        )
+        .unwrap();
+        let got = admit(&shared, "sb", &s, fds, &[], true);
+        setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+        let gone = !std::path::Path::new(&format!("/proc/{sb_pid}")).exists();
+        let inst = lock(&shared);
+        println!(
+            "RESULT error={} standby_gone={gone} standbys={} workloads={}",
+            got.as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            inst.standbys.len(),
+            inst.workloads.len()
+        );
+    }
+
+    /// Duplicating the descriptors for a standby copy fails (here: the process is at its
+    /// descriptor limit, so starting a copy the usual way fails too): the standby copy is
+    /// killed and reaped, not left running beside whatever the move does next.
+    #[test]
+    fn a_standby_copy_is_killed_when_its_descriptors_cannot_be_duplicated() {
+        let dir = tempfile::tempdir().unwrap();
+        // Its output goes to files, not pipes: a standby copy left running would hold a
+        // pipe open, and whoever reads it (this test, or the test runner) would wait for it
+        // instead of failing.
+        let report = dir.path().join("child.out");
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "host::supervisor::tests::fd_limit_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(FD_LIMIT_CHILD_ENV, dir.path())
+            .stdout(std::fs::File::create(&report).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("child.err")).unwrap())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "child failed: {status:?}: {}",
+            std::fs::read_to_string(dir.path().join("child.err")).unwrap_or_default()
+        );
+        let out = std::fs::read_to_string(&report).unwrap();
+        let line = out
+            .lines()
+            .find_map(|l| l.split_once("RESULT ").map(|(_, r)| r.to_owned()))
+            .unwrap_or_else(|| panic!("the child never reported: {out}"));
+        assert!(line.contains("standby_gone=true"), "{line}");
+        assert!(line.contains("standbys=0 workloads=0"), "{line}");
+        assert!(
+            line.contains("error=") && !line.contains("error= "),
+            "admit failed (no descriptor for a new copy either): {line}"
+        );
+    }
 }
