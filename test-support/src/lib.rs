@@ -43,6 +43,42 @@ pub fn plain(name: &'static str, test: fn()) -> Trial {
     })
 }
 
+/// Runs test `name` (its full path, e.g. `host::notify::tests::umask_0_child`) of the
+/// calling test binary alone in a child process, for a body that changes what is
+/// process-wide (the umask, a resource limit): `--exact --ignored --test-threads=1`, with
+/// `env` set to `dir`. Its stdout and stderr go to files in `dir`, not pipes, so that a
+/// process it leaves behind cannot make the caller wait. Panics unless the child succeeds
+/// and printed `<tag> <rest>` (anywhere in a line: libtest prints the test's name before
+/// its output); returns the first such `rest`.
+pub fn run_alone(name: &str, env: &str, dir: &std::path::Path, tag: &str) -> String {
+    let (out, err) = (dir.join("child.out"), dir.join("child.err"));
+    let file = |p: &std::path::Path| std::fs::File::create(p).expect("a child output file");
+    let status = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args([
+            "--exact",
+            name,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(env, dir)
+        .stdout(file(&out))
+        .stderr(file(&err))
+        .status()
+        .expect("the child test process");
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    assert!(
+        status.success(),
+        "{name} failed: {status:?}: {}",
+        read(&err)
+    );
+    let text = read(&out);
+    let tag = format!("{tag} ");
+    text.lines()
+        .find_map(|l| l.split_once(&tag).map(|(_, rest)| rest.to_owned()))
+        .unwrap_or_else(|| panic!("{name} printed no `{tag}` line: {text}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

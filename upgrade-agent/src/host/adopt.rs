@@ -362,24 +362,9 @@ pub fn adopt_into(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::supervisor::{self, Shared};
-    use crate::sys::cgroup::Freezer;
+    use crate::host::supervisor;
     use crate::workload::{ListenSpec, MemfdSpec};
     use std::os::unix::fs::{FileExt, PermissionsExt};
-    use std::sync::{Arc, Mutex};
-
-    fn instance(records: &Path) -> Shared {
-        let mut inst = supervisor::Instance::new(
-            0,
-            "test".into(),
-            vec![0],
-            Freezer::Signal,
-            records.to_owned(),
-            records.to_owned(),
-        );
-        inst.records = Some(records.to_owned());
-        Arc::new(Mutex::new(inst))
-    }
 
     fn spec() -> WorkloadSpec {
         let mut s = WorkloadSpec::new("w", "/bin/sleep");
@@ -398,7 +383,7 @@ mod tests {
     /// Starts the workload on a first "agent" (instance), writes into its memfd and
     /// forgets the instance, as a killed agent would; returns the pid.
     fn start_and_forget(records: &Path, s: &WorkloadSpec) -> i32 {
-        let first = instance(records);
+        let first = supervisor::test_instance(records);
         let fds = supervisor::fresh_fds(s).unwrap();
         supervisor::admit(&first, &s.name, s, fds, &[], false).unwrap();
         let mut inst = supervisor::lock(&first);
@@ -440,7 +425,7 @@ mod tests {
             nix::sys::signal::Signal::SIGSTOP,
         )
         .unwrap();
-        let second = instance(dir.path());
+        let second = supervisor::test_instance(dir.path());
         let got = adopt_into(&second, &s).unwrap();
         assert_eq!(got, Adoption::Adopted { pid, fds: 2 });
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -484,7 +469,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = spec();
         // No record: nothing.
-        let second = instance(dir.path());
+        let second = supervisor::test_instance(dir.path());
         assert_eq!(
             adopt_into(&second, &s).unwrap(),
             Adoption::Nothing {
@@ -544,7 +529,7 @@ mod tests {
             ino: u64::MAX,
         });
         write_checked(&path, &serde_json::to_vec(&rec).unwrap()).unwrap();
-        let e = adopt_into(&instance(dir.path()), &s).unwrap_err();
+        let e = adopt_into(&supervisor::test_instance(dir.path()), &s).unwrap_err();
         assert!(
             matches!(&e, AdoptError::Missing { name, .. } if name == "data"),
             "{e}"
@@ -553,7 +538,7 @@ mod tests {
         write_checked(&path, &serde_json::to_vec(&rec).unwrap()).unwrap();
         let mut s1 = s.clone();
         s1.memfds.clear();
-        let second = instance(dir.path());
+        let second = supervisor::test_instance(dir.path());
         assert_eq!(
             adopt_into(&second, &s1).unwrap(),
             Adoption::Adopted { pid, fds: 1 }

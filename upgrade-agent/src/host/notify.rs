@@ -581,9 +581,7 @@ mod tests {
     use crate::sys::memfd::testing::{open_copies, unique_memfd};
     use nix::fcntl::{FcntlArg, FdFlag, fcntl};
     use nix::sys::stat::fstat;
-    use std::io::{BufRead, BufReader};
     use std::os::unix::fs::MetadataExt;
-    use std::process::{Command, Stdio};
 
     fn ok(text: &str) -> Parsed {
         parse(text.as_bytes()).unwrap_or_else(|e| panic!("{text:?} refused: {e}"))
@@ -1143,24 +1141,12 @@ mod tests {
     #[test]
     fn socket_file_is_0600_under_umask_0() {
         let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "host::notify::tests::umask_0_child",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(UMASK_CHILD_ENV, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap();
-        assert!(child.status.success(), "child failed: {:?}", child.status);
-        let modes = BufReader::new(&child.stdout[..])
-            .lines()
-            .map(Result::unwrap)
-            .find_map(|l| l.split_once("MODES ").map(|(_, m)| m.to_owned()));
-        assert_eq!(modes.as_deref(), Some("600 600"), "child never reported");
+        let modes = mk_test_support::run_alone(
+            "host::notify::tests::umask_0_child",
+            UMASK_CHILD_ENV,
+            dir.path(),
+            "MODES",
+        );
+        assert_eq!(modes, "600 600");
     }
 }

@@ -377,6 +377,22 @@ impl Instance {
 /// Shared handle to the instance.
 pub type Shared = Arc<Mutex<Instance>>;
 
+/// An instance for unit tests: cpu 0, the signal freezer, and `records` as its directories
+/// and where it keeps its adoption records.
+#[cfg(test)]
+pub(crate) fn test_instance(records: &std::path::Path) -> Shared {
+    let mut inst = Instance::new(
+        0,
+        "test".into(),
+        vec![0],
+        crate::sys::cgroup::Freezer::Signal,
+        records.to_owned(),
+        records.to_owned(),
+    );
+    inst.records = Some(records.to_owned());
+    Arc::new(Mutex::new(inst))
+}
+
 /// Locks the instance, recovering from a poisoned lock (a panicked handler thread must not
 /// take the instance down with it).
 pub fn lock(shared: &Shared) -> MutexGuard<'_, Instance> {
@@ -1466,17 +1482,14 @@ mod tests {
         s
     }
 
-    fn standby_instance(records: &std::path::Path) -> Shared {
-        let mut inst = Instance::new(
-            0,
-            "test".into(),
-            vec![0],
-            crate::sys::cgroup::Freezer::Signal,
-            records.to_owned(),
-            records.to_owned(),
-        );
-        inst.records = Some(records.to_owned());
-        Arc::new(Mutex::new(inst))
+    /// An instance with a standby copy of [`standby_spec`]`(close)` waiting: it, the spec
+    /// and the copy's pid.
+    fn waiting_standby(records: &std::path::Path, close: bool) -> (Shared, WorkloadSpec, i32) {
+        let shared = test_instance(records);
+        let s = standby_spec(close);
+        start_standby(&shared, &s, &[], Duration::from_secs(10)).unwrap();
+        let pid = i32::try_from(lock(&shared).standbys["sb"].process.id()).unwrap();
+        (shared, s, pid)
     }
 
     /// The fds a move hands over: the declared memfd and a handed-over connection.
@@ -1509,10 +1522,7 @@ mod tests {
     #[test]
     fn a_standby_copy_runs_the_workload_registered_and_recorded_with_its_connections_handed() {
         let dir = tempfile::tempdir().unwrap();
-        let shared = standby_instance(dir.path());
-        let s = standby_spec(false);
-        start_standby(&shared, &s, &[], Duration::from_secs(10)).unwrap();
-        let sb_pid = i32::try_from(lock(&shared).standbys["sb"].process.id()).unwrap();
+        let (shared, s, sb_pid) = waiting_standby(dir.path(), false);
         let fds = moved_fds(&s);
         let ino = |fd: BorrowedFd<'_>| nix::sys::stat::fstat(fd).unwrap().st_ino;
         let sent: Vec<u64> = fds.iter().map(|p| ino(p.fd.as_fd())).collect();
@@ -1557,10 +1567,7 @@ mod tests {
     #[test]
     fn a_standby_copy_that_cannot_take_the_descriptors_is_replaced_by_a_new_copy() {
         let dir = tempfile::tempdir().unwrap();
-        let shared = standby_instance(dir.path());
-        let s = standby_spec(true);
-        start_standby(&shared, &s, &[], Duration::from_secs(10)).unwrap();
-        let sb_pid = i32::try_from(lock(&shared).standbys["sb"].process.id()).unwrap();
+        let (shared, s, sb_pid) = waiting_standby(dir.path(), true);
         // Its end of the socket is shut once it sleeps; it is alive and started from the
         // same spec, so it is taken, and only the send can fail.
         wait_sleeping(sb_pid);
@@ -1620,10 +1627,7 @@ mod tests {
         let Some(dir) = std::env::var_os(FD_LIMIT_CHILD_ENV) else {
             return;
         };
-        let shared = standby_instance(std::path::Path::new(&dir));
-        let s = standby_spec(false);
-        start_standby(&shared, &s, &[], Duration::from_secs(10)).unwrap();
-        let sb_pid = i32::try_from(lock(&shared).standbys["sb"].process.id()).unwrap();
+        let (shared, s, sb_pid) = waiting_standby(std::path::Path::new(&dir), false);
         let fds = moved_fds(&s);
         // From here no descriptor can be created: the lowest free number is the limit.
         let lowest_free =
@@ -1656,33 +1660,12 @@ mod tests {
     #[test]
     fn a_standby_copy_is_killed_when_its_descriptors_cannot_be_duplicated() {
         let dir = tempfile::tempdir().unwrap();
-        // Its output goes to files, not pipes: a standby copy left running would hold a
-        // pipe open, and whoever reads it (this test, or the test runner) would wait for it
-        // instead of failing.
-        let report = dir.path().join("child.out");
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "host::supervisor::tests::fd_limit_child",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(FD_LIMIT_CHILD_ENV, dir.path())
-            .stdout(std::fs::File::create(&report).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("child.err")).unwrap())
-            .status()
-            .unwrap();
-        assert!(
-            status.success(),
-            "child failed: {status:?}: {}",
-            std::fs::read_to_string(dir.path().join("child.err")).unwrap_or_default()
+        let line = mk_test_support::run_alone(
+            "host::supervisor::tests::fd_limit_child",
+            FD_LIMIT_CHILD_ENV,
+            dir.path(),
+            "RESULT",
         );
-        let out = std::fs::read_to_string(&report).unwrap();
-        let line = out
-            .lines()
-            .find_map(|l| l.split_once("RESULT ").map(|(_, r)| r.to_owned()))
-            .unwrap_or_else(|| panic!("the child never reported: {out}"));
         assert!(line.contains("standby_gone=true"), "{line}");
         assert!(line.contains("standbys=0 workloads=0"), "{line}");
         assert!(
